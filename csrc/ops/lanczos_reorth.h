@@ -1,0 +1,37 @@
+#pragma once
+// One fused, batched full-reorthogonalisation step of Lanczos (classical Gram-Schmidt twice).
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace resgeom_fast {
+namespace ops {
+
+inline void check_lanczos_reorth(const at::Tensor& w, const at::Tensor& basis) {
+  TORCH_CHECK(w.dim() == 2, "lanczos_reorth: expected w of shape [b, n], got ", w.sizes());
+  TORCH_CHECK(basis.dim() == 3, "lanczos_reorth: expected basis of shape [b, j, n], got ",
+              basis.sizes());
+  TORCH_CHECK(basis.size(0) == w.size(0) && basis.size(2) == w.size(1),
+              "lanczos_reorth: expected basis of shape [", w.size(0), ", j, ", w.size(1),
+              "] to match w ", w.sizes(), ", got ", basis.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
+              "lanczos_reorth: expected w of dtype float32 or float64, got ", w.scalar_type());
+  TORCH_CHECK(basis.scalar_type() == w.scalar_type(),
+              "lanczos_reorth: expected basis of the dtype of w (", w.scalar_type(), "), got ",
+              basis.scalar_type());
+  TORCH_CHECK(basis.device() == w.device(), "lanczos_reorth: expected basis on the device of w (",
+              w.device(), "), got ", basis.device());
+}
+
+// Elements of n handled by one task: j rows of a chunk should stay in cache between the fused
+// passes, so the chunk shrinks as the basis grows.
+inline int64_t lanczos_chunk(int64_t j) {
+  int64_t c = 65536 / std::max<int64_t>(j, 1);
+  c = std::max<int64_t>(256, std::min<int64_t>(c, 8192));
+  return c;
+}
+
+}  // namespace ops
+}  // namespace resgeom_fast

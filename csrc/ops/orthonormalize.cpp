@@ -1,0 +1,14 @@
+// Schema of resgeom_fast::orthonormalize.
+//
+// orthonormalize(x [b, n, k]) -> q [b, n, k]
+// For each of the b blocks, q has orthonormal columns spanning the column space of x (for a
+// rank-deficient x, the extra columns complete it with orthonormal directions). Shifted Cholesky
+// QR three times (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020), all in float64: a
+// shifted pass, then two plain passes (shifted again if a Cholesky pivot is not positive). Stable
+// for condition numbers up to ~1/u(float64); columns that are exactly zero are replaced by a
+// fixed pseudo-random vector first. Returned in the input dtype.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(resgeom_fast, m) {
+  m.def("orthonormalize(Tensor x) -> Tensor");
+}

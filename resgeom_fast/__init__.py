@@ -1,0 +1,14 @@
+"""resgeom_fast: fast geometry of residual networks.
+
+Layers (DESIGN.md): compiled ops (resgeom_fast._C) -> resgeom_fast.ops -> resgeom_fast.linalg ->
+resgeom_fast.operators -> models / data / train -> analysis -> the `resgeom` command.
+"""
+from resgeom_fast import _lib
+
+_lib.load()
+
+from resgeom_fast import ops  # noqa: E402
+from resgeom_fast._lib import built_with_cuda  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["built_with_cuda", "ops", "__version__"]

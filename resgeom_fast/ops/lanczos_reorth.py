@@ -1,0 +1,37 @@
+"""resgeom_fast.ops.lanczos_reorth: one batched full-reorthogonalisation step of Lanczos."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def lanczos_reorth(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Orthogonalise ``w`` against the rows of ``basis`` by classical Gram-Schmidt twice.
+
+    Args:
+        w: [b, n] float32/float64, one vector per problem (typically ``A v_j``).
+        basis: [b, j, n], same dtype and device, rows orthonormal per problem (j may be 0). A
+            view with any stride on its first two dimensions is read in place.
+
+    Returns:
+        ``(w_orth [b, n] in w's dtype, coeffs [b, j] float64, norm [b] float64)`` with
+        ``w_orth = w - basis^T coeffs`` orthogonal to every row and ``norm = ||w_orth||``.
+        ``coeffs[:, -1]`` is the Lanczos alpha when ``w = A basis[:, -1]``. Scalars are
+        accumulated in float64.
+    """
+    return torch.ops.resgeom_fast.lanczos_reorth.default(w, basis)
+
+
+@torch.library.register_fake("resgeom_fast::lanczos_reorth")
+def _lanczos_reorth_fake(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    torch._check(w.dim() == 2, lambda: f"lanczos_reorth: expected w of shape [b, n], got {tuple(w.shape)}")
+    torch._check(basis.dim() == 3, lambda: f"lanczos_reorth: expected basis of shape [b, j, n], got {tuple(basis.shape)}")
+    torch._check(basis.shape[0] == w.shape[0] and basis.shape[2] == w.shape[1],
+                 lambda: f"lanczos_reorth: expected basis [b, j, n] to match w {tuple(w.shape)}, got {tuple(basis.shape)}")
+    torch._check(basis.dtype == w.dtype, lambda: "lanczos_reorth: expected basis of the dtype of w")
+    b = w.shape[0]
+    return (
+        w.new_empty(w.shape),
+        w.new_empty((b, basis.shape[1]), dtype=torch.float64),
+        w.new_empty((b,), dtype=torch.float64),
+    )
