@@ -22,7 +22,8 @@ def tridiag_eigh(diag: Tensor, offdiag: Tensor) -> tuple[Tensor, Tensor]:
     d, e = diag.double(), offdiag.double()
     T = torch.diag_embed(d) + torch.diag_embed(e, 1) + torch.diag_embed(e, -1)
     evals, evecs = torch.linalg.eigh(T)
-    return evals.to(diag.dtype), (evecs[:, 0, :] ** 2).to(diag.dtype)
+    weights = evecs[:, 0, :] ** 2 if d.shape[1] else evals.clone()
+    return evals.to(diag.dtype), weights.to(diag.dtype)
 
 
 def density_smooth(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor:

@@ -1,0 +1,42 @@
+# resgeom_fast: `make test` and `make demo` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+# The nvcc on PATH may be a wrapper script that execs the real toolkit's nvcc: point CUDA_HOME at
+# that toolkit (torch would otherwise guess the wrapper's folder and the link fails).
+CUDA_HOME ?= $(shell f="$$(command -v nvcc)"; [ -n "$$f" ] && sed -n 's|^exec \(/[^ ]*\)/bin/nvcc.*|\1|p' "$$f" | head -n 1)
+ifneq ($(strip $(CUDA_HOME)),)
+export CUDA_HOME
+endif
+export MAX_JOBS ?= 2
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
+
+.PHONY: all venv build test test-py ctest demo bench clean
+
+all: build
+
+venv: $(VENV)/.deps
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy scipy pybind11 ninja \
+		scikit-learn matplotlib tqdm pytest pytest-benchmark
+	touch $@
+
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(VPY) -m pip install -q --no-build-isolation -e .
+	$(VPY) -c "import resgeom_fast as rg; print('resgeom_fast built, CUDA kernels:', rg.built_with_cuda())"
+	touch $@
+
+test: build
+	$(VPY) -m pytest tests -q -p no:cacheprovider
+
+demo: build
+	$(VPY) examples/spectral_demo.py --out reports/spectral_demo
+
+bench: build
+	$(VPY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+		--benchmark-json=benchmarks/results/latest.json
+
+clean:
+	rm -rf build build-cmake *.egg-info resgeom_fast/_C*.so $(VENV)/.built
