@@ -7,8 +7,8 @@ from resgeom_fast import _lib
 
 _lib.load()
 
-from resgeom_fast import ops  # noqa: E402
+from resgeom_fast import linalg, ops  # noqa: E402
 from resgeom_fast._lib import built_with_cuda  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["built_with_cuda", "ops", "__version__"]
+__all__ = ["built_with_cuda", "linalg", "ops", "__version__"]

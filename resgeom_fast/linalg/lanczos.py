@@ -1,0 +1,78 @@
+"""Batched Lanczos with full reorthogonalisation (the engine of eigsh and slq_density)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from resgeom_fast import ops
+from resgeom_fast.linalg._util import apply_flat, gaussian
+from resgeom_fast.linalg.operator import LinearOperator
+
+
+class Lanczos:
+    """Lanczos on ``P = b * p`` independent problems that advance together.
+
+    Problem ``i * p + j`` runs on matrix i of ``op`` from start vector ``v0[i * p + j]``. Every
+    step applies the operator once to all P current vectors (one batched matmat), then
+    orthogonalises against the whole basis with the fused CGS2 op
+    (:func:`resgeom_fast.ops.lanczos_reorth`), accumulating the scalars in float64.
+
+    After ``steps`` steps: ``alpha[:, :steps]`` is the diagonal of T, ``beta[:, :steps-1]`` its
+    off-diagonal and ``beta[:, steps-1]`` the norm of the next residual (the Ritz residual
+    scale). On breakdown (an invariant subspace: beta ~ 0) the problem restarts from a random
+    vector orthogonal to its basis and the coupling is set to exactly 0, so T splits into blocks;
+    the blocks not holding the start vector get zero quadrature weight and their Ritz values are
+    still eigenvalues of the operator.
+    """
+
+    def __init__(self, op: LinearOperator, v0: Tensor, p: int, max_steps: int, where: str,
+                 gen: torch.Generator, breakdown_tol: float = 1e-12) -> None:
+        n = op.shape[0]
+        P = v0.shape[0]
+        self.op, self.p, self.where, self.gen = op, p, where, gen
+        self.max_steps = min(max_steps, n)
+        self.breakdown_tol = breakdown_tol
+        self.V = torch.empty(P, self.max_steps, n, dtype=op.dtype, device=op.device)
+        self.alpha = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
+        self.beta = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
+        norm = torch.linalg.vector_norm(v0.double(), dim=1, keepdim=True)
+        if bool((norm == 0).any()):
+            raise ValueError(f"{where}: expected non-zero start vectors")
+        if self.max_steps:
+            self.V[:, 0] = (v0.double() / norm).to(op.dtype)
+        self.steps = 0
+        self.scale = torch.zeros(P, dtype=torch.float64, device=op.device)
+
+    def advance(self, nsteps: int) -> int:
+        """Run up to ``nsteps`` more steps (never past max_steps); returns the steps done."""
+        target = min(self.max_steps, self.steps + nsteps)
+        while self.steps < target:
+            j = self.steps
+            w = apply_flat(self.op, self.V[:, j], self.p, self.where, f"at Lanczos step {j}")
+            w, coeffs, norm = ops.lanczos_reorth(w, self.V[:, : j + 1])
+            self.alpha[:, j] = coeffs[:, j]
+            self.beta[:, j] = norm
+            self.scale = torch.maximum(self.scale, coeffs[:, j].abs() + norm)
+            self.steps = j + 1
+            if j + 1 < self.max_steps:
+                broke = norm <= self.breakdown_tol * self.scale.clamp_min(1e-300)
+                safe = torch.where(broke, torch.ones_like(norm), norm)
+                self.V[:, j + 1] = (w.double() / safe[:, None]).to(self.op.dtype)
+                if bool(broke.any()):
+                    self._restart(broke.nonzero().flatten(), j + 1)
+        return self.steps
+
+    def _restart(self, idx: Tensor, j: int) -> None:
+        """Continue problems ``idx`` from a random vector orthogonal to their first j vectors."""
+        n = self.op.shape[0]
+        r = gaussian((idx.numel(), n), self.gen, self.op.dtype, self.op.device)
+        basis = self.V[idx, :j]
+        r, _, rn = ops.lanczos_reorth(r, basis)
+        r, _, rn2 = ops.lanczos_reorth((r.double() / rn[:, None]).to(self.op.dtype), basis)
+        self.V[idx, j] = (r.double() / rn2[:, None]).to(self.op.dtype)
+        self.beta[idx, j - 1] = 0.0
+
+    def tridiagonal(self) -> tuple[Tensor, Tensor]:
+        """``(diag [P, s], offdiag [P, s-1])`` of the current T, float64."""
+        s = self.steps
+        return self.alpha[:, :s], self.beta[:, : max(s - 1, 0)]

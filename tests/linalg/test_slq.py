@@ -1,0 +1,81 @@
+"""slq_density: Gauss quadrature exactness, moments and density against the exact spectrum."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _spectra import spectrum, symmetric
+from resgeom_fast.linalg import NonFiniteError, aslinearoperator, slq_density
+from resgeom_fast.linalg._util import generator, rademacher
+
+
+def test_moments_are_exact_quadratic_forms_of_the_probes():
+    """m Lanczos steps integrate v^T A^k v exactly for k <= 2m - 1 (Gauss quadrature)."""
+    n, probes, m = 150, 4, 6
+    A = symmetric(spectrum("indefinite", n))
+    res = slq_density(A, probes=probes, steps=m, num_moments=2 * m - 1, seed=5)
+    V = rademacher((probes, n), generator(5), torch.float64, "cpu") / math.sqrt(n)
+    Ak = torch.eye(n, dtype=torch.float64)
+    for k in range(2 * m):
+        forms = n * torch.einsum("pn,nm,pm->p", V, Ak, V)
+        torch.testing.assert_close(res.moments[k], forms.mean(), rtol=1e-9, atol=1e-9)
+        Ak = Ak @ A
+    torch.testing.assert_close(res.weights.sum(-1), torch.ones(probes, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["indefinite", "rank_deficient", "clustered"])
+def test_moments_match_traces_within_their_error(kind):
+    n = 200
+    ev = spectrum(kind, n)
+    A = symmetric(ev)
+    res = slq_density(A, probes=40, steps=40, num_moments=3)
+    for k in range(4):
+        exact = (ev**k).sum().item()
+        assert abs(res.moments[k].item() - exact) <= 4 * res.moments_std[k].item() + 1e-8 * max(1, abs(exact))
+
+
+def test_density_matches_the_smoothed_exact_spectrum():
+    n = 200
+    ev = spectrum("indefinite", n)
+    A = symmetric(ev)
+    res = slq_density(A, probes=60, steps=80, sigma0=0.02, grid_size=800)
+    g, s = res.grid, res.sigma
+    exact = torch.exp(-((g[:, None] - ev[None]) ** 2) / (2 * s * s)).sum(1) / (n * s * math.sqrt(2 * math.pi))
+    l1 = torch.trapezoid((res.density - exact).abs(), g).item()
+    assert l1 < 0.1
+    assert torch.trapezoid(res.density, g).item() == pytest.approx(1.0, abs=1e-3)
+    assert res.density_std.shape == res.density.shape and (res.density_std >= 0).all()
+    # extreme nodes converge to the extreme eigenvalues
+    assert res.lambda_max.item() == pytest.approx(7.0, abs=1e-6)
+    assert res.lambda_min.item() == pytest.approx(-8.0, abs=1e-6)
+
+
+def test_breakdown_on_low_rank_and_batched():
+    """Rank-5 operator: the Krylov space breaks down after <= 6 steps; restarts keep weights valid."""
+    ev = torch.zeros(60, dtype=torch.float64)
+    ev[:5] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    mats = torch.stack([symmetric(ev, seed=0), symmetric(2 * ev, seed=1)])
+    res = slq_density(mats, probes=3, steps=20, num_moments=2)
+    assert res.nodes.shape == (2, 3, 20)
+    torch.testing.assert_close(res.weights.sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    # nodes carrying weight sit on the spectrum {0, 1, ..., 5} (times 2 for the second matrix)
+    for i, scale in enumerate((1.0, 2.0)):
+        w, x = res.weights[i].flatten(), res.nodes[i].flatten()
+        on = (w > 1e-10)
+        d = ((x[on, None] - scale * torch.arange(6, dtype=torch.float64)[None]).abs()).min(1).values
+        assert d.max().item() < 1e-8
+
+
+def test_errors():
+    A = symmetric(spectrum("decaying", 10))
+    with pytest.raises(ValueError, match="slq_density: expected a symmetric square operator"):
+        slq_density(torch.randn(5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="slq_density: expected probes >= 1"):
+        slq_density(A, probes=0)
+    with pytest.raises(ValueError, match="slq_density: expected sigma a positive number"):
+        slq_density(A, sigma=-1.0)
+    op = aslinearoperator(lambda X: X * float("nan"), shape=(10, 10), dtype=torch.float64, symmetric=True)
+    with pytest.raises(NonFiniteError, match="slq_density: the operator returned non-finite values"):
+        slq_density(op)

@@ -1,0 +1,64 @@
+"""trace (Hutchinson, Hutch++) against the exact trace; error vs budget; errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _spectra import spectrum, symmetric
+from resgeom_fast.linalg import NonFiniteError, aslinearoperator, trace
+
+
+def _mean_abs_error(A, probes, method, seeds=range(20)):
+    exact = torch.trace(A).item()
+    return sum(abs(trace(A, probes=probes, method=method, seed=s).estimate.item() - exact)
+               for s in seeds) / len(seeds)
+
+
+def test_error_shrinks_with_probes_and_hutchpp_beats_hutchinson():
+    A = symmetric(spectrum("decaying", 300) ** 4 * 10)  # eigenvalues 10 / i^2: Hutch++ territory
+    e_small = _mean_abs_error(A, 12, "hutchinson")
+    e_large = _mean_abs_error(A, 120, "hutchinson")
+    assert e_large < 0.6 * e_small           # ~ 1/sqrt(10) in expectation
+    for budget in (12, 30, 61):               # any budget, no divisibility rules
+        assert _mean_abs_error(A, budget, "hutch++") < 0.5 * _mean_abs_error(A, budget, "hutchinson")
+
+
+def test_stderr_is_honest():
+    A = symmetric(spectrum("indefinite", 200))
+    exact = torch.trace(A).item()
+    z = [(trace(A, probes=50, method="hutchinson", seed=s)) for s in range(30)]
+    inside = sum(abs(r.estimate.item() - exact) <= 3 * r.stderr.item() for r in z)
+    assert inside >= 27  # ~99.7% nominal coverage of a 3-sigma interval
+
+
+def test_exact_when_sketch_covers_range():
+    """Rank-r A with Hutch++ sketch >= r: the deflated remainder is zero, the estimate exact."""
+    ev = torch.zeros(100, dtype=torch.float64)
+    ev[:5] = torch.tensor([5.0, 4.0, 3.0, -2.0, 1.0], dtype=torch.float64)
+    A = symmetric(ev)
+    r = trace(A, probes=20, method="hutch++")
+    assert r.estimate.item() == pytest.approx(11.0, abs=1e-9)
+    assert r.method == "hutch++" and r.matvecs == 20
+
+
+def test_batched_and_small_budgets():
+    mats = torch.stack([symmetric(spectrum("decaying", 80), seed=i) for i in range(3)])
+    r = trace(mats, probes=2, method="hutch++")   # < 3 probes: plain Hutchinson
+    assert r.method == "hutchinson" and r.estimate.shape == (3,)
+    r1 = trace(mats, probes=1, method="hutchinson")
+    assert math.isnan(r1.stderr[0].item())
+
+
+def test_errors():
+    A = symmetric(spectrum("decaying", 10))
+    with pytest.raises(ValueError, match="trace: expected a square operator"):
+        trace(torch.randn(4, 3, dtype=torch.float64), probes=5)
+    with pytest.raises(ValueError, match="trace: expected probes >= 1, got 0"):
+        trace(A, probes=0)
+    with pytest.raises(ValueError, match="trace: expected method one of \\['hutchinson', 'hutch\\+\\+'\\]"):
+        trace(A, probes=4, method="xtrace")
+    op = aslinearoperator(lambda X: X * float("inf"), shape=(10, 10), dtype=torch.float64, symmetric=True)
+    with pytest.raises(NonFiniteError, match="trace: the operator returned non-finite values"):
+        trace(op, probes=6)
