@@ -1,0 +1,213 @@
+"""The residual block protocol and the skip / scalar modules it is built from.
+
+Every residual block of this package is a :class:`ResidualBlock`::
+
+    forward(h) = post(skip(h) + scale * branch(h))
+
+with
+
+- ``resgeom_block = True``: a class attribute; the operators layer discovers blocks by duck typing
+  on it and never imports this package,
+- ``branch``: the residual branch F_l, an ``nn.Module`` (for the known families an
+  ``nn.Sequential`` of standard layers, so that a fast path can recognise it),
+- ``skip``: Q_l -- ``nn.Identity()`` ("identity"), :class:`ZeroSkip` ("none"),
+  :class:`OrthogonalSkip` ("orthogonal"), a ``conv1x1 + BN`` downsample in staged ResNets, or
+  :class:`ScaledIdentity` (leaky ResNets),
+- ``scale``: lam_l, a python ``float`` or an ``nn.Parameter`` (skipinit: learnable, init 0),
+- ``post``: ``nn.Identity()`` for "Type 1" nets, ``nn.ReLU()`` for torchvision-style staged
+  ResNets that apply ReLU after the addition.
+
+Hyper-residual connections (``hyper=True``, SCIENCE.md section 2, our reading). Block l receives,
+besides its input h_{l-1}, the mean of all *earlier* block outputs that are not its input::
+
+    h_l = post( Q_l h_{l-1} + lam_l F_l(h_{l-1}) + m_l ),
+    m_l = mean_{k = 0 .. l-2} h_k            (m_1 = 0: block 1 has no earlier outputs),
+
+where h_0 = stem(x). h_{l-1} itself enters only through Q_l, so it is not counted twice. In
+staged ResNets the mean runs over those earlier outputs h_k (k <= l-2) that have the same shape as
+the block's output (in practice the earlier outputs of the same stage); m_l = 0 where there are
+none. ``branch`` stays the pure F_l: the residual
+Jacobian J_l = dF_l/dh is unaffected, and the network (not the block) supplies m_l, through
+``forward(h, earlier_mean=m_l)``. Called on its own (``block(h)``) a block computes
+``post(Q_l h + lam_l F_l(h))``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ResidualBlock",
+    "ZeroSkip",
+    "OrthogonalSkip",
+    "ScaledIdentity",
+    "ScalarBias",
+    "ScalarMultiplier",
+    "random_orthogonal",
+    "fixup_factor",
+]
+
+
+class ResidualBlock(nn.Module):
+    """One residual block: ``forward(h) = post(skip(h) + scale * branch(h) [+ earlier_mean])``.
+
+    Args:
+        branch: the residual branch F_l, mapping h_{l-1} to the shape of the block output.
+        skip: Q_l, mapping h_{l-1} to the shape of the block output.
+        scale: lam_l, a python float (fixed) or an ``nn.Parameter`` (learnable, e.g. skipinit).
+        post: module applied after the sum (``nn.Identity()`` if None).
+
+    Shapes: h is [N, D] for fully-connected blocks, [N, C, H, W] for convolutional blocks.
+    """
+
+    resgeom_block = True
+
+    def __init__(
+        self,
+        branch: nn.Module,
+        skip: nn.Module,
+        scale: Union[float, nn.Parameter] = 1.0,
+        post: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        self.branch = branch
+        self.skip = skip
+        if isinstance(scale, nn.Parameter):
+            self.scale = scale
+        else:
+            self.scale = float(scale)
+        self.post = post if post is not None else nn.Identity()
+
+    def residual(self, h: Tensor) -> Tensor:
+        """``skip(h) + scale * branch(h)``, the pre-``post`` sum without hyper connections."""
+        return self.skip(h) + self.scale * self.branch(h)
+
+    def forward(self, h: Tensor, earlier_mean: Optional[Tensor] = None) -> Tensor:
+        """Block output ``post(skip(h) + scale * branch(h) [+ earlier_mean])``.
+
+        Args:
+            h: block input h_{l-1}.
+            earlier_mean: the hyper-residual term m_l (same shape as the output), or None.
+        """
+        out = self.residual(h)
+        if earlier_mean is not None:
+            out = out + earlier_mean
+        return self.post(out)
+
+    def extra_repr(self) -> str:
+        if isinstance(self.scale, nn.Parameter):
+            return "scale=learnable"
+        return f"scale={self.scale:.6g}"
+
+
+class ZeroSkip(nn.Module):
+    """Q_l = 0 (a plain, skip-free block): returns zeros of the block output's shape.
+
+    Args:
+        out_channels: channels of the output when they differ from the input's (staged conv
+            nets); None keeps the input shape.
+        stride: spatial stride of the block (staged conv nets); output spatial size is
+            ceil(H / stride) x ceil(W / stride), as for a conv with padding k//2.
+    """
+
+    def __init__(self, out_channels: Optional[int] = None, stride: int = 1) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.stride = int(stride)
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.out_channels is None and self.stride == 1:
+            return torch.zeros_like(h)
+        if h.dim() != 4:
+            raise ValueError(f"ZeroSkip: expected h of shape [N, C, H, W], got {tuple(h.shape)}")
+        n, c, hh, ww = h.shape
+        oc = c if self.out_channels is None else self.out_channels
+        s = self.stride
+        return h.new_zeros((n, oc, -(-hh // s), -(-ww // s)))
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.out_channels}, stride={self.stride}"
+
+
+def random_orthogonal(dim: int, generator: Optional[torch.Generator] = None,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """A Haar-distributed random orthogonal matrix [dim, dim] (QR of a Gaussian, sign-fixed)."""
+    g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    d = torch.sign(torch.diagonal(r))
+    d[d == 0] = 1.0
+    return (q * d).to(dtype)
+
+
+class OrthogonalSkip(nn.Module):
+    """Q_l = a fixed random orthogonal matrix (a buffer ``weight`` [D, D], never trained).
+
+    Fully-connected (``conv=False``): Q h = h @ weight.T for h [N, D].
+    Convolutional (``conv=True``): an orthogonal 1x1 channel mixing, D = channels, h [N, D, H, W].
+
+    Args:
+        dim: D.
+        conv: channel mixing of images instead of a matrix on vectors.
+        generator: source of randomness (a ``torch.Generator``); required for reproducibility.
+    """
+
+    def __init__(self, dim: int, conv: bool = False, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        self.conv = bool(conv)
+        self.register_buffer("weight", random_orthogonal(dim, generator))
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.conv:
+            return F.conv2d(h, self.weight[:, :, None, None])
+        return F.linear(h, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[0]}, conv={self.conv}"
+
+
+class ScaledIdentity(nn.Module):
+    """Q h = factor * h with a python float ``factor`` (the leaky skip 1 - rho_l * Lt)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.factor * h
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:.6g}"
+
+
+class ScalarBias(nn.Module):
+    """Fixup's learnable scalar bias (initialised to 0): ``x + b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.bias
+
+
+class ScalarMultiplier(nn.Module):
+    """Fixup's learnable scalar multiplier (initialised to 1): ``s * x``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * x
+
+
+def fixup_factor(num_blocks: int, layers_per_branch: int) -> float:
+    """Fixup's rescaling L^(-1/(2m-2)) of the non-final branch layers (m = layers per branch)."""
+    if layers_per_branch < 2:
+        return 1.0
+    return float(num_blocks) ** (-1.0 / (2 * layers_per_branch - 2))
+
