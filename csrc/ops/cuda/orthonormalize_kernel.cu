@@ -1,0 +1,259 @@
+// CUDA kernel of resgeom_fast::orthonormalize: shifted Cholesky QR three times, in float64.
+//
+// The CPU kernel's algorithm, run for all b problems together on a float64 copy X [b, n, k]:
+// each pass computes the Gram matrices G = X^T X (cuBLAS batched GEMM through at::bmm; only the
+// upper triangle and the diagonal are read afterwards), replaces exactly zero columns by the same
+// splitmix64 values as the CPU (then recomputes G), factors G (+ shift) = R^T R with one thread
+// block per problem, and solves X <- X R^{-1} with one thread per row. Per-problem state (passes
+// left, active this pass) lives on the device; the host reads back two counters per pass (any
+// column refilled, any problem still active) to decide whether to recompute G and whether to
+// stop, so the number of passes matches the CPU kernel problem by problem.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/all.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "ops/orthonormalize.h"
+
+namespace resgeom_fast {
+namespace ops {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxPasses = 8;       // as the CPU kernel's pass loop
+constexpr int kMaxShiftTries = 2000;  // guard: 10^2000 overflows any shift to inf long before
+
+// Fixed pseudo-random value in [-1, 1) (splitmix64): the CPU kernel's fill_value.
+__device__ __forceinline__ double fill_value(uint64_t key) {
+  uint64_t z = key + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
+
+unsigned int grid_for(int64_t total, int threads) {
+  const int64_t blocks = (total + threads - 1) / threads;
+  return static_cast<unsigned int>(std::min<int64_t>(blocks, 1 << 20));
+}
+
+// One thread per problem, at the start of a pass (after G is computed): marks the problem active
+// for this pass, and flags its columns whose squared norm is zero relative to the largest (the
+// CPU's refill_zero_columns rule). A problem with flagged columns gets at least two more passes
+// and is counted in *refilled.
+__global__ void flag_zero_columns_kernel(const double* __restrict__ G, int64_t b, int64_t k,
+                                         int* __restrict__ left, uint8_t* __restrict__ act,
+                                         uint8_t* __restrict__ colflag, int* __restrict__ refilled) {
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < b;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool active = left[p] > 0;
+    act[p] = active ? 1 : 0;
+    if (!active) continue;
+    const double* Gp = G + p * k * k;
+    double maxd = 0.0;
+    for (int64_t c = 0; c < k; ++c) maxd = fmax(maxd, Gp[c * k + c]);
+    int64_t count = 0;
+    for (int64_t c = 0; c < k; ++c) {
+      const bool zero = Gp[c * k + c] <= 1e-30 * maxd || !(maxd > 0.0);
+      colflag[p * k + c] = zero ? 1 : 0;
+      count += zero ? 1 : 0;
+    }
+    if (count > 0) {
+      left[p] = max(left[p], 2);  // the refilled columns need two clean passes
+      atomicAdd(refilled, 1);      // an int count: order does not matter
+    }
+  }
+}
+
+// One thread per row (p, t): overwrites the flagged columns of active problems with the fill.
+__global__ void refill_kernel(double* __restrict__ X, int64_t b, int64_t n, int64_t k,
+                              const uint8_t* __restrict__ act, const uint8_t* __restrict__ colflag,
+                              uint64_t salt) {
+  const int64_t total = b * n;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = idx / n, t = idx % n;
+    if (!act[p]) continue;
+    double* x = X + idx * k;
+    for (int64_t c = 0; c < k; ++c) {
+      if (colflag[p * k + c])
+        x[c] = fill_value((salt * 0x100000001B3ull) ^ (static_cast<uint64_t>(t) * k + c));
+    }
+  }
+}
+
+// Upper Cholesky factor of Gp + shift I into Rp (row-major k x k, upper triangle; the lower
+// triangle is left unspecified), by the whole block. Same arithmetic order as the CPU kernel's
+// cholesky_upper. Returns false (in every thread) if a pivot is not positive.
+__device__ bool block_cholesky(const double* __restrict__ Gp, double* __restrict__ Rp, int64_t k,
+                               double shift) {
+  __shared__ double s_r;
+  __shared__ int s_ok;
+  for (int64_t a = 0; a < k; ++a)
+    for (int64_t c = a + threadIdx.x; c < k; c += blockDim.x)
+      Rp[a * k + c] = c == a ? Gp[a * k + c] + shift : Gp[a * k + c];
+  __syncthreads();
+  for (int64_t a = 0; a < k; ++a) {
+    if (threadIdx.x == 0) {
+      double d = Rp[a * k + a];
+      for (int64_t q = 0; q < a; ++q) d -= Rp[q * k + a] * Rp[q * k + a];
+      const bool ok = d > 0.0;
+      if (ok) {
+        const double r = sqrt(d);
+        Rp[a * k + a] = r;
+        s_r = r;
+      }
+      s_ok = ok ? 1 : 0;
+    }
+    __syncthreads();
+    if (!s_ok) {
+      __syncthreads();  // every thread has read s_ok before thread 0 may write it again
+      return false;
+    }
+    const double r = s_r;
+    for (int64_t c = a + 1 + threadIdx.x; c < k; c += blockDim.x) {
+      double s = Rp[a * k + c];
+      for (int64_t q = 0; q < a; ++q) s -= Rp[q * k + a] * Rp[q * k + c];
+      Rp[a * k + c] = s / r;
+    }
+    __syncthreads();
+  }
+  return true;
+}
+
+// One block per problem: R from G as the CPU pass does (shifted on the first pass, or when the
+// plain factorisation fails, the shift growing tenfold until it succeeds); then one pass used.
+__global__ void cholesky_kernel(const double* __restrict__ G, double* __restrict__ R, int64_t k,
+                                int* __restrict__ left, const uint8_t* __restrict__ act,
+                                double shift_factor, int pass, int* __restrict__ still_active) {
+  __shared__ double s_trace;
+  const int64_t p = blockIdx.x;
+  if (!act[p]) return;  // uniform over the block
+  const double* Gp = G + p * k * k;
+  double* Rp = R + p * k * k;
+  if (threadIdx.x == 0) {
+    double trace = 0.0;
+    for (int64_t c = 0; c < k; ++c) trace += Gp[c * k + c];
+    s_trace = trace;
+  }
+  __syncthreads();
+  bool ok = pass == 0 ? false : block_cholesky(Gp, Rp, k, 0.0);
+  if (!ok) {
+    // cholqr_shift(n, k, trace) == shift_factor * trace exactly (shift_factor is its value at
+    // trace = 1, and the product is evaluated left to right).
+    double shift = shift_factor * s_trace;
+    for (int tries = 0; tries < kMaxShiftTries; ++tries) {
+      if (block_cholesky(Gp, Rp, k, shift)) break;
+      shift *= 10.0;
+    }
+  }
+  if (threadIdx.x == 0) {
+    left[p] -= 1;
+    if (left[p] > 0) atomicAdd(still_active, 1);
+  }
+}
+
+// One thread per row (p, t) of active problems: x <- x R^{-1} (forward substitution).
+__global__ void solve_rows_kernel(double* __restrict__ X, const double* __restrict__ R, int64_t b,
+                                  int64_t n, int64_t k, const uint8_t* __restrict__ act) {
+  const int64_t total = b * n;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = idx / n;
+    if (!act[p]) continue;
+    const double* Rp = R + p * k * k;
+    double* x = X + idx * k;
+    for (int64_t c = 0; c < k; ++c) {
+      double s = x[c];
+      for (int64_t a = 0; a < c; ++a) s -= x[a] * Rp[a * k + c];
+      x[c] = s / Rp[c * k + c];
+    }
+  }
+}
+
+int read_counter(const int* dev, cudaStream_t stream) {
+  int host = 0;
+  C10_CUDA_CHECK(cudaMemcpyAsync(&host, dev, sizeof(int), cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return host;
+}
+
+}  // namespace
+
+at::Tensor orthonormalize_cuda(const at::Tensor& x) {
+  check_orthonormalize(x);
+  TORCH_INTERNAL_ASSERT(x.device().is_cuda());
+  c10::cuda::CUDAGuard guard(x.device());
+  auto xc = x.contiguous();
+  if (xc.numel() == 0) return at::empty_like(xc);
+  TORCH_CHECK(at::isfinite(xc).all().item<bool>(),
+              "orthonormalize: expected x with finite entries, got NaN or infinity");
+  const int64_t b = xc.size(0), n = xc.size(1), k = xc.size(2);
+  TORCH_CHECK(b <= std::numeric_limits<int32_t>::max(),
+              "orthonormalize: expected at most 2^31 - 1 blocks, got b = ", b);
+
+  // Working copy in float64 (always a fresh buffer: X is modified in place).
+  auto X = at::empty({b, n, k}, xc.options().dtype(at::kDouble));
+  X.copy_(xc);
+  auto iopt = xc.options().dtype(at::kInt);
+  auto bopt = xc.options().dtype(at::kByte);
+  auto left = at::full({b}, 3, iopt);
+  auto act = at::empty({b}, bopt);
+  auto colflag = at::empty({b, k}, bopt);
+  auto counters = at::zeros({2 * kMaxPasses}, iopt);  // [refilled, still active] per pass
+  auto R = at::empty({b, k, k}, X.options());
+  const double shift_factor = cholqr_shift(n, k, 1.0);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int chol_threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (k + 31) / 32 * 32)));
+
+  double* Xp = X.data_ptr<double>();
+  double* Rp = R.data_ptr<double>();
+  int* leftp = left.data_ptr<int>();
+  uint8_t* actp = act.data_ptr<uint8_t>();
+  uint8_t* flagp = colflag.data_ptr<uint8_t>();
+  int* cnt = counters.data_ptr<int>();
+  auto Xt = X.transpose(1, 2);
+
+  for (int pass = 0; pass < kMaxPasses; ++pass) {
+    auto G = at::bmm(Xt, X).contiguous();  // [b, k, k]
+    flag_zero_columns_kernel<<<grid_for(b, kThreads), kThreads, 0, stream>>>(
+        G.data_ptr<double>(), b, k, leftp, actp, flagp, cnt + 2 * pass);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (read_counter(cnt + 2 * pass, stream) > 0) {
+      refill_kernel<<<grid_for(b * n, kThreads), kThreads, 0, stream>>>(
+          Xp, b, n, k, actp, flagp, static_cast<uint64_t>(pass + 1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // Problems without refilled columns get the same G again.
+      G = at::bmm(Xt, X).contiguous();
+    }
+    cholesky_kernel<<<static_cast<unsigned int>(b), chol_threads, 0, stream>>>(
+        G.data_ptr<double>(), Rp, k, leftp, actp, shift_factor, pass, cnt + 2 * pass + 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    solve_rows_kernel<<<grid_for(b * n, kThreads), kThreads, 0, stream>>>(Xp, Rp, b, n, k, actp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Every problem does at least three passes; from then on stop once none has passes left.
+    if (pass >= 2 && read_counter(cnt + 2 * pass + 1, stream) == 0) break;
+  }
+  return X.to(xc.scalar_type());
+}
+
+TORCH_LIBRARY_IMPL(resgeom_fast, CUDA, m) {
+  m.impl("orthonormalize", &orthonormalize_cuda);
+}
+
+}  // namespace ops
+}  // namespace resgeom_fast
