@@ -9,7 +9,7 @@ REBUILD_HINT = (
     "rebuild it from the repository root with `pip install --no-build-isolation -e .` "
     "(or `make build`); set RESGEOM_FAST_FORCE_CPU=1 to skip the CUDA kernels"
 )
-OPS = ("lanczos_reorth", "tridiag_eigh", "density_smooth", "orthonormalize")
+OPS = ("lanczos_reorth", "tridiag_eigh", "density_smooth", "orthonormalize", "masked_scale")
 
 
 def load() -> None:

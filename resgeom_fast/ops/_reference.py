@@ -39,3 +39,8 @@ def orthonormalize(x: Tensor) -> Tensor:
     sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return (q * sign[:, None, :]).to(x.dtype)
+
+
+def masked_scale(v: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
+    """Broadcast product ``v * scale[c] * mask[n, c, s]`` over the probe dimension K."""
+    return v * scale[None, None, :, None] * mask[:, None].to(v.dtype)

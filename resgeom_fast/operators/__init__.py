@@ -1,0 +1,43 @@
+"""Operators of real models (layer 4): curvature of a loss and residual-branch Jacobians.
+
+- :func:`hessian`, :func:`ggn`: the Hessian / generalised Gauss-Newton matrix of the mean loss
+  over a batch or a DataLoader w.r.t. chosen parameters, as symmetric
+  :class:`~resgeom_fast.linalg.operator.LinearOperator` s applying k vectors per pass.
+- :func:`block_hessians`: the diagonal Hessian block of every residual block, sharing one graph.
+- :func:`residual_blocks`, :func:`mark_residual_block`: residual block discovery.
+- :func:`residual_jacobians`: batched residual-branch Jacobians J_l(x_b) (generic torch.func path
+  and a linearised fast path with fused C++/CUDA masking).
+
+This layer imports torch, resgeom_fast.ops and resgeom_fast.linalg only (never the models).
+"""
+from resgeom_fast.operators.blocks import BlockInfo, mark_residual_block, residual_blocks
+from resgeom_fast.operators.hessian import (
+    CurvatureOperator,
+    GGNOperator,
+    HessianOperator,
+    block_hessians,
+    ggn,
+    hessian,
+)
+from resgeom_fast.operators.jacobian import (
+    ResidualJacobian,
+    block_inputs,
+    fast_path_supported,
+    residual_jacobians,
+)
+
+__all__ = [
+    "BlockInfo",
+    "CurvatureOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "ResidualJacobian",
+    "block_hessians",
+    "block_inputs",
+    "fast_path_supported",
+    "ggn",
+    "hessian",
+    "mark_residual_block",
+    "residual_blocks",
+    "residual_jacobians",
+]

@@ -1,0 +1,362 @@
+"""Curvature operators of a loss: the Hessian and the generalised Gauss-Newton matrix.
+
+Vector space: the flattened concatenation of the chosen parameters, in the order of
+``model.named_parameters()`` (each parameter flattened row-major); ``op.param_names``,
+``op.param_shapes``, :meth:`CurvatureOperator.flatten` and :meth:`CurvatureOperator.unflatten`
+convert between that space and per-parameter tensors.
+
+The loss is the mean over every sample of ``data``: ``loss_fn(model(x), y)`` must be the *mean*
+loss over the batch (``reduction="mean"``), and batches of a DataLoader are accumulated with
+weights ``batch size / total``. BatchNorm uses running statistics (``batchnorm="eval"``) or batch
+statistics without updating the running ones (``batchnorm="train"``); the model's modes and
+buffers are the same after every call as before.
+
+Two exact ways to apply k vectors at once (``hvp=``):
+
+- ``"double_backward"``: the gradient graph of each batch (``create_graph=True``) is built once
+  and cached when ``cache`` is on, then k products are one batched backward through it
+  (``torch.autograd.grad(..., is_grads_batched=True)``). Lanczos calls matmat ~100 times on the
+  same data, so the forward and first backward are paid once.
+- ``"forward_over_reverse"``: ``vmap(jvp(grad(loss)))`` with torch.func, recomputed per call.
+
+``"auto"`` picks per call: the cached double backward for fewer than 4 vectors (about 3x as
+fast for one vector on CPU), forward-over-reverse from 4 vectors on (~12% faster for 10 on CPU);
+see benchmarks/bench_operators.py.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from resgeom_fast.linalg.operator import LinearOperator
+from resgeom_fast.operators._data import (
+    Batches,
+    ParamSpec,
+    has_batchnorm,
+    is_single_batch,
+    module_mode,
+    select_params,
+)
+
+LossFn = Callable[[Tensor, Any], Tensor]
+HVP_METHODS = ("auto", "double_backward", "forward_over_reverse")
+
+__all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "hessian", "ggn", "block_hessians"]
+
+
+def _check_loss(fn: str, loss: Tensor) -> None:
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{fn}: expected loss_fn to return a scalar (the mean loss of the batch), got {shape}")
+    if not loss.is_floating_point():
+        raise ValueError(f"{fn}: expected a floating-point loss, got {loss.dtype}")
+
+
+def _resolve_hvp(fn: str, hvp: str, device: torch.device) -> str:
+    if hvp not in HVP_METHODS:
+        raise ValueError(f"{fn}: hvp: expected one of {list(HVP_METHODS)}, got {hvp!r}")
+    return hvp
+
+
+# "auto": measured on CPU (benchmarks/bench_operators.py, FC ResNet width 128, 8 blocks, 512
+# samples, float32, 2 cores): the cached double backward is about 3x as fast for one vector (16
+# vs 54 ms), while vmap'd forward-over-reverse is ~12% faster for 10 vectors (184 vs 209 ms). No
+# GPU measurement was possible; the same rule is used there.
+_AUTO_FWD_REV_FROM_K = 4
+
+
+class _Engine:
+    """Per-batch state shared by operators on subsets of one parameter list."""
+
+    def __init__(self, fn: str, kind: str, model: nn.Module, loss_fn: LossFn, data: Any,
+                 names: list[str], params: list[Tensor], batchnorm: str, hvp: str,
+                 cache: Optional[bool]) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"{fn}: expected loss_fn callable, got {type(loss_fn).__name__}")
+        if batchnorm not in ("eval", "train"):
+            raise ValueError(f"{fn}: batchnorm: expected 'eval' or 'train', got {batchnorm!r}")
+        self.fn, self.kind, self.model, self.loss_fn = fn, kind, model, loss_fn
+        self.names, self.params, self.batchnorm = names, params, batchnorm
+        self.dtype, self.device = params[0].dtype, params[0].device
+        self.hvp = _resolve_hvp(fn, hvp, self.device)
+        self.cache = is_single_batch(data) if cache is None else bool(cache)
+        self.batches = Batches(fn, data, self.dtype, self.device, materialise=self.cache)
+        if batchnorm == "train" and has_batchnorm(model) and min(self.batches.sizes) < 2:
+            raise ValueError(
+                f"{fn}: batchnorm='train' needs batches of at least 2 samples (batch statistics of "
+                f"one sample are degenerate), got a batch of size {min(self.batches.sizes)}"
+            )
+        self._graphs: Optional[list[tuple]] = None
+        if self.cache and self.hvp in ("double_backward", "auto"):
+            self._graphs = [self._build(w, x, y) for w, x, y in self.batches]
+        else:  # validate the loss on the first batch
+            w, x, y = next(iter(self.batches))
+            with torch.no_grad(), module_mode(model, batchnorm):
+                _check_loss(fn, loss_fn(model(x), y))
+
+    # -- graphs of the double-backward path -----------------------------------------------------
+    def _build(self, w: float, x: Tensor, y: Any) -> tuple:
+        with torch.enable_grad(), module_mode(self.model, self.batchnorm):
+            out = self.model(x)
+            if self.kind == "hessian":
+                loss = self.loss_fn(out, y)
+                _check_loss(self.fn, loss)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                return (w, grads)
+            # GGN: outputs with their graph, gradient of the loss in output space, and J^T u
+            # as a graph linear in a dummy u (so that J v = d<J^T u, v>/du).
+            outd = out.detach().requires_grad_(True)
+            loss = self.loss_fn(outd, y)
+            _check_loss(self.fn, loss)
+            (gout,) = torch.autograd.grad(loss, outd, create_graph=True)
+            u = torch.zeros_like(out, requires_grad=True)
+            jtu = torch.autograd.grad(out, self.params, u, create_graph=True, allow_unused=True)
+            return (w, out, outd, gout, u, jtu)
+
+    def _graphs_iter(self):
+        if self._graphs is not None:
+            yield from self._graphs
+        else:
+            for w, x, y in self.batches:
+                yield self._build(w, x, y)
+
+    @staticmethod
+    def _grad(outputs: Sequence[Optional[Tensor]], inputs: Sequence[Tensor],
+              grad_outputs: Sequence[Tensor], k: int) -> list[Tensor]:
+        """Batched ``sum_i d<outputs_i, grad_outputs_i>/d inputs`` (k rows), zeros where unused."""
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
+        if not pairs:
+            return [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in inputs]
+        if k == 1:  # a plain backward: vmap's overhead buys nothing for one vector
+            res = torch.autograd.grad([o for o, _ in pairs], list(inputs), [g[0] for _, g in pairs],
+                                      retain_graph=True, allow_unused=True)
+            res = tuple(None if r is None else r.unsqueeze(0) for r in res)
+        else:
+            res = torch.autograd.grad([o for o, _ in pairs], list(inputs), [g for _, g in pairs],
+                                      retain_graph=True, is_grads_batched=True, allow_unused=True)
+        return [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if r is None else r
+                for r, p in zip(res, inputs)]
+
+    def apply(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
+        """Curvature products restricted to params ``idx``: ``vs[j]`` is [k, *shape of idx[j]]."""
+        method = self.hvp
+        if method == "auto":
+            method = "forward_over_reverse" if k >= _AUTO_FWD_REV_FROM_K else "double_backward"
+        if method == "forward_over_reverse":
+            return self._apply_func(idx, vs, k)
+        acc: Optional[list[Tensor]] = None
+        sub = [self.params[i] for i in idx]
+        for g in self._graphs_iter():
+            if self.kind == "hessian":
+                w, grads = g
+                res = self._grad([grads[i] for i in idx], sub, vs, k)
+            else:
+                w, out, outd, gout, u, jtu = g
+                jv = self._grad([jtu[i] for i in idx], [u], vs, k)[0]           # [k, *out]
+                hjv = self._grad([gout], [outd], [jv], k)[0]                     # [k, *out]
+                res = self._grad([out], sub, [hjv], k)
+            if acc is None:
+                acc = [w * r for r in res]
+            else:
+                for a, r in zip(acc, res):
+                    a.add_(r, alpha=w)
+        assert acc is not None
+        return acc
+
+    def _apply_func(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
+        from torch.func import functional_call, grad, jvp, vjp, vmap
+
+        names = [self.names[i] for i in idx]
+        primals = tuple(self.params[i].detach() for i in idx)
+        acc: Optional[list[Tensor]] = None
+        for w, x, y in self.batches:
+            def outputs(*ps: Tensor) -> Tensor:
+                return functional_call(self.model, dict(zip(names, ps)), (x,))
+
+            with module_mode(self.model, self.batchnorm):
+                if self.kind == "hessian":
+                    def loss(*ps: Tensor) -> Tensor:
+                        return self.loss_fn(outputs(*ps), y)
+
+                    g = grad(loss, argnums=tuple(range(len(primals))))
+                    res = vmap(lambda *t: jvp(g, primals, t)[1])(*vs)
+                else:
+                    out, vjp_fn = vjp(outputs, *primals)
+                    out = out.detach()
+                    jv = vmap(lambda *t: jvp(outputs, primals, t)[1])(*vs)
+                    gl = grad(lambda o: self.loss_fn(o, y))
+                    hjv = vmap(lambda t: jvp(gl, (out,), (t,))[1])(jv)
+                    res = vmap(vjp_fn)(hjv)
+            res = [r.detach() for r in res]
+            if acc is None:
+                acc = [w * r for r in res]
+            else:
+                for a, r in zip(acc, res):
+                    a.add_(r, alpha=w)
+        assert acc is not None
+        return acc
+
+
+class CurvatureOperator(LinearOperator):
+    """A symmetric (P, P) curvature matrix of a loss w.r.t. chosen parameters (see the module doc).
+
+    Attributes:
+        param_names: names of the chosen parameters, in the order of the vector space.
+        param_shapes: their shapes; ``param_offsets[i]`` is where parameter i starts.
+        num_samples: samples of the data the loss is averaged over.
+        hvp: the product method ("auto", "double_backward" or "forward_over_reverse").
+        cached: whether per-batch graphs (and the batches) are kept between calls.
+        max_vectors_per_pass: a matmat with more columns is applied in passes of this many
+            (default 32) to bound the memory of the batched products.
+    """
+
+    def __init__(self, engine: _Engine, idx: list[int]) -> None:
+        self._engine, self._idx = engine, idx
+        self.param_names = [engine.names[i] for i in idx]
+        self.param_shapes = [tuple(engine.params[i].shape) for i in idx]
+        self._numels = [engine.params[i].numel() for i in idx]
+        offsets, o = [], 0
+        for n in self._numels:
+            offsets.append(o)
+            o += n
+        self.param_offsets = offsets
+        super().__init__((o, o), engine.dtype, engine.device, (), symmetric=True)
+        self.num_samples = engine.batches.total
+        self.hvp, self.cached = engine.hvp, engine.cache
+        self.max_vectors_per_pass = 32
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        k = X.shape[-1]
+        if k == 0:
+            return X.new_zeros(X.shape)
+        Xt = X.detach().t()                                               # [k, P]
+        outs = []
+        for c0 in range(0, k, self.max_vectors_per_pass):                 # bounds memory
+            Xc = Xt[c0:c0 + self.max_vectors_per_pass]
+            kc = Xc.shape[0]
+            vs = [Xc[:, o:o + n].reshape(kc, *s) for o, n, s in
+                  zip(self.param_offsets, self._numels, self.param_shapes)]
+            res = self._engine.apply(self._idx, vs, kc)
+            outs.append(torch.cat([r.reshape(kc, -1) for r in res], dim=1))
+        # [k, P] -> a [P, k] view: Lanczos reads it back transposed, so no copy is made here.
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).t()
+
+    def flatten(self, tensors: Union[dict[str, Tensor], Sequence[Tensor]]) -> Tensor:
+        """Per-parameter tensors (a dict by name or a sequence in order), each ``[*shape]`` or
+        ``[*shape, k]``, to one ``[P]`` / ``[P, k]`` tensor of the vector space."""
+        if isinstance(tensors, dict):
+            missing = [n for n in self.param_names if n not in tensors]
+            if missing:
+                raise ValueError(f"flatten: expected tensors for every parameter, missing {missing}")
+            tensors = [tensors[n] for n in self.param_names]
+        tensors = list(tensors)
+        if len(tensors) != len(self.param_shapes):
+            raise ValueError(f"flatten: expected {len(self.param_shapes)} tensors, got {len(tensors)}")
+        extra = tensors[0].dim() - len(self.param_shapes[0])
+        if extra not in (0, 1):
+            raise ValueError(f"flatten: expected tensors of the parameter shapes (optionally with a trailing k), "
+                             f"got {tuple(tensors[0].shape)} for {self.param_shapes[0]}")
+        if extra == 0:
+            return torch.cat([t.reshape(-1) for t in tensors])
+        return torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors])
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        """A ``[P]`` or ``[P, k]`` tensor to a dict ``name -> [*shape]`` (or ``[*shape, k]``) of views."""
+        if vec.dim() not in (1, 2) or vec.shape[0] != self.shape[0]:
+            raise ValueError(f"unflatten: expected a tensor of shape [{self.shape[0]}] or [{self.shape[0]}, k], "
+                             f"got {tuple(vec.shape)}")
+        tail = tuple(vec.shape[1:])
+        return {n: vec[o:o + m].reshape(*s, *tail) for n, o, m, s in
+                zip(self.param_names, self.param_offsets, self._numels, self.param_shapes)}
+
+    def clear_cache(self) -> None:
+        """Drop the cached graphs (rebuilt on the next call); call after changing the parameters."""
+        if self._engine._graphs is not None:
+            self._engine._graphs = None
+            if self._engine.cache and self._engine.hvp in ("double_backward", "auto"):
+                self._engine._graphs = [self._engine._build(w, x, y) for w, x, y in self._engine.batches]
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian of the mean loss (a :class:`CurvatureOperator`)."""
+
+
+class GGNOperator(CurvatureOperator):
+    """The generalised Gauss-Newton matrix ``G = mean_b J_b^T H_out,b J_b`` (a :class:`CurvatureOperator`)."""
+
+
+def _make(fn: str, kind: str, model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec,
+          batchnorm: str, hvp: str, cache: Optional[bool]) -> _Engine:
+    names, tensors = select_params(fn, model, params)
+    return _Engine(fn, kind, model, loss_fn, data, names, tensors, batchnorm, hvp, cache)
+
+
+def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
+            batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None) -> HessianOperator:
+    """The Hessian of the mean loss over ``data`` w.r.t. the chosen parameters, as an operator.
+
+    Args:
+        model: an ``nn.Module`` mapping x to outputs.
+        loss_fn: ``loss_fn(outputs, y) -> scalar``, the *mean* loss of a batch.
+        data: one ``(x, y)`` batch or an iterable of batches (a DataLoader; iterated in order,
+            once per matmat unless cached; it must yield the same samples on every pass).
+            x must be on the parameters' device, in their dtype when floating.
+        params: None (all trainable parameters), names (parameters or modules), modules (e.g. one
+            residual block) or parameter tensors. Order: that of ``model.named_parameters()``.
+        batchnorm: "eval" (running statistics) or "train" (batch statistics, running statistics
+            untouched; batches of >= 2 samples).
+        hvp: "auto", "double_backward" or "forward_over_reverse" (module doc).
+        cache: keep per-batch gradient graphs between calls (default: True for one batch, False
+            for a DataLoader; True on a DataLoader keeps every batch's graph in memory).
+
+    Returns:
+        a symmetric :class:`HessianOperator` of shape (P, P), dtype and device of the parameters;
+        ``matmat(X [P, k]) -> [P, k]`` applies k Hessian-vector products in one pass over the data.
+    """
+    engine = _make("hessian", "hessian", model, loss_fn, data, params, batchnorm, hvp, cache)
+    return HessianOperator(engine, list(range(len(engine.names))))
+
+
+def ggn(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
+        batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None) -> GGNOperator:
+    """The generalised Gauss-Newton matrix ``mean over samples of J^T H_loss J``, J = d outputs /
+    d params, H_loss the Hessian of ``loss_fn`` in the outputs. Same arguments as :func:`hessian`.
+
+    Returns:
+        a symmetric positive semi-definite (for convex losses) :class:`GGNOperator` (P, P).
+    """
+    engine = _make("ggn", "ggn", model, loss_fn, data, params, batchnorm, hvp, cache)
+    return GGNOperator(engine, list(range(len(engine.names))))
+
+
+def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optional[Sequence[Any]] = None, *,
+                   batchnorm: str = "eval", hvp: str = "auto",
+                   cache: Optional[bool] = None) -> list[HessianOperator]:
+    """Per-block Hessians (diagonal blocks H_ll of the Hessian) of every residual block, in one call.
+
+    The operators share one gradient graph per batch (built once when cached); block l's operator
+    acts on the flattened trainable parameters of block l.
+
+    Args:
+        blocks: None (every block found by :func:`resgeom_fast.operators.residual_blocks`), or a
+            sequence of block modules / :class:`BlockInfo` s / indices into that list.
+        others: as in :func:`hessian`.
+
+    Returns:
+        one :class:`HessianOperator` per block, in order.
+    """
+    from resgeom_fast.operators.blocks import resolve_blocks
+
+    infos = resolve_blocks("block_hessians", model, blocks)
+    names, tensors = select_params("block_hessians", model, [b.block for b in infos])
+    engine = _Engine("block_hessians", "hessian", model, loss_fn, data, names, tensors, batchnorm, hvp, cache)
+    pos = {id(t): i for i, t in enumerate(tensors)}
+    ops = []
+    for b in infos:
+        idx = sorted(pos[id(p)] for p in b.block.parameters() if id(p) in pos)
+        if not idx:
+            raise ValueError(f"block_hessians: block {b.name!r} has no trainable parameters")
+        ops.append(HessianOperator(engine, idx))
+    return ops

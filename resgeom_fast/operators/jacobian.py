@@ -1,0 +1,403 @@
+"""Residual-branch Jacobians J_l(x_b) = dF_l/dh at the block inputs of a batch (SCIENCE.md s. 1).
+
+:func:`residual_jacobians` runs the model once with forward pre-hooks to capture the block inputs
+h_{l-1} (stopping as soon as the last requested block has been reached), then returns one batched
+:class:`ResidualJacobian` per block: member b of the batch is J_l(x_b), shape (D_out, D_in) with
+D = numel of one sample's h (C*H*W for conv blocks). Jacobians are taken with the branch in eval
+mode (BatchNorm running statistics), which makes them per-sample quantities.
+
+Two paths give identical results:
+
+- ``"generic"``: torch.func ``vmap(jvp)`` / ``vmap(vjp)`` through any branch;
+- ``"fast"``: the branch is linearised once: for ``nn.Sequential`` branches of Linear / Conv2d /
+  BatchNorm / ReLU layers (FC Linear-ReLU-Linear, torchvision and resgeom BasicBlock and
+  Bottleneck branches, with or without BatchNorm), ReLU masks and BatchNorm factors are captured
+  at the block input, a BatchNorm not followed by a ReLU is folded into the weights of the layer
+  before it, and J V / J^T U become plain GEMMs, convolutions and transposed convolutions with the
+  masking and scaling done by the fused op :func:`resgeom_fast.ops.masked_scale`. When the probe
+  block is shared by every sample (``X`` expanded along the batch, e.g. a common random sketch),
+  the first linear layer is applied once for all samples.
+
+``"auto"`` takes the fast path where the branch is recognised, the generic one elsewhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from resgeom_fast.linalg.operator import LinearOperator
+from resgeom_fast.operators._data import module_mode, no_inplace
+from resgeom_fast.operators.blocks import BlockInfo, resolve_blocks
+from resgeom_fast.ops import masked_scale
+
+__all__ = ["ResidualJacobian", "residual_jacobians", "block_inputs", "fast_path_supported"]
+
+PATHS = ("auto", "generic", "fast")
+_CHUNK_BYTES = 256 * 2**20
+
+
+class _StopForward(Exception):
+    pass
+
+
+def block_inputs(model: nn.Module, x: Tensor, blocks: Sequence[BlockInfo]) -> list[Tensor]:
+    """The inputs h_{l-1} [N, ...] of ``blocks`` from one eval-mode, no-grad forward pass of x.
+
+    The pass stops after the last requested block's input is captured.
+    """
+    want = {id(b.block): i for i, b in enumerate(blocks)}
+    got: dict[int, Tensor] = {}
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        i = want.get(id(mod))
+        if i is not None and i not in got:
+            if not args or not isinstance(args[0], Tensor):
+                raise ValueError(f"residual_jacobians: block {blocks[i].name!r} was called without a tensor input")
+            got[i] = args[0].detach().clone()
+            if len(got) == len(want):
+                raise _StopForward
+
+    handles = [b.block.register_forward_pre_hook(hook) for b in blocks]
+    try:
+        with torch.no_grad(), module_mode(model, "eval"):
+            try:
+                model(x)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [blocks[i].name for i in range(len(blocks)) if i not in got]
+    if missing:
+        raise ValueError(f"residual_jacobians: blocks {missing} were not called in the forward pass of the model")
+    return [got[i] for i in range(len(blocks))]
+
+
+# -- the linearised program of a branch ---------------------------------------------------------
+def _scalar_module(m: nn.Module) -> Optional[str]:
+    """Fixup's scalar modules of resgeom_fast.models, recognised by name and structure."""
+    if not type(m).__module__.startswith("resgeom_fast.models"):
+        return None
+    ps = dict(m.named_parameters(recurse=False))
+    if type(m).__name__ == "ScalarBias" and set(ps) == {"bias"} and ps["bias"].dim() == 0:
+        return "shift"
+    if type(m).__name__ == "ScalarMultiplier" and set(ps) == {"weight"} and ps["weight"].dim() == 0:
+        return "mult"
+    return None
+
+
+def _layers(branch: nn.Module) -> Optional[list[nn.Module]]:
+    if not isinstance(branch, nn.Sequential):
+        return None
+    out = []
+    for m in branch:
+        if isinstance(m, nn.Sequential):
+            inner = _layers(m)
+            if inner is None:
+                return None
+            out += inner
+        else:
+            out.append(m)
+    return out
+
+
+def _unsupported(branch: nn.Module) -> Optional[str]:
+    """None when the fast path handles ``branch``, else the reason."""
+    layers = _layers(branch)
+    if layers is None:
+        return f"branch {type(branch).__name__} is not an nn.Sequential"
+    n_lin = 0
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            n_lin += 1
+        elif isinstance(m, nn.Conv2d):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                return f"Conv2d with padding {m.padding!r} / padding_mode {m.padding_mode!r}"
+            n_lin += 1
+        elif isinstance(m, _BatchNorm):
+            if m.running_var is None:
+                return "BatchNorm without running statistics"
+        elif isinstance(m, (nn.ReLU, nn.Identity, nn.Dropout)) or _scalar_module(m) is not None:
+            pass
+        else:
+            return f"layer {type(m).__name__}"
+    if n_lin == 0:
+        return "no Linear or Conv2d layer"
+    return None
+
+
+def fast_path_supported(branch: nn.Module) -> bool:
+    """Whether :func:`residual_jacobians` can linearise ``branch`` (path="fast")."""
+    return _unsupported(branch) is None
+
+
+class _Lin:
+    """A linear layer of the program; ``in_shape``/``out_shape`` per sample."""
+
+    def __init__(self, m: nn.Module, in_shape: tuple, out_shape: tuple) -> None:
+        self.conv = isinstance(m, nn.Conv2d)
+        self.weight = m.weight.detach()
+        self.in_shape, self.out_shape = in_shape, out_shape
+        if self.conv:
+            self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
+            kh, kw = self.weight.shape[-2:]
+            self.output_padding = tuple(
+                in_shape[1 + i] - ((out_shape[1 + i] - 1) * self.stride[i] - 2 * self.padding[i]
+                                   + self.dilation[i] * ((kh, kw)[i] - 1) + 1) for i in range(2))
+
+    def scale_out(self, s: Tensor) -> None:
+        self.weight = self.weight * s.reshape(-1, *([1] * (self.weight.dim() - 1)))
+
+    def fwd(self, z: Tensor) -> Tensor:
+        if self.conv:
+            return F.conv2d(z, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return F.linear(z, self.weight)
+
+    def bwd(self, z: Tensor) -> Tensor:
+        if self.conv:
+            return F.conv_transpose2d(z, self.weight, None, self.stride, self.padding, self.output_padding,
+                                      self.groups, self.dilation)
+        return z @ self.weight
+
+
+class _Diag:
+    """A diagonal factor: per-channel ``scale`` [C] and/or per-sample ``mask`` [N, C, S]."""
+
+    def __init__(self, shape: tuple) -> None:
+        self.shape = shape  # per-sample shape (C,) or (C, H, W)
+        self.scale: Optional[Tensor] = None
+        self.mask: Optional[Tensor] = None
+
+    def mul_scale(self, s: Tensor) -> None:
+        self.scale = s if self.scale is None else self.scale * s
+
+    def apply(self, z: Tensor, n: int, k: int, sl: slice) -> Tensor:
+        if self.mask is None and self.scale is None:
+            return z
+        c = self.shape[0]
+        if self.mask is None:
+            return z * self.scale.reshape(1, c, *([1] * (len(self.shape) - 1)))
+        scale = self.scale if self.scale is not None else self._ones
+        out = masked_scale(z.reshape(n, k, c, -1), self.mask[sl], scale)
+        return out.reshape(z.shape)
+
+
+class _NotLinearisable(ValueError):
+    pass
+
+
+class _Program:
+    """Branch as D_m L_m ... D_1 L_1 D_0, captured at the block inputs h [N, ...]."""
+
+    def __init__(self, branch: nn.Module, h: Tensor, chunk: int) -> None:
+        layers = _layers(branch)
+        assert layers is not None
+        self.lins: list[_Lin] = []
+        self.diags: list[_Diag] = [_Diag(tuple(h.shape[1:]))]
+        masks: list[list[Tensor]] = [[]]
+        shape = tuple(h.shape[1:])
+        mods_after: list[list[tuple]] = [[]]
+        # 1) structure and per-sample shapes from the first sample
+        z = h[:1]
+        with torch.no_grad():
+            for m in layers:
+                z2 = m(z)
+                if isinstance(m, nn.Linear) and len(shape) != 1:
+                    raise _NotLinearisable(f"Linear on per-sample inputs of shape {shape} (expected vectors)")
+                if isinstance(m, nn.Conv2d) and len(shape) != 3:
+                    raise _NotLinearisable(f"Conv2d on per-sample inputs of shape {shape} (expected [C, H, W])")
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    self.lins.append(_Lin(m, shape, tuple(z2.shape[1:])))
+                    self.diags.append(_Diag(tuple(z2.shape[1:])))
+                    mods_after.append([])
+                elif isinstance(m, _BatchNorm):
+                    s = m.running_var.detach() + m.eps
+                    s = s.rsqrt()
+                    if m.weight is not None:
+                        s = s * m.weight.detach()
+                    self.diags[-1].mul_scale(s.to(h.dtype))
+                elif _scalar_module(m) == "mult":
+                    self.diags[-1].mul_scale(m.weight.detach().to(h.dtype).expand(shape[0]).clone())
+                if isinstance(m, nn.ReLU):
+                    mods_after[-1].append(("relu", m))
+                z = z2
+                shape = tuple(z.shape[1:])
+        self.in_shape, self.out_shape = tuple(h.shape[1:]), shape
+        # 2) masks at the ReLUs, chunk by chunk
+        mask_parts: dict[int, list[Tensor]] = {}
+        with torch.no_grad():
+            for s0 in range(0, h.shape[0], chunk):
+                z = h[s0:s0 + chunk]
+                di = 0
+                for m in layers:
+                    z = m(z)
+                    if isinstance(m, (nn.Linear, nn.Conv2d)):
+                        di += 1
+                    if isinstance(m, nn.ReLU):
+                        mk = (z > 0).reshape(z.shape[0], z.shape[1], -1)
+                        prev = mask_parts.setdefault(di, [])
+                        if len(prev) > s0 // chunk:
+                            prev[-1] = prev[-1] & mk
+                        else:
+                            prev.append(mk)
+        for di, parts in mask_parts.items():
+            self.diags[di].mask = torch.cat(parts)
+        # 3) fold mask-free scales into the preceding linear layer; ones for masked diagonals
+        for i, d in enumerate(self.diags):
+            if d.mask is None and d.scale is not None and i > 0:
+                self.lins[i - 1].scale_out(d.scale)
+                d.scale = None
+            d._ones = torch.ones(d.shape[0], dtype=h.dtype, device=h.device)
+
+    def apply(self, z: Tensor, n: int, k: int, sl: slice, shared: bool = False) -> Tensor:
+        """z [n*k, *in_shape] (or [k, *in_shape] when ``shared``) -> [n*k, *out_shape]."""
+        if shared:
+            z = self.lins[0].fwd(z)                                   # once for all samples
+            z = z.unsqueeze(0).expand(n, *z.shape).reshape(n * k, *z.shape[1:])
+            z = self.diags[1].apply(z, n, k, sl)
+            start = 1
+        else:
+            z = self.diags[0].apply(z, n, k, sl)
+            start = 0
+        for i in range(start, len(self.lins)):
+            z = self.lins[i].fwd(z)
+            z = self.diags[i + 1].apply(z, n, k, sl)
+        return z
+
+    def apply_t(self, z: Tensor, n: int, k: int, sl: slice) -> Tensor:
+        for i in reversed(range(len(self.lins))):
+            z = self.diags[i + 1].apply(z, n, k, sl)
+            z = self.lins[i].bwd(z)
+        return self.diags[0].apply(z, n, k, sl)
+
+
+# -- the operator -------------------------------------------------------------------------------
+class ResidualJacobian(LinearOperator):
+    """Batched residual-branch Jacobians of one block: member b is J_l(x_b), shape (D_out, D_in).
+
+    ``matmat(X [N, D_in, k]) -> [N, D_out, k]`` (J V); ``.T.matmat(U [N, D_out, k]) -> [N, D_in, k]``
+    (J^T U). Vectors are flattened per sample in the layout of h ([C, H, W] row-major).
+
+    Attributes:
+        info: the :class:`BlockInfo`. h: the block inputs [N, *in_shape]. in_shape, out_shape:
+        per-sample shapes. path: "generic" or "fast". chunk_size: samples per chunk (None: auto,
+        about 256 MiB of probe intermediates per chunk).
+    """
+
+    def __init__(self, info: BlockInfo, h: Tensor, path: str, chunk_size: Optional[int]) -> None:
+        self.info, self.h, self.path, self.chunk_size = info, h, path, chunk_size
+        with torch.no_grad(), module_mode(info.branch, "eval"):
+            out = info.branch(h[:1])
+        self.in_shape, self.out_shape = tuple(h.shape[1:]), tuple(out.shape[1:])
+        super().__init__((math.prod(self.out_shape), math.prod(self.in_shape)), h.dtype, h.device,
+                         (h.shape[0],), symmetric=False)
+        self._program: Optional[_Program] = None
+        if path == "fast":
+            with module_mode(info.branch, "eval"):
+                self._program = _Program(info.branch, h, self._chunk(1))
+
+    def _chunk(self, k: int) -> int:
+        if self.chunk_size is not None:
+            return max(1, int(self.chunk_size))
+        per = max(self.shape) * max(k, 1) * self.h.element_size() * 3
+        return max(1, min(self.h.shape[0], _CHUNK_BYTES // max(per, 1)))
+
+    def _apply(self, X: Tensor, transpose: bool) -> Tensor:
+        N, _, k = X.shape
+        d_in, d_out = (self.shape[0], self.shape[1]) if transpose else (self.shape[1], self.shape[0])
+        s_in, s_out = (self.out_shape, self.in_shape) if transpose else (self.in_shape, self.out_shape)
+        out = X.new_empty((N, d_out, k))
+        if N == 0 or k == 0:
+            return out.zero_()
+        cs = self._chunk(k)
+        shared = (not transpose and self.path == "fast" and X.stride(0) == 0 and N > 1
+                  and self._program.diags[0].mask is None and self._program.diags[0].scale is None)
+        with torch.no_grad():
+            for s0 in range(0, N, cs):
+                sl = slice(s0, min(N, s0 + cs))
+                n = sl.stop - sl.start
+                if self.path == "fast":
+                    if shared:
+                        z = X[0].t().reshape(k, *s_in)
+                    else:
+                        z = X[sl].transpose(1, 2).reshape(n * k, *s_in)
+                    prog = self._program
+                    y = prog.apply_t(z, n, k, sl) if transpose else prog.apply(z, n, k, sl, shared)
+                    out[sl] = y.reshape(n, k, d_out).transpose(1, 2)
+                else:
+                    t = X[sl].permute(2, 0, 1).reshape(k, n, *s_in)
+                    out[sl] = self._generic(self.h[sl], t, transpose).reshape(k, n, d_out).permute(1, 2, 0)
+        return out
+
+    def _generic(self, h: Tensor, t: Tensor, transpose: bool) -> Tensor:
+        from torch.func import jvp, vjp, vmap
+
+        branch = self.info.branch
+        with module_mode(branch, "eval"), no_inplace(branch):
+            if transpose:
+                _, fn = vjp(branch, h)
+                return vmap(lambda u: fn(u)[0])(t)
+            return vmap(lambda v: jvp(branch, (h,), (v,))[1])(t)
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self._apply(X, transpose=False)
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        return self._apply(U, transpose=True)
+
+    def matmat_shared(self, omega: Tensor) -> Tensor:
+        """``J_b Omega`` for one probe block ``Omega [D_in, k]`` shared by every sample -> [N, D_out, k]."""
+        return self.matmat(omega.expand(self.batch_shape[0], *omega.shape))
+
+
+def residual_jacobians(model: nn.Module, x: Tensor, blocks: Optional[Sequence[Any]] = None, *,
+                       path: str = "auto", chunk_size: Optional[int] = None) -> list[ResidualJacobian]:
+    """Residual-branch Jacobians of ``model``'s blocks at the inputs ``x``.
+
+    Args:
+        model: a model whose blocks :func:`resgeom_fast.operators.residual_blocks` finds.
+        x: a batch of N inputs on the model's device, in the parameters' dtype.
+        blocks: None (all), or indices / block modules / BlockInfo s.
+        path: "auto" (fast where supported), "generic" (torch.func, any branch) or "fast"
+            (error if a branch is not supported).
+        chunk_size: samples per chunk when applying (bounds memory); None picks it from the size.
+
+    Returns:
+        one :class:`ResidualJacobian` per block, batch_shape (N,), shape (D_out, D_in).
+    """
+    if path not in PATHS:
+        raise ValueError(f"residual_jacobians: path: expected one of {list(PATHS)}, got {path!r}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"residual_jacobians: expected x a torch.Tensor, got {type(x).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"residual_jacobians: chunk_size: expected a positive int or None, got {chunk_size!r}")
+    infos = resolve_blocks("residual_jacobians", model, blocks)
+    ref = next(model.parameters(), None)
+    if ref is not None:
+        if x.device != ref.device:
+            raise ValueError(f"residual_jacobians: expected x on the model's device {ref.device}, got {x.device}")
+        if x.is_floating_point() and x.dtype != ref.dtype:
+            raise ValueError(f"residual_jacobians: expected x of dtype {ref.dtype} (the model's), got {x.dtype}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"residual_jacobians: expected x with a non-empty batch dimension, got {tuple(x.shape)}")
+    hs = block_inputs(model, x, infos)
+    ops = []
+    for info, h in zip(infos, hs):
+        reason = _unsupported(info.branch)
+        if path == "fast" and reason is not None:
+            raise ValueError(f"residual_jacobians: path='fast' does not support block {info.name!r}: {reason}; "
+                             "use path='generic' or 'auto'")
+        p = "fast" if (path != "generic" and reason is None) else "generic"
+        try:
+            ops.append(ResidualJacobian(info, h, p, chunk_size))
+        except _NotLinearisable as exc:
+            if path == "fast":
+                raise ValueError(f"residual_jacobians: path='fast' does not support block {info.name!r}: {exc}; "
+                                 "use path='generic' or 'auto'") from None
+            ops.append(ResidualJacobian(info, h, "generic", chunk_size))
+    return ops

@@ -1,0 +1,216 @@
+"""Hessian / GGN operators against dense float64 ground truth, DataLoader accumulation, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from _operator_nets import ConvNet, FCNet, dense_hessian, rel
+from resgeom_fast.operators import block_hessians, ggn, hessian, residual_blocks
+
+CE = nn.CrossEntropyLoss()
+METHODS = ["auto", "double_backward", "forward_over_reverse"]
+
+
+def _fc_data(n=20, d=5, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def _conv_data(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("hvp", METHODS)
+@pytest.mark.parametrize("case", ["fc", "fc_bn", "conv_bn"])
+def test_equals_dense_hessian(case, hvp):
+    model = (ConvNet() if case == "conv_bn" else FCNet(bn=case == "fc_bn")).double()
+    x, y = _conv_data() if case == "conv_bn" else _fc_data()
+    H = hessian(model, CE, (x, y), hvp=hvp)
+    dense = dense_hessian(model, CE, x, y)
+    assert H.shape == dense.shape and H.symmetric and H.dtype == torch.float64
+    assert rel(H.to_dense(), dense) < 1e-6
+    # k probes in one call equal k single products
+    V = torch.randn(H.shape[0], 4, dtype=torch.float64)
+    assert rel(H.matmat(V), dense @ V) < 1e-6
+    assert rel(H.matvec(V[:, 0]), dense @ V[:, 0]) < 1e-6
+
+
+@pytest.mark.parametrize("hvp", METHODS)
+def test_batchnorm_train(hvp):
+    model = FCNet(bn=True).double().train()
+    x, y = _fc_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    H = hessian(model, CE, (x, y), batchnorm="train", hvp=hvp)
+    dense = dense_hessian(model, CE, x, y, batchnorm="train")
+    assert rel(H.to_dense(), dense) < 1e-6
+    # batch statistics differ from running statistics
+    assert rel(H.to_dense(), dense_hessian(model, CE, x, y)) > 1e-3
+    # modes and buffers untouched
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+
+
+def test_mode_restored_eval():
+    model = ConvNet().double()
+    model.blocks[0].train(False)
+    flags = [m.training for m in model.modules()]
+    H = hessian(model, CE, _conv_data(), cache=False)
+    H.matmat(torch.randn(H.shape[0], 2, dtype=torch.float64))
+    assert [m.training for m in model.modules()] == flags
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("hvp", METHODS)
+def test_dataloader_accumulation(cache, hvp):
+    model = FCNet(bn=True).double()
+    x, y = _fc_data(n=23)
+    loader = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=False)  # 7, 7, 7, 2
+    Hl = hessian(model, CE, loader, cache=cache, hvp=hvp)
+    Hf = hessian(model, CE, (x, y))
+    assert Hl.num_samples == 23 and Hl.cached == cache
+    V = torch.randn(Hl.shape[0], 3, dtype=torch.float64)
+    assert rel(Hl.matmat(V), Hf.matmat(V)) < 1e-10
+
+
+def test_param_subsets_and_flatten():
+    model = FCNet().double()
+    x, y = _fc_data()
+    dense = dense_hessian(model, CE, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    offs, o = {}, 0
+    for n, p in model.named_parameters():
+        offs[n] = (o, o + p.numel())
+        o += p.numel()
+
+    def sub(sel):
+        idx = torch.cat([torch.arange(*offs[n]) for n in sel])
+        return dense[idx][:, idx]
+
+    block1 = [n for n in names if n.startswith("blocks.1.")]
+    for spec in (block1, "blocks.1", model.blocks[1], residual_blocks(model)[1].block):
+        H = hessian(model, CE, (x, y), params=spec)
+        assert H.param_names == block1
+        assert rel(H.to_dense(), sub(block1)) < 1e-6
+    # mixed selection keeps the model order
+    H = hessian(model, CE, (x, y), params=[model.head.bias, "stem.0.weight"])
+    assert H.param_names == ["stem.0.weight", "head.bias"]
+    assert rel(H.to_dense(), sub(H.param_names)) < 1e-6
+    # flatten / unflatten round trip
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    parts = H.unflatten(v)
+    assert parts["stem.0.weight"].shape == model.stem[0].weight.shape
+    assert torch.equal(H.flatten(parts), v)
+    assert torch.equal(H.flatten([parts[n] for n in H.param_names]), v)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    assert torch.equal(H.flatten(H.unflatten(V)), V)
+
+
+def test_frozen_params_excluded():
+    model = FCNet().double()
+    model.stem.requires_grad_(False)
+    H = hessian(model, CE, _fc_data())
+    assert not any(n.startswith("stem") for n in H.param_names)
+
+
+def test_block_hessians_are_diagonal_blocks():
+    model = FCNet(bn=True, depth=3).double()
+    x, y = _fc_data()
+    dense = dense_hessian(model, CE, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    ops = block_hessians(model, CE, (x, y))
+    assert len(ops) == 3
+    for l, H in enumerate(ops):
+        idx = []
+        o = 0
+        for n in names:
+            if n.startswith(f"blocks.{l}."):
+                idx += list(range(o, o + sizes[n]))
+            o += sizes[n]
+        idx = torch.tensor(idx)
+        assert rel(H.to_dense(), dense[idx][:, idx]) < 1e-6
+
+
+@pytest.mark.parametrize("hvp", METHODS)
+@pytest.mark.parametrize("case", ["fc_bn", "conv_bn"])
+def test_ggn_equals_dense(case, hvp):
+    model = (ConvNet() if case == "conv_bn" else FCNet(bn=True)).double()
+    x, y = _conv_data() if case == "conv_bn" else _fc_data()
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    model.eval()
+
+    def out_fn(theta):
+        d, o = {}, 0
+        for n in names:
+            k = params[n].numel()
+            d[n] = theta[o:o + k].view(params[n].shape)
+            o += k
+        return torch.func.functional_call(model, d, (x,))
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    out = out_fn(flat)
+    J = torch.func.jacrev(out_fn)(flat).reshape(out.numel(), -1)
+    Hout = torch.func.hessian(lambda o: CE(o.view(out.shape), y))(out.reshape(-1))
+    dense = J.T @ Hout @ J
+    G = ggn(model.train(), CE, (x, y), hvp=hvp)
+    assert rel(G.to_dense(), dense) < 1e-6
+
+
+def test_top_eigenvalues_match_dense():
+    linalg = pytest.importorskip("resgeom_fast.linalg")
+    model = FCNet(bn=True).double()
+    x, y = _fc_data()
+    H = hessian(model, CE, (x, y))
+    evals = torch.linalg.eigvalsh(dense_hessian(model, CE, x, y))
+    res = linalg.eigsh(H, k=6, which="both", seed=0)
+    got = res.eigenvalues.sort().values
+    want = torch.cat([evals[:3], evals[-3:]]).sort().values
+    assert rel(got, want) < 1e-6
+    # the same probes on the dense matrix give the same Hutch++ estimate
+    dense = linalg.DenseOperator(dense_hessian(model, CE, x, y), symmetric=True)
+    tr = linalg.trace(H, probes=30, method="hutch++", seed=0)
+    tr_dense = linalg.trace(dense, probes=30, method="hutch++", seed=0)
+    assert abs(float(tr.estimate) - float(tr_dense.estimate)) < 1e-6 * float(evals.abs().sum())
+
+
+# -- errors -------------------------------------------------------------------------------------
+def test_errors():
+    model = FCNet(bn=True).double()
+    x, y = _fc_data()
+    with pytest.raises(ValueError, match="same batch size"):
+        hessian(model, CE, (x, y[:-1]))
+    with pytest.raises(ValueError, match="expected x of dtype torch.float64"):
+        hessian(model, CE, (x.float(), y))
+    mixed = [(x[:10], y[:10]), (x[10:].float(), y[10:])]
+    with pytest.raises(ValueError, match="expected x of dtype"):
+        hessian(model, CE, mixed)
+    frozen = FCNet().double().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        hessian(frozen, CE, (x, y))
+    with pytest.raises(ValueError, match="expected loss_fn to return a scalar"):
+        hessian(model, nn.CrossEntropyLoss(reduction="none"), (x, y))
+    with pytest.raises(ValueError, match="expected loss_fn to return a scalar"):
+        ggn(model, nn.CrossEntropyLoss(reduction="none"), (x, y))
+    with pytest.raises(ValueError, match="batchnorm='train' needs batches of at least 2 samples"):
+        hessian(model, CE, [(x[:5], y[:5]), (x[5:6], y[5:6])], batchnorm="train")
+    with pytest.raises(ValueError, match="expected inputs on the model's device"):
+        hessian(model, CE, (x.to("meta"), y.to("meta")))
+    with pytest.raises(ValueError, match="batchnorm: expected 'eval' or 'train'"):
+        hessian(model, CE, (x, y), batchnorm="batch")
+    with pytest.raises(ValueError, match="hvp: expected one of"):
+        hessian(model, CE, (x, y), hvp="fast")
+    with pytest.raises(ValueError, match="no parameter or module named 'nope'"):
+        hessian(model, CE, (x, y), params="nope")
+    with pytest.raises(TypeError, match="expected data an \\(x, y\\) batch or an iterable"):
+        hessian(model, CE, 3)
+    with pytest.raises(ValueError, match="data yielded no batches"):
+        hessian(model, CE, [])
+    H = hessian(model, CE, (x, y))
+    with pytest.raises(ValueError, match="expected X of dtype"):
+        H.matmat(torch.randn(H.shape[0], 2))
