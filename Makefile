@@ -11,7 +11,7 @@ endif
 export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
 
-.PHONY: all venv build test test-py ctest demo bench clean
+.PHONY: all venv build test ctest demo bench clean
 
 all: build
 
@@ -28,8 +28,16 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(VPY) -c "import resgeom_fast as rg; print('resgeom_fast built, CUDA kernels:', rg.built_with_cuda())"
 	touch $@
 
-test: build
+test: build ctest
 	$(VPY) -m pytest tests -q -p no:cacheprovider
+
+# The same sources as a libtorch library (CMakeLists.txt), CPU kernels, and the C++ tests.
+ctest: $(VENV)/.deps
+	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+		$(if $(strip $(CUDA_HOME)),-DCUDAToolkit_ROOT=$(CUDA_HOME))
+	cmake --build build-cmake -j $(MAX_JOBS)
+	ctest --test-dir build-cmake --output-on-failure
 
 demo: build
 	$(VPY) examples/spectral_demo.py --out reports/spectral_demo
