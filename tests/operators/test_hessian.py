@@ -38,6 +38,15 @@ def test_equals_dense_hessian(case, hvp):
     assert rel(H.matvec(V[:, 0]), dense @ V[:, 0]) < 1e-6
 
 
+def test_vectors_in_passes():
+    model = FCNet(bn=True).double()
+    H = hessian(model, CE, _fc_data())
+    V = torch.randn(H.shape[0], 7, dtype=torch.float64)
+    full = H.matmat(V)
+    H.max_vectors_per_pass = 3
+    assert rel(H.matmat(V), full) < 1e-12
+
+
 @pytest.mark.parametrize("hvp", METHODS)
 def test_batchnorm_train(hvp):
     model = FCNet(bn=True).double().train()
