@@ -310,3 +310,51 @@ def test_jacobian_svd(benchmark, setup, impl):
     exact = torch.stack([torch.linalg.svdvals(J.double())[:10] for J in
                          residual_jacobians(m, xs, blocks=[3], path="generic")[0].to_dense()])
     _info(benchmark, impl=impl, samples=xs.shape[0], max_rel_error=float(((S.double() - exact).abs() / exact).max()))
+
+
+def _interleaved_slq(rounds: int = 2) -> dict:
+    """SLQ (10 probes x 100 steps) of ours, PyHessian and hessian-eigenthings, interleaved over
+    ``rounds`` rounds so that a shared machine's load hits all alike; also times our 100 Hessian
+    matmats alone (the rest of our time is the Lanczos reorthogonalisation)."""
+    import datetime
+
+    m, (x, y) = _model(), _data()
+
+    def ours():
+        return linalg.slq_density(hessian(m, CE, (x, y)), probes=10, steps=100, seed=0)
+
+    def pyhessian():
+        from pyhessian import hessian as PH
+
+        _patch_pyhessian_eig()
+        m.zero_grad(set_to_none=True)
+        return PH(m, CE, data=(x, y), cuda=False).density(iter=100, n_v=10)
+
+    def eigenthings():
+        import hessian_eigenthings as he
+
+        H = he.HessianOperator(m, [(x, y)], he.supervised_loss(CE))
+        return he.spectral_density(H, num_runs=10, lanczos_steps=100, num_grid_points=1000, seed=0)
+
+    def matmats_only():
+        H = hessian(m, CE, (x, y))
+        V = torch.randn(H.shape[0], 10)
+        for _ in range(100):
+            H.matmat(V)
+
+    res: dict = {}
+    for _ in range(rounds):
+        for name, f in [("ours", ours), ("pyhessian", pyhessian), ("hessian_eigenthings", eigenthings),
+                        ("ours_100_matmats_only", matmats_only)]:
+            t0 = time.perf_counter()
+            f()
+            res.setdefault(name, []).append(time.perf_counter() - t0)
+            print(name, round(res[name][-1], 2), flush=True)
+    return {"date": datetime.datetime.now().isoformat(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "seconds": res}
+
+
+if __name__ == "__main__":  # python benchmarks/bench_operators.py: the interleaved SLQ comparison
+    import json
+
+    print(json.dumps(_interleaved_slq()))
