@@ -1,0 +1,164 @@
+"""Helpers shared by the analyses: JSON conversion, atomic writes, batch iteration, validation.
+
+Every analysis returns a dataclass deriving from :class:`Result`: ``to_dict()`` gives plain
+JSON-friendly Python (floats, ints, str, bool, None, lists, dicts) and ``to_json(path)`` writes
+it atomically. Tensors are kept on the dataclass (CPU) for plotting; ``to_dict`` converts them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_float",
+    "check_int", "model_device_dtype", "to_jsonable",
+]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain Python for JSON: tensors / numpy arrays -> (nested) lists, non-finite floats -> None.
+
+    Dataclasses use their own ``to_dict`` when they have one, else their fields.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu()
+        if t.is_complex():
+            raise TypeError("to_jsonable: complex tensors are not supported")
+        if t.dtype == torch.bool:
+            return t.tolist()
+        if t.is_floating_point():
+            return to_jsonable(t.double().tolist())
+        return t.tolist()
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array / scalar
+        return to_jsonable(obj.tolist())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_dict"):
+            return to_jsonable(obj.to_dict())
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return str(obj)
+    try:
+        return float(obj)
+    except (TypeError, ValueError):
+        raise TypeError(f"to_jsonable: cannot convert {type(obj).__name__}") from None
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
+    """Write ``text`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path: Union[str, os.PathLike], obj: Any) -> None:
+    """``to_jsonable(obj)`` as indented, strict JSON (no NaN), written atomically."""
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+class Result:
+    """Mixin of every analysis result dataclass: ``to_dict()`` (subclasses) and ``to_json(path)``."""
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def to_json(self, path: Union[str, os.PathLike]) -> None:
+        """Write ``to_dict()`` as JSON atomically."""
+        atomic_write_json(path, self.to_dict())
+
+
+def check_int(where: str, name: str, value: Any, lo: int, hi: Optional[int] = None, hint: str = "") -> int:
+    """An int in [lo, hi]; the error names the function, the argument and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: expected {name} an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{where}: expected {name} {rng}{hint}, got {value}")
+    return value
+
+
+def check_float(where: str, name: str, value: Any, lo: Optional[float] = None, hi: Optional[float] = None,
+                open_lo: bool = False) -> float:
+    """A finite real number with optional bounds (``open_lo``: strictly above ``lo``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: expected {name} a finite number, got {value!r}")
+    v = float(value)
+    if lo is not None and (v < lo or (open_lo and v == lo)):
+        raise ValueError(f"{where}: expected {name} {'>' if open_lo else '>='} {lo}, got {value!r}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{where}: expected {name} <= {hi}, got {value!r}")
+    return v
+
+
+def check_choice(where: str, name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{where}: expected {name} one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def model_device_dtype(where: str, model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's first parameter (or buffer)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    raise ValueError(f"{where}: expected a model with floating-point parameters, got none in {type(model).__name__}")
+
+
+def batches(where: str, data: Any, device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None, split: str = "train") -> Iterator[tuple[Tensor, Tensor]]:
+    """Iterate ``(x, y)`` batches of ``data``: one ``(x, y)`` pair, a resgeom_fast Dataset (its
+    ``split``), or any iterable of ``(x, y)`` batches (a DataLoader).
+
+    Floating inputs must already have ``dtype`` and every tensor must be on ``device`` when these
+    are given (no silent casts or moves): a clear error names what differs.
+    """
+    if hasattr(data, "tensors") and hasattr(data, "x_train"):
+        data = data.tensors(split)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        it: Any = [tuple(data)]
+    else:
+        try:
+            it = iter(data)
+        except TypeError:
+            raise TypeError(f"{where}: expected data an (x, y) pair, a Dataset or an iterable of (x, y) "
+                            f"batches, got {type(data).__name__}") from None
+    n = 0
+    for i, batch in enumerate(it):
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor)):
+            raise TypeError(f"{where}: expected batch {i} of data to be (x, y, ...), got {type(batch).__name__}")
+        x, y = batch[0], batch[1]
+        if device is not None and x.device != device:
+            raise ValueError(f"{where}: expected data on the model's device {device}, got x on {x.device}")
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            raise ValueError(f"{where}: expected x of dtype {dtype} (the model's), got {x.dtype}")
+        if isinstance(y, Tensor) and y.shape[:1] != x.shape[:1]:
+            raise ValueError(f"{where}: expected y with {x.shape[0]} rows in batch {i}, got {tuple(y.shape)}")
+        n += 1
+        yield x, y
+    if n == 0:
+        raise ValueError(f"{where}: expected data with at least one batch, got an empty iterable")
