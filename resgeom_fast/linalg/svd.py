@@ -12,6 +12,7 @@ from resgeom_fast.linalg._util import apply_block, check_choice, check_int, gaus
 from resgeom_fast.linalg.operator import LinearOperator, aslinearoperator
 
 METHODS = ("subspace", "block_krylov")
+SKETCHES = ("shared", "independent")
 
 
 @dataclass
@@ -45,6 +46,7 @@ def randomized_svd(
     power_iters: int = 2,
     seed: Optional[int] = 0,
     method: str = "subspace",
+    sketch: str = "shared",
 ) -> SVDResult:
     """Top-k singular triplets of each problem of a (batched) operator.
 
@@ -63,6 +65,11 @@ def randomized_svd(
         power_iters: q >= 0.
         seed: seed of the Gaussian sketch (drawn on the CPU).
         method: "subspace" or "block_krylov".
+        sketch: "shared" (default): one Gaussian Omega [n, l] for every problem of a batched
+            operator, passed as a stride-0 expanded view [*batch, n, l] -- each problem still
+            sees a Gaussian sketch, and operators that can exploit it do (the fast path of
+            :func:`resgeom_fast.operators.residual_jacobians` computes W_1 Omega once for all
+            samples); "independent": one Omega per problem.
     """
     where = "randomized_svd"
     op = aslinearoperator(op)
@@ -72,12 +79,16 @@ def randomized_svd(
     check_int(where, "oversample", oversample, 0)
     check_int(where, "power_iters", power_iters, 0)
     check_choice(where, "method", method, METHODS)
+    check_choice(where, "sketch", sketch, SKETCHES)
     if not op.has_transpose:
         raise ValueError(f"{where}: expected an operator with a transpose (rmatmat), got {op!r}")
     gen = generator(seed)
     batch = op.batch_shape
     l = min(k + oversample, r)
-    omega = gaussian((*batch, n, l), gen, op.dtype, op.device)
+    if sketch == "shared" and len(batch) > 0:
+        omega = gaussian((n, l), gen, op.dtype, op.device).expand(*batch, n, l)
+    else:
+        omega = gaussian((*batch, n, l), gen, op.dtype, op.device)
     Q = _orth(apply_block(op, omega, where, "on the sketch"))
     matvecs = l
     if method == "subspace":

@@ -44,6 +44,25 @@ def test_triplets_match_dense_svd_batched(method):
         torch.testing.assert_close((res.V[i].T @ Vh[:4].T).abs(), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-8)
 
 
+@pytest.mark.parametrize("sketch", ["shared", "independent"])
+def test_shared_sketch_is_one_stride0_block_and_as_accurate(sketch):
+    s = torch.tensor([10.0, 7.0, 5.0, 3.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    A = torch.stack([_matrix(60, 40, s, seed=i) for i in range(3)])
+    seen = []
+
+    def mm(X):
+        seen.append(X.stride(0))
+        return A @ X
+
+    op = CallableOperator(mm, shape=(60, 40), dtype=torch.float64, batch_shape=(3,),
+                          rmatmat=lambda U: A.transpose(1, 2) @ U)
+    res = randomized_svd(op, k=4, oversample=5, power_iters=2, sketch=sketch)
+    assert (seen[0] == 0) == (sketch == "shared")   # the sketch reaches the operator as one block
+    torch.testing.assert_close(res.S, s[:4].expand(3, 4), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="randomized_svd: expected sketch one of"):
+        randomized_svd(op, k=2, sketch="per-sample")
+
+
 def test_rank_deficient_operator_through_callables():
     s = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
     A = _matrix(50, 30, s)
