@@ -1,0 +1,267 @@
+"""MUFM: a multilayer unconstrained feature model of progressive collapse (SCIENCE.md section 5).
+
+Our reading of SCIENCE.md's "MUFM (our reading)": the features of every layer are free
+variables H_1..H_L ([N, D] here, rows are samples; the D x N of the formula transposed), chained
+to the inputs H_0 = X, with a linear classifier W [C, D] (no bias) on H_L, and
+
+    f(H, W) = CE(H_L W^T, Y) + (lam_W / 2) ||W||_F^2 + (lam_H / 2) sum_{l=1..L} ||H_l - H_{l-1}||_F^2,
+
+where CE is the *mean* cross-entropy over the N samples and the penalties are plain (unnormalised)
+squared Frobenius norms, as in the unconstrained feature model of Zhu et al. (2021). The feature
+width D is the input dimension (Type-1: all H_l live in the input space).
+
+f is minimised by full-batch L-BFGS (strong Wolfe line search) in float64 from H_l = X for every l
+and W ~ N(0, 0.01^2) drawn from ``seed``: deterministic. The collapse metrics of every H_l (and of
+the inputs X = H_0) come from :func:`resgeom_fast.analysis.collapse.collapse_metrics`.
+
+Stationarity gives the structure of the optimum: with G = softmax(H_L W^T) - onehot(Y) (divided by
+N), lam_H (H_l - H_{l-1}) = -G W for every l, so the optimum moves every sample by L equal steps
+from its input along -G W: the features end up more concentrated than X, but since each step pays
+a quadratic price the classes do not collapse exactly (NC1 > 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+import torch.nn.functional as F
+
+from ._common import Result, check_float, check_int, to_jsonable
+from .collapse import METRICS, collapse_metrics, spearman
+
+__all__ = ["MUFMResult", "mufm", "mufm_objective", "plot_mufm"]
+
+
+def mufm_objective(X: Tensor, Y: Tensor, H: list[Tensor], W: Tensor, lam_W: float, lam_H: float) -> Tensor:
+    """f(H, W) above (a scalar tensor, differentiable in H and W).
+
+    Args:
+        X: inputs [N, D]; Y: int labels [N]; H: [H_1, ..., H_L], each [N, D]; W: [C, D].
+    """
+    loss = F.cross_entropy(H[-1] @ W.T, Y)
+    loss = loss + 0.5 * lam_W * W.square().sum()
+    prev = X
+    for h in H:
+        loss = loss + 0.5 * lam_H * (h - prev).square().sum()
+        prev = h
+    return loss
+
+
+@dataclass
+class MUFMResult(Result):
+    """The MUFM optimum and its collapse metrics.
+
+    Attributes:
+        depth: L; layers: [0, 1, ..., L] (0 = the inputs X).
+        nc1, etf_error, equinorm, ncc_mismatch: per layer l = 0..L (H_0 = X).
+        nc3: NC3 of H_L against the optimal W.
+        input_metrics: the metrics dict of the inputs X (``collapse_metrics``).
+        spearman: Spearman rho(l, metric) over l = 0..L for each metric.
+        loss_history: f after each L-BFGS iteration (index 0: at the initial point).
+        grad_norm: ||grad f|| (Euclidean, over all H_l and W) at the returned point.
+        steps_run: L-BFGS iterations done; converged: stopped by the gradient tolerance.
+        lam_W, lam_H, lr, seed, num_classes, num_samples, width: the problem.
+        H: the optimal features [H_1..H_L] ([N, D] float64) and W [C, D]: kept for inspection,
+            not exported by ``to_dict``.
+    """
+
+    depth: int
+    layers: list[int]
+    nc1: list[float]
+    etf_error: list[float]
+    equinorm: list[float]
+    ncc_mismatch: list[float]
+    nc3: Optional[float]
+    input_metrics: dict[str, Any]
+    spearman: dict[str, float]
+    loss_history: list[float]
+    grad_norm: float
+    steps_run: int
+    converged: bool
+    lam_W: float
+    lam_H: float
+    lr: float
+    seed: int
+    num_classes: int
+    num_samples: int
+    width: int
+    H: list[Tensor] = field(default_factory=list, repr=False, compare=False)
+    W: Optional[Tensor] = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable({
+            "depth": self.depth, "layers": self.layers, "nc1": self.nc1, "etf_error": self.etf_error,
+            "equinorm": self.equinorm, "ncc_mismatch": self.ncc_mismatch, "nc3": self.nc3,
+            "input_metrics": self.input_metrics, "spearman": self.spearman, "loss_history": self.loss_history,
+            "grad_norm": self.grad_norm, "steps_run": self.steps_run, "converged": self.converged,
+            "lam_W": self.lam_W, "lam_H": self.lam_H, "lr": self.lr, "seed": self.seed,
+            "num_classes": self.num_classes, "num_samples": self.num_samples, "width": self.width,
+        })
+
+    def summary(self) -> dict[str, float]:
+        """NC1 of the inputs and of H_L, their ratio, NC3, the final loss and gradient norm."""
+        return {
+            "nc1_input": self.nc1[0],
+            "nc1_last": self.nc1[-1],
+            "nc1_ratio": self.nc1[-1] / self.nc1[0] if self.nc1[0] > 0 else math.nan,
+            "etf_error_last": self.etf_error[-1],
+            "nc3": math.nan if self.nc3 is None else self.nc3,
+            "spearman_nc1": self.spearman["nc1"],
+            "loss": self.loss_history[-1],
+            "grad_norm": self.grad_norm,
+        }
+
+
+def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float = 5e-3, steps: int = 2000,
+         lr: float = 1.0, num_classes: Optional[int] = None, seed: int = 0, progress: bool = False,
+         tol: float = 1e-9) -> MUFMResult:
+    """Solve the MUFM (see the module docstring) and measure collapse layer by layer.
+
+    Args:
+        X: inputs [N, D] (any floating dtype, CPU or GPU; copied to float64 on the same device).
+        Y: int class labels [N] in [0, C) on X's device, every class present.
+        depth: L >= 1 free feature layers.
+        lam_W, lam_H: weight decay of W and of the layer increments (> 0).
+        steps: maximum L-BFGS iterations (>= 1).
+        lr: L-BFGS step length scale (1.0 with the strong Wolfe line search).
+        num_classes: C >= 2 (default max(Y) + 1).
+        seed: seeds the initial W (torch.Generator on CPU).
+        progress: show a tqdm bar.
+        tol: stop when the largest absolute gradient entry is <= tol.
+
+    Returns:
+        :class:`MUFMResult` (metrics of X = H_0 and of H_1..H_L, loss history, final gradient norm).
+    """
+    where = "mufm"
+    if not isinstance(X, Tensor) or not X.is_floating_point():
+        raise TypeError(f"{where}: expected X a floating Tensor [N, D], got "
+                        f"{type(X).__name__ if not isinstance(X, Tensor) else X.dtype}")
+    if X.dim() != 2 or X.shape[0] < 2 or X.shape[1] < 1:
+        raise ValueError(f"{where}: expected X of shape [N, D] with N >= 2, D >= 1, got {tuple(X.shape)}")
+    if not isinstance(Y, Tensor) or Y.is_floating_point() or Y.dtype == torch.bool or Y.is_complex():
+        raise TypeError(f"{where}: expected Y a Tensor of integer class labels [N], got "
+                        f"{type(Y).__name__ if not isinstance(Y, Tensor) else Y.dtype}")
+    if Y.shape != (X.shape[0],):
+        raise ValueError(f"{where}: expected Y of shape [{X.shape[0]}], got {tuple(Y.shape)}")
+    if Y.device != X.device:
+        raise ValueError(f"{where}: expected Y on X's device {X.device}, got {Y.device}")
+    check_int(where, "depth", depth, 1)
+    lam_W = check_float(where, "lam_W", lam_W, 0.0, open_lo=True)
+    lam_H = check_float(where, "lam_H", lam_H, 0.0, open_lo=True)
+    check_int(where, "steps", steps, 1)
+    lr = check_float(where, "lr", lr, 0.0, open_lo=True)
+    tol = check_float(where, "tol", tol, 0.0, open_lo=True)
+    check_int(where, "seed", seed, 0)
+    if not isinstance(progress, bool):
+        raise TypeError(f"{where}: expected progress a bool, got {type(progress).__name__}")
+    if int(Y.min()) < 0:
+        raise ValueError(f"{where}: expected Y >= 0, got {int(Y.min())}")
+    if num_classes is None:
+        num_classes = int(Y.max()) + 1
+        check_int(where, "num_classes", num_classes, 2, hint=" (inferred as max(Y) + 1)")
+    else:
+        check_int(where, "num_classes", num_classes, 2)
+    if int(Y.max()) >= num_classes:
+        raise ValueError(f"{where}: expected Y in [0, {num_classes - 1}], got {int(Y.max())}")
+    counts = torch.bincount(Y.long(), minlength=num_classes)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"{where}: expected at least one sample of every class, got none of class(es) {empty}")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"{where}: expected finite X, got NaN or inf")
+
+    x = X.detach().to(torch.float64)
+    y = Y.long()
+    n, d = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    w = (0.01 * torch.randn(num_classes, d, generator=gen, dtype=torch.float64)).to(x.device).requires_grad_(True)
+    hs = [x.clone().requires_grad_(True) for _ in range(depth)]
+    params = hs + [w]
+    opt = torch.optim.LBFGS(params, lr=lr, max_iter=1, max_eval=26, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=tol, tolerance_change=0.0)
+    state = opt.state[params[0]]
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = mufm_objective(x, y, hs, w, lam_W, lam_H)
+        loss.backward()
+        return loss
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="mufm", leave=False)
+    # every step() evaluates f at the current point first and returns it; it takes no iteration
+    # (state["n_iter"] unchanged) when the largest gradient entry is <= tol
+    history: list[float] = []
+    steps_run, converged = 0, False
+    while True:
+        history.append(float(opt.step(closure).detach()))
+        if state.get("n_iter", 0) == steps_run:
+            converged = True
+            break
+        steps_run += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]:.6g}")
+        if steps_run >= steps or (len(history) > 2 and history[-1] == history[-2] == history[-3]):
+            break  # budget spent, or no progress possible in float64
+    if bar is not None:
+        bar.close()
+    final = closure()
+    grad = torch.cat([p.grad.flatten() for p in params])
+    if not converged:
+        history.append(float(final.detach()))
+        converged = float(grad.abs().max()) <= tol
+    grad_norm = float(grad.norm())
+
+    feats = [x] + [h.detach() for h in hs]
+    wd = w.detach()
+    per = [collapse_metrics(f, y, num_classes, weight=wd if l == depth else None) for l, f in enumerate(feats)]
+    layers = list(range(depth + 1))
+    res = {k: [p[k] for p in per] for k in METRICS}
+    return MUFMResult(
+        depth=depth, layers=layers, nc3=per[-1]["nc3"], input_metrics=per[0],
+        spearman={k: spearman(layers, res[k]) for k in METRICS}, loss_history=history, grad_norm=grad_norm,
+        steps_run=steps_run, converged=converged, lam_W=lam_W, lam_H=lam_H, lr=lr, seed=seed,
+        num_classes=num_classes, num_samples=n, width=d, H=[h.detach() for h in hs], W=wd, **res,
+    )
+
+
+def plot_mufm(result: MUFMResult, ax: Any = None) -> Any:
+    """Collapse metrics of the MUFM optimum against the layer (l = 0 is the inputs X), log y-axis;
+    the inputs' level of each metric is a dotted horizontal line of the same colour.
+
+    Args:
+        result: a :class:`MUFMResult`; ax: a matplotlib Axes (default: a new figure).
+
+    Returns:
+        the matplotlib Figure.
+    """
+    if not isinstance(result, MUFMResult):
+        raise TypeError(f"plot_mufm: expected result a MUFMResult, got {type(result).__name__}")
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    else:
+        fig = ax.figure
+    names = {"nc1": "NC1", "etf_error": "ETF error", "equinorm": "equinorm", "ncc_mismatch": "NCC mismatch"}
+    for k in METRICS:
+        (line,) = ax.plot(result.layers, getattr(result, k), marker="o", ms=3, label=f"{names[k]} (MUFM)")
+        x0 = result.input_metrics[k]
+        ax.plot([result.layers[0], result.layers[-1]], [x0, x0], ls=":", color=line.get_color(),
+                label=f"{names[k]} (inputs)")
+    if result.nc3 is not None:
+        ax.plot([result.layers[-1]], [result.nc3], marker="*", ms=10, ls="none", color="k", label="NC3 (H_L, W)")
+    ax.set_yscale("log", nonpositive="mask")
+    if len(result.layers) <= 20:
+        ax.set_xticks(result.layers)
+    ax.set_xlabel("layer l (0 = inputs)")
+    ax.set_ylabel("metric")
+    ax.set_title(f"MUFM optimum (L={result.depth}, λ_W={result.lam_W:g}, λ_H={result.lam_H:g})")
+    ax.legend(fontsize=7)
+    return fig
