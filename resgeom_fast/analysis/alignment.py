@@ -1,0 +1,837 @@
+"""Residual Alignment, RA1-RA4 (Li & Papyan, NeurIPS 2023; SCIENCE.md section 1).
+
+:func:`residual_alignment` takes a model and a batch of N inputs and measures, per sample and then
+averaged over samples (mean and population std):
+
+- RA1, trajectories h_0, ..., h_L are straight and equispaced: :func:`trajectory_metrics`
+  (linearity, equispacing, step cosine) and a 2-D PCA of all trajectories
+  (:func:`trajectory_pca`);
+- RA2, singular vectors of the residual Jacobians J_l align: self alignment per block and the
+  cross-alignment matrices A_ij = U_i^T J_j V_i (k x k) with their diagonal ratios
+  (:func:`diag_ratio`) and the signs of their diagonals;
+- RA3, the Jacobians have rank at most C: :func:`numerical_rank` and sigma_{C+1} / sigma_C;
+- RA4, sigma_1(J_l) scales like 1 / depth: sigma_1 per block and L * mean_l sigma_1
+  (:func:`depth_scaling` compares nets of several depths).
+
+The residual Jacobians are never materialised: one batched
+:class:`~resgeom_fast.operators.ResidualJacobian` per block (batch_shape (N,)) is given to
+:func:`resgeom_fast.linalg.randomized_svd`, and A_ij applies the operator J_j to the k right
+singular vectors V_i of every sample.
+
+Readings of the science chosen here (SCIENCE.md leaves them open):
+
+- Stages. Blocks are grouped, in the order of the selection, into maximal runs of consecutive
+  blocks whose input and output have one per-sample shape (a Type-1 net is one stage). A block
+  whose output shape differs from its input shape (a downsampling block of a staged ResNet)
+  belongs to no stage: U and V live in different spaces, so neither the trajectory nor the
+  cross alignment is defined for it; it is listed in ``skipped_blocks``.
+- Trajectory of a stage: the inputs of its blocks followed by the output of its last block,
+  flattened per sample (D = C*H*W for conv nets); for consecutive blocks l0..l1 that is
+  h_{l0-1}, ..., h_{l1}. L is the number of blocks of the stage.
+- Spreads over samples are population standard deviations (0 for one sample).
+  equispacing uses the population std over the L steps.
+- step_cosine of a one-block stage (no pair of steps) is NaN; so is the off-diagonal mean of
+  the diagonal ratios of a one-block stage (exported as null by ``to_dict``).
+- numerical_rank counts among the top-k singular values only, so it saturates at k.
+- "The diagonal of A_ij should be positive": ``diag_positive[i, j]`` is the fraction of the k
+  diagonal entries over all samples that are > 0 (each entry u_{i,r}^T J_j v_{i,r} is invariant
+  under the sign ambiguity of a singular pair).
+- Heatmaps: ``cross_abs_mean`` is the mean over samples of |A_ij| (the off-diagonal entries
+  change sign with the singular vectors' signs, so a signed mean would cancel), stored for a few
+  pairs (``cross_pairs``); ``cross_diag_mean`` is the signed sample mean of diag(A_ij).
+- Each block's sketch is seeded with ``seed + position of the block in the selection`` so that
+  the sketches of different blocks are independent.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from resgeom_fast.analysis._common import (
+    Result,
+    check_choice,
+    check_float,
+    check_int,
+    model_device_dtype,
+    to_jsonable,
+)
+from resgeom_fast.linalg import randomized_svd
+from resgeom_fast.operators import ResidualJacobian, residual_blocks, residual_jacobians
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "AlignmentResult",
+    "StageAlignment",
+    "depth_scaling",
+    "diag_ratio",
+    "numerical_rank",
+    "plot_cross_alignment",
+    "plot_sigma1",
+    "plot_singular_values",
+    "plot_trajectories",
+    "residual_alignment",
+    "trajectory_metrics",
+    "trajectory_pca",
+]
+
+_PATHS = ("auto", "generic", "fast")
+_BYTES = 256 * 2**20  # working-set budget of the float64 chunks
+
+
+# -- metric helpers (public: tested on constructed cases) ---------------------------------------
+def _check_traj(where: str, traj: Any) -> Tensor:
+    if not isinstance(traj, Tensor):
+        raise TypeError(f"{where}: expected traj a torch.Tensor [N, L+1, D], got {type(traj).__name__}")
+    if not traj.is_floating_point():
+        raise TypeError(f"{where}: expected traj a floating-point tensor, got {traj.dtype}")
+    if traj.dim() < 3 or traj.shape[0] < 1 or traj.shape[1] < 2:
+        raise ValueError(f"{where}: expected traj of shape [N >= 1, L+1 >= 2, D, ...], got {tuple(traj.shape)}")
+    return traj.flatten(2)
+
+
+def _chunk_rows(per_row_elems: int) -> int:
+    return max(1, _BYTES // max(1, 8 * per_row_elems))
+
+
+def trajectory_metrics(traj: Tensor) -> dict[str, Tensor]:
+    """RA1 scalars of each trajectory (SCIENCE.md section 1), computed in float64.
+
+    Args:
+        traj: [N, L+1, D] (or [N, L+1, *shape], flattened from dim 2): sample n's points
+            h_0, ..., h_L, any floating dtype and device.
+
+    Returns:
+        dict of float64 CPU tensors [N]:
+        ``linearity`` = s_1^2 / sum_i s_i^2, s the singular values of the trajectory matrix centred
+        over its L+1 columns (1 = a straight line; NaN when all points coincide);
+        ``equispacing`` = std_l ||h_l - h_{l-1}|| / mean_l ||h_l - h_{l-1}|| (population std;
+        0 = equal steps; NaN when every step is 0);
+        ``step_cosine`` = mean_{l=1..L-1} cos(h_l - h_{l-1}, h_{l+1} - h_l) (NaN when L = 1).
+    """
+    t = _check_traj("trajectory_metrics", traj)
+    n, p, d = t.shape
+    lin, eq, cos = [], [], []
+    cs = _chunk_rows(3 * p * d)
+    for s0 in range(0, n, cs):
+        T = t[s0:s0 + cs].double()
+        C = T - T.mean(dim=1, keepdim=True)
+        s2 = torch.linalg.svdvals(C).square()
+        tot = s2.sum(-1)
+        lin.append(torch.where(tot > 0, s2[..., 0] / tot, torch.full_like(tot, math.nan)))
+        steps = T[:, 1:] - T[:, :-1]
+        norms = steps.norm(dim=-1)                                           # [n, L]
+        mean = norms.mean(-1)
+        std = norms.std(-1, unbiased=False) if norms.shape[1] > 1 else torch.zeros_like(mean)
+        eq.append(torch.where(mean > 0, std / mean, torch.full_like(mean, math.nan)))
+        if p >= 3:
+            dots = (steps[:, :-1] * steps[:, 1:]).sum(-1)
+            c = dots / (norms[:, :-1] * norms[:, 1:])
+            cos.append(c.mean(-1))
+        else:
+            cos.append(torch.full_like(mean, math.nan))
+    return {"linearity": torch.cat(lin).cpu(), "equispacing": torch.cat(eq).cpu(),
+            "step_cosine": torch.cat(cos).cpu()}
+
+
+def trajectory_pca(traj: Tensor) -> tuple[Tensor, Tensor]:
+    """2-D PCA over all points h_l of all trajectories (float64).
+
+    The points [N*(L+1), D] are centred by their common mean and projected on the two leading
+    principal directions (eigenvectors of the covariance, computed through the smaller of the
+    Gram matrix and the covariance matrix). Each component's sign is fixed so that its entry of
+    largest magnitude is positive.
+
+    Args:
+        traj: [N, L+1, D] (or [N, L+1, *shape]).
+
+    Returns:
+        ``(coords, explained)``: coords [N, L+1, 2] float64 CPU, the projections; explained [2],
+        each component's fraction of the total variance (0 for a missing component when D = 1
+        or all points coincide).
+    """
+    t = _check_traj("trajectory_pca", traj)
+    n, p, d = t.shape
+    X = t.reshape(n * p, d)
+    m = X.shape[0]
+    cs = _chunk_rows(d)
+    mu = torch.zeros(d, dtype=torch.float64, device=X.device)
+    for s0 in range(0, m, cs):
+        mu += X[s0:s0 + cs].double().sum(0)
+    mu /= m
+    if m <= d:  # Gram route: G = Xc Xc^T [m, m]
+        G = torch.zeros(m, m, dtype=torch.float64, device=X.device)
+        for a in range(0, m, cs):
+            Xa = X[a:a + cs].double() - mu
+            for b in range(0, m, cs):
+                G[a:a + cs, b:b + cs] = Xa @ (X[b:b + cs].double() - mu).T
+        evals, evecs = torch.linalg.eigh(G)
+        lam = evals.flip(0)[:2].clamp_min(0)
+        coords = evecs.flip(1)[:, :2] * lam.sqrt()
+        total = evals.clamp_min(0).sum()
+    else:  # covariance route: Xc^T Xc [d, d]
+        Cv = torch.zeros(d, d, dtype=torch.float64, device=X.device)
+        for s0 in range(0, m, cs):
+            Xa = X[s0:s0 + cs].double() - mu
+            Cv += Xa.T @ Xa
+        evals, evecs = torch.linalg.eigh(Cv)
+        lam = evals.flip(0)[:2].clamp_min(0)
+        P = evecs.flip(1)[:, :2]
+        coords = torch.cat([(X[s0:s0 + cs].double() - mu) @ P for s0 in range(0, m, cs)])
+        total = evals.clamp_min(0).sum()
+    if coords.shape[1] < 2:
+        coords = torch.cat([coords, coords.new_zeros(m, 2 - coords.shape[1])], 1)
+        lam = torch.cat([lam, lam.new_zeros(2 - lam.shape[0])])
+    idx = coords.abs().argmax(0)
+    sign = torch.sign(coords[idx, torch.arange(2, device=coords.device)])
+    coords = coords * torch.where(sign == 0, torch.ones_like(sign), sign)
+    explained = lam / total if float(total) > 0 else torch.zeros_like(lam)
+    return coords.reshape(n, p, 2).cpu(), explained.cpu()
+
+
+def numerical_rank(S: Tensor, tau: float = 1e-2) -> Tensor:
+    """#{r : sigma_r > tau * sigma_1} per problem, from singular values S [..., k] (descending).
+
+    Returns an int64 tensor of shape S.shape[:-1] (0 where sigma_1 = 0).
+    """
+    if not isinstance(S, Tensor) or S.dim() < 1 or S.shape[-1] < 1:
+        raise ValueError("numerical_rank: expected S a tensor [..., k] with k >= 1")
+    tau = check_float("numerical_rank", "tau", tau, 0.0, 1.0, open_lo=True)
+    S = S.double()
+    return (S > tau * S[..., :1]).sum(-1)
+
+
+def diag_ratio(A: Tensor) -> Tensor:
+    """||diag A||^2 / ||A||_F^2 of square matrices A [..., k, k], in float64 (NaN where A = 0)."""
+    if not isinstance(A, Tensor) or A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"diag_ratio: expected A of shape [..., k, k], got "
+                         f"{tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__}")
+    A = A.double()
+    num = A.diagonal(dim1=-2, dim2=-1).square().sum(-1)
+    den = A.square().sum((-2, -1))
+    return torch.where(den > 0, num / den, torch.full_like(den, math.nan))
+
+
+def _mean_std(v: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
+    v = v.double()
+    return v.mean(dim), (v.std(dim, unbiased=False) if v.shape[dim] > 1 else torch.zeros_like(v.mean(dim)))
+
+
+def _nanmean(v: Tensor) -> float:
+    v = v.double().flatten()
+    v = v[~torch.isnan(v)]
+    return float(v.mean()) if v.numel() else math.nan
+
+
+# -- results ------------------------------------------------------------------------------------
+@dataclass
+class StageAlignment(Result):
+    """RA1-RA4 of one stage (a run of L blocks with one per-sample shape); float64 CPU tensors.
+
+    Attributes:
+        stage: stage number (0-based, in the order of the selected blocks).
+        block_names, block_indices: the stage's blocks (qualified names; positions among all
+            residual blocks of the model).
+        shape: per-sample shape of h in this stage; dim: D = prod(shape). k: triplets per block.
+        linearity, equispacing, step_cosine: [N] per-sample RA1 scalars (:func:`trajectory_metrics`).
+        pca: [N, L+1, 2] PCA coordinates of every trajectory; pca_explained: [2] variance fractions.
+        singular_values_mean, singular_values_std: [L, k] over samples.
+        self_alignment_mean, self_alignment_std: [L] (mean_r |u_r^T v_r| per sample).
+        diag_ratio_mean, diag_ratio_std: [L, L], entry (i, j) = over samples of diag_ratio(A_ij).
+        diag_positive: [L, L] fraction of positive diagonal entries of A_ij (over r <= k and samples).
+        cross_pairs: [(i, j), ...] stage-local block pairs whose matrices are stored;
+        cross_abs_mean: [P, k, k] mean over samples of |A_ij|; cross_diag_mean: [P, k] mean of diag A_ij.
+        rank_mean, rank_std: [L] numerical rank; rank_min, rank_max: [L] (int64).
+        rank_le_c: [L] fraction of samples whose numerical rank is <= C.
+        gap_ratio_mean, gap_ratio_std: [L] sigma_{C+1} / sigma_C (None when k <= C).
+        sigma1_mean, sigma1_std: [L]. depth_product: L * mean_l sigma1_mean[l].
+    """
+
+    stage: int
+    block_names: list[str]
+    block_indices: list[int]
+    shape: tuple[int, ...]
+    dim: int
+    k: int
+    linearity: Tensor
+    equispacing: Tensor
+    step_cosine: Tensor
+    pca: Tensor
+    pca_explained: Tensor
+    singular_values_mean: Tensor
+    singular_values_std: Tensor
+    self_alignment_mean: Tensor
+    self_alignment_std: Tensor
+    diag_ratio_mean: Tensor
+    diag_ratio_std: Tensor
+    diag_positive: Tensor
+    cross_pairs: list[tuple[int, int]]
+    cross_abs_mean: Tensor
+    cross_diag_mean: Tensor
+    rank_mean: Tensor
+    rank_std: Tensor
+    rank_min: Tensor
+    rank_max: Tensor
+    rank_le_c: Tensor
+    gap_ratio_mean: Optional[Tensor]
+    gap_ratio_std: Optional[Tensor]
+    sigma1_mean: Tensor
+    sigma1_std: Tensor
+    depth_product: float
+
+    @property
+    def num_blocks(self) -> int:
+        """L, the number of blocks of the stage."""
+        return len(self.block_names)
+
+    def _offdiag(self, M: Tensor) -> float:
+        L = M.shape[0]
+        if L < 2:
+            return math.nan
+        mask = ~torch.eye(L, dtype=torch.bool)
+        return _nanmean(M[mask])
+
+    @property
+    def diag_ratio_offdiag(self) -> float:
+        """Mean of diag_ratio_mean over block pairs i != j (NaN for a one-block stage)."""
+        return self._offdiag(self.diag_ratio_mean)
+
+    @property
+    def diag_positive_offdiag(self) -> float:
+        """Mean of diag_positive over block pairs i != j (NaN for a one-block stage)."""
+        return self._offdiag(self.diag_positive)
+
+    def summary(self) -> dict[str, float]:
+        """Headline scalars of the stage (means over samples; see :meth:`AlignmentResult.summary`)."""
+        return {
+            "linearity": _nanmean(self.linearity),
+            "equispacing": _nanmean(self.equispacing),
+            "step_cosine": _nanmean(self.step_cosine),
+            "self_alignment": _nanmean(self.self_alignment_mean),
+            "diag_ratio_offdiag": self.diag_ratio_offdiag,
+            "diag_positive_offdiag": self.diag_positive_offdiag,
+            "max_numerical_rank": float(self.rank_mean.max()),
+            "rank_le_c_fraction": float(self.rank_le_c.mean()),
+            "depth_product": float(self.depth_product),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        lin_m, lin_s = _mean_std(self.linearity)
+        eq_m, eq_s = _mean_std(self.equispacing)
+        sc_m, sc_s = _mean_std(self.step_cosine)
+        return to_jsonable({
+            "stage": self.stage, "block_names": self.block_names, "block_indices": self.block_indices,
+            "shape": list(self.shape), "dim": self.dim, "k": self.k, "num_blocks": self.num_blocks,
+            "ra1": {
+                "linearity": self.linearity, "equispacing": self.equispacing, "step_cosine": self.step_cosine,
+                "linearity_mean": lin_m, "linearity_std": lin_s, "equispacing_mean": eq_m,
+                "equispacing_std": eq_s, "step_cosine_mean": sc_m, "step_cosine_std": sc_s,
+                "pca": self.pca, "pca_explained": self.pca_explained,
+            },
+            "ra2": {
+                "self_alignment_mean": self.self_alignment_mean, "self_alignment_std": self.self_alignment_std,
+                "diag_ratio_mean": self.diag_ratio_mean, "diag_ratio_std": self.diag_ratio_std,
+                "diag_ratio_offdiag": self.diag_ratio_offdiag, "diag_positive": self.diag_positive,
+                "diag_positive_offdiag": self.diag_positive_offdiag, "random_baseline": 1.0 / self.k,
+                "cross_pairs": [list(p) for p in self.cross_pairs], "cross_abs_mean": self.cross_abs_mean,
+                "cross_diag_mean": self.cross_diag_mean,
+            },
+            "ra3": {
+                "singular_values_mean": self.singular_values_mean, "singular_values_std": self.singular_values_std,
+                "rank_mean": self.rank_mean, "rank_std": self.rank_std, "rank_min": self.rank_min,
+                "rank_max": self.rank_max, "rank_le_c": self.rank_le_c,
+                "gap_ratio_mean": self.gap_ratio_mean, "gap_ratio_std": self.gap_ratio_std,
+            },
+            "ra4": {"sigma1_mean": self.sigma1_mean, "sigma1_std": self.sigma1_std,
+                    "depth_product": self.depth_product},
+            "summary": self.summary(),
+        })
+
+
+@dataclass
+class AlignmentResult(Result):
+    """Result of :func:`residual_alignment`: one :class:`StageAlignment` per stage.
+
+    Attributes:
+        stages: per-stage results (one for a Type-1 net).
+        labels: [N] int64 CPU class labels (None when no ``y`` was given).
+        num_classes: C. k, oversample, power_iters, tau, seed, path: the settings used.
+        n_samples: N. per_stage: as requested.
+        skipped_blocks: blocks in no stage (their output shape differs from their input shape):
+            dicts with name, index, in_shape, out_shape.
+    """
+
+    stages: list[StageAlignment]
+    labels: Optional[Tensor]
+    num_classes: int
+    k: int
+    oversample: int
+    power_iters: int
+    tau: float
+    seed: int
+    path: str
+    n_samples: int
+    per_stage: bool
+    skipped_blocks: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        """Headline scalars: with one stage, that stage's; with several, means over stages
+        (``max_numerical_rank`` the max; ``diag_ratio_offdiag`` over stages with >= 2 blocks).
+
+        Keys: linearity, equispacing, step_cosine (sample means), self_alignment (mean over blocks),
+        diag_ratio_offdiag (mean of the diag-ratio matrix off the diagonal; random baseline 1/k),
+        diag_positive_offdiag, max_numerical_rank (max over blocks of the sample-mean rank),
+        rank_le_c_fraction, depth_product (L * mean_l sigma_1), num_stages.
+        """
+        per = [s.summary() for s in self.stages]
+        out: dict[str, float] = {}
+        for key in per[0]:
+            vals = torch.tensor([p[key] for p in per], dtype=torch.float64)
+            out[key] = float(vals.max()) if key == "max_numerical_rank" else _nanmean(vals)
+        out["num_stages"] = float(len(self.stages))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable({
+            "analysis": "residual_alignment",
+            "settings": {"num_classes": self.num_classes, "k": self.k, "oversample": self.oversample,
+                         "power_iters": self.power_iters, "tau": self.tau, "seed": self.seed, "path": self.path,
+                         "n_samples": self.n_samples, "per_stage": self.per_stage},
+            "labels": self.labels,
+            "skipped_blocks": self.skipped_blocks,
+            "stages": [s.to_dict() for s in self.stages],
+            "summary": self.summary(),
+        })
+
+
+# -- the analysis -------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def _last_outputs(model: nn.Module, x: Tensor, blocks: list[nn.Module]) -> list[Tensor]:
+    """Outputs of ``blocks`` from one eval-mode, no-grad forward pass (stops after the last)."""
+    want = {id(b): i for i, b in enumerate(blocks)}
+    got: dict[int, Tensor] = {}
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        i = want.get(id(mod))
+        if i is not None and i not in got:
+            if not isinstance(out, Tensor):
+                raise ValueError(f"residual_alignment: block {type(mod).__name__} returned "
+                                 f"{type(out).__name__}, expected a tensor")
+            got[i] = out.detach().clone()
+            if len(got) == len(want):
+                raise _Stop
+
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [b.register_forward_hook(hook) for b in blocks]
+    try:
+        model.eval()
+        with torch.no_grad():
+            try:
+                model(x)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes:
+            m.training = t
+    if len(got) != len(blocks):
+        raise ValueError("residual_alignment: some blocks were not called in the forward pass of the model")
+    return [got[i] for i in range(len(blocks))]
+
+
+def _default_pairs(L: int) -> list[tuple[int, int]]:
+    cand = [(0, 1), (0, L - 1), (L // 2, L // 2 + 1), (L - 1, 0), (L - 1, L - 2), (0, 0)]
+    out: list[tuple[int, int]] = []
+    for i, j in cand:
+        if 0 <= i < L and 0 <= j < L and (i, j) not in out:
+            out.append((i, j))
+    return out[:4]
+
+
+def _cross_row(U: Tensor, V: Tensor, ops: list[ResidualJacobian]) -> Tensor:
+    """A_ij = U_i^T J_j V_i for every j: [L, N, k, k] float64."""
+    rows = []
+    for J in ops:
+        Y = J.matmat(V)                                   # [N, D, k]
+        rows.append(U.transpose(-1, -2).double() @ Y.double())
+    return torch.stack(rows)
+
+
+def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_out: Tensor, k: int,
+           C: int, oversample: int, power_iters: int, tau: float, seed: int, offset: int) -> StageAlignment:
+    L = len(ops)
+    N = ops[0].batch_shape[0]
+    traj = torch.stack([J.h for J in ops] + [last_out], dim=1)           # [N, L+1, *shape]
+    ra1 = trajectory_metrics(traj)
+    pca, explained = trajectory_pca(traj)
+    del traj
+    pairs = _default_pairs(L)
+    S_all = torch.empty(L, N, k, dtype=torch.float64)
+    self_al = torch.empty(L, N, dtype=torch.float64)
+    dr = torch.empty(L, L, N, dtype=torch.float64)
+    pos = torch.empty(L, L, dtype=torch.float64)
+    cross_abs = torch.zeros(len(pairs), k, k, dtype=torch.float64)
+    cross_diag = torch.zeros(len(pairs), k, dtype=torch.float64)
+    for i, J in enumerate(ops):
+        svd = randomized_svd(J, k, oversample=oversample, power_iters=power_iters, seed=seed + offset + i)
+        S_all[i] = svd.S.double().cpu()
+        self_al[i] = (svd.U.double() * svd.V.double()).sum(-2).abs().mean(-1).cpu()
+        A = _cross_row(svd.U, svd.V, ops).cpu()                           # [L, N, k, k]
+        del svd
+        dr[i] = diag_ratio(A)
+        pos[i] = (A.diagonal(dim1=-2, dim2=-1) > 0).double().mean((-2, -1))
+        for p, (a, b) in enumerate(pairs):
+            if a == i:
+                cross_abs[p] = A[b].abs().mean(0)
+                cross_diag[p] = A[b].diagonal(dim1=-2, dim2=-1).mean(0)
+    sv_m, sv_s = _mean_std(S_all, 1)
+    sa_m, sa_s = _mean_std(self_al, 1)
+    dr_m, dr_s = _mean_std(dr, 2)
+    ranks = numerical_rank(S_all, tau)                                    # [L, N]
+    rk_m, rk_s = _mean_std(ranks.double(), 1)
+    if k > C:
+        sC, sC1 = S_all[..., C - 1], S_all[..., C]
+        gap = torch.where(sC > 0, sC1 / sC, torch.full_like(sC, math.nan))
+        gap_m, gap_s = _mean_std(gap, 1)
+    else:
+        gap_m = gap_s = None
+    s1_m, s1_s = _mean_std(S_all[..., 0], 1)
+    shape = tuple(ops[0].in_shape)
+    return StageAlignment(
+        stage=stage_no, block_names=[J.info.name for J in ops], block_indices=indices, shape=shape,
+        dim=int(math.prod(shape)), k=k,
+        linearity=ra1["linearity"], equispacing=ra1["equispacing"], step_cosine=ra1["step_cosine"],
+        pca=pca, pca_explained=explained,
+        singular_values_mean=sv_m, singular_values_std=sv_s,
+        self_alignment_mean=sa_m, self_alignment_std=sa_s,
+        diag_ratio_mean=dr_m, diag_ratio_std=dr_s, diag_positive=pos,
+        cross_pairs=pairs, cross_abs_mean=cross_abs, cross_diag_mean=cross_diag,
+        rank_mean=rk_m, rank_std=rk_s, rank_min=ranks.min(1).values, rank_max=ranks.max(1).values,
+        rank_le_c=(ranks <= C).double().mean(1),
+        gap_ratio_mean=gap_m, gap_ratio_std=gap_s,
+        sigma1_mean=s1_m, sigma1_std=s1_s, depth_product=float(L * s1_m.mean()),
+    )
+
+
+def residual_alignment(
+    model: nn.Module,
+    x: Tensor,
+    k: Optional[int] = None,
+    y: Optional[Tensor] = None,
+    *,
+    blocks: Optional[Sequence[Any]] = None,
+    per_stage: bool = False,
+    num_classes: Optional[int] = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+    tau: float = 1e-2,
+    path: str = "auto",
+    chunk_size: Optional[int] = None,
+    seed: int = 0,
+) -> AlignmentResult:
+    """Residual Alignment RA1-RA4 of ``model`` at the inputs ``x`` (SCIENCE.md section 1).
+
+    Jacobians are those of the residual branches alone, in eval mode (BatchNorm running
+    statistics), at the block inputs of ``x``; top-k singular triplets per sample and block come
+    from :func:`resgeom_fast.linalg.randomized_svd` (oversampling ``oversample``, ``power_iters``
+    power iterations) of the batched :func:`resgeom_fast.operators.residual_jacobians`. See the
+    module docstring for the metrics and the readings chosen.
+
+    Args:
+        model: a model whose residual blocks :func:`resgeom_fast.operators.residual_blocks` finds.
+        x: [N, ...] inputs, on the model's device and in its floating dtype.
+        k: singular triplets per block, 1 <= k <= D (the smallest block dimension among the
+            stages). Default: C + 5, capped at D.
+        y: optional [N] integer class labels (plot colours; C = max + 1 when nothing else gives C).
+        blocks: None (all residual blocks) or a selection (indices, block modules, BlockInfo s).
+        per_stage: analyse each stage (maximal run of consecutive blocks of one shape) separately;
+            required when the blocks do not all share one input/output shape.
+        num_classes: C; default ``model.head.out_features`` if the model has a Linear ``head``, else
+            ``y.max() + 1``.
+        oversample, power_iters: randomized SVD settings (p >= 0, q >= 0).
+        tau: relative threshold of the numerical rank, in (0, 1).
+        path, chunk_size: passed to :func:`resgeom_fast.operators.residual_jacobians`.
+        seed: seed of the Gaussian sketches (block b of the selection uses ``seed + b``).
+
+    Returns:
+        an :class:`AlignmentResult` (float64 CPU tensors), one :class:`StageAlignment` per stage.
+
+    Raises:
+        ValueError: blocks of different shapes without ``per_stage``; k larger than D; x not on the
+            model's device / dtype; bad settings. TypeError: arguments of the wrong type.
+    """
+    where = "residual_alignment"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: expected model an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: expected x a torch.Tensor [N, ...], got {type(x).__name__}")
+    device, dtype = model_device_dtype(where, model)
+    if x.device != device:
+        raise ValueError(f"{where}: expected x on the model's device {device}, got {x.device}")
+    if not x.is_floating_point() or x.dtype != dtype:
+        raise ValueError(f"{where}: expected x of dtype {dtype} (the model's), got {x.dtype}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"{where}: expected x with a non-empty batch dimension [N, ...], got {tuple(x.shape)}")
+    N = x.shape[0]
+    labels: Optional[Tensor] = None
+    if y is not None:
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{where}: expected y a torch.Tensor [N] of class labels or None, got {type(y).__name__}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or tuple(y.shape) != (N,):
+            raise ValueError(f"{where}: expected y integer class labels of shape [{N}], got {y.dtype} "
+                             f"{tuple(y.shape)}")
+        labels = y.detach().to("cpu", torch.int64)
+        if bool((labels < 0).any()):
+            raise ValueError(f"{where}: expected y non-negative class labels, got min {int(labels.min())}")
+    if not isinstance(per_stage, bool):
+        raise TypeError(f"{where}: expected per_stage a bool, got {type(per_stage).__name__}")
+    check_int(where, "oversample", oversample, 0)
+    check_int(where, "power_iters", power_iters, 0)
+    tau = check_float(where, "tau", tau, 0.0, 1.0, open_lo=True)
+    check_int(where, "seed", seed, 0)
+    check_choice(where, "path", path, _PATHS)
+    if chunk_size is not None:
+        check_int(where, "chunk_size", chunk_size, 1)
+    if num_classes is not None:
+        C = check_int(where, "num_classes", num_classes, 1)
+    elif isinstance(getattr(model, "head", None), nn.Linear):
+        C = int(model.head.out_features)
+    elif labels is not None:
+        C = int(labels.max()) + 1
+    else:
+        raise ValueError(f"{where}: cannot infer the number of classes C (the model has no Linear `head` "
+                         "and no y was given): pass num_classes")
+
+    ops = residual_jacobians(model, x, blocks, path=path, chunk_size=chunk_size)
+    all_ids = {id(b.block): i for i, b in enumerate(residual_blocks(model))}
+    idx = [all_ids.get(id(J.info.block), -1) for J in ops]
+
+    # stages: maximal runs of consecutive shape-preserving blocks of one shape
+    groups: list[list[int]] = []
+    skipped: list[dict[str, Any]] = []
+    for b, J in enumerate(ops):
+        if J.in_shape != J.out_shape:
+            skipped.append({"name": J.info.name, "index": idx[b], "in_shape": list(J.in_shape),
+                            "out_shape": list(J.out_shape)})
+            groups.append([])
+            continue
+        if groups and groups[-1] and ops[groups[-1][-1]].in_shape == J.in_shape:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    groups = [g for g in groups if g]
+    if not per_stage and (skipped or len(groups) > 1):
+        shapes = sorted({(tuple(J.in_shape), tuple(J.out_shape)) for J in ops})
+        desc = ", ".join(f"{list(a)}->{list(o)}" for a, o in shapes)
+        raise ValueError(f"{where}: the analysis needs equal widths across blocks (every block input and output "
+                         f"of one shape, a Type-1 net), but the blocks have shapes {desc}; pass per_stage=True "
+                         "to analyse each stage (a run of blocks of one shape) separately")
+    if not groups:
+        raise ValueError(f"{where}: no stage to analyse: every selected block changes the shape of h")
+    dims = [math.prod(ops[g[0]].in_shape) for g in groups]
+    d_min = min(dims)
+    if k is None:
+        k = min(C + 5, d_min)
+    else:
+        check_int(where, "k", k, 1, d_min,
+                  hint=f" (the block dimension D = {d_min} of stage {dims.index(d_min)} is the limit)")
+
+    last = _last_outputs(model, x, [ops[g[-1]].info.block for g in groups])
+    for J in ops:
+        if not bool(torch.isfinite(J.h).all()):
+            raise ValueError(f"{where}: the input of block {J.info.name!r} has non-finite values (NaN or inf) at x; "
+                             "check the model (diverged training?) and the data")
+    for g, h in zip(groups, last):
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(f"{where}: the output of block {ops[g[-1]].info.name!r} has non-finite values "
+                             "(NaN or inf) at x; check the model (diverged training?) and the data")
+    stages = [
+        _stage(s, [ops[b] for b in g], [idx[b] for b in g], last[s], k, C, oversample, power_iters, tau,
+               seed, g[0])
+        for s, g in enumerate(groups)
+    ]
+    return AlignmentResult(stages=stages, labels=labels, num_classes=C, k=k, oversample=oversample,
+                           power_iters=power_iters, tau=tau, seed=seed, path=path, n_samples=N,
+                           per_stage=per_stage, skipped_blocks=skipped)
+
+
+# -- RA4 across depths --------------------------------------------------------------------------
+def depth_scaling(results: Sequence[AlignmentResult]) -> dict[str, Any]:
+    """RA4 across nets of several depths: is L * mean_l sigma_1 nearly constant in L?
+
+    Args:
+        results: one :class:`AlignmentResult` per net (same number of stages each).
+
+    Returns:
+        JSON-friendly dict. ``stages``: per stage, ``depths`` (L of each net), ``mean_sigma1``
+        (mean over blocks of sigma_1), ``products`` (L * mean_sigma1), ``relative_spread``
+        ((max - min) / mean of the products), ``cv`` (population std / mean of the products) and
+        ``slope`` (least-squares slope of log mean_sigma1 against log L; -1 is exact 1/L scaling;
+        None with fewer than two distinct depths). The keys of stage 0 are repeated at the top.
+    """
+    where = "depth_scaling"
+    if isinstance(results, AlignmentResult) or not isinstance(results, Sequence) or len(results) == 0:
+        raise ValueError(f"{where}: expected results a non-empty sequence of AlignmentResult")
+    for i, r in enumerate(results):
+        if not isinstance(r, AlignmentResult):
+            raise TypeError(f"{where}: expected results[{i}] an AlignmentResult, got {type(r).__name__}")
+    n_st = len(results[0].stages)
+    if any(len(r.stages) != n_st for r in results):
+        raise ValueError(f"{where}: expected every result to have the same number of stages, got "
+                         f"{[len(r.stages) for r in results]}")
+    stages = []
+    for s in range(n_st):
+        depths = [r.stages[s].num_blocks for r in results]
+        ms1 = [float(r.stages[s].sigma1_mean.mean()) for r in results]
+        prods = [L * m for L, m in zip(depths, ms1)]
+        pt = torch.tensor(prods, dtype=torch.float64)
+        mean = float(pt.mean())
+        spread = (float(pt.max() - pt.min()) / mean) if mean > 0 else math.nan
+        cv = (float(pt.std(unbiased=False)) / mean) if mean > 0 else math.nan
+        slope = None
+        if len(set(depths)) >= 2 and all(m > 0 for m in ms1):
+            lx = torch.tensor(depths, dtype=torch.float64).log()
+            ly = torch.tensor(ms1, dtype=torch.float64).log()
+            lxc = lx - lx.mean()
+            slope = float((lxc * (ly - ly.mean())).sum() / lxc.square().sum())
+        stages.append({"depths": depths, "mean_sigma1": ms1, "products": prods, "relative_spread": spread,
+                       "cv": cv, "slope": slope})
+    out: dict[str, Any] = dict(stages[0])
+    out["stages"] = stages
+    return to_jsonable(out)
+
+
+# -- plots --------------------------------------------------------------------------------------
+def _stage_of(where: str, result: AlignmentResult, stage: int) -> StageAlignment:
+    if not isinstance(result, AlignmentResult):
+        raise TypeError(f"{where}: expected result an AlignmentResult, got {type(result).__name__}")
+    check_int(where, "stage", stage, 0, len(result.stages) - 1)
+    return result.stages[stage]
+
+
+def _axes(ax: Any) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.0, 4.0))
+        return fig, ax
+    return ax.figure, ax
+
+
+def plot_trajectories(result: AlignmentResult, ax: Any = None, stage: int = 0) -> "Figure":
+    """2-D PCA of the trajectories of one stage (``ra1.pca``), one line per sample, coloured by
+    class (``labels``; one colour without labels); a dot marks h_0.
+
+    Returns the matplotlib Figure.
+    """
+    st = _stage_of("plot_trajectories", result, stage)
+    import matplotlib.pyplot as plt
+
+    fig, ax = _axes(ax)
+    pca = st.pca.numpy()
+    labels = result.labels
+    cmap = plt.get_cmap("tab10" if result.num_classes <= 10 else "tab20")
+    for n in range(pca.shape[0]):
+        c = cmap(int(labels[n]) % cmap.N) if labels is not None else "C0"
+        ax.plot(pca[n, :, 0], pca[n, :, 1], "-", color=c, lw=0.7, alpha=0.6)
+        ax.plot(pca[n, :1, 0], pca[n, :1, 1], "o", color=c, ms=2.5)
+    ev = st.pca_explained.tolist()
+    ax.set_xlabel(f"PC 1 ({100 * ev[0]:.0f}%)")
+    ax.set_ylabel(f"PC 2 ({100 * ev[1]:.0f}%)")
+    ax.set_title(f"trajectories, stage {st.stage} (linearity {_nanmean(st.linearity):.3f})")
+    return fig
+
+
+def plot_singular_values(result: AlignmentResult, ax: Any = None, stage: int = 0) -> "Figure":
+    """Mean singular values of each block's residual Jacobian (``ra3.singular_values_mean``),
+    log scale, one line per block coloured by depth; a dashed line at r = C.
+
+    Returns the matplotlib Figure.
+    """
+    st = _stage_of("plot_singular_values", result, stage)
+    import matplotlib.pyplot as plt
+
+    fig, ax = _axes(ax)
+    sv = st.singular_values_mean.numpy()
+    L, k = sv.shape
+    cmap = plt.get_cmap("viridis")
+    r = list(range(1, k + 1))
+    for l in range(L):
+        ax.semilogy(r, sv[l], "-o", ms=2.5, color=cmap(l / max(1, L - 1)), label=f"block {st.block_indices[l]}")
+    if result.num_classes <= k:
+        ax.axvline(result.num_classes, ls="--", color="gray", lw=0.8)
+    ax.set_xlabel("index r")
+    ax.set_ylabel("mean sigma_r(J_l)")
+    ax.set_title(f"residual Jacobian spectra, stage {st.stage}")
+    if L <= 12:
+        ax.legend(fontsize=6)
+    return fig
+
+
+def plot_cross_alignment(result: AlignmentResult, ax: Any = None, stage: int = 0,
+                         pairs: Optional[Sequence[tuple[int, int]]] = None) -> "Figure":
+    """Heatmaps of the sample mean of |A_ij| = |U_i^T J_j V_i| (``ra2.cross_abs_mean``) for the
+    stored pairs (``ra2.cross_pairs``, stage-local block indices) or the subset ``pairs``.
+
+    ``ax``: None (a new figure, one panel per pair), one Axes (exactly one pair) or a sequence of
+    Axes (one per pair). Returns the matplotlib Figure.
+    """
+    where = "plot_cross_alignment"
+    st = _stage_of(where, result, stage)
+    import matplotlib.pyplot as plt
+
+    stored = [tuple(p) for p in st.cross_pairs]
+    if pairs is None:
+        chosen = stored if (ax is None or isinstance(ax, (list, tuple))) else stored[:1]
+    else:
+        chosen = [tuple(p) for p in pairs]
+        bad = [p for p in chosen if p not in stored]
+        if bad or not chosen:
+            raise ValueError(f"{where}: expected pairs a non-empty subset of the stored pairs {stored}, "
+                             f"got {list(pairs)}")
+    if ax is None:
+        fig, axes = plt.subplots(1, len(chosen), figsize=(3.8 * len(chosen), 3.3), squeeze=False,
+                                 constrained_layout=True)
+        axes = list(axes[0])
+    elif isinstance(ax, (list, tuple)):
+        axes = list(ax)
+        if len(axes) != len(chosen):
+            raise ValueError(f"{where}: expected {len(chosen)} axes for pairs {chosen}, got {len(axes)}")
+        fig = axes[0].figure
+    else:
+        if len(chosen) != 1:
+            raise ValueError(f"{where}: one Axes draws one pair; got pairs {chosen}")
+        axes, fig = [ax], ax.figure
+    for a, (i, j) in zip(axes, chosen):
+        M = st.cross_abs_mean[stored.index((i, j))].numpy()
+        im = a.imshow(M, cmap="viridis")
+        a.set_title(f"mean |A_{i},{j}| (diag ratio {float(st.diag_ratio_mean[i, j]):.2f})", fontsize=8)
+        a.set_xlabel("s")
+        a.set_ylabel("r")
+        fig.colorbar(im, ax=a, fraction=0.046)
+    return fig
+
+
+def plot_sigma1(result: AlignmentResult, ax: Any = None) -> "Figure":
+    """sigma_1(J_l) per block (``ra4.sigma1_mean`` with ``sigma1_std`` error bars) against the
+    block's index in the model, one series per stage. Returns the matplotlib Figure."""
+    if not isinstance(result, AlignmentResult):
+        raise TypeError(f"plot_sigma1: expected result an AlignmentResult, got {type(result).__name__}")
+    fig, ax = _axes(ax)
+    for st in result.stages:
+        ax.errorbar(st.block_indices, st.sigma1_mean.numpy(), yerr=st.sigma1_std.numpy(), fmt="-o", ms=3,
+                    capsize=2, label=f"stage {st.stage}: L*mean = {st.depth_product:.3g}")
+    ax.set_xlabel("block")
+    ax.set_ylabel("sigma_1(J_l)")
+    ax.set_title("top singular value per block")
+    ax.legend(fontsize=7)
+    return fig
