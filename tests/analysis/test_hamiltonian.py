@@ -1,0 +1,438 @@
+"""Tests of resgeom_fast.analysis.hamiltonian (SCIENCE.md section 4, leaky ResNets).
+
+Ground truth: hand-computed 2 x 2 cases, dense float64 formulas with torch.linalg.inv and
+independently written forward passes / autograd / finite differences on small random nets, an
+exact identity at a stationary point, a net built with a known rank-r bottleneck, and the study's
+claim on the 30-3-30 teacher (trained LeakyResNets, a small honest setting).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+
+from resgeom_fast.analysis.hamiltonian import (
+    HamiltonianResult, bottleneck_rank, cost_of_identity, hamiltonian, plot_hamiltonian, plot_layer_spectra,
+    stable_rank,
+)
+from resgeom_fast.models import FCResNet, LeakyResNet
+from resgeom_fast.models.leaky import step_sizes
+
+D = torch.float64
+
+
+# --------------------------------------------------------------------------- dense references
+def _sig(a: torch.Tensor) -> torch.Tensor:  # a [w, N] -> [w + 1, N]
+    return torch.cat([a.clamp_min(0), torch.ones(1, a.shape[1], dtype=a.dtype)], 0)
+
+
+def _dense_states(model: LeakyResNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """A_0..A_L as [w, N], written out from the update rule (independent of model.forward)."""
+    w = model.width
+    a = torch.zeros(w, x.shape[0], dtype=D)
+    a[: x.shape[1]] = x.T
+    out = [a]
+    for rho, W in zip(model.rho.tolist(), model.weights):
+        a = (1 - rho * model.leak) * a + rho * W.detach() @ _sig(a)
+        out.append(a)
+    return out
+
+
+def _tail_loss(model: LeakyResNet, l: int, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss as a function of the state A_l [w, N] (layers l+1..L written out)."""
+    rhos = model.rho.tolist()
+    for i in range(l, model.depth):
+        a = (1 - rhos[i] * model.leak) * a + rhos[i] * model.weights[i].detach() @ _sig(a)
+    n = a.shape[1]
+    reg = (model.lam / (2 * model.leak)) * sum(r * float(W.detach().pow(2).sum()) for r, W in zip(rhos, model.weights))
+    return (y.T - a[: model.out_dim]).pow(2).sum() / n + reg
+
+
+def _dense_quantities(model: LeakyResNet, x: torch.Tensor, y: torch.Tensor, gamma0: float) -> dict[str, torch.Tensor]:
+    lt, lam, L = model.leak, model.lam, model.depth
+    A = _dense_states(model, x)
+    rhos = model.rho.tolist()
+    inv = []
+    for a in A:
+        s = _sig(a)
+        K = s.T @ s
+        g = gamma0 * float(torch.linalg.eigvalsh(K).max())
+        inv.append(torch.linalg.inv(K + g * torch.eye(K.shape[0], dtype=D)))
+    B = []
+    for l in range(L + 1):
+        leaf = A[l].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_tail_loss(model, l, leaf, y), leaf)
+        B.append(-grad / lam)
+    coi = torch.tensor([float(torch.trace(a @ Ki @ a.T)) for a, Ki in zip(A, inv)], dtype=D)
+    ke, hab = [], []
+    for l in range(L):
+        v = (A[l + 1] - A[l]) / rhos[l]
+        ke.append(float(torch.trace(v @ inv[l] @ v.T)) / (2 * lt))
+        s = _sig(A[l])
+        hab.append(lt / 2 * float((B[l + 1] @ s.T).pow(2).sum()) - lt * float(torch.trace(B[l + 1] @ A[l].T)))
+    ke_t = torch.tensor(ke, dtype=D)
+    svals = torch.stack([torch.linalg.svdvals(a) for a in A])
+    return {"coi": coi, "kinetic": ke_t, "hamiltonian": ke_t - lt / 2 * coi[:L], "hamiltonian_ab": torch.tensor(hab, dtype=D),
+            "momenta": B, "singular_values": svals,
+            "stable_rank": svals.sum(1) ** 2 / svals.pow(2).sum(1)}
+
+
+def _random_model(lam: float = 0.1, leak: float = 2.0, steps: str = "irregular", seed: int = 3) -> LeakyResNet:
+    m = LeakyResNet(3, 5, 4, 2, leak, steps, lam=lam, seed=seed).to(D)
+    with torch.no_grad():  # non-zero biases so that every column of W matters
+        g = torch.Generator().manual_seed(seed)
+        for W in m.weights:
+            W[:, -1] = 0.3 * torch.randn(W.shape[0], generator=g, dtype=D)
+    return m
+
+
+def _xy(n: int = 7, d_in: int = 3, d_out: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=D), torch.randn(n, d_out, generator=g, dtype=D)
+
+
+# --------------------------------------------------------------------------- constructed cases
+def test_hand_computed_zero_weights() -> None:
+    """W_l = 0: A_l = (1 - rho Lt)^l A_0, velocity = -Lt A_l, so KE = (Lt/2) COI and H = 0 exactly.
+    X = I_2 (w = N = 2): K_0 = I + 11^T (eigenvalues 1, 3), COI_0 = 1/(1+g) + 1/(3+g) with g = 3 gamma0."""
+    m = LeakyResNet(2, 2, 2, 2, 1.0, lam=0.5, seed=0).to(D)
+    with torch.no_grad():
+        for W in m.weights:
+            W.zero_()
+    X = torch.eye(2, dtype=D)
+    Y = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=D)
+    gamma0 = 0.01
+    r = hamiltonian(m, X, Y, gamma0)
+    g0 = 3 * gamma0
+    coi0 = 1 / (1 + g0) + 1 / (3 + g0)
+    # A_1 = I/2: K_1 = I/4 + 11^T, eigenvalues 1/4 and 9/4.
+    g1 = 2.25 * gamma0
+    coi1 = 0.25 * (1 / (0.25 + g1) + 1 / (2.25 + g1))
+    assert r.gamma[0].item() == pytest.approx(g0, rel=1e-12)
+    assert r.gamma[1].item() == pytest.approx(g1, rel=1e-12)
+    assert r.coi[0].item() == pytest.approx(coi0, rel=1e-12)
+    assert r.coi[1].item() == pytest.approx(coi1, rel=1e-12)
+    assert r.kinetic[0].item() == pytest.approx(0.5 * coi0, rel=1e-12)  # (1/(2Lt)) Tr[(K+g)^-1], velocity = -I
+    assert r.potential[0].item() == pytest.approx(-0.5 * coi0, rel=1e-12)
+    torch.testing.assert_close(r.hamiltonian, torch.zeros(2, dtype=D), atol=1e-13, rtol=0)
+    torch.testing.assert_close(r.k_star, torch.zeros(2, dtype=D), atol=1e-13, rtol=0)
+    # Momenta: the branch has zero weights, so B_l = (1/2)^(L-l) B_L with B_L = (2/(lam N)) (Y - A_L).
+    A2 = 0.25 * torch.eye(2, dtype=D)
+    B2 = 2 / (0.5 * 2) * (Y.T - A2)
+    B1, A0, A1 = 0.5 * B2, torch.eye(2, dtype=D), 0.5 * torch.eye(2, dtype=D)
+    hab = [0.5 * (B1 @ _sig(A0).T).pow(2).sum() - torch.trace(B1 @ A0.T),
+           0.5 * (B2 @ _sig(A1).T).pow(2).sum() - torch.trace(B2 @ A1.T)]
+    torch.testing.assert_close(r.hamiltonian_ab, torch.stack(hab), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.momentum_norm, torch.stack([0.25 * B2.norm(), B1.norm(), B2.norm()]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.singular_values, torch.tensor([[1.0, 1.0], [0.5, 0.5], [0.25, 0.25]], dtype=D))
+    torch.testing.assert_close(r.stable_rank, torch.full((3,), 2.0, dtype=D))
+    torch.testing.assert_close(r.time, torch.tensor([0.0, 0.5, 1.0], dtype=D))
+
+
+def test_stable_rank_and_cost_of_identity_known() -> None:
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=D))
+    a = q[:, :3] @ torch.diag(torch.tensor([2.0, 2.0, 2.0], dtype=D)) @ q[:3, :]  # three equal singular values
+    assert stable_rank(a) == pytest.approx(3.0, rel=1e-12)
+    assert stable_rank(torch.diag(torch.tensor([1.0, 0.5], dtype=D))) == pytest.approx(1.5 ** 2 / 1.25, rel=1e-12)
+    assert math.isnan(stable_rank(torch.zeros(3, 4, dtype=D)))
+    # Nonnegative A whose columns (a_n, 1) span R^r x R: COI -> r as gamma0 -> 0 (A is a block of sigma(A)).
+    a = torch.tensor([[0.0, 1.0, 0.0, 2.0], [0.0, 0.0, 1.0, 1.0]], dtype=D)
+    assert cost_of_identity(a, 1e-10) == pytest.approx(2.0, abs=1e-6)
+    # With the ridge: equal to the dense formula with an explicit inverse.
+    s = _sig(a)
+    K = s.T @ s
+    g = 0.1 * float(torch.linalg.eigvalsh(K).max())
+    dense = torch.trace(a @ torch.linalg.inv(K + g * torch.eye(4, dtype=D)) @ a.T)
+    assert cost_of_identity(a, 0.1) == pytest.approx(float(dense), rel=1e-12)
+
+
+def _bottleneck_net(r: int = 3, w: int = 8, m: int = 5, depth: int = 8, leak: float = 2.0) -> tuple[LeakyResNet, torch.Tensor]:
+    """A net whose states A_1..A_L equal P A_0, P = diag(1_r, 0): the first step projects out all
+    but r coordinates, the others hold the state fixed (velocity 0). X >= 0 so ReLU is the identity.
+    Coordinates 1..r of X are the indicators of r disjoint blocks of m samples (a further block of
+    m samples is 0 there): A_l has r equal singular values sqrt(m), stable rank r, and COI -> r."""
+    g = torch.Generator().manual_seed(0)
+    n = (r + 1) * m
+    X = 0.5 + torch.rand(n, w, generator=g, dtype=D)
+    X[:, :r] = 0.0
+    for j in range(r):
+        X[(j + 1) * m:(j + 2) * m, j] = 1.0
+    net = LeakyResNet(w, w, depth, w, leak, lam=0.1, seed=0).to(D)
+    rho = 1.0 / depth
+    P = torch.diag(torch.cat([torch.ones(r, dtype=D), torch.zeros(w - r, dtype=D)]))
+    eye = torch.eye(w, dtype=D)
+    with torch.no_grad():
+        for l, W in enumerate(net.weights):
+            W.zero_()
+            W[:, :w] = ((leak - 1 / rho) * (eye - P) + leak * P) if l == 0 else leak * eye
+    return net, X
+
+
+def test_known_bottleneck_gives_rank_r() -> None:
+    r, depth, leak = 3, 8, 2.0
+    net, X = _bottleneck_net(r=r, depth=depth, leak=leak)
+    states = _dense_states(net, X)
+    P = torch.diag(torch.tensor([1.0] * r + [0.0] * 5, dtype=D))
+    for a in states[1:]:
+        torch.testing.assert_close(a, P @ states[0], atol=1e-12, rtol=0)  # the construction holds
+    res = hamiltonian(net, X, torch.zeros(X.shape[0], 8, dtype=D), 1e-10)
+    assert res.rank[0].item() > r
+    assert res.rank[1:].tolist() == [r] * depth
+    torch.testing.assert_close(res.stable_rank[1:], torch.full((depth,), float(r), dtype=D), atol=1e-10, rtol=0)
+    torch.testing.assert_close(res.kinetic[1:], torch.zeros(depth - 1, dtype=D), atol=1e-12, rtol=0)
+    torch.testing.assert_close(res.k_star[1:], torch.full((depth - 1,), float(r), dtype=D), atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.coi[1:], torch.full((depth,), float(r), dtype=D), atol=1e-5, rtol=0)
+    br = bottleneck_rank(res)
+    assert br.rank_middle == r
+    assert br.stable_rank_middle == pytest.approx(r, abs=1e-10)
+    assert br.k_star_middle == pytest.approx(r, abs=1e-5)
+    assert res.summary()["k_star_middle"] == pytest.approx(r, abs=1e-5)
+    assert bottleneck_rank(res, rel=1e-3).rank[0].item() == 8
+    assert res.middle == [2, 3, 4, 5, 6]
+
+
+# --------------------------------------------------------------------------- dense ground truth
+@pytest.mark.parametrize("steps", ["equidistant", "irregular"])
+def test_matches_dense_formulas(steps: str) -> None:
+    m = _random_model(steps=steps)
+    X, Y = _xy()
+    gamma0 = 1e-2
+    res = hamiltonian(m, X, Y, gamma0)
+    ref = _dense_quantities(m, X, Y, gamma0)
+    for key in ("coi", "kinetic", "hamiltonian", "hamiltonian_ab", "singular_values", "stable_rank"):
+        torch.testing.assert_close(getattr(res, key), ref[key], rtol=1e-9, atol=1e-11, msg=key)
+    torch.testing.assert_close(res.momentum_norm, torch.stack([b.norm() for b in ref["momenta"]]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.potential, -m.leak / 2 * ref["coi"], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(res.k_star, -2 / m.leak * ref["hamiltonian"], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(res.rho, step_sizes(4, steps))
+    assert res.lu_fallbacks == 0
+
+
+def test_momenta_against_finite_differences() -> None:
+    """B_l = -(1/lam) dLoss/dA_l: central differences of the model's own loss, perturbing A_l."""
+    m = _random_model()
+    X, Y = _xy()
+    ref = _dense_quantities(m, X, Y, 1e-2)
+    A = _dense_states(m, X)
+    eps = 1e-6
+    for l in (0, 2, 4):
+        B = ref["momenta"][l]
+        for i, j in ((0, 0), (1, 6), (2, 3)):  # rows 3, 4 of A_0 are the zero padding (a ReLU kink)
+            e = torch.zeros_like(A[l])
+            e[i, j] = eps
+            fd = (_tail_loss(m, l, A[l] + e, Y) - _tail_loss(m, l, A[l] - e, Y)) / (2 * eps)
+            assert float(-fd / m.lam) == pytest.approx(float(B[i, j]), rel=1e-6, abs=1e-8)
+    # the analysis' own momenta (through the model's forward) agree with the written-out ones
+    res = hamiltonian(m, X, Y, 1e-2)
+    torch.testing.assert_close(res.hamiltonian_ab, ref["hamiltonian_ab"], rtol=1e-10, atol=1e-12)
+
+
+@functools.lru_cache(maxsize=None)
+def _stationary_net() -> tuple[LeakyResNet, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(3)
+    m = LeakyResNet(3, 10, 3, 3, 1.0, lam=1.0, seed=3).to(D)
+    X = torch.randn(4, 3, dtype=D)
+    Y = torch.randn(4, 3, dtype=D)
+    opt = torch.optim.LBFGS(m.parameters(), lr=1, max_iter=2000, max_eval=4000, tolerance_grad=1e-15,
+                            tolerance_change=0, history_size=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = m.loss(X, Y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    return m, X, Y
+
+
+def test_stationary_point_kinetic_form_equals_momentum_form() -> None:
+    """At a stationary point W_{l+1} = Lt B_{l+1} sigma(A_l)^T, so with K_l invertible and
+    gamma0 -> 0, KE_l - (Lt/2) COI_l = H(A_l, B_{l+1}) exactly (the pairing of the module docstring)."""
+    m, X, Y = _stationary_net()
+    grads = torch.autograd.grad(m.loss(X, Y), list(m.parameters()))
+    assert max(float(g.abs().max()) for g in grads) < 1e-7
+    for a in _dense_states(m, X)[:-1]:
+        s = _sig(a)
+        assert float(torch.linalg.eigvalsh(s.T @ s).min()) > 1e-2  # K_l invertible
+    res = hamiltonian(m, X, Y, 1e-14)
+    torch.testing.assert_close(res.hamiltonian, res.hamiltonian_ab, rtol=1e-6, atol=1e-8)
+    # H is nearly constant across layers at the optimum
+    assert float(res.hamiltonian.std() / res.hamiltonian.mean().abs()) < 0.05
+
+
+def test_lam_zero_has_no_momenta_and_float32_model() -> None:
+    m = LeakyResNet(3, 5, 4, 2, 2.0, lam=0.0, seed=0).to(D)
+    X, Y = _xy()
+    res = hamiltonian(m, X, Y)
+    assert res.hamiltonian_ab is None and res.momentum_norm is None
+    assert "hamiltonian_ab_mean" not in res.summary()
+    json.dumps(res.to_dict(), allow_nan=False)
+    # a float32 model: inputs in float32, statistics still float64
+    m32 = _random_model().float()
+    r32 = hamiltonian(m32, X.float(), Y.float())
+    r64 = hamiltonian(_random_model(), X, Y)
+    assert r32.coi.dtype == D
+    torch.testing.assert_close(r32.coi, r64.coi, rtol=1e-3, atol=1e-4)
+
+
+def test_result_dict_and_plots_use_exported_data(tmp_path) -> None:
+    m = _random_model()
+    X, Y = _xy()
+    res = hamiltonian(m, X, Y)
+    d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    res.to_json(tmp_path / "h.json")
+    assert json.loads((tmp_path / "h.json").read_text()) == d
+    assert set(res.summary()) <= set(d["summary"])
+    fig = plot_hamiltonian(res)
+    ax_e, ax_k = fig.axes[:2]
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax_e.lines + ax_k.lines}
+    assert lines["H = KE - (Lt/2) COI"] == pytest.approx(d["hamiltonian"])
+    assert lines["KE"] == pytest.approx(d["kinetic"])
+    assert lines["-(Lt/2) COI"] == pytest.approx(d["potential"])
+    assert lines["H(A, B)"] == pytest.approx(d["hamiltonian_ab"])
+    assert lines["k* = -(2/Lt) H"] == pytest.approx(d["k_star"])
+    assert lines["stable rank of A_l"] == pytest.approx(d["stable_rank"])
+    fig2 = plot_layer_spectra(res)
+    ys = [list(ln.get_ydata()) for ln in fig2.axes[0].lines]
+    assert ys == [pytest.approx(row) for row in d["singular_values"]]
+    import matplotlib.pyplot as plt
+
+    _, one = plt.subplots()
+    fig3 = plot_hamiltonian(res, ax=one)
+    assert len(fig3.axes) == 2  # the energies and a twin axis with k*
+    plt.close("all")
+
+
+# --------------------------------------------------------------------------- the study's claim
+# Study: teacher 30 -> 3 -> 30 (k* = 3), N = 1000, w = 100, L = 20. Here a smaller setting that
+# trains in ~10 s per Lt on one idle core: N = 200, w = 40, L = 10 (equidistant, so rho Lt < 1 needs
+# Lt < 10; at Lt >= 5 the default init decays like e^-Lt and training collapses to the zero net),
+# lam = 1e-2, 2000 full-batch Adam steps (lr 5e-3, cosine), float64.
+# Measured (median over the middle layers 3..7 of -(2/Lt) H): Lt = 1: -43.0, Lt = 2: -5.8,
+# Lt = 4: 1.86. The middle states at Lt = 4 (layer 5) have 4 large singular values (9.2, 4.0, 3.3,
+# 2.4, then 0.25): 3 after centering (4.1, 3.3, 2.5, then 0.45) plus one along the mean. Note that
+# the target Y itself has rank 3 (the teacher's last layer is linear), so the last layers are rank 3
+# whatever the net does; the claim is about the middle layers. H is not yet constant
+# across layers at this training length (H(A, B) / H ~ 0.4 in the middle; gradient norm ~1e-3).
+CLAIM_LEAKS = (1.0, 2.0, 4.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _teacher_xy() -> tuple[torch.Tensor, torch.Tensor]:
+    from resgeom_fast.data import teacher
+
+    return teacher((30, 3, 30), n=200, seed=0, dtype=D).tensors("train")
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_leaky(leak: float) -> LeakyResNet:
+    from resgeom_fast.train import train
+
+    X, Y = _teacher_xy()
+    m = LeakyResNet(30, 40, 10, 30, leak, lam=1e-2, seed=0).to(D)
+    train(m, (X, Y), 2000, optimizer="adam", lr=5e-3, batch_size=X.shape[0], loss_fn="mse",
+          schedule="cosine", progress=False, seed=0)
+    return m
+
+
+def test_teacher_claim_k_star_approaches_bottleneck_rank() -> None:
+    X, Y = _teacher_xy()
+    k = {lt: hamiltonian(_trained_leaky(lt), X, Y).summary()["k_star_middle"] for lt in CLAIM_LEAKS}
+    err = [abs(k[lt] - 3.0) for lt in CLAIM_LEAKS]
+    assert k[1.0] < k[2.0] < k[4.0], k  # -(2/Lt) H rises with Lt ...
+    assert err[0] > err[1] > err[2], k  # ... towards k* = 3
+    assert err[2] < 1.5, k  # measured 1.14 at Lt = 4
+    with torch.no_grad():
+        assert float(_trained_leaky(4.0).data_loss(_trained_leaky(4.0)(X), Y)) < 0.05  # the teacher is fitted
+
+
+def test_teacher_claim_middle_layers_have_three_large_singular_values() -> None:
+    X, Y = _teacher_xy()
+    m = _trained_leaky(4.0)
+    res = hamiltonian(m, X, Y)
+    mid = res.middle
+    assert mid == [3, 4, 5, 6, 7]
+    # uncentered A_l: 3 directions + the mean direction (4 singular values above 0.1 x the largest)
+    assert res.rank[mid].tolist() == [4] * len(mid)
+    # centered states: 3 large singular values; the gap s_3 / s_4 widens through the middle
+    # (measured 2.1, 3.4, 5.5, 8.3, 11.2 at l = 3..7: layer 3 is still compressing)
+    with torch.no_grad():
+        _, hs = m(X, return_hidden=True)
+    gaps = []
+    for l in mid:
+        s = torch.linalg.svdvals(hs[l] - hs[l].mean(0))
+        gaps.append(float(s[2] / s[3]))
+    assert all(a < b for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[0] > 1.5 and min(gaps[1:]) > 3.0, gaps
+    sv = res.singular_values
+    assert bool((sv[5:8, 3] > 5 * sv[5:8, 4]).all())  # uncentered: a gap after the 4th from layer 5 on
+    # the first layers are not in the bottleneck
+    assert res.rank[0].item() > 10
+
+
+# --------------------------------------------------------------------------- input checks
+def test_rejects_non_leaky_model() -> None:
+    X, Y = _xy()
+    with pytest.raises(TypeError, match="hamiltonian: expected leaky_model"):
+        hamiltonian(FCResNet(3, 5, 2, 2).to(D), X, Y)
+
+
+def test_rejects_zero_leak() -> None:
+    X, Y = _xy()
+    with pytest.raises(ValueError, match="leak"):
+        hamiltonian(LeakyResNet(3, 5, 4, 2, 0.0).to(D), X, Y)
+
+
+@pytest.mark.parametrize("gamma0", [0.0, -1e-3, float("nan")])
+def test_rejects_bad_gamma0(gamma0: float) -> None:
+    X, Y = _xy()
+    with pytest.raises(ValueError, match="gamma0"):
+        hamiltonian(_random_model(), X, Y, gamma0)
+
+
+def test_rejects_bad_tol() -> None:
+    X, Y = _xy()
+    with pytest.raises(ValueError, match="tol"):
+        hamiltonian(_random_model(), X, Y, tol=1.5)
+
+
+def test_rejects_row_mismatch() -> None:
+    X, Y = _xy()
+    with pytest.raises(ValueError, match="expected Y with 7 rows"):
+        hamiltonian(_random_model(), X, Y[:5])
+
+
+def test_rejects_wrong_feature_dim() -> None:
+    X, Y = _xy()
+    with pytest.raises(ValueError, match=r"expected X of shape \[N, 3\]"):
+        hamiltonian(_random_model(), X[:, :2], Y)
+
+
+def test_rejects_wrong_dtype() -> None:
+    X, Y = _xy()
+    with pytest.raises(ValueError, match="dtype"):
+        hamiltonian(_random_model(), X.float(), Y)
+
+
+def test_rejects_non_tensor() -> None:
+    _, Y = _xy()
+    with pytest.raises(TypeError, match="expected X a tensor"):
+        hamiltonian(_random_model(), [[0.0, 1.0, 2.0]], Y)
+
+
+def test_bottleneck_rank_rejects_bad_input() -> None:
+    res = hamiltonian(_random_model(), *_xy())
+    with pytest.raises(TypeError, match="bottleneck_rank"):
+        bottleneck_rank({"rank": 3})
+    with pytest.raises(ValueError, match="rel"):
+        bottleneck_rank(res, rel=0.0)
+    assert isinstance(res, HamiltonianResult)
