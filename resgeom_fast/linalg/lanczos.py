@@ -57,7 +57,8 @@ class Lanczos:
             if j + 1 < self.max_steps:
                 broke = norm <= self.breakdown_tol * self.scale.clamp_min(1e-300)
                 safe = torch.where(broke, torch.ones_like(norm), norm)
-                self.V[:, j + 1] = (w.double() / safe[:, None]).to(self.op.dtype)
+                # normalise in the working dtype, straight into the basis (no float64 round trip)
+                torch.div(w, safe.to(w.dtype)[:, None], out=self.V[:, j + 1])
                 if bool(broke.any()):
                     self._restart(broke.nonzero().flatten(), j + 1)
         return self.steps

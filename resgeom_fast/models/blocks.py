@@ -86,14 +86,22 @@ class ResidualBlock(nn.Module):
         """``skip(h) + scale * branch(h)``, the pre-``post`` sum without hyper connections."""
         return self.skip(h) + self.scale * self.branch(h)
 
-    def forward(self, h: Tensor, earlier_mean: Optional[Tensor] = None) -> Tensor:
+    def forward(self, h: Tensor, earlier_mean: Optional[Tensor] = None,
+                hyper_sums: Optional[dict] = None) -> Tensor:
         """Block output ``post(skip(h) + scale * branch(h) [+ earlier_mean])``.
 
         Args:
             h: block input h_{l-1}.
             earlier_mean: the hyper-residual term m_l (same shape as the output), or None.
+            hyper_sums: the network's running sums ``{per-sample shape: [sum, count]}`` of earlier
+                outputs; the entry matching this block's output shape adds ``sum / count``
+                (how :class:`~resgeom_fast.models.network.ResidualNetwork` applies hyper).
         """
         out = self.residual(h)
+        if hyper_sums is not None:
+            entry = hyper_sums.get(tuple(out.shape[1:]))
+            if entry is not None:
+                out = out + entry[0] / entry[1]
         if earlier_mean is not None:
             out = out + earlier_mean
         return self.post(out)

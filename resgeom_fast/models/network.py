@@ -79,11 +79,9 @@ class ResidualNetwork(nn.Module):
         sums: dict[tuple[int, ...], list] = {}
         for block in self.blocks:
             if self.hyper:
-                r = block.residual(h)
-                entry = sums.get(tuple(r.shape[1:]))
-                if entry is not None:
-                    r = r + entry[0] / entry[1]
-                out = block.post(r)
+                # called as a module (not block.residual / block.post) so that hooks -- block
+                # discovery, residual Jacobians -- see the block input h_{l-1}
+                out = block(h, hyper_sums=sums)
                 key = tuple(h.shape[1:])
                 if key in sums:
                     sums[key][0] = sums[key][0] + h

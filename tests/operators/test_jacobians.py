@@ -7,6 +7,7 @@ from torch import nn
 
 from _operator_nets import Block, ConvNet, FCNet, rel
 from resgeom_fast.operators import (
+    block_inputs,
     fast_path_supported,
     mark_residual_block,
     residual_blocks,
@@ -108,6 +109,20 @@ def test_package_models_discovered():
     g = residual_jacobians(r18, x, blocks=[0, 2], path="generic")
     V = torch.randn(2, ops[1].shape[1], 3, dtype=torch.float64)
     assert rel(ops[1].matmat(V), g[1].matmat(V)) < 1e-10
+
+
+def test_hyper_residual_block_inputs_are_the_hidden_states():
+    models = pytest.importorskip("resgeom_fast.models")
+    net = models.FCResNet(8, 6, 4, 3, hyper=True, seed=0).double().eval()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    _, hs = net(x, return_hidden=True)
+    infos = residual_blocks(net)
+    for h_in, h in zip(block_inputs(net, x, infos), hs[:-1]):
+        torch.testing.assert_close(h_in, h, rtol=0, atol=0)
+    J = residual_jacobians(net, x)[2]
+    b = 1
+    dense = torch.func.jacrev(net.blocks[2].branch)(hs[2][b:b + 1]).reshape(6, 6)
+    torch.testing.assert_close(J.matmat(torch.eye(6, dtype=torch.float64).expand(5, 6, 6))[b], dense)
 
 
 # -- Jacobians ----------------------------------------------------------------------------------
