@@ -1,5 +1,59 @@
 """The analyses of the five studies (layer 6): operators, models and data -> result objects.
 
-Each analysis returns a dataclass with ``to_dict()`` / ``to_json(path)`` and has plot helpers
-beside it (``plot_*`` functions in the same module, matplotlib, returning a Figure).
+Each analysis returns a dataclass with ``to_dict()`` / ``to_json(path)`` / ``summary()`` and has
+plot helpers beside it (``plot_*`` functions of the same module, returning a matplotlib Figure
+whose numbers are the ones ``to_dict()`` exports).
+
+- :func:`residual_alignment` (alignment.py): RA1-RA4 of residual Jacobians (SCIENCE.md 1).
+- :func:`hessian_spectrum` (spectrum.py): extreme eigenvalues, trace, SLQ density, degeneracy (2).
+- :func:`singularities` (singularities.py): elimination, overlap, linear dependence of units (2).
+- :func:`path_expansion`, :func:`second_order_expansion`, :func:`remainder_scaling`,
+  :func:`geometric_complexity`, :func:`output_norm_vs_depth` (expansion.py) (3).
+- :func:`hamiltonian` (hamiltonian.py): COI, kinetic energy, H, H(A, B), bottleneck rank (4).
+- :func:`collapse` (collapse.py), :func:`mufm` (mufm.py): progressive feedforward collapse (5).
 """
+from resgeom_fast.analysis.alignment import (
+    AlignmentResult,
+    StageAlignment,
+    depth_scaling,
+    plot_cross_alignment,
+    plot_sigma1,
+    plot_singular_values,
+    plot_trajectories,
+    residual_alignment,
+    trajectory_metrics,
+)
+from resgeom_fast.analysis.collapse import CollapseResult, collapse, collapse_metrics, plot_collapse
+from resgeom_fast.analysis.expansion import (
+    ExpansionResult,
+    GCResult,
+    PathExpansionResult,
+    geometric_complexity,
+    output_norm_vs_depth,
+    path_expansion,
+    plot_output_norms,
+    plot_path_orders,
+    remainder_scaling,
+    second_order_expansion,
+)
+from resgeom_fast.analysis.hamiltonian import (
+    HamiltonianResult,
+    bottleneck_rank,
+    hamiltonian,
+    plot_hamiltonian,
+    plot_layer_spectra,
+)
+from resgeom_fast.analysis.mufm import MUFMResult, mufm, plot_mufm
+from resgeom_fast.analysis.singularities import SingularityResult, plot_singularities, singularities
+from resgeom_fast.analysis.spectrum import SpectrumResult, hessian_spectrum, plot_density, plot_eigenvalues
+
+__all__ = [
+    "AlignmentResult", "CollapseResult", "ExpansionResult", "GCResult", "HamiltonianResult", "MUFMResult",
+    "PathExpansionResult", "SingularityResult", "SpectrumResult", "StageAlignment", "bottleneck_rank",
+    "collapse", "collapse_metrics", "depth_scaling", "geometric_complexity", "hamiltonian",
+    "hessian_spectrum", "mufm", "output_norm_vs_depth", "path_expansion", "plot_collapse",
+    "plot_cross_alignment", "plot_density", "plot_eigenvalues", "plot_hamiltonian", "plot_layer_spectra",
+    "plot_mufm", "plot_output_norms", "plot_path_orders", "plot_sigma1", "plot_singular_values",
+    "plot_singularities", "plot_trajectories", "remainder_scaling", "residual_alignment",
+    "second_order_expansion", "singularities", "trajectory_metrics",
+]
