@@ -9,7 +9,7 @@ ifneq ($(strip $(CUDA_HOME)),)
 export CUDA_HOME
 endif
 export MAX_JOBS ?= 2
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py pyproject.toml
 
 .PHONY: all venv build test ctest demo bench clean
 
@@ -19,7 +19,7 @@ venv: $(VENV)/.deps
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy scipy pybind11 ninja \
-		scikit-learn matplotlib tqdm pytest pytest-benchmark
+		scikit-learn matplotlib tqdm pyyaml pytest pytest-benchmark
 	touch $@
 
 build: $(VENV)/.built
@@ -39,12 +39,13 @@ ctest: $(VENV)/.deps
 	cmake --build build-cmake -j $(MAX_JOBS)
 	ctest --test-dir build-cmake --output-on-failure
 
+# The main job: train a ResNet and its plain twin on digits, run every analysis, write the report
+# (reports/demo/report.md, results.json, figures). A re-run resumes; --fresh starts over.
 demo: build
-	$(VPY) examples/spectral_demo.py --out reports/spectral_demo
+	$(VPY) -m resgeom_fast demo --out reports/demo
 
 bench: build
-	$(VPY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
-		--benchmark-json=benchmarks/results/latest.json
+	$(VPY) -m resgeom_fast bench --json benchmarks/results/latest.json
 
 clean:
 	rm -rf build build-cmake *.egg-info resgeom_fast/_C*.so $(VENV)/.built

@@ -1,0 +1,134 @@
+"""The ``resgeom`` command (also ``python -m resgeom_fast``).
+
+    resgeom demo    [--out DIR] [--size tiny|default] [--device cpu|cuda] [--seed N] [--fresh]
+    resgeom run     STUDY [--config FILE.json|yaml] [--out DIR] [--set key=value ...] [--list-options]
+    resgeom analyze --model torchvision:resnet18|module:pkg.mod:factory [--checkpoint FILE]
+                    --data digits|random-cifar|torchvision:NAME:ROOT [...]
+    resgeom bench   [--quick] [--json FILE]
+
+Every long step shows a progress bar, writes its result atomically into the output folder and
+is skipped when the same command runs again (Ctrl-C leaves a resumable folder). Bad input (an
+unknown study, option, data set or a missing file) prints one line ``resgeom: error: ...`` and
+exits with code 2; an interrupted run exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): ``resgeom: error: ...``, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        from resgeom_fast.experiments.config import UsageError
+
+        where = self.prog[len("resgeom"):].strip()
+        raise UsageError(f"{where}: {message}" if where else message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from resgeom_fast.experiments.studies import STUDY_NAMES
+
+    p = _Parser(prog="resgeom", description="Geometry of residual networks: runnable studies and reports.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{demo,run,analyze,bench}")
+    common = _Parser(add_help=False)
+    common.add_argument("--fresh", action="store_true", help="discard earlier steps and checkpoints in --out")
+    common.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
+
+    d = sub.add_parser("demo", parents=[common], help="train a ResNet and its plain twin on digits, run every analysis")
+    d.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
+    d.add_argument("--size", default="default", help="tiny | default (tiny is for tests: well under a minute)")
+    d.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    d.add_argument("--seed", default="0", help="seed of data split, weights and probes")
+
+    r = sub.add_parser("run", parents=[common], help=f"run one study: {', '.join(STUDY_NAMES)}")
+    r.add_argument("study", help=f"one of: {', '.join(STUDY_NAMES)}")
+    r.add_argument("--config", default=None, help="options as a JSON (or YAML with PyYAML) mapping")
+    r.add_argument("--out", default=None, help="report folder (default reports/<study>)")
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one option (repeatable); see --list-options")
+    r.add_argument("--list-options", action="store_true", help="print the study's options and exit")
+
+    a = sub.add_parser("analyze", parents=[common], help="alignment per stage and the Hessian spectrum of your model")
+    a.add_argument("--model", required=True, help="torchvision:NAME (resnet18, resnet34, ...) or module:pkg.mod:factory")
+    a.add_argument("--checkpoint", default=None, help="state dict or resgeom trainer checkpoint (.pt) to load")
+    a.add_argument("--data", default="random-cifar", help="digits | random-cifar | torchvision:NAME:ROOT")
+    a.add_argument("--num-classes", default="10", help="classes of the model's head / the data (default 10)")
+    a.add_argument("--samples", default="8", help="inputs for the alignment analysis (default 8)")
+    a.add_argument("--batch", default="32", help="samples of the Hessian's loss (default 32)")
+    a.add_argument("--k", default=None, help="singular triplets per block (default C + 5)")
+    a.add_argument("--power-iters", default="2", help="randomized SVD power iterations (default 2)")
+    a.add_argument("--oversample", default="10", help="randomized SVD oversampling (default 10)")
+    a.add_argument("--probes", default="4", help="SLQ probes of the Hessian density (default 4)")
+    a.add_argument("--steps", default="30", help="Lanczos steps per SLQ probe (default 30)")
+    a.add_argument("--trace-probes", default="12", help="Hutch++ products for the trace (default 12)")
+    a.add_argument("--params", default=None,
+                   help="comma list of parameter / module names spanning the Hessian (default: all; e.g. layer4,fc)")
+    a.add_argument("--analyses", default="alignment,hessian", help="comma list of alignment, hessian")
+    a.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    a.add_argument("--seed", default="0")
+    a.add_argument("--out", default="reports/analyze", help="report folder (default reports/analyze)")
+
+    b = sub.add_parser("bench", help="run the benchmark suite and print the ratio table")
+    b.add_argument("--quick", action="store_true", help="only the op benchmarks (a few minutes)")
+    b.add_argument("--json", default=None, help="benchmark JSON path (default benchmarks/results/latest.json)")
+    b.add_argument("--benchmarks", default=None, help="the benchmarks folder (default: the source checkout's)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    from resgeom_fast.experiments.config import UsageError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out_hint: Optional[str] = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        from resgeom_fast.experiments import commands
+
+        if args.command == "bench":
+            return commands.bench(quick=args.quick, json_path=args.json, benchmarks_dir=args.benchmarks)
+        out_hint = getattr(args, "out", None)
+        if args.command == "demo":
+            rep = commands.demo(out=args.out, size=args.size, device=args.device, seed=args.seed,
+                                fresh=args.fresh, progress=not args.quiet)
+        elif args.command == "run":
+            if args.list_options:
+                print(commands.describe_options(args.study))
+                return 0
+            out_hint = args.out or f"reports/{args.study}"
+            rep = commands.run_study(args.study, config_path=args.config, out=out_hint, sets=args.sets,
+                                     fresh=args.fresh, progress=not args.quiet)
+        else:
+            rep = commands.analyze(model=args.model, checkpoint=args.checkpoint, data=args.data,
+                                   num_classes=args.num_classes, samples=args.samples, batch=args.batch, k=args.k,
+                                   power_iters=args.power_iters, oversample=args.oversample, probes=args.probes,
+                                   steps=args.steps, trace_probes=args.trace_probes, analyses=args.analyses,
+                                   device=args.device, seed=args.seed, out=args.out, fresh=args.fresh,
+                                   progress=not args.quiet, params=args.params)
+        print(f"report: {rep.report_path}")
+        return 0
+    except UsageError as err:
+        msg = str(err).replace("\n", " ")
+        print(f"resgeom: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        where = f" in {out_hint}" if out_hint else ""
+        print(f"\nresgeom: interrupted; finished steps are kept{where}: run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

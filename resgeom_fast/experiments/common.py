@@ -1,0 +1,141 @@
+"""Shared pieces of the studies: devices, data sets by name, models from specs, resumable training."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .config import UsageError
+from .runner import Runner
+
+__all__ = ["DATASETS_HELP", "build_model", "load_data", "resolve_device", "train_step"]
+
+DATASETS_HELP = "digits | gaussian_mixture | torchvision:NAME:ROOT (NAME in mnist, fashionmnist, cifar10, cifar100)"
+
+
+def resolve_device(name: str) -> torch.device:
+    """"cpu", "cuda" or "cuda:N"; a UsageError when CUDA is asked for but not visible."""
+    if not isinstance(name, str) or not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
+        raise UsageError(f"device: expected one of ['cpu', 'cuda', 'cuda:N'], got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device: {name!r} asked for but no CUDA GPU is visible; use --device cpu")
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"device: expected one of ['cpu', 'cuda', 'cuda:N'], got {name!r}") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return dev
+    return torch.device("cpu")
+
+
+def load_data(spec: str, *, image: bool = False, n_train: Optional[int] = None, n_test: Optional[int] = None,
+              seed: int = 0):
+    """A :class:`resgeom_fast.data.Dataset` by name.
+
+    Args:
+        spec: "digits", "gaussian_mixture" (10 classes in 64 dimensions) or
+            "torchvision:NAME:ROOT" (MNIST / FashionMNIST / CIFAR from a local folder, never
+            downloaded).
+        image: keep image inputs [N, C, H, W] (conv nets); False flattens them (FC nets).
+        n_train, n_test: keep only the first samples of each split (None: all).
+        seed: split seed of digits, draw seed of the mixture.
+    """
+    from resgeom_fast import data as rdata
+
+    if spec == "digits":
+        ds = rdata.digits(seed=seed, image=image)
+    elif spec == "gaussian_mixture":
+        if image:
+            raise UsageError("dataset: gaussian_mixture has no image form; use model=fc")
+        ds = rdata.gaussian_mixture(num_classes=10, dim=64, n=1500, separation=4.0, seed=seed, n_test=500)
+    elif spec.startswith("torchvision:"):
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or not parts[2]:
+            raise UsageError(f"dataset: expected torchvision:NAME:ROOT, got {spec!r}")
+        name, root = parts[1].lower(), parts[2]
+        if name not in rdata.VISION_DATASETS:
+            raise UsageError(f"dataset: unknown torchvision data set {parts[1]!r}; allowed: {', '.join(rdata.VISION_DATASETS)}")
+        missing = [f for f in rdata.expected_files(name, root) if not os.path.isfile(f)]
+        if missing:
+            raise UsageError(f"dataset: {name} files not found under {root!r} (nothing is downloaded); "
+                             f"missing {len(missing)} file(s), e.g. {missing[0]}")
+        try:
+            ds = rdata.torchvision_dataset(name, root, image=image, n_train=n_train, n_test=n_test)
+        except RuntimeError as err:
+            raise UsageError(f"dataset: {str(err).splitlines()[0]}") from None
+        return ds
+    else:
+        raise UsageError(f"dataset: unknown data set {spec!r}; allowed: {DATASETS_HELP}")
+    if not image:
+        ds = ds.flat()
+    if n_train is not None or n_test is not None:
+        ds = ds.subset(n_train, n_test)
+    return ds
+
+
+def build_model(spec: Mapping[str, Any]) -> nn.Module:
+    """A model of this package from a JSON-friendly spec (``kind`` plus constructor arguments).
+
+    kinds: "fc" (:class:`FCResNet`: in_dim, width, depth, num_classes, skip, hyper, norm, scale,
+    seed), "conv" (:class:`ConvResNet`: in_channels instead of in_dim), "leaky"
+    (:class:`LeakyResNet`: in_dim, width, depth, out_dim, leak, steps, lam, seed); an optional
+    "dtype" ("float32" / "float64") casts the model.
+    """
+
+    kw = dict(spec)
+    kind = kw.pop("kind")
+    dtype = kw.pop("dtype", None)
+    model = _build(kind, kw)
+    return model.to(getattr(torch, dtype)) if dtype else model
+
+
+def _build(kind: str, kw: dict[str, Any]) -> nn.Module:
+    from resgeom_fast import models
+
+    if kind == "fc":
+        return models.FCResNet(kw.pop("in_dim"), kw.pop("width"), kw.pop("depth"), kw.pop("num_classes"), **kw)
+    if kind == "conv":
+        return models.ConvResNet(kw.pop("in_channels"), kw.pop("width"), kw.pop("depth"), kw.pop("num_classes"), **kw)
+    if kind == "leaky":
+        return models.LeakyResNet(kw.pop("in_dim"), kw.pop("width"), kw.pop("depth"), kw.pop("out_dim"),
+                                  kw.pop("leak"), kw.pop("steps", "equidistant"), **kw)
+    raise ValueError(f"build_model: expected spec kind one of ['fc', 'conv', 'leaky'], got {kind!r}")
+
+
+def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any, data_key: Mapping[str, Any],
+               train_kwargs: Mapping[str, Any], device: torch.device,
+               regularizers: tuple = (), callbacks: tuple = ()) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``spec``, train it (step ``train_<name>``, checkpointed every epoch) and return it in
+    eval mode with the step's result ``{"history": [...], "final": {...}}``.
+
+    A finished step is not recomputed: the weights are loaded from its checkpoint. An interrupted
+    training resumes from its last epoch. ``data_key`` describes the data (it enters the hash).
+    """
+    from resgeom_fast.train import load_checkpoint, train
+
+    model = build_model(spec).to(device)
+    deps = {"model": dict(spec), "data": dict(data_key), "train": dict(train_kwargs),
+            "regularizers": [repr(r) for r in regularizers]}
+    ckdir = runner.checkpoint_dir(name, deps)
+    step = f"train_{name}"
+    if runner.is_done(step, deps):
+        try:
+            load_checkpoint(model, ckdir)
+        except FileNotFoundError:
+            runner.message(f"step {step}: checkpoint missing in {ckdir}, training again")
+            os.remove(runner.step_path(step))
+
+    def fn() -> dict[str, Any]:
+        kw = dict(train_kwargs)
+        epochs = kw.pop("epochs")
+        res = train(model, dataset.to(device=device) if hasattr(dataset, "to") else dataset, epochs,
+                    checkpoint_dir=ckdir, resume=True, progress=runner.progress, regularizers=regularizers,
+                    callbacks=callbacks, **kw)
+        return {"history": res.history, "final": res.final, "resumed_from": res.resumed_from}
+
+    out = runner.step(step, fn, deps=deps)
+    return model.eval(), out

@@ -1,0 +1,219 @@
+"""Report folders: results.json, PNG figures built from it, and report.md.
+
+Figures are drawn from the results dictionary *after* it has been through JSON (the exact data of
+results.json), never from live objects, so every plotted number can be checked against the file.
+Each data-carrying artist is tagged with a ``gid`` that names where its numbers live in
+results.json (:func:`tag`): ``"x=PATH;y=PATH"`` for a Line2D, ``"z=PATH"`` for an image,
+``"h=PATH"`` for a bar. PATH is dot-separated keys / list indices; ``x=index`` / ``x=index1``
+mean 0..n-1 / 1..n. :func:`check_figure` verifies a figure against the dictionary (the tests use
+it on every figure of the demo).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from resgeom_fast.analysis._common import atomic_write_json, atomic_write_text, to_jsonable
+
+__all__ = ["FigureSpec", "check_figure", "fmt", "get_path", "tag", "write_report"]
+
+
+@dataclass
+class FigureSpec:
+    """One figure of a report.
+
+    Attributes:
+        name: file stem (``figures/<name>.png``).
+        title: a heading for report.md.
+        build: results dict (as loaded from results.json) -> matplotlib Figure.
+        reading: results dict -> a one-line reading of the figure (from the summaries).
+    """
+
+    name: str
+    title: str
+    build: Callable[[dict[str, Any]], Any]
+    reading: Callable[[dict[str, Any]], str]
+
+
+@dataclass
+class Report:
+    """What :func:`write_report` wrote (``specs``: the figure specs, to rebuild a figure from results.json)."""
+
+    out: str
+    results_path: str
+    report_path: str
+    figures: list[str] = field(default_factory=list)
+    specs: list[FigureSpec] = field(default_factory=list)
+
+
+def get_path(results: Mapping[str, Any], path: str) -> Any:
+    """``results["a"]["b"][3]`` for ``path = "a.b.3"``; a ``*`` maps the rest over a list
+    (``"pca.0.*.1"`` is ``[row[1] for row in results["pca"][0]]``)."""
+    return _walk(results, path.split("."))
+
+
+def _walk(node: Any, parts: list[str]) -> Any:
+    for i, part in enumerate(parts):
+        if part == "*":
+            return [_walk(item, parts[i + 1:]) for item in node]
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node[part]
+    return node
+
+
+def tag(artist: Any, **paths: str) -> Any:
+    """Tag ``artist`` with where its data lives (``tag(line, x="index", y="a.b")``); returns it."""
+    artist.set_gid(";".join(f"{k}={v}" for k, v in paths.items()))
+    return artist
+
+
+def _floats(values: Any) -> list[float]:
+    import numpy as np
+
+    arr = np.asarray([math.nan if v is None else v for v in np.ravel(np.asarray(values, dtype=object))], dtype=float)
+    return arr.tolist()
+
+
+def _same(a: Sequence[float], b: Sequence[float], rtol: float = 1e-9) -> bool:
+    if len(a) != len(b):
+        return False
+    for u, v in zip(a, b):
+        if math.isnan(u) and math.isnan(v):
+            continue
+        if not math.isclose(u, v, rel_tol=rtol, abs_tol=1e-12):
+            return False
+    return True
+
+
+def check_figure(fig: Any, results: Mapping[str, Any]) -> int:
+    """Compare every tagged artist of ``fig`` with ``results``; returns how many were checked.
+
+    Raises AssertionError naming the artist whose data differ from the dictionary.
+    """
+    import numpy as np
+
+    checked = 0
+    for ax in fig.axes:
+        artists = list(ax.lines) + list(ax.images) + list(ax.patches)
+        for art in artists:
+            gid = art.get_gid()
+            if not gid:
+                continue
+            paths = dict(part.split("=", 1) for part in gid.split(";"))
+            if "y" in paths:
+                xd, yd = _floats(art.get_xdata()), _floats(art.get_ydata())
+                want_y = _floats(get_path(results, paths["y"]))
+                assert _same(yd, want_y), f"{gid}: y data {yd[:5]}... differ from results {want_y[:5]}..."
+                xp = paths.get("x", "index")
+                if xp in ("index", "index1"):
+                    want_x = [float(i + (xp == "index1")) for i in range(len(want_y))]
+                else:
+                    want_x = _floats(get_path(results, xp))
+                assert _same(xd, want_x), f"{gid}: x data {xd[:5]}... differ from results {want_x[:5]}..."
+            elif "z" in paths:
+                z = np.ma.filled(np.ma.asarray(art.get_array()).astype(float), np.nan)
+                want = _floats(get_path(results, paths["z"]))
+                assert _same(_floats(z), want), f"{gid}: image data differ from results"
+            elif "h" in paths:
+                want_h = _floats([get_path(results, paths["h"])])[0]
+                got = float(art.get_height())
+                assert _same([got], [want_h]), f"{gid}: bar height {got} differs from results {want_h}"
+            else:
+                raise AssertionError(f"unknown tag {gid!r}")
+            checked += 1
+    return checked
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for a one-line reading (``n/a`` for None / NaN)."""
+    if value is None:
+        return "n/a"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):
+        return "n/a"
+    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}"
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+
+    import resgeom_fast
+
+    return {"resgeom_fast": resgeom_fast.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cuda_available": torch.cuda.is_available(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_report(out: str, title: str, results: Mapping[str, Any], figures: Sequence[FigureSpec], *,
+                 intro: str = "", summaries: Optional[Mapping[str, Mapping[str, Mapping[str, float]]]] = None,
+                 config: Optional[Mapping[str, Any]] = None, progress: bool = False) -> Report:
+    """Write ``out/results.json``, ``out/figures/<name>.png`` and ``out/report.md``.
+
+    Args:
+        out: the report folder.
+        title: the report's first heading.
+        results: JSON-friendly results; written first, then re-read so figures use the file's data.
+        figures: the figures, in report order.
+        intro: Markdown paragraph under the title.
+        summaries: ``{model: {analysis: summary dict}}`` rendered as tables at the end.
+        config: the configuration, rendered as a table.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+    payload = dict(to_jsonable(results))
+    payload.setdefault("environment", _environment())
+    results_path = os.path.join(out, "results.json")
+    atomic_write_json(results_path, payload)
+    with open(results_path, encoding="utf-8") as fh:
+        data = json.load(fh)
+
+    lines = [f"# {title}", ""]
+    if intro:
+        lines += [intro, ""]
+    written: list[str] = []
+    from tqdm.auto import tqdm
+
+    for spec in tqdm(figures, desc="figures", disable=not progress, leave=False):
+        fig = spec.build(data)
+        path = os.path.join(out, "figures", f"{spec.name}.png")
+        tmp = os.path.join(out, "figures", f".{spec.name}.tmp-{os.getpid()}.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+        plt.close(fig)
+        written.append(path)
+        lines += [f"## {spec.title}", "", f"![{spec.title}](figures/{spec.name}.png)", "",
+                  f"Reading: {spec.reading(data)}", ""]
+    if summaries:
+        lines += ["## Headline numbers (summary() of every result)", ""]
+        for model, analyses in summaries.items():
+            lines += [f"### {model}", "", "| analysis | metric | value |", "|---|---|---:|"]
+            for analysis, summ in analyses.items():
+                for key, value in summ.items():
+                    lines.append(f"| {analysis} | {key} | {fmt(value, 4)} |")
+            lines.append("")
+    if config:
+        lines += ["## Configuration", "", "| option | value |", "|---|---|"]
+        lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in config.items()]
+        lines.append("")
+    env = data.get("environment", {})
+    lines += [f"_resgeom_fast {env.get('resgeom_fast', '?')}, torch {env.get('torch', '?')}, {env.get('date', '')}._", ""]
+    report_path = os.path.join(out, "report.md")
+    atomic_write_text(report_path, "\n".join(lines))
+    return Report(out=out, results_path=results_path, report_path=report_path, figures=written,
+                  specs=list(figures))
