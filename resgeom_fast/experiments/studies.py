@@ -322,7 +322,7 @@ def _density_figure(models: list[str], root: str = "models") -> FigureSpec:
             grid, dens = np.array(s["grid"], float), np.array([np.nan if v is None else v for v in s["density"]], float)
             std = np.array([np.nan if v is None else v for v in s["density_std"]], float)
             (ln,) = ax.plot(grid, dens, color=f"C{i}", lw=1.2,
-                            label=f"{m} (degenerate {fmt(s['degeneracy_fraction'])}, negative {fmt(s['negative_fraction'])})")
+                            label=f"{m} (degenerate {fmt(s['degeneracy_fraction'])}, negative {fmt(s['significant_negative_fraction'])})")
             from .report import tag
 
             tag(ln, x=f"{root}.{m}.spectrum.result.grid", y=f"{root}.{m}.spectrum.result.density")
@@ -343,8 +343,8 @@ def _density_figure(models: list[str], root: str = "models") -> FigureSpec:
         return "; ".join(
             f"{m}: lambda_max {fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['lambda_max'])}, lambda_min "
             f"{fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['lambda_min'])}, near-zero mass "
-            f"{fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['degeneracy_fraction'])}, negative mass "
-            f"{fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['negative_fraction'])}" for m in models) + "."
+            f"{fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['degeneracy_fraction'])}, negative mass (lambda < -eps lambda_max) "
+            f"{fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['significant_negative_fraction'])}" for m in models) + "."
 
     return FigureSpec("hessian_density", "Hessian spectral density with spread", build, reading)
 
@@ -502,7 +502,7 @@ def run_hessian(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
     def bars_build(r: dict) -> Any:
         fig, axes = new_figure(2)
         bars(axes[0], r, archs, [("near-zero mass", "models.{g}.spectrum.summary.degeneracy_fraction"),
-                                 ("negative mass", "models.{g}.spectrum.summary.negative_fraction")],
+                                 ("negative mass (lambda < -eps lambda_max)", "models.{g}.spectrum.summary.significant_negative_fraction")],
              title="Hessian spectral mass", ylabel="fraction of the spectrum")
         bars(axes[1], r, archs, [("lambda_max", "models.{g}.spectrum.summary.lambda_max")],
              title="largest Hessian eigenvalue", ylabel="lambda_max", logy=True)
