@@ -19,12 +19,18 @@ Two exact ways to apply k vectors at once (``hvp=``):
   same data, so the forward and first backward are paid once.
 - ``"forward_over_reverse"``: ``vmap(jvp(grad(loss)))`` with torch.func, recomputed per call.
 
-``"auto"`` picks per call: the cached double backward for fewer than 4 vectors (about 3x as
-fast for one vector on CPU), forward-over-reverse from 4 vectors on (~12% faster for 10 on CPU);
-see benchmarks/bench_operators.py.
+``"auto"`` uses the double backward for one vector (about 3x as fast as forward-over-reverse
+on CPU) and *measures* both methods for k >= 2 vectors per pass on the operator's own model and
+data: the first calls with a given (parameter subset, k) alternate between the two methods
+(every call returns its exact product, so nothing is wasted), two timings each, then the faster
+one (by its best timing) is used for every later call with that key. ``op.hvp_timings`` shows the
+measurements and ``op.hvp_choice(k)`` the decision. Which wins depends on model size, k and the
+device (forward-over-reverse was ~12% faster for 10 vectors on the benchmark ResNet on CPU,
+several times slower on small nets where vmap's overhead dominates).
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -60,11 +66,19 @@ def _resolve_hvp(fn: str, hvp: str, device: torch.device) -> str:
     return hvp
 
 
-# "auto": measured on CPU (benchmarks/bench_operators.py, FC ResNet width 128, 8 blocks, 512
-# samples, float32, 2 cores): the cached double backward is about 3x as fast for one vector (16
-# vs 54 ms), while vmap'd forward-over-reverse is ~12% faster for 10 vectors (184 vs 209 ms). No
-# GPU measurement was possible; the same rule is used there.
-_AUTO_FWD_REV_FROM_K = 4
+# "auto": timings per method collected before deciding (two each: the first of a method
+# includes one-off warm-up such as torch.func tracing, the best of two is compared).
+_AUTO_SAMPLES = 2
+_TUNED = ("forward_over_reverse", "double_backward")
+
+
+def _accumulate(acc: Optional[list[Tensor]], res: Sequence[Tensor], w: float) -> list[Tensor]:
+    """``acc += w * res`` per parameter (the batch weight of a DataLoader's mean loss)."""
+    if acc is None:
+        return [w * r for r in res]
+    for a, r in zip(acc, res):
+        a.add_(r, alpha=w)
+    return acc
 
 
 class _Engine:
@@ -89,6 +103,8 @@ class _Engine:
                 f"one sample are degenerate), got a batch of size {min(self.batches.sizes)}"
             )
         self._graphs: Optional[list[tuple]] = None
+        # "auto": {(param subset, k): {method: [seconds, ...]}}
+        self.timings: dict[tuple[tuple[int, ...], int], dict[str, list[float]]] = {}
         if self.cache and self.hvp in ("double_backward", "auto"):
             self._graphs = [self._build(w, x, y) for w, x, y in self.batches]
         else:  # validate the loss on the first batch
@@ -139,11 +155,36 @@ class _Engine:
         return [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if r is None else r
                 for r, p in zip(res, inputs)]
 
+    def choice(self, idx: Sequence[int], k: int) -> Optional[str]:
+        """The method "auto" uses for ``k`` vectors on params ``idx`` (None: still measuring)."""
+        if self.hvp != "auto":
+            return self.hvp
+        if k == 1:
+            return "double_backward"
+        rec = self.timings.get((tuple(idx), k))
+        if rec is None or any(len(rec[m]) < _AUTO_SAMPLES for m in _TUNED):
+            return None
+        return min(_TUNED, key=lambda m: min(rec[m]))
+
     def apply(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         """Curvature products restricted to params ``idx``: ``vs[j]`` is [k, *shape of idx[j]]."""
-        method = self.hvp
-        if method == "auto":
-            method = "forward_over_reverse" if k >= _AUTO_FWD_REV_FROM_K else "double_backward"
+        method = self.choice(idx, k)
+        if method is not None:
+            return self._apply_method(method, idx, vs, k)
+        # "auto", still measuring: the method with fewer timings so far (forward-over-reverse first)
+        rec = self.timings.setdefault((tuple(idx), k), {m: [] for m in _TUNED})
+        method = min(_TUNED, key=lambda m: len(rec[m]))
+        sync = self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        out = self._apply_method(method, idx, vs, k)
+        if sync:
+            torch.cuda.synchronize(self.device)
+        rec[method].append(time.perf_counter() - t0)
+        return out
+
+    def _apply_method(self, method: str, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         if method == "forward_over_reverse":
             return self._apply_func(idx, vs, k)
         acc: Optional[list[Tensor]] = None
@@ -157,11 +198,7 @@ class _Engine:
                 jv = self._grad([jtu[i] for i in idx], [u], vs, k)[0]           # [k, *out]
                 hjv = self._grad([gout], [outd], [jv], k)[0]                     # [k, *out]
                 res = self._grad([out], sub, [hjv], k)
-            if acc is None:
-                acc = [w * r for r in res]
-            else:
-                for a, r in zip(acc, res):
-                    a.add_(r, alpha=w)
+            acc = _accumulate(acc, res, w)
         assert acc is not None
         return acc
 
@@ -189,12 +226,7 @@ class _Engine:
                     gl = grad(lambda o: self.loss_fn(o, y))
                     hjv = vmap(lambda t: jvp(gl, (out,), (t,))[1])(jv)
                     res = vmap(vjp_fn)(hjv)
-            res = [r.detach() for r in res]
-            if acc is None:
-                acc = [w * r for r in res]
-            else:
-                for a, r in zip(acc, res):
-                    a.add_(r, alpha=w)
+            acc = _accumulate(acc, [r.detach() for r in res], w)
         assert acc is not None
         return acc
 
@@ -242,6 +274,16 @@ class CurvatureOperator(LinearOperator):
             outs.append(torch.cat([r.reshape(kc, -1) for r in res], dim=1))
         # [k, P] -> a [P, k] view: Lanczos reads it back transposed, so no copy is made here.
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).t()
+
+    @property
+    def hvp_timings(self) -> dict[int, dict[str, list[float]]]:
+        """``hvp="auto"`` measurements of this operator: {k: {method: [seconds per pass, ...]}}."""
+        return {k: {m: list(t) for m, t in rec.items()}
+                for (idx, k), rec in self._engine.timings.items() if list(idx) == self._idx}
+
+    def hvp_choice(self, k: int) -> Optional[str]:
+        """The product method used for passes of ``k`` vectors (None: ``"auto"`` still measuring)."""
+        return self._engine.choice(self._idx, k)
 
     def flatten(self, tensors: Union[dict[str, Tensor], Sequence[Tensor]]) -> Tensor:
         """Per-parameter tensors (a dict by name or a sequence in order), each ``[*shape]`` or

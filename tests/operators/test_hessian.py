@@ -38,6 +38,25 @@ def test_equals_dense_hessian(case, hvp):
     assert rel(H.matvec(V[:, 0]), dense @ V[:, 0]) < 1e-6
 
 
+def test_auto_measures_both_methods_then_keeps_the_faster():
+    model = FCNet(bn=True).double()
+    x, y = _fc_data()
+    H = hessian(model, CE, (x, y))                     # hvp="auto"
+    dense = dense_hessian(model, CE, x, y)
+    assert H.hvp_choice(1) == "double_backward" and H.hvp_choice(5) is None
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64)
+    for _ in range(4):                                 # two passes with each method, all exact
+        assert rel(H.matmat(V), dense @ V) < 1e-6
+    t = H.hvp_timings[5]
+    assert sorted(t) == ["double_backward", "forward_over_reverse"] and all(len(v) == 2 for v in t.values())
+    best = min(t, key=lambda m: min(t[m]))
+    assert H.hvp_choice(5) == best
+    assert rel(H.matmat(V), dense @ V) < 1e-6
+    assert H.hvp_timings[5] == t                       # decided: no more measuring
+    assert H.hvp_choice(3) is None                     # other pass widths are measured on their own
+    assert hessian(model, CE, (x, y), hvp="forward_over_reverse").hvp_choice(5) == "forward_over_reverse"
+
+
 def test_vectors_in_passes():
     model = FCNet(bn=True).double()
     H = hessian(model, CE, _fc_data())
