@@ -208,11 +208,12 @@ def _mass(nodes: Tensor, weights: Tensor, mask: Tensor) -> tuple[float, float]:
 
 def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, steps: int, trace_probes: int,
               trace_method: str, eps: float, sigma0: float, grid_points: int, seed: int,
-              tick: Callable[[str], None]) -> Spectrum:
+              eig_steps: Optional[int], reorth: str, tick: Callable[[str], None]) -> Spectrum:
     n = op.shape[0]
     kk = min(k, n)
     tick(f"{name}: extreme eigenvalues")
-    eg = linalg.eigsh(op, k=kk, which="both", seed=seed)
+    eg = linalg.eigsh(op, k=kk, which="both", seed=seed,
+                      max_steps=None if eig_steps is None else max(eig_steps, kk + 1))
     evals = eg.eigenvalues.detach().double().cpu()
     order = torch.argsort(evals)
     evals = evals[order]
@@ -221,7 +222,7 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
     tr = linalg.trace(op, probes=trace_probes, method=trace_method, seed=seed)
     tick(f"{name}: SLQ density")
     slq = linalg.slq_density(op, probes=probes, steps=min(steps, n), grid_size=grid_points, sigma0=sigma0,
-                             num_moments=4, seed=seed)
+                             num_moments=4, seed=seed, reorth=reorth)
     nodes, weights = slq.nodes.detach().double().cpu(), slq.weights.detach().double().cpu()
     lam_max = float(evals[-1])
     if not lam_max > 0:
@@ -261,6 +262,8 @@ def hessian_spectrum(
     operator: str = "hessian",
     seed: int = 0,
     progress: bool = False,
+    eig_steps: Optional[int] = None,
+    reorth: str = "full",
 ) -> SpectrumResult:
     """Extreme eigenvalues, trace, SLQ density and degeneracy of the Hessian of a mean loss.
 
@@ -284,6 +287,10 @@ def hessian_spectrum(
         operator: "hessian" or "ggn" (generalised Gauss-Newton ``J^T H_loss J``).
         seed: seed of every random probe / start vector (CPU generators).
         progress: show a tqdm bar over the stages.
+        eig_steps: at most this many Lanczos steps (Hessian-vector products) for the extreme
+            eigenvalues (default: eigsh's, min(P, 300)); ``converged`` tells whether they sufficed.
+        reorth: "full" (SCIENCE.md) or "local" SLQ reorthogonalisation
+            (:func:`resgeom_fast.linalg.slq_density`; "local" stores no basis).
 
     Returns:
         a :class:`SpectrumResult` (tensors float64 on the CPU); shapes in :class:`Spectrum`.
@@ -306,6 +313,9 @@ def hessian_spectrum(
     check_choice(_WHERE, "trace_method", trace_method, ("hutch++", "hutchinson"))
     check_choice(_WHERE, "batchnorm", batchnorm, ("eval", "train"))
     check_choice(_WHERE, "operator", operator, ("hessian", "ggn"))
+    check_choice(_WHERE, "reorth", reorth, ("full", "local"))
+    if eig_steps is not None:
+        check_int(_WHERE, "eig_steps", eig_steps, 2)
     eps = check_float(_WHERE, "eps", eps, 0.0, 1.0, open_lo=True)
     sigma0 = check_float(_WHERE, "sigma0", sigma0, 0.0, open_lo=True)
 
@@ -340,7 +350,7 @@ def hessian_spectrum(
             bar.update(1)
 
     kw = dict(k=k, probes=probes, steps=steps, trace_probes=trace_probes, trace_method=trace_method, eps=eps,
-              sigma0=sigma0, grid_points=grid_points, seed=seed, tick=tick)
+              sigma0=sigma0, grid_points=grid_points, seed=seed, eig_steps=eig_steps, reorth=reorth, tick=tick)
     try:
         full = _spectrum("all", op, **kw)
         block_specs = [_spectrum(name, bop, **kw) for name, bop in blocks_ops]

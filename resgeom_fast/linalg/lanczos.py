@@ -9,6 +9,9 @@ from resgeom_fast.linalg._util import apply_flat, gaussian
 from resgeom_fast.linalg.operator import LinearOperator
 
 
+REORTH = ("full", "local")
+
+
 class Lanczos:
     """Lanczos on ``P = b * p`` independent problems that advance together.
 
@@ -16,6 +19,13 @@ class Lanczos:
     step applies the operator once to all P current vectors (one batched matmat), then
     orthogonalises against the whole basis with the fused CGS2 op
     (:func:`resgeom_fast.ops.lanczos_reorth`), accumulating the scalars in float64.
+
+    ``reorth="local"`` keeps only v_j and v_{j-1} (two basis rows, O(n) memory per problem) and
+    orthogonalises against them (the plain three-term recurrence, as most SLQ codes run it):
+    orthogonality to older vectors is lost as Ritz values converge, so T gains spurious copies of
+    converged eigenvalues, but its Gauss quadrature still approximates the spectral measure of
+    the start vector (Knizhnerman 1996; Greenbaum 1989) -- fine for densities and low moments,
+    not for Ritz vectors (eigsh always uses "full").
 
     After ``steps`` steps: ``alpha[:, :steps]`` is the diagonal of T, ``beta[:, :steps-1]`` its
     off-diagonal and ``beta[:, steps-1]`` the norm of the next residual (the Ritz residual
@@ -26,13 +36,18 @@ class Lanczos:
     """
 
     def __init__(self, op: LinearOperator, v0: Tensor, p: int, max_steps: int, where: str,
-                 gen: torch.Generator, breakdown_tol: float = 1e-12) -> None:
+                 gen: torch.Generator, breakdown_tol: float = 1e-12, reorth: str = "full") -> None:
         n = op.shape[0]
         P = v0.shape[0]
+        if reorth not in REORTH:
+            raise ValueError(f"{where}: expected reorth one of {list(REORTH)}, got {reorth!r}")
         self.op, self.p, self.where, self.gen = op, p, where, gen
         self.max_steps = min(max_steps, n)
         self.breakdown_tol = breakdown_tol
-        self.V = torch.empty(P, self.max_steps, n, dtype=op.dtype, device=op.device)
+        self.reorth = reorth
+        # "full": the whole basis; "local": two slots, v_j in slot j % 2 (v_{j-1} in the other)
+        slots = self.max_steps if reorth == "full" else min(2, self.max_steps)
+        self.V = torch.empty(P, slots, n, dtype=op.dtype, device=op.device)
         self.alpha = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
         self.beta = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
         norm = torch.linalg.vector_norm(v0.double(), dim=1, keepdim=True)
@@ -46,31 +61,37 @@ class Lanczos:
     def advance(self, nsteps: int) -> int:
         """Run up to ``nsteps`` more steps (never past max_steps); returns the steps done."""
         target = min(self.max_steps, self.steps + nsteps)
+        full = self.reorth == "full"
         while self.steps < target:
             j = self.steps
-            w = apply_flat(self.op, self.V[:, j], self.p, self.where, f"at Lanczos step {j}")
-            w, coeffs, norm = ops.lanczos_reorth(w, self.V[:, : j + 1])
-            self.alpha[:, j] = coeffs[:, j]
+            cur = j if full else j % 2
+            w = apply_flat(self.op, self.V[:, cur], self.p, self.where, f"at Lanczos step {j}")
+            # full: against v_0..v_j; local: against v_j and v_{j-1} (the three-term recurrence)
+            w, coeffs, norm = ops.lanczos_reorth(w, self.V[:, : j + 1] if full else self.V[:, : min(j + 1, 2)])
+            self.alpha[:, j] = coeffs[:, cur]
             self.beta[:, j] = norm
-            self.scale = torch.maximum(self.scale, coeffs[:, j].abs() + norm)
+            self.scale = torch.maximum(self.scale, coeffs[:, cur].abs() + norm)
             self.steps = j + 1
             if j + 1 < self.max_steps:
+                nxt = j + 1 if full else (j + 1) % 2
                 broke = norm <= self.breakdown_tol * self.scale.clamp_min(1e-300)
                 safe = torch.where(broke, torch.ones_like(norm), norm)
                 # normalise in the working dtype, straight into the basis (no float64 round trip)
-                torch.div(w, safe.to(w.dtype)[:, None], out=self.V[:, j + 1])
+                torch.div(w, safe.to(w.dtype)[:, None], out=self.V[:, nxt])
                 if bool(broke.any()):
                     self._restart(broke.nonzero().flatten(), j + 1)
         return self.steps
 
     def _restart(self, idx: Tensor, j: int) -> None:
-        """Continue problems ``idx`` from a random vector orthogonal to their first j vectors."""
+        """Continue problems ``idx`` from a random vector orthogonal to their first j vectors
+        (to the stored ones: the last two with ``reorth="local"``)."""
         n = self.op.shape[0]
+        full = self.reorth == "full"
         r = gaussian((idx.numel(), n), self.gen, self.op.dtype, self.op.device)
-        basis = self.V[idx, :j]
+        basis = self.V[idx, :j] if full else self.V[idx, : min(j, 2)]   # local: v_{j-1}, v_{j-2}
         r, _, rn = ops.lanczos_reorth(r, basis)
         r, _, rn2 = ops.lanczos_reorth((r.double() / rn[:, None]).to(self.op.dtype), basis)
-        self.V[idx, j] = (r.double() / rn2[:, None]).to(self.op.dtype)
+        self.V[idx, j if full else j % 2] = (r.double() / rn2[:, None]).to(self.op.dtype)
         self.beta[idx, j - 1] = 0.0
 
     def tridiagonal(self) -> tuple[Tensor, Tensor]:

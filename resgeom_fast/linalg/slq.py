@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from resgeom_fast import ops
-from resgeom_fast.linalg._util import check_int, generator, rademacher
-from resgeom_fast.linalg.lanczos import Lanczos
+from resgeom_fast.linalg._util import check_choice, check_int, generator, rademacher
+from resgeom_fast.linalg.lanczos import REORTH, Lanczos
 from resgeom_fast.linalg.operator import aslinearoperator
 
 
@@ -72,6 +72,7 @@ def slq_density(
     sigma0: float = 0.01,
     num_moments: int = 4,
     seed: Optional[int] = 0,
+    reorth: str = "full",
 ) -> SLQResult:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -83,6 +84,13 @@ def slq_density(
     ``sigma = sigma0 * (lambda_max - lambda_min)`` (SCIENCE.md section 2) unless ``sigma`` is
     given; lambda_min/max are the extreme nodes over all probes (and problems). The default grid
     spans [lambda_min - 5 sigma, lambda_max + 5 sigma] with ``grid_size`` points.
+
+    ``reorth="full"`` (default, SCIENCE.md) stores the whole basis ([b * probes, steps, n]) and
+    reorthogonalises every step against it; ``reorth="local"`` keeps two vectors per probe and
+    runs the plain three-term recurrence (see :class:`~resgeom_fast.linalg.lanczos.Lanczos`):
+    O(n) memory per probe and no basis traffic, at the price of spurious copies of converged
+    nodes (their weights split, the quadrature stays consistent). Use it when the basis does not
+    fit in memory or its traffic dominates (cheap operators, huge n).
     """
     where = "slq_density"
     op = aslinearoperator(op)
@@ -98,7 +106,8 @@ def slq_density(
     gen = generator(seed)
     b = op.batch_size
     v0 = rademacher((b * probes, n), gen, op.dtype, op.device)
-    lz = Lanczos(op, v0, probes, steps, where, gen)
+    check_choice(where, "reorth", reorth, REORTH)
+    lz = Lanczos(op, v0, probes, steps, where, gen, reorth=reorth)
     m = lz.advance(steps)
     d, e = lz.tridiagonal()
     nodes, weights = ops.tridiag_eigh(d, e)  # [P, m] float64

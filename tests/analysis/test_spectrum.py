@@ -69,6 +69,20 @@ def test_extreme_eigenvalues_both_ends_match_dense():
     assert r.lambda_min == pytest.approx(float(ev[0]), abs=1e-8 * scale)
 
 
+def test_eig_steps_caps_the_lanczos_run_and_local_reorth_keeps_the_moments():
+    model, x, y, *_, H, ev, _U = small_problem()
+    r = hessian_spectrum(model, LOSS, (x, y), k=4, probes=3, steps=40, trace_probes=3, eig_steps=12,
+                         reorth="local")
+    assert r.lanczos_steps <= 12
+    full = hessian_spectrum(model, LOSS, (x, y), k=4, probes=3, steps=40, trace_probes=3)
+    # same probes: the low moments of the local-recurrence quadrature equal full reorthogonalisation's
+    torch.testing.assert_close(r.moments[:4], full.moments[:4], rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="hessian_spectrum: expected reorth one of"):
+        hessian_spectrum(model, LOSS, (x, y), reorth="partial")
+    with pytest.raises(ValueError, match="hessian_spectrum: expected eig_steps >= 2"):
+        hessian_spectrum(model, LOSS, (x, y), eig_steps=1)
+
+
 def test_trace_hutchpp_exact_with_full_sketch_and_within_stderr():
     model, x, y, *_, H, ev, _U = small_problem()
     n = ev.numel()

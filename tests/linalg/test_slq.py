@@ -52,6 +52,41 @@ def test_density_matches_the_smoothed_exact_spectrum():
     assert res.lambda_min.item() == pytest.approx(-8.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_local_reorth_keeps_the_quadrature(dtype):
+    """Three-term recurrence only (two stored vectors): far past the loss of orthogonality
+    (120 steps on 300 well-separated eigenvalues), the density and the low moments still match
+    full reorthogonalisation and the probes' exact quadratic forms; ghosts split their weight."""
+    n, probes, m = 300, 6, 120
+    ev = spectrum("indefinite", n)
+    A = symmetric(ev).to(dtype)
+    full = slq_density(A, probes=probes, steps=m, sigma0=0.02, seed=3)
+    local = slq_density(A, probes=probes, steps=m, sigma0=0.02, seed=3, reorth="local", grid=full.grid)
+    V = rademacher((probes, n), generator(3), torch.float64, "cpu") / math.sqrt(n)
+    Ak = torch.eye(n, dtype=torch.float64)
+    tol = 1e-8 if dtype == torch.float64 else 2e-4
+    A64 = A.double()
+    for k in range(5):
+        forms = n * torch.einsum("pn,nm,pm->p", V, Ak, V)
+        assert abs(local.moments[k].item() - forms.mean().item()) <= tol * max(1.0, abs(forms.mean().item()))
+        Ak = Ak @ A64
+    l1 = torch.trapezoid((local.density - full.density).abs(), full.grid).item()
+    assert l1 < (1e-6 if dtype == torch.float64 else 1e-3)
+    torch.testing.assert_close(local.weights.sum(-1), torch.ones(probes, dtype=torch.float64))
+    assert local.lambda_max.item() == pytest.approx(7.0, abs=1e-4)
+
+
+def test_local_reorth_breakdown_restarts():
+    ev = torch.zeros(60, dtype=torch.float64)
+    ev[:5] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    res = slq_density(symmetric(ev, seed=0), probes=3, steps=20, num_moments=2, reorth="local")
+    torch.testing.assert_close(res.weights.sum(-1), torch.ones(3, dtype=torch.float64))
+    w, x = res.weights.flatten(), res.nodes.flatten()
+    on = w > 1e-8
+    d = ((x[on, None] - torch.arange(6, dtype=torch.float64)[None]).abs()).min(1).values
+    assert d.max().item() < 1e-6
+
+
 def test_breakdown_on_low_rank_and_batched():
     """Rank-5 operator: the Krylov space breaks down after <= 6 steps; restarts keep weights valid."""
     ev = torch.zeros(60, dtype=torch.float64)
@@ -69,6 +104,8 @@ def test_breakdown_on_low_rank_and_batched():
 
 
 def test_errors():
+    with pytest.raises(ValueError, match="slq_density: expected reorth one of"):
+        slq_density(torch.eye(3, dtype=torch.float64), reorth="selective")
     A = symmetric(spectrum("decaying", 10))
     with pytest.raises(ValueError, match="slq_density: expected a symmetric square operator"):
         slq_density(torch.randn(5, 5, dtype=torch.float64))
