@@ -229,15 +229,17 @@ def _patch_pyhessian_eig():
     torch.eig = eig  # torch 2 keeps a torch.eig stub that raises
 
 
-@pytest.mark.parametrize("impl", ["ours", "pyhessian", "curvlinops", "hessian_eigenthings"])
+@pytest.mark.parametrize("impl", ["ours", "ours_reorth_local", "pyhessian", "curvlinops", "hessian_eigenthings"])
 def test_slq(benchmark, setup, truth, impl):
     m, x, y = setup
     benchmark.group = "slq"
     ps = _params(m)
     P = sum(p.numel() for p in ps)
-    if impl == "ours":
+    if impl.startswith("ours"):
+        reorth = "local" if impl == "ours_reorth_local" else "full"
+
         def run():
-            r = linalg.slq_density(hessian(m, CE, (x, y)), probes=10, steps=100, seed=0)
+            r = linalg.slq_density(hessian(m, CE, (x, y)), probes=10, steps=100, seed=0, reorth=reorth)
             return r.nodes, r.weights
     elif impl == "pyhessian":
         from pyhessian import hessian as PH
@@ -313,7 +315,8 @@ def test_jacobian_svd(benchmark, setup, impl):
 
 
 def _interleaved_slq(rounds: int = 2) -> dict:
-    """SLQ (10 probes x 100 steps) of ours, PyHessian and hessian-eigenthings, interleaved over
+    """SLQ (10 probes x 100 steps) of ours (full and local reorthogonalisation), PyHessian and
+    hessian-eigenthings, interleaved over
     ``rounds`` rounds so that a shared machine's load hits all alike; also times our 100 Hessian
     matmats alone (the rest of our time is the Lanczos reorthogonalisation)."""
     import datetime
@@ -322,6 +325,9 @@ def _interleaved_slq(rounds: int = 2) -> dict:
 
     def ours():
         return linalg.slq_density(hessian(m, CE, (x, y)), probes=10, steps=100, seed=0)
+
+    def ours_local():
+        return linalg.slq_density(hessian(m, CE, (x, y)), probes=10, steps=100, seed=0, reorth="local")
 
     def pyhessian():
         from pyhessian import hessian as PH
@@ -344,8 +350,8 @@ def _interleaved_slq(rounds: int = 2) -> dict:
 
     res: dict = {}
     for _ in range(rounds):
-        for name, f in [("ours", ours), ("pyhessian", pyhessian), ("hessian_eigenthings", eigenthings),
-                        ("ours_100_matmats_only", matmats_only)]:
+        for name, f in [("ours", ours), ("ours_reorth_local", ours_local), ("pyhessian", pyhessian),
+                        ("hessian_eigenthings", eigenthings), ("ours_100_matmats_only", matmats_only)]:
             t0 = time.perf_counter()
             f()
             res.setdefault(name, []).append(time.perf_counter() - t0)
