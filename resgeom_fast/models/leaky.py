@@ -211,6 +211,28 @@ class LeakyResNet(nn.Module):
             self.rho.copy_(rho.to(self.rho.dtype))
         self._sync_blocks()
 
+    def with_leak(self, leak: float) -> "LeakyResNet":
+        """A new :class:`LeakyResNet` with this one's configuration, weights and steps but effective
+        depth ``leak``; skips become 1 - rho_l * leak. Same dtype, device and train/eval mode; the
+        weights are copies (training one does not move the other). Used to warm-start a larger Lt
+        from a net trained at a smaller one (continuation in Lt).
+
+        Raises:
+            ValueError: ``leak`` not a finite float >= 0, max_l rho_l * leak >= 1 for the current
+                steps, or leak == 0 with lam > 0 (the constructor's checks).
+        """
+        if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not (leak >= 0 and math.isfinite(leak)):
+            raise ValueError(f"with_leak: expected leak a finite float >= 0, got {leak!r}")
+        rho_max = float(self.rho.max())
+        if rho_max * leak >= 1:
+            raise ValueError(f"with_leak: expected max_l rho_l * leak < 1 (rho_max = {rho_max:.4g}), got leak={leak}")
+        ref = self.weights[0]
+        new = LeakyResNet(self.in_dim, self.width, self.depth, self.out_dim, float(leak), self.steps, lam=self.lam,
+                          irregular_a=self.irregular_a, max_step=self.max_step, adapt_every=self.adapt_every)
+        new = new.to(device=ref.device, dtype=ref.dtype)
+        new.load_state_dict(self.state_dict())  # copies weights and rho; the post-load hook re-derives the skips
+        return new.train(self.training)
+
     @torch.no_grad()
     def adapt_steps(self, x: Tensor) -> Tensor:
         """One adaptive update of the steps from a batch x [N, in_dim]; returns the new rho [L].

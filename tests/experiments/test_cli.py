@@ -105,7 +105,7 @@ def test_real_process_exit_code_and_no_traceback():
 def test_list_options(capsys):
     assert main(["run", "leaky", "--list-options"]) == 0
     out = capsys.readouterr().out
-    assert "leaks" in out and "teacher_dims" in out and "expected:" in out
+    assert "lts" in out and "teacher_dims" in out and "expected:" in out
 
 
 def test_analyze_torchvision_resnet18(tmp_path, capsys):

@@ -119,3 +119,52 @@ def test_biasreg_value_and_selection():
         BiasReg(b0=0.0)
     assert math.isfinite(BiasReg()(bn).item())
     assert isinstance(BiasReg(), nn.Module)
+
+
+def test_with_leak_keeps_weights_and_steps_and_rederives_skips():
+    a = LeakyResNet(3, 5, 6, 2, leak=1.0, steps="irregular", lam=0.01, seed=3).double()
+    b = a.with_leak(3.0)
+    assert isinstance(b, LeakyResNet) and b is not a
+    assert b.leak == 3.0 and a.leak == 1.0  # the original is untouched
+    assert (b.in_dim, b.width, b.depth, b.out_dim, b.steps, b.lam) == (3, 5, 6, 2, "irregular", 0.01)
+    torch.testing.assert_close(b.rho, a.rho, rtol=0, atol=0)
+    for wa, wb in zip(a.weights, b.weights):
+        torch.testing.assert_close(wb, wa, rtol=0, atol=0)
+        assert wb.data_ptr() != wa.data_ptr()  # copies, not shared
+    assert [blk.skip.factor for blk in b.blocks] == pytest.approx([1 - r * 3.0 for r in a.rho.tolist()], abs=1e-15)
+    assert [blk.scale for blk in b.blocks] == pytest.approx(a.rho.tolist(), abs=1e-15)
+    assert b.weights[0].dtype == torch.float64
+    # forward equals a freshly built net with leak 3 (other seed) given the same weights
+    fresh = LeakyResNet(3, 5, 6, 2, leak=3.0, steps="irregular", lam=0.01, seed=9).double()
+    with torch.no_grad():
+        for wf, wa in zip(fresh.weights, a.weights):
+            wf.copy_(wa)
+    x = torch.randn(7, 3, generator=_gen(), dtype=torch.float64)
+    torch.testing.assert_close(b(x), fresh(x), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(b.regularization(), fresh.regularization(), rtol=1e-13, atol=0)
+    assert not torch.allclose(b(x), a(x))  # the leak matters
+    with torch.no_grad():
+        b.weights[0].add_(1.0)
+    assert not torch.equal(a.weights[0], b.weights[0])
+
+
+def test_with_leak_carries_adapted_steps_and_mode():
+    a = LeakyResNet(4, 6, 5, 4, leak=1.0, steps="adaptive", seed=1).double().eval()
+    a.adapt_steps(torch.randn(10, 4, generator=_gen(), dtype=torch.float64))
+    assert not torch.allclose(a.rho, torch.full((5,), 0.2, dtype=torch.float64))
+    b = a.with_leak(2.0)
+    torch.testing.assert_close(b.rho, a.rho, rtol=0, atol=0)
+    assert [blk.skip.factor for blk in b.blocks] == pytest.approx([1 - 2.0 * r for r in a.rho.tolist()], abs=1e-15)
+    assert not b.training
+
+
+def test_with_leak_errors():
+    m = LeakyResNet(3, 4, 5, 3, 1.0, lam=0.1)
+    with pytest.raises(ValueError, match=r"with_leak: expected max_l rho_l \* leak < 1"):
+        m.with_leak(5.0)
+    with pytest.raises(ValueError, match=r"with_leak: expected leak a finite float >= 0"):
+        m.with_leak(float("nan"))
+    with pytest.raises(ValueError, match=r"with_leak: expected leak a finite float >= 0"):
+        m.with_leak(-1.0)
+    with pytest.raises(ValueError, match=r"needs leak > 0"):
+        m.with_leak(0.0)
