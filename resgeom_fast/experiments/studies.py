@@ -334,6 +334,7 @@ def _density_figure(models: list[str], root: str = "models") -> FigureSpec:
             if top > 0:  # log axis over 8 decades below the highest peak (SLQ tails fall to 1e-100)
                 ax.set_yscale("log", nonpositive="mask")
                 ax.set_ylim(top * 1e-8, top * 3)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
             ax.set_xlabel("eigenvalue")
             ax.set_ylabel("density (band: +- std over probes)")
             ax.set_title(f"{m}: Hessian spectral density (SLQ)", fontsize=9)
