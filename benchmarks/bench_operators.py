@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-import resgeom_fast
+import resgeom_fast  # noqa: F401 -- loads the compiled ops
 from resgeom_fast import linalg
 from resgeom_fast.operators import hessian, residual_blocks, residual_jacobians
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_float",
-    "check_int", "model_device_dtype", "to_jsonable",
+    "check_int", "figure_axes", "model_device_dtype", "to_jsonable",
 ]
 
 
@@ -90,6 +90,16 @@ class Result:
     def to_json(self, path: Union[str, os.PathLike]) -> None:
         """Write ``to_dict()`` as JSON atomically."""
         atomic_write_json(path, self.to_dict())
+
+
+def figure_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """``(figure, axes)`` of a plot helper: a new figure of ``figsize`` when ``ax`` is None, else
+    ``ax`` and its figure (pyplot is imported here, lazily)."""
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        return plt.subplots(figsize=figsize)
+    return ax.figure, ax
 
 
 def check_int(where: str, name: str, value: Any, lo: int, hi: Optional[int] = None, hint: str = "") -> int:

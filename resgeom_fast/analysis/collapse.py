@@ -43,7 +43,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._common import Result, batches, check_choice, check_int, model_device_dtype, to_jsonable
+from ._common import Result, batches, check_choice, check_int, model_device_dtype, to_jsonable, figure_axes
 
 __all__ = [
     "CollapseResult", "METRICS", "PINV_RTOL", "collapse", "collapse_metrics", "plot_collapse",
@@ -501,12 +501,7 @@ def plot_collapse(result: CollapseResult, ax: Any = None) -> Any:
     """
     if not isinstance(result, CollapseResult):
         raise TypeError(f"plot_collapse: expected result a CollapseResult, got {type(result).__name__}")
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    else:
-        fig = ax.figure
+    fig, ax = figure_axes(ax, (6.0, 4.0))
     labels = {"nc1": "NC1 Tr(Σ_W Σ_B⁺)/C", "etf_error": "ETF error", "equinorm": "equinorm (CV)",
               "ncc_mismatch": "NCC mismatch"}
     for k in METRICS:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from resgeom_fast.analysis._common import (
+    figure_axes,
     Result,
     batches,
     check_int,
@@ -366,14 +367,9 @@ def plot_path_orders(result: PathExpansionResult, ax: Any = None) -> Any:
     Log y-axis (zero norms, e.g. every m < L of a skip-free net, are not drawn). Plotted numbers:
     ``orders``, ``norms_mean``, ``norms_std``. Returns the Figure.
     """
-    import matplotlib.pyplot as plt
-
     if not isinstance(result, PathExpansionResult):
         raise TypeError(f"plot_path_orders: expected result a PathExpansionResult, got {type(result).__name__}")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-    else:
-        fig = ax.figure
+    fig, ax = figure_axes(ax, (5, 3.5))
     m = result.orders.numpy()
     mu = result.norms_mean.numpy()
     sd = result.norms_std.numpy()
@@ -719,14 +715,9 @@ def plot_output_norms(result_dict: dict[str, Any], ax: Any = None) -> Any:
 
     Missing (non-finite) values are skipped. Returns the Figure.
     """
-    import matplotlib.pyplot as plt
-
     if not isinstance(result_dict, dict) or not all(k in result_dict for k in ("depths", "scales", "mean")):
         raise TypeError("plot_output_norms: expected result_dict the dict of output_norm_vs_depth")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-    else:
-        fig = ax.figure
+    fig, ax = figure_axes(ax, (5, 3.5))
     depths = result_dict["depths"]
     for lab in result_dict["scales"]:
         pts = [(d, y) for d, y in zip(depths, result_dict["mean"][lab]) if y is not None and math.isfinite(y)]

@@ -51,7 +51,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ._common import Result, check_float, model_device_dtype, to_jsonable
+from ._common import Result, check_float, figure_axes, model_device_dtype, to_jsonable
 
 __all__ = ["HamiltonianResult", "hamiltonian", "bottleneck_rank", "middle_layers", "plot_hamiltonian",
            "plot_layer_spectra", "stable_rank", "cost_of_identity"]
@@ -399,13 +399,9 @@ def plot_layer_spectra(result: HamiltonianResult, ax: Any = None) -> Any:
     """Singular values of A_l (descending, log scale), one line per layer l = 0..L coloured by
     depth (viridis). Zero singular values are masked by the log scale. Values are
     ``result.to_dict()["singular_values"]``."""
-    import matplotlib.pyplot as plt
     import matplotlib
 
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-    else:
-        fig = ax.figure
+    fig, ax = figure_axes(ax, (6, 4))
     num = result.singular_values.shape[0]
     cmap = matplotlib.colormaps["viridis"]
     idx = list(range(1, result.singular_values.shape[1] + 1))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from ._common import Result, check_float, check_int, to_jsonable
+from ._common import Result, check_float, check_int, to_jsonable, figure_axes
 from .collapse import METRICS, collapse_metrics, spearman
 
 __all__ = ["MUFMResult", "mufm", "mufm_objective", "plot_mufm"]
@@ -243,12 +243,7 @@ def plot_mufm(result: MUFMResult, ax: Any = None) -> Any:
     """
     if not isinstance(result, MUFMResult):
         raise TypeError(f"plot_mufm: expected result a MUFMResult, got {type(result).__name__}")
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    else:
-        fig = ax.figure
+    fig, ax = figure_axes(ax, (6.0, 4.0))
     names = {"nc1": "NC1", "etf_error": "ETF error", "equinorm": "equinorm", "ncc_mismatch": "NCC mismatch"}
     for k in METRICS:
         (line,) = ax.plot(result.layers, getattr(result, k), marker="o", ms=3, label=f"{names[k]} (MUFM)")

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from resgeom_fast import linalg, operators
-from resgeom_fast.analysis._common import Result, check_choice, check_float, check_int, to_jsonable
+from resgeom_fast.analysis._common import Result, check_choice, check_float, check_int, to_jsonable, figure_axes
 
 __all__ = ["Spectrum", "SpectrumResult", "hessian_spectrum", "plot_density", "plot_eigenvalues"]
 
@@ -391,13 +391,8 @@ def plot_density(result: Spectrum, ax: Any = None, block: Union[None, int, str] 
     Returns:
         the matplotlib Figure.
     """
-    import matplotlib.pyplot as plt
-
     spec = _resolve_spec("plot_density", result, block)
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-    else:
-        fig = ax.figure
+    fig, ax = figure_axes(ax, (6, 4))
     grid, dens, std = spec.grid.numpy(), spec.density.numpy(), spec.density_std.numpy()
     ax.plot(grid, dens, color="k", lw=1.2, label="SLQ density")
     if bool(torch.isfinite(spec.density_std).all()):
@@ -421,14 +416,9 @@ def plot_eigenvalues(result: Spectrum, ax: Any = None) -> Any:
     Returns:
         the matplotlib Figure.
     """
-    import matplotlib.pyplot as plt
-
     if not isinstance(result, Spectrum):
         raise TypeError(f"plot_eigenvalues: expected result a SpectrumResult, got {type(result).__name__}")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-    else:
-        fig = ax.figure
+    fig, ax = figure_axes(ax, (6, 4))
     specs = [result] + list(getattr(result, "blocks", []))
     for x, spec in enumerate(specs):
         ev = spec.eigenvalues.numpy()

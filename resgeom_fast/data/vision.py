@@ -112,7 +112,7 @@ def torchvision_dataset(name: str, root: Union[str, os.PathLike], *, image: bool
         raise FileNotFoundError(
             f"torchvision_dataset({name!r}): data files not found under root={os.fspath(root)!r} "
             f"(nothing is downloaded). Expected these files:\n  " + "\n  ".join(files)
-            + f"\nmissing:\n  " + "\n  ".join(missing) + f"\nsource: {source}")
+            + "\nmissing:\n  " + "\n  ".join(missing) + f"\nsource: {source}")
     cls = _torchvision_class(name, verify)
     try:
         train = cls(os.fspath(root), train=True, download=False)

@@ -165,7 +165,6 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     ``params``: comma list of parameter or module names spanning the Hessian (None: all
     parameters; e.g. "layer4,fc" restricts it to a diagonal block, much cheaper on a CPU).
     """
-    import torch
     import torch.nn.functional as F
 
     from .common import resolve_device

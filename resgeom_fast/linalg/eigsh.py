@@ -9,7 +9,7 @@ from torch import Tensor
 
 from resgeom_fast.linalg._util import apply_block, check_choice, check_int, gaussian, generator
 from resgeom_fast.linalg.lanczos import Lanczos
-from resgeom_fast.linalg.operator import LinearOperator, aslinearoperator
+from resgeom_fast.linalg.operator import aslinearoperator
 
 WHICH = ("LA", "SA", "both")
 

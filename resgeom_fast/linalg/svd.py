@@ -9,7 +9,7 @@ from torch import Tensor
 
 from resgeom_fast import ops
 from resgeom_fast.linalg._util import apply_block, check_choice, check_int, gaussian, generator
-from resgeom_fast.linalg.operator import LinearOperator, aslinearoperator
+from resgeom_fast.linalg.operator import aslinearoperator
 
 METHODS = ("subspace", "block_krylov")
 SKETCHES = ("shared", "independent")

@@ -16,7 +16,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["BlockInfo", "mark_residual_block", "residual_blocks"]

@@ -199,7 +199,6 @@ class _Program:
         assert layers is not None
         self.lins: list[_Lin] = []
         self.diags: list[_Diag] = [_Diag(tuple(h.shape[1:]))]
-        masks: list[list[Tensor]] = [[]]
         shape = tuple(h.shape[1:])
         mods_after: list[list[tuple]] = [[]]
         # 1) structure and per-sample shapes from the first sample

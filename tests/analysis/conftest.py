@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
 from resgeom_fast.data import digits
 from resgeom_fast.models import FCResNet

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from resgeom_fast.analysis.collapse import (
-    METRICS, PINV_RTOL, CollapseResult, collapse, collapse_metrics, plot_collapse, spearman,
+    METRICS, PINV_RTOL, collapse, collapse_metrics, plot_collapse, spearman,
 )
 from resgeom_fast.data import digits
 from resgeom_fast.models import ConvResNet, FCResNet, resnet18

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resgeom_fast.linalg import CallableOperator, aslinearoperator, randomized_svd
+from resgeom_fast.linalg import CallableOperator, randomized_svd
 
 
 def _matrix(m, n, s, seed=0):
