@@ -20,7 +20,7 @@ from resgeom_fast.analysis.collapse import (
 from resgeom_fast.data import digits
 from resgeom_fast.models import ConvResNet, FCResNet, resnet18
 
-from conftest import digits_flat, trained_fc
+from _trained import digits_flat, trained_fc
 
 D64 = torch.float64
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import digits_flat, trained_fc
+from _trained import digits_flat, one_thread, trained_fc
 from resgeom_fast.analysis.singularities import (
     SingularityResult,
     find_relu_layers,
@@ -234,7 +234,8 @@ def trained_nonorm(skip: str) -> FCResNet:
     train accuracy. Eval mode, float32, CPU; shared with test_spectrum.py -- do not modify."""
     ds = digits_flat()
     model = FCResNet(64, 32, 8, 10, skip=skip, norm="none", scale=1.0 if skip == "none" else "1/L", seed=0)
-    train(model, ds, 15, lr=0.005, momentum=0.9, batch_size=64, seed=0, progress=False)
+    with one_thread():
+        train(model, ds, 15, lr=0.005, momentum=0.9, batch_size=64, seed=0, progress=False)
     return model.eval()
 
 
@@ -254,7 +255,7 @@ def test_claim_plain_nets_have_more_singularities_without_batchnorm():
 
 
 def test_claim_with_batchnorm_linear_dependence_but_no_dead_units():
-    """The conftest nets (FCResNet(64, 64, 8, 10) with BatchNorm): BatchNorm keeps every unit
+    """The shared _trained nets (FCResNet(64, 64, 8, 10) with BatchNorm): BatchNorm keeps every unit
     alive in both (measured: 0 dead units in plain and residual; the narrower, deeper
     width 16 / depth 16 plain net has 3.7% dead, residual 0), but the plain net's units are far
     more linearly dependent (small-eigenvalue fraction 0.33 vs 0.06) and overlap more (max

@@ -246,11 +246,11 @@ def test_claim_plain_net_has_more_near_zero_hessian_mass():
     test_singularities.py (300 training digits, 8 probes x 80 steps). Measured: plain 0.942
     (+- 0.000), residual 0.807 (+- 0.013); with 40 steps and probe seeds 0 / 1: 0.96 / 0.97 vs
     0.73 / 0.79. Part of the gap is the relative threshold: lambda_max is 51 (plain) vs 2.1.
-    Not asserted: with BatchNorm (conftest's trained_fc, 64 x 8) the order is reversed --
+    Not asserted: with BatchNorm (_trained.trained_fc, 64 x 8) the order is reversed --
     plain 0.90-0.92 vs residual 0.97 at eps = 1e-3 (lambda_max 4.8 vs 4.3)."""
     from test_singularities import trained_nonorm
 
-    from conftest import digits_flat
+    from _trained import digits_flat
 
     x, y = digits_flat().tensors("train")
     kw = dict(k=2, probes=8, steps=80, trace_probes=3)

@@ -1,17 +1,32 @@
-"""Shared fixtures of the analysis tests: bundled digits and small FCResNets trained on it.
+"""Shared nets of the analysis tests: bundled digits and small FCResNets trained on it.
 
 Trained nets are cached for the whole session (one training per configuration): several test
-files check the studies' claims on the same nets.
+files check the studies' claims on the same nets. (A helper module, not a conftest.py: test
+files import it by name, and a second ``conftest`` module would shadow tests/conftest.py.)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
-import pytest
+import torch
+
 
 from resgeom_fast.data import digits
 from resgeom_fast.models import FCResNet
 from resgeom_fast.train import train
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Train on one thread: the same weights whatever the machine's thread count (reductions on
+    several threads round differently, and many SGD steps amplify that into different nets)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,10 +44,7 @@ def trained_fc(skip: str = "identity", width: int = 64, depth: int = 8, epochs: 
     """
     ds = digits_flat()
     model = FCResNet(64, width, depth, 10, skip=skip, norm=norm, hyper=hyper, seed=seed)
-    train(model, ds, epochs, lr=0.05, momentum=0.9, batch_size=64, seed=seed, progress=False)
+    with one_thread():
+        train(model, ds, epochs, lr=0.05, momentum=0.9, batch_size=64, seed=seed, progress=False)
     return model.eval()
 
-
-@pytest.fixture(scope="session")
-def digits_data():
-    return digits_flat()
