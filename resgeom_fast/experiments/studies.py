@@ -201,6 +201,16 @@ def _summ(block: dict[str, Any]) -> dict[str, float]:
     return block.get("summary", {})
 
 
+def _per_model(r: dict, models: list[str], root: str, what: str, template: str) -> str:
+    """``"m1: ...; m2: ..."``: ``template`` formatted (``str.format``, values through :func:`fmt`)
+    with each model's ``summary`` of the result at ``root.m.what``."""
+    parts = []
+    for m in models:
+        s = _summ(get_path(r, f"{root}.{m}.{what}"))
+        parts.append(f"{m}: " + template.format(**{k: fmt(v) for k, v in s.items()}))
+    return "; ".join(parts)
+
+
 # =============================================================================== figures
 def _fig_training(models: list[str], root: str = "models") -> FigureSpec:
     """Training loss and test accuracy (test loss for regression) per epoch."""
@@ -245,10 +255,8 @@ def _align_figures(models: list[str], root: str = "models", with_depth: bool = T
         return fig
 
     def traj_read(r: dict) -> str:
-        return "; ".join(f"{m}: linearity {fmt(_summ(get_path(r, f'{root}.{m}.alignment'))['linearity'])}, "
-                         f"equispacing {fmt(_summ(get_path(r, f'{root}.{m}.alignment'))['equispacing'])}, "
-                         f"step cosine {fmt(_summ(get_path(r, f'{root}.{m}.alignment'))['step_cosine'])}"
-                         for m in models) + " (RA1: straight = linearity near 1, equal steps = equispacing near 0)."
+        return _per_model(r, models, root, "alignment",
+                          "linearity {linearity}, equispacing {equispacing}, step cosine {step_cosine}") + " (RA1: straight = linearity near 1, equal steps = equispacing near 0)."
 
     def sv(r: dict) -> Any:
         fig, axes = new_figure(len(models))
@@ -259,9 +267,8 @@ def _align_figures(models: list[str], root: str = "models", with_depth: bool = T
         return fig
 
     def sv_read(r: dict) -> str:
-        return "; ".join(f"{m}: max numerical rank {fmt(_summ(get_path(r, f'{root}.{m}.alignment'))['max_numerical_rank'])}, "
-                         f"fraction rank <= C {fmt(_summ(get_path(r, f'{root}.{m}.alignment'))['rank_le_c_fraction'])}"
-                         for m in models) + " (RA3: rank at most C for FC nets; dashed line at r = C)."
+        return _per_model(r, models, root, "alignment", "max numerical rank {max_numerical_rank}, "
+                          "fraction rank <= C {rank_le_c_fraction}") + " (RA3: rank at most C for FC nets; dashed line at r = C)."
 
     def cross(r: dict) -> Any:
         fig, axes = new_figure(len(models), 2, width=4.4, height=3.8)
@@ -277,10 +284,8 @@ def _align_figures(models: list[str], root: str = "models", with_depth: bool = T
         return fig
 
     def cross_read(r: dict) -> str:
-        return "; ".join(f"{m}: off-diagonal diag ratio {fmt(_summ(get_path(r, f'{root}.{m}.alignment'))['diag_ratio_offdiag'])}, "
-                         f"positive diagonals {fmt(_summ(get_path(r, f'{root}.{m}.alignment'))['diag_positive_offdiag'])}, "
-                         f"self alignment {fmt(_summ(get_path(r, f'{root}.{m}.alignment'))['self_alignment'])}"
-                         for m in models) + " (RA2: near 1 = singular vectors aligned across depth; random is 1/k)."
+        return _per_model(r, models, root, "alignment", "off-diagonal diag ratio {diag_ratio_offdiag}, "
+                          "positive diagonals {diag_positive_offdiag}, self alignment {self_alignment}") + " (RA2: near 1 = singular vectors aligned across depth; random is 1/k)."
 
     def sig(r: dict) -> Any:
         fig, axes = new_figure(2 if with_depth else 1)
@@ -296,8 +301,7 @@ def _align_figures(models: list[str], root: str = "models", with_depth: bool = T
         return fig
 
     def sig_read(r: dict) -> str:
-        txt = "; ".join(f"{m}: L * mean sigma_1 = {fmt(_summ(get_path(r, f'{root}.{m}.alignment'))['depth_product'])}"
-                        for m in models)
+        txt = _per_model(r, models, root, "alignment", "L * mean sigma_1 = {depth_product}")
         if with_depth:
             s = get_path(r, "depth_scaling.scaling")
             txt += (f"; across depths {s['depths']}: products {[fmt(v) for v in s['products']]}, relative spread "
@@ -343,11 +347,9 @@ def _density_figure(models: list[str], root: str = "models") -> FigureSpec:
         return fig
 
     def reading(r: dict) -> str:
-        return "; ".join(
-            f"{m}: lambda_max {fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['lambda_max'])}, lambda_min "
-            f"{fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['lambda_min'])}, near-zero mass "
-            f"{fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['degeneracy_fraction'])}, negative mass (lambda < -eps lambda_max) "
-            f"{fmt(_summ(get_path(r, f'{root}.{m}.spectrum'))['significant_negative_fraction'])}" for m in models) + "."
+        return _per_model(r, models, root, "spectrum",
+                          "lambda_max {lambda_max}, lambda_min {lambda_min}, near-zero mass {degeneracy_fraction}, "
+                          "negative mass (lambda < -eps lambda_max) {significant_negative_fraction}") + "."
 
     return FigureSpec("hessian_density", "Hessian spectral density with spread", build, reading)
 
@@ -390,11 +392,9 @@ def _singularity_figure(models: list[str], root: str = "models") -> FigureSpec:
         return fig
 
     def reading(r: dict) -> str:
-        return "; ".join(
-            f"{m}: dead units {fmt(_summ(get_path(r, f'{root}.{m}.singularities'))['dead_fraction_total'])}, "
-            f"small-eigenvalue fraction {fmt(_summ(get_path(r, f'{root}.{m}.singularities'))['mean_small_eig_fraction'])}, "
-            f"effective rank fraction {fmt(_summ(get_path(r, f'{root}.{m}.singularities'))['mean_effective_rank_fraction'])}"
-            for m in models) + " (expected: plain >= residual >= hyper-residual in dead units)."
+        return _per_model(r, models, root, "singularities",
+                          "dead units {dead_fraction_total}, small-eigenvalue fraction {mean_small_eig_fraction}, "
+                          "effective rank fraction {mean_effective_rank_fraction}") + " (expected: plain >= residual >= hyper-residual in dead units)."
 
     return FigureSpec("singularities", "Singularity statistics", build, reading)
 
@@ -412,9 +412,8 @@ def _paths_figure(models: list[str], root: str = "models") -> FigureSpec:
         return fig
 
     def reading(r: dict) -> str:
-        return "; ".join(f"{m}: mean path order {fmt(_summ(get_path(r, f'{root}.{m}.paths'))['mean_order'])} of "
-                         f"L = {fmt(_summ(get_path(r, f'{root}.{m}.paths'))['num_blocks'])}, most weighted order "
-                         f"{fmt(_summ(get_path(r, f'{root}.{m}.paths'))['mode_order'])}" for m in models) + "."
+        return _per_model(r, models, root, "paths",
+                          "mean path order {mean_order} of L = {num_blocks}, most weighted order {mode_order}") + "."
 
     return FigureSpec("path_orders", "Path-order distribution", build, reading)
 
