@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._options import ScaleSpec, check_common, check_positive_int, resolve_scale
-from .blocks import ResidualBlock, ScalarBias, ScalarMultiplier
-from .fc import make_skip
-from .network import ResidualNetwork, make_skip_scale, seeded_construction
+from ._options import ScaleSpec, check_positive_int
+from .blocks import ScalarBias, ScalarMultiplier
+from .fc import type1_blocks
+from .network import ResidualNetwork, seeded_construction
 
 __all__ = ["ConvResNet", "conv_branch"]
 
@@ -68,25 +68,16 @@ class ConvResNet(ResidualNetwork):
         check_positive_int("width", width)
         check_positive_int("depth", depth)
         check_positive_int("num_classes", num_classes)
-        check_common(skip, norm, init, hyper)
-        lam = resolve_scale(scale, depth)
         self.in_channels, self.width, self.depth, self.num_classes = in_channels, width, depth, num_classes
-        self.skip_kind, self.hyper, self.scale_spec, self.init, self.norm = skip, hyper, scale, init, norm
+        lam = self._set_options(skip, hyper, scale, init, norm, depth)
         with seeded_construction(seed) as gen:
             stem: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1, bias=(norm == "none"))]
             if norm == "batch":
                 stem.append(nn.BatchNorm2d(width))
             stem.append(nn.ReLU())
             self.stem = nn.Sequential(*stem)
-            self.blocks = nn.ModuleList(
-                ResidualBlock(
-                    branch=conv_branch(width, norm, fixup=(init == "fixup")),
-                    skip=make_skip(skip, width, conv=True, generator=gen),
-                    scale=make_skip_scale(lam),
-                    post=nn.Identity(),
-                )
-                for _ in range(depth)
-            )
+            self.blocks = type1_blocks(lambda: conv_branch(width, norm, fixup=(init == "fixup")),
+                                       skip, width, True, lam, depth, gen)
             self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
             self.head = nn.Linear(width, num_classes)
             self._initialise(init, gen, norm)

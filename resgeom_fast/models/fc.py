@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from ._options import ScaleSpec, check_common, check_positive_int, resolve_scale
+from ._options import ScaleSpec, check_positive_int
 from .blocks import OrthogonalSkip, ResidualBlock, ScalarMultiplier, ZeroSkip
 from .network import ResidualNetwork, make_skip_scale, seeded_construction
 
-__all__ = ["FCResNet", "fc_branch", "make_skip"]
+__all__ = ["FCResNet", "fc_branch", "make_skip", "type1_blocks"]
 
 
 def make_skip(skip: str, dim: int, conv: bool, generator: Optional[torch.Generator]) -> nn.Module:
@@ -21,6 +21,22 @@ def make_skip(skip: str, dim: int, conv: bool, generator: Optional[torch.Generat
     if skip == "none":
         return ZeroSkip()
     return OrthogonalSkip(dim, conv=conv, generator=generator)
+
+
+def type1_blocks(make_branch: Callable[[], nn.Module], skip: str, width: int, conv: bool,
+                 lam: Union[float, str], depth: int, generator: torch.Generator) -> nn.ModuleList:
+    """``depth`` Type-1 blocks ``Q_l h + lam F_l(h)`` (no post-activation): branches from
+    ``make_branch()``, skips from :func:`make_skip`, scales from ``make_skip_scale(lam)``,
+    built in that order per block (the order fixes the random draws)."""
+    return nn.ModuleList(
+        ResidualBlock(
+            branch=make_branch(),
+            skip=make_skip(skip, width, conv=conv, generator=generator),
+            scale=make_skip_scale(lam),
+            post=nn.Identity(),
+        )
+        for _ in range(depth)
+    )
 
 
 def fc_branch(width: int, norm: str, fixup: bool = False) -> nn.Sequential:
@@ -82,25 +98,16 @@ class FCResNet(ResidualNetwork):
         check_positive_int("width", width)
         check_positive_int("depth", depth)
         check_positive_int("num_classes", num_classes)
-        check_common(skip, norm, init, hyper)
-        lam = resolve_scale(scale, depth)
         self.in_dim, self.width, self.depth, self.num_classes = in_dim, width, depth, num_classes
-        self.skip_kind, self.hyper, self.scale_spec, self.init, self.norm = skip, hyper, scale, init, norm
+        lam = self._set_options(skip, hyper, scale, init, norm, depth)
         with seeded_construction(seed) as gen:
             stem: list[nn.Module] = [nn.Flatten(), nn.Linear(in_dim, width)]
             if norm == "batch":
                 stem.append(nn.BatchNorm1d(width))
             stem.append(nn.ReLU())
             self.stem = nn.Sequential(*stem)
-            self.blocks = nn.ModuleList(
-                ResidualBlock(
-                    branch=fc_branch(width, norm, fixup=(init == "fixup")),
-                    skip=make_skip(skip, width, conv=False, generator=gen),
-                    scale=make_skip_scale(lam),
-                    post=nn.Identity(),
-                )
-                for _ in range(depth)
-            )
+            self.blocks = type1_blocks(lambda: fc_branch(width, norm, fixup=(init == "fixup")),
+                                       skip, width, False, lam, depth, gen)
             self.pool = nn.Identity()
             self.head = nn.Linear(width, num_classes)
             self._initialise(init, gen, norm)

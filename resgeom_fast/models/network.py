@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ._options import ScaleSpec, check_common, resolve_scale
 from .blocks import ResidualBlock, ScalarBias, ScalarMultiplier, fixup_factor
 
 __all__ = ["ResidualNetwork", "seeded_construction"]
@@ -97,6 +98,16 @@ class ResidualNetwork(nn.Module):
         if hiddens is not None:
             return logits, hiddens
         return logits
+
+    def _set_options(self, skip: str, hyper: bool, scale: ScaleSpec, init: str, norm: str,
+                     num_blocks: int) -> Union[float, str]:
+        """Validate the options every family shares, store them (``skip_kind``, ``hyper``,
+        ``scale_spec``, ``init``, ``norm``) and return lam for ``num_blocks`` blocks
+        (:func:`~resgeom_fast.models._options.resolve_scale`)."""
+        check_common(skip, norm, init, hyper)
+        lam = resolve_scale(scale, num_blocks)
+        self.skip_kind, self.hyper, self.scale_spec, self.init, self.norm = skip, hyper, scale, init, norm
+        return lam
 
     def readout(self, h_last: Tensor) -> Tensor:
         """Logits from the last representation h_L: ``head(pool(h_L))``."""

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._options import ScaleSpec, check_common, check_positive_int, resolve_scale
+from ._options import ScaleSpec, check_positive_int
 from .blocks import OrthogonalSkip, ResidualBlock, ScalarBias, ScalarMultiplier, ZeroSkip
 from .network import ResidualNetwork, make_skip_scale, seeded_construction
 
@@ -134,11 +134,8 @@ class StagedResNet(ResidualNetwork):
         check_positive_int("base_width", base_width)
         if not isinstance(cifar_stem, bool):
             raise ValueError(f"cifar_stem: expected one of [False, True], got {cifar_stem!r}")
-        check_common(skip, norm, init, hyper)
-        total = sum(layers)
-        lam = resolve_scale(scale, total)
+        lam = self._set_options(skip, hyper, scale, init, norm, sum(layers))
         self.block_kind, self.layers, self.num_classes = block, tuple(layers), num_classes
-        self.skip_kind, self.hyper, self.scale_spec, self.init, self.norm = skip, hyper, scale, init, norm
         fixup = init == "fixup"
         expansion = 4 if block == "bottleneck" else 1
         with seeded_construction(seed) as gen:
