@@ -10,10 +10,13 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
+
+# the same argument checks as the linalg layer (one implementation; re-exported for the analyses)
+from resgeom_fast.linalg._util import check_choice, check_int
 
 __all__ = [
     "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_float",
@@ -102,16 +105,6 @@ def figure_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
     return ax.figure, ax
 
 
-def check_int(where: str, name: str, value: Any, lo: int, hi: Optional[int] = None, hint: str = "") -> int:
-    """An int in [lo, hi]; the error names the function, the argument and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: expected {name} an int, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{where}: expected {name} {rng}{hint}, got {value}")
-    return value
-
-
 def check_float(where: str, name: str, value: Any, lo: Optional[float] = None, hi: Optional[float] = None,
                 open_lo: bool = False) -> float:
     """A finite real number with optional bounds (``open_lo``: strictly above ``lo``)."""
@@ -123,12 +116,6 @@ def check_float(where: str, name: str, value: Any, lo: Optional[float] = None, h
     if hi is not None and v > hi:
         raise ValueError(f"{where}: expected {name} <= {hi}, got {value!r}")
     return v
-
-
-def check_choice(where: str, name: str, value: Any, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{where}: expected {name} one of {list(allowed)}, got {value!r}")
-    return value
 
 
 def model_device_dtype(where: str, model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
