@@ -26,7 +26,7 @@ class Block(nn.Module):
         return self.post(self.skip(h) + self.scale * self.branch(h))
 
 
-def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
+def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
@@ -47,7 +47,7 @@ class FCNet(nn.Module):
             return nn.Sequential(*layers)
         self.blocks = nn.ModuleList([Block(branch(), scale=0.7) for _ in range(depth)])
         self.head = nn.Linear(width, classes)
-        _randomise_bn(self, torch.Generator().manual_seed(seed + 1))
+        randomise_bn(self, torch.Generator().manual_seed(seed + 1))
 
     def forward(self, x):
         h = self.stem(x)
@@ -80,7 +80,7 @@ class ConvNet(nn.Module):
         ])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(2 * c, classes)
-        _randomise_bn(self, torch.Generator().manual_seed(seed + 1))
+        randomise_bn(self, torch.Generator().manual_seed(seed + 1))
 
     def forward(self, x):
         h = self.stem(x)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from _operator_nets import Block, ConvNet, FCNet, rel
+from _operator_nets import Block, ConvNet, FCNet, randomise_bn, rel
 from resgeom_fast.operators import (
     block_inputs,
     fast_path_supported,
@@ -16,18 +16,6 @@ from resgeom_fast.operators import (
 
 tv = pytest.importorskip("torchvision")
 from torchvision.models.resnet import BasicBlock, Bottleneck  # noqa: E402
-
-
-def _randomise_bn(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-    return model
 
 
 class TVNet(nn.Module):
@@ -47,12 +35,18 @@ class TVNet(nn.Module):
         return self.head(self.layer(self.stem(x)).mean((2, 3)))
 
 
+def _tv_net() -> TVNet:
+    net = TVNet().double()
+    randomise_bn(net, torch.Generator().manual_seed(1))
+    return net
+
+
 def _models():
     return {
         "fc": (FCNet(width=6).double(), torch.randn(5, 5, dtype=torch.float64)),
         "fc_bn": (FCNet(width=6, bn=True).double(), torch.randn(5, 5, dtype=torch.float64)),
         "conv_bn": (ConvNet().double(), torch.randn(3, 1, 6, 6, dtype=torch.float64)),
-        "torchvision": (_randomise_bn(TVNet().double()), torch.randn(3, 1, 6, 6, dtype=torch.float64)),
+        "torchvision": (_tv_net(), torch.randn(3, 1, 6, 6, dtype=torch.float64)),
     }
 
 
