@@ -13,7 +13,10 @@ trace() stops early by a relative tolerance (run with tol=0 to force all probes)
 
 Groups: hvp_k1 / hvp_k10 (one pass of 1 or 10 Hessian-vector products), top5 (five largest
 eigenvalues), trace (Hutch++ / Hutchinson, 100 products), slq (10 probes x 100 Lanczos steps),
-jac_svd (top-10 singular values of a residual Jacobian, several samples). Accuracy goes to each
+jac_svd (top-10 singular values of a residual Jacobian, several samples). Our rows: "ours_auto"
+/ "ours" let hvp="auto" and matmul="auto" measure every product method with MKL and with oneDNN
+matmuls (resgeom_fast.operators.hessian); "ours_<method>" uses MKL only, "ours_<method>+onednn"
+oneDNN only, "ours_reorth_local_mkl" SLQ with MKL only. Accuracy goes to each
 row's extra_info (errors of eigenvalues / traces against a float64 ground truth computed once by
 a long, tight Lanczos run and a 1,000-probe Hutchinson estimate of our operator, both in float64: P is too large for a dense
 Hessian). Timings are never asserted.
@@ -92,8 +95,8 @@ def _info(benchmark, **kw):
 
 
 # -- HVPs ---------------------------------------------------------------------------------------
-IMPLS_HVP = ["ours_auto", "ours_double_backward", "ours_forward_over_reverse", "torch_func",
-             "pyhessian", "curvlinops", "hessian_eigenthings"]
+IMPLS_HVP = ["ours_auto", "ours_double_backward", "ours_forward_over_reverse", "ours_double_backward+onednn",
+             "ours_forward_over_reverse+onednn", "torch_func", "pyhessian", "curvlinops", "hessian_eigenthings"]
 
 
 def _hvp_fn(impl, m, x, y, k):
@@ -101,7 +104,10 @@ def _hvp_fn(impl, m, x, y, k):
     P = sum(p.numel() for p in ps)
     V = torch.randn(P, k)
     if impl.startswith("ours"):
-        H = hessian(m, CE, (x, y), hvp=impl[5:])
+        # ours_<method>[+onednn]: one product method, MKL (default) or oneDNN matmuls; ours_auto measures all
+        method, _, backend = impl[5:].partition("+")
+        matmul = "onednn" if backend else ("auto" if method == "auto" else "default")
+        H = hessian(m, CE, (x, y), hvp=method, matmul=matmul)
         return lambda: H.matmat(V)
     if impl == "torch_func":
         names = [n for n, p in m.named_parameters() if p.requires_grad]
@@ -229,17 +235,20 @@ def _patch_pyhessian_eig():
     torch.eig = eig  # torch 2 keeps a torch.eig stub that raises
 
 
-@pytest.mark.parametrize("impl", ["ours", "ours_reorth_local", "pyhessian", "curvlinops", "hessian_eigenthings"])
+@pytest.mark.parametrize("impl", ["ours", "ours_reorth_local", "ours_reorth_local_mkl", "pyhessian", "curvlinops",
+                                  "hessian_eigenthings"])
 def test_slq(benchmark, setup, truth, impl):
     m, x, y = setup
     benchmark.group = "slq"
     ps = _params(m)
     P = sum(p.numel() for p in ps)
     if impl.startswith("ours"):
-        reorth = "local" if impl == "ours_reorth_local" else "full"
+        reorth = "local" if impl.startswith("ours_reorth_local") else "full"
+        matmul = "default" if impl.endswith("_mkl") else "auto"   # _mkl: oneDNN not among the candidates
 
         def run():
-            r = linalg.slq_density(hessian(m, CE, (x, y)), probes=10, steps=100, seed=0, reorth=reorth)
+            r = linalg.slq_density(hessian(m, CE, (x, y), matmul=matmul), probes=10, steps=100, seed=0,
+                                   reorth=reorth)
             return r.nodes, r.weights
     elif impl == "pyhessian":
         from pyhessian import hessian as PH
@@ -315,8 +324,8 @@ def test_jacobian_svd(benchmark, setup, impl):
 
 
 def _interleaved_slq(rounds: int = 2) -> dict:
-    """SLQ (10 probes x 100 steps) of ours (full and local reorthogonalisation), PyHessian and
-    hessian-eigenthings, interleaved over
+    """SLQ (10 probes x 100 steps) of ours (full and local reorthogonalisation; local with MKL
+    matmuls only), PyHessian and hessian-eigenthings, interleaved over
     ``rounds`` rounds so that a shared machine's load hits all alike; also times our 100 Hessian
     matmats alone (the rest of our time is the Lanczos reorthogonalisation)."""
     import datetime
@@ -328,6 +337,10 @@ def _interleaved_slq(rounds: int = 2) -> dict:
 
     def ours_local():
         return linalg.slq_density(hessian(m, CE, (x, y)), probes=10, steps=100, seed=0, reorth="local")
+
+    def ours_local_mkl():
+        return linalg.slq_density(hessian(m, CE, (x, y), matmul="default"), probes=10, steps=100, seed=0,
+                                  reorth="local")
 
     def pyhessian():
         from pyhessian import hessian as PH
@@ -347,10 +360,13 @@ def _interleaved_slq(rounds: int = 2) -> dict:
         V = torch.randn(H.shape[0], 10)
         for _ in range(100):
             H.matmat(V)
+        print("  matmat choice", H.hvp_choice(10), {c: round(min(t), 3) for c, t in H.hvp_timings[10].items()},
+              flush=True)
 
     res: dict = {}
     for _ in range(rounds):
-        for name, f in [("ours", ours), ("ours_reorth_local", ours_local), ("pyhessian", pyhessian),
+        for name, f in [("ours", ours), ("ours_reorth_local", ours_local), ("ours_reorth_local_mkl", ours_local_mkl),
+                        ("pyhessian", pyhessian),
                         ("hessian_eigenthings", eigenthings), ("ours_100_matmats_only", matmats_only)]:
             t0 = time.perf_counter()
             f()

@@ -11,32 +11,59 @@ weights ``batch size / total``. BatchNorm uses running statistics (``batchnorm="
 statistics without updating the running ones (``batchnorm="train"``); the model's modes and
 buffers are the same after every call as before.
 
-Two exact ways to apply k vectors at once (``hvp=``):
+Three exact ways to apply k vectors at once (``hvp=``):
 
+- ``"structured"``: for fully-connected residual networks that
+  :mod:`resgeom_fast.operators._structured` recognises (this package's FCResNet and the like,
+  BatchNorm in eval mode, ``nn.CrossEntropyLoss()``): Pearlmutter's R-operator written out layer
+  by layer, the k vectors stacked into GEMMs, no autograd; the primal forward/backward of each
+  batch is cached like the double backward's graph. Its first product per (parameter subset, k)
+  is checked against the double backward (relative difference <= 1e-8 in float64, 1e-4 in
+  float32), and the recognised layers' logits against ``model(x)``; a mismatch turns it off
+  (``"auto"``; ``op.structured_off`` says why) or raises (``hvp="structured"``).
 - ``"double_backward"``: the gradient graph of each batch (``create_graph=True``) is built once
   and cached when ``cache`` is on, then k products are one batched backward through it
   (``torch.autograd.grad(..., is_grads_batched=True)``). Lanczos calls matmat ~100 times on the
   same data, so the forward and first backward are paid once.
 - ``"forward_over_reverse"``: ``vmap(jvp(grad(loss)))`` with torch.func, recomputed per call.
 
-``"auto"`` uses the double backward for one vector (about 3x as fast as forward-over-reverse
-on CPU) and *measures* both methods for k >= 2 vectors per pass on the operator's own model and
+``"auto"`` uses the structured path where it applies (on the benchmark FCResNet, CPU, 10 vectors
+per pass, it took about a third of the autograd methods' time; see the README), else the double
+backward for one vector (about 3x as fast as forward-over-reverse on CPU) and *measures* both
+autograd methods for k >= 2 vectors per pass on the operator's own model and
 data: the first calls with a given (parameter subset, k) alternate between the two methods
 (every call returns its exact product, so nothing is wasted), two timings each, then the faster
 one (by its best timing) is used for every later call with that key. ``op.hvp_timings`` shows the
 measurements and ``op.hvp_choice(k)`` the decision. Which wins depends on model size, k and the
 device (forward-over-reverse was ~12% faster for 10 vectors on the benchmark ResNet on CPU,
 several times slower on small nets where vmap's overhead dominates).
+
+Matrix products (``matmul=``), float32 on the CPU only: ``"default"`` leaves PyTorch's BLAS
+(MKL) in charge; ``"onednn"`` routes float32 matmuls through oneDNN instead, by allowing oneDNN's
+bf16 math mode (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``) during the product.
+On CPUs without AMX, oneDNN still computes those GEMMs in float32 (results agree with MKL's to
+float32 round-off, ~1e-6 relative on the benchmark Hessian) and on AMD Zen 5 it is 2-3x as fast
+as MKL's float32 GEMMs. On a CPU where oneDNN really rounds to bf16 (Intel AMX) the products
+would lose ~3 digits, so oneDNN is *verified* before use: the first oneDNN product of every
+(parameter subset, k) is compared with the double backward's under the default BLAS
+(``op.verification``); a relative difference
+above ``ONEDNN_TOLERANCE`` (1e-4; float32 reordering gives ~1e-6, bf16 ~1e-3) turns oneDNN off
+for the operator (``"auto"``, the reference product is returned; ``op.onednn_off`` says why) or
+raises (``matmul="onednn"``). ``"auto"`` (the default) adds the oneDNN variant of every candidate
+method (``"structured+onednn"``, ``"double_backward+onednn"``, ...) to the measured candidates
+where it applies (float32 on the CPU with oneDNN available); elsewhere it is ``"default"``.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from resgeom_fast.linalg.operator import LinearOperator
+from resgeom_fast.operators._structured import StructuredHVP, parse_structured
 from resgeom_fast.operators._data import (
     Batches,
     ParamSpec,
@@ -47,7 +74,11 @@ from resgeom_fast.operators._data import (
 )
 
 LossFn = Callable[[Tensor, Any], Tensor]
-HVP_METHODS = ("auto", "double_backward", "forward_over_reverse")
+HVP_METHODS = ("auto", "structured", "double_backward", "forward_over_reverse")
+MATMUL_BACKENDS = ("auto", "default", "onednn")
+ONEDNN_TOLERANCE = 1e-4
+# first products of the structured path / oneDNN against the double backward: relative tolerance
+_VERIFY_TOLERANCE = {torch.float64: 1e-8, torch.float32: ONEDNN_TOLERANCE}
 
 __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "hessian", "ggn", "block_hessians"]
 
@@ -66,8 +97,51 @@ def _resolve_hvp(fn: str, hvp: str, device: torch.device) -> str:
     return hvp
 
 
-# "auto": timings per method collected before deciding (two each: the first of a method
-# includes one-off warm-up such as torch.func tracing, the best of two is compared).
+def onednn_applicable(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``matmul="onednn"`` can apply: float32 on the CPU with oneDNN built in."""
+    return (dtype == torch.float32 and device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"))
+
+
+@contextlib.contextmanager
+def onednn_matmul() -> Iterator[None]:
+    """Route float32 CPU matmuls through oneDNN (its bf16 math mode allowed) inside the block;
+    the previous setting is restored on exit. See the module doc for when this is exact."""
+    mm = torch.backends.mkldnn.matmul
+    saved = mm.fp32_precision
+    mm.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = saved
+
+
+def _resolve_matmul(fn: str, matmul: str, dtype: torch.dtype, device: torch.device) -> list[str]:
+    """The matmul backends to use (several: measured by "auto")."""
+    if matmul not in MATMUL_BACKENDS:
+        raise ValueError(f"{fn}: matmul: expected one of {list(MATMUL_BACKENDS)}, got {matmul!r}")
+    ok = onednn_applicable(dtype, device)
+    if matmul == "onednn" and not ok:
+        raise ValueError(f"{fn}: matmul='onednn' needs float32 parameters on the CPU and a PyTorch built with "
+                         f"oneDNN, got {dtype} on {device} (use matmul='auto' or 'default')")
+    if matmul == "auto":
+        return ["default", "onednn"] if ok else ["default"]
+    return [matmul]
+
+
+class _NotStructured(ValueError):
+    """The structured path does not apply to these data / this model (found when computing)."""
+
+
+def _rel_diff(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b)) ** 0.5
+    den = sum(float(y.double().pow(2).sum()) for y in b) ** 0.5
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+# "auto": timings per candidate (method, or method+onednn) collected before deciding (two each:
+# the first of a candidate includes one-off warm-up such as torch.func tracing, the best of two
+# is compared).
 _AUTO_SAMPLES = 2
 _TUNED = ("forward_over_reverse", "double_backward")
 
@@ -86,7 +160,7 @@ class _Engine:
 
     def __init__(self, fn: str, kind: str, model: nn.Module, loss_fn: LossFn, data: Any,
                  names: list[str], params: list[Tensor], batchnorm: str, hvp: str,
-                 cache: Optional[bool]) -> None:
+                 cache: Optional[bool], matmul: str = "auto") -> None:
         if not callable(loss_fn):
             raise TypeError(f"{fn}: expected loss_fn callable, got {type(loss_fn).__name__}")
         if batchnorm not in ("eval", "train"):
@@ -95,6 +169,24 @@ class _Engine:
         self.names, self.params, self.batchnorm = names, params, batchnorm
         self.dtype, self.device = params[0].dtype, params[0].device
         self.hvp = _resolve_hvp(fn, hvp, self.device)
+        self.matmul = matmul
+        self.backends = _resolve_matmul(fn, matmul, self.dtype, self.device)
+        # verification per (param subset, k): {candidate: relative difference of its first
+        # product to the double backward's (default BLAS)}
+        self.checks: dict[tuple[tuple[int, ...], int], dict[str, float]] = {}
+        self.onednn_off: Optional[str] = None      # why "auto" stopped using oneDNN
+        self.structured: Optional[StructuredHVP] = None
+        self.structured_off: Optional[str] = None  # why the structured path is not used
+        self._primals: Optional[list[tuple[float, Any]]] = None
+        if self.hvp in ("auto", "structured"):
+            layers, why = (parse_structured(model, params, loss_fn, batchnorm) if kind == "hessian"
+                           else (None, "the GGN has no structured path"))
+            if layers is None:
+                if self.hvp == "structured":
+                    raise ValueError(f"{fn}: hvp='structured' does not apply: {why}; use hvp='auto'")
+                self.structured_off = why
+            else:
+                self.structured = StructuredHVP(layers, params)
         self.cache = is_single_batch(data) if cache is None else bool(cache)
         self.batches = Batches(fn, data, self.dtype, self.device, materialise=self.cache)
         if batchnorm == "train" and has_batchnorm(model) and min(self.batches.sizes) < 2:
@@ -155,38 +247,123 @@ class _Engine:
         return [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if r is None else r
                 for r, p in zip(res, inputs)]
 
+    def candidates(self, k: int) -> list[str]:
+        """What "auto" measures for passes of ``k`` vectors: methods, each with every backend."""
+        if self.hvp == "structured" or (self.hvp == "auto" and self.structured_off is None):
+            methods = ["structured"]
+        elif self.hvp == "auto":
+            methods = ["double_backward"] if k == 1 else list(_TUNED)
+        else:
+            methods = [self.hvp]
+        backends = [b for b in self.backends if not (b == "onednn" and self.onednn_off)]
+        return [m if b == "default" else f"{m}+onednn" for m in methods for b in backends]
+
     def choice(self, idx: Sequence[int], k: int) -> Optional[str]:
-        """The method "auto" uses for ``k`` vectors on params ``idx`` (None: still measuring)."""
-        if self.hvp != "auto":
-            return self.hvp
-        if k == 1:
-            return "double_backward"
+        """The candidate used for ``k`` vectors on params ``idx`` (None: still measuring)."""
+        cands = self.candidates(k)
+        if len(cands) == 1:
+            return cands[0]
         rec = self.timings.get((tuple(idx), k))
-        if rec is None or any(len(rec[m]) < _AUTO_SAMPLES for m in _TUNED):
+        if rec is None or any(len(rec.get(c, ())) < _AUTO_SAMPLES for c in cands):
             return None
-        return min(_TUNED, key=lambda m: min(rec[m]))
+        return min(cands, key=lambda c: min(rec[c]))
 
     def apply(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         """Curvature products restricted to params ``idx``: ``vs[j]`` is [k, *shape of idx[j]]."""
-        method = self.choice(idx, k)
-        if method is not None:
-            return self._apply_method(method, idx, vs, k)
-        # "auto", still measuring: the method with fewer timings so far (forward-over-reverse first)
-        rec = self.timings.setdefault((tuple(idx), k), {m: [] for m in _TUNED})
-        method = min(_TUNED, key=lambda m: len(rec[m]))
+        cand = self.choice(idx, k)
+        if cand is not None:
+            return self._run(cand, idx, vs, k, None)
+        # still measuring: the candidate with fewest timings so far (forward-over-reverse first)
+        rec = self.timings.setdefault((tuple(idx), k), {})
+        cand = min(self.candidates(k), key=lambda c: len(rec.get(c, ())))
+        return self._run(cand, idx, vs, k, rec)
+
+    def _timed(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
+               rec: Optional[dict[str, list[float]]]) -> list[Tensor]:
+        method, _, backend = cand.partition("+")
         sync = self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        out = self._apply_method(method, idx, vs, k)
+        with onednn_matmul() if backend == "onednn" else contextlib.nullcontext():
+            out = self._apply_method(method, idx, vs, k)
         if sync:
             torch.cuda.synchronize(self.device)
-        rec[method].append(time.perf_counter() - t0)
+        if rec is not None:
+            rec.setdefault(cand, []).append(time.perf_counter() - t0)
         return out
+
+    def _run(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
+             rec: Optional[dict[str, list[float]]]) -> list[Tensor]:
+        key = (tuple(idx), k)
+        method, _, backend = cand.partition("+")
+        checks = self.checks.setdefault(key, {})
+        if (method != "structured" and backend != "onednn") or cand in checks:
+            return self._timed(cand, idx, vs, k, rec)
+        # the first product of the structured path or of oneDNN for this key: verified against the
+        # double backward with the default BLAS (an independent computation of the same numbers)
+        ref_cand = "double_backward"
+        ref = self._timed(ref_cand, idx, vs, k, rec if ref_cand in self.candidates(k) else None)
+        try:
+            out = self._timed(cand, idx, vs, k, rec)
+            diff = _rel_diff(out, ref)
+        except _NotStructured as exc:       # found while computing (labels, logits): not verified
+            out, diff, why = ref, float("inf"), str(exc)
+        else:
+            why = ""
+        checks[cand] = diff
+        tol = _VERIFY_TOLERANCE.get(self.dtype, 1e-2)
+        if diff <= tol:
+            return out
+        if not why:
+            why = f"its first product differs from the double backward's by {diff:.1e} relative (> {tol:g})"
+        if backend == "onednn" and method != "structured" or (backend == "onednn" and "structured" in checks):
+            why = f"oneDNN's float32 matmuls: {why}: this CPU computes them in reduced precision"
+            if self.matmul == "onednn":
+                raise RuntimeError(f"{self.fn}: matmul='onednn': {why}; use matmul='auto' or 'default'")
+            self.onednn_off = why
+        else:
+            why = f"the structured path: {why}"
+            if self.hvp == "structured":
+                raise RuntimeError(f"{self.fn}: hvp='structured': {why}; use hvp='auto'")
+            self.structured_off = why
+        return ref
+
+    def _primals_iter(self):
+        if self._primals is not None:
+            yield from self._primals
+            return
+        built = []
+        for w, x, y in self.batches:
+            item = (w, self._primal(x, y))
+            built.append(item)
+            yield item
+        if self.cache:
+            self._primals = built
+
+    def _primal(self, x: Tensor, y: Any) -> Any:
+        assert self.structured is not None
+        if not (isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point() and not y.is_complex()):
+            raise _NotStructured("the labels are not a 1-D tensor of class indices")
+        st = self.structured.primal(x, y)
+        with torch.no_grad(), module_mode(self.model, self.batchnorm):
+            logits = self.model(x)
+        tol = _VERIFY_TOLERANCE.get(self.dtype, 1e-2)
+        if not (isinstance(logits, Tensor) and logits.shape == st.logits.shape
+                and _rel_diff([st.logits], [logits]) <= tol):
+            raise _NotStructured("the recognised layers do not reproduce model(x) (the model's forward "
+                                 "is not the stem/blocks/head composition)")
+        return st
 
     def _apply_method(self, method: str, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         if method == "forward_over_reverse":
             return self._apply_func(idx, vs, k)
+        if method == "structured":
+            acc_s: Optional[list[Tensor]] = None
+            for w, st in self._primals_iter():
+                acc_s = _accumulate(acc_s, self.structured.apply(st, idx, vs, k), w)
+            assert acc_s is not None
+            return acc_s
         acc: Optional[list[Tensor]] = None
         sub = [self.params[i] for i in idx]
         for g in self._graphs_iter():
@@ -238,7 +415,8 @@ class CurvatureOperator(LinearOperator):
         param_names: names of the chosen parameters, in the order of the vector space.
         param_shapes: their shapes; ``param_offsets[i]`` is where parameter i starts.
         num_samples: samples of the data the loss is averaged over.
-        hvp: the product method ("auto", "double_backward" or "forward_over_reverse").
+        hvp: the product method ("auto", "structured", "double_backward" or "forward_over_reverse").
+        matmul: the matmul backend setting ("auto", "default" or "onednn").
         cached: whether per-batch graphs (and the batches) are kept between calls.
         max_vectors_per_pass: a matmat with more columns is applied in passes of this many
             (default 32) to bound the memory of the batched products.
@@ -256,7 +434,7 @@ class CurvatureOperator(LinearOperator):
         self.param_offsets = offsets
         super().__init__((o, o), engine.dtype, engine.device, (), symmetric=True)
         self.num_samples = engine.batches.total
-        self.hvp, self.cached = engine.hvp, engine.cache
+        self.hvp, self.cached, self.matmul = engine.hvp, engine.cache, engine.matmul
         self.max_vectors_per_pass = 32
 
     def _matmat(self, X: Tensor) -> Tensor:
@@ -277,13 +455,31 @@ class CurvatureOperator(LinearOperator):
 
     @property
     def hvp_timings(self) -> dict[int, dict[str, list[float]]]:
-        """``hvp="auto"`` measurements of this operator: {k: {method: [seconds per pass, ...]}}."""
+        """``"auto"`` measurements of this operator: {k: {candidate: [seconds per pass, ...]}}, a
+        candidate being a method, with ``"+onednn"`` when oneDNN ran its matmuls."""
         return {k: {m: list(t) for m, t in rec.items()}
                 for (idx, k), rec in self._engine.timings.items() if list(idx) == self._idx}
 
     def hvp_choice(self, k: int) -> Optional[str]:
-        """The product method used for passes of ``k`` vectors (None: ``"auto"`` still measuring)."""
+        """The product method used for passes of ``k`` vectors, with ``"+onednn"`` when oneDNN runs
+        its matmuls (None: ``"auto"`` still measuring)."""
         return self._engine.choice(self._idx, k)
+
+    @property
+    def verification(self) -> dict[int, dict[str, float]]:
+        """{k: {candidate: relative difference of its first product to the double backward's}}
+        for the structured path and oneDNN candidates (module doc)."""
+        return {k: dict(d) for (idx, k), d in self._engine.checks.items() if list(idx) == self._idx and d}
+
+    @property
+    def structured_off(self) -> Optional[str]:
+        """Why the structured path is not used (None: it is, or ``hvp`` names another method)."""
+        return self._engine.structured_off
+
+    @property
+    def onednn_off(self) -> Optional[str]:
+        """Why ``matmul="auto"`` stopped using oneDNN (None: it did not)."""
+        return self._engine.onednn_off
 
     def flatten(self, tensors: Union[dict[str, Tensor], Sequence[Tensor]]) -> Tensor:
         """Per-parameter tensors (a dict by name or a sequence in order), each ``[*shape]`` or
@@ -315,6 +511,7 @@ class CurvatureOperator(LinearOperator):
 
     def clear_cache(self) -> None:
         """Drop the cached graphs (rebuilt on the next call); call after changing the parameters."""
+        self._engine._primals = None
         if self._engine._graphs is not None:
             self._engine._graphs = None
             if self._engine.cache and self._engine.hvp in ("double_backward", "auto"):
@@ -330,13 +527,14 @@ class GGNOperator(CurvatureOperator):
 
 
 def _make(fn: str, kind: str, model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec,
-          batchnorm: str, hvp: str, cache: Optional[bool]) -> _Engine:
+          batchnorm: str, hvp: str, cache: Optional[bool], matmul: str) -> _Engine:
     names, tensors = select_params(fn, model, params)
-    return _Engine(fn, kind, model, loss_fn, data, names, tensors, batchnorm, hvp, cache)
+    return _Engine(fn, kind, model, loss_fn, data, names, tensors, batchnorm, hvp, cache, matmul)
 
 
 def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
-            batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None) -> HessianOperator:
+            batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None,
+            matmul: str = "auto") -> HessianOperator:
     """The Hessian of the mean loss over ``data`` w.r.t. the chosen parameters, as an operator.
 
     Args:
@@ -349,33 +547,36 @@ def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = No
             residual block) or parameter tensors. Order: that of ``model.named_parameters()``.
         batchnorm: "eval" (running statistics) or "train" (batch statistics, running statistics
             untouched; batches of >= 2 samples).
-        hvp: "auto", "double_backward" or "forward_over_reverse" (module doc).
+        hvp: "auto", "structured", "double_backward" or "forward_over_reverse" (module doc).
         cache: keep per-batch gradient graphs between calls (default: True for one batch, False
             for a DataLoader; True on a DataLoader keeps every batch's graph in memory).
+        matmul: "auto", "default" or "onednn": which library runs float32 CPU matmuls (module
+            doc; oneDNN is verified against the default before use).
 
     Returns:
         a symmetric :class:`HessianOperator` of shape (P, P), dtype and device of the parameters;
         ``matmat(X [P, k]) -> [P, k]`` applies k Hessian-vector products in one pass over the data.
     """
-    engine = _make("hessian", "hessian", model, loss_fn, data, params, batchnorm, hvp, cache)
+    engine = _make("hessian", "hessian", model, loss_fn, data, params, batchnorm, hvp, cache, matmul)
     return HessianOperator(engine, list(range(len(engine.names))))
 
 
 def ggn(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
-        batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None) -> GGNOperator:
+        batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None,
+        matmul: str = "auto") -> GGNOperator:
     """The generalised Gauss-Newton matrix ``mean over samples of J^T H_loss J``, J = d outputs /
     d params, H_loss the Hessian of ``loss_fn`` in the outputs. Same arguments as :func:`hessian`.
 
     Returns:
         a symmetric positive semi-definite (for convex losses) :class:`GGNOperator` (P, P).
     """
-    engine = _make("ggn", "ggn", model, loss_fn, data, params, batchnorm, hvp, cache)
+    engine = _make("ggn", "ggn", model, loss_fn, data, params, batchnorm, hvp, cache, matmul)
     return GGNOperator(engine, list(range(len(engine.names))))
 
 
 def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optional[Sequence[Any]] = None, *,
                    batchnorm: str = "eval", hvp: str = "auto",
-                   cache: Optional[bool] = None) -> list[HessianOperator]:
+                   cache: Optional[bool] = None, matmul: str = "auto") -> list[HessianOperator]:
     """Per-block Hessians (diagonal blocks H_ll of the Hessian) of every residual block, in one call.
 
     The operators share one gradient graph per batch (built once when cached); block l's operator
@@ -393,7 +594,8 @@ def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optiona
 
     infos = resolve_blocks("block_hessians", model, blocks)
     names, tensors = select_params("block_hessians", model, [b.block for b in infos])
-    engine = _Engine("block_hessians", "hessian", model, loss_fn, data, names, tensors, batchnorm, hvp, cache)
+    engine = _Engine("block_hessians", "hessian", model, loss_fn, data, names, tensors, batchnorm, hvp,
+                     cache, matmul)
     pos = {id(t): i for i, t in enumerate(tensors)}
     ops = []
     for b in infos:

@@ -32,8 +32,9 @@ def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
             with torch.no_grad():
                 m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
-                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=gen))
+                if m.affine:
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
+                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=gen))
 
 
 class FCNet(nn.Module):

@@ -1,6 +1,9 @@
 """Hessian / GGN operators against dense float64 ground truth, DataLoader accumulation, errors."""
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from _operator_nets import ConvNet, FCNet, dense_hessian, rel
 from resgeom_fast.operators import block_hessians, ggn, hessian, residual_blocks
+from resgeom_fast.operators.hessian import ONEDNN_TOLERANCE, onednn_applicable
 
 CE = nn.CrossEntropyLoss()
 METHODS = ["auto", "double_backward", "forward_over_reverse"]
@@ -242,3 +246,89 @@ def test_errors():
     H = hessian(model, CE, (x, y))
     with pytest.raises(ValueError, match="expected X of dtype"):
         H.matmat(torch.randn(H.shape[0], 2))
+
+
+# -- matmul backends (float32 CPU: MKL or oneDNN, oneDNN verified before use) -----------------
+def _f32_case():
+    model = FCNet(bn=True, width=16)
+    x, y = _fc_data(n=32)
+    dense = dense_hessian(model.double(), CE, x, y)
+    return model.float(), (x.float(), y), dense
+
+
+def test_matmul_onednn_equals_dense_and_is_verified():
+    if not onednn_applicable(torch.float32, torch.device("cpu")):
+        pytest.skip("this PyTorch has no oneDNN")
+    model, data, dense = _f32_case()
+    H = hessian(model, CE, data, hvp="double_backward", matmul="onednn")
+    V = torch.randn(H.shape[0], 3)
+    for _ in range(2):
+        assert rel(H.matmat(V).double(), dense @ V.double()) < 1e-4
+    assert list(H.verification) == [3] and H.verification[3]["double_backward+onednn"] <= ONEDNN_TOLERANCE
+    assert H.hvp_choice(3) == "double_backward+onednn" and H.onednn_off is None
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"    # restored after the call
+
+
+def test_matmul_auto_measures_every_method_and_backend():
+    if not onednn_applicable(torch.float32, torch.device("cpu")):
+        pytest.skip("this PyTorch has no oneDNN")
+    model, data, dense = _f32_case()
+    H = hessian(model, CE, data)                                      # hvp="auto", matmul="auto"
+    V = torch.randn(H.shape[0], 4)
+    cands = ["double_backward", "double_backward+onednn", "forward_over_reverse", "forward_over_reverse+onednn"]
+    for _ in range(8):
+        assert rel(H.matmat(V).double(), dense @ V.double()) < 1e-4
+    t = H.hvp_timings[4]
+    # two timings each; the oneDNN check recomputes its first product with the default BLAS
+    assert sorted(t) == cands and all(len(t[c]) >= 2 for c in cands)
+    assert H.hvp_choice(4) == min(cands, key=lambda c: min(t[c]))
+    assert all(H.verification[4][c] <= ONEDNN_TOLERANCE for c in cands if c.endswith("+onednn"))
+
+
+@pytest.mark.parametrize("matmul", ["auto", "onednn"])
+def test_matmul_onednn_rejected_when_inexact(monkeypatch, matmul):
+    """A CPU whose oneDNN rounds to bf16 (simulated: products off by 1e-3) never gets oneDNN's
+    numbers: "auto" returns the default BLAS's product and turns oneDNN off, "onednn" raises."""
+    hmod = sys.modules["resgeom_fast.operators.hessian"]  # the package exports a function of that name
+
+    if not onednn_applicable(torch.float32, torch.device("cpu")):
+        pytest.skip("this PyTorch has no oneDNN")
+    state = {"on": False}
+    real = hmod._Engine._apply_method
+
+    @contextlib.contextmanager
+    def fake_onednn():
+        state["on"] = True
+        try:
+            yield
+        finally:
+            state["on"] = False
+
+    def apply_method(self, method, idx, vs, k):
+        out = real(self, method, idx, vs, k)
+        return [o * (1 + 1e-3) for o in out] if state["on"] else out
+
+    monkeypatch.setattr(hmod, "onednn_matmul", fake_onednn)
+    monkeypatch.setattr(hmod._Engine, "_apply_method", apply_method)
+    model, data, dense = _f32_case()
+    H = hessian(model, CE, data, hvp="double_backward", matmul=matmul)
+    V = torch.randn(H.shape[0], 2)
+    if matmul == "onednn":
+        with pytest.raises(RuntimeError, match="matmul='onednn'.*reduced precision"):
+            H.matmat(V)
+        return
+    for _ in range(4):
+        assert rel(H.matmat(V).double(), dense @ V.double()) < 1e-4   # never the inexact product
+    assert H.onednn_off is not None and "reduced precision" in H.onednn_off
+    assert abs(H.verification[2]["double_backward+onednn"] - 1e-3) < 1e-4
+    assert H.hvp_choice(2) == "double_backward"
+
+
+def test_matmul_bad_input():
+    model = FCNet().double()
+    with pytest.raises(ValueError, match="matmul: expected one of"):
+        hessian(model, CE, _fc_data(), matmul="mkl")
+    with pytest.raises(ValueError, match="matmul='onednn' needs float32"):
+        hessian(model, CE, _fc_data(), matmul="onednn")              # float64
+    H = hessian(model, CE, _fc_data())                                # float64: oneDNN not a candidate
+    assert H.hvp_choice(1) == "double_backward" and H.verification == {}
