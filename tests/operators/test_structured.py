@@ -46,12 +46,35 @@ class PostReLUNet(nn.Module):
         return self.head(self.pool(h))
 
 
+class PreActNet(nn.Module):
+    """Pre-activation branches (BatchNorm not after a Linear) and a block with an empty branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.stem = nn.Sequential(nn.Linear(5, 6))
+        branch = lambda: nn.Sequential(nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6), nn.BatchNorm1d(6),  # noqa: E731
+                                       nn.ReLU(), nn.Linear(6, 6, bias=False))
+        self.blocks = nn.ModuleList([Block(branch(), scale=0.8), Block(nn.Sequential(nn.Identity()), scale=0.5),
+                                     Block(branch())])
+        self.pool = nn.Identity()
+        self.head = nn.Linear(6, 3)
+        randomise_bn(self, torch.Generator().manual_seed(6))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(self.pool(h))
+
+
 CASES = {
     "fc_bn": lambda: _fc(),
     "fc_plain": lambda: _fc(norm="none"),
     "fc_noskip": lambda: _fc(skip="none"),
     "fc_orthogonal": lambda: _fc(skip="orthogonal", scale="1/L"),
     "post_relu_images": lambda: PostReLUNet().double(),
+    "preact_empty_branch": lambda: PreActNet().double(),
 }
 
 
@@ -219,4 +242,16 @@ def test_clear_cache_after_a_parameter_change():
         for p in model.parameters():
             p.mul_(1.1)
     H.clear_cache()
+    assert rel(H.matmat(V), dense_hessian(model, CE, x, y) @ V) < 1e-10
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 24])
+def test_tangent_passes_in_sample_blocks(chunk):
+    """The tangent passes run over blocks of samples (the batch's mean kept): any block size gives
+    the same products."""
+    model = _fc()
+    x, y = _data()
+    H = hessian(model, CE, (x, y), hvp="structured")
+    H._engine.structured.chunk = chunk
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
     assert rel(H.matmat(V), dense_hessian(model, CE, x, y) @ V) < 1e-10
