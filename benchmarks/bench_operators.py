@@ -16,7 +16,8 @@ eigenvalues), trace (Hutch++ / Hutchinson, 100 products), slq (10 probes x 100 L
 jac_svd (top-10 singular values of a residual Jacobian, several samples). Our rows: "ours_auto"
 / "ours" let hvp="auto" and matmul="auto" measure every product method with MKL and with oneDNN
 matmuls (resgeom_fast.operators.hessian); "ours_<method>" uses MKL only, "ours_<method>+onednn"
-oneDNN only, "ours_reorth_local_mkl" SLQ with MKL only. Accuracy goes to each
+oneDNN only, "ours_structured" the structured (autograd-free) path; SLQ rows "_mkl": MKL only,
+"_autograd": forward-over-reverse instead of the structured path. Accuracy goes to each
 row's extra_info (errors of eigenvalues / traces against a float64 ground truth computed once by
 a long, tight Lanczos run and a 1,000-probe Hutchinson estimate of our operator, both in float64: P is too large for a dense
 Hessian). Timings are never asserted.
@@ -95,8 +96,9 @@ def _info(benchmark, **kw):
 
 
 # -- HVPs ---------------------------------------------------------------------------------------
-IMPLS_HVP = ["ours_auto", "ours_double_backward", "ours_forward_over_reverse", "ours_double_backward+onednn",
-             "ours_forward_over_reverse+onednn", "torch_func", "pyhessian", "curvlinops", "hessian_eigenthings"]
+IMPLS_HVP = ["ours_auto", "ours_structured", "ours_structured+onednn", "ours_double_backward",
+             "ours_forward_over_reverse", "ours_double_backward+onednn", "ours_forward_over_reverse+onednn", "torch_func",
+             "pyhessian", "curvlinops", "hessian_eigenthings"]
 
 
 def _hvp_fn(impl, m, x, y, k):
@@ -235,8 +237,8 @@ def _patch_pyhessian_eig():
     torch.eig = eig  # torch 2 keeps a torch.eig stub that raises
 
 
-@pytest.mark.parametrize("impl", ["ours", "ours_reorth_local", "ours_reorth_local_mkl", "pyhessian", "curvlinops",
-                                  "hessian_eigenthings"])
+@pytest.mark.parametrize("impl", ["ours", "ours_reorth_local", "ours_reorth_local_mkl", "ours_reorth_local_autograd",
+                                  "pyhessian", "curvlinops", "hessian_eigenthings"])
 def test_slq(benchmark, setup, truth, impl):
     m, x, y = setup
     benchmark.group = "slq"
@@ -245,9 +247,10 @@ def test_slq(benchmark, setup, truth, impl):
     if impl.startswith("ours"):
         reorth = "local" if impl.startswith("ours_reorth_local") else "full"
         matmul = "default" if impl.endswith("_mkl") else "auto"   # _mkl: oneDNN not among the candidates
+        hvp = "forward_over_reverse" if impl.endswith("_autograd") else "auto"   # _autograd: no structured path
 
         def run():
-            r = linalg.slq_density(hessian(m, CE, (x, y), matmul=matmul), probes=10, steps=100, seed=0,
+            r = linalg.slq_density(hessian(m, CE, (x, y), matmul=matmul, hvp=hvp), probes=10, steps=100, seed=0,
                                    reorth=reorth)
             return r.nodes, r.weights
     elif impl == "pyhessian":
@@ -325,7 +328,7 @@ def test_jacobian_svd(benchmark, setup, impl):
 
 def _interleaved_slq(rounds: int = 2) -> dict:
     """SLQ (10 probes x 100 steps) of ours (full and local reorthogonalisation; local with MKL
-    matmuls only), PyHessian and hessian-eigenthings, interleaved over
+    matmuls only; local with autograd products), PyHessian and hessian-eigenthings, interleaved over
     ``rounds`` rounds so that a shared machine's load hits all alike; also times our 100 Hessian
     matmats alone (the rest of our time is the Lanczos reorthogonalisation)."""
     import datetime
@@ -341,6 +344,10 @@ def _interleaved_slq(rounds: int = 2) -> dict:
     def ours_local_mkl():
         return linalg.slq_density(hessian(m, CE, (x, y), matmul="default"), probes=10, steps=100, seed=0,
                                   reorth="local")
+
+    def ours_local_autograd():
+        return linalg.slq_density(hessian(m, CE, (x, y), hvp="forward_over_reverse"), probes=10, steps=100,
+                                  seed=0, reorth="local")
 
     def pyhessian():
         from pyhessian import hessian as PH
@@ -366,7 +373,7 @@ def _interleaved_slq(rounds: int = 2) -> dict:
     res: dict = {}
     for _ in range(rounds):
         for name, f in [("ours", ours), ("ours_reorth_local", ours_local), ("ours_reorth_local_mkl", ours_local_mkl),
-                        ("pyhessian", pyhessian),
+                        ("ours_reorth_local_autograd", ours_local_autograd), ("pyhessian", pyhessian),
                         ("hessian_eigenthings", eigenthings), ("ours_100_matmats_only", matmats_only)]:
             t0 = time.perf_counter()
             f()

@@ -77,13 +77,13 @@ def trace(op, probes: int = 100, method: str = "hutch++", seed: Optional[int] = 
         Y = apply_block(op, S, where, "on the Hutch++ sketch")
         Q = ops.orthonormalize(Y.reshape(-1, n, s)).reshape(*batch, n, s)
         AQ = apply_block(op, Q, where, "on the Hutch++ range")
-        exact = (Q.double() * AQ.double()).sum((-2, -1))
+        exact = (Q * AQ).sum((-2, -1), dtype=torch.float64)      # accumulated in float64, no copies
     g = probes - 2 * s
     Z = rademacher((*batch, n, g), gen, op.dtype, op.device)
     if Q is not None:
         Z = Z - Q @ (Q.transpose(-1, -2) @ Z)
     AZ = apply_block(op, Z, where, "on the Hutchinson probes")
-    samples = (Z.double() * AZ.double()).sum(-2)
+    samples = (Z * AZ).sum(-2, dtype=torch.float64)
     mean, stderr = _mean_stderr(samples)
     return TraceResult(
         estimate=exact + mean,

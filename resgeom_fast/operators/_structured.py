@@ -15,7 +15,7 @@ Recognised models (anything else is refused with the reason, and the autograd me
 orthogonal matrix or a scaled identity, ``post`` Identity or ReLU), ``pool`` Identity, ``head``
 Linear, no hyper-residual connections -- this package's FCResNet and the like; BatchNorm with
 running statistics (``batchnorm="eval"``) only; the loss ``nn.CrossEntropyLoss()`` (mean, no class
-weights, no label smoothing) on integer labels. The parse is duck-typed (this layer does not import
+weights, no label smoothing) or ``torch.nn.functional.cross_entropy`` itself, on integer labels. The parse is duck-typed (this layer does not import
 the models), so the caller checks the recognised network's logits against ``model(x)`` and its
 first product against autograd before trusting it (``hessian.py``).
 
@@ -123,9 +123,12 @@ def parse_structured(model: nn.Module, params: Sequence[Tensor], loss_fn: Any,
     """The layer list of a recognised fully-connected residual network, or (None, reason)."""
     if batchnorm != "eval":
         return None, "batchnorm='train' (batch statistics couple the samples)"
-    if not (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean"
-            and loss_fn.weight is None and float(loss_fn.label_smoothing) == 0.0):
-        return None, "the loss is not nn.CrossEntropyLoss() (mean, no class weights, no label smoothing)"
+    plain_ce = loss_fn is torch.nn.functional.cross_entropy or (
+        isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean"
+        and loss_fn.weight is None and float(loss_fn.label_smoothing) == 0.0)
+    if not plain_ce:
+        return None, ("the loss is not nn.CrossEntropyLoss() or F.cross_entropy (mean, no class weights, "
+                      "no label smoothing)")
     for attr in ("stem", "blocks", "pool", "head"):
         if not isinstance(getattr(model, attr, None), nn.Module):
             return None, f"the model has no {attr!r} module (not a stem/blocks/pool/head residual network)"
