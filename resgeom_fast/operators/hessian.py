@@ -28,7 +28,7 @@ Three exact ways to apply k vectors at once (``hvp=``):
 - ``"forward_over_reverse"``: ``vmap(jvp(grad(loss)))`` with torch.func, recomputed per call.
 
 ``"auto"`` uses the structured path where it applies (on the benchmark FCResNet, CPU, 10 vectors
-per pass, it took about a third of the autograd methods' time; see the README), else the double
+per pass, it took a third to a half of the autograd methods' time; see the README), else the double
 backward for one vector (about 3x as fast as forward-over-reverse on CPU) and *measures* both
 autograd methods for k >= 2 vectors per pass on the operator's own model and
 data: the first calls with a given (parameter subset, k) alternate between the two methods
