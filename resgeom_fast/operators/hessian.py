@@ -52,7 +52,9 @@ above ``ONEDNN_TOLERANCE`` (1e-4; float32 reordering gives ~1e-6, bf16 ~1e-3) tu
 for the operator (``"auto"``, the reference product is returned; ``op.onednn_off`` says why) or
 raises (``matmul="onednn"``). ``"auto"`` (the default) adds the oneDNN variant of every candidate
 method (``"structured+onednn"``, ``"double_backward+onednn"``, ...) to the measured candidates
-where it applies (float32 on the CPU with oneDNN available); elsewhere it is ``"default"``.
+where it applies (float32 on the CPU with oneDNN available); elsewhere it is ``"default"``. The
+setting is PyTorch's process-wide one, changed only while one of our products runs and restored
+after it: float32 matmuls that other threads run at the same moment also go to oneDNN.
 """
 from __future__ import annotations
 
