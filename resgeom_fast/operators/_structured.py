@@ -288,6 +288,15 @@ def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return a + b
 
 
+def _mm_acc(r: Optional[Tensor], a: Tensor, b: Tensor, k: int) -> Tensor:
+    """``r + a @ b`` with ``a @ b`` [n, k * d] read as [n, k, d]: a fresh product when r is None,
+    else accumulated into r (one of this module's own tensors) by the GEMM itself."""
+    if r is None:
+        return torch.mm(a, b).view(a.shape[0], k, -1)
+    r.view(a.shape[0], -1).addmm_(a, b)
+    return r
+
+
 def _masked(t: Tensor, mask: Tensor, owned: bool) -> Tensor:
     """``t * mask`` over the k axis ([n, k, D] times an [n, D] mask), in place when ``owned``."""
     m = mask.unsqueeze(1)
@@ -385,16 +394,12 @@ class StructuredHVP:
             if isinstance(L, _Linear):
                 xa = st.acts[id(L)]                                     # [n, in + 1]: [x, 1]
                 Ws = st.consts[id(L)][0]
-                n, out_f = xa.shape[0], Ws.shape[0]
+                out_f = Ws.shape[0]
                 M = self._tangent_weights(L, V, st, k)
                 tang[("M", id(L))] = M
                 r = None if Rh is None else torch.matmul(Rh, Ws.t())    # [n, k, out]
                 if M is not None:                                       # + [x, 1] M_j^T for every j at once
-                    Mt = M.reshape(k * out_f, -1).t()
-                    if r is None:
-                        r = torch.mm(xa, Mt).view(n, k, out_f)
-                    else:
-                        r.view(n, k * out_f).addmm_(xa, Mt)
+                    r = _mm_acc(r, xa, M.reshape(k * out_f, -1).t(), k)
                 Rh, owned = r, r is not None
             elif isinstance(L, _Norm):
                 xhat, c, gamma = st.acts[id(L)]
@@ -443,12 +448,8 @@ class StructuredHVP:
                 M = tang[("M", id(L))]
                 r = None if Rg is None else torch.matmul(Rg, Ws)        # [n, k, in]
                 if M is not None:                                       # + g M_j[:, :in] for every j at once
-                    n, out_f, in_f = g.shape[0], Ws.shape[0], Ws.shape[1]
-                    P = M[..., :in_f].transpose(0, 1).reshape(out_f, k * in_f)
-                    if r is None:
-                        r = torch.mm(g, P).view(n, k, in_f)
-                    else:
-                        r.view(n, k * in_f).addmm_(g, P)
+                    out_f, in_f = Ws.shape
+                    r = _mm_acc(r, g, M[..., :in_f].transpose(0, 1).reshape(out_f, k * in_f), k)
                 Rg, owned = r, r is not None
             elif isinstance(L, _Norm):
                 xhat, c, gamma = st.acts[id(L)]
