@@ -17,6 +17,7 @@ from torch import Tensor
 
 # the same argument checks as the linalg layer (one implementation; re-exported for the analyses)
 from resgeom_fast.linalg._util import check_choice, check_int
+from resgeom_fast.train.checkpoint import atomic_file
 
 __all__ = [
     "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_float",
@@ -63,20 +64,9 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
-    """Write ``text`` to a temporary file in the same folder, fsync, then ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write ``text`` (UTF-8) atomically (:func:`resgeom_fast.train.atomic_file`)."""
+    with atomic_file(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def atomic_write_json(path: Union[str, os.PathLike], obj: Any) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from resgeom_fast.analysis._common import atomic_write_json, atomic_write_text, to_jsonable
+from resgeom_fast.train import atomic_file
 
 __all__ = ["FigureSpec", "check_figure", "fmt", "get_path", "tag", "write_report"]
 
@@ -192,9 +193,8 @@ def write_report(out: str, title: str, results: Mapping[str, Any], figures: Sequ
     for spec in tqdm(figures, desc="figures", disable=not progress, leave=False):
         fig = spec.build(data)
         path = os.path.join(out, "figures", f"{spec.name}.png")
-        tmp = os.path.join(out, "figures", f".{spec.name}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
         lines += [f"## {spec.title}", "", f"![{spec.title}](figures/{spec.name}.png)", "",

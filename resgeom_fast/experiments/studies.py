@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from resgeom_fast.train import atomic_save
+
 from .common import DATASETS_HELP, load_data, resolve_device, train_step
 from .config import Option, UsageError
 from .figures import bars, heatmaps, lines, new_figure, pca_trajectories, spectra_per_block
@@ -814,9 +816,7 @@ def _leaky_stages(runner: Runner, cfg: dict[str, Any], x, y, xt, yt, key: dict[s
             else:
                 _leaky_adam(m, x, y, cfg["continue_steps"], cfg["continue_lr"], trace)
             _leaky_lbfgs(m, x, y, cfg["lbfgs_steps"], cfg["lbfgs_history"], trace)
-            tmp = f"{ckpt}.tmp-{os.getpid()}"
-            torch.save(m.state_dict(), tmp)
-            os.replace(tmp, ckpt)
+            atomic_save(m.state_dict(), ckpt)
             return {"leak": float(lt), "init": "default" if start_name is None else f"weights of {start_name}",
                     "trace": trace, "final": _leaky_final(m, x, y, xt, yt)}
 

@@ -5,7 +5,7 @@
 - :func:`model_fingerprint` -- class name + parameter / buffer names and shapes.
 """
 
-from .checkpoint import CheckpointMismatchError, atomic_save, load_checkpoint, model_fingerprint
+from .checkpoint import CheckpointMismatchError, atomic_file, atomic_save, load_checkpoint, model_fingerprint
 from .trainer import LOSSES, OPTIMIZERS, SCHEDULES, TrainResult, TrainState, train
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "SCHEDULES",
     "TrainResult",
     "TrainState",
+    "atomic_file",
     "atomic_save",
     "load_checkpoint",
     "model_fingerprint",

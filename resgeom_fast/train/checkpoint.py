@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from typing import Any, Optional, Union
+from typing import IO, Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from torch import nn
 __all__ = [
     "CHECKPOINT_NAME",
     "CheckpointMismatchError",
+    "atomic_file",
     "atomic_save",
     "checkpoint_path",
     "check_fingerprint",
@@ -75,8 +77,10 @@ def checkpoint_path(path_or_dir: Union[str, os.PathLike]) -> str:
     return p if os.path.isfile(p) or p.endswith(".pt") else os.path.join(p, CHECKPOINT_NAME)
 
 
-def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+@contextlib.contextmanager
+def atomic_file(path: Union[str, os.PathLike], mode: str = "wb", encoding: Optional[str] = None) -> Iterator[IO]:
+    """Open a temporary file in ``path``'s folder (created if missing) for writing; on a clean exit
+    flush, fsync and ``os.replace`` it onto ``path``; on an error remove it.
 
     A reader (or a resumed run) sees either the previous complete file or the new one.
     """
@@ -85,14 +89,20 @@ def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+        with open(tmp, mode, encoding=encoding) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save`` through :func:`atomic_file`."""
+    with atomic_file(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def load_checkpoint(model: nn.Module, path_or_dir: Union[str, os.PathLike],

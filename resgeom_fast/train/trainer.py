@@ -32,6 +32,7 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT,
     CheckpointMismatchError,
+    atomic_file,
     atomic_save,
     check_fingerprint,
     model_fingerprint,
@@ -242,13 +243,9 @@ def _json_default(obj: Any) -> Any:
 def _write_log(path: str, history: list[dict[str, Any]], rewrite: bool) -> None:
     """Append the last record, or (``rewrite``) atomically rewrite the file from ``history``."""
     if rewrite:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
+        with atomic_file(path, "w") as fh:
             for rec in history:
                 fh.write(json.dumps(rec, default=_json_default) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
         return
     with open(path, "a") as fh:
         fh.write(json.dumps(history[-1], default=_json_default) + "\n")
