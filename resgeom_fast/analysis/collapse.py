@@ -508,13 +508,21 @@ def plot_collapse(result: CollapseResult, ax: Any = None) -> Any:
         rho = result.spearman.get(k, math.nan)
         ax.plot(result.layers, getattr(result, k), marker="o", ms=3,
                 label=f"{labels[k]} (ρ={rho:.2f})" if rho == rho else labels[k])
-    if result.nc3 is not None:
-        ax.plot([result.layers[-1]], [result.nc3], marker="*", ms=10, ls="none", color="k", label="NC3 (last layer)")
-    ax.set_yscale("log", nonpositive="mask")
-    if len(result.layers) <= 20:
-        ax.set_xticks(result.layers)
-    ax.set_xlabel("layer l")
-    ax.set_ylabel("metric")
-    ax.set_title(f"Feedforward collapse ({result.split}, N={result.num_samples}, C={result.num_classes})")
-    ax.legend(fontsize=7)
+    finish_metric_axes(ax, result.layers, result.nc3, "NC3 (last layer)", "layer l",
+                       f"Feedforward collapse ({result.split}, N={result.num_samples}, C={result.num_classes})")
     return fig
+
+
+def finish_metric_axes(ax: Any, layers: list[int], nc3: Optional[float], nc3_label: str, xlabel: str,
+                       title: str) -> None:
+    """The common end of the per-layer metric plots (here and in mufm): NC3 as a star at the last
+    layer, a log y axis, integer layer ticks (up to 20 layers), labels, title and legend."""
+    if nc3 is not None:
+        ax.plot([layers[-1]], [nc3], marker="*", ms=10, ls="none", color="k", label=nc3_label)
+    ax.set_yscale("log", nonpositive="mask")
+    if len(layers) <= 20:
+        ax.set_xticks(layers)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("metric")
+    ax.set_title(title)
+    ax.legend(fontsize=7)

@@ -47,6 +47,7 @@ from resgeom_fast.operators import (
     residual_blocks,
     residual_jacobians,
 )
+from resgeom_fast.operators._data import module_mode, no_inplace
 
 __all__ = [
     "ExpansionResult",
@@ -68,18 +69,8 @@ OUTPUT_NORM_SCALES: tuple[str, ...] = ("1", "1/sqrt(L)", "1/L")
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode with in-place activations off (torch.func transforms); restores both."""
-    saved = [(m, m.training) for m in module.modules()]
-    inplace = [(m, m.inplace) for m in module.modules() if isinstance(getattr(m, "inplace", None), bool)]
-    try:
-        module.eval()
-        for m, _ in inplace:
-            m.inplace = False
+    with module_mode(module, "eval"), no_inplace(module):
         yield
-    finally:
-        for m, t in inplace:
-            m.inplace = t
-        for m, t in saved:
-            m.training = t
 
 
 def _check_x(fn: str, model: nn.Module, x: Any) -> tuple[torch.device, torch.dtype]:

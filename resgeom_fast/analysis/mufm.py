@@ -30,7 +30,7 @@ from torch import Tensor
 import torch.nn.functional as F
 
 from ._common import Result, check_float, check_int, to_jsonable, figure_axes
-from .collapse import METRICS, collapse_metrics, spearman
+from .collapse import METRICS, collapse_metrics, finish_metric_axes, spearman
 
 __all__ = ["MUFMResult", "mufm", "mufm_objective", "plot_mufm"]
 
@@ -250,13 +250,6 @@ def plot_mufm(result: MUFMResult, ax: Any = None) -> Any:
         x0 = result.input_metrics[k]
         ax.plot([result.layers[0], result.layers[-1]], [x0, x0], ls=":", color=line.get_color(),
                 label=f"{names[k]} (inputs)")
-    if result.nc3 is not None:
-        ax.plot([result.layers[-1]], [result.nc3], marker="*", ms=10, ls="none", color="k", label="NC3 (H_L, W)")
-    ax.set_yscale("log", nonpositive="mask")
-    if len(result.layers) <= 20:
-        ax.set_xticks(result.layers)
-    ax.set_xlabel("layer l (0 = inputs)")
-    ax.set_ylabel("metric")
-    ax.set_title(f"MUFM optimum (L={result.depth}, λ_W={result.lam_W:g}, λ_H={result.lam_H:g})")
-    ax.legend(fontsize=7)
+    finish_metric_axes(ax, result.layers, result.nc3, "NC3 (H_L, W)", "layer l (0 = inputs)",
+                       f"MUFM optimum (L={result.depth}, λ_W={result.lam_W:g}, λ_H={result.lam_H:g})")
     return fig
