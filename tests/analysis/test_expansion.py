@@ -202,6 +202,15 @@ def test_enumerated_paths_orthogonal_skips_per_block_scales():
 
 
 # -- path expansion on real FCResNets ------------------------------------------------------------
+def _blocks_jvp(model, h0, v):
+    """JVP of the whole block stack h_0 -> h_L at h0 along v (the ground truth of the order sum)."""
+    def stack(h):
+        for b in model.blocks:
+            h = b(h)
+        return h
+    return jvp(stack, (h0,), (v,))[1]
+
+
 @pytest.mark.parametrize("skip", ["identity", "orthogonal"])
 def test_fcresnet_orders_match_dense_jacrev_and_jvp(skip):
     model = small_fc(skip, depth=4)
@@ -213,11 +222,7 @@ def test_fcresnet_orders_match_dense_jacrev_and_jvp(skip):
     got = torch.stack([o[:, :, 0] for o in orders], dim=-1)
     torch.testing.assert_close(got, c_dense, rtol=1e-10, atol=1e-12)
     # sum over orders = JVP of the whole stack d h_L / d h_0 v
-    def stack(h):
-        for b in model.blocks:
-            h = b(h)
-        return h
-    _, jv = jvp(stack, (h0,), (v,))
+    jv = _blocks_jvp(model, h0, v)
     torch.testing.assert_close(got.sum(-1), jv, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(total[:, :, 0], jv, rtol=1e-10, atol=1e-12)
 
@@ -228,13 +233,8 @@ def test_convresnet_order_sum_is_full_jvp():
     x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=D64)
     orders, total, c0, _ = _path_coefficients("t", model, x, None, v=None, blocks=None, num_probes=2, seed=0)
     _, hs = model(x, return_hidden=True)
-
-    def stack(h):
-        for b in model.blocks:
-            h = b(h)
-        return h
     for p in range(2):
-        _, jv = jvp(stack, (hs[0].detach(),), (c0[:, :, p].reshape(hs[0].shape),))
+        jv = _blocks_jvp(model, hs[0].detach(), c0[:, :, p].reshape(hs[0].shape))
         torch.testing.assert_close(sum(orders)[:, :, p], jv.reshape(3, -1), rtol=1e-10, atol=1e-12)
     res = path_expansion(model, x, v=torch.ones(4, 6, 6, dtype=D64))        # a shared probe [C, H, W]
     assert res.input_norm_mean == pytest.approx(12.0)
@@ -246,13 +246,8 @@ def test_trained_digits_net_order_sum_is_full_jvp():
     x = digits_flat().tensors("train")[0][:16].double()
     orders, total, c0, _ = _path_coefficients("t", model, x, None, v=None, blocks=None, num_probes=2, seed=3)
     _, hs = model(x, return_hidden=True)
-
-    def stack(h):
-        for b in model.blocks:
-            h = b(h)
-        return h
     for p in range(2):
-        _, jv = jvp(stack, (hs[0].detach(),), (c0[:, :, p],))
+        jv = _blocks_jvp(model, hs[0].detach(), c0[:, :, p])
         torch.testing.assert_close(sum(o for o in orders if o is not None)[:, :, p], jv, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(total[:, :, p], jv, rtol=1e-9, atol=1e-10)
     res = path_expansion(model, x, num_probes=2, seed=3)
