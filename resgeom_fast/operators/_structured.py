@@ -37,7 +37,7 @@ Layer rules (x input, y output, g = dL/dy, R = directional derivative along V):
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -78,9 +78,6 @@ class _Skip:
 class _Block:
     def __init__(self, branch: list, skip: _Skip, scale: float, post_relu: bool) -> None:
         self.branch, self.skip, self.scale, self.post_relu = branch, skip, scale, post_relu
-
-
-Layer = Union[_Linear, _Norm, _ReLU, _Block, str]   # "flatten"
 
 
 def _parse_seq(seq: nn.Module, pos: dict[int, int], where: str,

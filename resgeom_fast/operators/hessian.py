@@ -188,6 +188,7 @@ class _Engine:
         self.structured: Optional[StructuredHVP] = None
         self.structured_off: Optional[str] = None  # why the structured path is not used
         self._primals: Optional[list[tuple[float, Any]]] = None
+        self._forward_checked = False    # the structured logits matched model(x) over a whole pass
         if self.hvp in ("auto", "structured"):
             layers, why = (parse_structured(model, params, loss_fn, batchnorm) if kind == "hessian"
                            else (None, "the GGN has no structured path"))
@@ -365,11 +366,13 @@ class _Engine:
         if self._primals is not None:
             yield from self._primals
             return
-        built = []
+        built = []              # kept only when caching: an uncached pass holds one batch at a time
         for w, x, y in self.batches:
             item = (w, self._primal(x, y))
-            built.append(item)
+            if self.cache:
+                built.append(item)
             yield item
+        self._forward_checked = True
         if self.cache:
             self._primals = built
 
@@ -378,6 +381,8 @@ class _Engine:
         if not (isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point() and not y.is_complex()):
             raise _NotStructured("the labels are not a 1-D tensor of class indices")
         st = self.structured.primal(x, y)
+        if self._forward_checked:   # every batch of a whole pass already matched model(x)
+            return st
         with torch.no_grad(), module_mode(self.model, self.batchnorm):
             logits = self.model(x)
         tol = _VERIFY_TOLERANCE.get(self.dtype, 1e-2)
