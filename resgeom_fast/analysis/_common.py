@@ -7,6 +7,7 @@ it atomically. Tensors are kept on the dataclass (CPU) for plotting; ``to_dict``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from resgeom_fast.train.checkpoint import atomic_file
 
 __all__ = [
     "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_float",
-    "check_int", "figure_axes", "model_device_dtype", "to_jsonable",
+    "check_int", "figure_axes", "json_checksum", "model_device_dtype", "to_jsonable",
 ]
 
 
@@ -72,6 +73,16 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
 def atomic_write_json(path: Union[str, os.PathLike], obj: Any) -> None:
     """``to_jsonable(obj)`` as indented, strict JSON (no NaN), written atomically."""
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def json_checksum(obj: Any) -> str:
+    """sha256 hex digest of ``obj``'s canonical JSON (sorted keys, no spaces, ASCII, no NaN).
+
+    ``obj`` must already be JSON-friendly (:func:`to_jsonable`); a value read back from a file
+    written by :func:`atomic_write_json` gives the same digest (floats round-trip exactly).
+    """
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 class Result:

@@ -10,7 +10,7 @@ from torch import nn
 from .config import UsageError
 from .runner import Runner
 
-__all__ = ["DATASETS_HELP", "build_model", "load_data", "resolve_device", "train_step"]
+__all__ = ["DATASETS_HELP", "build_model", "load_data", "move_aside", "resolve_device", "train_step"]
 
 DATASETS_HELP = "digits | gaussian_mixture | torchvision:NAME:ROOT (NAME in mnist, fashionmnist, cifar10, cifar100)"
 
@@ -112,30 +112,66 @@ def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any,
     """Build ``spec``, train it (step ``train_<name>``, checkpointed every epoch) and return it in
     eval mode with the step's result ``{"history": [...], "final": {...}}``.
 
-    A finished step is not recomputed: the weights are loaded from its checkpoint. An interrupted
-    training resumes from its last epoch. ``data_key`` describes the data (it enters the hash).
+    A finished step is not recomputed: the weights are loaded from its checkpoint, whose sha256
+    must match the one the step recorded (the result holds ``checkpoint_sha256``); a checkpoint
+    that is missing, changed or unreadable is moved aside (never deleted) with a message and the
+    net is trained again. An interrupted training resumes from its last epoch (not with
+    ``runner.fresh``). ``data_key`` describes the data (it enters the hash).
     """
     from resgeom_fast.train import load_checkpoint, train
+    from resgeom_fast.train.checkpoint import CHECKPOINT_NAME, CheckpointCorruptError, file_sha256
 
     model = build_model(spec).to(device)
     deps = {"model": dict(spec), "data": dict(data_key), "train": dict(train_kwargs),
             "regularizers": [repr(r) for r in regularizers]}
     ckdir = runner.checkpoint_dir(name, deps)
+    ckpt = os.path.join(ckdir, CHECKPOINT_NAME)
     step = f"train_{name}"
-    if runner.is_done(step, deps):
-        try:
-            load_checkpoint(model, ckdir)
-        except FileNotFoundError:
-            runner.message(f"step {step}: checkpoint missing in {ckdir}, training again")
-            os.remove(runner.step_path(step))
+    done = runner.stored(step, deps)
+    if done is not None:
+        sha = done.get("checkpoint_sha256") if isinstance(done, dict) else None
+        if not os.path.isfile(ckpt):
+            runner.invalidate(step, f"checkpoint missing in {ckdir}, training again")
+        elif sha is None or file_sha256(ckpt) != sha:
+            moved = move_aside(runner, ckpt, "changed")
+            runner.invalidate(step, f"checkpoint {ckpt} is not the one this step wrote (sha256 differs; moved to "
+                                    f"{os.path.basename(moved)}), training again")
+        else:
+            try:
+                load_checkpoint(model, ckdir)
+            except CheckpointCorruptError as err:
+                moved = move_aside(runner, ckpt, "corrupt")
+                runner.invalidate(step, f"{err} (moved to {os.path.basename(moved)}), training again")
 
     def fn() -> dict[str, Any]:
         kw = dict(train_kwargs)
         epochs = kw.pop("epochs")
-        res = train(model, dataset.to(device=device) if hasattr(dataset, "to") else dataset, epochs,
-                    checkpoint_dir=ckdir, resume=True, progress=runner.progress, regularizers=regularizers,
-                    callbacks=callbacks, **kw)
-        return {"history": res.history, "final": res.final, "resumed_from": res.resumed_from}
+        data = dataset.to(device=device) if hasattr(dataset, "to") else dataset
+
+        def run():
+            return train(model, data, epochs, checkpoint_dir=ckdir, resume=not runner.fresh, progress=runner.progress,
+                         regularizers=regularizers, callbacks=callbacks, **kw)
+
+        try:
+            res = run()
+        except CheckpointCorruptError as err:  # raised before the model or the optimizer is touched
+            moved = move_aside(runner, ckpt, "corrupt")
+            runner.message(f"step {step}: {err}; moved it to {os.path.basename(moved)}, training from the start")
+            res = run()
+        return {"history": res.history, "final": res.final, "resumed_from": res.resumed_from,
+                "checkpoint_sha256": file_sha256(ckpt)}
 
     out = runner.step(step, fn, deps=deps)
     return model.eval(), out
+
+
+def move_aside(runner: Runner, path: str, why: str) -> str:
+    """Rename ``path`` to ``path.<why>-<UTC time>`` (kept for inspection, recorded as resgeom's)
+    and return the new path."""
+    import datetime
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    new = f"{path}.{why}-{stamp}"
+    os.replace(path, new)
+    runner.record_written(new)
+    return new

@@ -2,94 +2,411 @@
 
 Layout of an output folder ``OUT``::
 
-    OUT/manifest.json              what ran there last (study, config, config hash)
-    OUT/steps/<name>.json          one finished step: {"name", "hash", "seconds", "result"}
+    OUT/manifest.json              what ran there last (study, config, key parts) and every file
+                                   resgeom wrote there ("written", paths relative to OUT)
+    OUT/.resgeom.lock              held while a run works in OUT (pid, host, start time)
+    OUT/steps/<name>.json          one finished step: {"format", "name", "hash", "key", "seconds",
+                                   "checksum", "result"}
     OUT/checkpoints/<name>-<hash>/ trainer checkpoints (checkpoint.pt, log.jsonl)
 
 A step is a function returning JSON-friendly data (dicts, lists, numbers; tensors and result
 dataclasses are converted by :func:`~resgeom_fast.analysis._common.to_jsonable`). Its file is
 written atomically only after the function returns, so a Ctrl-C (KeyboardInterrupt) or a crash
-inside a step leaves the folder as it was before that step; a re-run with the same configuration
-loads the finished steps instead of recomputing them, and training resumes from the last epoch
-checkpoint. Every step file stores the hash of the configuration it depends on (the whole
-configuration unless the study names a subset); when that hash differs the step is recomputed and
-a message says so: stale results are never reused silently. Checkpoint folders carry the hash of
-the training configuration in their name, so a changed model or optimiser never resumes from the
-wrong weights.
+inside a step leaves the folder as it was before that step; a re-run with the same key loads the
+finished steps instead of recomputing them, and training resumes from the last epoch checkpoint.
+
+What a step is keyed on. Its key is the hash of (a) the configuration it depends on (the whole
+configuration unless the study names a subset), (b) the versions of resgeom_fast and torch and
+(c) the run's ``key_parts``: whatever else the results depend on that the configuration names only
+by reference, e.g. the sha256 of a ``--checkpoint`` file's contents and of a model factory's
+source. When any of them differs the step is recomputed and a message names what changed; a
+loaded step says what it was keyed on. Each step file also stores the sha256 of its canonical
+result JSON (:func:`~resgeom_fast.analysis._common.json_checksum`): a file edited or damaged
+since it was written fails the check and is recomputed with a message (this catches edits and
+damage, it is no protection against someone who recomputes the checksum). Checkpoint folders
+carry the hash of the training configuration in their name, so a changed model or optimiser never
+resumes from the wrong weights.
+
+One run per folder. A run holds ``OUT/.resgeom.lock`` (created with ``O_EXCL``; it records pid,
+host and start time) until it ends, including by Ctrl-C or an exception; a second run on the same
+folder refuses with a :class:`~resgeom_fast.experiments.config.UsageError` naming the first's pid.
+A lock left by a process that no longer runs on this host is taken over with a message. The lock
+is per process: several :class:`Runner` objects of one process may share a folder (sequential use
+in a script or a test); it is released when the last one is closed or collected, or at exit.
+
+``fresh`` deletes only the files the folder's manifest lists as written by resgeom (never anything
+else, e.g. a user's own ``checkpoints/*.pt``; a folder without a resgeom manifest loses nothing)
+and recomputes every step. Temporary files of :func:`~resgeom_fast.train.checkpoint.atomic_file`
+left in OUT by a killed run are removed when a run starts.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
-import shutil
+import socket
 import sys
 import time
+import uuid
+import weakref
 from typing import Any, Callable, Mapping, Optional, TextIO
 
-from resgeom_fast.analysis._common import atomic_write_json, to_jsonable
+from resgeom_fast.analysis._common import atomic_write_json, json_checksum, to_jsonable
+from resgeom_fast.train.checkpoint import CHECKPOINT_NAME, is_temp_name, temp_owner_pid
 
-from .config import config_hash
+from .config import UsageError, config_hash
 
-__all__ = ["Runner", "STEP_FORMAT"]
+__all__ = ["LOCK_NAME", "MANIFEST_NAME", "Runner", "STEP_FORMAT"]
 
-STEP_FORMAT = "resgeom-step-1"
+STEP_FORMAT = "resgeom-step-2"
+MANIFEST_FORMAT = "resgeom-manifest-2"
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".resgeom.lock"
+# files a trainer / study writes into a checkpoint folder handed out by Runner.checkpoint_dir
+CHECKPOINT_FILES = (CHECKPOINT_NAME, "log.jsonl", "model.pt")
 
 
+def _short(value: Any) -> str:
+    """A key part for a message: long hex digests cut to 12 characters."""
+    text = str(value)
+    if len(text) >= 16 and all(c in "0123456789abcdef" for c in text):
+        return text[:12]
+    return text
+
+
+def describe_key(parts: Mapping[str, Any]) -> str:
+    """``"config hash 1a2b3c4d5e6f, checkpoint sha256 ab12cd34ef56, resgeom_fast 0.1.0, torch 2.5.1"``."""
+    return ", ".join(f"{k} {_short(v)}" for k, v in parts.items())
+
+
+def _key_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    changed = [k for k in list(new) + [k for k in old if k not in new] if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in changed)
+
+
+# ------------------------------------------------------------------------------------- lock
+_HELD: dict[str, list[Any]] = {}  # absolute folder -> [count, token] of the locks this process holds
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    """The start time of ``pid`` in clock ticks since boot (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: Optional[str]) -> bool:
+    """Whether ``pid`` runs on this host (and is the same process when its start time is known)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists under another user
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False  # a zombie: it has exited
+    except (OSError, IndexError):
+        pass
+    now = _proc_start(pid)
+    return not (start is not None and now is not None and now != start)  # else the pid was reused
+
+
+def _lock_info(token: str) -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": _proc_start(os.getpid()),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:500], "token": token}
+
+
+def _read_lock(path: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            info = json.load(fh)
+        return info if isinstance(info, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _create_lock(path: str, token: str) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(_lock_info(token), fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def _acquire(out: str, message: Callable[[str], None]) -> None:
+    """Take ``out``'s lock for this process (re-entrant within the process)."""
+    if out in _HELD:
+        _HELD[out][0] += 1
+        return
+    path = os.path.join(out, LOCK_NAME)
+    token = uuid.uuid4().hex
+    for _ in range(3):
+        if _create_lock(path, token):
+            _HELD[out] = [1, token]
+            return
+        info = _read_lock(path)
+        if info is None:
+            continue  # released meanwhile: try again
+        pid, host = info.get("pid"), info.get("host")
+        same_host = host == socket.gethostname()
+        if same_host and isinstance(pid, int) and (pid == os.getpid() or not _pid_alive(pid, info.get("proc_start"))):
+            # a lock of a run that no longer exists (or of an earlier process that had our pid)
+            message(f"{out}: taking over the lock of pid {pid} (started {info.get('started', '?')}), "
+                    "which no longer runs")
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        if not info:
+            raise UsageError(f"--out {out}: its lock file {path} is unreadable; if no other resgeom run uses this "
+                             "folder, delete that file")
+        where = "this host" if same_host else f"host {host!r} (cannot check from here)"
+        raise UsageError(f"--out {out} is in use by another resgeom run (pid {pid} on {where}, started "
+                         f"{info.get('started', '?')}: {info.get('command', '')!s}); wait for it to end or use "
+                         f"another --out; if that run is gone, delete {path}")
+    raise UsageError(f"--out {out}: could not take the lock {path} (other runs keep taking it)")
+
+
+def _release(out: str) -> None:
+    held = _HELD.get(out)
+    if held is None:
+        return
+    held[0] -= 1
+    if held[0] > 0:
+        return
+    del _HELD[out]
+    path = os.path.join(out, LOCK_NAME)
+    info = _read_lock(path)
+    if info and info.get("token") == held[1]:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------------- runner
 class Runner:
-    """Runs named steps in ``out``, skipping those already finished with the same configuration.
+    """Runs named steps in ``out``, skipping those already finished with the same key.
 
     Args:
-        out: the output folder (created).
+        out: the output folder (created). An empty string is refused (pass "." for the current
+            folder).
         config: the full configuration (JSON-friendly); it is the default dependency of a step.
         study: a name recorded in the manifest.
-        fresh: delete earlier steps and checkpoints in ``out`` first.
-        progress: show tqdm bars (training, long analyses) and the step bar.
+        fresh: recompute every step, after deleting the files the folder's manifest lists as
+            written by resgeom (nothing else is ever deleted).
+        progress: show progress bars (training, long analyses).
         log: where messages go (default stderr); ``None`` silences them.
+        key_parts: what every step depends on besides the configuration, ``{label: value}``
+            (e.g. ``{"checkpoint sha256": "ab12..."}``); the versions of resgeom_fast and torch
+            are added. They enter every step's key and are named when a step is loaded.
 
     Attributes:
         computed, loaded: names of the steps computed / loaded from disk in this run.
+        key_parts: the key parts (with the versions).
+
+    A Runner holds the folder's lock until :meth:`close` (or the end of a ``with`` block, or
+    its collection, or the process's exit).
     """
 
     def __init__(self, out: str, config: Mapping[str, Any], *, study: str, fresh: bool = False,
-                 progress: bool = True, log: Optional[TextIO] = sys.stderr) -> None:
-        self.out = os.path.abspath(os.fspath(out))
+                 progress: bool = True, log: Optional[TextIO] = sys.stderr,
+                 key_parts: Optional[Mapping[str, Any]] = None) -> None:
+        import torch
+
+        import resgeom_fast
+
+        out = os.fspath(out)
+        if not isinstance(out, str) or not out.strip():
+            raise ValueError(f"Runner: expected out a folder path, got {out!r} (pass '.' for the current folder)")
+        self.out = os.path.abspath(out)
         self.config = dict(config)
         self.study = study
+        self.fresh = bool(fresh)
         self.progress = progress
         self._log = log
         self.computed: list[str] = []
         self.loaded: list[str] = []
         self.hash = config_hash(self.config)
-        if fresh:
-            for sub in ("steps", "checkpoints"):
-                shutil.rmtree(os.path.join(self.out, sub), ignore_errors=True)
-        os.makedirs(os.path.join(self.out, "steps"), exist_ok=True)
-        manifest = os.path.join(self.out, "manifest.json")
-        if os.path.isfile(manifest):
-            try:
-                with open(manifest, encoding="utf-8") as fh:
-                    old = json.load(fh)
-            except (OSError, json.JSONDecodeError):
-                old = {}
-            if old.get("config_hash") not in (None, self.hash):
-                old_cfg = old.get("config", {}) or {}
-                changed = sorted(k for k in set(old_cfg) | set(self.config) if old_cfg.get(k) != self.config.get(k))
-                what = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:6])
-                self.message(f"configuration differs from the earlier run in {self.out} ({what}); "
-                             "steps that depend on it are recomputed")
-        atomic_write_json(manifest, {"study": study, "config": self.config, "config_hash": self.hash})
+        self.key_parts: dict[str, Any] = {**dict(key_parts or {}), "resgeom_fast": resgeom_fast.__version__,
+                                          "torch": torch.__version__}
+        os.makedirs(self.out, exist_ok=True)
+        _acquire(self.out, self.message)
+        self._finalizer = weakref.finalize(self, _release, self.out)
+        try:
+            old = self._read_manifest()
+            self._written: set[str] = set()
+            if old is not None and isinstance(old.get("written"), list):
+                self._written = {p for p in old["written"] if isinstance(p, str)}
+            self._remove_stale_temp_files(legacy=old is not None)
+            if self.fresh:
+                self._fresh(old)
+            elif old is not None:
+                self._say_what_changed(old)
+            self._write_manifest()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release the folder's lock (idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ messages
     def message(self, text: str) -> None:
-        """One line to the log stream (kept clear of tqdm bars)."""
+        """One line to the log stream: through tqdm on a terminal (kept clear of bars), a plain
+        line otherwise (no carriage returns in a log file)."""
         if self._log is None:
             return
+        line = f"[resgeom] {text}"
         try:
-            from tqdm.auto import tqdm
+            tty = bool(self._log.isatty())
+        except (AttributeError, ValueError):
+            tty = False
+        if tty:
+            try:
+                from tqdm.auto import tqdm
 
-            tqdm.write(f"[resgeom] {text}", file=self._log)
-        except Exception:  # pragma: no cover - tqdm missing or stream odd
-            print(f"[resgeom] {text}", file=self._log)
+                tqdm.write(line, file=self._log)
+                return
+            except Exception:  # pragma: no cover - tqdm missing or stream odd
+                pass
+        print(line, file=self._log, flush=True)
+
+    # ------------------------------------------------------------------ manifest / written files
+    def _read_manifest(self) -> Optional[dict[str, Any]]:
+        path = os.path.join(self.out, MANIFEST_NAME)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                old = json.load(fh)
+        except (OSError, ValueError):
+            self.message(f"{path}: unreadable manifest; it is rewritten")
+            return {}
+        if not isinstance(old, dict) or "config_hash" not in old:
+            return None  # not a resgeom manifest
+        return old
+
+    def _write_manifest(self) -> None:
+        atomic_write_json(os.path.join(self.out, MANIFEST_NAME), {
+            "format": MANIFEST_FORMAT, "study": self.study, "config": self.config, "config_hash": self.hash,
+            "key": self.key_parts, "written": sorted(self._written)})
+
+    def _rel(self, path: str) -> str:
+        rel = os.path.relpath(os.path.abspath(os.fspath(path)), self.out)
+        if rel == os.curdir or rel.startswith(os.pardir + os.sep) or rel == os.pardir or os.path.isabs(rel):
+            raise ValueError(f"Runner.record_written: expected a path inside {self.out}, got {path!r}")
+        return rel.replace(os.sep, "/")
+
+    def record_written(self, *paths: str) -> None:
+        """Note files resgeom wrote (or is about to write) in ``out``: the manifest lists them, and
+        ``fresh`` deletes exactly these. Call it for every file written into ``out`` outside
+        :meth:`step` (reports, figures, checkpoints)."""
+        new = {self._rel(p) for p in paths} - self._written
+        if new:
+            self._written |= new
+            self._write_manifest()
+
+    @property
+    def written(self) -> list[str]:
+        """The files resgeom wrote in ``out`` (relative paths, as in the manifest)."""
+        return sorted(self._written)
+
+    def _say_what_changed(self, old: Mapping[str, Any]) -> None:
+        if old.get("config_hash") not in (None, self.hash):
+            old_cfg = old.get("config", {}) or {}
+            changed = sorted(k for k in set(old_cfg) | set(self.config) if old_cfg.get(k) != self.config.get(k))
+            what = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:6])
+            self.message(f"configuration differs from the earlier run in {self.out} ({what}); "
+                         "steps that depend on it are recomputed")
+        old_key = old.get("key")
+        if isinstance(old_key, dict) and old_key != self.key_parts:
+            self.message(f"inputs differ from the earlier run in {self.out} ({_key_diff(old_key, self.key_parts)}); "
+                         "steps keyed on them are recomputed")
+
+    def _fresh(self, old: Optional[Mapping[str, Any]]) -> None:
+        if old is None or not isinstance(old.get("written"), list):
+            why = "has no resgeom manifest.json" if old is None else "has a manifest that lists no written files"
+            self.message(f"--fresh: {self.out} {why}, so nothing is deleted there (resgeom deletes only files it "
+                         "recorded as its own); every step is recomputed")
+            self._written = set()
+            return
+        removed, dirs = [], set()
+        for rel in sorted(self._written):
+            path = os.path.normpath(os.path.join(self.out, rel))
+            try:
+                inside = self._rel(path) == rel.replace(os.sep, "/")
+            except ValueError:
+                inside = False
+            if not inside:
+                self.message(f"--fresh: manifest entry {rel!r} is not a plain path inside {self.out}; not deleted")
+                continue
+            if os.path.islink(path) or os.path.isfile(path):
+                os.remove(path)
+                removed.append(rel)
+                dirs.add(os.path.dirname(path))
+        for d in sorted(dirs, key=len, reverse=True):  # folders emptied by the removal (deepest first)
+            while d != self.out and d.startswith(self.out + os.sep):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+                d = os.path.dirname(d)
+        self._written = set()
+        kept = []
+        for sub in ("steps", "checkpoints"):
+            for root, _, files in os.walk(os.path.join(self.out, sub)):
+                kept += [os.path.relpath(os.path.join(root, f), self.out) for f in files]
+        self.message(f"--fresh: deleted {len(removed)} file(s) resgeom wrote earlier in {self.out} (as listed in "
+                     "its manifest); every step is recomputed"
+                     + (f"; kept {len(kept)} file(s) resgeom did not write, e.g. {sorted(kept)[0]}" if kept else ""))
+
+    def _remove_stale_temp_files(self, legacy: bool) -> None:
+        """Delete temporary files of atomic_file left by killed runs (only resgeom's own names; the
+        predictable legacy names only in a folder with a resgeom manifest)."""
+        folders = [self.out] + [os.path.join(self.out, s) for s in ("steps", "figures")]
+        ck = os.path.join(self.out, "checkpoints")
+        if os.path.isdir(ck):
+            folders += [os.path.join(ck, d) for d in sorted(os.listdir(ck)) if os.path.isdir(os.path.join(ck, d))]
+        stale = []
+        for folder in folders:
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                if not is_temp_name(name, legacy=legacy):
+                    continue
+                pid = temp_owner_pid(name)
+                if pid == os.getpid() or _pid_alive(pid, None):
+                    continue  # being written right now
+                path = os.path.join(folder, name)
+                if os.path.islink(path) or os.path.isfile(path):
+                    os.remove(path)
+                    stale.append(os.path.relpath(path, self.out))
+        if stale:
+            self.message(f"removed {len(stale)} temporary file(s) left by an interrupted run, e.g. {stale[0]}")
 
     # ------------------------------------------------------------------ steps
     def step_path(self, name: str) -> str:
@@ -97,55 +414,101 @@ class Runner:
         return os.path.join(self.out, "steps", f"{name}.json")
 
     def dep_hash(self, deps: Optional[Mapping[str, Any]]) -> str:
+        """The configuration hash of ``deps`` (the whole configuration when None)."""
         return self.hash if deps is None else config_hash(deps)
 
-    def is_done(self, name: str, deps: Optional[Mapping[str, Any]] = None) -> bool:
-        """Whether ``name`` finished earlier with the same dependencies."""
-        stored = self._read(name)
-        return stored is not None and stored.get("hash") == self.dep_hash(deps)
+    def step_key(self, deps: Optional[Mapping[str, Any]] = None) -> tuple[str, dict[str, Any]]:
+        """(key hash, key parts) of a step depending on ``deps``: the configuration hash plus
+        :attr:`key_parts` (file and source hashes, library versions)."""
+        parts = {"config hash": self.dep_hash(deps), **self.key_parts}
+        return config_hash(parts), parts
 
-    def _read(self, name: str) -> Optional[dict[str, Any]]:
+    def is_done(self, name: str, deps: Optional[Mapping[str, Any]] = None) -> bool:
+        """Whether ``name`` finished earlier with the same key (and passes its checksum)."""
+        stored = self._read(name, quiet=True)
+        return stored is not None and stored.get("hash") == self.step_key(deps)[0]
+
+    def stored(self, name: str, deps: Optional[Mapping[str, Any]] = None) -> Any:
+        """The stored result of ``name`` when it finished earlier with the same key and passes its
+        checksum (as :meth:`step` would load it), else None. Nothing is computed."""
+        stored = self._read(name, quiet=True)
+        return stored["result"] if stored is not None and stored.get("hash") == self.step_key(deps)[0] else None
+
+    def invalidate(self, name: str, reason: str) -> None:
+        """Forget step ``name`` (its file is removed), with a message giving ``reason``."""
         path = self.step_path(name)
-        if not os.path.isfile(path):
+        if os.path.isfile(path):
+            os.remove(path)
+        self.message(f"step {name}: {reason}; recomputing")
+
+    def _read(self, name: str, quiet: bool = False) -> Optional[dict[str, Any]]:
+        path = self.step_path(name)
+        if (self.fresh and name not in self.computed) or not os.path.isfile(path):
             return None
+        say = (lambda text: None) if quiet else self.message
         try:
             with open(path, encoding="utf-8") as fh:
                 stored = json.load(fh)
-        except (OSError, json.JSONDecodeError):
-            self.message(f"step {name}: unreadable result file, recomputing")
+        except (OSError, ValueError):
+            say(f"step {name}: unreadable result file steps/{name}.json, recomputing")
             return None
-        if not isinstance(stored, dict) or stored.get("format") != STEP_FORMAT:
+        if not isinstance(stored, dict) or not str(stored.get("format", "")).startswith("resgeom-step-"):
+            say(f"step {name}: steps/{name}.json is not a resgeom step file, recomputing")
+            return None
+        if stored.get("format") != STEP_FORMAT:
+            say(f"step {name}: steps/{name}.json was written by an older resgeom (format {stored.get('format')}, "
+                "no checksum), recomputing")
+            return None
+        try:
+            ok = "result" in stored and json_checksum(stored["result"]) == stored.get("checksum")
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            say(f"step {name}: steps/{name}.json fails its checksum (edited or damaged since it was written), "
+                "recomputing")
             return None
         return stored
 
     def step(self, name: str, fn: Callable[[], Any], *, deps: Optional[Mapping[str, Any]] = None) -> Any:
-        """The result of step ``name``: loaded when it finished before with the same ``deps``
-        (default: the whole configuration), else ``fn()`` converted to JSON-friendly data and
-        written atomically to ``steps/<name>.json``. Either way the JSON-friendly form is returned.
+        """The result of step ``name``: loaded when it finished before with the same key (``deps``,
+        default the whole configuration, plus :attr:`key_parts`) and passes its checksum, else
+        ``fn()`` converted to JSON-friendly data and written atomically to ``steps/<name>.json``.
+        Either way the JSON-friendly form is returned.
         """
-        key = self.dep_hash(deps)
+        key, parts = self.step_key(deps)
         stored = self._read(name)
         if stored is not None:
             if stored.get("hash") == key:
                 self.loaded.append(name)
-                self.message(f"step {name}: finished earlier, loaded from steps/{name}.json")
+                self.message(f"step {name}: finished earlier, loaded from steps/{name}.json "
+                             f"(keyed on {describe_key(parts)})")
                 return stored["result"]
-            self.message(f"step {name}: its configuration changed since it was stored, recomputing")
+            old = stored.get("key") if isinstance(stored.get("key"), dict) else {}
+            self.message(f"step {name}: what it depends on changed since it was stored ({_key_diff(old, parts)}), "
+                         "recomputing")
         self.message(f"step {name}: running")
         t0 = time.perf_counter()
         result = to_jsonable(fn())
         seconds = time.perf_counter() - t0
-        atomic_write_json(self.step_path(name), {"format": STEP_FORMAT, "name": name, "hash": key,
-                                                 "seconds": seconds, "result": result})
+        path = self.step_path(name)
+        self.record_written(path)
+        atomic_write_json(path, {"format": STEP_FORMAT, "name": name, "hash": key, "key": parts,
+                                 "seconds": seconds, "checksum": json_checksum(result), "result": result})
         self.computed.append(name)
         self.message(f"step {name}: done in {seconds:.1f} s")
         return result
 
     def checkpoint_dir(self, name: str, deps: Mapping[str, Any]) -> str:
-        """``OUT/checkpoints/<name>-<hash of deps>`` (created): a trainer's ``checkpoint_dir``."""
+        """``OUT/checkpoints/<name>-<hash of deps>`` (created): a trainer's ``checkpoint_dir``.
+
+        The files a trainer or study writes there (:data:`CHECKPOINT_FILES`) are recorded as
+        resgeom's unless a file of that name was already there and not resgeom's.
+        """
         _check_name(name)
         path = os.path.join(self.out, "checkpoints", f"{name}-{config_hash(deps)[:10]}")
         os.makedirs(path, exist_ok=True)
+        mine = [os.path.join(path, f) for f in CHECKPOINT_FILES]
+        self.record_written(*[p for p in mine if not os.path.lexists(p) or self._rel(p) in self._written])
         return path
 
 

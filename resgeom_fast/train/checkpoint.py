@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import tempfile
 from typing import IO, Any, Iterator, Optional, Union
 
 import torch
@@ -13,21 +15,38 @@ from torch import nn
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "CheckpointCorruptError",
     "CheckpointMismatchError",
+    "TEMP_MARK",
     "atomic_file",
     "atomic_save",
     "checkpoint_path",
     "check_fingerprint",
+    "file_sha256",
+    "is_temp_name",
     "load_checkpoint",
     "model_fingerprint",
+    "read_checkpoint",
+    "temp_owner_pid",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "resgeom_fast.train/1"
 
 
+# every temporary file of :func:`atomic_file` is named ``.<target name>.resgeom-tmp-<pid>-<random>``
+TEMP_MARK = ".resgeom-tmp-"
+_TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)-[A-Za-z0-9_]+$")
+# the predictable names of resgeom_fast <= 0.1.0 (``.<target name>.tmp-<pid>``), left behind by killed runs
+_LEGACY_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written for a different model (or with a different configuration)."""
+
+
+class CheckpointCorruptError(CheckpointMismatchError):
+    """A checkpoint file cannot be read (truncated, damaged, not a torch file); names the file."""
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -77,26 +96,69 @@ def checkpoint_path(path_or_dir: Union[str, os.PathLike]) -> str:
     return p if os.path.isfile(p) or p.endswith(".pt") else os.path.join(p, CHECKPOINT_NAME)
 
 
+def is_temp_name(name: str, legacy: bool = False) -> bool:
+    """Whether the file name ``name`` is one of :func:`atomic_file`'s temporary names
+    (``legacy``: also the predictable ``.<name>.tmp-<pid>`` names of resgeom_fast <= 0.1.0)."""
+    return bool(_TEMP_RE.match(name) or (legacy and _LEGACY_TEMP_RE.match(name)))
+
+
+def temp_owner_pid(name: str) -> Optional[int]:
+    """The pid recorded in a temporary name of :func:`atomic_file` (None if ``name`` is not one)."""
+    m = _TEMP_RE.match(name) or _LEGACY_TEMP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: Union[str, os.PathLike], mode: str = "wb", encoding: Optional[str] = None) -> Iterator[IO]:
     """Open a temporary file in ``path``'s folder (created if missing) for writing; on a clean exit
     flush, fsync and ``os.replace`` it onto ``path``; on an error remove it.
 
-    A reader (or a resumed run) sees either the previous complete file or the new one.
+    A reader (or a resumed run) sees either the previous complete file or the new one. The
+    temporary file is created with ``O_CREAT | O_EXCL`` under an unpredictable name
+    (``.<name>.resgeom-tmp-<pid>-<random>``, :func:`tempfile.mkstemp`), so a symlink planted at a
+    guessable name is never followed; it gets the permissions a plain ``open`` would give
+    (0666 minus the umask). ``mode`` must be a write mode ("w", "wb", "x", ...).
     """
+    if "r" in mode or "a" in mode or not any(c in mode for c in "wx"):
+        raise ValueError(f"atomic_file: expected a write mode ('w', 'wb'), got {mode!r}")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_MARK}{os.getpid()}-", dir=folder)
     try:
-        with open(tmp, mode, encoding=encoding) as fh:
+        os.fchmod(fd, 0o666 & ~_umask())
+        fh = os.fdopen(fd, mode.replace("x", "w"), encoding=encoding)
+    except BaseException:
+        os.close(fd)
+        os.remove(tmp)
+        raise
+    try:
+        with fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file's contents, read in ``chunk``-byte pieces (any size)."""
+    h = hashlib.sha256()
+    with open(os.fspath(path), "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
@@ -118,16 +180,36 @@ def load_checkpoint(model: nn.Module, path_or_dir: Union[str, os.PathLike],
         the whole checkpoint dict (``epoch``, ``history``, ``config``, ...).
 
     Raises:
-        FileNotFoundError: no checkpoint there. CheckpointMismatchError: different model.
+        FileNotFoundError: no checkpoint there. CheckpointCorruptError: the file cannot be read.
+        CheckpointMismatchError: different model.
     """
     path = checkpoint_path(path_or_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path!r}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointMismatchError(f"load_checkpoint: {path!r} is not a {FORMAT} checkpoint")
+    ckpt = read_checkpoint(path, "load_checkpoint")
     check_fingerprint(ckpt["fingerprint"], model, source=f"checkpoint {path!r}")
     model.load_state_dict(ckpt["model"])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt
+
+
+def read_checkpoint(path: Union[str, os.PathLike], where: str = "read_checkpoint") -> dict[str, Any]:
+    """The dict of a trainer checkpoint file (``torch.load(weights_only=True)`` on the CPU).
+
+    Raises:
+        CheckpointCorruptError: the file cannot be unpickled (truncated, damaged, not a torch
+            file) or is not a trainer checkpoint; the message names the file and the remedy.
+    """
+    path = os.fspath(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file: torch raises several kinds
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointCorruptError(
+            f"{where}: cannot read checkpoint {path!r} ({type(err).__name__}: {first}); the file is damaged or "
+            "not a torch checkpoint: move it aside or delete it to recompute") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointCorruptError(f"{where}: {path!r} is not a {FORMAT} checkpoint; move it aside or delete "
+                                     "it to recompute")
     return ckpt

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .._progress import progress as progress_bar
 from ..data.dataset import Dataset
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -36,6 +36,7 @@ from .checkpoint import (
     atomic_save,
     check_fingerprint,
     model_fingerprint,
+    read_checkpoint,
 )
 
 __all__ = ["train", "TrainResult", "TrainState", "OPTIMIZERS", "SCHEDULES", "LOSSES"]
@@ -315,7 +316,9 @@ def train(
         resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists (fresh start
             otherwise). The checkpoint must come from the same model (fingerprint) and the same
             configuration (optimizer, lr, momentum, weight_decay, schedule, batch_size, seed,
-            loss_fn); otherwise :class:`CheckpointMismatchError` (a ValueError).
+            loss_fn); otherwise :class:`CheckpointMismatchError` (a ValueError). A checkpoint that
+            cannot be read raises :class:`~resgeom_fast.train.checkpoint.CheckpointCorruptError`
+            (a CheckpointMismatchError) naming the file.
         callbacks: each one of
             - ``(every_k, fn)`` -- fn called after epochs k, 2k, ...;
             - ``(epochs_list, fn)`` -- after the listed epochs; 0 means before training starts
@@ -330,7 +333,8 @@ def train(
         log_path: JSONL log (one line per epoch: epoch, step, train_loss, train_reg, train_acc,
             test_loss, test_acc, lr, time); default ``checkpoint_dir/log.jsonl`` or none.
             On resume the file is rewritten from the checkpoint's history (no duplicates).
-        progress: show a tqdm progress bar over epochs (on stderr).
+        progress: show a progress bar over epochs on stderr (:func:`resgeom_fast._progress.progress`:
+            a tqdm bar on a terminal, one plain line per epoch (at most one per 5 s) otherwise).
         adapt_every: call ``model.adapt_steps(x_batch)`` every this many optimizer steps; None
             uses ``model.adapt_every`` when the model has adaptive steps (LeakyResNet
             ``steps="adaptive"``), else never.
@@ -398,9 +402,7 @@ def train(
         history: list[dict[str, Any]] = []
         start_epoch, step, resumed_from = 0, 0, None
         if resume and ckpt_path is not None and os.path.isfile(ckpt_path):
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-                raise CheckpointMismatchError(f"resume: {ckpt_path!r} is not a {FORMAT} checkpoint")
+            ckpt = read_checkpoint(ckpt_path, "resume")
             check_fingerprint(ckpt["fingerprint"], model, source=f"checkpoint {ckpt_path!r}")
             for key in _RESUME_KEYS:
                 if ckpt["config"].get(key) != config[key]:
@@ -438,10 +440,7 @@ def train(
         if start_epoch == 0:
             run_callbacks(0, None)
 
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs, initial=min(start_epoch, epochs), disable=not progress, desc="train",
-                   unit="epoch", file=sys.stderr, dynamic_ncols=True)
+        bar = progress_bar(epochs, "train", enabled=progress, unit="epoch", initial=min(start_epoch, epochs))
         resolved_loss: Optional[Union[str, Callable]] = None
         try:
             for epoch in range(start_epoch + 1, epochs + 1):
@@ -507,7 +506,7 @@ def train(
                 post = {"loss": f"{record['train_loss']:.4g}"}
                 if record["test_acc"] is not None:
                     post["test_acc"] = f"{record['test_acc']:.4f}"
-                bar.set_postfix(post)
+                bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in post.items()))
         finally:
             bar.close()
     return TrainResult(history=history, model=model, checkpoint_path=ckpt_path, log_path=log_path,

@@ -65,9 +65,10 @@ def test_config_change_recomputes_with_a_message(tmp_path):
     assert c.calls == {"a": 2} and r.computed == ["a"]
     text = log.getvalue()
     assert "configuration differs" in text and "width: 8 -> 16" in text
-    assert "step a: its configuration changed since it was stored, recomputing" in text
+    assert (f"step a: what it depends on changed since it was stored (config hash: {r.dep_hash({'width': 8})[:12]} -> "
+            f"{r.hash[:12]}), recomputing") in text
     stored = json.load(open(tmp_path / "steps" / "a.json"))
-    assert stored["hash"] == r.hash
+    assert stored["key"]["config hash"] == r.hash and stored["hash"] == r.step_key()[0]
 
 
 def test_step_deps_limit_what_invalidates_a_step(tmp_path):
