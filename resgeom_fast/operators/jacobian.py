@@ -4,7 +4,9 @@
 h_{l-1} (stopping as soon as the last requested block has been reached), then returns one batched
 :class:`ResidualJacobian` per block: member b of the batch is J_l(x_b), shape (D_out, D_in) with
 D = numel of one sample's h (C*H*W for conv blocks). Jacobians are taken with the branch in eval
-mode (BatchNorm running statistics), which makes them per-sample quantities.
+mode (BatchNorm running statistics), which makes them per-sample quantities, and with in-place
+activations turned off (``ReLU(inplace=True)`` at the start of a branch would otherwise overwrite
+the stored block inputs ``J.h``); the modules' settings are restored afterwards.
 
 Two paths give identical results:
 
@@ -290,14 +292,16 @@ class ResidualJacobian(LinearOperator):
 
     def __init__(self, info: BlockInfo, h: Tensor, path: str, chunk_size: Optional[int]) -> None:
         self.info, self.h, self.path, self.chunk_size = info, h, path, chunk_size
-        with torch.no_grad(), module_mode(info.branch, "eval"):
+        # every evaluation of the branch on h runs with in-place activations turned off: a branch
+        # starting with ReLU(inplace=True) would otherwise overwrite the stored block inputs
+        with torch.no_grad(), module_mode(info.branch, "eval"), no_inplace(info.branch):
             out = info.branch(h[:1])
         self.in_shape, self.out_shape = tuple(h.shape[1:]), tuple(out.shape[1:])
         super().__init__((math.prod(self.out_shape), math.prod(self.in_shape)), h.dtype, h.device,
                          (h.shape[0],), symmetric=False)
         self._program: Optional[_Program] = None
         if path == "fast":
-            with module_mode(info.branch, "eval"):
+            with module_mode(info.branch, "eval"), no_inplace(info.branch):
                 self._program = _Program(info.branch, h, self._chunk(1))
 
     def _chunk(self, k: int) -> int:
