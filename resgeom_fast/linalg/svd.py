@@ -1,8 +1,12 @@
-"""Randomized SVD (range finder with power iterations, or block Krylov) of batched operators."""
+"""Randomized SVD (range finder with power iterations, or block Krylov) of batched operators,
+with an a-posteriori error bound on every singular value and an adaptive mode that iterates to
+a tolerance."""
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -13,24 +17,69 @@ from resgeom_fast.linalg.operator import aslinearoperator
 
 METHODS = ("subspace", "block_krylov")
 SKETCHES = ("shared", "independent")
+DEFAULT_TOL = 1e-3
+DEFAULT_MAX_ITERS = 50
 
 
 @dataclass
 class SVDResult:
-    """Top-k singular triplets per problem: ``A ~ U diag(S) V^T``.
+    """Top-k singular triplets per problem: ``A ~ U diag(S) V^T``, with their accuracy.
 
     Attributes:
-        U: [*batch, m, k]; S: [*batch, k] descending; V: [*batch, n, k]; matvecs: operator
-        applications (columns, A and A^T together) per problem.
+        U: [*batch, m, k]; S: [*batch, k] descending; V: [*batch, n, k] (the operator's dtype).
+        matvecs: operator applications (columns, A and A^T together) per problem, including the
+            block that measures the residuals.
+        residuals: [*batch, k] float64, r_i = sqrt(||A v_i - s_i u_i||^2 + ||A^T u_i - s_i v_i||^2).
+        error_bound: [*batch, k] float64, b_i = r_i / sqrt(2) + rounding (see
+            :func:`randomized_svd`): an absolute bound on the error of s_i.
+        rel_error_bound: [*batch, k] float64, b_i / s_i (inf where s_i = 0).
+        converged: [*batch] bool, every triplet of the problem met ``tol`` (or sits at the
+            operator's rounding level).
+        iterations: power iterations (Krylov steps) done.
+        tol: the relative tolerance the flags refer to. adaptive: whether power_iters was "auto".
+        rounding: [*batch] float64, the allowance for the operator's own floating-point error
+            included in error_bound.
     """
 
     U: Tensor
     S: Tensor
     V: Tensor
     matvecs: int
+    residuals: Optional[Tensor] = None
+    error_bound: Optional[Tensor] = None
+    rel_error_bound: Optional[Tensor] = None
+    converged: Optional[Tensor] = None
+    iterations: int = 0
+    tol: float = DEFAULT_TOL
+    adaptive: bool = False
+    rounding: Optional[Tensor] = None
+
+    @property
+    def max_rel_error_bound(self) -> float:
+        """Largest relative error bound over all problems and triplets (inf if some s_i = 0)."""
+        if self.rel_error_bound is None:
+            return math.nan
+        return float(self.rel_error_bound.max())
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every problem met ``tol``."""
+        return bool(self.converged.all()) if self.converged is not None else False
 
     def to_dict(self) -> dict:
-        return {"S": self.S.tolist(), "matvecs": self.matvecs}
+        def fin(t: Optional[Tensor]):
+            if t is None:
+                return None
+            return [v if math.isfinite(v) else None for v in t.double().flatten().tolist()]
+
+        return {"S": self.S.tolist(), "matvecs": self.matvecs, "iterations": self.iterations,
+                "adaptive": self.adaptive, "tol": self.tol,
+                "residuals": fin(self.residuals), "error_bound": fin(self.error_bound),
+                "rel_error_bound": fin(self.rel_error_bound),
+                "max_rel_error_bound": (self.max_rel_error_bound
+                                        if math.isfinite(self.max_rel_error_bound) else None),
+                "converged": self.converged.flatten().tolist() if self.converged is not None else None,
+                "all_converged": self.all_converged}
 
 
 def _orth(Y: Tensor) -> Tensor:
@@ -39,30 +88,97 @@ def _orth(Y: Tensor) -> Tensor:
     return ops.orthonormalize(Y.reshape(-1, r, c)).reshape(Y.shape)
 
 
+def _rayleigh_ritz(op, Q: Tensor, where: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """B^T = A^T Q and its thin SVD: returns (P = V, S, U = Q W, resid_T) in float64, where
+    resid_T [*, c] = ||A^T u_i - s_i v_i|| (zero up to rounding: A^T U = B^T W = P S)."""
+    Bt = apply_block(op, Q, where, "in the Rayleigh-Ritz step", transpose=True)   # [*, n, c]
+    Btd = Bt.double()
+    P, S, Wh = torch.linalg.svd(Btd, full_matrices=False)                         # Bt = P S Wh
+    W = Wh.transpose(-1, -2)
+    U = Q.double() @ W
+    resid_T = (Btd @ W - P * S.unsqueeze(-2)).norm(dim=-2)
+    return P, S, U, resid_T
+
+
+def _bounds(AV: Tensor, U: Tensor, S: Tensor, resid_T: Tensor, eps: float, dim: int,
+            tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Residuals, absolute and relative bounds, per-problem convergence and rounding allowance."""
+    k = AV.shape[-1]
+    resid_A = (AV.double() - U[..., :k] * S[..., :k].unsqueeze(-2)).norm(dim=-2)
+    r = torch.sqrt(resid_A.square() + resid_T[..., :k].square())
+    rounding = eps * math.sqrt(dim) * S[..., 0]                                       # [*batch]
+    half = r / math.sqrt(2.0)
+    bound = half + rounding.unsqueeze(-1)
+    Sk = S[..., :k]
+    rel = torch.where(Sk > 0, bound / Sk.clamp_min(torch.finfo(torch.float64).tiny),
+                      torch.full_like(bound, math.inf))
+    ok = half <= torch.maximum(tol * Sk, rounding.unsqueeze(-1))
+    return r, bound, rel, ok.all(-1), rounding
+
+
 def randomized_svd(
     op,
     k: int,
     oversample: int = 10,
-    power_iters: int = 2,
+    power_iters: Union[int, str] = 2,
     seed: Optional[int] = 0,
     method: str = "subspace",
     sketch: str = "shared",
+    *,
+    tol: float = DEFAULT_TOL,
+    max_iters: int = DEFAULT_MAX_ITERS,
 ) -> SVDResult:
-    """Top-k singular triplets of each problem of a (batched) operator.
+    """Top-k singular triplets of each problem of a (batched) operator, with error bounds.
 
     "subspace" (Halko, Martinsson, Tropp 2011): Gaussian Omega [n, l] with l = k + oversample,
     Q = orth(A Omega), then ``power_iters`` rounds Q = orth(A orth(A^T Q)); B^T = A^T Q and the
-    thin SVD of B^T gives the triplets. Matvecs: l (2 q + 2).
+    thin SVD of B^T gives the triplets. Matvecs: l (2 q + 2) + k.
     "block_krylov" (Musco & Musco 2015): Q = orth([A Omega, (A A^T) A Omega, ...,
     (A A^T)^q A Omega]) with each block orthonormalised as it is formed, then the same
-    Rayleigh-Ritz step; better for slowly decaying spectra. Matvecs: l (3 q + 2).
+    Rayleigh-Ritz step; better for slowly decaying spectra. Matvecs: l (3 q + 2) + k.
     Orthonormalisation uses :func:`resgeom_fast.ops.orthonormalize` (CholeskyQR3 in float64).
+
+    Accuracy (a-posteriori, reported in the result). One extra block of k products A V gives
+    the residuals r_i = sqrt(||A v_i - s_i u_i||^2 + ||A^T u_i - s_i v_i||^2) (the second term
+    is zero up to rounding: the Rayleigh-Ritz step makes A^T U = V S). What is bounded:
+
+    - (lower side, always) s_i <= sigma_i(A): the s_i are the singular values of the projection
+      Q^T A, which interlace below those of A;
+    - (residual bound) the unit vector w = [u_i; v_i] / sqrt(2) has residual r_i / sqrt(2) for
+      the symmetric matrix H = [[0, A], [A^T, 0]], whose eigenvalues are +-sigma_j(A) (and 0),
+      so (Weyl / Bauer-Fike for symmetric matrices) some singular value sigma_j of A lies in
+      [s_i - r_i / sqrt(2), s_i + r_i / sqrt(2)], and by Kahan's theorem on the orthonormal W of
+      all k pairs, k distinct singular values can be matched to the s_i within ||R||_2.
+    - Hence ``error_bound`` b_i = r_i / sqrt(2) + rounding always bounds the distance from s_i
+      to the nearest singular value of A (rigorous), and it bounds |s_i - sigma_i| -- sigma_i
+      itself is then in [s_i, s_i + b_i] -- once the subspace has locked on to the top
+      singular values, i.e. no singular value above s_i + b_i has been missed. Residuals cannot
+      see a missed direction: before locking on (q = 0 on a slowly decaying spectrum, where the
+      s_i sit 30% low, each within b_i of some smaller sigma_j) the bound is only of the first
+      kind. Such results have bounds far above any useful tol, so they are never flagged
+      converged; a converged result is accurate unless the Gaussian sketch was nearly
+      orthogonal to a top singular vector (probability ~0, but not a certificate).
+    - ``rounding`` = eps(dtype) * sqrt(max(m, n)) * s_1 is an allowance for the operator's own
+      floating-point error (about 1e-7 relative in float32), which no residual can see below.
+
+    The residual bound is first order: when s_i is off by delta, r_i ~ sqrt(2 sigma delta), so
+    the bound is conservative (the true error is usually far smaller), and it also controls the
+    singular vectors (sin angle(v_i, true) <= r_i / gap_i, Wedin).
+
+    Modes. ``power_iters`` an int q: exactly q iterations (the historical behaviour); the
+    result's ``converged`` tells whether that met ``tol``. ``power_iters="auto"``: after every
+    iteration the Rayleigh-Ritz triplets and their residuals are computed (for "subspace" the
+    next iteration's product A V gives the residuals, so a check costs nothing extra) and the
+    iteration stops when every problem has b_i - rounding <= max(tol * s_i, rounding) for all
+    i <= k, or after ``max_iters`` iterations; a result that did not reach tol has
+    ``converged`` False and a RuntimeWarning is issued. Numerically zero singular values (at the
+    rounding level) count as converged although their relative bound is large.
 
     Args:
         op: LinearOperator [*batch](m, n) with a transpose (``op.T``), or a dense tensor.
         k: 1 <= k <= min(m, n).
         oversample: extra sketch columns p >= 0 (l = min(k + p, min(m, n))).
-        power_iters: q >= 0.
+        power_iters: q >= 0, or "auto" (iterate to ``tol``, at most ``max_iters``).
         seed: seed of the Gaussian sketch (drawn on the CPU).
         method: "subspace" or "block_krylov".
         sketch: "shared" (default): one Gaussian Omega [n, l] for every problem of a batched
@@ -70,6 +186,13 @@ def randomized_svd(
             sees a Gaussian sketch, and operators that can exploit it do (the fast path of
             :func:`resgeom_fast.operators.residual_jacobians` computes W_1 Omega once for all
             samples); "independent": one Omega per problem.
+        tol: relative tolerance on s_1..s_k in (0, 1) (default 1e-3): the target of "auto" and
+            the level ``converged`` refers to in both modes.
+        max_iters: cap on the iterations of "auto" (>= 0, default 50); "block_krylov" also
+            stops when its basis fills min(m, n) columns.
+
+    Returns:
+        :class:`SVDResult` with U, S, V in the operator's dtype and the float64 accuracy fields.
     """
     where = "randomized_svd"
     op = aslinearoperator(op)
@@ -77,7 +200,19 @@ def randomized_svd(
     r = min(m, n)
     check_int(where, "k", k, 1, r, hint=f" (min(m, n) of the operator shape {op.shape})")
     check_int(where, "oversample", oversample, 0)
-    check_int(where, "power_iters", power_iters, 0)
+    adaptive = isinstance(power_iters, str)
+    if adaptive:
+        if power_iters != "auto":
+            raise ValueError(f"{where}: expected power_iters an int >= 0 or 'auto', got {power_iters!r}")
+    else:
+        if isinstance(power_iters, bool) or not isinstance(power_iters, int):
+            raise TypeError(f"{where}: expected power_iters an int >= 0 or 'auto', got "
+                            f"{type(power_iters).__name__}")
+        check_int(where, "power_iters", power_iters, 0)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0.0 < float(tol) < 1.0):
+        raise ValueError(f"{where}: expected tol a float in (0, 1), got {tol!r}")
+    tol = float(tol)
+    check_int(where, "max_iters", max_iters, 0)
     check_choice(where, "method", method, METHODS)
     check_choice(where, "sketch", sketch, SKETCHES)
     if not op.has_transpose:
@@ -85,37 +220,65 @@ def randomized_svd(
     gen = generator(seed)
     batch = op.batch_shape
     l = min(k + oversample, r)
+    eps = float(torch.finfo(op.dtype).eps)
+    dim = max(m, n)
     if sketch == "shared" and len(batch) > 0:
         omega = gaussian((n, l), gen, op.dtype, op.device).expand(*batch, n, l)
     else:
         omega = gaussian((*batch, n, l), gen, op.dtype, op.device)
     Q = _orth(apply_block(op, omega, where, "on the sketch"))
     matvecs = l
+    iters = 0
+
+    def finish(P, S, U, resid_T, AV) -> SVDResult:
+        res, bound, rel, conv, rounding = _bounds(AV, U, S, resid_T, eps, dim, tol)
+        if adaptive and not bool(conv.all()):
+            warnings.warn(
+                f"{where}: power_iters='auto' stopped after {iters} iterations (max_iters={max_iters}) with "
+                f"{int((~conv).sum())} of {conv.numel()} problems above tol={tol:g} (largest relative error bound "
+                f"{float(rel.max()):.3g}); the result has converged=False for them", RuntimeWarning, stacklevel=3)
+        return SVDResult(
+            U=U[..., :k].to(op.dtype), S=S[..., :k].to(op.dtype), V=P[..., :k].to(op.dtype), matvecs=matvecs,
+            residuals=res.cpu(), error_bound=bound.cpu(), rel_error_bound=rel.cpu(), converged=conv.cpu(),
+            iterations=iters, tol=tol, adaptive=adaptive, rounding=rounding.cpu())
+
     if method == "subspace":
-        for _ in range(power_iters):
-            Z = _orth(apply_block(op, Q, where, "in a power iteration", transpose=True))
-            Q = _orth(apply_block(op, Z, where, "in a power iteration"))
+        if not adaptive:
+            for _ in range(power_iters):
+                Z = _orth(apply_block(op, Q, where, "in a power iteration", transpose=True))
+                Q = _orth(apply_block(op, Z, where, "in a power iteration"))
+                matvecs += 2 * l
+            iters = power_iters
+            P, S, U, resid_T = _rayleigh_ritz(op, Q, where)
+            AV = apply_block(op, P[..., :k].to(op.dtype).contiguous(), where, "in the residual check")
+            matvecs += l + k
+            return finish(P, S, U, resid_T, AV)
+        while True:
+            P, S, U, resid_T = _rayleigh_ritz(op, Q, where)
+            Y = apply_block(op, P.to(op.dtype).contiguous(), where, "in a power iteration")   # A V: [*, m, l]
             matvecs += 2 * l
-    else:
-        blocks = [Q]
-        cols = l
-        for _ in range(power_iters):
-            if cols >= r:
-                break
-            Z = apply_block(op, blocks[-1], where, "in a Krylov step", transpose=True)
-            Y = _orth(apply_block(op, Z, where, "in a Krylov step"))
-            blocks.append(Y)
-            cols += l
-            matvecs += 2 * l
-        K = torch.cat(blocks, dim=-1)[..., :r]
-        Q = _orth(K)
-    Bt = apply_block(op, Q, where, "in the Rayleigh-Ritz step", transpose=True)  # [*, n, c]
-    matvecs += Q.shape[-1]
-    P, S, Wh = torch.linalg.svd(Bt.double(), full_matrices=False)  # Bt = P S Wh
-    U = Q.double() @ Wh.transpose(-1, -2)
-    return SVDResult(
-        U=U[..., :k].to(op.dtype),
-        S=S[..., :k].to(op.dtype),
-        V=P[..., :k].to(op.dtype),
-        matvecs=matvecs,
-    )
+            _, _, _, conv, _ = _bounds(Y[..., :k], U, S, resid_T, eps, dim, tol)
+            if bool(conv.all()) or iters >= max_iters:
+                return finish(P, S, U, resid_T, Y[..., :k])
+            Q = _orth(Y)
+            iters += 1
+    # block Krylov
+    blocks = [Q]
+    cols = l
+    steps = power_iters if not adaptive else max_iters
+    while True:
+        if adaptive or iters >= steps or cols >= r:
+            K = torch.cat(blocks, dim=-1)[..., :r]
+            Qk = _orth(K) if len(blocks) > 1 else Q
+            P, S, U, resid_T = _rayleigh_ritz(op, Qk, where)
+            AV = apply_block(op, P[..., :k].to(op.dtype).contiguous(), where, "in the residual check")
+            matvecs += Qk.shape[-1] + k
+            _, _, _, conv, _ = _bounds(AV, U, S, resid_T, eps, dim, tol)
+            if iters >= steps or cols >= r or bool(conv.all()):
+                return finish(P, S, U, resid_T, AV)
+        Z = apply_block(op, blocks[-1], where, "in a Krylov step", transpose=True)
+        Y = _orth(apply_block(op, Z, where, "in a Krylov step"))
+        blocks.append(Y)
+        cols += l
+        matvecs += 2 * l
+        iters += 1
