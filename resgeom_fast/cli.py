@@ -9,16 +9,24 @@
 Every long step shows a progress bar, writes its result atomically into the output folder and
 is skipped when the same command runs again (Ctrl-C leaves a resumable folder). Bad input (an
 unknown study, option, data set or a missing file) prints one line ``resgeom: error: ...`` and
-exits with code 2; an interrupted run exits with 130.
+exits with code 2; an interrupted run exits with 130. Any other exception (a bug, or a failure
+inside an analysis) also prints one line, ``resgeom: error: unexpected <Exception>: <message>
+(traceback written to <file>)``, and exits with code 1; the traceback goes to ``OUT/error.log``
+when OUT is a resgeom report folder, else to a new file in the temporary folder.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
+import tempfile
+import traceback
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
+EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -41,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--fresh", action="store_true", help="discard earlier steps and checkpoints in --out")
     common.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
+    common.add_argument("--deterministic", action="store_true",
+                        help="fix every method choice of the analyses (no 'auto' choice by timing): the same command "
+                             "gives the same numbers; recorded in the configuration and the report")
 
     d = sub.add_parser("demo", parents=[common], help="train a ResNet and its plain twin on digits, run every analysis")
     d.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
@@ -102,21 +113,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out_hint = getattr(args, "out", None)
         if args.command == "demo":
             rep = commands.demo(out=args.out, size=args.size, device=args.device, seed=args.seed,
-                                fresh=args.fresh, progress=not args.quiet)
+                                fresh=args.fresh, progress=not args.quiet, deterministic=args.deterministic)
         elif args.command == "run":
             if args.list_options:
                 print(commands.describe_options(args.study))
                 return 0
-            out_hint = args.out or f"reports/{args.study}"
+            out_hint = f"reports/{args.study}" if args.out is None else args.out
             rep = commands.run_study(args.study, config_path=args.config, out=out_hint, sets=args.sets,
-                                     fresh=args.fresh, progress=not args.quiet)
+                                     fresh=args.fresh, progress=not args.quiet, deterministic=args.deterministic)
         else:
             rep = commands.analyze(model=args.model, checkpoint=args.checkpoint, data=args.data,
                                    num_classes=args.num_classes, samples=args.samples, batch=args.batch, k=args.k,
                                    power_iters=args.power_iters, oversample=args.oversample, probes=args.probes,
                                    steps=args.steps, trace_probes=args.trace_probes, analyses=args.analyses,
                                    device=args.device, seed=args.seed, out=args.out, fresh=args.fresh,
-                                   progress=not args.quiet, params=args.params)
+                                   progress=not args.quiet, params=args.params, deterministic=args.deterministic)
         print(f"report: {rep.report_path}")
         return 0
     except UsageError as err:
@@ -128,6 +139,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nresgeom: interrupted; finished steps are kept{where}: run the same command again to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the backstop: one line, the traceback in a file
+        where = _write_traceback(err, out_hint, argv)
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"resgeom: error: unexpected {type(err).__name__}: {first} (traceback written to {where})",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+def _write_traceback(err: BaseException, out: Optional[str], argv: Sequence[str]) -> str:
+    """Write ``err``'s traceback to ``OUT/error.log`` (only in a resgeom report folder, appended)
+    or else to a new ``resgeom-error-*.log`` in the temporary folder; return its path."""
+    text = (f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} resgeom "
+            f"{' '.join(argv)}\n" + "".join(traceback.format_exception(type(err), err, err.__traceback__)) + "\n")
+    if out and os.path.isfile(os.path.join(out, "manifest.json")):
+        path = os.path.join(out, "error.log")
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(text)
+            return path
+        except OSError:
+            pass
+    try:
+        fd, path = tempfile.mkstemp(prefix="resgeom-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return path
+    except OSError:  # pragma: no cover - no writable temporary folder
+        return "nowhere (no writable folder); rerun with python -X dev -m resgeom_fast to see it"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,13 +6,15 @@ command prints its one-line message and exits with code 2) and returns the writt
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from .config import UsageError, load_config_file, parse_sets, resolve_config
 from .report import FigureSpec, Report, fmt, get_path, write_report
@@ -53,45 +55,100 @@ def describe_options(study: str) -> str:
     return "\n".join(rows)
 
 
+def check_out(out: Any) -> str:
+    """``out`` if it can be a report folder: a non-empty path that is a folder or can be created
+    as one, writable; else a :class:`UsageError` naming ``--out``. (``--out ""`` is refused: pass
+    ``--out .`` for the current folder.)"""
+    if not isinstance(out, str) or not out.strip():
+        raise UsageError(f"--out: expected a folder path, got {out!r} (use --out . for the current folder)")
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out: expected a folder, got a file: {out!r}")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"--out: expected a folder, but {probe!r} above {out!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out: cannot write to {probe!r} (permission denied); choose another --out")
+    return out
+
+
+def _runner(out: str, config: Mapping[str, Any], *, study: str, fresh: bool, progress: bool,
+            key_parts: Optional[Mapping[str, Any]] = None) -> Runner:
+    """A :class:`Runner` on ``--out`` (checked); file-system errors become one-line UsageErrors."""
+    check_out(out)
+    try:
+        return Runner(out, config, study=study, fresh=fresh, progress=progress, log=_log(progress),
+                      key_parts=key_parts)
+    except OSError as err:
+        raise UsageError(f"--out: cannot use {out!r} as the report folder ({type(err).__name__}: "
+                         f"{err.strerror or err}{': ' + str(err.filename) if err.filename else ''})") from None
+
+
+def _write_report(runner: Runner, title: str, results: Any, figures: Sequence[FigureSpec], **kw: Any) -> Report:
+    """:func:`write_report` into the runner's folder; every file it writes is recorded in the
+    manifest first (so ``--fresh`` may delete them later, and nothing else)."""
+    runner.record_written(*[os.path.join(runner.out, f) for f in ("results.json", "report.md")],
+                          *[os.path.join(runner.out, "figures", f"{spec.name}.png") for spec in figures])
+    rep = write_report(runner.out, title, results, figures, progress=runner.progress, **kw)
+    runner.record_written(rep.results_path, rep.report_path, *rep.figures)
+    return rep
+
+
 def _finish(runner: Runner, title: str, out_obj, config: dict[str, Any], expected: str = "") -> Report:
     intro = out_obj.intro + (f"\n\nExpected (SCIENCE.md): {expected}." if expected else "")
-    return write_report(runner.out, title, out_obj.results, out_obj.figures, intro=intro, summaries=out_obj.summaries,
-                        config=config, progress=runner.progress)
+    return _write_report(runner, title, out_obj.results, out_obj.figures, intro=intro, summaries=out_obj.summaries,
+                         config=config)
 
 
 def demo(*, out: str = "reports/demo", size: str = "default", device: str = "cpu", seed: Any = 0,
-         fresh: bool = False, progress: bool = True) -> Report:
-    """Train an FCResNet and its plain twin on digits, run every analysis, write the report."""
+         fresh: bool = False, progress: bool = True, deterministic: bool = False) -> Report:
+    """Train an FCResNet and its plain twin on digits, run every analysis, write the report.
+
+    ``deterministic``: fix every method choice of the analyses (``config["deterministic"]``,
+    part of the configuration and its hash)."""
     from .studies import demo_config, run_demo
 
     cfg = demo_config(size, _int("--seed", seed, 0), device)
+    cfg["deterministic"] = bool(deterministic)
     from .common import resolve_device
 
     resolve_device(device)
-    runner = Runner(out, cfg, study="demo", fresh=fresh, progress=progress, log=_log(progress))
-    res = run_demo(runner, cfg)
-    return _finish(runner, "resgeom demo: a ResNet and its plain twin on digits", res, cfg,
-                   "nets with skips show residual alignment (RA1-RA4), the net without skips does not; collapse "
-                   "progresses with depth; the plain net has more degenerate Hessian mass and dead units")
+    check_out(out)
+    with _runner(out, cfg, study="demo", fresh=fresh, progress=progress) as runner:
+        res = run_demo(runner, cfg)
+        return _finish(runner, "resgeom demo: a ResNet and its plain twin on digits", res, cfg,
+                       "nets with skips show residual alignment (RA1-RA4), the net without skips does not; collapse "
+                       "progresses with depth; the plain net has more degenerate Hessian mass and dead units")
 
 
 def run_study(study: str, *, config_path: Optional[str] = None, out: Optional[str] = None,
-              sets: Sequence[str] = (), fresh: bool = False, progress: bool = True) -> Report:
-    """Run one study of :data:`~resgeom_fast.experiments.studies.STUDIES` and write its report."""
+              sets: Sequence[str] = (), fresh: bool = False, progress: bool = True,
+              deterministic: bool = False) -> Report:
+    """Run one study of :data:`~resgeom_fast.experiments.studies.STUDIES` and write its report.
+
+    ``deterministic=True`` sets ``config["deterministic"]`` (as ``--set deterministic=yes``
+    would); False keeps the value of the config file / ``--set`` (default False)."""
     st = _study(study)
     file_values = load_config_file(config_path) if config_path else None
     cfg = resolve_config(st.options, study=study, file_values=file_values, sets=parse_sets(sets))
+    cfg["deterministic"] = bool(deterministic or cfg.get("deterministic", False))
     if "device" in cfg:
         from .common import resolve_device
 
         resolve_device(cfg["device"])
-    runner = Runner(out or f"reports/{study}", cfg, study=study, fresh=fresh, progress=progress, log=_log(progress))
-    res = st.run(runner, cfg)
-    return _finish(runner, f"resgeom run {study}: {st.title}", res, cfg, st.expected)
+    out = f"reports/{study}" if out is None else out
+    check_out(out)
+    with _runner(out, cfg, study=study, fresh=fresh, progress=progress) as runner:
+        res = st.run(runner, cfg)
+        return _finish(runner, f"resgeom run {study}: {st.title}", res, cfg, st.expected)
 
 
 # ------------------------------------------------------------------------------------- analyze
 def _load_model(spec: str, num_classes: int):
+    """(model, key parts): what the model's code is keyed on (torchvision's version, or the sha256
+    of the factory's source and of its module file)."""
     import torch
 
     if spec.startswith("torchvision:"):
@@ -103,7 +160,9 @@ def _load_model(spec: str, num_classes: int):
         allowed = sorted(n for n in tvm.list_models(module=tvm) if n.startswith(("resnet", "wide_resnet", "resnext")))
         if name not in allowed:
             raise UsageError(f"--model: unknown torchvision model {name!r}; allowed: {', '.join(allowed)}")
-        return tvm.get_model(name, weights=None, num_classes=num_classes)
+        import torchvision
+
+        return tvm.get_model(name, weights=None, num_classes=num_classes), {"torchvision": torchvision.__version__}
     if spec.startswith("module:"):
         parts = spec.split(":")
         if len(parts) != 3 or not parts[1] or not parts[2]:
@@ -118,8 +177,23 @@ def _load_model(spec: str, num_classes: int):
         model = factory()
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"--model: {parts[1]}.{parts[2]}() returned {type(model).__name__}, not an nn.Module")
-        return model
+        return model, _factory_key(mod, factory)
     raise UsageError(f"--model: expected torchvision:NAME or module:package.module:factory, got {spec!r}")
+
+
+def _factory_key(mod: Any, factory: Any) -> dict[str, str]:
+    """sha256 of ``factory``'s source and of its module's file: a changed factory (or a changed
+    helper in the same file) changes the key of every analyze step. Code in other files the
+    factory imports is not covered (documented; use --fresh after changing it)."""
+    from resgeom_fast.train.checkpoint import file_sha256
+
+    try:
+        src = hashlib.sha256(inspect.getsource(factory).encode()).hexdigest()
+    except (OSError, TypeError):
+        src = "unavailable"
+    path = getattr(mod, "__file__", None)
+    return {"factory source sha256": src,
+            "factory module sha256": file_sha256(path) if path and os.path.isfile(path) else "unavailable"}
 
 
 def _load_checkpoint(model, path: str) -> None:
@@ -159,14 +233,18 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
             batch: Any = 32, k: Any = None, power_iters: Any = 2, oversample: Any = 10, probes: Any = 4,
             steps: Any = 30, trace_probes: Any = 12, analyses: str = "alignment,hessian", device: str = "cpu",
             seed: Any = 0, out: str = "reports/analyze", fresh: bool = False, progress: bool = True,
-            params: Optional[str] = None) -> Report:
+            params: Optional[str] = None, deterministic: bool = False) -> Report:
     """Residual alignment per stage and the Hessian spectrum of a user's model.
 
     ``params``: comma list of parameter or module names spanning the Hessian (None: all
     parameters; e.g. "layer4,fc" restricts it to a diagonal block, much cheaper on a CPU).
-    """
-    import torch.nn.functional as F
+    ``deterministic``: fix every method choice (``config["deterministic"]``).
 
+    Every step is keyed on the configuration plus the sha256 of the ``--checkpoint`` file's
+    contents, the model code (torchvision's version, or the sha256 of the factory's source and of
+    its module file) and the versions of resgeom_fast and torch (:class:`Runner`'s ``key_parts``,
+    also written to results.json under ``provenance``).
+    """
     from .common import resolve_device
 
     C = _int("--num-classes", num_classes, 2)
@@ -180,8 +258,13 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     if bad or not which:
         raise UsageError(f"--analyses: unknown analysis {bad}; allowed: alignment, hessian")
     dev = resolve_device(device)
-    net = _load_model(model, C)
+    check_out(out)
+    net, key_parts = _load_model(model, C)
     if checkpoint:
+        from resgeom_fast.train.checkpoint import file_sha256
+
+        if os.path.isfile(checkpoint):  # hashed first: the key describes the bytes loaded next
+            key_parts = {"checkpoint sha256": file_sha256(checkpoint), **key_parts}
         _load_checkpoint(net, checkpoint)
     net = net.to(dev).eval()
     chosen = None
@@ -196,11 +279,46 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     if x.dim() == 2:
         raise UsageError("--data: analyze expects image data [N, C, H, W] for this model")
     x, y = x.to(dev), y.to(dev)
+    _check_model_takes(net, model, x, data, C)
     cfg = {"model": model, "checkpoint": os.path.abspath(checkpoint) if checkpoint else None, "data": data,
            "num_classes": C, "samples": n_align, "batch": n_hess, "k": kk, "power_iters": q, "oversample": p,
-           "probes": nv, "steps": m, "trace_probes": tp, "analyses": which, "device": device, "seed": sd, "params": chosen}
-    runner = Runner(out, cfg, study="analyze", fresh=fresh, progress=progress, log=_log(progress))
-    results: dict[str, Any] = {"study": "analyze", "config": cfg, "models": {"model": {}}}
+           "probes": nv, "steps": m, "trace_probes": tp, "analyses": which, "device": device, "seed": sd, "params": chosen,
+           "deterministic": bool(deterministic)}
+    with _runner(out, cfg, study="analyze", fresh=fresh, progress=progress, key_parts=key_parts) as runner:
+        return _analyze_steps(runner, net, x, y, cfg, model, data, progress)
+
+
+def _check_model_takes(net: Any, spec: str, x: Any, data: str, num_classes: int) -> None:
+    """One forward pass of one input: the model must take ``--data``'s inputs and return [1, C] logits."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = net(x[:1])
+    except Exception as err:  # noqa: BLE001 - any failure here is a model / data mismatch
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        hint = ""
+        if "channels" in first and x.dim() == 4:
+            hint = (f"; --data {data} has {x.shape[1]}-channel {x.shape[2]}x{x.shape[3]} images"
+                    + (", torchvision ResNets expect 3 channels: use --data random-cifar or torchvision:cifar10:ROOT, "
+                       "or a module:... model built for 1 channel" if spec.startswith("torchvision:") else ""))
+        raise UsageError(f"--model {spec}: cannot take --data {data} inputs of shape {list(x.shape[1:])} "
+                         f"({type(err).__name__}: {first}){hint}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"--num-classes: expected the model's output [N, {num_classes}] logits (--num-classes "
+                         f"{num_classes}), got {got}")
+
+
+def _analyze_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any], model: str, data: str,
+                   progress: bool) -> Report:
+    import torch.nn.functional as F
+
+    n_align, n_hess, kk, p, q = cfg["samples"], cfg["batch"], cfg["k"], cfg["oversample"], cfg["power_iters"]
+    nv, m, tp, sd, C, chosen, which = (cfg["probes"], cfg["steps"], cfg["trace_probes"], cfg["seed"],
+                                       cfg["num_classes"], cfg["params"], cfg["analyses"])
+    results: dict[str, Any] = {"study": "analyze", "config": cfg, "provenance": dict(runner.key_parts),
+                               "models": {"model": {}}}
     summaries: dict[str, dict[str, dict[str, float]]] = {"model": {}}
     figures: list[FigureSpec] = []
     if "alignment" in which:
@@ -232,9 +350,9 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
         from .studies import _density_figure
 
         figures.append(_density_figure(["model"]))
-    return write_report(runner.out, f"resgeom analyze: {model}", results, figures,
-                        intro=f"Residual alignment per stage and Hessian spectrum of {model} on {data}.",
-                        summaries=summaries, config=cfg, progress=progress)
+    return _write_report(runner, f"resgeom analyze: {model}", results, figures,
+                         intro=f"Residual alignment per stage and Hessian spectrum of {model} on {data}.",
+                         summaries=summaries, config=cfg)
 
 
 def _stage_figures(al: dict[str, Any]) -> list[FigureSpec]:
@@ -260,11 +378,15 @@ def _stage_figures(al: dict[str, Any]) -> list[FigureSpec]:
         return fig
 
     def read(r: dict) -> str:
+        def val(st: dict, key: str) -> str:
+            summ = st.get("summary") or {}
+            return fmt(summ.get(key))  # a metric may be null (undefined, with its reason elsewhere): "n/a"
+
         return "; ".join(
-            f"stage {s} ({len(st['block_names'])} blocks, D = {st['dim']}): linearity "
-            f"{fmt(st['summary']['linearity'])}, self alignment {fmt(st['summary']['self_alignment'])}, "
-            f"L * mean sigma_1 {fmt(st['summary']['depth_product'])}"
-            for s, st in enumerate(get_path(r, f"{base}.stages"))) + "."
+            f"stage {s} ({len(st.get('block_names') or [])} blocks, D = {st.get('dim')}): linearity "
+            f"{val(st, 'linearity')}, self alignment {val(st, 'self_alignment')}, "
+            f"L * mean sigma_1 {val(st, 'depth_product')}"
+            for s, st in enumerate(get_path(r, f"{base}.stages") or [])) + "."
 
     return [FigureSpec("ra_singular_values", "Singular values of the residual Jacobians, per stage", sv, read),
             FigureSpec("ra_sigma1", "sigma_1 per block", sig, read)]

@@ -104,7 +104,7 @@ def _pid_alive(pid: int, start: Optional[str]) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process (OverflowError: beyond any pid)
         return False
     except OSError:  # PermissionError: it exists under another user
         return True
