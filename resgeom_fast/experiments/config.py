@@ -3,11 +3,14 @@
 A configuration is a flat ``dict[str, value]``. Every study declares its options as
 :class:`Option` s (name, type, default, help, allowed values); :func:`resolve_config` starts from
 the defaults, applies a file (JSON always, YAML when PyYAML is importable) and then the
-``--set key=value`` overrides, checking every key and value. Bad input raises
-:class:`UsageError`, whose one-line message the ``resgeom`` command prints (exit code 2).
+``--set key=value`` overrides, checking every key and value, and then runs the study's
+cross-option validator (:class:`Options`, e.g. ``k`` against the block dimension the data and
+the width allow, or whether the nets fit in memory) -- all before any work starts. Bad input
+raises :class:`UsageError`, whose one-line message the ``resgeom`` command prints (exit code 2).
 
 Types: "int", "float", "str", "bool", "ints" / "floats" (lists; ``--set depths=2,4,8`` or
-``--set depths=[2,4,8]``), "optint" (an int or ``null`` / ``none``).
+``--set depths=[2,4,8]``), "optint" (an int or ``null`` / ``none``). An int option takes integer
+literals only: ``1e9`` or ``64.0`` are refused ("expected width an int"), never rounded.
 """
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-__all__ = ["Option", "UsageError", "config_hash", "load_config_file", "parse_sets", "resolve_config"]
+__all__ = ["Option", "Options", "UsageError", "config_hash", "load_config_file", "parse_sets", "resolve_config"]
 
 TYPES: tuple[str, ...] = ("int", "float", "str", "bool", "ints", "floats", "optint")
 
@@ -38,6 +41,7 @@ class Option:
         help: one line for ``resgeom run STUDY --help``-style listings.
         choices: allowed values for "str" options (None: any string).
         minimum: lower bound for numbers (and every list element), None for none.
+        maximum: upper bound for numbers (and every list element), None for none.
     """
 
     name: str
@@ -46,6 +50,7 @@ class Option:
     help: str = ""
     choices: Optional[tuple[str, ...]] = None
     minimum: Optional[float] = None
+    maximum: Optional[float] = None
 
     def coerce(self, value: Any, where: str) -> Any:
         """``value`` (from JSON / YAML or a ``--set`` string) checked and converted to ``type``."""
@@ -68,9 +73,13 @@ class Option:
         return self._one(kind, value, where)
 
     def _one(self, kind: str, value: Any, where: str) -> Any:
+        raw = value
         if isinstance(value, str) and kind != "str":
             value = _scalar(value.strip())
-        bad = f"{where}: expected {self.name} {_describe(kind, self.choices, self.minimum)}, got {value!r}"
+        shown = repr(value)
+        if isinstance(raw, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            shown = raw.strip()  # a number as the user wrote it ("1e9", not 1000000000.0)
+        bad = f"{where}: expected {self.name} {_describe(kind, self.choices, self.minimum, self.maximum)}, got {shown}"
         if kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -86,9 +95,7 @@ class Option:
         if isinstance(value, bool):
             raise UsageError(bad)
         if kind == "int":
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            if not isinstance(value, int):
+            if not isinstance(value, int):  # 1e9 / 64.0 are floats: refused, never rounded
                 raise UsageError(bad)
         elif kind == "float":
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -96,7 +103,23 @@ class Option:
             value = float(value)
         if self.minimum is not None and value < self.minimum:
             raise UsageError(bad)
+        if self.maximum is not None and value > self.maximum:
+            raise UsageError(bad)
         return value
+
+
+class Options(list):
+    """A study's option list plus its cross-option check.
+
+    ``validate(config)`` runs in :func:`resolve_config` after every value has been coerced, before
+    any work starts, and raises :class:`UsageError` for combinations that cannot work (``k`` above
+    the block dimension, more samples than the data holds, a net too large for the memory).
+    """
+
+    def __init__(self, options: Iterable[Option] = (),
+                 validate: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
+        super().__init__(options)
+        self.validate = validate
 
 
 def _scalar(text: str) -> Any:
@@ -110,12 +133,17 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def _describe(kind: str, choices: Optional[Sequence[str]], minimum: Optional[float]) -> str:
+def _describe(kind: str, choices: Optional[Sequence[str]], minimum: Optional[float],
+              maximum: Optional[float] = None) -> str:
     if choices is not None:
         return f"one of {list(choices)}"
     text = {"int": "an int", "float": "a number", "str": "a string", "bool": "true or false"}[kind]
-    if minimum is not None:
+    if minimum is not None and maximum is not None:
+        text += f" in [{minimum:g}, {maximum:g}]" if kind != "int" else f" in [{int(minimum)}, {int(maximum)}]"
+    elif minimum is not None:
         text += f" >= {minimum:g}"
+    elif maximum is not None:
+        text += f" <= {maximum:g}" if kind != "int" else f" <= {int(maximum)}"
     return text
 
 
@@ -124,8 +152,16 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise UsageError(f"config file not found: {path!r}")
     ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as err:
+        raise UsageError(f"config {path!r}: cannot read the file ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"config {path!r}: expected UTF-8 text, got byte 0x{raw[err.start]:02x} at offset "
+                         f"{err.start} that is not UTF-8 (save the file as UTF-8)") from None
     if ext in (".yaml", ".yml"):
         try:
             import yaml  # type: ignore[import-not-found]
@@ -160,11 +196,18 @@ def parse_sets(items: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def resolve_config(options: Sequence[Option], *, study: str, file_values: Optional[Mapping[str, Any]] = None,
-                   sets: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """Defaults, then ``file_values``, then ``sets``; every key checked against ``options``.
+_FROM_OPTIONS: Any = object()
 
-    A file may carry ``"study": NAME``; it must then equal ``study``.
+
+def resolve_config(options: Sequence[Option], *, study: str, file_values: Optional[Mapping[str, Any]] = None,
+                   sets: Optional[Mapping[str, Any]] = None,
+                   validate: Optional[Callable[[dict[str, Any]], None]] = _FROM_OPTIONS) -> dict[str, Any]:
+    """Defaults, then ``file_values``, then ``sets``; every key checked against ``options``; then
+    the cross-option check.
+
+    A file may carry ``"study": NAME``; it must then equal ``study``. ``validate(config)`` (default:
+    ``options.validate`` when ``options`` is an :class:`Options`; None: no check) raises
+    :class:`UsageError` for combinations that cannot work; it runs here, before any training.
     """
     by_name = {o.name: o for o in options}
     config = {o.name: o.default for o in options}
@@ -177,6 +220,9 @@ def resolve_config(options: Sequence[Option], *, study: str, file_values: Option
             if key not in by_name:
                 raise UsageError(f"{source}: unknown option {key!r} for {study}; allowed: {', '.join(sorted(by_name))}")
             config[key] = by_name[key].coerce(value, source)
+    check = getattr(options, "validate", None) if validate is _FROM_OPTIONS else validate
+    if check is not None:
+        check(config)
     return config
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from resgeom_fast.train import atomic_save
 
 from .common import DATASETS_HELP, load_data, resolve_device, train_step
-from .config import Option, UsageError
+from .config import Option, Options, UsageError
 from .figures import bars, heatmaps, lines, new_figure, pca_trajectories, spectra_per_block
 from .report import FigureSpec, fmt, get_path
 from .runner import Runner
@@ -47,14 +47,36 @@ class StudyOutput:
 
 @dataclass
 class Study:
+    """One runnable study.
+
+    Attributes:
+        name, title, expected: its name, a title and SCIENCE.md's "Expected" line.
+        options: its options; stored as an :class:`~resgeom_fast.experiments.config.Options`
+            that carries ``validate``, so :func:`~resgeom_fast.experiments.config.resolve_config`
+            runs the cross-option check before any work.
+        run: ``run(runner, config) -> StudyOutput``.
+        validate: ``validate(config)`` raises :class:`UsageError` for a configuration that cannot
+            work (None: the options' own checks only).
+    """
+
     name: str
     title: str
     expected: str
     options: list[Option]
     run: Callable[[Runner, dict[str, Any]], StudyOutput]
+    validate: Optional[Callable[[dict[str, Any]], None]] = None
+
+    def __post_init__(self) -> None:
+        self.options = Options(self.options, validate=self.validate)
 
 
 # =============================================================================== options
+SEED_MAX = 2**32 - 1  # scikit-learn's random_state (the digits split) takes seeds in [0, 2^32 - 1]
+DETERMINISTIC_OPTION = Option("deterministic", "bool", False,
+                              "fix every method choice of the analyses (no 'auto' choice by timing): the same "
+                              "command gives the same numbers; false: float32 round-off may differ between runs")
+
+
 def _net_options(width: int = 64, depth: int = 8, epochs: int = 15, lr: float = 0.05, weight_decay: float = 0.0,
                  schedule: str = "constant") -> list[Option]:
     return [
@@ -69,8 +91,9 @@ def _net_options(width: int = 64, depth: int = 8, epochs: int = 15, lr: float = 
         Option("weight_decay", "float", weight_decay, "SGD weight decay", minimum=0),
         Option("schedule", "str", schedule, "learning-rate schedule", ("constant", "cosine", "multistep")),
         Option("batch_size", "int", 64, "training batch size", minimum=1),
-        Option("seed", "int", 0, "seed of data split, weights, training and probes", minimum=0),
+        Option("seed", "int", 0, "seed of data split, weights, training and probes", minimum=0, maximum=SEED_MAX),
         Option("device", "str", "cpu", "cpu | cuda | cuda:N"),
+        DETERMINISTIC_OPTION,
     ]
 
 
@@ -130,6 +153,12 @@ def _train_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _train(runner: Runner, cfg: dict[str, Any], ds, key, arch: str, device: torch.device, depth: Optional[int] = None,
            name: Optional[str] = None, callbacks: tuple = ()):
+    if depth is not None and depth == cfg["depth"] and name is None:
+        # the study's own `arch` net: the same spec, data and training, hence the same checkpoint
+        # hash; it is trained once, under the name `arch`, and loaded from there the second time
+        runner.message(f"{arch}_L{depth}: the same configuration as {arch}; using the step train_{arch} and its "
+                       "checkpoint")
+        depth = None
     regs: tuple = ()
     if arch == "plain_biasreg":
         from resgeom_fast.models import BiasReg
@@ -211,6 +240,259 @@ def _per_model(r: dict, models: list[str], root: str, what: str, template: str) 
         s = _summ(get_path(r, f"{root}.{m}.{what}"))
         parts.append(f"{m}: " + template.format(**{k: fmt(v) for k, v in s.items()}))
     return "; ".join(parts)
+
+
+# =============================================================================== validation
+# Every check below runs in resolve_config (through Study.validate) or demo_config, before the
+# runner creates the output folder or trains anything: a configuration that cannot work ends in
+# one UsageError line, never in a traceback after minutes of training.
+
+_VISION_INFO: dict[str, tuple[int, int, tuple[int, ...], int]] = {  # train, test, [C, H, W], classes
+    "mnist": (60000, 10000, (1, 28, 28), 10), "fashionmnist": (60000, 10000, (1, 28, 28), 10),
+    "cifar10": (50000, 10000, (3, 32, 32), 10), "cifar100": (50000, 10000, (3, 32, 32), 100),
+}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the validators need to know about a study's data set (without training on it).
+
+    Attributes:
+        name: the ``dataset`` option.
+        n_train, n_test: samples of each split after the ``n_train`` option.
+        input_shape: one input as the nets see it ([C, H, W] for conv nets, [d] for FC nets).
+        num_classes: C.
+    """
+
+    name: str
+    n_train: int
+    n_test: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def data_info(cfg: dict[str, Any]) -> DataInfo:
+    """:class:`DataInfo` of ``cfg``'s data set; UsageError for an unknown or missing data set and
+    for ``n_train`` above the training samples it holds. Local vision sets are not read (sizes
+    from a table, file presence checked); digits and the Gaussian mixture are built (milliseconds)."""
+    spec = cfg.get("dataset", "digits")
+    image = cfg.get("model", "fc") == "conv"
+    parts = spec.split(":", 2) if isinstance(spec, str) else []
+    known = None
+    if len(parts) == 3 and parts[0] == "torchvision" and parts[2] and parts[1].lower() in _VISION_INFO:
+        from resgeom_fast.data import expected_files
+
+        if all(os.path.isfile(f) for f in expected_files(parts[1].lower(), parts[2])):
+            known = _VISION_INFO[parts[1].lower()]
+    if known is None:  # builds the set, or raises load_data's UsageError naming what is wrong
+        ds = load_data(spec, image=image, seed=cfg["seed"])
+        known = (int(ds.x_train.shape[0]), int(ds.x_test.shape[0]), tuple(int(d) for d in ds.x_train.shape[1:]),
+                 int(ds.num_classes))
+    n_tr, n_te, shape, classes = known
+    if not image:
+        shape = (int(math.prod(shape)),)
+    n_train = cfg.get("n_train")
+    if n_train is not None:
+        if n_train > n_tr:
+            raise UsageError(f"n_train: expected an int <= {n_tr} (the training samples of {spec}), got {n_train}")
+        n_tr = n_train
+    return DataInfo(spec, n_tr, n_te, shape, classes)
+
+
+def _check_samples(cfg: dict[str, Any], name: str, available: int, split: str, info: DataInfo) -> None:
+    if cfg[name] > available:
+        raise UsageError(f"{name}: expected an int <= {available} (the {split} samples of {info.name}"
+                         f"{' after n_train' if split == 'training' and cfg.get('n_train') is not None else ''}), "
+                         f"got {cfg[name]}")
+
+
+def _memory_limit(device: str) -> Optional[tuple[int, str]]:
+    """(bytes, description) of the memory of ``device``; None when unknown."""
+    try:
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                return None
+            dev = torch.device(device)
+            props = torch.cuda.get_device_properties(dev.index if dev.index is not None else 0)
+            return int(props.total_memory), f"the {props.total_memory:.3g} bytes of {device}"
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(total), f"the {total:.3g} bytes of this machine's memory"
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def _param_count(spec: dict[str, Any]) -> int:
+    """Trainable parameters of ``build_model(spec)``, built on the meta device (no memory used)."""
+    from .common import build_model
+
+    with torch.device("meta"):
+        model = build_model(spec)
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def _check_net(cfg: dict[str, Any], info: DataInfo, depth: int, width: Optional[int] = None,
+               extra_bytes_per_param: int = 0, what: str = "width, depth") -> int:
+    """Refuse a net that cannot fit in memory; returns its trainable parameter count P.
+
+    The estimate is a lower bound: P float32 values for the weights, the gradients, SGD's momentum
+    and one spare copy (16 bytes per parameter, plus ``extra_bytes_per_param`` for an analysis'
+    own vectors), plus one batch of activations (6 [batch, width, spatial] tensors per block). A
+    refusal therefore means the run certainly cannot fit. P is first bounded from below without
+    building anything (2 width^2 per FC block, 18 width^2 per conv block), then counted exactly on
+    the meta device.
+    """
+    w = cfg["width"] if width is None else width
+    conv = cfg.get("model", "fc") == "conv"
+    spatial = int(math.prod(info.input_shape[1:])) if conv else 1
+    per_param = 16 + extra_bytes_per_param
+    act = 6 * 4 * depth * cfg.get("batch_size", 64) * w * spatial
+    lower = depth * (18 if conv else 2) * w * w
+    limit = _memory_limit(cfg.get("device", "cpu"))
+
+    def refuse(p: int, exact: bool) -> None:
+        need = per_param * p + act
+        if limit is not None and need > limit[0]:
+            raise UsageError(f"{what}: expected a net that fits in memory: a {'conv' if conv else 'fc'} net of width "
+                             f"{w} and depth {depth} has {'' if exact else 'at least '}{p:.3g} parameters, about "
+                             f"{need:.3g} bytes to train and analyse, more than {limit[1]}; got width {w}, "
+                             f"depth {depth}")
+
+    refuse(lower, False)
+    spec = _spec(cfg, _FakeDs(info), "residual", depth)
+    spec["width"] = w
+    p = _param_count(spec)
+    refuse(p, True)
+    return p
+
+
+@dataclass(frozen=True)
+class _FakeDs:
+    """The two attributes of a Dataset that :func:`_spec` reads, from a :class:`DataInfo`."""
+
+    info: DataInfo
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.info.input_shape
+
+
+def _block_dim(cfg: dict[str, Any], info: DataInfo) -> int:
+    """D of the residual Jacobians J_l (width for FC nets, width * H * W for conv nets)."""
+    if cfg.get("model", "fc") == "conv":
+        return cfg["width"] * int(math.prod(info.input_shape[1:]))
+    return cfg["width"]
+
+
+def _validate_alignment_opts(cfg: dict[str, Any], info: DataInfo) -> None:
+    D = _block_dim(cfg, info)
+    k = cfg.get("k")
+    if k is not None and k > D:
+        raise UsageError(f"k: expected an int in [1, {D}] (the block dimension D of the residual Jacobians: "
+                         f"{'width' if cfg.get('model', 'fc') == 'fc' else 'width * H * W'} = {D}), got {k}")
+    _check_samples(cfg, "align_samples", info.n_test, "test", info)
+    for L in cfg["depths"]:
+        _check_net(cfg, info, L, what="width, depths")
+
+
+def _validate_hessian_opts(cfg: dict[str, Any], info: DataInfo, archs: list[str]) -> None:
+    _check_samples(cfg, "hessian_samples", info.n_train, "training", info)
+    sizes = []
+    for arch in archs:
+        spec = _spec(cfg, _FakeDs(info), arch)
+        sizes.append((_param_count(spec), arch))
+    p, arch = min(sizes)
+    for name in ("eigs", "lanczos_steps"):
+        if cfg[name] > p:
+            raise UsageError(f"{name}: expected an int <= {p} (the parameters P of the {arch} net, the Hessian's "
+                             f"dimension), got {cfg[name]}")
+
+
+def _validate_net_study(cfg: dict[str, Any], extra_bytes_per_param: int = 0) -> DataInfo:
+    info = data_info(cfg)
+    _check_net(cfg, info, cfg["depth"], extra_bytes_per_param=extra_bytes_per_param)
+    return info
+
+
+def validate_alignment(cfg: dict[str, Any]) -> None:
+    """alignment: the data, the nets' size, k <= D, align_samples <= test samples."""
+    info = _validate_net_study(cfg)
+    _validate_alignment_opts(cfg, info)
+
+
+def validate_hessian(cfg: dict[str, Any]) -> None:
+    """hessian: the data, archs, the nets' size (with the Lanczos basis), eigs and lanczos_steps <= P,
+    hessian_samples <= training samples."""
+    archs = _archs(cfg)
+    info = _validate_net_study(cfg, extra_bytes_per_param=8 * cfg["lanczos_steps"])
+    _validate_hessian_opts(cfg, info, archs)
+
+
+def validate_singularities(cfg: dict[str, Any]) -> None:
+    """singularities: the data, archs, the nets' size."""
+    _archs(cfg)
+    _validate_net_study(cfg)
+
+
+def validate_collapse(cfg: dict[str, Any]) -> None:
+    """collapse: the data, the net's size, mufm_samples <= training samples, collapse_every <= epochs."""
+    info = _validate_net_study(cfg)
+    _check_samples(cfg, "mufm_samples", info.n_train, "training", info)
+    if cfg["epochs"] >= 1 and cfg["collapse_every"] > cfg["epochs"]:
+        raise UsageError(f"collapse_every: expected an int <= epochs ({cfg['epochs']}) so that collapse is measured "
+                         f"along training, got {cfg['collapse_every']}")
+
+
+def validate_expansion(cfg: dict[str, Any]) -> None:
+    """expansion: the data, the nets' size (trained nets and the output-norm nets), samples <= test
+    samples, at least two distinct positive lams."""
+    info = _validate_net_study(cfg)
+    _check_samples(cfg, "path_samples", info.n_test, "test", info)
+    _check_samples(cfg, "gc_samples", info.n_test, "test", info)
+    lams = cfg["lams"]
+    if any(not lam > 0 for lam in lams) or len(set(lams)) < 2:
+        raise UsageError(f"lams: expected at least two distinct numbers > 0, got {lams}")
+    fc = {**cfg, "model": "fc"}
+    norm_info = DataInfo(info.name, info.n_train, info.n_test, (cfg["norm_width"],), info.num_classes)
+    _check_net(fc, norm_info, max(cfg["norm_depths"]), width=cfg["norm_width"], what="norm_width, norm_depths")
+
+
+def validate_leaky(cfg: dict[str, Any]) -> None:
+    """leaky: teacher widths, width >= the teacher's input and output widths, the Lt schedule."""
+    from resgeom_fast.models import step_sizes
+
+    dims = tuple(cfg["teacher_dims"])
+    if len(dims) < 2:
+        raise UsageError(f"teacher_dims: expected at least two widths (d_in, d_out), got {list(dims)}")
+    if max(dims[0], dims[-1]) > cfg["width"]:
+        raise UsageError(f"width: expected >= the teacher's input and output widths {dims[0]}, {dims[-1]}, "
+                         f"got {cfg['width']}")
+    limit = _memory_limit(cfg.get("device", "cpu"))
+    itemsize = 8 if cfg["dtype"] == "float64" else 4
+    need = 4 * itemsize * cfg["depth"] * cfg["width"] ** 2 + 4 * itemsize * cfg["depth"] * cfg["n"] * cfg["width"]
+    if limit is not None and need > limit[0]:
+        raise UsageError(f"width, depth: expected a net that fits in memory: width {cfg['width']} and depth "
+                         f"{cfg['depth']} need about {need:.3g} bytes, more than {limit[1]}; got width "
+                         f"{cfg['width']}, depth {cfg['depth']}")
+    rho_max = float(step_sizes(cfg["depth"], cfg["steps"]).max())
+    bad = [lt for lt in cfg["lts"] if not (0 < lt and lt * rho_max < 1)]
+    if bad:
+        raise UsageError(f"lts: expected every Lt > 0 with Lt * max_l rho_l < 1 (rho_max = {rho_max:.4g} for "
+                         f"depth {cfg['depth']}), got {bad}")
+    if len(set(cfg["lts"])) != len(cfg["lts"]):
+        raise UsageError(f"lts: expected distinct values, got {cfg['lts']}")
+
+
+def validate_demo(cfg: dict[str, Any]) -> None:
+    """demo: the data, both nets and the depth-scaling nets fit, k and the sample counts fit the data."""
+    info = _validate_net_study(cfg, extra_bytes_per_param=8 * cfg["lanczos_steps"])
+    _validate_alignment_opts(cfg, info)
+    _validate_hessian_opts(cfg, info, ["residual", "plain"])
+    _check_samples(cfg, "path_samples", info.n_test, "test", info)
+    _check_samples(cfg, "gc_samples", info.n_test, "test", info)
 
 
 # =============================================================================== figures
@@ -423,7 +705,7 @@ def _paths_figure(models: list[str], root: str = "models") -> FigureSpec:
 # =============================================================================== demo
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"n_train": 400, "width": 16, "depth": 3, "epochs": 2, "align_samples": 8, "k": 12, "oversample": 4,
-             "power_iters": 1, "depths": [2, 4], "hessian_samples": 128, "eigs": 2, "probes": 2,
+             "power_iters": 1, "depths": [2, 3], "hessian_samples": 128, "eigs": 2, "probes": 2,
              "lanczos_steps": 12, "trace_probes": 6, "path_samples": 16, "max_order": None, "gc_samples": 32},
     "default": {"n_train": None, "width": 64, "depth": 8, "epochs": 30, "align_samples": 64, "k": None,
                 "oversample": 10, "power_iters": 2, "depths": [4, 8, 16], "hessian_samples": 512, "eigs": 4,
@@ -432,12 +714,19 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def demo_config(size: str, seed: int, device: str) -> dict[str, Any]:
+def demo_config(size: str, seed: int, device: str, deterministic: bool = False) -> dict[str, Any]:
+    """The demo's configuration at preset ``size``, checked by :func:`validate_demo` (UsageError
+    before any work for a seed out of range or settings the data cannot serve)."""
     if size not in DEMO_SIZES:
         raise UsageError(f"--size: expected one of {list(DEMO_SIZES)}, got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed: expected an int in [0, {SEED_MAX}], got {seed!r}")
+    if not isinstance(deterministic, bool):
+        raise UsageError(f"--deterministic: expected true or false, got {deterministic!r}")
     cfg = {"dataset": "digits", "model": "fc", "norm": "batch", "lr": 0.05, "batch_size": 64, "seed": seed,
-           "device": device, "size": size, "weight_decay": 5e-2, "schedule": "cosine"}
+           "device": device, "size": size, "weight_decay": 5e-2, "schedule": "cosine", "deterministic": deterministic}
     cfg.update(DEMO_SIZES[size])
+    validate_demo(cfg)
     return cfg
 
 
@@ -706,8 +995,9 @@ LEAKY_OPTIONS = [
     _opt("lbfgs_history", "int", 50, "L-BFGS history size", minimum=1),
     _opt("gamma0", "float", 1e-3, "relative ridge gamma_0 of the Hamiltonian analysis", minimum=0),
     _opt("dtype", "str", "float64", "floating dtype of data and nets", ("float32", "float64")),
-    _opt("seed", "int", 0, "seed of the teacher data and of the first stage's weights", minimum=0),
+    Option("seed", "int", 0, "seed of the teacher data and of the first stage's weights", minimum=0, maximum=SEED_MAX),
     _opt("device", "str", "cpu", "cpu | cuda | cuda:N"),
+    DETERMINISTIC_OPTION,
 ]
 
 
@@ -855,22 +1145,10 @@ def run_leaky(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
     (:meth:`LeakyResNet.with_leak`) and trains ``continue_steps``; every stage ends with
     ``lbfgs_steps`` L-BFGS iterations. Then -(2/Lt) H, H across layers and middle-layer spectra."""
     from resgeom_fast.data import teacher
-    from resgeom_fast.models import step_sizes
 
     device = resolve_device(cfg["device"])
+    validate_leaky(cfg)  # already run by resolve_config; repeated for direct callers
     dims = tuple(cfg["teacher_dims"])
-    if len(dims) < 2:
-        raise UsageError("teacher_dims: expected at least two widths (d_in, d_out)")
-    if max(dims[0], dims[-1]) > cfg["width"]:
-        raise UsageError(f"width: expected >= the teacher's input and output widths {dims[0]}, {dims[-1]}, "
-                         f"got {cfg['width']}")
-    rho_max = float(step_sizes(cfg["depth"], cfg["steps"]).max())
-    bad = [lt for lt in cfg["lts"] if not (0 < lt and lt * rho_max < 1)]
-    if bad:
-        raise UsageError(f"lts: expected every Lt > 0 with Lt * max_l rho_l < 1 (rho_max = {rho_max:.4g} for "
-                         f"depth {cfg['depth']}), got {bad}")
-    if len(set(cfg["lts"])) != len(cfg["lts"]):
-        raise UsageError(f"lts: expected distinct values, got {cfg['lts']}")
     dtype = getattr(torch, cfg["dtype"])
     ds = teacher(dims, n=cfg["n"], seed=cfg["seed"], dtype=dtype)
     key = {"teacher": list(dims), "n": cfg["n"], "seed": cfg["seed"], "dtype": cfg["dtype"]}
@@ -1016,10 +1294,11 @@ STUDIES: dict[str, Study] = {
     "alignment": Study("alignment", "Residual Alignment: with vs without skips",
                        "nets with skips show RA1-RA4; the same nets without skips show none",
                        _net_options(epochs=30, weight_decay=5e-2, schedule="cosine") + ALIGN_OPTIONS,
-                       run_alignment),
+                       run_alignment, validate_alignment),
     "hessian": Study("hessian", "Hessian spectra: plain vs residual vs hyper-residual",
                      "near-zero Hessian mass plain >= residual >= hyper-residual",
-                     _net_options(depth=8) + HESSIAN_OPTIONS + [_ARCH_OPT("plain,residual,hyper")], run_hessian),
+                     _net_options(depth=8) + HESSIAN_OPTIONS + [_ARCH_OPT("plain,residual,hyper")], run_hessian,
+                     validate_hessian),
     "singularities": Study("singularities", "Singularities: plain vs residual vs hyper-residual (and BiasReg)",
                            "dead units plain >= residual >= hyper-residual; BiasReg lowers the plain net's dead units",
                            _net_options(depth=8) + [
@@ -1027,14 +1306,14 @@ STUDIES: dict[str, Study] = {
                                _opt("eps", "float", 1e-3, "tolerance of the singularity tests", minimum=0),
                                _opt("biasreg_beta", "float", 1e-3, "BiasReg strength beta_reg", minimum=0),
                                _opt("biasreg_b0", "float", 0.1, "BiasReg target bias b0", minimum=0)],
-                           run_singularities),
+                           run_singularities, validate_singularities),
     "collapse": Study("collapse", "Progressive feedforward collapse against depth",
                       "every metric decreases with depth (Spearman rho < -0.9) and along training",
                       _net_options(epochs=20) + [
                           _opt("collapse_every", "int", 5, "measure collapse every this many epochs", minimum=1),
                           _opt("mufm_samples", "int", 500, "training samples of the MUFM", minimum=2),
                           _opt("mufm_steps", "int", 300, "L-BFGS iterations of the MUFM", minimum=1)],
-                      run_collapse),
+                      run_collapse, validate_collapse),
     "expansion": Study("expansion", "Residual expansion: remainder ~ lam^3, output norms against depth",
                        "remainder after the second-order terms ~ lam^3; lam = 1 explodes with depth, 1/L stays bounded",
                        _net_options() + [
@@ -1045,9 +1324,9 @@ STUDIES: dict[str, Study] = {
                            _opt("norm_width", "int", 64, "width of the nets of the output-norm check", minimum=1),
                            _opt("path_samples", "int", 128, "test inputs of the path expansion", minimum=1),
                            _opt("gc_samples", "int", 256, "test inputs of the geometric complexity", minimum=1)],
-                       run_expansion),
+                       run_expansion, validate_expansion),
     "leaky": Study("leaky", "Leaky ResNets: -(2/Lt) H against Lt on the teacher",
                    "-(2/Lt) H approaches k* as Lt grows; middle layers have about k* large singular values",
-                   LEAKY_OPTIONS, run_leaky),
+                   LEAKY_OPTIONS, run_leaky, validate_leaky),
 }
 STUDY_NAMES: tuple[str, ...] = tuple(STUDIES)

@@ -30,37 +30,59 @@ def demo(tmp_path_factory):
         raise KeyboardInterrupt
 
     trains: list = []
+    first: list = []
 
-    def counting_train(*a, **k):
-        trains.append(k.get("checkpoint_dir"))
-        return real_train(*a, **k)
+    def counting(into):
+        def counting_train(*a, **k):
+            into.append(k.get("checkpoint_dir"))
+            return real_train(*a, **k)
+
+        return counting_train
 
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(col, "collapse", interrupt)
+        mp.setattr(rtrain, "train", counting(first))
         code = main(["demo", "--size", "tiny", "--out", out, "--quiet"])
         assert code == 130
         steps = os.path.join(out, "steps")
         before = {f: (os.stat(os.path.join(steps, f)).st_mtime_ns, open(os.path.join(steps, f)).read())
                   for f in os.listdir(steps)}
         mp.setattr(col, "collapse", real_collapse)
-        mp.setattr(rtrain, "train", counting_train)
+        mp.setattr(rtrain, "train", counting(trains))
         assert main(["demo", "--size", "tiny", "--out", out, "--quiet"]) == 0
     finally:
         mp.undo()
-    return out, before, trains
+    return out, before, trains, first
 
 
 def test_interrupted_demo_resumes_without_recomputing(demo):
-    out, before, trains = demo
+    out, before, trains, _ = demo
     assert set(before) == {"train_residual.json", "residual_alignment.json", "residual_spectrum.json",
                            "residual_singularities.json"}
     for name, (mtime, text) in before.items():
         path = os.path.join(out, "steps", name)
         assert os.stat(path).st_mtime_ns == mtime and open(path).read() == text, name
-    # the resumed run trained only the nets that had not been trained (plain, depth scaling)
-    assert len(trains) == 3 and not any("residual-" in os.path.basename(t) for t in trains)
+    # the resumed run trained only the nets that had not been trained: plain and the depth-2 net of
+    # the depth scaling (its depth-3 net is the residual net, trained before the interruption)
+    assert sorted(os.path.basename(t).split("-")[0] for t in trains) == ["plain", "residual_L2"]
     assert not [f for f in os.listdir(os.path.join(out, "steps")) if "tmp" in f]
+
+
+def test_demo_trains_each_distinct_configuration_once(demo):
+    """The tiny demo's depth scaling (depths 2, 3) contains the residual net itself (depth 3): one
+    training and one checkpoint serve both, and RA4 at depth 3 is the residual net's own sigma_1."""
+    out, _, trains, first = demo
+    runs = [os.path.basename(t) for t in first + trains]
+    assert len(runs) == len(set(runs)) == 3  # residual (L = 3), plain, residual_L2
+    hashes = [r.rsplit("-", 1)[1] for r in runs]
+    assert len(set(hashes)) == 3  # three distinct training configurations
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == sorted(runs)
+    res = json.load(open(os.path.join(out, "results.json")))
+    per = {d["depth"]: d for d in res["depth_scaling"]["per_depth"]}
+    assert sorted(per) == [2, 3]
+    # the depth-3 net of RA4 is the residual net: same weights, same inputs, same sketches
+    assert per[3]["sigma1_mean"] == res["models"]["residual"]["alignment"]["result"]["stages"][0]["ra4"]["sigma1_mean"]
 
 
 def test_demo_writes_every_promised_file(demo):
@@ -78,7 +100,7 @@ def test_demo_writes_every_promised_file(demo):
             entry = res["models"][model][analysis]
             assert set(entry) == {"result", "summary"}
             assert entry["summary"], (model, analysis)
-    assert res["depth_scaling"]["scaling"]["depths"] == [2, 4]
+    assert res["depth_scaling"]["scaling"]["depths"] == [2, 3]
 
 
 def test_figures_plot_exactly_the_results_json_numbers(demo):
