@@ -119,7 +119,7 @@ def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any,
     ``runner.fresh``). ``data_key`` describes the data (it enters the hash).
     """
     from resgeom_fast.train import load_checkpoint, train
-    from resgeom_fast.train.checkpoint import CHECKPOINT_NAME, CheckpointCorruptError, file_sha256
+    from resgeom_fast.train.checkpoint import CHECKPOINT_NAME, CheckpointCorruptError, file_sha256, read_checkpoint
 
     model = build_model(spec).to(device)
     deps = {"model": dict(spec), "data": dict(data_key), "train": dict(train_kwargs),
@@ -131,17 +131,21 @@ def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any,
     if done is not None:
         sha = done.get("checkpoint_sha256") if isinstance(done, dict) else None
         if not os.path.isfile(ckpt):
-            runner.invalidate(step, f"checkpoint missing in {ckdir}, training again")
+            runner.invalidate(step, f"checkpoint missing in {ckdir}")
         elif sha is None or file_sha256(ckpt) != sha:
-            moved = move_aside(runner, ckpt, "changed")
-            runner.invalidate(step, f"checkpoint {ckpt} is not the one this step wrote (sha256 differs; moved to "
-                                    f"{os.path.basename(moved)}), training again")
+            try:
+                read_checkpoint(ckpt, "checkpoint")
+                why, reason = "changed", f"checkpoint {ckpt!r} is not the one this step wrote (sha256 differs)"
+            except CheckpointCorruptError as err:
+                why, reason = "corrupt", str(err)
+            moved = move_aside(runner, ckpt, why)
+            runner.invalidate(step, f"{reason}; moved it to {os.path.basename(moved)}")
         else:
             try:
                 load_checkpoint(model, ckdir)
-            except CheckpointCorruptError as err:
+            except CheckpointCorruptError as err:  # pragma: no cover - the sha256 matched: damaged since
                 moved = move_aside(runner, ckpt, "corrupt")
-                runner.invalidate(step, f"{err} (moved to {os.path.basename(moved)}), training again")
+                runner.invalidate(step, f"{err}; moved it to {os.path.basename(moved)}")
 
     def fn() -> dict[str, Any]:
         kw = dict(train_kwargs)
