@@ -196,3 +196,32 @@ def test_leaky_resnet_trains_on_teacher(steps):
         assert not torch.allclose(rho, torch.full_like(rho, 1 / 8))  # the trainer adapted the steps
     else:
         assert torch.equal(m.rho, LeakyResNet(30, 40, 8, 30, leak=2.0, steps=steps).rho)
+
+
+def test_corrupt_checkpoint_names_the_file_and_the_remedy(small_digits, tmp_path):
+    from resgeom_fast.train.checkpoint import CheckpointCorruptError
+
+    train(FCResNet(64, 8, 2, 10), small_digits, 1, checkpoint_dir=tmp_path, progress=False)
+    path = tmp_path / "checkpoint.pt"
+    with open(path, "r+b") as fh:
+        fh.truncate(64)
+    m = FCResNet(64, 8, 2, 10)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(CheckpointCorruptError, match=rf"resume: cannot read checkpoint '{path}' \(.*\); the file is "
+                                                     r"damaged or not a torch checkpoint: move it aside or delete it"):
+        train(m, small_digits, 2, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())   # untouched
+    with pytest.raises(CheckpointCorruptError, match=rf"load_checkpoint: cannot read checkpoint '{path}'"):
+        load_checkpoint(m, tmp_path)
+    assert issubclass(CheckpointCorruptError, CheckpointMismatchError)
+
+
+def test_progress_in_a_log_is_plain_lines_without_carriage_returns(small_digits, capsys):
+    """stderr is not a terminal under capsys (as in CI or ``> log``): one plain line per epoch
+    (rate limited; the last always), never a carriage-return redraw."""
+    train(FCResNet(64, 8, 2, 10), small_digits, 3, lr=0.05, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("[train] ") for ln in lines)
+    assert lines[-1].startswith("[train] 3/3 epoch (100%)") and "loss=" in lines[-1]
