@@ -16,19 +16,61 @@ unbalanced classes it differs from the mean of the class means) and ``M = [mu_c 
 
 Streaming, in float64, never holding all features and never forming a D x D matrix:
 
-- pass 1: per layer, class counts n_c and class sums (C x D) -> mu_c, mu_G, M;
-- pass 2: per layer, the C x C matrix A = M^T Sigma_W M = (1/N) sum_i z_i z_i^T with
-  z_i = M^T (h_i - mu_{y_i}) = M^T (h_i - mu_G) - G e_{y_i} (G = M^T M), Tr(Sigma_W) and the NCC
-  mismatches (||h - mu_c||^2 = ||h - mu_G||^2 - 2 (h - mu_G)^T M e_c + G_cc).
+- pass 1: per layer, class counts n_c, class sums (C x D) and sum_i ||h_i||^2 -> mu_c, mu_G, M,
+  G = M^T M (C x C), its eigendecomposition and the kept directions (the rank rule below);
+- pass 2: per layer, the NC1 sum of squares (below), Tr(Sigma_W) and the NCC mismatches
+  (||h - mu_c||^2 = ||h - mu_G||^2 - 2 (h - mu_G)^T M e_c + G_cc).
 
 Trace identity. Sigma_B = M M^T / C has rank <= C - 1; with the SVD M = U S V^T,
 (M M^T)^+ = U S^-2 U^T = M (M^T M)^{+2} M^T, hence Sigma_B^+ = C M G^{+2} M^T and
 
-    NC1 = Tr(Sigma_W Sigma_B^+) / C = Tr(M^T Sigma_W M G^{+2}) = Tr(A G^{+2}).
+    NC1 = Tr(Sigma_W Sigma_B^+) / C = Tr(M^T Sigma_W M G^{+2})
+        = (1/N) sum_i sum_{k kept} (v_k^T M^T (h_i - mu_{y_i}) / g_k)^2
 
-G^+ comes from the eigendecomposition G = V diag(g) V^T keeping the eigenvalues
-g_k > ``PINV_RTOL`` * max_k g_k (the null direction of G -- sum_c n_c M e_c = 0 -- is dropped);
-as G's eigenvalues are C times Sigma_B's, this is ``torch.linalg.pinv(Sigma_B, rtol=PINV_RTOL)``.
+with G = V diag(g) V^T. The last form is a sum of squares, accumulated in float64 in pass 2: NC1
+is >= 0 by construction (never the difference of two large numbers).
+
+Rank rule (which directions of Sigma_B the pseudo-inverse keeps). The features carry the
+rounding of their own dtype (float32 for a float32 model, even though the statistics are
+accumulated in float64), so a class-mean direction whose spread is at that rounding level is
+noise, and 1 / g_k of such a direction makes NC1 arbitrarily large (or, through cancellation,
+negative: NC1 = -3.5e6 was reported on a deep plain net whose features had collapsed to rank 1).
+The rounding sits in the entries of M (the class means of rounded features), so the rule is the
+numpy ``matrix_rank`` rule on M -- not on Sigma_B = M M^T / C, whose eigenvalues are squares and
+would drop directions that float32 features resolve exactly -- plus an absolute floor tied to the
+size of the features: with eps = ``torch.finfo(feature dtype).eps``, n = max(D, C) and
+h_rms^2 = (1/N) sum_i ||h_i||^2, a singular value s_k = sqrt(g_k) of M is kept iff
+
+    s_k > max(s_max * n * eps,  sqrt(C n) * eps * h_rms),   i.e.
+    g_k > tol = max(g_max * (n eps)^2,  C * n * eps^2 * h_rms^2).
+
+A class mean of features of norm ~h_rms moves by about eps * h_rms when the features are rounded,
+so the floor (a factor sqrt(C n) above that) is what catches a layer whose class means coincide up
+to rounding, where a relative rule alone would keep pure noise. (Checked on a plain 32-block net:
+the singular values of M from float32 features agree with those of the same net run in float64
+down to about eps * h_rms; below that they are noise, and the floor sits above them.) The null
+direction of G (sum_c n_c M e_c = 0) is below tol (its singular value is float64 rounding of the
+class means, under the floor). The singular values come from an SVD of M^T (C x D, float64; their
+error is ~1e-16 s_max, where the eigenvalues of G would carry ~1e-16 s_max^2). Per layer the result reports the kept
+rank (``rank_sigma_b``), the condition number of Sigma_B on the kept directions
+(``sigma_b_condition``) and ``ill_conditioned`` (True when fewer than min(C - 1, D) directions were
+kept: NC1 is then measured on the resolved class-mean subspace only, and ``nc1_note`` says how
+many directions were dropped as rounding noise).
+
+Undefined values (None, with the reason in ``nc1_note``):
+
+- no direction kept (the class means coincide to the features' precision, e.g. dead or vanished
+  features): NC1, ETF error and equinorm are None;
+- every class has exactly one sample: Sigma_W = 0 by construction, NC1 is None (a trivially
+  perfect value is not a measurement).
+
+A layer whose within-class scatter is at the rounding level (Tr(Sigma_W) <= n eps^2 h_rms^2) but
+whose class means are resolved keeps its (tiny, >= 0) NC1 value: that is collapse to the
+features' precision, and ``nc1_note`` says so.
+
+Non-finite values raise :class:`resgeom_fast.linalg.NonFiniteError` naming where they are: a
+model parameter or buffer (checked before any forward pass), the input x of a batch, or a hidden
+state h_l of a batch.
 
 Layers of different widths (staged conv ResNets: pooled features have 64, 128, ... channels) are
 fine: every layer is analysed on its own.
@@ -37,23 +79,25 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from resgeom_fast.linalg import NonFiniteError
+
 from ._common import Result, batches, check_choice, check_int, model_device_dtype, to_jsonable, figure_axes
 
 __all__ = [
-    "CollapseResult", "METRICS", "PINV_RTOL", "collapse", "collapse_metrics", "plot_collapse",
-    "spearman",
+    "CollapseResult", "METRICS", "RANK_RULE", "check_finite_parameters", "check_finite_tensor", "collapse",
+    "collapse_metrics", "nc1_rank_tolerance", "plot_collapse", "spearman", "spearman_with_reason",
 ]
 
-#: Relative eigenvalue cutoff of the pseudo-inverse of the C x C Gram G = M^T M (and so of
-#: Sigma_B): eigenvalues <= PINV_RTOL * max eigenvalue count as zero. Eigenvalues of G are the
-#: squared singular values of M, so this keeps class-mean directions down to 1e-6 of the largest.
-PINV_RTOL: float = 1e-12
+#: The rank rule of Sigma_B's pseudo-inverse (module docstring), as written into every result.
+RANK_RULE: str = ("keep singular value s_k of M = [mu_c - mu_G] iff s_k > max(s_max * n * eps, "
+                  "sqrt(C * n) * eps * h_rms), n = max(D, C), eps = finfo(feature dtype).eps, "
+                  "h_rms^2 = mean_i ||h_i||^2")
 
 #: The per-layer metrics, in plotting order.
 METRICS: tuple[str, ...] = ("nc1", "etf_error", "equinorm", "ncc_mismatch")
@@ -61,21 +105,67 @@ METRICS: tuple[str, ...] = ("nc1", "etf_error", "equinorm", "ncc_mismatch")
 _POOLS = ("auto", "avg", "flatten")
 
 
+# ----------------------------------------------------------------------------- finiteness
+def check_finite_tensor(where: str, t: Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` when ``t`` holds a NaN or an inf.
+
+    Cheap: one sum (a NaN or inf anywhere makes it non-finite); the elementwise count runs only
+    when the sum is not finite (or overflowed).
+    """
+    if t.numel() == 0 or not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return
+    bad = ~torch.isfinite(t)
+    k = int(bad.sum())
+    if k:
+        nan = int(torch.isnan(t).sum())
+        raise NonFiniteError(f"{where}: expected finite values, got {nan} NaN and {k - nan} inf of {t.numel()} "
+                             f"entries in {what}")
+
+
+def check_finite_parameters(where: str, model: nn.Module) -> None:
+    """Raise :class:`NonFiniteError` naming the first parameter or floating buffer of ``model``
+    (its qualified name) that holds a NaN or an inf. One sum per tensor."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t is not None and t.is_floating_point():
+                check_finite_tensor(where, t.detach(), f"model {kind} {name!r} (shape {list(t.shape)})")
+
+
+def nc1_rank_tolerance(s_max: float, h2_mean: float, width: int, num_classes: int, eps: float) -> float:
+    """The rank rule's threshold on the singular values of M (module docstring):
+    ``max(s_max * n * eps, sqrt(C n) * eps * sqrt(h2_mean))`` with n = max(width, num_classes).
+
+    Args:
+        s_max: the largest singular value of M (>= 0); h2_mean: (1/N) sum_i ||h_i||^2;
+        width: D; num_classes: C; eps: machine epsilon of the features' dtype (>= float64's, so
+            the rule also covers the float64 accumulation).
+    """
+    n = max(int(width), int(num_classes))
+    return max(max(s_max, 0.0) * n * eps, math.sqrt(num_classes * n * max(h2_mean, 0.0)) * eps)
+
+
 # ----------------------------------------------------------------------------- statistics
 class _LayerStats:
-    """Float64 accumulators of one layer (pass 1: counts and sums; pass 2: A, Tr(Sigma_W), NCC)."""
+    """Float64 accumulators of one layer (pass 1: counts, sums, sum ||h||^2; pass 2: the NC1 sum of
+    squares per kept direction, Tr(Sigma_W), NCC mismatches)."""
 
-    def __init__(self, width: int, num_classes: int, device: torch.device) -> None:
+    def __init__(self, width: int, num_classes: int, device: torch.device, eps: float) -> None:
         self.width = width
+        self.eps = float(eps)
         self.sums = torch.zeros(num_classes, width, dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.sq = torch.zeros((), dtype=torch.float64, device=device)
         # set by finish_pass1
         self.means: Optional[Tensor] = None
         self.mean_g: Optional[Tensor] = None
         self.mt: Optional[Tensor] = None  # M^T, [C, D]
         self.gram: Optional[Tensor] = None  # G = M^T M, [C, C]
+        self.svals: Optional[Tensor] = None  # singular values of M, descending [min(C, D)]
+        self.keep: Optional[Tensor] = None  # bool [C]
+        self.tol = 0.0
+        self.proj: Optional[Tensor] = None  # [D, r]: column k = u_k / s_k (kept k; M = U S V^T)
         # pass 2
-        self.a = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+        self.w_sq: Optional[Tensor] = None  # [r]
         self.sw_trace = torch.zeros((), dtype=torch.float64, device=device)
         self.mismatches = torch.zeros((), dtype=torch.float64, device=device)
         self.seen2 = 0
@@ -87,61 +177,114 @@ class _LayerStats:
             pad = num_classes - c
             self.sums = torch.cat([self.sums, self.sums.new_zeros(pad, self.width)])
             self.counts = torch.cat([self.counts, self.counts.new_zeros(pad)])
-            self.a = self.a.new_zeros(num_classes, num_classes)
 
     def add1(self, h: Tensor, y: Tensor) -> None:
         self.sums.index_add_(0, y, h)
         self.counts += torch.bincount(y, minlength=self.counts.shape[0]).to(torch.float64)
+        self.sq += h.square().sum()
 
     def finish_pass1(self) -> None:
         n = self.counts.sum()
+        c = self.counts.shape[0]
         self.means = self.sums / self.counts[:, None]
         self.mean_g = self.sums.sum(0) / n
         self.mt = self.means - self.mean_g
         self.gram = self.mt @ self.mt.T
+        # the SVD of M^T (not eigh of G): singular values accurate to eps * s_max, so the rule
+        # below, not G's rounding (eps * s_max^2), decides what is resolved
+        _, sv, vh = torch.linalg.svd(self.mt, full_matrices=False)
+        self.svals = sv
+        self.tol = nc1_rank_tolerance(float(sv.max()), float(self.sq / n), self.width, c, self.eps)
+        self.keep = sv > self.tol
+        sk = sv[self.keep]
+        self.proj = vh[self.keep].T / sk  # [D, r]: u_k / s_k with u_k the left singular vectors of M
+        self.w_sq = torch.zeros(sk.numel(), dtype=torch.float64, device=sv.device)
 
     def add2(self, h: Tensor, y: Tensor) -> None:
         assert self.mt is not None and self.gram is not None and self.means is not None
-        hc = h - self.mean_g
-        p = hc @ self.mt.T  # [B, C]: (h - mu_G)^T M
-        z = p - self.gram[y]  # [B, C]: M^T (h - mu_y)
-        self.a += z.T @ z
-        self.sw_trace += (h - self.means[y]).square().sum()
+        assert self.proj is not None and self.w_sq is not None
+        dev = h - self.means[y]  # [B, D]: h - mu_y
+        w = dev @ self.proj  # [B, r]: u_k^T (h - mu_y) / s_k = v_k^T M^T (h - mu_y) / g_k
+        self.w_sq += w.square().sum(0)
+        self.sw_trace += dev.square().sum()
+        p = (h - self.mean_g) @ self.mt.T  # [B, C]: (h - mu_G)^T M
         dist = self.gram.diagonal()[None, :] - 2.0 * p  # ||h - mu_c||^2 - ||h - mu_G||^2
         self.mismatches += (dist.argmin(1) != y).sum().to(torch.float64)
         self.seen2 += h.shape[0]
 
     def metrics(self, weight: Optional[Tensor] = None) -> dict[str, Any]:
-        assert self.mt is not None and self.gram is not None
+        assert self.mt is not None and self.gram is not None and self.svals is not None
+        assert self.keep is not None and self.w_sq is not None
         n = float(self.counts.sum())
         c = self.counts.shape[0]
-        a = self.a / n
-        gram = self.gram
-        g, v = torch.linalg.eigh(gram)
-        keep = g > PINV_RTOL * g.max().clamp_min(0.0)
-        vk, gk = v[:, keep], g[keep]
-        nc1 = float(((vk.T @ a @ vk).diagonal() / gk.square()).sum()) if gk.numel() else math.nan
-        gnorm = torch.linalg.matrix_norm(gram)
-        etf = torch.eye(c, dtype=torch.float64, device=gram.device) - 1.0 / c
-        etf_error = float(torch.linalg.matrix_norm(gram / gnorm - etf / math.sqrt(c - 1)))
-        norms = self.mt.norm(dim=1)
-        equinorm = float(norms.std(unbiased=True) / norms.mean())
+        gram, sv = self.gram, self.svals
+        sk = sv[self.keep]
+        rank = int(sk.numel())
+        full = min(c - 1, self.width)
+        h2 = float(self.sq) / n
+        nf = max(self.width, c)
+        tr_w = float(self.sw_trace) / n
+        eps = self.eps
+        notes: list[str] = []
+        nc1: Optional[float]
+        etf_error: Optional[float]
+        equinorm: Optional[float]
+        cond: Optional[float] = None
+        if rank == 0:
+            s_max = float(sv.max())
+            notes.append(f"the class means coincide to the features' precision (largest singular value of M "
+                         f"{s_max:.3g} <= rounding level {self.tol:.3g} for features of rms norm "
+                         f"{math.sqrt(h2):.3g} and eps {eps:.3g}): Sigma_B is numerically zero, NC1, ETF error and "
+                         f"equinorm are undefined")
+            nc1 = etf_error = equinorm = None
+        else:
+            cond = float(sk.max() / sk.min()) ** 2
+            gnorm = torch.linalg.matrix_norm(gram)
+            etf = torch.eye(c, dtype=torch.float64, device=gram.device) - 1.0 / c
+            etf_error = float(torch.linalg.matrix_norm(gram / gnorm - etf / math.sqrt(c - 1)))
+            norms = self.mt.norm(dim=1)
+            equinorm = float(norms.std(unbiased=True) / norms.mean())
+            if bool((self.counts == 1).all()):
+                nc1 = None
+                notes.append("every class has exactly one sample: Sigma_W = 0 by construction, NC1 undefined")
+            else:
+                nc1 = float(self.w_sq.sum()) / n  # a sum of squares: >= 0
+                if tr_w <= nf * eps * eps * h2:
+                    notes.append(f"within-class scatter at the features' rounding level (Tr Sigma_W = {tr_w:.3g}): "
+                                 f"NC1 is 0 to the features' precision")
+            if rank < full:
+                notes.append(f"{full - rank} of {full} class-mean directions are at the features' rounding level "
+                             f"and were dropped (singular values of M <= {self.tol:.3g}): NC1 is measured "
+                             f"on the {rank} resolved direction(s) only")
         out: dict[str, Any] = {
             "nc1": nc1,
             "etf_error": etf_error,
             "equinorm": equinorm,
             "ncc_mismatch": float(self.mismatches) / n,
             "nc3": None,
-            "tr_sigma_w": float(self.sw_trace) / n,
+            "nc3_note": "no head weight given",
+            "tr_sigma_w": tr_w,
             "tr_sigma_b": float(gram.trace()) / c,
-            "rank_sigma_b": int(keep.sum()),
+            "rank_sigma_b": rank,
+            "sigma_b_condition": cond,
+            "sigma_b_tol": self.tol ** 2 / c,
+            "ill_conditioned": rank < full,
+            "nc1_note": "; ".join(notes),
+            "feature_eps": eps,
             "width": self.width,
             "num_samples": int(n),
         }
         if weight is not None:
             w = weight.to(torch.float64)
-            out["nc3"] = float(torch.linalg.matrix_norm(
-                w / torch.linalg.matrix_norm(w) - self.mt / torch.linalg.matrix_norm(self.mt)))
+            wn = float(torch.linalg.matrix_norm(w))
+            mn = float(torch.linalg.matrix_norm(self.mt))
+            if wn == 0.0:
+                out["nc3_note"] = "the head weight is zero: NC3 undefined"
+            elif rank == 0 or mn == 0.0:
+                out["nc3_note"] = "the class means coincide to the features' precision: NC3 undefined"
+            else:
+                out["nc3"] = float(torch.linalg.matrix_norm(w / wn - self.mt / mn))
+                out["nc3_note"] = ""
         return out
 
 
@@ -160,11 +303,6 @@ def _check_labels(where: str, y: Any, n: int, num_classes: Optional[int], name: 
     return y.long()
 
 
-def _check_finite(where: str, h: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(h).all()):
-        raise ValueError(f"{where}: expected finite features, got NaN or inf in {what}")
-
-
 def _check_counts(where: str, counts: Tensor) -> None:
     empty = [int(c) for c in torch.nonzero(counts == 0).flatten().tolist()]
     if empty:
@@ -177,25 +315,39 @@ def _check_weight(where: str, weight: Any, c: int, d: int) -> Tensor:
     if tuple(weight.shape) != (c, d):
         raise ValueError(f"{where}: expected weight of shape [{c}, {d}] (num_classes, width), "
                          f"got {tuple(weight.shape)}")
+    check_finite_tensor(where, weight.detach(), "weight")
     return weight.detach()
+
+
+def _feature_eps(h: Tensor) -> float:
+    """Machine epsilon of the features' own dtype (before the float64 accumulation)."""
+    return float(torch.finfo(h.dtype).eps)
 
 
 def collapse_metrics(features: Tensor, labels: Tensor, num_classes: int, *,
                      weight: Optional[Tensor] = None) -> dict[str, Any]:
-    """The collapse metrics of one layer held in memory (see the module docstring for formulas).
+    """The collapse metrics of one layer held in memory (see the module docstring for formulas,
+    the rank rule and when a value is None).
 
     Args:
         features: [N, D] floating features (any floating dtype; statistics are float64 on the
-            features' device).
+            features' device; the rank rule uses the epsilon of ``features.dtype``).
         labels: [N] integer class labels in [0, num_classes).
         num_classes: C >= 2; every class must have at least one sample.
         weight: optional classifier weight [C, D] (of a head ``W h + b``) -> ``nc3``.
 
     Returns:
-        dict with float ``nc1``, ``etf_error``, ``equinorm``, ``ncc_mismatch`` (fraction in
-        [0, 1]), ``nc3`` (None without ``weight``), ``tr_sigma_w`` = Tr(Sigma_W),
-        ``tr_sigma_b`` = Tr(Sigma_B), int ``rank_sigma_b`` (eigenvalues of G kept by the
-        pseudo-inverse), ``width`` (D) and ``num_samples`` (N).
+        dict with ``nc1`` (float >= 0 or None), ``etf_error``, ``equinorm`` (float or None),
+        ``ncc_mismatch`` (fraction in [0, 1]), ``nc3`` (None without ``weight`` or when undefined)
+        and ``nc3_note`` (why), ``tr_sigma_w`` = Tr(Sigma_W), ``tr_sigma_b`` = Tr(Sigma_B), int
+        ``rank_sigma_b`` (directions kept by the rank rule), ``sigma_b_condition`` (largest /
+        smallest kept eigenvalue of Sigma_B, None when none is kept), ``sigma_b_tol`` (the rule's
+        threshold on Sigma_B's eigenvalues), bool ``ill_conditioned`` (fewer than min(C - 1, D)
+        directions kept), str ``nc1_note`` ("" when nothing to say), ``feature_eps``, ``width``
+        (D) and ``num_samples`` (N).
+
+    Raises:
+        NonFiniteError: NaN or inf in ``features`` or ``weight``.
     """
     where = "collapse_metrics"
     check_int(where, "num_classes", num_classes, 2)
@@ -209,9 +361,9 @@ def collapse_metrics(features: Tensor, labels: Tensor, num_classes: int, *,
     if y.device != features.device:
         raise ValueError(f"{where}: expected labels on the features' device {features.device}, got {y.device}")
     w = None if weight is None else _check_weight(where, weight, num_classes, d)
+    check_finite_tensor(where, features.detach(), "features")
     h = features.detach().to(torch.float64)
-    _check_finite(where, h, "features")
-    st = _LayerStats(d, num_classes, h.device)
+    st = _LayerStats(d, num_classes, h.device, _feature_eps(features))
     st.add1(h, y)
     _check_counts(where, st.counts)
     st.finish_pass1()
@@ -236,21 +388,77 @@ def _ranks(v: Tensor) -> Tensor:
     return ranks
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the (tie-averaged) ranks.
+def spearman_with_reason(x: Sequence[float], y: Sequence[Optional[float]]) -> tuple[Optional[float], str]:
+    """Spearman's rank correlation (the Pearson correlation of the tie-averaged ranks) and, when it
+    is undefined, why: ``(rho, "")`` or ``(None, reason)``.
 
-    Returns NaN when fewer than 2 points, when a value is NaN, or when either side is constant.
+    Undefined: fewer than 2 points; a value of ``y`` is None or NaN (an undefined metric at that
+    point); ``x`` or ``y`` constant (e.g. an NCC mismatch that is exactly 0 everywhere: no ranking,
+    so no correlation -- not a finding either way).
     """
     xs = torch.as_tensor([float(v) for v in x], dtype=torch.float64)
     ys = torch.as_tensor([float(v) if v is not None else math.nan for v in y], dtype=torch.float64)
     if xs.shape != ys.shape:
         raise ValueError(f"spearman: expected x and y of the same length, got {xs.numel()} and {ys.numel()}")
-    if xs.numel() < 2 or bool(torch.isnan(xs).any() or torch.isnan(ys).any()):
-        return math.nan
+    if xs.numel() < 2:
+        return None, f"fewer than 2 points ({xs.numel()})"
+    bad = [i for i in range(ys.numel()) if math.isnan(float(ys[i]))]
+    if bad:
+        return None, f"undefined (None / NaN) at {len(bad)} of {ys.numel()} points (positions {bad[:10]})"
+    if bool(torch.isnan(xs).any()):
+        return None, "x holds NaN"
+    if bool((ys == ys[0]).all()):
+        return None, f"constant ({float(ys[0]):.6g} at all {ys.numel()} points): rank correlation undefined"
+    if bool((xs == xs[0]).all()):
+        return None, "x constant: rank correlation undefined"
     rx, ry = _ranks(xs), _ranks(ys)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     den = float(rx.norm() * ry.norm())
-    return float((rx * ry).sum()) / den if den > 0 else math.nan
+    return float((rx * ry).sum()) / den, ""
+
+
+def spearman(x: Sequence[float], y: Sequence[Optional[float]]) -> Optional[float]:
+    """Spearman's rank correlation, None when undefined (see :func:`spearman_with_reason`)."""
+    return spearman_with_reason(x, y)[0]
+
+
+def _zero_from(layers: Sequence[int], values: Sequence[float]) -> Optional[int]:
+    """The first layer from which every value is exactly 0 (None when the last one is not 0)."""
+    first = None
+    for l, v in zip(reversed(list(layers)), reversed(list(values))):
+        if v != 0.0:
+            break
+        first = l
+    return first
+
+
+def layer_spearman(layers: Sequence[int], per_metric: dict[str, Sequence[Optional[float]]]
+                   ) -> tuple[dict[str, Optional[float]], dict[str, str], Optional[int]]:
+    """Spearman rho(layer, metric) per metric with reasons, and the layer from which the NCC
+    mismatch is exactly 0 (``ncc_zero_from``; None when it is not 0 at the last layer).
+
+    A defined rho of the NCC mismatch gets a note when two or more trailing layers are tied at 0:
+    ties at the floor pull rho towards 0 although the mismatch never rises, so the reading is the
+    layer where it reaches 0, not rho.
+    """
+    rho: dict[str, Optional[float]] = {}
+    note: dict[str, str] = {}
+    for k, vals in per_metric.items():
+        rho[k], note[k] = spearman_with_reason(layers, vals)
+    zero_from = None
+    if "ncc_mismatch" in per_metric:
+        ncc = list(per_metric["ncc_mismatch"])
+        zero_from = _zero_from(layers, ncc)
+        if zero_from is not None:
+            tied = sum(1 for l in layers if l >= zero_from)
+            if rho["ncc_mismatch"] is None:
+                note["ncc_mismatch"] = (f"NCC mismatch is exactly 0 at every analysed layer: "
+                                        f"{note['ncc_mismatch']} (trivially zero mismatch, not a finding)")
+            elif tied >= 2:
+                note["ncc_mismatch"] = (f"NCC mismatch is exactly 0 from layer {zero_from} on ({tied} of "
+                                        f"{len(ncc)} layers tied at 0): ties at the floor move rho towards 0; "
+                                        f"read ncc_zero_from, not rho")
+    return rho, note, zero_from
 
 
 # ----------------------------------------------------------------------------- result
@@ -261,53 +469,81 @@ class CollapseResult(Result):
     Attributes:
         layers: the analysed layer indices l (h_0 = stem output, h_L = last block's output).
         widths: D of each analysed layer after pooling.
-        nc1, etf_error, equinorm, ncc_mismatch, tr_sigma_w, tr_sigma_b: one float per layer.
-        rank_sigma_b: rank of Sigma_B kept by the pseudo-inverse, per layer.
+        nc1, etf_error, equinorm: one float (NC1 >= 0) or None (undefined: reason in nc1_note)
+            per layer. ncc_mismatch, tr_sigma_w, tr_sigma_b: one float per layer.
+        rank_sigma_b: rank of Sigma_B kept by the rank rule (module docstring), per layer.
+        sigma_b_condition: largest / smallest kept eigenvalue of Sigma_B per layer (None when
+            none is kept).
+        ill_conditioned: per layer, True when fewer than min(C - 1, D) class-mean directions
+            were resolved (some dropped as rounding noise, or none at all).
+        nc1_note: per layer, why NC1 is None or what limits it ("" when nothing to say).
+        feature_dtype: dtype of the hidden states (its eps sets the rank rule).
         nc3: NC3 of the last block's features against the head weight, or None (see nc3_note).
         nc3_note: why nc3 is None ("" when it is set).
-        spearman: Spearman rho(layer, metric) for each metric of METRICS (NaN when undefined).
+        spearman: Spearman rho(layer, metric) for each metric of METRICS; None when undefined
+            (a constant metric, e.g. an NCC mismatch of exactly 0 at every layer, or a metric
+            undefined at some layer), the reason in spearman_note.
+        spearman_note: per metric, why rho is None, or (NCC mismatch) that trailing layers are
+            tied at 0 so that rho understates a monotone decrease; "" otherwise.
+        ncc_zero_from: the first analysed layer from which the NCC mismatch is exactly 0 at every
+            later analysed layer (None when the last layer's mismatch is not 0).
         num_classes, num_samples, class_counts: C, N and n_c.
         pool, split: the options used.
     """
 
     layers: list[int]
     widths: list[int]
-    nc1: list[float]
-    etf_error: list[float]
-    equinorm: list[float]
+    nc1: list[Optional[float]]
+    etf_error: list[Optional[float]]
+    equinorm: list[Optional[float]]
     ncc_mismatch: list[float]
     tr_sigma_w: list[float]
     tr_sigma_b: list[float]
     rank_sigma_b: list[int]
     nc3: Optional[float]
     nc3_note: str
-    spearman: dict[str, float]
+    spearman: dict[str, Optional[float]]
     num_classes: int
     num_samples: int
     class_counts: list[int]
     pool: str
     split: str = "train"
+    sigma_b_condition: list[Optional[float]] = field(default_factory=list)
+    ill_conditioned: list[bool] = field(default_factory=list)
+    nc1_note: list[str] = field(default_factory=list)
+    feature_dtype: str = ""
+    spearman_note: dict[str, str] = field(default_factory=dict)
+    ncc_zero_from: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({
             "layers": self.layers, "widths": self.widths, "nc1": self.nc1, "etf_error": self.etf_error,
             "equinorm": self.equinorm, "ncc_mismatch": self.ncc_mismatch, "tr_sigma_w": self.tr_sigma_w,
-            "tr_sigma_b": self.tr_sigma_b, "rank_sigma_b": self.rank_sigma_b, "nc3": self.nc3,
-            "nc3_note": self.nc3_note, "spearman": self.spearman, "num_classes": self.num_classes,
-            "num_samples": self.num_samples, "class_counts": self.class_counts, "pool": self.pool,
-            "split": self.split, "pinv_rtol": PINV_RTOL,
+            "tr_sigma_b": self.tr_sigma_b, "rank_sigma_b": self.rank_sigma_b,
+            "sigma_b_condition": self.sigma_b_condition, "ill_conditioned": self.ill_conditioned,
+            "nc1_note": self.nc1_note, "feature_dtype": self.feature_dtype, "rank_rule": RANK_RULE,
+            "nc3": self.nc3, "nc3_note": self.nc3_note, "spearman": self.spearman,
+            "spearman_note": self.spearman_note, "ncc_zero_from": self.ncc_zero_from,
+            "num_classes": self.num_classes, "num_samples": self.num_samples, "class_counts": self.class_counts,
+            "pool": self.pool, "split": self.split,
         })
 
     def summary(self) -> dict[str, float]:
-        """NC1 at the first and last analysed layer, last-layer ETF error / NCC mismatch, NC3 and
-        the Spearman rho of each metric (NaN where undefined)."""
+        """NC1 at the first and last analysed layer, last-layer ETF error / NCC mismatch, NC3, the
+        Spearman rho of each metric, ``ncc_zero_from`` and the number of ill-conditioned layers.
+        Undefined values are NaN here (null in JSON); their reasons are in the result
+        (``nc1_note``, ``spearman_note``, ``nc3_note``)."""
+        nan = math.nan
+        f = lambda v: nan if v is None else float(v)  # noqa: E731
         return {
-            "nc1_first": self.nc1[0],
-            "nc1_last": self.nc1[-1],
-            "etf_error_last": self.etf_error[-1],
-            "ncc_mismatch_last": self.ncc_mismatch[-1],
-            "nc3": math.nan if self.nc3 is None else self.nc3,
-            **{f"spearman_{k}": v for k, v in self.spearman.items()},
+            "nc1_first": f(self.nc1[0]),
+            "nc1_last": f(self.nc1[-1]),
+            "etf_error_last": f(self.etf_error[-1]),
+            "ncc_mismatch_last": f(self.ncc_mismatch[-1]),
+            "nc3": f(self.nc3),
+            **{f"spearman_{k}": f(v) for k, v in self.spearman.items()},
+            "ncc_zero_from": f(self.ncc_zero_from),
+            "ill_conditioned_layers": float(sum(bool(b) for b in self.ill_conditioned)),
         }
 
 
@@ -364,6 +600,10 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     Returns:
         :class:`CollapseResult`. NC3 is computed at l = L when L is analysed and ``model.head``
         has a weight [C, D_L] matching the pooled width (not with pool="flatten" on conv nets).
+
+    Raises:
+        NonFiniteError: a NaN / inf in a model parameter or buffer (named; checked before any
+            forward pass), in the inputs x of a batch, or in a hidden state h_l of a batch.
     """
     where = "collapse"
     if not isinstance(model, nn.Module):
@@ -401,13 +641,14 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
         raise TypeError(f"{where}: expected data that can be iterated twice (an (x, y) pair, a Dataset or a "
                         f"DataLoader), got a one-shot iterator {type(data).__name__}")
     device, dtype = model_device_dtype(where, model)
+    check_finite_parameters(where, model)
 
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            stats, sel, n_classes, n1, num_hidden = _pass1(where, model, data, device, dtype, split, num_classes,
-                                                           layers, pool)
+            stats, sel, n_classes, n1, num_hidden, fdtype = _pass1(where, model, data, device, dtype, split,
+                                                                   num_classes, layers, pool)
             counts = stats[0].counts
             _check_counts(where, counts)
             for st in stats:
@@ -432,11 +673,15 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     else:
         weight = w.detach()
     per = [st.metrics(weight if i == len(stats) - 1 else None) for i, st in enumerate(stats)]
-    res: dict[str, Any] = {k: [p[k] for p in per] for k in METRICS + ("tr_sigma_w", "tr_sigma_b", "rank_sigma_b")}
+    if weight is not None:
+        nc3_note = per[-1]["nc3_note"]
+    keys = METRICS + ("tr_sigma_w", "tr_sigma_b", "rank_sigma_b", "sigma_b_condition", "ill_conditioned", "nc1_note")
+    res: dict[str, Any] = {k: [p[k] for p in per] for k in keys}
+    rho, rho_note, zero_from = layer_spearman(sel, {k: res[k] for k in METRICS})
     return CollapseResult(
         layers=list(sel), widths=[st.width for st in stats], nc3=per[-1]["nc3"], nc3_note=nc3_note,
-        spearman={k: spearman(sel, res[k]) for k in METRICS}, num_classes=n_classes, num_samples=n1,
-        class_counts=[int(c) for c in counts.tolist()], pool=pool, split=split, **res,
+        spearman=rho, spearman_note=rho_note, ncc_zero_from=zero_from, num_classes=n_classes, num_samples=n1,
+        class_counts=[int(c) for c in counts.tolist()], pool=pool, split=split, feature_dtype=fdtype, **res,
     )
 
 
@@ -446,10 +691,12 @@ def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
     sel: list[int] = []
     c = num_classes if num_classes is not None else 0
     n = num_hidden = 0
+    fdtypes: set[str] = set()
     for b, (x, y) in enumerate(batches(where, data, device, dtype, split)):
         y = _check_labels(where, y, x.shape[0], num_classes, name=f"y of batch {b}")
         if y.device != device:
             raise ValueError(f"{where}: expected y on the model's device {device}, got {y.device}")
+        check_finite_tensor(where, x, f"the input x of batch {b}")
         hs = _forward_hidden(where, model, x)
         if b == 0:
             num_hidden = len(hs)
@@ -457,20 +704,23 @@ def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
                 raise ValueError(f"{where}: expected layers in [0, {len(hs) - 1}] (the model has "
                                  f"L = {len(hs) - 1} blocks), got {layers[-1]}")
             sel = list(range(len(hs))) if layers is None else layers
-            widths = [_pool(hs[l], pool).shape[1] for l in sel]
-            stats = [_LayerStats(d, max(c, 1), device) for d in widths]
+            pooled = [_pool(hs[l], pool) for l in sel]
+            stats = [_LayerStats(p.shape[1], max(c, 1), device, _feature_eps(p)) for p in pooled]
         if num_classes is None and y.numel():
             c = max(c, int(y.max()) + 1)
             for st in stats:
                 st.grow(c)
         for st, l in zip(stats, sel):
-            h = _pool(hs[l], pool).to(torch.float64)
-            _check_finite(where, h, f"h_{l} of batch {b}")
-            st.add1(h, y)
+            hp = _pool(hs[l], pool)
+            check_finite_tensor(where, hp, f"the hidden state h_{l} of batch {b} (the model's parameters and x "
+                                           f"are finite: the forward pass overflowed)")
+            st.eps = max(st.eps, _feature_eps(hp))
+            fdtypes.add(str(hp.dtype).replace("torch.", ""))
+            st.add1(hp.to(torch.float64), y)
         n += x.shape[0]
     if c < 2:
         raise ValueError(f"{where}: expected num_classes >= 2 (inferred from the labels), got {c}")
-    return stats, sel, c, n, num_hidden
+    return stats, sel, c, n, num_hidden, ",".join(sorted(fdtypes))
 
 
 def _pass2(where: str, model: nn.Module, data: Any, device: torch.device, dtype: torch.dtype, split: str,
@@ -478,19 +728,27 @@ def _pass2(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
     n = 0
     for b, (x, y) in enumerate(batches(where, data, device, dtype, split)):
         y = _check_labels(where, y, x.shape[0], num_classes, name=f"y of batch {b}")
+        check_finite_tensor(where, x, f"the input x of batch {b} (second pass)")
         hs = _forward_hidden(where, model, x)
         for st, l in zip(stats, sel):
-            st.add2(_pool(hs[l], pool).to(torch.float64), y)
+            hp = _pool(hs[l], pool)
+            check_finite_tensor(where, hp, f"the hidden state h_{l} of batch {b} (second pass)")
+            st.add2(hp.to(torch.float64), y)
         n += x.shape[0]
     return n
 
 
 # ----------------------------------------------------------------------------- plot
+def _floats(v: Sequence[Optional[float]]) -> list[float]:
+    return [math.nan if a is None else float(a) for a in v]
+
+
 def plot_collapse(result: CollapseResult, ax: Any = None) -> Any:
     """NC1, ETF error, equinorm and NCC mismatch against the layer index, log y-axis.
 
     Zeros (e.g. NCC mismatch of a separated layer) are masked by the log scale, not altered:
-    every line's data are the exported values. NC3 (when set) is one marker at the last layer.
+    every line's data are the exported values (None -> a gap). NC3 (when set) is one marker at
+    the last layer. The legend shows rho where it is defined.
 
     Args:
         result: a :class:`CollapseResult`.
@@ -505,9 +763,9 @@ def plot_collapse(result: CollapseResult, ax: Any = None) -> Any:
     labels = {"nc1": "NC1 Tr(Σ_W Σ_B⁺)/C", "etf_error": "ETF error", "equinorm": "equinorm (CV)",
               "ncc_mismatch": "NCC mismatch"}
     for k in METRICS:
-        rho = result.spearman.get(k, math.nan)
-        ax.plot(result.layers, getattr(result, k), marker="o", ms=3,
-                label=f"{labels[k]} (ρ={rho:.2f})" if rho == rho else labels[k])
+        rho = result.spearman.get(k)
+        ax.plot(result.layers, _floats(getattr(result, k)), marker="o", ms=3,
+                label=f"{labels[k]} (ρ={rho:.2f})" if rho is not None else labels[k])
     finish_metric_axes(ax, result.layers, result.nc3, "NC3 (last layer)", "layer l",
                        f"Feedforward collapse ({result.split}, N={result.num_samples}, C={result.num_classes})")
     return fig
