@@ -212,3 +212,19 @@ def test_an_unexpected_exception_is_one_line_naming_the_traceback_file(capsys, t
     (tmp_path / "rep" / "manifest.json").write_text(json.dumps({"config_hash": "x"}))
     line = _error(capsys, ["analyze", "--model", "torchvision:resnet18", "--out", str(tmp_path / "rep")], code=1)
     assert line.endswith(f"(traceback written to {tmp_path / 'rep' / 'error.log'})")
+
+
+def test_ctrl_c_or_a_crash_inside_a_run_releases_the_folder(capsys, tmp_path, factory, monkeypatch):
+    from resgeom_fast.experiments import commands
+    from resgeom_fast.experiments.runner import LOCK_NAME
+
+    spec = factory(2)
+    for exc, code in ((KeyboardInterrupt, 130), (RuntimeError, 1)):
+        def stop(*a, **k):
+            assert (tmp_path / "o" / LOCK_NAME).exists()            # held while the run works
+            raise exc("stop")
+
+        monkeypatch.setattr(commands, "_analyze_steps", stop)
+        assert main(_argv(spec, tmp_path / "o", "--quiet")) == code
+        assert not (tmp_path / "o" / LOCK_NAME).exists()
+    capsys.readouterr()

@@ -214,12 +214,18 @@ def test_stale_temporary_files_are_removed_and_nothing_else(tmp_path):
 
 
 # ----------------------------------------------------------------------------- messages in a log
-def test_messages_to_a_log_are_plain_lines():
+def test_messages_to_a_log_are_plain_lines(tmp_path):
+    """Even while a tqdm bar is open on the same (non-terminal) stream, a message is one plain
+    line: no carriage-return clearing of the bar in a log file."""
+    from tqdm import tqdm
+
     log = io.StringIO()
-    r = Runner.__new__(Runner)
-    r._log = log
-    r.message("step a: running")
-    assert log.getvalue() == "[resgeom] step a: running\n"
+    with Runner(str(tmp_path), {}, study="t", log=log) as r:
+        bar = tqdm(total=3, file=log)
+        start = len(log.getvalue())
+        r.message("step a: running")
+        assert log.getvalue()[start:] == "[resgeom] step a: running\n"
+        bar.close()
 
 
 def test_empty_out_is_refused():
