@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from resgeom_fast.analysis._common import atomic_write_json, atomic_write_text, to_jsonable
 from resgeom_fast.train import atomic_file
 
-__all__ = ["FigureSpec", "check_figure", "fmt", "get_path", "tag", "write_report"]
+__all__ = ["FigureSpec", "check_figure", "determinism", "fmt", "fmt_key", "get_path", "is_undefined", "summary_rows",
+           "tag", "write_report"]
 
 
 @dataclass
@@ -133,9 +134,11 @@ def check_figure(fig: Any, results: Mapping[str, Any]) -> int:
 
 
 def fmt(value: Any, digits: int = 3) -> str:
-    """A number for a one-line reading (``n/a`` for None / NaN)."""
+    """A number for a one-line reading (``n/a`` for None / NaN; ``yes`` / ``no`` for a bool)."""
     if value is None:
         return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -145,6 +148,62 @@ def fmt(value: Any, digits: int = 3) -> str:
     if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
         return f"{v:.{digits - 1}e}"
     return f"{v:.{digits}g}"
+
+
+DETERMINISTIC_ANALYSES: tuple[str, ...] = ("hessian_spectrum", "residual_alignment")
+"""The analyses with choices made by timing ("auto" Hessian-vector product / Jacobian paths) that
+``deterministic=True`` fixes; the others have no timing-based choice."""
+
+
+def determinism(deterministic: bool) -> dict[str, Any]:
+    """What report.md and results.json say about reproducibility under ``config["deterministic"]``."""
+    names = ", ".join(DETERMINISTIC_ANALYSES)
+    if deterministic:
+        text = (f"methods fixed by --deterministic (the analyses with timing-based 'auto' choices, {names}, use a "
+                "fixed method): the same command on the same machine gives the same numbers.")
+    else:
+        text = (f"auto choices by timing ({names} pick their fastest method on this machine): float32 round-off "
+                "may differ between runs; use --deterministic to fix the methods.")
+    return {"deterministic": deterministic, "fixed_analyses": list(DETERMINISTIC_ANALYSES) if deterministic else [],
+            "statement": text}
+
+
+def is_undefined(value: Any) -> bool:
+    """None or NaN: a metric that was not (or could not be) computed."""
+    if value is None:
+        return True
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt_key(summary: Optional[Mapping[str, Any]], key: str, digits: int = 3, reason: Optional[str] = None) -> str:
+    """``summary[key]`` for a reading: the number, or ``n/a (reason)`` when it is None / NaN.
+
+    The reason is ``reason`` when given, else ``summary[key + "_reason"]``; "undefined" when
+    neither says more, "not in this result" when the key is absent. A defined value that carries a
+    ``_reason`` (e.g. a mean over only some stages) is followed by it in parentheses.
+    """
+    summary = summary or {}
+    why = reason or summary.get(f"{key}_reason")
+    if key not in summary:
+        return f"n/a ({why or 'not in this result'})"
+    value = summary[key]
+    if is_undefined(value):
+        return f"n/a ({why or 'undefined'})"
+    return fmt(value, digits) + (f" ({why})" if why else "")
+
+
+def summary_rows(summ: Mapping[str, Any], digits: int = 4) -> list[tuple[str, str]]:
+    """(metric, text) rows of a summary for report.md: ``<key>_reason`` entries are folded into
+    their metric's text ("n/a (reason)" / "value (reason)") instead of rows of their own."""
+    rows = []
+    for key, value in summ.items():
+        if key.endswith("_reason") and key[: -len("_reason")] in summ:
+            continue
+        rows.append((key, fmt_key(summ, key, digits) if not isinstance(value, str) else value))
+    return rows
 
 
 def _environment() -> dict[str, Any]:
@@ -169,7 +228,9 @@ def write_report(out: str, title: str, results: Mapping[str, Any], figures: Sequ
         figures: the figures, in report order.
         intro: Markdown paragraph under the title.
         summaries: ``{model: {analysis: summary dict}}`` rendered as tables at the end.
-        config: the configuration, rendered as a table.
+        config: the configuration, rendered as a table; its ``deterministic`` flag (when present)
+            is stated under the intro and stored as ``results.json["determinism"]``.
+        progress: a bar over the figures (plain lines, at most one a second, when stderr is not a terminal).
     """
     import matplotlib
 
@@ -179,6 +240,8 @@ def write_report(out: str, title: str, results: Mapping[str, Any], figures: Sequ
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     payload = dict(to_jsonable(results))
     payload.setdefault("environment", _environment())
+    if config is not None and "deterministic" in config:
+        payload.setdefault("determinism", determinism(bool(config["deterministic"])))
     results_path = os.path.join(out, "results.json")
     atomic_write_json(results_path, payload)
     with open(results_path, encoding="utf-8") as fh:
@@ -187,25 +250,30 @@ def write_report(out: str, title: str, results: Mapping[str, Any], figures: Sequ
     lines = [f"# {title}", ""]
     if intro:
         lines += [intro, ""]
+    if "determinism" in data:
+        lines += [f"Determinism: {data['determinism']['statement']}", ""]
     written: list[str] = []
-    from tqdm.auto import tqdm
+    from resgeom_fast._progress import progress as progress_bar
 
-    for spec in tqdm(figures, desc="figures", disable=not progress, leave=False):
-        fig = spec.build(data)
-        path = os.path.join(out, "figures", f"{spec.name}.png")
-        with atomic_file(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-        lines += [f"## {spec.title}", "", f"![{spec.title}](figures/{spec.name}.png)", "",
-                  f"Reading: {spec.reading(data)}", ""]
+    with progress_bar(len(figures), "figures", enabled=progress, unit="figures", leave=False, min_interval=1.0) as bar:
+        for spec in figures:
+            bar.set_postfix_str(spec.name)
+            fig = spec.build(data)
+            path = os.path.join(out, "figures", f"{spec.name}.png")
+            with atomic_file(path, "wb") as fh:
+                fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
+            plt.close(fig)
+            written.append(path)
+            lines += [f"## {spec.title}", "", f"![{spec.title}](figures/{spec.name}.png)", "",
+                      f"Reading: {spec.reading(data)}", ""]
+            bar.update(1)
     if summaries:
         lines += ["## Headline numbers (summary() of every result)", ""]
         for model, analyses in summaries.items():
             lines += [f"### {model}", "", "| analysis | metric | value |", "|---|---|---:|"]
             for analysis, summ in analyses.items():
-                for key, value in summ.items():
-                    lines.append(f"| {analysis} | {key} | {fmt(value, 4)} |")
+                for key, text in summary_rows(summ):
+                    lines.append(f"| {analysis} | {key} | {text.replace('|', '/')} |")
             lines.append("")
     if config:
         lines += ["## Configuration", "", "| option | value |", "|---|---|"]

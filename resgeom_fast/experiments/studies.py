@@ -31,7 +31,7 @@ from resgeom_fast.train import atomic_save
 from .common import DATASETS_HELP, load_data, resolve_device, train_step
 from .config import Option, Options, UsageError
 from .figures import bars, heatmaps, lines, new_figure, pca_trajectories, spectra_per_block
-from .report import FigureSpec, fmt, get_path
+from .report import FigureSpec, fmt, fmt_key, get_path, is_undefined
 from .runner import Runner
 
 __all__ = ["DEMO_SIZES", "STUDIES", "STUDY_NAMES", "Study", "StudyOutput", "demo_config"]
@@ -232,14 +232,154 @@ def _summ(block: dict[str, Any]) -> dict[str, float]:
     return block.get("summary", {})
 
 
+class _Formatted(dict):
+    """``str.format_map`` source: every key of a summary through :func:`fmt_key` (``n/a (reason)``
+    for None / NaN and for keys the summary lacks)."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__()
+        self.summary = summary
+
+    def __missing__(self, key: str) -> str:
+        return fmt_key(self.summary, key)
+
+
 def _per_model(r: dict, models: list[str], root: str, what: str, template: str) -> str:
-    """``"m1: ...; m2: ..."``: ``template`` formatted (``str.format``, values through :func:`fmt`)
-    with each model's ``summary`` of the result at ``root.m.what``."""
+    """``"m1: ...; m2: ..."``: ``template`` formatted (``str.format_map``, values through
+    :func:`fmt_key`) with each model's ``summary`` of the result at ``root.m.what``."""
     parts = []
     for m in models:
         s = _summ(get_path(r, f"{root}.{m}.{what}"))
-        parts.append(f"{m}: " + template.format(**{k: fmt(v) for k, v in s.items()}))
+        parts.append(f"{m}: " + template.format_map(_Formatted(s)))
     return "; ".join(parts)
+
+
+# =============================================================================== readings
+# A reading states the condition under which a number holds and, where the study has one, compares
+# it with the control (the plain net: the same architecture without skips). A difference is read
+# as a finding only when it exceeds CONTRAST_Z standard errors (Welch: the two nets' per-input
+# values are independent samples of the same test inputs' size); otherwise the reading says that
+# the control shows the same, so the number is no evidence of the claim. Undefined values are
+# printed "n/a (reason)".
+CONTRAST_Z = 2.0
+CONTROL = "plain"
+
+
+def _sample_stats(values: Any) -> Optional[tuple[float, float, int]]:
+    """(mean, standard error of the mean, n) of the finite entries of ``values``; None when there are none."""
+    if not isinstance(values, list):
+        return None
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return None
+    n = len(xs)
+    mean = sum(xs) / n
+    var = sum((v - mean) ** 2 for v in xs) / (n - 1) if n > 1 else math.nan
+    return mean, math.sqrt(var / n) if n > 1 else math.nan, n
+
+
+def _contrast_z(a: tuple[float, float, int], b: tuple[float, float, int]) -> float:
+    """Welch's z of mean(a) - mean(b) (inf when both have zero spread and differ, NaN when unknown)."""
+    diff = a[0] - b[0]
+    se = math.sqrt(a[1] ** 2 + b[1] ** 2) if not (math.isnan(a[1]) or math.isnan(b[1])) else math.nan
+    if math.isnan(se):
+        return math.nan
+    if se == 0:
+        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    return diff / se
+
+
+def _versus_control(label: str, stats: dict[str, Any], models: list[str], sign: int, claim: str) -> str:
+    """``"label: residual 0.81 +- 0.01, plain 0.42 +- 0.03: residual higher than the plain control
+    by 12 standard errors (the direction CLAIM predicts)"``. ``stats[m]``: :func:`_sample_stats` or a reason
+    string (undefined); ``sign``: +1 when the claim predicts a higher value than the control."""
+    def val(m: str) -> str:
+        st = stats[m]
+        return f"n/a ({st})" if isinstance(st, str) else f"{fmt(st[0])} +- {fmt(st[1], 2)}"
+
+    text = f"{label}: " + ", ".join(f"{m} {val(m)}" for m in models)
+    control = CONTROL if CONTROL in models else None
+    verdicts = []
+    for m in models:
+        if m == control or isinstance(stats[m], str):
+            continue
+        if control is None:
+            verdicts.append(f"{m} not compared (no control net without skips in this study), so not read as {claim}")
+            continue
+        if isinstance(stats[control], str):
+            verdicts.append(f"{m} not compared (the control is n/a)")
+            continue
+        z = _contrast_z(stats[m], stats[control])
+        if math.isnan(z) or abs(z) < CONTRAST_Z:
+            verdicts.append(f"{m} within {CONTRAST_Z:g} standard errors of the plain control, so no evidence of "
+                            f"{claim} (the net without skips shows the same)")
+        else:
+            side = "higher" if z > 0 else "lower"
+            how = f"the direction {claim} predicts" if z * sign > 0 else f"against {claim}"
+            by = "beyond any spread" if math.isinf(z) else f"by {abs(z):.1f} standard errors"
+            verdicts.append(f"{m} {side} than the plain control {by} ({how})")
+    return text + (": " + "; ".join(verdicts) if verdicts else "")
+
+
+RA1_METRICS: tuple[tuple[str, int, str], ...] = (
+    ("linearity", +1, "RA1 (straight trajectories)"),
+    ("equispacing", -1, "RA1 (equal steps)"),
+    ("step_cosine", +1, "RA1 (aligned steps)"),
+)
+
+
+def _ra1_reading(r: dict, models: list[str], root: str) -> str:
+    """RA1 per metric, each model against the plain control (stage 0, per-input values)."""
+    parts = []
+    n = None
+    for key, sign, claim in RA1_METRICS:
+        stats: dict[str, Any] = {}
+        for m in models:
+            ra1 = get_path(r, f"{root}.{m}.alignment.result.stages.0.ra1")
+            st = _sample_stats(ra1.get(key))
+            stats[m] = st if st is not None else (ra1.get("undefined_reason") or _summ(get_path(
+                r, f"{root}.{m}.alignment")).get(f"{key}_reason") or "undefined")
+            if st is not None:
+                n = st[2]
+        parts.append(_versus_control(key, stats, models, sign, claim))
+    return ("; ".join(parts) + f" (mean +- one standard error over the {n if n is not None else 'n/a'} test inputs; "
+            "with skips RA1 predicts linearity and step cosine near 1 and equispacing near 0; a difference from the "
+            f"plain control is read only beyond {CONTRAST_Z:g} standard errors, and a difference in RA1's direction "
+            "is not by itself the near-1 / near-0 level RA1 describes).")
+
+
+def _collapse_reading(r: dict, models: list[str], root: str) -> str:
+    """NC1 across depth and the Spearman rhos per model; the NCC rho is not read when the mismatch
+    sits at exactly 0 (ties at the floor), undefined rhos are n/a with the analysis' reason."""
+    out = []
+    verdict = {}
+    for m in models:
+        res = get_path(r, f"{root}.{m}.collapse.result")
+        s = _summ(get_path(r, f"{root}.{m}.collapse"))
+        notes = res.get("spearman_note") or {}
+        rho_nc1 = s.get("spearman_nc1")
+        nc1 = fmt_key(s, "spearman_nc1", reason=notes.get("nc1") or None)
+        zero_from = res.get("ncc_zero_from")
+        rho_ncc = s.get("spearman_ncc_mismatch")
+        if zero_from is not None:
+            ncc = (f"NCC mismatch exactly 0 from layer {zero_from} on (its rho "
+                   f"{fmt(rho_ncc)} is not read: ties at 0 pull rho towards 0 although the mismatch never rises)")
+        else:
+            ncc = "rho(l, NCC) " + fmt_key(s, "spearman_ncc_mismatch", reason=notes.get("ncc_mismatch") or None)
+        out.append(f"{m}: NC1 {fmt_key(s, 'nc1_first')} -> {fmt_key(s, 'nc1_last')}, Spearman rho(l, NC1) {nc1}, {ncc}")
+        verdict[m] = None if is_undefined(rho_nc1) else bool(rho_nc1 < -0.9)
+    held = [m for m, v in verdict.items() if v]
+    text = "; ".join(out)
+    tail = (" (expected on a trained ResNet: NC1 decreases with depth, rho < -0.9; it holds for "
+            + (", ".join(held) if held else "none of the nets"))
+    if CONTROL in models and any(verdict.get(m) for m in models if m != CONTROL):
+        if verdict.get(CONTROL):
+            tail += ", the plain control included, so a decrease with depth is not specific to skips here"
+        elif verdict.get(CONTROL) is False:
+            tail += "; the plain control does not show it"
+    return text + tail + ")."
+
+
 
 
 # =============================================================================== validation
@@ -539,8 +679,7 @@ def _align_figures(models: list[str], root: str = "models", with_depth: bool = T
         return fig
 
     def traj_read(r: dict) -> str:
-        return _per_model(r, models, root, "alignment",
-                          "linearity {linearity}, equispacing {equispacing}, step cosine {step_cosine}") + " (RA1: straight = linearity near 1, equal steps = equispacing near 0)."
+        return _ra1_reading(r, models, root)
 
     def sv(r: dict) -> Any:
         fig, axes = new_figure(len(models))
@@ -651,12 +790,7 @@ def _collapse_figure(models: list[str], root: str = "models") -> FigureSpec:
         return fig
 
     def reading(r: dict) -> str:
-        out = []
-        for m in models:
-            s = _summ(get_path(r, f"{root}.{m}.collapse"))
-            out.append(f"{m}: NC1 {fmt(s['nc1_first'])} -> {fmt(s['nc1_last'])}, Spearman rho(l, NC1) "
-                       f"{fmt(s.get('spearman_nc1'))}, rho(l, NCC) {fmt(s.get('spearman_ncc_mismatch'))}")
-        return "; ".join(out) + " (expected on a trained ResNet: every metric decreases with depth, rho < -0.9)."
+        return _collapse_reading(r, models, root)
 
     return FigureSpec("collapse_depth", "Collapse metrics against depth", build, reading)
 
