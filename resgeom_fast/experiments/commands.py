@@ -140,7 +140,10 @@ def run_study(study: str, *, config_path: Optional[str] = None, out: Optional[st
         resolve_device(cfg["device"])
     out = f"reports/{study}" if out is None else out
     check_out(out)
-    with _runner(out, cfg, study=study, fresh=fresh, progress=progress) as runner:
+    from .common import data_key_parts
+
+    with _runner(out, cfg, study=study, fresh=fresh, progress=progress,
+                 key_parts=data_key_parts(cfg.get("dataset"))) as runner:
         res = st.run(runner, cfg)
         return _finish(runner, f"resgeom run {study}: {st.title}", res, cfg, st.expected)
 
@@ -284,6 +287,9 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
            "num_classes": C, "samples": n_align, "batch": n_hess, "k": kk, "power_iters": q, "oversample": p,
            "probes": nv, "steps": m, "trace_probes": tp, "analyses": which, "device": device, "seed": sd, "params": chosen,
            "deterministic": bool(deterministic)}
+    from .common import data_key_parts
+
+    key_parts = {**key_parts, **data_key_parts(data)}
     with _runner(out, cfg, study="analyze", fresh=fresh, progress=progress, key_parts=key_parts) as runner:
         return _analyze_steps(runner, net, x, y, cfg, model, data, progress)
 

@@ -10,7 +10,7 @@ from torch import nn
 from .config import UsageError
 from .runner import Runner
 
-__all__ = ["DATASETS_HELP", "build_model", "load_data", "move_aside", "resolve_device", "train_step"]
+__all__ = ["DATASETS_HELP", "build_model", "data_key_parts", "load_data", "move_aside", "resolve_device", "train_step"]
 
 DATASETS_HELP = "digits | gaussian_mixture | torchvision:NAME:ROOT (NAME in mnist, fashionmnist, cifar10, cifar100)"
 
@@ -75,6 +75,33 @@ def load_data(spec: str, *, image: bool = False, n_train: Optional[int] = None, 
     if n_train is not None or n_test is not None:
         ds = ds.subset(n_train, n_test)
     return ds
+
+
+def data_key_parts(spec: Any) -> dict[str, str]:
+    """What a run's steps must be keyed on for the data set ``spec`` beyond its name: for
+    "torchvision:NAME:ROOT" the sha256 of the files read (replacing them recomputes every step);
+    {} for the built-in and generated data sets (their code is covered by the library version)."""
+    from resgeom_fast.train.checkpoint import file_sha256
+
+    if not isinstance(spec, str) or not spec.startswith("torchvision:"):
+        return {}
+    parts = spec.split(":", 2)
+    if len(parts) != 3:
+        return {}
+    from resgeom_fast import data as rdata
+
+    name = parts[1].lower()
+    if name not in rdata.VISION_DATASETS:
+        return {}
+    files = [f for f in rdata.expected_files(name, parts[2]) if os.path.isfile(f)]
+    if not files:
+        return {}
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{os.path.basename(f)}:{file_sha256(f)}\n".encode())
+    return {"data files sha256": h.hexdigest()}
 
 
 def build_model(spec: Mapping[str, Any]) -> nn.Module:

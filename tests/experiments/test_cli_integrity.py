@@ -228,3 +228,4 @@ def test_ctrl_c_or_a_crash_inside_a_run_releases_the_folder(capsys, tmp_path, fa
         assert main(_argv(spec, tmp_path / "o", "--quiet")) == code
         assert not (tmp_path / "o" / LOCK_NAME).exists()
     capsys.readouterr()
+

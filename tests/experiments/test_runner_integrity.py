@@ -231,3 +231,23 @@ def test_messages_to_a_log_are_plain_lines(tmp_path):
 def test_empty_out_is_refused():
     with pytest.raises(ValueError, match=r"Runner: expected out a folder path, got '' \(pass '.' for the current"):
         Runner("", {}, study="t", log=None)
+
+
+def test_torchvision_data_files_enter_the_key_by_content(tmp_path):
+    import hashlib
+
+    from resgeom_fast.data import expected_files
+    from resgeom_fast.experiments.common import data_key_parts
+
+    files = expected_files("mnist", tmp_path)
+    for i, f in enumerate(files):
+        os.makedirs(os.path.dirname(f), exist_ok=True)
+        open(f, "wb").write(bytes([i]) * 10)
+    spec = f"torchvision:mnist:{tmp_path}"
+    h = hashlib.sha256()
+    for i, f in enumerate(files):
+        h.update(f"{os.path.basename(f)}:{hashlib.sha256(bytes([i]) * 10).hexdigest()}\n".encode())
+    assert data_key_parts(spec) == {"data files sha256": h.hexdigest()}
+    open(files[0], "wb").write(b"other images")                 # same names, other contents
+    assert data_key_parts(spec)["data files sha256"] != h.hexdigest()
+    assert data_key_parts("digits") == {} and data_key_parts("random-cifar") == {}
