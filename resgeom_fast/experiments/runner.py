@@ -361,6 +361,9 @@ class Runner:
                 inside = self._rel(path) == rel.replace(os.sep, "/")
             except ValueError:
                 inside = False
+            # the folder holding it, with symlinks resolved, must lie inside OUT too
+            real_out, parent = os.path.realpath(self.out), os.path.realpath(os.path.dirname(path))
+            inside = inside and (parent == real_out or parent.startswith(real_out + os.sep))
             if not inside:
                 self.message(f"--fresh: manifest entry {rel!r} is not a plain path inside {self.out}; not deleted")
                 continue

@@ -251,3 +251,20 @@ def test_torchvision_data_files_enter_the_key_by_content(tmp_path):
     open(files[0], "wb").write(b"other images")                 # same names, other contents
     assert data_key_parts(spec)["data files sha256"] != h.hexdigest()
     assert data_key_parts("digits") == {} and data_key_parts("random-cifar") == {}
+
+
+def test_fresh_does_not_follow_a_symlinked_folder_out_of_out(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    with Runner(str(out), {}, study="t", log=None) as r:
+        r.step("a", lambda: 1)
+    elsewhere.mkdir()
+    (elsewhere / "a.json").write_text("user data")
+    import shutil
+
+    shutil.rmtree(out / "steps")
+    os.symlink(elsewhere, out / "steps")                          # steps/ now points outside OUT
+    log = io.StringIO()
+    with Runner(str(out), {}, study="t", log=log, fresh=True):
+        pass
+    assert (elsewhere / "a.json").read_text() == "user data"
+    assert "manifest entry 'steps/a.json' is not a plain path inside" in log.getvalue()
