@@ -120,7 +120,8 @@ def heatmaps(axes: Sequence[Any], results: dict, panels: Sequence[tuple[str, str
 def bars(ax: Any, results: dict, groups: Sequence[str], metrics: Sequence[tuple[str, str]], *, title: str = "",
          ylabel: str = "", logy: bool = False) -> None:
     """Grouped bars: for every group g (x position) and metric (label, path template with {g}),
-    one tagged bar of height get_path(results, template.format(g=g))."""
+    one tagged bar of height get_path(results, template.format(g=g)); a None / NaN value draws no
+    bar and is marked "n/a"."""
     n = len(metrics)
     width = 0.8 / max(n, 1)
     heights: list[float] = []
@@ -130,9 +131,12 @@ def bars(ax: Any, results: dict, groups: Sequence[str], metrics: Sequence[tuple[
             v = get_path(results, path)
             h = math.nan if v is None else float(v)
             heights.append(h)
-            (rect,) = ax.bar([i + (j - (n - 1) / 2) * width], [h], width=width, color=f"C{j}",
-                             label=label if i == 0 else None)
+            x = i + (j - (n - 1) / 2) * width
+            (rect,) = ax.bar([x], [h], width=width, color=f"C{j}", label=label if i == 0 else None)
             tag(rect, h=path)
+            if math.isnan(h):  # an undefined value is marked, never drawn as a zero bar
+                ax.annotate("n/a", (x, 0), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                            fontsize=6, rotation=90, color=f"C{j}")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(list(groups), fontsize=8)
     if logy and _positive(heights):

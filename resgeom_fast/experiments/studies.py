@@ -34,7 +34,8 @@ from .figures import bars, heatmaps, lines, new_figure, pca_trajectories, spectr
 from .report import FigureSpec, fmt, fmt_key, get_path, is_undefined
 from .runner import Runner
 
-__all__ = ["DEMO_SIZES", "STUDIES", "STUDY_NAMES", "Study", "StudyOutput", "demo_config"]
+__all__ = ["DEMO_SIZES", "STUDIES", "STUDY_NAMES", "DataInfo", "Study", "StudyOutput", "alignment_stage_reading",
+           "data_info", "demo_config"]
 
 
 @dataclass
@@ -319,6 +320,141 @@ def _versus_control(label: str, stats: dict[str, Any], models: list[str], sign: 
             by = "beyond any spread" if math.isinf(z) else f"by {abs(z):.1f} standard errors"
             verdicts.append(f"{m} {side} than the plain control {by} ({how})")
     return text + (": " + "; ".join(verdicts) if verdicts else "")
+
+
+def _fraction_text(s: dict[str, Any], key: str, digits: int = 3) -> str:
+    """A mass fraction of a spectrum summary with its interval: ``"0.81 [0.79, 0.83]"``; when
+    unresolved ``"n/a (unresolved at these Lanczos steps: in [0, 0.96])"``; absent keys n/a."""
+    lo, hi = s.get(f"{key}_lower"), s.get(f"{key}_upper")
+    box = f"[{fmt(lo, 2)}, {fmt(hi, 2)}]" if lo is not None and hi is not None else None
+    if key not in s:
+        return "n/a (not in this result)"
+    if is_undefined(s[key]):
+        return f"n/a (unresolved at these Lanczos steps: in {box})" if box else fmt_key(s, key)
+    return f"{fmt(s[key], digits)} {box}" if box else fmt(s[key], digits)
+
+
+def _compare_fraction(sa: dict[str, Any], sb: dict[str, Any], key: str) -> Optional[int]:
+    """+1 when a's fraction is above b's beyond both intervals, -1 below, 0 when the intervals
+    overlap, None when an interval is missing."""
+    try:
+        alo, ahi, blo, bhi = (float(x[f"{key}_{e}"]) for x, e in ((sa, "lower"), (sa, "upper"), (sb, "lower"),
+                                                                   (sb, "upper")))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if any(math.isnan(v) for v in (alo, ahi, blo, bhi)):
+        return None
+    return 1 if alo > bhi else (-1 if ahi < blo else 0)
+
+
+_THRESHOLDS = (("degenerate_fraction_rel", "relative threshold |lambda| < eps * lambda_max"),
+               ("degenerate_fraction_abs", "absolute threshold |lambda| < abs_eps"))
+
+
+def _spectrum_reading(r: dict, models: list[str], root: str) -> str:
+    """Per model the extreme eigenvalues and the near-zero mass under both thresholds (with their
+    intervals); then the plain net against each other net under each threshold, and whether the
+    ordering depends on the threshold (the relative one scales with each net's own lambda_max)."""
+    summ = {m: _summ(get_path(r, f"{root}.{m}.spectrum")) for m in models}
+    parts = []
+    for m in models:
+        s = summ[m]
+        parts.append(f"{m}: lambda_max {fmt_key(s, 'lambda_max')}, lambda_min {fmt_key(s, 'lambda_min')}, near-zero "
+                     f"mass {_fraction_text(s, 'degenerate_fraction_rel')} below the relative threshold "
+                     f"{fmt_key(s, 'degenerate_threshold_rel')} and {_fraction_text(s, 'degenerate_fraction_abs')} "
+                     f"below the absolute threshold {fmt_key(s, 'degenerate_threshold_abs')}, negative mass "
+                     f"(lambda < -eps lambda_max) {_fraction_text(s, 'significant_negative_fraction')}")
+    text = "; ".join(parts)
+    if CONTROL in models and len(models) > 1:
+        for m in models:
+            if m == CONTROL:
+                continue
+            words = {1: f"plain more degenerate than {m}", -1: f"plain less degenerate than {m}",
+                     0: "not separated (intervals overlap)", None: "not compared (no interval)"}
+            verdicts = [_compare_fraction(summ[CONTROL], summ[m], key) for key, _ in _THRESHOLDS]
+            said = f"Plain against {m}: " + "; ".join(f"under the {label} {words[v]}"
+                                                      for (key, label), v in zip(_THRESHOLDS, verdicts))
+            if verdicts[0] in (1, -1) and verdicts[1] in (1, -1) and verdicts[0] != verdicts[1]:
+                said += (" -- the ordering reverses with the threshold, so 'more degenerate' is no finding on its own "
+                         "(the relative threshold scales with each net's lambda_max)")
+            elif verdicts[0] == verdicts[1] and verdicts[0] in (1, -1):
+                said += " -- the same ordering under both thresholds"
+            else:
+                said += " -- no ordering holds under both thresholds"
+            text += f". {said}"
+    return text + " (intervals: the quadrature bracket widened by 3 probe standard errors)."
+
+
+EXPECTED_DEGENERACY_ORDER = ("plain", "residual", "hyper")  # SCIENCE.md: plain >= residual >= hyper-residual
+
+
+def _degeneracy_order_reading(r: dict, archs: list[str], root: str = "models") -> str:
+    """The near-zero mass of every net under both thresholds, and per neighbouring pair of
+    EXPECTED_DEGENERACY_ORDER present: whether the expected ordering holds (intervals separated
+    in that direction), is reversed, or is not resolved (intervals overlap)."""
+    summ = {a: _summ(get_path(r, f"{root}.{a}.spectrum")) for a in archs}
+    order = [a for a in EXPECTED_DEGENERACY_ORDER if a in archs]
+    pairs = list(zip(order, order[1:]))
+    parts = []
+    for key, label in _THRESHOLDS:
+        vals = ", ".join(f"{a} {_fraction_text(summ[a], key)}" for a in archs)
+        verdicts = []
+        for hi, lo in pairs:
+            v = _compare_fraction(summ[hi], summ[lo], key)
+            verdicts.append(f"{hi} >= {lo} " + {1: "holds", -1: "is reversed", 0: "not resolved (intervals overlap)",
+                                                None: "not compared (no interval)"}[v])
+        parts.append(f"{label}: {vals}" + (f" ({'; '.join(verdicts)})" if verdicts else ""))
+    return ("; ".join(parts) + ". Expected (SCIENCE.md): plain >= residual >= hyper-residual; an ordering is read "
+            "only where the intervals separate, and only as far as it holds under both thresholds.")
+
+
+def _rank_text(s: dict[str, Any], k: Any) -> str:
+    """The max numerical rank of an alignment summary; ``">= r (capped at k = ...)"`` when the rank
+    reached the k computed singular values (the true rank may be larger)."""
+    if s.get("max_numerical_rank_capped"):
+        bound = s.get("max_numerical_rank_lower_bound")
+        return (f">= {fmt(bound if bound is not None else k)} (capped: the rank reached the k = {k} computed singular "
+                "values; raise k)")
+    return fmt_key(s, "max_numerical_rank")
+
+
+def _list_text(values: Any) -> str:
+    return "n/a" if values is None else "[" + ", ".join(fmt(v) for v in values) + "]"
+
+
+def _depth_scaling_text(s: dict[str, Any]) -> str:
+    """RA4 across depths, with and without each net's first block (the first block's sigma_1 is
+    often several times the others' and dominates L * mean sigma_1)."""
+    why = s.get("excl_first_reason")
+    txt = (f"across depths {s['depths']}: products L * mean sigma_1 {_list_text(s.get('products'))}, relative spread "
+           f"{fmt_key(s, 'relative_spread')}, log-log slope of mean sigma_1 {fmt_key(s, 'slope')}")
+    if "products_excl_first" in s:
+        txt += (f"; without the first block: products {_list_text(s.get('products_excl_first'))}"
+                + (f" ({why})" if why and s.get("products_excl_first") is None else "")
+                + f", relative spread {fmt_key(s, 'relative_spread_excl_first', reason=why)}, slope "
+                  f"{fmt_key(s, 'slope_excl_first', reason=why)}")
+        if s.get("first_block_ratio") is not None:
+            txt += f"; first block's sigma_1 / mean of the others per depth {_list_text(s['first_block_ratio'])}"
+    else:
+        txt += "; without the first block: n/a (not in this result)"
+    return txt + " (RA4: slope -1 and a nearly constant product; read it where it holds without the first block too)"
+
+
+def alignment_stage_reading(result: dict[str, Any]) -> str:
+    """One line per stage of a :func:`residual_alignment` result dict (``result.to_dict()``) for
+    a report: what was measured per stage (blocks, D), RA1 / RA2 / RA3 / RA4 values with undefined
+    ones as ``n/a (reason)`` (one-block stages), the rank as ``>= k`` when capped, and RA4 with and
+    without the first block."""
+    k = (result.get("settings") or {}).get("k")
+    out = []
+    for i, st in enumerate(result.get("stages", [])):
+        s = st.get("summary") or {}
+        out.append(f"stage {i} ({len(st.get('block_names', []))} blocks, D = {st.get('dim')}): linearity "
+                   f"{fmt_key(s, 'linearity')}, equispacing {fmt_key(s, 'equispacing')}, self alignment "
+                   f"{fmt_key(s, 'self_alignment')}, off-diagonal diag ratio {fmt_key(s, 'diag_ratio_offdiag')}, "
+                   f"max numerical rank {_rank_text(s, k)}, L * mean sigma_1 {fmt_key(s, 'depth_product')} "
+                   f"(without the first block {fmt_key(s, 'depth_product_excl_first')})")
+    return "; ".join(out) + "."
 
 
 RA1_METRICS: tuple[tuple[str, int, str], ...] = (
@@ -690,8 +826,14 @@ def _align_figures(models: list[str], root: str = "models", with_depth: bool = T
         return fig
 
     def sv_read(r: dict) -> str:
-        return _per_model(r, models, root, "alignment", "max numerical rank {max_numerical_rank}, "
-                          "fraction rank <= C {rank_le_c_fraction}") + " (RA3: rank at most C for FC nets; dashed line at r = C)."
+        parts = []
+        for m in models:
+            s = _summ(get_path(r, f"{root}.{m}.alignment"))
+            k = get_path(r, f"{p(m)}.settings.k")
+            parts.append(f"{m}: max numerical rank {_rank_text(s, k)}, fraction rank <= C "
+                         f"{fmt_key(s, 'rank_le_c_fraction')}")
+        return "; ".join(parts) + (" (RA3: rank at most C for FC nets; dashed line at r = C; a rank that reaches k is "
+                                   "capped by the k computed singular values and reads '>= k').")
 
     def cross(r: dict) -> Any:
         fig, axes = new_figure(len(models), 2, width=4.4, height=3.8)
@@ -707,8 +849,13 @@ def _align_figures(models: list[str], root: str = "models", with_depth: bool = T
         return fig
 
     def cross_read(r: dict) -> str:
+        k = get_path(r, f"{p(models[0])}.settings.k")
+        control = ("; read against the plain control's values" if CONTROL in models else
+                   "; no control net without skips in this study")
         return _per_model(r, models, root, "alignment", "off-diagonal diag ratio {diag_ratio_offdiag}, "
-                          "positive diagonals {diag_positive_offdiag}, self alignment {self_alignment}") + " (RA2: near 1 = singular vectors aligned across depth; random is 1/k)."
+                          "positive diagonals {diag_positive_offdiag}, self alignment {self_alignment}") + (
+            f" (RA2: near 1 = singular vectors aligned across depth; random baseline 1/k = {fmt(1 / k)}{control}; "
+            "no uncertainty is attached to these means, so small differences are not read).")
 
     def sig(r: dict) -> Any:
         fig, axes = new_figure(2 if with_depth else 1)
@@ -724,12 +871,11 @@ def _align_figures(models: list[str], root: str = "models", with_depth: bool = T
         return fig
 
     def sig_read(r: dict) -> str:
-        txt = _per_model(r, models, root, "alignment", "L * mean sigma_1 = {depth_product}")
+        txt = _per_model(r, models, root, "alignment", "L * mean sigma_1 = {depth_product}, without the first "
+                         "block {depth_product_excl_first} (first block's sigma_1 / mean of the others "
+                         "{first_block_ratio})")
         if with_depth:
-            s = get_path(r, "depth_scaling.scaling")
-            txt += (f"; across depths {s['depths']}: products {[fmt(v) for v in s['products']]}, relative spread "
-                    f"{fmt(s['relative_spread'])}, log-log slope of mean sigma_1 {fmt(s['slope'])} (RA4: -1 and a "
-                    "nearly constant product)")
+            txt += "; " + _depth_scaling_text(get_path(r, "depth_scaling.scaling"))
         return txt + "."
 
     return [FigureSpec("ra_trajectories", "RA1: trajectories", traj, traj_read),
@@ -750,8 +896,10 @@ def _density_figure(models: list[str], root: str = "models") -> FigureSpec:
             s = get_path(r, f"{root}.{m}.spectrum.result")
             grid, dens = np.array(s["grid"], float), np.array([np.nan if v is None else v for v in s["density"]], float)
             std = np.array([np.nan if v is None else v for v in s["density_std"]], float)
+            summ = _summ(get_path(r, f"{root}.{m}.spectrum"))
             (ln,) = ax.plot(grid, dens, color=f"C{i}", lw=1.2,
-                            label=f"{m} (degenerate {fmt(s['degeneracy_fraction'])}, negative {fmt(s['significant_negative_fraction'])})")
+                            label=f"{m} (near-zero mass: rel. {_fraction_text(summ, 'degenerate_fraction_rel', 2)}, "
+                                  f"abs. {_fraction_text(summ, 'degenerate_fraction_abs', 2)})")
             from .report import tag
 
             tag(ln, x=f"{root}.{m}.spectrum.result.grid", y=f"{root}.{m}.spectrum.result.density")
@@ -770,9 +918,7 @@ def _density_figure(models: list[str], root: str = "models") -> FigureSpec:
         return fig
 
     def reading(r: dict) -> str:
-        return _per_model(r, models, root, "spectrum",
-                          "lambda_max {lambda_max}, lambda_min {lambda_min}, near-zero mass {degeneracy_fraction}, "
-                          "negative mass (lambda < -eps lambda_max) {significant_negative_fraction}") + "."
+        return _spectrum_reading(r, models, root)
 
     return FigureSpec("hessian_density", "Hessian spectral density with spread", build, reading)
 
@@ -928,17 +1074,17 @@ def run_hessian(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
 
     def bars_build(r: dict) -> Any:
         fig, axes = new_figure(2)
-        bars(axes[0], r, archs, [("near-zero mass", "models.{g}.spectrum.summary.degeneracy_fraction"),
-                                 ("negative mass (lambda < -eps lambda_max)", "models.{g}.spectrum.summary.significant_negative_fraction")],
-             title="Hessian spectral mass", ylabel="fraction of the spectrum")
+        bars(axes[0], r, archs, [
+            ("near-zero mass, |lambda| < eps lambda_max", "models.{g}.spectrum.summary.degeneracy_fraction"),
+            ("negative mass (lambda < -eps lambda_max)", "models.{g}.spectrum.summary.significant_negative_fraction")],
+             title="Hessian spectral mass (n/a: unresolved)", ylabel="fraction of the spectrum")
         bars(axes[1], r, archs, [("lambda_max", "models.{g}.spectrum.summary.lambda_max")],
              title="largest Hessian eigenvalue", ylabel="lambda_max", logy=True)
         fig.tight_layout()
         return fig
 
     def bars_read(r: dict) -> str:
-        return ", ".join(f"{a}: near-zero {fmt(get_path(r, f'models.{a}.spectrum.summary.degeneracy_fraction'))}"
-                         for a in archs) + " (expected: plain >= residual >= hyper-residual)."
+        return _degeneracy_order_reading(r, archs)
 
     figures = [_density_figure(archs), FigureSpec("hessian_mass", "Degenerate and negative mass", bars_build, bars_read),
                _fig_training(archs)]

@@ -97,3 +97,99 @@ def test_undefined_values_print_n_a_with_the_reason():
                                      ((2.0, 0.3, 3), (1.0, 0.4, 3), 2.0)])
 def test_contrast_z(a, b, z):
     assert studies._contrast_z(a, b) == pytest.approx(z)
+
+
+# --------------------------------------------------------------------------- Hessian: both thresholds
+def _spec_summary(rel, rel_box, abs_, abs_box, lam_max=1.0):
+    s = {"lambda_max": lam_max, "lambda_min": -0.1, "degenerate_threshold_rel": 1e-3 * lam_max,
+         "degenerate_threshold_abs": 1e-3, "significant_negative_fraction": 0.01,
+         "significant_negative_fraction_lower": 0.0, "significant_negative_fraction_upper": 0.02}
+    for key, v, box in (("degenerate_fraction_rel", rel, rel_box), ("degenerate_fraction_abs", abs_, abs_box)):
+        s[key], s[f"{key}_lower"], s[f"{key}_upper"] = v, box[0], box[1]
+    return {"summary": s}
+
+
+def test_degeneracy_reading_reports_both_thresholds_and_a_reversal():
+    # plain: huge lambda_max, so its relative threshold is wide: more mass below it, less below abs_eps
+    r = {"models": {"residual": {"spectrum": _spec_summary(0.80, (0.78, 0.83), 0.60, (0.55, 0.65), lam_max=187.0)},
+                    "plain": {"spectrum": _spec_summary(0.999, (0.99, 1.0), 0.30, (0.25, 0.35), lam_max=4.85e5)}}}
+    text = studies._density_figure(NAMES).reading(r)
+    assert "residual: lambda_max 187, lambda_min -0.1, near-zero mass 0.8 [0.78, 0.83] below the relative threshold " \
+           "0.187 and 0.6 [0.55, 0.65] below the absolute threshold 0.001" in text
+    assert "Plain against residual: under the relative threshold |lambda| < eps * lambda_max plain more degenerate " \
+           "than residual; under the absolute threshold |lambda| < abs_eps plain less degenerate than residual -- the " \
+           "ordering reverses with the threshold, so 'more degenerate' is no finding on its own" in text
+    # the same ordering under both thresholds is said as such
+    r["models"]["plain"]["spectrum"] = _spec_summary(0.999, (0.99, 1.0), 0.9, (0.85, 0.95), lam_max=4.85e5)
+    assert "-- the same ordering under both thresholds" in studies._density_figure(NAMES).reading(r)
+    # unresolved: n/a with the interval, never the raw Gauss-rule number
+    r["models"]["plain"]["spectrum"] = _spec_summary(None, (0.0, 0.97), None, (0.0, 0.96), lam_max=2.9)
+    text = studies._density_figure(NAMES).reading(r)
+    assert "plain: lambda_max 2.9, lambda_min -0.1, near-zero mass n/a (unresolved at these Lanczos steps: in [0, " \
+           "0.97]) below the relative threshold 0.0029 and n/a (unresolved at these Lanczos steps: in [0, 0.96])" in text
+    assert "not separated (intervals overlap)" in text and "no ordering holds under both thresholds" in text
+
+
+def test_hessian_study_order_reading():
+    r = {"models": {"plain": {"spectrum": _spec_summary(0.9, (0.85, 0.95), 0.3, (0.25, 0.35))},
+                    "residual": {"spectrum": _spec_summary(0.7, (0.65, 0.75), 0.5, (0.3, 0.6))},
+                    "hyper": {"spectrum": _spec_summary(0.72, (0.6, 0.8), 0.2, (0.1, 0.28))}}}
+    text = studies._degeneracy_order_reading(r, ["plain", "residual", "hyper"])
+    assert "relative threshold |lambda| < eps * lambda_max: plain 0.9 [0.85, 0.95], residual 0.7 [0.65, 0.75], " \
+           "hyper 0.72 [0.6, 0.8] (plain >= residual holds; residual >= hyper not resolved (intervals overlap))" in text
+    assert "absolute threshold |lambda| < abs_eps: plain 0.3 [0.25, 0.35], residual 0.5 [0.3, 0.6], hyper 0.2 " \
+           "[0.1, 0.28] (plain >= residual not resolved (intervals overlap); residual >= hyper holds)" in text
+
+
+# --------------------------------------------------------------------------- RA3 capped, RA4 without the first block
+def _align_result(summary, k=12, scaling=None):
+    return {"alignment": {"summary": summary, "result": {"settings": {"k": k}, "stages": [{"ra1": {}}]}}}
+
+
+def test_capped_rank_reads_at_least_k_and_ra4_without_the_first_block():
+    capped = {"max_numerical_rank": None, "max_numerical_rank_capped": True, "max_numerical_rank_lower_bound": 12.0,
+              "max_numerical_rank_reason": "capped at k = 12", "rank_le_c_fraction": None,
+              "rank_le_c_fraction_reason": "capped at k = 12 <= C", "depth_product": 6.7,
+              "depth_product_excl_first": 2.1, "first_block_ratio": 14.0}
+    free = {"max_numerical_rank": 3.4, "max_numerical_rank_capped": False, "rank_le_c_fraction": 1.0,
+            "depth_product": 22.1, "depth_product_excl_first": None,
+            "depth_product_excl_first_reason": "one block: no block after the first", "first_block_ratio": None}
+    r = {"models": {"residual": _align_result(capped), "plain": _align_result(free)},
+         "depth_scaling": {"scaling": {"depths": [4, 8], "products": [8.0, 6.7], "relative_spread": 0.18,
+                                       "slope": -1.2, "products_excl_first": [3.0, 2.1],
+                                       "relative_spread_excl_first": 0.35, "slope_excl_first": -1.5,
+                                       "first_block_ratio": [9.0, 14.0]}}}
+    figs = {f.name: f for f in studies._align_figures(NAMES)}
+    sv = figs["ra_singular_values"].reading(r)
+    assert "residual: max numerical rank >= 12 (capped: the rank reached the k = 12 computed singular values; " \
+           "raise k), fraction rank <= C n/a (capped at k = 12 <= C)" in sv
+    assert "plain: max numerical rank 3.4, fraction rank <= C 1" in sv
+    sig = figs["ra_sigma1_depth"].reading(r)
+    assert "residual: L * mean sigma_1 = 6.7, without the first block 2.1 (first block's sigma_1 / mean of the " \
+           "others 14)" in sig
+    assert "plain: L * mean sigma_1 = 22.1, without the first block n/a (one block: no block after the first)" in sig
+    assert "across depths [4, 8]: products L * mean sigma_1 [8, 6.7], relative spread 0.18, log-log slope of mean " \
+           "sigma_1 -1.2; without the first block: products [3, 2.1], relative spread 0.35, slope -1.5; first " \
+           "block's sigma_1 / mean of the others per depth [9, 14]" in sig
+
+
+def test_stage_reading_of_a_staged_net():
+    one = "one block: trajectory metrics need >= 2 blocks"
+    result = {"settings": {"k": 15}, "stages": [
+        {"block_names": ["layer1.0", "layer1.1"], "dim": 4096,
+         "summary": {"linearity": 0.81, "equispacing": 0.2, "self_alignment": 0.5, "diag_ratio_offdiag": 0.3,
+                     "max_numerical_rank": None, "max_numerical_rank_capped": True,
+                     "max_numerical_rank_lower_bound": 15.0, "depth_product": 3.0, "depth_product_excl_first": 1.2}},
+        {"block_names": ["layer2.1"], "dim": 2048,
+         "summary": {"linearity": None, "linearity_reason": one, "equispacing": None, "equispacing_reason": one,
+                     "self_alignment": 0.9, "diag_ratio_offdiag": None, "diag_ratio_offdiag_reason": "no pair",
+                     "max_numerical_rank": 7.0, "max_numerical_rank_capped": False, "depth_product": 1.1,
+                     "depth_product_excl_first": None,
+                     "depth_product_excl_first_reason": "one block: no block after the first"}}]}
+    text = studies.alignment_stage_reading(result)
+    assert text == ("stage 0 (2 blocks, D = 4096): linearity 0.81, equispacing 0.2, self alignment 0.5, off-diagonal "
+                    "diag ratio 0.3, max numerical rank >= 15 (capped: the rank reached the k = 15 computed singular "
+                    "values; raise k), L * mean sigma_1 3 (without the first block 1.2); stage 1 (1 blocks, D = 2048): "
+                    f"linearity n/a ({one}), equispacing n/a ({one}), self alignment 0.9, off-diagonal diag ratio n/a "
+                    "(no pair), max numerical rank 7, L * mean sigma_1 1.1 (without the first block n/a (one block: "
+                    "no block after the first)).")
