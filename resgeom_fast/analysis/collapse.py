@@ -118,8 +118,8 @@ def check_finite_tensor(where: str, t: Tensor, what: str) -> None:
     k = int(bad.sum())
     if k:
         nan = int(torch.isnan(t).sum())
-        raise NonFiniteError(f"{where}: expected finite values, got {nan} NaN and {k - nan} inf of {t.numel()} "
-                             f"entries in {what}")
+        raise NonFiniteError(f"{where}: expected finite {what}, got {nan} NaN and {k - nan} inf among its "
+                             f"{t.numel()} entries")
 
 
 def check_finite_parameters(where: str, model: nn.Module) -> None:

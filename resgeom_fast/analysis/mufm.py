@@ -29,8 +29,12 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
+from resgeom_fast.linalg import NonFiniteError
+
+from resgeom_fast._progress import progress as progress_bar
+
 from ._common import Result, check_float, check_int, to_jsonable, figure_axes
-from .collapse import METRICS, collapse_metrics, finish_metric_axes, spearman
+from .collapse import METRICS, check_finite_tensor, collapse_metrics, finish_metric_axes, layer_spearman
 
 __all__ = ["MUFMResult", "mufm", "mufm_objective", "plot_mufm"]
 
@@ -56,10 +60,14 @@ class MUFMResult(Result):
 
     Attributes:
         depth: L; layers: [0, 1, ..., L] (0 = the inputs X).
-        nc1, etf_error, equinorm, ncc_mismatch: per layer l = 0..L (H_0 = X).
+        nc1, etf_error, equinorm, ncc_mismatch: per layer l = 0..L (H_0 = X); NC1, ETF error and
+            equinorm are None where undefined (reasons in ``nc1_note``).
+        nc1_note: per layer, the ``nc1_note`` of :func:`collapse_metrics` ("" when nothing to say).
         nc3: NC3 of H_L against the optimal W.
         input_metrics: the metrics dict of the inputs X (``collapse_metrics``).
-        spearman: Spearman rho(l, metric) over l = 0..L for each metric.
+        spearman: Spearman rho(l, metric) over l = 0..L for each metric; None when undefined
+            (e.g. a constant NCC mismatch), the reason in ``spearman_note``.
+        spearman_note, ncc_zero_from: as in :class:`~resgeom_fast.analysis.collapse.CollapseResult`.
         loss_history: f after each L-BFGS iteration (index 0: at the initial point).
         grad_norm: ||grad f|| (Euclidean, over all H_l and W) at the returned point.
         steps_run: L-BFGS iterations done; converged: stopped by the gradient tolerance.
@@ -70,13 +78,13 @@ class MUFMResult(Result):
 
     depth: int
     layers: list[int]
-    nc1: list[float]
-    etf_error: list[float]
-    equinorm: list[float]
+    nc1: list[Optional[float]]
+    etf_error: list[Optional[float]]
+    equinorm: list[Optional[float]]
     ncc_mismatch: list[float]
     nc3: Optional[float]
     input_metrics: dict[str, Any]
-    spearman: dict[str, float]
+    spearman: dict[str, Optional[float]]
     loss_history: list[float]
     grad_norm: float
     steps_run: int
@@ -88,6 +96,9 @@ class MUFMResult(Result):
     num_classes: int
     num_samples: int
     width: int
+    nc1_note: list[str] = field(default_factory=list)
+    spearman_note: dict[str, str] = field(default_factory=dict)
+    ncc_zero_from: Optional[int] = None
     H: list[Tensor] = field(default_factory=list, repr=False, compare=False)
     W: Optional[Tensor] = field(default=None, repr=False, compare=False)
 
@@ -95,21 +106,25 @@ class MUFMResult(Result):
         return to_jsonable({
             "depth": self.depth, "layers": self.layers, "nc1": self.nc1, "etf_error": self.etf_error,
             "equinorm": self.equinorm, "ncc_mismatch": self.ncc_mismatch, "nc3": self.nc3,
-            "input_metrics": self.input_metrics, "spearman": self.spearman, "loss_history": self.loss_history,
+            "nc1_note": self.nc1_note, "input_metrics": self.input_metrics, "spearman": self.spearman,
+            "spearman_note": self.spearman_note, "ncc_zero_from": self.ncc_zero_from, "loss_history": self.loss_history,
             "grad_norm": self.grad_norm, "steps_run": self.steps_run, "converged": self.converged,
             "lam_W": self.lam_W, "lam_H": self.lam_H, "lr": self.lr, "seed": self.seed,
             "num_classes": self.num_classes, "num_samples": self.num_samples, "width": self.width,
         })
 
     def summary(self) -> dict[str, float]:
-        """NC1 of the inputs and of H_L, their ratio, NC3, the final loss and gradient norm."""
+        """NC1 of the inputs and of H_L, their ratio, NC3, the final loss and gradient norm
+        (undefined values NaN here, null in JSON; reasons in the result)."""
+        f = lambda v: math.nan if v is None else float(v)  # noqa: E731
+        first, last = self.nc1[0], self.nc1[-1]
         return {
-            "nc1_input": self.nc1[0],
-            "nc1_last": self.nc1[-1],
-            "nc1_ratio": self.nc1[-1] / self.nc1[0] if self.nc1[0] > 0 else math.nan,
-            "etf_error_last": self.etf_error[-1],
-            "nc3": math.nan if self.nc3 is None else self.nc3,
-            "spearman_nc1": self.spearman["nc1"],
+            "nc1_input": f(first),
+            "nc1_last": f(last),
+            "nc1_ratio": last / first if first is not None and last is not None and first > 0 else math.nan,
+            "etf_error_last": f(self.etf_error[-1]),
+            "nc3": f(self.nc3),
+            "spearman_nc1": f(self.spearman["nc1"]),
             "loss": self.loss_history[-1],
             "grad_norm": self.grad_norm,
         }
@@ -129,7 +144,8 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
         lr: L-BFGS step length scale (1.0 with the strong Wolfe line search).
         num_classes: C >= 2 (default max(Y) + 1).
         seed: seeds the initial W (torch.Generator on CPU).
-        progress: show a tqdm bar.
+        progress: show a progress bar over the L-BFGS iterations
+            (:func:`resgeom_fast._progress.progress`: tqdm on a terminal, plain lines otherwise).
         tol: stop when the largest absolute gradient entry is <= tol.
 
     Returns:
@@ -170,8 +186,7 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if empty:
         raise ValueError(f"{where}: expected at least one sample of every class, got none of class(es) {empty}")
-    if not bool(torch.isfinite(X).all()):
-        raise ValueError(f"{where}: expected finite X, got NaN or inf")
+    check_finite_tensor(where, X.detach(), "X")
 
     x = X.detach().to(torch.float64)
     y = Y.long()
@@ -190,27 +205,26 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
         loss.backward()
         return loss
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="mufm", leave=False)
+    bar = progress_bar(steps, "mufm", enabled=progress, unit="iterations")
     # every step() evaluates f at the current point first and returns it; it takes no iteration
     # (state["n_iter"] unchanged) when the largest gradient entry is <= tol
     history: list[float] = []
     steps_run, converged = 0, False
     while True:
         history.append(float(opt.step(closure).detach()))
+        if not math.isfinite(history[-1]):
+            bar.close()
+            raise NonFiniteError(f"{where}: the objective became {history[-1]} after {steps_run} L-BFGS "
+                                 f"iterations (lam_W={lam_W}, lam_H={lam_H}, lr={lr}); no result was produced")
         if state.get("n_iter", 0) == steps_run:
             converged = True
             break
         steps_run += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]:.6g}")
+        bar.update(1)
+        bar.set_postfix_str(f"loss={history[-1]:.6g}")
         if steps_run >= steps or (len(history) > 2 and history[-1] == history[-2] == history[-3]):
             break  # budget spent, or no progress possible in float64
-    if bar is not None:
-        bar.close()
+    bar.close()
     final = closure()
     grad = torch.cat([p.grad.flatten() for p in params])
     if not converged:
@@ -218,14 +232,17 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
         converged = float(grad.abs().max()) <= tol
     grad_norm = float(grad.norm())
 
-    feats = [x] + [h.detach() for h in hs]
+    # H_0 = X in its own dtype: the rank rule of collapse_metrics uses the features' precision
+    # (float32 inputs carry float32 rounding even though the optimisation runs in float64)
+    feats = [X.detach()] + [h.detach() for h in hs]
     wd = w.detach()
     per = [collapse_metrics(f, y, num_classes, weight=wd if l == depth else None) for l, f in enumerate(feats)]
     layers = list(range(depth + 1))
     res = {k: [p[k] for p in per] for k in METRICS}
+    rho, rho_note, zero_from = layer_spearman(layers, res)
     return MUFMResult(
-        depth=depth, layers=layers, nc3=per[-1]["nc3"], input_metrics=per[0],
-        spearman={k: spearman(layers, res[k]) for k in METRICS}, loss_history=history, grad_norm=grad_norm,
+        depth=depth, layers=layers, nc3=per[-1]["nc3"], input_metrics=per[0], nc1_note=[p["nc1_note"] for p in per],
+        spearman=rho, spearman_note=rho_note, ncc_zero_from=zero_from, loss_history=history, grad_norm=grad_norm,
         steps_run=steps_run, converged=converged, lam_W=lam_W, lam_H=lam_H, lr=lr, seed=seed,
         num_classes=num_classes, num_samples=n, width=d, H=[h.detach() for h in hs], W=wd, **res,
     )
@@ -246,10 +263,12 @@ def plot_mufm(result: MUFMResult, ax: Any = None) -> Any:
     fig, ax = figure_axes(ax, (6.0, 4.0))
     names = {"nc1": "NC1", "etf_error": "ETF error", "equinorm": "equinorm", "ncc_mismatch": "NCC mismatch"}
     for k in METRICS:
-        (line,) = ax.plot(result.layers, getattr(result, k), marker="o", ms=3, label=f"{names[k]} (MUFM)")
+        ys = [math.nan if v is None else v for v in getattr(result, k)]  # None (undefined) -> a gap
+        (line,) = ax.plot(result.layers, ys, marker="o", ms=3, label=f"{names[k]} (MUFM)")
         x0 = result.input_metrics[k]
-        ax.plot([result.layers[0], result.layers[-1]], [x0, x0], ls=":", color=line.get_color(),
-                label=f"{names[k]} (inputs)")
+        if x0 is not None:
+            ax.plot([result.layers[0], result.layers[-1]], [x0, x0], ls=":", color=line.get_color(),
+                    label=f"{names[k]} (inputs)")
     finish_metric_axes(ax, result.layers, result.nc3, "NC3 (H_L, W)", "layer l (0 = inputs)",
                        f"MUFM optimum (L={result.depth}, λ_W={result.lam_W:g}, λ_H={result.lam_H:g})")
     return fig

@@ -205,3 +205,33 @@ def test_nonfinite_x() -> None:
     x[0, 0] = math.inf
     with pytest.raises(ValueError, match="finite X"):
         mufm(x, y, 2)
+
+
+def test_nonfinite_x_is_nonfinite_error() -> None:
+    from resgeom_fast.linalg import NonFiniteError
+
+    x, y = _data(30)
+    x = x.clone()
+    x[2, 3] = math.nan
+    with pytest.raises(NonFiniteError, match=r"mufm: expected finite X, got 1 NaN"):
+        mufm(x, y, 2)
+
+
+def test_progress_plain_lines_when_not_a_tty(capsys: pytest.CaptureFixture) -> None:
+    """stderr captured (not a TTY): one plain line per update, no tqdm carriage returns, and the
+    bar counts L-BFGS iterations. Before: a tqdm bar (carriage returns) in any stream."""
+    x, y = _data(30)
+    r = mufm(x, y, 1, steps=4, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [l for l in err.splitlines() if l.startswith("[mufm]")]
+    assert lines and all("iterations" in l for l in lines)
+    assert lines[-1].startswith(f"[mufm] {r.steps_run}/4 iterations")
+
+
+def test_undefined_spearman_has_a_reason() -> None:
+    r = solved()
+    for k in METRICS:
+        assert (r.spearman[k] is None) == bool(r.spearman_note[k]) or "ties" in r.spearman_note[k], k
+    d = r.to_dict()
+    assert set(d["spearman_note"]) == set(METRICS) and len(d["nc1_note"]) == r.depth + 1
