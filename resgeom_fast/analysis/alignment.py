@@ -10,8 +10,15 @@ averaged over samples (mean and population std):
   cross-alignment matrices A_ij = U_i^T J_j V_i (k x k) with their diagonal ratios
   (:func:`diag_ratio`) and the signs of their diagonals;
 - RA3, the Jacobians have rank at most C: :func:`numerical_rank` and sigma_{C+1} / sigma_C;
-- RA4, sigma_1(J_l) scales like 1 / depth: sigma_1 per block and L * mean_l sigma_1
-  (:func:`depth_scaling` compares nets of several depths).
+- RA4, sigma_1(J_l) scales like 1 / depth: sigma_1 per block and L * mean_l sigma_1, also
+  without the first block (:func:`depth_scaling` compares nets of several depths).
+
+Accuracy. The triplets come from :func:`resgeom_fast.linalg.randomized_svd` in its adaptive
+mode by default (``power_iters=None``: iterate until every singular value s_1..s_k of every
+sample has a residual error bound <= tol * s_i, tol = 1e-3, at most ``max_iters`` iterations);
+an int ``power_iters`` runs exactly that many iterations. Either way the result records the
+accuracy reached (``AlignmentResult.accuracy()``, per block ``svd_*`` fields, summary keys
+``svd_max_rel_error_bound``, ``svd_converged``) and a RuntimeWarning names an unconverged run.
 
 The residual Jacobians are never materialised: one batched
 :class:`~resgeom_fast.operators.ResidualJacobian` per block (batch_shape (N,)) is given to
@@ -30,9 +37,29 @@ Readings of the science chosen here (SCIENCE.md leaves them open):
   h_{l0-1}, ..., h_{l1}. L is the number of blocks of the stage.
 - Spreads over samples are population standard deviations (0 for one sample).
   equispacing uses the population std over the L steps.
-- step_cosine of a one-block stage (no pair of steps) is NaN; so is the off-diagonal mean of
-  the diagonal ratios of a one-block stage (exported as null by ``to_dict``).
-- numerical_rank counts among the top-k singular values only, so it saturates at k.
+- One-block stages (every stage of a torchvision ResNet but the first has one shape-preserving
+  block): a two-point trajectory is trivially straight (linearity 1) and equispaced (0), has
+  no pair of steps (step_cosine) and no block pair (diag_ratio_offdiag, diag_positive_offdiag),
+  so these metrics are undefined there: None with the reason in the summaries (the per-sample
+  RA1 arrays are exported as null), and headlines average only the stages where a metric is
+  defined (``<key>_reason`` says which). Self alignment, ranks and sigma_1 are defined per block.
+- numerical_rank counts among the top-k singular values only, so it saturates at k: a sample
+  whose k computed singular values are all above tau * sigma_1 (with k < D) has rank >= k,
+  "capped". ``rank_capped`` gives the fraction per block; rank statistics of such blocks are
+  lower bounds, and the summary reports ``max_numerical_rank`` None with
+  ``max_numerical_rank_capped`` True and ``max_numerical_rank_lower_bound``. With k <= C, whether
+  a capped rank is <= C is unknown: ``rank_le_c`` is NaN for that block (summary None).
+- Self alignment (SCIENCE.md: mean_{r<=k} |u_r^T v_r|) is averaged over the top min(C, k)
+  triplets: RA2 is a statement about the top-C singular vectors (RA3: rank <= C), and the
+  triplets beyond C -- the k = C + 5 default's oversampled extras, small singular values with
+  poorly defined vectors -- would make the number depend on k (0.62 at k = C + 5 vs 0.87 at
+  k = C in the issue's net). The per-r profile ``self_alignment_per_r`` [L, k] keeps all k.
+- RA4: ``depth_product`` = L * mean_l sigma_1 over all L blocks; ``depth_product_excl_first`` =
+  L * mean_{l >= 2} sigma_1 estimates the same constant c of sigma_1 ~ c / L without the first
+  block, whose sigma_1 is often 5-50x the others (None for a one-block stage);
+  ``first_block_ratio`` = sigma_1(J_1) / mean_{l >= 2} sigma_1(J_l).
+- num_classes C: the argument, else the classifier's out_features (see
+  :func:`residual_alignment`); never the labels of the batch.
 - "The diagonal of A_ij should be positive": ``diag_positive[i, j]`` is the fraction of the k
   diagonal entries over all samples that are > 0 (each entry u_{i,r}^T J_j v_{i,r} is invariant
   under the sign ambiguity of a singular pair).
@@ -44,9 +71,11 @@ Readings of the science chosen here (SCIENCE.md leaves them open):
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +89,7 @@ from resgeom_fast.analysis._common import (
     to_jsonable,
 )
 from resgeom_fast.linalg import randomized_svd
+from resgeom_fast.linalg.svd import DEFAULT_MAX_ITERS, DEFAULT_TOL
 from resgeom_fast.operators import ResidualJacobian, residual_blocks, residual_jacobians
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -228,6 +258,10 @@ def _nanmean(v: Tensor) -> float:
     return float(v.mean()) if v.numel() else math.nan
 
 
+_ONE_BLOCK = "one block: trajectory metrics need >= 2 blocks (a two-point trajectory is trivially straight and equispaced)"
+_NO_PAIR = "one block: no block pair i != j for cross alignment"
+
+
 # -- results ------------------------------------------------------------------------------------
 @dataclass
 class StageAlignment(Result):
@@ -241,15 +275,27 @@ class StageAlignment(Result):
         linearity, equispacing, step_cosine: [N] per-sample RA1 scalars (:func:`trajectory_metrics`).
         pca: [N, L+1, 2] PCA coordinates of every trajectory; pca_explained: [2] variance fractions.
         singular_values_mean, singular_values_std: [L, k] over samples.
-        self_alignment_mean, self_alignment_std: [L] (mean_r |u_r^T v_r| per sample).
+        self_alignment_mean, self_alignment_std: [L] (mean over r <= self_alignment_r of
+            |u_r^T v_r| per sample); self_alignment_r = min(C, k);
+        self_alignment_per_r: [L, k] sample mean of |u_r^T v_r| for every r <= k.
         diag_ratio_mean, diag_ratio_std: [L, L], entry (i, j) = over samples of diag_ratio(A_ij).
         diag_positive: [L, L] fraction of positive diagonal entries of A_ij (over r <= k and samples).
         cross_pairs: [(i, j), ...] stage-local block pairs whose matrices are stored;
         cross_abs_mean: [P, k, k] mean over samples of |A_ij|; cross_diag_mean: [P, k] mean of diag A_ij.
-        rank_mean, rank_std: [L] numerical rank; rank_min, rank_max: [L] (int64).
-        rank_le_c: [L] fraction of samples whose numerical rank is <= C.
+        rank_mean, rank_std: [L] numerical rank; rank_min, rank_max: [L] (int64) -- lower bounds
+            where ``rank_capped`` > 0.
+        rank_le_c: [L] fraction of samples whose numerical rank is <= C (NaN where a capped rank
+            with k <= C leaves it unknown).
         gap_ratio_mean, gap_ratio_std: [L] sigma_{C+1} / sigma_C (None when k <= C).
         sigma1_mean, sigma1_std: [L]. depth_product: L * mean_l sigma1_mean[l].
+        num_classes: C. rank_cap: k when k < D (a rank reaching it is capped), else None.
+        rank_capped: [L] fraction of samples whose numerical rank reached the cap k.
+        depth_product_excl_first: L * mean_{l >= 2} sigma1_mean[l] (None for L = 1).
+        svd_iterations: [L] power iterations of each block's randomized SVD.
+        svd_converged: [L] fraction of samples whose k triplets met the tolerance.
+        svd_max_rel_error_bound: [L] max over samples and resolved triplets (s_r > tau * s_1) of
+            the relative error bound b_r / s_r; svd_max_error_bound_sigma1: [L] max of b_r / s_1
+            over all k triplets (see :func:`resgeom_fast.linalg.randomized_svd`).
     """
 
     stage: int
@@ -283,6 +329,16 @@ class StageAlignment(Result):
     sigma1_mean: Tensor
     sigma1_std: Tensor
     depth_product: float
+    num_classes: int
+    self_alignment_r: int
+    self_alignment_per_r: Tensor
+    rank_cap: Optional[int]
+    rank_capped: Tensor
+    depth_product_excl_first: Optional[float]
+    svd_iterations: list[int]
+    svd_converged: Tensor
+    svd_max_rel_error_bound: Tensor
+    svd_max_error_bound_sigma1: Tensor
 
     @property
     def num_blocks(self) -> int:
@@ -306,35 +362,85 @@ class StageAlignment(Result):
         """Mean of diag_positive over block pairs i != j (NaN for a one-block stage)."""
         return self._offdiag(self.diag_positive)
 
-    def summary(self) -> dict[str, float]:
-        """Headline scalars of the stage (means over samples; see :meth:`AlignmentResult.summary`)."""
-        return {
+    @property
+    def first_block_ratio(self) -> Optional[float]:
+        """sigma_1(J_1) / mean_{l >= 2} sigma_1(J_l) (None for a one-block stage)."""
+        if self.num_blocks < 2:
+            return None
+        rest = float(self.sigma1_mean[1:].mean())
+        return float(self.sigma1_mean[0]) / rest if rest > 0 else math.nan
+
+    def undefined(self) -> dict[str, str]:
+        """Metrics undefined for this stage, with the reason (empty for a stage of >= 2 blocks
+        whose ranks are not capped)."""
+        out: dict[str, str] = {}
+        if self.num_blocks < 2:
+            for key in ("linearity", "equispacing", "step_cosine"):
+                out[key] = _ONE_BLOCK
+            out["diag_ratio_offdiag"] = out["diag_positive_offdiag"] = _NO_PAIR
+            out["depth_product_excl_first"] = out["first_block_ratio"] = "one block: no block after the first"
+        if bool((self.rank_capped > 0).any()):
+            out["max_numerical_rank"] = (
+                f"capped at k = {self.k}: some samples have all k computed singular values above tau * sigma_1, "
+                f"so their rank is >= {self.k} (raise k)")
+        if bool(torch.isnan(self.rank_le_c).any()):
+            out["rank_le_c_fraction"] = (
+                f"capped at k = {self.k} <= C = {self.num_classes}: whether a rank >= k is <= C is unknown (raise k)")
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Headline scalars of the stage (means over samples; see :meth:`AlignmentResult.summary`).
+
+        An undefined metric is None and ``<key>_reason`` says why (:meth:`undefined`).
+        """
+        und = self.undefined()
+        rank_max = float(self.rank_mean.max())
+        out: dict[str, Any] = {
             "linearity": _nanmean(self.linearity),
             "equispacing": _nanmean(self.equispacing),
             "step_cosine": _nanmean(self.step_cosine),
             "self_alignment": _nanmean(self.self_alignment_mean),
             "diag_ratio_offdiag": self.diag_ratio_offdiag,
             "diag_positive_offdiag": self.diag_positive_offdiag,
-            "max_numerical_rank": float(self.rank_mean.max()),
-            "rank_le_c_fraction": float(self.rank_le_c.mean()),
+            "max_numerical_rank": rank_max,
+            "max_numerical_rank_capped": "max_numerical_rank" in und,
+            "rank_le_c_fraction": _nanmean(self.rank_le_c),
             "depth_product": float(self.depth_product),
+            "depth_product_excl_first": self.depth_product_excl_first,
+            "first_block_ratio": self.first_block_ratio,
+            "svd_max_rel_error_bound": float(self.svd_max_rel_error_bound.max()),
+            "svd_converged": bool((self.svd_converged == 1).all()),
+            "svd_converged_fraction": float(self.svd_converged.mean()),
         }
+        if "max_numerical_rank" in und:
+            out["max_numerical_rank_lower_bound"] = rank_max
+        for key, why in und.items():
+            out[key] = None
+            out[f"{key}_reason"] = why
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         lin_m, lin_s = _mean_std(self.linearity)
         eq_m, eq_s = _mean_std(self.equispacing)
         sc_m, sc_s = _mean_std(self.step_cosine)
+        ra1: dict[str, Any] = {
+            "linearity": self.linearity, "equispacing": self.equispacing, "step_cosine": self.step_cosine,
+            "linearity_mean": lin_m, "linearity_std": lin_s, "equispacing_mean": eq_m,
+            "equispacing_std": eq_s, "step_cosine_mean": sc_m, "step_cosine_std": sc_s,
+        }
+        if self.num_blocks < 2:   # trivially perfect values are not published
+            ra1 = {key: None for key in ra1}
+            ra1["undefined_reason"] = _ONE_BLOCK
+        ra1.update({"pca": self.pca, "pca_explained": self.pca_explained})
+        ra3_note = (f"capped at k = {self.k}: rank statistics of blocks with rank_capped > 0 are lower bounds"
+                    if bool((self.rank_capped > 0).any()) else None)
         return to_jsonable({
             "stage": self.stage, "block_names": self.block_names, "block_indices": self.block_indices,
             "shape": list(self.shape), "dim": self.dim, "k": self.k, "num_blocks": self.num_blocks,
-            "ra1": {
-                "linearity": self.linearity, "equispacing": self.equispacing, "step_cosine": self.step_cosine,
-                "linearity_mean": lin_m, "linearity_std": lin_s, "equispacing_mean": eq_m,
-                "equispacing_std": eq_s, "step_cosine_mean": sc_m, "step_cosine_std": sc_s,
-                "pca": self.pca, "pca_explained": self.pca_explained,
-            },
+            "ra1": ra1,
             "ra2": {
                 "self_alignment_mean": self.self_alignment_mean, "self_alignment_std": self.self_alignment_std,
+                "self_alignment_r": self.self_alignment_r, "self_alignment_per_r": self.self_alignment_per_r,
                 "diag_ratio_mean": self.diag_ratio_mean, "diag_ratio_std": self.diag_ratio_std,
                 "diag_ratio_offdiag": self.diag_ratio_offdiag, "diag_positive": self.diag_positive,
                 "diag_positive_offdiag": self.diag_positive_offdiag, "random_baseline": 1.0 / self.k,
@@ -345,10 +451,16 @@ class StageAlignment(Result):
                 "singular_values_mean": self.singular_values_mean, "singular_values_std": self.singular_values_std,
                 "rank_mean": self.rank_mean, "rank_std": self.rank_std, "rank_min": self.rank_min,
                 "rank_max": self.rank_max, "rank_le_c": self.rank_le_c,
+                "rank_cap": self.rank_cap, "rank_capped": self.rank_capped, "rank_note": ra3_note,
                 "gap_ratio_mean": self.gap_ratio_mean, "gap_ratio_std": self.gap_ratio_std,
             },
             "ra4": {"sigma1_mean": self.sigma1_mean, "sigma1_std": self.sigma1_std,
-                    "depth_product": self.depth_product},
+                    "depth_product": self.depth_product, "depth_product_excl_first": self.depth_product_excl_first,
+                    "first_block_ratio": self.first_block_ratio},
+            "svd": {"iterations": self.svd_iterations, "converged_fraction": self.svd_converged,
+                    "max_rel_error_bound": self.svd_max_rel_error_bound,
+                    "max_error_bound_sigma1": self.svd_max_error_bound_sigma1},
+            "undefined": self.undefined(),
             "summary": self.summary(),
         })
 
@@ -360,8 +472,11 @@ class AlignmentResult(Result):
     Attributes:
         stages: per-stage results (one for a Type-1 net).
         labels: [N] int64 CPU class labels (None when no ``y`` was given).
-        num_classes: C. k, oversample, power_iters, tau, seed, path: the settings used.
-        n_samples: N. per_stage: as requested.
+        num_classes: C; num_classes_source: where C came from ("num_classes argument",
+            "model.head", "model.fc", ...).
+        k, oversample, tau, seed, path: the settings used. power_iters: an int (fixed
+            iterations) or "auto" (adaptive to ``tol``, at most ``max_iters``).
+        n_samples: N. per_stage: as requested. deterministic: as requested.
         skipped_blocks: blocks in no stage (their output shape differs from their input shape):
             dicts with name, index, in_shape, out_shape.
     """
@@ -371,37 +486,100 @@ class AlignmentResult(Result):
     num_classes: int
     k: int
     oversample: int
-    power_iters: int
+    power_iters: Union[int, str]
     tau: float
     seed: int
     path: str
     n_samples: int
     per_stage: bool
     skipped_blocks: list[dict[str, Any]] = field(default_factory=list)
+    tol: float = DEFAULT_TOL
+    max_iters: int = DEFAULT_MAX_ITERS
+    deterministic: bool = False
+    num_classes_source: str = ""
 
-    def summary(self) -> dict[str, float]:
-        """Headline scalars: with one stage, that stage's; with several, means over stages
-        (``max_numerical_rank`` the max; ``diag_ratio_offdiag`` over stages with >= 2 blocks).
+    def accuracy(self) -> dict[str, Any]:
+        """Accuracy reached by the randomized SVDs (every block of every stage).
 
-        Keys: linearity, equispacing, step_cosine (sample means), self_alignment (mean over blocks),
-        diag_ratio_offdiag (mean of the diag-ratio matrix off the diagonal; random baseline 1/k),
-        diag_positive_offdiag, max_numerical_rank (max over blocks of the sample-mean rank),
-        rank_le_c_fraction, depth_product (L * mean_l sigma_1), num_stages.
+        Keys: tol, adaptive (power_iters == "auto"), all_converged, converged_fraction (over
+        blocks x samples), max_rel_error_bound (max b_r / s_r over resolved triplets, s_r > tau *
+        s_1), max_error_bound_sigma1 (max b_r / s_1 over all k triplets), iterations_max.
+        """
+        conv = torch.cat([st.svd_converged for st in self.stages])
+        return {
+            "tol": self.tol, "adaptive": self.power_iters == "auto", "max_iters": self.max_iters,
+            "all_converged": bool((conv == 1).all()),
+            "converged_fraction": float(conv.mean()),
+            "max_rel_error_bound": float(torch.cat([st.svd_max_rel_error_bound for st in self.stages]).max()),
+            "max_error_bound_sigma1": float(torch.cat([st.svd_max_error_bound_sigma1 for st in self.stages]).max()),
+            "iterations_max": max(max(st.svd_iterations) for st in self.stages),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Headline values: with one stage, that stage's; with several, means over the stages where
+        the metric is defined (``max_numerical_rank`` the max).
+
+        Keys: linearity, equispacing, step_cosine (sample means), self_alignment (mean over blocks
+        of the top-min(C, k) self alignment), diag_ratio_offdiag (mean of the diag-ratio matrix off
+        the diagonal; random baseline 1/k), diag_positive_offdiag, max_numerical_rank (max over
+        blocks of the sample-mean rank; None when capped at k) with max_numerical_rank_capped
+        (bool) and, when capped, max_numerical_rank_lower_bound; rank_le_c_fraction;
+        depth_product (L * mean_l sigma_1), depth_product_excl_first (L * mean_{l>=2} sigma_1),
+        first_block_ratio (sigma_1 of the first block / mean of the others); svd_max_rel_error_bound,
+        svd_converged (bool), svd_converged_fraction (the randomized SVD's accuracy, see
+        :meth:`accuracy`); num_stages. A value that is None, or a mean over only some of the
+        stages, comes with ``<key>_reason``.
         """
         per = [s.summary() for s in self.stages]
-        out: dict[str, float] = {}
-        for key in per[0]:
-            vals = torch.tensor([p[key] for p in per], dtype=torch.float64)
-            out[key] = float(vals.max()) if key == "max_numerical_rank" else _nanmean(vals)
+        keys = [key for key in per[0] if not key.endswith("_reason")]
+        out: dict[str, Any] = {}
+        reasons: dict[str, str] = {}
+        for key in keys:
+            if key in ("max_numerical_rank_capped", "svd_converged"):
+                out[key] = any(p[key] for p in per) if key.endswith("capped") else all(p[key] for p in per)
+                continue
+            if key == "max_numerical_rank_lower_bound":
+                continue
+            vals = [p.get(key) for p in per]
+            used = [i for i, v in enumerate(vals) if v is not None and not (isinstance(v, float) and math.isnan(v))]
+            if key == "max_numerical_rank":
+                if any(p["max_numerical_rank_capped"] for p in per):
+                    out[key] = None
+                    out["max_numerical_rank_lower_bound"] = max(
+                        p.get("max_numerical_rank_lower_bound", p["max_numerical_rank"]) or 0.0 for p in per)
+                    capped = [i for i, p in enumerate(per) if p["max_numerical_rank_capped"]]
+                    reasons[key] = (f"capped at k = {self.k} in stage(s) {capped}: the rank is >= k there; "
+                                    "raise k")
+                else:
+                    out[key] = max(vals)
+                continue
+            if not used:
+                out[key] = None
+                why = sorted({p.get(f"{key}_reason") for p in per if p.get(f"{key}_reason")})
+                reasons[key] = "; ".join(why) if why else "undefined in every stage"
+                continue
+            fn = max if key == "svd_max_rel_error_bound" else (lambda v: sum(v) / len(v))
+            out[key] = float(fn([float(vals[i]) for i in used]))
+            if len(used) < len(per):
+                skipped = [i for i in range(len(per)) if i not in used]
+                why = sorted({per[i].get(f"{key}_reason") or "undefined" for i in skipped})
+                reasons[key] = f"mean over stages {used}; stages {skipped} left out ({'; '.join(why)})"
+        out["svd_converged_fraction"] = self.accuracy()["converged_fraction"]   # over blocks x samples
         out["num_stages"] = float(len(self.stages))
+        for key, why in reasons.items():
+            out[f"{key}_reason"] = why
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({
             "analysis": "residual_alignment",
-            "settings": {"num_classes": self.num_classes, "k": self.k, "oversample": self.oversample,
-                         "power_iters": self.power_iters, "tau": self.tau, "seed": self.seed, "path": self.path,
-                         "n_samples": self.n_samples, "per_stage": self.per_stage},
+            "settings": {"num_classes": self.num_classes, "num_classes_source": self.num_classes_source,
+                         "k": self.k, "oversample": self.oversample,
+                         "power_iters": self.power_iters, "tol": self.tol, "max_iters": self.max_iters,
+                         "tau": self.tau, "seed": self.seed, "path": self.path,
+                         "n_samples": self.n_samples, "per_stage": self.per_stage,
+                         "deterministic": self.deterministic},
+            "accuracy": self.accuracy(),
             "labels": self.labels,
             "skipped_blocks": self.skipped_blocks,
             "stages": [s.to_dict() for s in self.stages],
@@ -467,7 +645,8 @@ def _cross_row(U: Tensor, V: Tensor, ops: list[ResidualJacobian]) -> Tensor:
 
 
 def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_out: Tensor, k: int,
-           C: int, oversample: int, power_iters: int, tau: float, seed: int, offset: int) -> StageAlignment:
+           C: int, oversample: int, power_iters: Union[int, str], tol: float, max_iters: int, tau: float,
+           seed: int, offset: int) -> StageAlignment:
     L = len(ops)
     N = ops[0].batch_shape[0]
     traj = torch.stack([J.h for J in ops] + [last_out], dim=1)           # [N, L+1, *shape]
@@ -475,16 +654,33 @@ def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_
     pca, explained = trajectory_pca(traj)
     del traj
     pairs = _default_pairs(L)
+    r_self = min(C, k)
     S_all = torch.empty(L, N, k, dtype=torch.float64)
-    self_al = torch.empty(L, N, dtype=torch.float64)
+    self_r = torch.empty(L, N, k, dtype=torch.float64)
     dr = torch.empty(L, L, N, dtype=torch.float64)
     pos = torch.empty(L, L, dtype=torch.float64)
     cross_abs = torch.zeros(len(pairs), k, k, dtype=torch.float64)
     cross_diag = torch.zeros(len(pairs), k, dtype=torch.float64)
+    iters: list[int] = []
+    conv = torch.empty(L, dtype=torch.float64)
+    rel_max = torch.empty(L, dtype=torch.float64)
+    abs_max = torch.empty(L, dtype=torch.float64)
     for i, J in enumerate(ops):
-        svd = randomized_svd(J, k, oversample=oversample, power_iters=power_iters, seed=seed + offset + i)
-        S_all[i] = svd.S.double().cpu()
-        self_al[i] = (svd.U.double() * svd.V.double()).sum(-2).abs().mean(-1).cpu()
+        with warnings.catch_warnings():   # one warning for the whole analysis instead (residual_alignment)
+            warnings.filterwarnings("ignore", message="randomized_svd: power_iters='auto' stopped",
+                                    category=RuntimeWarning)
+            svd = randomized_svd(J, k, oversample=oversample, power_iters=power_iters, seed=seed + offset + i,
+                                 tol=tol, max_iters=max_iters)
+        S = svd.S.double().cpu()
+        S_all[i] = S
+        self_r[i] = (svd.U.double() * svd.V.double()).sum(-2).abs().cpu()
+        iters.append(int(svd.iterations))
+        conv[i] = svd.converged.double().mean()
+        s1 = S[..., :1]
+        resolved = S > tau * s1
+        rel = torch.where(resolved, svd.rel_error_bound, torch.zeros_like(svd.rel_error_bound))
+        rel_max[i] = float(rel.max()) if bool(resolved.any()) else math.nan
+        abs_max[i] = float((svd.error_bound / s1).max()) if bool((s1 > 0).all()) else math.nan
         A = _cross_row(svd.U, svd.V, ops).cpu()                           # [L, N, k, k]
         del svd
         dr[i] = diag_ratio(A)
@@ -494,10 +690,17 @@ def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_
                 cross_abs[p] = A[b].abs().mean(0)
                 cross_diag[p] = A[b].diagonal(dim1=-2, dim2=-1).mean(0)
     sv_m, sv_s = _mean_std(S_all, 1)
-    sa_m, sa_s = _mean_std(self_al, 1)
+    sa_m, sa_s = _mean_std(self_r[..., :r_self].mean(-1), 1)
     dr_m, dr_s = _mean_std(dr, 2)
     ranks = numerical_rank(S_all, tau)                                    # [L, N]
     rk_m, rk_s = _mean_std(ranks.double(), 1)
+    shape = tuple(ops[0].in_shape)
+    D = int(math.prod(shape))
+    cap = k if k < D else None                                            # k = D: the rank is exact
+    capped = (ranks >= k) if cap is not None else torch.zeros_like(ranks, dtype=torch.bool)
+    rank_le_c = (ranks <= C).double().mean(1)
+    if k <= C:   # a capped rank (>= k) may or may not be <= C
+        rank_le_c = torch.where(capped.any(1), torch.full_like(rank_le_c, math.nan), rank_le_c)
     if k > C:
         sC, sC1 = S_all[..., C - 1], S_all[..., C]
         gap = torch.where(sC > 0, sC1 / sC, torch.full_like(sC, math.nan))
@@ -505,10 +708,9 @@ def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_
     else:
         gap_m = gap_s = None
     s1_m, s1_s = _mean_std(S_all[..., 0], 1)
-    shape = tuple(ops[0].in_shape)
     return StageAlignment(
         stage=stage_no, block_names=[J.info.name for J in ops], block_indices=indices, shape=shape,
-        dim=int(math.prod(shape)), k=k,
+        dim=D, k=k,
         linearity=ra1["linearity"], equispacing=ra1["equispacing"], step_cosine=ra1["step_cosine"],
         pca=pca, pca_explained=explained,
         singular_values_mean=sv_m, singular_values_std=sv_s,
@@ -516,10 +718,38 @@ def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_
         diag_ratio_mean=dr_m, diag_ratio_std=dr_s, diag_positive=pos,
         cross_pairs=pairs, cross_abs_mean=cross_abs, cross_diag_mean=cross_diag,
         rank_mean=rk_m, rank_std=rk_s, rank_min=ranks.min(1).values, rank_max=ranks.max(1).values,
-        rank_le_c=(ranks <= C).double().mean(1),
+        rank_le_c=rank_le_c,
         gap_ratio_mean=gap_m, gap_ratio_std=gap_s,
         sigma1_mean=s1_m, sigma1_std=s1_s, depth_product=float(L * s1_m.mean()),
+        num_classes=C, self_alignment_r=r_self, self_alignment_per_r=self_r.mean(1),
+        rank_cap=cap, rank_capped=capped.double().mean(1),
+        depth_product_excl_first=float(L * s1_m[1:].mean()) if L >= 2 else None,
+        svd_iterations=iters, svd_converged=conv, svd_max_rel_error_bound=rel_max,
+        svd_max_error_bound_sigma1=abs_max,
     )
+
+
+def _classifier_classes(model: nn.Module) -> tuple[Optional[int], str]:
+    """C from the model's classifier: the first of ``model.head``, ``model.fc``,
+    ``model.classifier`` that is an nn.Linear or contains one (its last nn.Linear's
+    out_features), else the last nn.Linear (in ``named_modules`` order) outside the residual
+    blocks; (None, "") when there is none."""
+    for name in ("head", "fc", "classifier"):
+        mod = getattr(model, name, None)
+        if isinstance(mod, nn.Module):
+            lins = [m for m in mod.modules() if isinstance(m, nn.Linear)]
+            if lins:
+                return int(lins[-1].out_features), f"model.{name}" + ("" if lins[-1] is mod else " (last nn.Linear)")
+    inside: set[int] = set()
+    for b in residual_blocks(model):
+        inside.update(id(m) for m in b.block.modules())
+    last: Optional[tuple[str, nn.Linear]] = None
+    for qn, m in model.named_modules():
+        if isinstance(m, nn.Linear) and id(m) not in inside:
+            last = (qn, m)
+    if last is not None:
+        return int(last[1].out_features), f"last nn.Linear outside the residual blocks ({last[0]})"
+    return None, ""
 
 
 def residual_alignment(
@@ -532,18 +762,22 @@ def residual_alignment(
     per_stage: bool = False,
     num_classes: Optional[int] = None,
     oversample: int = 10,
-    power_iters: int = 2,
+    power_iters: Union[int, str, None] = None,
+    tol: float = DEFAULT_TOL,
+    max_iters: int = DEFAULT_MAX_ITERS,
     tau: float = 1e-2,
     path: str = "auto",
     chunk_size: Optional[int] = None,
     seed: int = 0,
+    deterministic: bool = False,
 ) -> AlignmentResult:
     """Residual Alignment RA1-RA4 of ``model`` at the inputs ``x`` (SCIENCE.md section 1).
 
     Jacobians are those of the residual branches alone, in eval mode (BatchNorm running
     statistics), at the block inputs of ``x``; top-k singular triplets per sample and block come
-    from :func:`resgeom_fast.linalg.randomized_svd` (oversampling ``oversample``, ``power_iters``
-    power iterations) of the batched :func:`resgeom_fast.operators.residual_jacobians`. See the
+    from :func:`resgeom_fast.linalg.randomized_svd` (oversampling ``oversample``; by default
+    adaptive: power iterations until every singular value s_1..s_k has a relative error bound
+    <= ``tol``) of the batched :func:`resgeom_fast.operators.residual_jacobians`. See the
     module docstring for the metrics and the readings chosen.
 
     Args:
@@ -551,16 +785,29 @@ def residual_alignment(
         x: [N, ...] inputs, on the model's device and in its floating dtype.
         k: singular triplets per block, 1 <= k <= D (the smallest block dimension among the
             stages). Default: C + 5, capped at D.
-        y: optional [N] integer class labels (plot colours; C = max + 1 when nothing else gives C).
+        y: optional [N] integer class labels in [0, C) (plot colours only; never used for C).
         blocks: None (all residual blocks) or a selection (indices, block modules, BlockInfo s).
         per_stage: analyse each stage (maximal run of consecutive blocks of one shape) separately;
             required when the blocks do not all share one input/output shape.
-        num_classes: C; default ``model.head.out_features`` if the model has a Linear ``head``, else
-            ``y.max() + 1``.
-        oversample, power_iters: randomized SVD settings (p >= 0, q >= 0).
+        num_classes: C. Default: the classifier's out_features -- the first of ``model.head``,
+            ``model.fc`` (torchvision), ``model.classifier`` that is an nn.Linear or contains one
+            (its last nn.Linear), else the last nn.Linear of the model outside its residual
+            blocks; a model with none needs ``num_classes`` (C is never inferred from labels:
+            a batch need not contain every class).
+        oversample: randomized SVD oversampling p >= 0.
+        power_iters: None or "auto" (default): adaptive, iterate until tol is met (at most
+            ``max_iters`` iterations); an int q >= 0: exactly q power iterations (the result
+            still records the accuracy reached, and a warning names an unconverged run).
+        tol: relative tolerance of the adaptive mode on s_1..s_k, in (0, 1) (default 1e-3).
+        max_iters: cap on the adaptive iterations (default 50).
         tau: relative threshold of the numerical rank, in (0, 1).
         path, chunk_size: passed to :func:`resgeom_fast.operators.residual_jacobians`.
         seed: seed of the Gaussian sketches (block b of the selection uses ``seed + b``).
+        deterministic: accepted for the API-wide flag and passed on to
+            :func:`resgeom_fast.operators.residual_jacobians` when that function takes it. The
+            alignment makes no timing-based choice (the path choice is structural, the sketches
+            are seeded), so it is deterministic given ``seed`` with either value (bit for bit on
+            one machine and thread count).
 
     Returns:
         an :class:`AlignmentResult` (float64 CPU tensors), one :class:`StageAlignment` per stage.
@@ -595,7 +842,19 @@ def residual_alignment(
     if not isinstance(per_stage, bool):
         raise TypeError(f"{where}: expected per_stage a bool, got {type(per_stage).__name__}")
     check_int(where, "oversample", oversample, 0)
-    check_int(where, "power_iters", power_iters, 0)
+    if power_iters is None or power_iters == "auto":
+        power_iters = "auto"
+    elif isinstance(power_iters, bool) or not isinstance(power_iters, int):
+        raise TypeError(f"{where}: expected power_iters an int >= 0, 'auto' or None, got {type(power_iters).__name__}"
+                        + (f" {power_iters!r}" if isinstance(power_iters, str) else ""))
+    else:
+        check_int(where, "power_iters", power_iters, 0)
+    tol = check_float(where, "tol", tol, 0.0, 1.0, open_lo=True)
+    if tol >= 1.0:
+        raise ValueError(f"{where}: expected tol in (0, 1), got {tol}")
+    check_int(where, "max_iters", max_iters, 0)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"{where}: expected deterministic a bool, got {type(deterministic).__name__}")
     tau = check_float(where, "tau", tau, 0.0, 1.0, open_lo=True)
     check_int(where, "seed", seed, 0)
     check_choice(where, "path", path, _PATHS)
@@ -603,15 +862,22 @@ def residual_alignment(
         check_int(where, "chunk_size", chunk_size, 1)
     if num_classes is not None:
         C = check_int(where, "num_classes", num_classes, 1)
-    elif isinstance(getattr(model, "head", None), nn.Linear):
-        C = int(model.head.out_features)
-    elif labels is not None:
-        C = int(labels.max()) + 1
+        c_source = "num_classes argument"
     else:
-        raise ValueError(f"{where}: cannot infer the number of classes C (the model has no Linear `head` "
-                         "and no y was given): pass num_classes")
+        got, c_source = _classifier_classes(model)
+        if got is None:
+            raise ValueError(f"{where}: cannot infer the number of classes C (the model has no nn.Linear classifier: "
+                             "no `head`, `fc` or `classifier` and no nn.Linear outside its residual blocks): pass "
+                             "num_classes (C is never inferred from the labels of a batch)")
+        C = got
+    if labels is not None and int(labels.max()) >= C:
+        raise ValueError(f"{where}: expected y class labels in [0, {C}) (num_classes C = {C} from the {c_source}), "
+                         f"got max {int(labels.max())}")
 
-    ops = residual_jacobians(model, x, blocks, path=path, chunk_size=chunk_size)
+    jac_kwargs: dict[str, Any] = {"path": path, "chunk_size": chunk_size}
+    if "deterministic" in inspect.signature(residual_jacobians).parameters:
+        jac_kwargs["deterministic"] = deterministic
+    ops = residual_jacobians(model, x, blocks, **jac_kwargs)
     all_ids = {id(b.block): i for i, b in enumerate(residual_blocks(model))}
     idx = [all_ids.get(id(J.info.block), -1) for J in ops]
 
@@ -655,13 +921,25 @@ def residual_alignment(
             raise ValueError(f"{where}: the output of block {ops[g[-1]].info.name!r} has non-finite values "
                              "(NaN or inf) at x; check the model (diverged training?) and the data")
     stages = [
-        _stage(s, [ops[b] for b in g], [idx[b] for b in g], last[s], k, C, oversample, power_iters, tau,
-               seed, g[0])
+        _stage(s, [ops[b] for b in g], [idx[b] for b in g], last[s], k, C, oversample, power_iters, tol,
+               max_iters, tau, seed, g[0])
         for s, g in enumerate(groups)
     ]
-    return AlignmentResult(stages=stages, labels=labels, num_classes=C, k=k, oversample=oversample,
-                           power_iters=power_iters, tau=tau, seed=seed, path=path, n_samples=N,
-                           per_stage=per_stage, skipped_blocks=skipped)
+    res = AlignmentResult(stages=stages, labels=labels, num_classes=C, k=k, oversample=oversample,
+                          power_iters=power_iters, tau=tau, seed=seed, path=path, n_samples=N,
+                          per_stage=per_stage, skipped_blocks=skipped, tol=tol, max_iters=max_iters,
+                          deterministic=deterministic, num_classes_source=c_source)
+    acc = res.accuracy()
+    if not acc["all_converged"]:
+        how = (f"{power_iters} fixed power iterations" if power_iters != "auto"
+               else f"max_iters={max_iters} adaptive iterations")
+        warnings.warn(
+            f"{where}: the randomized SVD did not reach tol={tol:g} in {how} for "
+            f"{100 * (1 - acc['converged_fraction']):.0f}% of the block-samples (largest relative error bound "
+            f"{acc['max_rel_error_bound']:.3g}); singular values and vectors are less accurate than tol -- the result "
+            "records it (accuracy(), summary svd_converged=False); use power_iters=None (adaptive) or raise max_iters",
+            RuntimeWarning, stacklevel=2)
+    return res
 
 
 # -- RA4 across depths --------------------------------------------------------------------------
@@ -676,7 +954,11 @@ def depth_scaling(results: Sequence[AlignmentResult]) -> dict[str, Any]:
         (mean over blocks of sigma_1), ``products`` (L * mean_sigma1), ``relative_spread``
         ((max - min) / mean of the products), ``cv`` (population std / mean of the products) and
         ``slope`` (least-squares slope of log mean_sigma1 against log L; -1 is exact 1/L scaling;
-        None with fewer than two distinct depths). The keys of stage 0 are repeated at the top.
+        None with fewer than two distinct depths); the same without each net's first block
+        (``mean_sigma1_excl_first``: mean over l >= 2; ``products_excl_first``: L * that;
+        ``relative_spread_excl_first``, ``cv_excl_first``, ``slope_excl_first``; None where a net
+        has one block) and ``first_block_ratio`` per net (sigma_1 of block 1 / mean of the others).
+        The keys of stage 0 are repeated at the top.
     """
     where = "depth_scaling"
     if isinstance(results, AlignmentResult) or not isinstance(results, Sequence) or len(results) == 0:
@@ -688,10 +970,7 @@ def depth_scaling(results: Sequence[AlignmentResult]) -> dict[str, Any]:
     if any(len(r.stages) != n_st for r in results):
         raise ValueError(f"{where}: expected every result to have the same number of stages, got "
                          f"{[len(r.stages) for r in results]}")
-    stages = []
-    for s in range(n_st):
-        depths = [r.stages[s].num_blocks for r in results]
-        ms1 = [float(r.stages[s].sigma1_mean.mean()) for r in results]
+    def scaling(depths: list[int], ms1: list[float]) -> tuple[list[float], float, float, Optional[float]]:
         prods = [L * m for L, m in zip(depths, ms1)]
         pt = torch.tensor(prods, dtype=torch.float64)
         mean = float(pt.mean())
@@ -703,8 +982,26 @@ def depth_scaling(results: Sequence[AlignmentResult]) -> dict[str, Any]:
             ly = torch.tensor(ms1, dtype=torch.float64).log()
             lxc = lx - lx.mean()
             slope = float((lxc * (ly - ly.mean())).sum() / lxc.square().sum())
-        stages.append({"depths": depths, "mean_sigma1": ms1, "products": prods, "relative_spread": spread,
-                       "cv": cv, "slope": slope})
+        return prods, spread, cv, slope
+
+    stages = []
+    for s in range(n_st):
+        depths = [r.stages[s].num_blocks for r in results]
+        ms1 = [float(r.stages[s].sigma1_mean.mean()) for r in results]
+        prods, spread, cv, slope = scaling(depths, ms1)
+        entry: dict[str, Any] = {"depths": depths, "mean_sigma1": ms1, "products": prods, "relative_spread": spread,
+                                 "cv": cv, "slope": slope,
+                                 "first_block_ratio": [r.stages[s].first_block_ratio for r in results]}
+        if all(L >= 2 for L in depths):
+            ms1x = [float(r.stages[s].sigma1_mean[1:].mean()) for r in results]
+            px, sx, cx, slx = scaling(depths, ms1x)
+            entry.update({"mean_sigma1_excl_first": ms1x, "products_excl_first": px,
+                          "relative_spread_excl_first": sx, "cv_excl_first": cx, "slope_excl_first": slx})
+        else:
+            entry.update({"mean_sigma1_excl_first": None, "products_excl_first": None,
+                          "relative_spread_excl_first": None, "cv_excl_first": None, "slope_excl_first": None,
+                          "excl_first_reason": "a net has a one-block stage: no block after the first"})
+        stages.append(entry)
     out: dict[str, Any] = dict(stages[0])
     out["stages"] = stages
     return to_jsonable(out)

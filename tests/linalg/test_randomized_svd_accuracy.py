@@ -18,6 +18,15 @@ from resgeom_fast.operators import residual_jacobians
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small problems: one thread is faster than contended many (restored after the module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.lru_cache(maxsize=None)
 def _conv_case(dtype: torch.dtype = torch.float32):
     """ConvResNet(1, 8, 3, 10) (untrained, eval) on 4 test digits (8x8): per block the batched
