@@ -258,7 +258,8 @@ def _nanmean(v: Tensor) -> float:
     return float(v.mean()) if v.numel() else math.nan
 
 
-_ONE_BLOCK = "one block: trajectory metrics need >= 2 blocks (a two-point trajectory is trivially straight and equispaced)"
+_ONE_BLOCK = ("one block: trajectory metrics need >= 2 blocks (a two-point trajectory is trivially straight and "
+              "equispaced)")
 _NO_PAIR = "one block: no block pair i != j for cross alignment"
 
 
