@@ -285,7 +285,8 @@ def _test_inputs(n: int = 100):
 def test_digits_weight_decay_net_shows_ra_plain_net_does_not():
     """Measured (seed 0, 100 test digits, k = 15): with skips linearity 0.999, equispacing 0.03,
     step cosine 0.996, off-diagonal diag ratio 0.82 (random baseline 1/k = 0.067), self alignment
-    0.56, per-block mean rank 6.5-10.0 (96% of block-samples <= C); without skips linearity 0.90
+    (top C = 10 triplets) 0.77 (0.56 averaged over all k = 15 before issue 12), per-block mean
+    rank 6.5-10.0 (96% of block-samples <= C); without skips linearity 0.90
     (one huge final step), equispacing 1.2, step cosine -0.4, diag ratio 0.067, self alignment
     0.10 (linearity 0.96 when trained on 2 threads) -- but its rank is low too (<= C): RA3 does not separate the two under weight decay."""
     x, y = _test_inputs()
@@ -301,7 +302,7 @@ def test_digits_weight_decay_net_shows_ra_plain_net_does_not():
     # RA2: strong cross alignment vs the random baseline 1/k
     assert s["diag_ratio_offdiag"] > 0.6 > 5 / res.k
     assert p["diag_ratio_offdiag"] < 1.5 / plain.k
-    assert s["self_alignment"] > 0.4 and p["self_alignment"] < 0.2
+    assert s["self_alignment"] > 0.7 and p["self_alignment"] < 0.2   # top-C triplets (0.56 over all k before)
     assert s["diag_positive_offdiag"] > 0.75 and p["diag_positive_offdiag"] < 0.6
     # RA3: rank <= C for most blocks
     assert s["rank_le_c_fraction"] > 0.85
