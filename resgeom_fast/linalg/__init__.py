@@ -12,12 +12,12 @@ from resgeom_fast.linalg.operator import (
     NonFiniteError,
     aslinearoperator,
 )
-from resgeom_fast.linalg.slq import SLQResult, slq_density
+from resgeom_fast.linalg.slq import IntervalMass, SLQResult, interval_mass, slq_density
 from resgeom_fast.linalg.svd import SVDResult, randomized_svd
 from resgeom_fast.linalg.trace import TraceResult, trace
 
 __all__ = [
-    "CallableOperator", "DenseOperator", "EigshResult", "Lanczos", "LinearOperator",
+    "CallableOperator", "DenseOperator", "EigshResult", "IntervalMass", "Lanczos", "LinearOperator",
     "NonFiniteError", "SLQResult", "SVDResult", "TraceResult", "aslinearoperator", "eigsh",
-    "randomized_svd", "slq_density", "trace",
+    "interval_mass", "randomized_svd", "slq_density", "trace",
 ]

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from resgeom_fast.linalg.operator import LinearOperator, NonFiniteError
+from resgeom_fast.linalg.operator import LinearOperator, NonFiniteError, describe_non_finite
 
 
 def check_int(where: str, name: str, value, lo: int, hi: Optional[int] = None, hint: str = "") -> int:
@@ -51,7 +51,8 @@ def check_finite(Y: Tensor, where: str, what: str) -> Tensor:
         return Y
     if not bool(torch.isfinite(Y).all()):
         raise NonFiniteError(
-            f"{where}: the operator returned non-finite values (NaN or inf) {what}; "
+            f"{where}: the operator returned non-finite values (NaN or inf) {what}: "
+            f"{describe_non_finite(Y)} of its output; "
             "no result was produced (check the model, the loss and the data)"
         )
     return Y

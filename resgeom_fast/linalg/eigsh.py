@@ -78,7 +78,7 @@ def eigsh(
         check_every: steps between convergence checks.
     """
     where = "eigsh"
-    op = aslinearoperator(op)
+    op = aslinearoperator(op, where=where)
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"{where}: expected a square operator, got shape {op.shape}")
     if not op.symmetric:

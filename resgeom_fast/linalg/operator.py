@@ -22,6 +22,16 @@ class NonFiniteError(ValueError):
     """An operator produced NaN or infinite values; the algorithm stopped instead of returning them."""
 
 
+def describe_non_finite(Y: Tensor) -> str:
+    """``"3 NaN and 1 inf values (of 400), the first at index (2, 5)"`` for a tensor with some."""
+    nan = torch.isnan(Y)
+    inf = torch.isinf(Y)
+    bad = (nan | inf).nonzero()
+    first = tuple(int(i) for i in bad[0]) if bad.shape[0] else ()
+    return (f"{int(nan.sum())} NaN and {int(inf.sum())} inf values (of {Y.numel()}), "
+            f"the first at index {first}")
+
+
 class LinearOperator:
     """Base class: ``b`` matrices of shape ``shape = (m, n)`` applied to blocks of vectors.
 
@@ -173,6 +183,10 @@ class DenseOperator(LinearOperator):
             )
         if not A.is_floating_point():
             raise ValueError(f"DenseOperator: expected a floating-point A, got {A.dtype}")
+        if A.numel() and not bool(torch.isfinite(A.sum())) and not bool(torch.isfinite(A).all()):
+            # name the NaN / inf (else the symmetry test below fails on it and blames symmetry)
+            raise NonFiniteError(f"DenseOperator: the matrix A has {describe_non_finite(A)}; "
+                                 "an operator built from it would produce non-finite values")
         if symmetric is None:
             symmetric = A.shape[-1] == A.shape[-2] and bool(
                 (A - A.transpose(-1, -2)).abs().max() <= 1e-12 * A.abs().max().clamp_min(1e-300)
@@ -232,15 +246,24 @@ def aslinearoperator(
     batch_shape: Sequence[int] = (),
     symmetric: Optional[bool] = None,
     rmatmat: Optional[MatmatFn] = None,
+    where: Optional[str] = None,
 ) -> LinearOperator:
     """Wrap a LinearOperator (returned as is), a dense tensor, or a callable ``matmat``.
 
-    A callable needs ``shape`` (and takes ``dtype`` float32 and device cpu by default).
+    A callable needs ``shape`` (and takes ``dtype`` float32 and device cpu by default). A dense
+    tensor with NaN or inf entries raises :class:`NonFiniteError` naming them (prefixed with
+    ``where``, the calling function's name, when given).
     """
     if isinstance(obj, LinearOperator):
         return obj
     if isinstance(obj, Tensor):
-        return DenseOperator(obj, symmetric=symmetric)
+        try:
+            return DenseOperator(obj, symmetric=symmetric)
+        except NonFiniteError as exc:
+            if where is None:
+                raise
+            msg = str(exc).replace("DenseOperator: ", "", 1)
+            raise NonFiniteError(f"{where}: the operator produced non-finite values before the first step: {msg}") from None
     if callable(obj):
         if shape is None:
             raise ValueError("aslinearoperator: expected shape=(m, n) with a callable operator")

@@ -1,6 +1,8 @@
-"""Spectral density by stochastic Lanczos quadrature (SLQ)."""
+"""Spectral density by stochastic Lanczos quadrature (SLQ), and rigorous brackets of the mass
+that the probes' spectral measures put on an interval (:func:`interval_mass`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,7 +12,7 @@ from torch import Tensor
 from resgeom_fast import ops
 from resgeom_fast.linalg._util import check_choice, check_int, generator, rademacher
 from resgeom_fast.linalg.lanczos import REORTH, Lanczos
-from resgeom_fast.linalg.operator import aslinearoperator
+from resgeom_fast.linalg.operator import NonFiniteError, aslinearoperator
 
 
 @dataclass
@@ -26,6 +28,12 @@ class SLQResult:
         moments: [*batch, K + 1] estimates of tr(A^k) = n * E[sum_i tau_i theta_i^k], k = 0..K.
         moments_std: [*batch, K + 1] standard error of the moment estimates over probes.
         sigma: Gaussian width used; dim: n; steps: m.
+        alpha: [*batch, probes, m] float64, the diagonal of each probe's Lanczos tridiagonal T.
+        beta: [*batch, probes, m - 1] float64, its off-diagonal (exactly 0 where Lanczos broke
+            down and restarted: T splits into blocks and the first block's quadrature is exact).
+        exhausted: [*batch, probes] bool, the probe's Krylov space was exhausted (a breakdown,
+            or m = n): its quadrature *is* its spectral measure (up to rounding), not only a
+            Gauss rule of it (what :func:`interval_mass` uses to close its brackets).
     """
 
     nodes: Tensor
@@ -38,6 +46,30 @@ class SLQResult:
     sigma: float
     dim: int
     steps: int
+    alpha: Optional[Tensor] = None
+    beta: Optional[Tensor] = None
+    exhausted: Optional[Tensor] = None
+
+    def quadrature(self, steps: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The Gauss rule of the first ``steps`` Lanczos steps of every probe (what a run with
+        ``steps`` steps and the same probes would have returned): ``(nodes, weights, exhausted)``,
+        shapes [*batch, probes, steps] x 2 and [*batch, probes]. Free: T's leading block.
+
+        Args:
+            steps: 1 <= steps <= self.steps (default: all of them).
+        """
+        if self.alpha is None or self.beta is None:
+            raise ValueError("quadrature: this SLQResult carries no tridiagonals (alpha/beta)")
+        s = self.steps if steps is None else check_int("quadrature", "steps", steps, 1, self.steps)
+        if s == self.steps:
+            return self.nodes, self.weights, self.exhausted
+        *lead, p, _ = self.alpha.shape
+        d = self.alpha[..., :s].reshape(-1, s)
+        e = self.beta[..., : s - 1].reshape(d.shape[0], s - 1)
+        nodes, weights = ops.tridiag_eigh(d, e)
+        exhausted = (e == 0).any(-1) if s > 1 else torch.zeros(d.shape[0], dtype=torch.bool, device=d.device)
+        exhausted = exhausted | (s >= self.dim)
+        return nodes.reshape(*lead, p, s), weights.reshape(*lead, p, s), exhausted.reshape(*lead, p)
 
     @property
     def lambda_min(self) -> Tensor:
@@ -59,6 +91,7 @@ class SLQResult:
             "sigma": self.sigma,
             "dim": self.dim,
             "steps": self.steps,
+            "exhausted": None if self.exhausted is None else self.exhausted.tolist(),
         }
 
 
@@ -93,7 +126,7 @@ def slq_density(
     fit in memory or its traffic dominates (cheap operators, huge n).
     """
     where = "slq_density"
-    op = aslinearoperator(op)
+    op = aslinearoperator(op, where=where)
     if op.shape[0] != op.shape[1] or not op.symmetric:
         raise ValueError(f"{where}: expected a symmetric square operator, got {op!r}")
     n = op.shape[0]
@@ -111,6 +144,9 @@ def slq_density(
     m = lz.advance(steps)
     d, e = lz.tridiagonal()
     nodes, weights = ops.tridiag_eigh(d, e)  # [P, m] float64
+    # exhausted Krylov space: a breakdown (Lanczos sets the coupling to exactly 0) or m = n
+    exhausted = (e == 0).any(-1) if m > 1 else torch.zeros(d.shape[0], dtype=torch.bool, device=d.device)
+    exhausted = exhausted | (m >= n)
 
     lo, hi = nodes.min().item(), nodes.max().item()
     width = hi - lo
@@ -142,4 +178,95 @@ def slq_density(
         sigma=float(sigma),
         dim=n,
         steps=m,
+        alpha=d.reshape(*op.batch_shape, probes, m),
+        beta=e.reshape(*op.batch_shape, probes, max(m - 1, 0)),
+        exhausted=exhausted.reshape(*op.batch_shape, probes),
     )
+
+
+@dataclass
+class IntervalMass:
+    """The mass each probe's spectral measure puts on an open interval (a, b), with brackets.
+
+    For a unit probe v and the symmetric A = sum_j lambda_j u_j u_j^T, the spectral measure is
+    ``mu_v = sum_j (v . u_j)^2 delta(lambda_j)``; ``n * E[mu_v(I)]`` over Rademacher probes is the
+    number of eigenvalues in I, so ``mean_probes mu_v(I)`` estimates the fraction of the spectrum
+    in I. All tensors are [*batch, probes] float64.
+
+    Attributes:
+        gauss: the Gauss rule's mass ``sum_{theta_i in I} tau_i`` (the usual SLQ estimate).
+        lower, upper: rigorous bounds of ``mu_v(I)`` from the Chebyshev-Markov-Stieltjes
+            inequalities (exact arithmetic); equal to ``gauss`` for an exhausted Krylov space.
+    """
+
+    gauss: Tensor
+    lower: Tensor
+    upper: Tensor
+
+
+def interval_mass(nodes: Tensor, weights: Tensor, a: float, b: float,
+                  exhausted: Optional[Tensor] = None) -> IntervalMass:
+    """Mass of the open interval ``(a, b)`` under each probe's spectral measure, bracketed.
+
+    Chebyshev-Markov-Stieltjes (Szego, Orthogonal Polynomials, Thm 3.41.1; Akhiezer): if
+    ``theta_1 < ... < theta_m`` and ``tau_i`` are the nodes and weights of the m-point Gauss rule of
+    a measure mu with distribution function F(t) = mu((-inf, t]), then
+    ``sum_{i<k} tau_i <= F(theta_k - 0)`` and ``F(theta_k) <= sum_{i<=k} tau_i``. Hence, for t in
+    [theta_k, theta_{k+1}), both F(t) and F(t - 0) lie in ``[C_{k-1}, C_{k+1}]`` (C_j the sum of the
+    first j weights; C_0 = 0, C_{m+1} = 1), and ``mu((a, b)) = F(b - 0) - F(a)`` lies in
+    ``[L(b - 0) - U(a), U(b - 0) - L(a)]``, clipped to [0, 1]. The bracket's width is the weight of
+    the (at most four) nodes next to the two ends: it closes as Lanczos places more nodes, with
+    small weights, around a and b -- it does *not* close when a heavy node (a cluster) sits alone
+    between them, because the rule cannot tell a spike from mass spread between its neighbours.
+    Where ``exhausted`` (the Krylov space was exhausted: breakdown or m = n), the quadrature *is*
+    the measure and the bracket is the Gauss value itself. With rounding (Lanczos in floating
+    point, ``reorth="local"`` ghosts) the bounds hold to the accuracy of the computed rule.
+
+    Args:
+        nodes: [*batch, m] Gauss nodes (any order); weights: [*batch, m], non-negative.
+        a, b: the open interval's ends, a < b; ``a = -inf`` / ``b = inf`` allowed.
+        exhausted: optional [*batch] bool (:attr:`SLQResult.exhausted`).
+
+    Returns:
+        an :class:`IntervalMass` of [*batch] float64 tensors.
+    """
+    where = "interval_mass"
+    if not (isinstance(a, (int, float)) and isinstance(b, (int, float))) or math.isnan(a) or math.isnan(b) or not a < b:
+        raise ValueError(f"{where}: expected ends a < b (not NaN), got a={a!r}, b={b!r}")
+    if not isinstance(nodes, Tensor) or not isinstance(weights, Tensor) or nodes.shape != weights.shape or nodes.dim() < 1:
+        raise ValueError(f"{where}: expected nodes and weights tensors of one shape [*batch, m], got "
+                         f"{getattr(nodes, 'shape', type(nodes).__name__)} and {getattr(weights, 'shape', type(weights).__name__)}")
+    if not (bool(torch.isfinite(nodes).all()) and bool(torch.isfinite(weights).all())):
+        raise NonFiniteError(f"{where}: expected finite nodes and weights, got NaN or inf")
+    x, order = torch.sort(nodes.double(), dim=-1)
+    w = torch.gather(weights.double(), -1, order)
+    m = x.shape[-1]
+    C = torch.cat([torch.zeros_like(w[..., :1]), torch.cumsum(w, -1)], -1)   # [*batch, m + 1], C[j]
+    C = torch.cat([C, C[..., -1:]], -1)                                       # C_{m+1} := C_m (= 1)
+
+    def take(k: Tensor) -> Tensor:
+        return torch.gather(C, -1, k.clamp(0, m + 1).unsqueeze(-1)).squeeze(-1)
+
+    def f_bounds(count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # count = number of nodes at or left of the point: F there lies in [C_{k-1}, C_{k+1}]
+        return take(count), take(count - 1), take(count + 1)
+
+    if math.isinf(b) and b > 0:
+        kb = torch.full(x.shape[:-1], m, dtype=torch.long, device=x.device)
+    else:
+        kb = (x < b).sum(-1)                       # F(b - 0): nodes strictly left of b
+    gb, lb, ub = f_bounds(kb)
+    if math.isinf(a) and a < 0:                    # F(-inf) = 0 exactly
+        ga = la = ua = torch.zeros_like(gb)
+    else:
+        ga, la, ua = f_bounds((x <= a).sum(-1))    # F(a): nodes at or left of a
+    if math.isinf(b) and b > 0:                    # F(inf - 0) = total mass exactly
+        lb = ub = gb
+    gauss = (gb - ga).clamp(0.0, 1.0)
+    lower = (lb - ua).clamp(0.0, 1.0)
+    upper = (ub - la).clamp(0.0, 1.0)
+    if exhausted is not None:
+        ex = exhausted.to(device=gauss.device, dtype=torch.bool).expand_as(gauss)
+        lower = torch.where(ex, gauss, lower)
+        upper = torch.where(ex, gauss, upper)
+    return IntervalMass(gauss=gauss, lower=torch.minimum(lower, gauss), upper=torch.maximum(upper, gauss))

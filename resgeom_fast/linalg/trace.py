@@ -60,7 +60,7 @@ def trace(op, probes: int = 100, method: str = "hutch++", seed: Optional[int] = 
     stochastic part.
     """
     where = "trace"
-    op = aslinearoperator(op)
+    op = aslinearoperator(op, where=where)
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"{where}: expected a square operator, got shape {op.shape}")
     n = op.shape[0]

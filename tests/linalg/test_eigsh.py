@@ -89,3 +89,31 @@ def test_errors():
     op = aslinearoperator(nan_after_three, shape=(20, 20), dtype=torch.float64, symmetric=True)
     with pytest.raises(NonFiniteError, match="eigsh: the operator returned non-finite values .* at Lanczos step 3"):
         eigsh(op, k=2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_dense_matrix_is_named_not_called_asymmetric(bad):
+    """Issue 12: a NaN in a matrix made eigsh say "expected a symmetric operator"."""
+    A = symmetric(spectrum("indefinite", 20))
+    A[3, 4] = bad
+    kind = "1 NaN and 0 inf" if bad != bad else "0 NaN and 1 inf"
+    with pytest.raises(NonFiniteError, match=rf"eigsh: the operator produced non-finite values before the first "
+                                             rf"step: the matrix A has {kind} values \(of 400\), the first at index \(3, 4\)"):
+        eigsh(A, k=2)
+    B = torch.stack([symmetric(spectrum("decaying", 20)), A])          # batched: the index names the matrix
+    with pytest.raises(NonFiniteError, match=r"the first at index \(1, 3, 4\)"):
+        eigsh(B, k=2)
+
+
+def test_non_finite_product_names_the_step_and_the_count():
+    A = symmetric(spectrum("indefinite", 20))
+
+    def nan_row(X):
+        Y = A @ X
+        Y[5] = float("nan")
+        return Y
+
+    op = aslinearoperator(nan_row, shape=(20, 20), dtype=torch.float64, symmetric=True)
+    with pytest.raises(NonFiniteError, match=r"eigsh: .* at Lanczos step 0: 1 NaN and 0 inf values \(of 20\), "
+                                             r"the first at index \(5, 0\) of its output"):
+        eigsh(op, k=2)

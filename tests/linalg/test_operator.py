@@ -51,3 +51,19 @@ def test_errors():
     bad = CallableOperator(lambda X: X[:1], shape=(2, 3), dtype=torch.float64)
     with pytest.raises(RuntimeError, match="returned shape \\(1, 4\\), expected \\(2, 4\\)"):
         bad.matmat(torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_dense_operator_names_non_finite_entries():
+    """Issue 12: a NaN made the symmetry test fail and the algorithms blame symmetry."""
+    from resgeom_fast.linalg import NonFiniteError
+
+    S = torch.randn(6, 6, dtype=torch.float64)
+    S = S + S.T
+    S[2, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"DenseOperator: the matrix A has 1 NaN and 0 inf values \(of 36\), "
+                                             r"the first at index \(2, 1\)"):
+        DenseOperator(S)
+    with pytest.raises(NonFiniteError, match=r"myfunc: the operator produced non-finite values before the first step"):
+        aslinearoperator(S, where="myfunc")
+    with pytest.raises(NonFiniteError, match="DenseOperator: the matrix A has 0 NaN and 1 inf"):
+        DenseOperator(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), symmetric=False)

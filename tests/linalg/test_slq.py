@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _spectra import spectrum, symmetric
-from resgeom_fast.linalg import NonFiniteError, aslinearoperator, slq_density
+from resgeom_fast.linalg import NonFiniteError, aslinearoperator, interval_mass, slq_density
 from resgeom_fast.linalg._util import generator, rademacher
 
 
@@ -116,3 +116,105 @@ def test_errors():
     op = aslinearoperator(lambda X: X * float("nan"), shape=(10, 10), dtype=torch.float64, symmetric=True)
     with pytest.raises(NonFiniteError, match="slq_density: the operator returned non-finite values"):
         slq_density(op)
+
+
+# ------------------------------------------------- interval masses: rigorous brackets (issue 12)
+def _probe_masses(A, ev, U, probes, seed, a, b):
+    """Exact mu_v((a, b)) = sum over eigenvectors in (a, b) of (v . u_j)^2 for slq_density's probes."""
+    n = ev.numel()
+    V = rademacher((probes, n), generator(seed), torch.float64, "cpu") / math.sqrt(n)
+    inside = (ev > a) & (ev < b)
+    return ((V @ U) ** 2)[:, inside].sum(1)
+
+
+@pytest.mark.parametrize("kind", ["indefinite", "decaying", "rank_deficient", "clustered"])
+def test_interval_mass_brackets_each_probes_exact_mass(kind):
+    """The Chebyshev-Markov-Stieltjes bracket holds the probe's exact mass at every step count,
+    closes as steps grow, and is exact (zero width, the Gauss value) once the Krylov space is
+    exhausted; the Gauss value always lies inside it."""
+    n, probes, seed = 120, 5, 2
+    ev = spectrum(kind, n)
+    A = symmetric(ev)
+    evd, U = torch.linalg.eigh(A)
+    top = float(evd.abs().max())
+    # ends away from every eigenvalue (an eigenvalue at an end is split by rounding)
+    cuts = [(-0.05 * top, 0.05 * top), (-math.inf, 0.013 * top), (-math.inf, -0.1 * top), (0.3 * top, math.inf)]
+    widths = {c: [] for c in cuts}
+    for m in (1, 3, 10, 30, 60, n):
+        res = slq_density(A, probes=probes, steps=m, seed=seed)
+        for a, b in cuts:
+            exact = _probe_masses(A, evd, U, probes, seed, a, b)
+            im = interval_mass(res.nodes, res.weights, a, b, res.exhausted)
+            assert bool((im.lower <= exact + 1e-9).all()) and bool((exact <= im.upper + 1e-9).all()), (m, a, b)
+            assert bool((im.lower <= im.gauss).all()) and bool((im.gauss <= im.upper).all())
+            widths[(a, b)].append(float((im.upper - im.lower).mean()))
+            if bool(res.exhausted.all()):
+                torch.testing.assert_close(im.gauss, exact, atol=1e-8, rtol=0)
+                assert float((im.upper - im.lower).max()) == 0.0
+    assert bool(res.exhausted.all())  # m = n
+    for c, w in widths.items():
+        assert w[0] > 0.5 or kind == "rank_deficient" and w[0] >= 0   # one node: hardly any information
+        assert w[-1] == 0.0                                             # exhausted: exact
+
+
+def test_one_step_brackets_everything():
+    """One step: a single node of weight 1; the bracket of any interval not containing every
+    eigenvalue is [0, 1] (the rule says nothing about where the mass is)."""
+    A = symmetric(spectrum("indefinite", 50))
+    res = slq_density(A, probes=3, steps=1)
+    im = interval_mass(res.nodes, res.weights, -1.0, 1.0, res.exhausted)
+    assert torch.equal(im.lower, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(im.upper, torch.ones(3, dtype=torch.float64))
+
+
+def test_breakdown_marks_the_quadrature_exact():
+    """A rank-5 operator breaks down after <= 6 steps: the probe's measure is then its quadrature."""
+    ev = torch.zeros(60, dtype=torch.float64)
+    ev[:5] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    A = symmetric(ev, seed=0)
+    res = slq_density(A, probes=3, steps=20)
+    assert bool(res.exhausted.all())
+    evd, U = torch.linalg.eigh(A)
+    im = interval_mass(res.nodes, res.weights, -0.5, 0.5, res.exhausted)   # the null space
+    torch.testing.assert_close(im.lower, _probe_masses(A, evd, U, 3, 0, -0.5, 0.5), atol=1e-8, rtol=0)
+    torch.testing.assert_close(im.upper, im.lower)
+    short = slq_density(symmetric(spectrum("indefinite", 60)), probes=3, steps=5)
+    assert not bool(short.exhausted.any())
+
+
+def test_quadrature_prefix_equals_a_shorter_run():
+    """SLQResult.quadrature(s): the Gauss rule a run with s steps (same probes) returns."""
+    A = symmetric(spectrum("indefinite", 100))
+    long = slq_density(A, probes=4, steps=40, seed=3)
+    for s in (1, 7, 20, 40):
+        short = slq_density(A, probes=4, steps=s, seed=3)
+        nodes, weights, exhausted = long.quadrature(s)
+        torch.testing.assert_close(nodes, short.nodes, atol=1e-10, rtol=0)
+        torch.testing.assert_close(weights, short.weights, atol=1e-10, rtol=0)
+        assert torch.equal(exhausted, short.exhausted)
+    with pytest.raises(ValueError, match="quadrature: expected steps in \\[1, 40\\], got 41"):
+        long.quadrature(41)
+
+
+def test_interval_mass_errors():
+    res = slq_density(symmetric(spectrum("indefinite", 20)), probes=2, steps=4)
+    with pytest.raises(ValueError, match="interval_mass: expected ends a < b"):
+        interval_mass(res.nodes, res.weights, 1.0, -1.0)
+    with pytest.raises(ValueError, match="interval_mass: expected ends a < b"):
+        interval_mass(res.nodes, res.weights, float("nan"), 1.0)
+    with pytest.raises(ValueError, match="interval_mass: expected nodes and weights tensors of one shape"):
+        interval_mass(res.nodes, res.weights[:, :2], -1.0, 1.0)
+    bad = res.nodes.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="interval_mass: expected finite nodes and weights"):
+        interval_mass(bad, res.weights, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_dense_matrix_is_named_not_called_asymmetric(bad):
+    """Issue 12: a NaN in a matrix made slq_density say "expected a symmetric operator"."""
+    A = symmetric(spectrum("indefinite", 20))
+    A[3, 4] = bad
+    with pytest.raises(NonFiniteError, match=r"slq_density: the operator produced non-finite values before the "
+                                             r"first step: the matrix A has .* the first at index \(3, 4\)"):
+        slq_density(A, steps=5)

@@ -62,3 +62,18 @@ def test_errors():
     op = aslinearoperator(lambda X: X * float("inf"), shape=(10, 10), dtype=torch.float64, symmetric=True)
     with pytest.raises(NonFiniteError, match="trace: the operator returned non-finite values"):
         trace(op, probes=6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf")])
+def test_non_finite_dense_matrix_is_named(bad):
+    """Issue 12: name the NaN / inf of a dense matrix (and where it is) before any product."""
+    A = symmetric(spectrum("indefinite", 30))
+    A[7, 2] = bad
+    with pytest.raises(NonFiniteError, match=r"trace: the operator produced non-finite values before the first step: "
+                                             r"the matrix A has .* the first at index \(7, 2\)"):
+        trace(A, probes=6)
+    for method in ("hutchinson", "hutch++"):     # an operator that fails on its probes says on which
+        op = aslinearoperator(lambda X: X * float("nan"), shape=(10, 10), dtype=torch.float64, symmetric=True)
+        where = "on the Hutch\\+\\+ sketch" if method == "hutch++" else "on the Hutchinson probes"
+        with pytest.raises(NonFiniteError, match=f"trace: the operator returned non-finite values \\(NaN or inf\\) {where}"):
+            trace(op, probes=6, method=method)
