@@ -5,7 +5,8 @@ plot helpers beside it (``plot_*`` functions of the same module, returning a mat
 whose numbers are the ones ``to_dict()`` exports).
 
 - :func:`residual_alignment` (alignment.py): RA1-RA4 of residual Jacobians (SCIENCE.md 1).
-- :func:`hessian_spectrum` (spectrum.py): extreme eigenvalues, trace, SLQ density, degeneracy (2).
+- :func:`hessian_spectrum` (spectrum.py): extreme eigenvalues, trace, SLQ density, degeneracy and
+  negative mass with intervals that cover quadrature and probe error (2).
 - :func:`singularities` (singularities.py): elimination, overlap, linear dependence of units (2).
 - :func:`path_expansion`, :func:`second_order_expansion`, :func:`remainder_scaling`,
   :func:`geometric_complexity`, :func:`output_norm_vs_depth` (expansion.py) (3).
@@ -45,10 +46,11 @@ from resgeom_fast.analysis.hamiltonian import (
 )
 from resgeom_fast.analysis.mufm import MUFMResult, mufm, plot_mufm
 from resgeom_fast.analysis.singularities import SingularityResult, plot_singularities, singularities
-from resgeom_fast.analysis.spectrum import SpectrumResult, hessian_spectrum, plot_density, plot_eigenvalues
+from resgeom_fast.analysis.spectrum import MassFraction, SpectrumResult, hessian_spectrum, plot_density, plot_eigenvalues
 
 __all__ = [
     "AlignmentResult", "CollapseResult", "ExpansionResult", "GCResult", "HamiltonianResult", "MUFMResult",
+    "MassFraction",
     "PathExpansionResult", "SingularityResult", "SpectrumResult", "StageAlignment", "bottleneck_rank",
     "collapse", "collapse_metrics", "depth_scaling", "geometric_complexity", "hamiltonian",
     "hessian_spectrum", "mufm", "output_norm_vs_depth", "path_expansion", "plot_collapse",
