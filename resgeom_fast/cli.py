@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--samples", default="8", help="inputs for the alignment analysis (default 8)")
     a.add_argument("--batch", default="32", help="samples of the Hessian's loss (default 32)")
     a.add_argument("--k", default=None, help="singular triplets per block (default C + 5)")
-    a.add_argument("--power-iters", default="2", help="randomized SVD power iterations (default 2)")
+    a.add_argument("--power-iters", default="auto",
+                   help="randomized SVD power iterations: auto (default; iterate until the error bound meets the "
+                        "tolerance) or a fixed count")
     a.add_argument("--oversample", default="10", help="randomized SVD oversampling (default 10)")
     a.add_argument("--probes", default="4", help="SLQ probes of the Hessian density (default 4)")
     a.add_argument("--steps", default="30", help="Lanczos steps per SLQ probe (default 30)")

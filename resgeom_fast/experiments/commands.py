@@ -233,7 +233,7 @@ def _analyze_data(spec: str, n: int, num_classes: int, seed: int):
 
 
 def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: Any = 10, samples: Any = 8,
-            batch: Any = 32, k: Any = None, power_iters: Any = 2, oversample: Any = 10, probes: Any = 4,
+            batch: Any = 32, k: Any = None, power_iters: Any = "auto", oversample: Any = 10, probes: Any = 4,
             steps: Any = 30, trace_probes: Any = 12, analyses: str = "alignment,hessian", device: str = "cpu",
             seed: Any = 0, out: str = "reports/analyze", fresh: bool = False, progress: bool = True,
             params: Optional[str] = None, deterministic: bool = False) -> Report:
@@ -241,7 +241,10 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
 
     ``params``: comma list of parameter or module names spanning the Hessian (None: all
     parameters; e.g. "layer4,fc" restricts it to a diagonal block, much cheaper on a CPU).
-    ``deterministic``: fix every method choice (``config["deterministic"]``).
+    ``power_iters``: "auto" (default: the randomized SVD iterates until its error bound meets
+    the analysis' tolerance) or a fixed count.
+    ``deterministic``: fix every method choice (``config["deterministic"]``, passed to
+    residual_alignment).
 
     Every step is keyed on the configuration plus the sha256 of the ``--checkpoint`` file's
     contents, the model code (torchvision's version, or the sha256 of the factory's source and of
@@ -253,7 +256,11 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     C = _int("--num-classes", num_classes, 2)
     n_align, n_hess = _int("--samples", samples, 1), _int("--batch", batch, 1)
     kk = None if k is None else _int("--k", k, 1)
-    q, p = _int("--power-iters", power_iters, 0), _int("--oversample", oversample, 0)
+    try:
+        q = "auto" if str(power_iters).strip().lower() == "auto" else _int("--power-iters", power_iters, 0)
+    except UsageError:
+        raise UsageError(f"--power-iters: expected auto or an int >= 0, got {power_iters!r}") from None
+    p = _int("--oversample", oversample, 0)
     nv, m, tp = _int("--probes", probes, 1), _int("--steps", steps, 2), _int("--trace-probes", trace_probes, 3)
     sd = _int("--seed", seed, 0)
     which = [a.strip() for a in analyses.split(",") if a.strip()]
@@ -332,7 +339,7 @@ def _analyze_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any]
 
         def run_align() -> dict[str, Any]:
             r = residual_alignment(net, x[:n_align], kk, y[:n_align], per_stage=True, num_classes=C,
-                                   oversample=p, power_iters=q, seed=sd)
+                                   oversample=p, power_iters=q, seed=sd, deterministic=cfg["deterministic"])
             return {"result": r.to_dict(), "summary": r.summary()}
 
         al = runner.step("alignment", run_align)

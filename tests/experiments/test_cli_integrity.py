@@ -178,6 +178,7 @@ def test_bad_out_is_a_one_line_error(capsys, tmp_path):
     assert "--out: expected a folder path, got '' (use --out . for the current folder)" in _error(capsys, base + [""])
     assert "--out: expected a folder path, got ''" in _error(capsys, ["run", "alignment", "--out", ""])
     assert "--out: expected a folder path, got ''" in _error(capsys, ["demo", "--size", "tiny", "--out", ""])
+    assert "--power-iters: expected auto or an int >= 0, got 'x'" in _error(capsys, base[:-1] + ["--power-iters", "x"])
     assert f.read_text() == "x"
 
 
@@ -229,3 +230,14 @@ def test_ctrl_c_or_a_crash_inside_a_run_releases_the_folder(capsys, tmp_path, fa
         assert not (tmp_path / "o" / LOCK_NAME).exists()
     capsys.readouterr()
 
+
+def test_deterministic_reaches_both_analyses_and_power_iters_defaults_to_adaptive(tmp_path, factory):
+    spec = factory(2)
+    argv = ["analyze", "--model", spec, "--data", "random-cifar", "--samples", "2", "--k", "2", "--batch", "4",
+            "--probes", "1", "--steps", "4", "--trace-probes", "3", "--quiet", "--deterministic",
+            "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    res = json.load(open(tmp_path / "o" / "results.json"))
+    al = res["models"]["model"]["alignment"]["result"]["settings"]
+    assert al["deterministic"] is True and al["power_iters"] == "auto"
+    assert res["config"]["power_iters"] == "auto"
