@@ -4,12 +4,15 @@
   over a batch or a DataLoader w.r.t. chosen parameters, as symmetric
   :class:`~resgeom_fast.linalg.operator.LinearOperator` s applying k vectors per pass.
 - :func:`block_hessians`: the diagonal Hessian block of every residual block, sharing one graph.
+- :func:`fixed_sample`: the batches of a DataLoader drawn once (the operators refuse data that
+  change between passes with :class:`NonRepeatableDataError`).
 - :func:`residual_blocks`, :func:`mark_residual_block`: residual block discovery.
 - :func:`residual_jacobians`: batched residual-branch Jacobians J_l(x_b) (generic torch.func path
   and a linearised fast path with fused C++/CUDA masking).
 
 This layer imports torch, resgeom_fast.ops and resgeom_fast.linalg only (never the models).
 """
+from resgeom_fast.operators._data import NonRepeatableDataError, fixed_sample
 from resgeom_fast.operators.blocks import BlockInfo, mark_residual_block, residual_blocks
 from resgeom_fast.operators.hessian import (
     CurvatureOperator,
@@ -31,10 +34,12 @@ __all__ = [
     "CurvatureOperator",
     "GGNOperator",
     "HessianOperator",
+    "NonRepeatableDataError",
     "ResidualJacobian",
     "block_hessians",
     "block_inputs",
     "fast_path_supported",
+    "fixed_sample",
     "ggn",
     "hessian",
     "mark_residual_block",

@@ -1,4 +1,5 @@
-"""Shared plumbing of the operators: batches of data, parameter selection, module modes."""
+"""Shared plumbing of the operators: batches of data, parameter selection, module modes, and
+:func:`fixed_sample`, which freezes the samples of a DataLoader for the curvature operators."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 Batch = tuple[Tensor, Any]
 ParamSpec = Union[None, str, nn.Module, Tensor, Sequence[Union[str, nn.Module, Tensor]]]
+
+__all__ = ["NonRepeatableDataError", "fixed_sample"]
+
+
+class NonRepeatableDataError(ValueError):
+    """The data of a curvature operator yielded different samples on a later pass than on the
+    first (a shuffled ``drop_last`` DataLoader, random augmentation, a one-shot iterator): every
+    product would be taken on other samples, so the operator would be neither symmetric nor
+    deterministic. The message names the cause and the fix (:func:`fixed_sample`)."""
+
+
+_FIX = ("pass resgeom_fast.operators.fixed_sample(data) (the batches drawn once and kept), or a "
+        "DataLoader with shuffle=False and no random transforms")
 
 
 def is_single_batch(data: Any) -> bool:
@@ -141,35 +155,118 @@ def no_inplace(module: nn.Module) -> Iterator[None]:
             m.inplace = t
 
 
+# Relative tolerance of the sample fingerprints: passes over the same samples give the same
+# float64 sums up to summation order (~1e-16 relative per term); other samples differ at O(1).
+_PRINT_TOL = 1e-9
+_PROBES: dict[tuple[int, str, int], Tensor] = {}
+
+
+def _probe(d: int, device: torch.device, salt: int) -> Tensor:
+    """A fixed pseudo-random float64 vector of length d (the same in every process)."""
+    key = (d, str(device), salt)
+    if key not in _PROBES:
+        g = torch.Generator().manual_seed(0x5EED + salt)
+        _PROBES[key] = torch.randn(d, generator=g, dtype=torch.float64).to(device)
+    return _PROBES[key]
+
+
+def sample_fingerprints(x: Tensor, y: Any) -> Tensor:
+    """Per-sample fingerprints ``p_i = <x_i, w> + <y_i, u>`` (float64 [n]; w, u fixed random
+    vectors): equal samples give equal numbers, other samples (another draw, a flip, noise)
+    differ. Non-tensor labels do not enter."""
+    n = x.shape[0]
+    xf = x.reshape(n, -1)
+    if xf.is_complex():
+        xf = torch.view_as_real(xf).reshape(n, -1)
+    p = xf.to(torch.float64) @ _probe(xf.shape[1], x.device, 0)
+    if isinstance(y, Tensor):
+        yf = y.reshape(n, -1)
+        if yf.is_complex():
+            yf = torch.view_as_real(yf).reshape(n, -1)
+        p = p + yf.to(device=x.device, dtype=torch.float64) @ _probe(yf.shape[1], x.device, 1)
+    return p
+
+
+def _summary(p: Tensor) -> Tensor:
+    """[n, sum p, sum p^2, sum |p|] of per-sample fingerprints: independent of sample order."""
+    return torch.stack([p.new_tensor(float(p.shape[0])), p.sum(), p.square().sum(), p.abs().sum()])
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Two summaries describe the same multiset of samples (up to summation order): sums of p
+    within ``_PRINT_TOL`` of the sums of |p|, sums of p^2 within ``_PRINT_TOL`` relative."""
+    if int(a[0]) != int(b[0]):
+        return False
+    d1, d2 = abs(float(a[1] - b[1])), abs(float(a[2] - b[2]))
+    return (d1 <= _PRINT_TOL * float(a[3] + b[3]) + 1e-300
+            and d2 <= _PRINT_TOL * float(a[2] + b[2]) + 1e-300)
+
+
 class Batches:
     """The data of a curvature operator: one ``(x, y)`` batch or an iterable of them.
 
     Validates every batch once (batch sizes, dtype and device against the parameters) and
     counts the samples; ``materialise=True`` keeps the batches in memory.
+
+    Data read on every pass (an iterable, not materialised) must yield the same samples each
+    time. Each batch gets a cheap fingerprint (a float64 random projection of its inputs and
+    labels, summed over its samples) on the first pass; the data are read a second time at
+    construction and the fingerprints are compared on that and every later pass, raising
+    :class:`NonRepeatableDataError` at the first difference. ``strict=False`` accepts the same
+    samples grouped into other batches (a shuffled DataLoader without ``drop_last``: the mean
+    loss, hence the curvature with BatchNorm in eval mode, does not depend on the grouping; the
+    products then differ at round-off only); ``strict=True`` requires the same batches in the
+    same order (BatchNorm with batch statistics, bitwise-deterministic products).
     """
 
     def __init__(self, fn: str, data: Any, dtype: torch.dtype, device: torch.device,
-                 materialise: bool) -> None:
+                 materialise: bool, strict: bool = False, strict_why: str = "") -> None:
         self.single = is_single_batch(data)
         if not self.single and not isinstance(data, Iterable):
             raise TypeError(f"{fn}: expected data an (x, y) batch or an iterable of batches (a DataLoader), "
                             f"got {type(data).__name__}")
         self._data = data
         self._fn = fn
+        self.strict, self._strict_why = strict, strict_why
+        self._check = not self.single and not materialise
+        if self._check and isinstance(data, Iterator):
+            raise TypeError(f"{fn}: expected data that can be read again on every product (a DataLoader, a list "
+                            f"of batches or one (x, y) batch), got a one-shot iterator {type(data).__name__}; "
+                            f"pass list(data), resgeom_fast.operators.fixed_sample(data) or cache=True")
         self.sizes: list[int] = []
         kept: list[Batch] = []
+        prints: list[Tensor] = []
         first: Optional[torch.dtype] = None
+        self.first: Optional[Batch] = None
         for b in ([data] if self.single else data):
             x, y = check_batch(fn, b, dtype, device, first)
             first = x.dtype
+            if self.first is None:
+                self.first = (x, y)
             self.sizes.append(int(x.shape[0]))
             if materialise:
                 kept.append((x, y))
+            if self._check:
+                prints.append(_summary(sample_fingerprints(x, y)))
         if not self.sizes:
             raise ValueError(f"{fn}: data yielded no batches")
         self.total = sum(self.sizes)
         self.kept: Optional[list[Batch]] = kept if materialise else None
         self.dtype, self.device = dtype, device
+        self._prints = torch.stack(prints).cpu() if prints else None
+        self._total_print = self._prints.sum(0) if prints else None
+        self.passes = 1
+        if self._check:      # a second reading now, so that a changing loader is refused before any work
+            for _ in self:
+                pass
+
+    def _refuse(self, detail: str) -> None:
+        raise NonRepeatableDataError(
+            f"{self._fn}: expected data that yield the same samples on every pass, but pass {self.passes} "
+            f"yielded {detail} (a DataLoader with shuffle=True and drop_last=True, or with random augmentation, "
+            f"draws other samples on each pass: every product would be taken on other data, so the operator "
+            f"would be neither symmetric nor deterministic); {_FIX}"
+        )
 
     def __iter__(self) -> Iterator[tuple[float, Tensor, Any]]:
         """Yield ``(weight = batch size / total, x, y)``."""
@@ -177,10 +274,104 @@ class Batches:
             for x, y in self.kept:
                 yield x.shape[0] / self.total, x, y
             return
+        if self.single:
+            x, y = check_batch(self._fn, self._data, self.dtype, self.device)
+            yield 1.0, x, y
+            return
+        self.passes += 1
+        prints: list[Tensor] = []
         seen = 0
-        for b in ([self._data] if self.single else self._data):
+        for b in self._data:
             x, y = check_batch(self._fn, b, self.dtype, self.device)
             seen += int(x.shape[0])
+            pr = _summary(sample_fingerprints(x, y)).cpu()
+            i = len(prints)
+            prints.append(pr)
+            if self.strict and (i >= len(self.sizes) or not _same(pr, self._prints[i])):
+                if i >= len(self.sizes):
+                    what = f"more batches than pass 1 ({len(self.sizes)})"
+                else:
+                    what = f"other samples in batch {i}"
+                self._refuse(f"{what} ({self._strict_why} needs the same batches in the same order)")
             yield x.shape[0] / self.total, x, y
+        total = torch.stack(prints).sum(0) if prints else None
         if seen != self.total:
-            raise RuntimeError(f"{self._fn}: the data yielded {seen} samples on this pass, {self.total} on the first")
+            self._refuse(f"{seen} samples (pass 1: {self.total})")
+        if total is None or not _same(total, self._total_print):
+            self._refuse("other samples than pass 1")
+        if self.strict and len(prints) != len(self.sizes):
+            self._refuse(f"{len(prints)} batches (pass 1: {len(self.sizes)}; {self._strict_why} needs the "
+                         f"same batches)")
+
+
+def fixed_sample(data: Any, num_batches: Optional[int] = None, max_samples: Optional[int] = None, *,
+                 batch_size: Optional[int] = None, device: Union[str, torch.device, None] = None,
+                 dtype: Optional[torch.dtype] = None) -> list[Batch]:
+    """The batches of ``data`` drawn once and kept: a fixed sample for the curvature operators.
+
+    A training DataLoader (``shuffle=True`` with ``drop_last=True``, random augmentation) yields
+    other samples on every pass, which :func:`resgeom_fast.operators.hessian` refuses; this draws
+    one pass of it (shuffled and augmented as the loader does, once) and returns the batches as a
+    list, which yields the same samples every time it is read.
+
+    Args:
+        data: a DataLoader or any iterable of ``(x, y)`` batches; a map-style
+            ``torch.utils.data.Dataset`` of ``(x, y)`` samples (read in order, in batches of
+            ``batch_size``, default 128); or one ``(x, y)`` batch (split into batches of
+            ``batch_size`` when given).
+        num_batches: keep at most this many batches (None: a whole pass).
+        max_samples: keep at most this many samples in all (the last kept batch is cut).
+        batch_size: see ``data``; ignored for iterables of batches.
+        device, dtype: move the batches there / cast floating-point x and y to ``dtype``
+            (integer labels keep theirs).
+
+    Returns:
+        a list of ``(x [n_b, ...], y)`` tuples, tensors detached copies (later changes to the
+        loader's buffers do not reach them). Memory: the whole sample.
+    """
+    fn = "fixed_sample"
+    for name, v in (("num_batches", num_batches), ("max_samples", max_samples), ("batch_size", batch_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{fn}: expected {name} a positive int or None, got {v!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{fn}: expected dtype a floating-point torch.dtype or None, got {dtype!r}")
+    if is_single_batch(data):
+        x, y = data
+        bs = batch_size or x.shape[0]
+        source: Iterable = [(x[i:i + bs], y[i:i + bs] if isinstance(y, Tensor) else y)
+                            for i in range(0, x.shape[0], bs)]
+    elif isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
+            and hasattr(data, "__len__"):
+        source = torch.utils.data.DataLoader(data, batch_size=batch_size or 128, shuffle=False)
+    elif isinstance(data, Iterable):
+        source = data
+    else:
+        raise TypeError(f"{fn}: expected data a DataLoader, an iterable of (x, y) batches, a Dataset or one "
+                        f"(x, y) batch, got {type(data).__name__}")
+
+    def conv(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        t = t.detach()
+        out = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+        return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+    out: list[Batch] = []
+    n = 0
+    for b in source:
+        if not (isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], Tensor)):
+            raise TypeError(f"{fn}: expected batches (x, y) with x a tensor, got {type(b).__name__}")
+        x, y = b
+        if x.dim() == 0:
+            raise ValueError(f"{fn}: expected x with a batch dimension, got a 0-d tensor")
+        if max_samples is not None and n + x.shape[0] > max_samples:
+            keep = max_samples - n
+            x, y = x[:keep], (y[:keep] if isinstance(y, Tensor) else y)
+        if x.shape[0] > 0:
+            out.append((conv(x), conv(y)))
+            n += int(x.shape[0])
+        if (num_batches is not None and len(out) >= num_batches) or (max_samples is not None and n >= max_samples):
+            break
+    if not out:
+        raise ValueError(f"{fn}: data yielded no samples")
+    return out

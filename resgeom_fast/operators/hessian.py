@@ -59,16 +59,18 @@ after it: float32 matmuls that other threads run at the same moment also go to o
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from resgeom_fast.linalg.operator import LinearOperator
+from resgeom_fast.linalg.operator import LinearOperator, NonFiniteError
 from resgeom_fast.operators._structured import StructuredHVP, parse_structured
 from resgeom_fast.operators._data import (
     Batches,
+    NonRepeatableDataError,
     ParamSpec,
     has_batchnorm,
     is_single_batch,
@@ -93,6 +95,113 @@ def _check_loss(fn: str, loss: Tensor) -> None:
         raise ValueError(f"{fn}: expected loss_fn to return a scalar (the mean loss of the batch), got {shape}")
     if not loss.is_floating_point():
         raise ValueError(f"{fn}: expected a floating-point loss, got {loss.dtype}")
+
+
+# relative tolerance of the mean-contract check (values and output gradients of one batch and its
+# two halves, all computed from the same outputs: they differ by summation round-off only)
+_CONTRACT_TOLERANCE = {torch.float64: 1e-8}
+
+
+def check_mean_contract(fn: str, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Any, batchnorm: str,
+                        single_batch: bool) -> str:
+    """Check once, on one batch, that ``loss_fn`` is the *mean* of per-sample losses.
+
+    The batch's outputs o [n, ...] are computed once; the loss and its gradient in o are
+    evaluated on the whole batch (L, g) and on its two halves (L1, g1 on the first n1 samples,
+    L2, g2 on the other n2). A mean over samples gives ``L = (n1 L1 + n2 L2) / n`` and
+    ``g = (n1/n) g1 + (n2/n) g2`` (``g1``, ``g2`` padded with zeros); a sum over samples gives
+    ``L = L1 + L2``, ``g = g1 + g2`` and a curvature n times too large: refused (ValueError).
+    A loss that is neither (class weights normalised by their batch sum, losses that couple
+    samples) is refused when the data have several batches (their weights ``batch size /
+    total`` assume the mean) and accepted for one batch (the operator is then the curvature of
+    ``loss_fn`` on that batch as given). A mean over other axes too (``nn.MSELoss()``'s mean over
+    every element) passes: it is a mean of per-sample losses. Where the loss and its gradient
+    vanish (a perfect fit), the same relations are checked at randomly perturbed outputs (the
+    contract is a property of ``loss_fn`` at any outputs). Cost: one forward of the batch.
+
+    Returns:
+        what was found: ``"mean"``, ``"neither mean nor sum (one batch: loss_fn as given)"`` or
+        ``"not checked: <reason>"`` (batches of one sample, where sum and mean coincide;
+        labels that are not a tensor; outputs without a leading batch dimension; a loss and
+        output gradient that vanish there and at perturbed outputs).
+
+    Raises:
+        ValueError for a sum (or, with several batches, a non-mean); NonFiniteError when the loss
+        or its gradient is NaN/Inf on the first batch.
+    """
+    n = int(x.shape[0])
+    if n < 2:
+        return "not checked: the first batch has one sample (sum and mean coincide)"
+    if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != n:
+        return "not checked: the labels are not a tensor with the batch dimension first"
+    with torch.no_grad(), module_mode(model, batchnorm):
+        out = model(x)
+    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != n or not out.is_floating_point():
+        return "not checked: the model's outputs are not a floating tensor with the batch dimension first"
+    n1 = n // 2
+    n2 = n - n1
+    w1, w2 = n1 / n, n2 / n
+
+    def evaluate(o: Tensor) -> tuple[list[float], list[Tensor]]:
+        o = o.detach().requires_grad_(True)
+        vals, grads = [], []
+        with torch.enable_grad():
+            for sl in (slice(0, n), slice(0, n1), slice(n1, n)):
+                L = loss_fn(o[sl], y[sl])
+                _check_loss(fn, L)
+                if not L.requires_grad:
+                    raise ValueError(f"{fn}: expected loss_fn(outputs, y) to depend differentiably on the "
+                                     f"outputs, got a loss without a gradient (detached?)")
+                (g,) = torch.autograd.grad(L, o, allow_unused=True)
+                vals.append(float(L.detach().double()))
+                grads.append(torch.zeros_like(o, dtype=torch.float64) if g is None else g.double())
+        return vals, grads
+
+    def finite(vals: list[float], grads: list[Tensor]) -> bool:
+        return all(math.isfinite(v) for v in vals) and all(bool(t.isfinite().all()) for t in grads)
+
+    vals, grads = evaluate(out)
+    if not finite(vals, grads):
+        raise NonFiniteError(f"{fn}: loss_fn gave a non-finite loss or output gradient on the first batch "
+                             f"(loss {vals[0]:g}; on its two halves {vals[1]:g}, {vals[2]:g})")
+    # Where the loss and its gradient vanish (a perfect fit of a squared error) mean and sum agree;
+    # the contract is a property of loss_fn at any outputs, so it is then checked at perturbed ones.
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
+    points = [None, 0.1 * (float(out.double().std()) + 1.0) * noise]
+    for attempt, delta in enumerate(points):
+        if delta is not None:
+            vals, grads = evaluate(out + delta)
+            if not finite(vals, grads):
+                return "not checked: the loss and its output gradient vanish on the first batch"
+        (L, L1, L2), (g, g1, g2) = vals, grads
+        mean_pred, sum_pred = w1 * L1 + w2 * L2, L1 + L2
+        r_mean = abs(L - mean_pred) + float((g - w1 * g1 - w2 * g2).norm())
+        r_sum = abs(L - sum_pred) + float((g - g1 - g2).norm())
+        scale = abs(L) + abs(L1) + abs(L2) + float(g.norm() + g1.norm() + g2.norm())
+        tol = _CONTRACT_TOLERANCE.get(out.dtype, 1e-4) * scale
+        if scale > 0 and not (r_mean <= tol and r_sum <= tol):
+            break
+    else:
+        return "not checked: the loss and its output gradient vanish on the first batch"
+    where = "" if attempt == 0 else " (at perturbed outputs: the loss vanishes at the model's)"
+    nums = (f"on a batch of {n} samples{where} L = {L:.6g}; on its halves L1 = {L1:.6g} ({n1} samples), "
+            f"L2 = {L2:.6g} ({n2}): a mean gives (n1 L1 + n2 L2)/n = {mean_pred:.6g}, a sum L1 + L2 = {sum_pred:.6g}")
+    if r_mean <= tol:
+        return "mean"
+    if r_sum <= tol:
+        raise ValueError(
+            f"{fn}: expected loss_fn to return the mean loss over the batch (reduction='mean'), got a sum over "
+            f"the samples ({nums}): the curvature would be {n} times too large; pass a mean-reduced loss (e.g. "
+            f"nn.MSELoss() or nn.CrossEntropyLoss() with the default reduction='mean', or divide the sum by "
+            f"the batch size)")
+    if not single_batch:
+        raise ValueError(
+            f"{fn}: expected loss_fn to return the mean of per-sample losses (batches are combined with weights "
+            f"batch size / total), got a loss that is neither a mean nor a sum over samples ({nums}; relative "
+            f"misfit of the mean {r_mean / scale:.2g}); pass a per-sample mean loss, or one (x, y) batch to take "
+            f"the curvature of this loss as it is")
+    return "neither mean nor sum (one batch: loss_fn as given)"
 
 
 def _resolve_hvp(fn: str, hvp: str, device: torch.device) -> str:
@@ -143,6 +252,15 @@ class _NotStructured(ValueError):
     """The structured path does not apply to these data / this model (found when computing)."""
 
 
+class _ForwardOverReverseFailed(Exception):
+    """torch.func's forward-over-reverse raised (e.g. a loss without a forward-mode derivative,
+    such as ``F.huber_loss``); ``cause`` is the original exception."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def _rel_diff(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b)) ** 0.5
     den = sum(float(y.double().pow(2).sum()) for y in b) ** 0.5
@@ -170,7 +288,7 @@ class _Engine:
 
     def __init__(self, fn: str, kind: str, model: nn.Module, loss_fn: LossFn, data: Any,
                  names: list[str], params: list[Tensor], batchnorm: str, hvp: str,
-                 cache: Optional[bool], matmul: str = "auto") -> None:
+                 cache: Optional[bool], matmul: str = "auto", deterministic: bool = False) -> None:
         if not callable(loss_fn):
             raise TypeError(f"{fn}: expected loss_fn callable, got {type(loss_fn).__name__}")
         if batchnorm not in ("eval", "train"):
@@ -179,14 +297,20 @@ class _Engine:
         self.names, self.params, self.batchnorm = names, params, batchnorm
         self.dtype, self.device = params[0].dtype, params[0].device
         self.hvp = _resolve_hvp(fn, hvp, self.device)
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"{fn}: expected deterministic a bool, got {type(deterministic).__name__}")
+        self.deterministic = deterministic
         self.matmul = matmul
         self.backends = _resolve_matmul(fn, matmul, self.dtype, self.device)
+        if deterministic and matmul == "auto":
+            self.backends = ["default"]         # the fixed rule: the default library
         # verification per (param subset, k): {candidate: relative difference of its first
         # product to the double backward's (default BLAS)}
         self.checks: dict[tuple[tuple[int, ...], int], dict[str, float]] = {}
         self.onednn_off: Optional[str] = None      # why "auto" stopped using oneDNN
         self.structured: Optional[StructuredHVP] = None
         self.structured_off: Optional[str] = None  # why the structured path is not used
+        self.fwd_off: Optional[str] = None         # why "auto" stopped using forward-over-reverse
         self._primals: Optional[list[tuple[float, Any]]] = None
         self._forward_checked = False    # the structured logits matched model(x) over a whole pass
         if self.hvp in ("auto", "structured"):
@@ -199,7 +323,10 @@ class _Engine:
             else:
                 self.structured = StructuredHVP(layers, params)
         self.cache = is_single_batch(data) if cache is None else bool(cache)
-        self.batches = Batches(fn, data, self.dtype, self.device, materialise=self.cache)
+        strict_why = ("batchnorm='train' (batch statistics)" if batchnorm == "train" and has_batchnorm(model)
+                      else "deterministic=True" if deterministic else "")
+        self.batches = Batches(fn, data, self.dtype, self.device, materialise=self.cache,
+                               strict=bool(strict_why), strict_why=strict_why)
         if batchnorm == "train" and has_batchnorm(model) and min(self.batches.sizes) < 2:
             raise ValueError(
                 f"{fn}: batchnorm='train' needs batches of at least 2 samples (batch statistics of "
@@ -208,12 +335,14 @@ class _Engine:
         self._graphs: Optional[list[tuple]] = None
         # "auto": {(param subset, k): {method: [seconds, ...]}}
         self.timings: dict[tuple[tuple[int, ...], int], dict[str, list[float]]] = {}
+        x0, y0 = self.batches.first
+        self.loss_reduction = check_mean_contract(fn, model, loss_fn, x0, y0, batchnorm,
+                                                  single_batch=len(self.batches.sizes) == 1)
         if self.cache and self.hvp in ("double_backward", "auto"):
             self._graphs = [self._build(w, x, y) for w, x, y in self.batches]
         else:  # validate the loss on the first batch
-            w, x, y = next(iter(self.batches))
             with torch.no_grad(), module_mode(model, batchnorm):
-                _check_loss(fn, loss_fn(model(x), y))
+                _check_loss(fn, loss_fn(model(x0), y0))
 
     # -- graphs of the double-backward path -----------------------------------------------------
     def _build(self, w: float, x: Tensor, y: Any) -> tuple:
@@ -263,7 +392,9 @@ class _Engine:
         if self.hvp == "structured" or (self.hvp == "auto" and self.structured_off is None):
             methods = ["structured"]
         elif self.hvp == "auto":
-            methods = ["double_backward"] if k == 1 else list(_TUNED)
+            # deterministic: the fixed rule (the double backward), never a timing
+            fixed = k == 1 or self.deterministic or self.fwd_off is not None
+            methods = ["double_backward"] if fixed else list(_TUNED)
         else:
             methods = [self.hvp]
         backends = [b for b in self.backends if not (b == "onednn" and self.onednn_off)]
@@ -287,6 +418,18 @@ class _Engine:
 
     def apply(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         """Curvature products restricted to params ``idx``: ``vs[j]`` is [k, *shape of idx[j]]."""
+        try:
+            return self._apply_any(idx, vs, k)
+        except _ForwardOverReverseFailed as exc:
+            why = (f"forward-over-reverse (torch.func) failed on this model and loss: "
+                   f"{type(exc.cause).__name__}: {exc.cause}")
+            if self.hvp != "auto":
+                raise RuntimeError(f"{self.fn}: hvp='forward_over_reverse': {why}; use hvp='double_backward' "
+                                   f"or 'auto'") from exc.cause
+            self.fwd_off = why              # "auto" falls back to the double backward, says why
+            return self._apply_any(idx, vs, k)
+
+    def _apply_any(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         cand = self.choice(idx, k)
         if cand is not None:
             return self._run(cand, idx, vs, k, None)
@@ -303,7 +446,15 @@ class _Engine:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         with onednn_matmul() if backend == "onednn" else contextlib.nullcontext():
-            out = self._apply_method(method, idx, vs, k)
+            if method == "forward_over_reverse":
+                try:
+                    out = self._apply_method(method, idx, vs, k)
+                except (NonRepeatableDataError, _NotStructured):
+                    raise
+                except (RuntimeError, NotImplementedError) as exc:
+                    raise _ForwardOverReverseFailed(exc) from exc
+            else:
+                out = self._apply_method(method, idx, vs, k)
         if sync:
             torch.cuda.synchronize(self.device)
         if rec is not None:
@@ -359,7 +510,7 @@ class _Engine:
                     raise RuntimeError(f"{self.fn}: matmul='onednn': {why}; use matmul='auto' or 'default'")
                 self.onednn_off = why
         if result is None:                  # cand failed: the product of the (new) choice for this key
-            return self.apply(idx, vs, k)
+            return self._apply_any(idx, vs, k)
         return result
 
     def _primals_iter(self):
@@ -422,23 +573,30 @@ class _Engine:
         names = [self.names[i] for i in idx]
         primals = tuple(self.params[i].detach() for i in idx)
         acc: Optional[list[Tensor]] = None
+        nps = len(primals)
         for w, x, y in self.batches:
             def outputs(*ps: Tensor) -> Tensor:
                 return functional_call(self.model, dict(zip(names, ps)), (x,))
 
+            # Floating-point targets enter jvp as primals with a zero tangent (which changes
+            # nothing): without one, PyTorch's forward derivative of mse_loss's backward
+            # writes into the implicit zero tangent of the target ("ZeroTensors are immutable").
+            y_dual = isinstance(y, Tensor) and y.is_floating_point()
+            ys = (y,) if y_dual else ()
+            yt = (torch.zeros_like(y),) if y_dual else ()
             with module_mode(self.model, self.batchnorm):
                 if self.kind == "hessian":
-                    def loss(*ps: Tensor) -> Tensor:
-                        return self.loss_fn(outputs(*ps), y)
+                    def loss(*a: Any) -> Tensor:
+                        return self.loss_fn(outputs(*a[:nps]), a[nps] if y_dual else y)
 
-                    g = grad(loss, argnums=tuple(range(len(primals))))
-                    res = vmap(lambda *t: jvp(g, primals, t)[1])(*vs)
+                    g = grad(loss, argnums=tuple(range(nps)))
+                    res = vmap(lambda *t: jvp(g, primals + ys, t + yt)[1])(*vs)
                 else:
                     out, vjp_fn = vjp(outputs, *primals)
                     out = out.detach()
                     jv = vmap(lambda *t: jvp(outputs, primals, t)[1])(*vs)
-                    gl = grad(lambda o: self.loss_fn(o, y))
-                    hjv = vmap(lambda t: jvp(gl, (out,), (t,))[1])(jv)
+                    gl = grad(lambda o, *yy: self.loss_fn(o, yy[0] if y_dual else y))
+                    hjv = vmap(lambda t: jvp(gl, (out,) + ys, (t,) + yt)[1])(jv)
                     res = vmap(vjp_fn)(hjv)
             acc = _accumulate(acc, [r.detach() for r in res], w)
         assert acc is not None
@@ -455,6 +613,10 @@ class CurvatureOperator(LinearOperator):
         hvp: the product method ("auto", "structured", "double_backward" or "forward_over_reverse").
         matmul: the matmul backend setting ("auto", "default" or "onednn").
         cached: whether per-batch graphs (and the batches) are kept between calls.
+        deterministic: whether "auto" follows the fixed rule instead of timings (module doc).
+        loss_reduction: what the one-off check of the mean contract found: ``"mean"``,
+            ``"neither mean nor sum (one batch: loss_fn as given)"`` or ``"not checked: <why>"``
+            (:func:`check_mean_contract`).
         max_vectors_per_pass: a matmat with more columns is applied in passes of this many
             (default 10, the probes of a 10-probe SLQ; wider passes were no faster per vector on
             the benchmark ResNet, and they cost memory and longer "auto" measurements).
@@ -473,6 +635,8 @@ class CurvatureOperator(LinearOperator):
         super().__init__((o, o), engine.dtype, engine.device, (), symmetric=True)
         self.num_samples = engine.batches.total
         self.hvp, self.cached, self.matmul = engine.hvp, engine.cache, engine.matmul
+        self.deterministic = engine.deterministic
+        self.loss_reduction = engine.loss_reduction
         self.max_vectors_per_pass = 10
 
     def _matmat(self, X: Tensor) -> Tensor:
@@ -502,6 +666,29 @@ class CurvatureOperator(LinearOperator):
         """The product method used for passes of ``k`` vectors, with ``"+onednn"`` when oneDNN runs
         its matmuls (None: ``"auto"`` still measuring)."""
         return self._engine.choice(self._idx, k)
+
+    @property
+    def hvp_method(self) -> Optional[str]:
+        """The product method of every pass ("structured", "double_backward" or
+        "forward_over_reverse") when it is fixed: ``hvp`` names one, ``deterministic=True``, or
+        "auto" found the structured path; None while "auto" picks per pass width by timing (see
+        :meth:`hvp_choice`). It can change once: when the structured path fails its first check
+        (or forward-over-reverse raises under "auto"), the double backward takes over."""
+        methods = {c.partition("+")[0] for c in self._engine.candidates(2)}
+        return methods.pop() if len(methods) == 1 else None
+
+    @property
+    def matmul_choice(self) -> Optional[str]:
+        """The matmul library of every pass ("default" or "onednn") when it is fixed (``matmul``
+        names one, ``deterministic=True``, or oneDNN does not apply); None while "auto" measures."""
+        libs = {c.partition("+")[2] or "default" for c in self._engine.candidates(2)}
+        return libs.pop() if len(libs) == 1 else None
+
+    @property
+    def forward_over_reverse_off(self) -> Optional[str]:
+        """Why ``hvp="auto"`` stopped using forward-over-reverse (it raised on this model / loss);
+        None: it did not."""
+        return self._engine.fwd_off
 
     @property
     def verification(self) -> dict[int, dict[str, float]]:
@@ -565,21 +752,28 @@ class GGNOperator(CurvatureOperator):
 
 
 def _make(fn: str, kind: str, model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec,
-          batchnorm: str, hvp: str, cache: Optional[bool], matmul: str) -> _Engine:
+          batchnorm: str, hvp: str, cache: Optional[bool], matmul: str, deterministic: bool) -> _Engine:
     names, tensors = select_params(fn, model, params)
-    return _Engine(fn, kind, model, loss_fn, data, names, tensors, batchnorm, hvp, cache, matmul)
+    return _Engine(fn, kind, model, loss_fn, data, names, tensors, batchnorm, hvp, cache, matmul, deterministic)
 
 
 def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
             batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None,
-            matmul: str = "auto") -> HessianOperator:
+            matmul: str = "auto", deterministic: bool = False) -> HessianOperator:
     """The Hessian of the mean loss over ``data`` w.r.t. the chosen parameters, as an operator.
 
     Args:
         model: an ``nn.Module`` mapping x to outputs.
-        loss_fn: ``loss_fn(outputs, y) -> scalar``, the *mean* loss of a batch.
+        loss_fn: ``loss_fn(outputs, y) -> scalar``, the *mean* loss of a batch (checked once on
+            the first batch, :func:`check_mean_contract`: a sum over samples is refused).
+            Classification (integer labels) and regression (``F.mse_loss``, ``nn.MSELoss()``,
+            float targets [N, d]) losses work with every method.
         data: one ``(x, y)`` batch or an iterable of batches (a DataLoader; iterated in order,
-            once per matmat unless cached; it must yield the same samples on every pass).
+            once per matmat unless cached). It must yield the same samples on every pass: an
+            uncached iterable is read twice at construction and fingerprinted on every pass
+            (:class:`resgeom_fast.operators._data.Batches`), and one that changes (shuffle with
+            drop_last, random augmentation) raises :class:`NonRepeatableDataError`; freeze such a
+            loader with :func:`resgeom_fast.operators.fixed_sample`.
             x must be on the parameters' device, in their dtype when floating.
         params: None (all trainable parameters), names (parameters or modules), modules (e.g. one
             residual block) or parameter tensors. Order: that of ``model.named_parameters()``.
@@ -590,31 +784,43 @@ def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = No
             for a DataLoader; True on a DataLoader keeps every batch's graph in memory).
         matmul: "auto", "default" or "onednn": which library runs float32 CPU matmuls (module
             doc; oneDNN is verified against the default before use).
+        deterministic: make "auto" choose by a fixed rule, never by timing: the structured path
+            where it applies and passes its check, else the double backward; the default matmul
+            library. Explicit ``hvp`` / ``matmul`` values are kept. Also requires the data to
+            yield the same batches in the same order. ``op.hvp_method``, ``op.matmul_choice``
+            read the choice. Products are then bitwise reproducible on the CPU; on CUDA also set
+            ``torch.use_deterministic_algorithms(True)`` (the caller's process-wide setting).
 
     Returns:
         a symmetric :class:`HessianOperator` of shape (P, P), dtype and device of the parameters;
         ``matmat(X [P, k]) -> [P, k]`` applies k Hessian-vector products in one pass over the data.
     """
-    engine = _make("hessian", "hessian", model, loss_fn, data, params, batchnorm, hvp, cache, matmul)
+    engine = _make("hessian", "hessian", model, loss_fn, data, params, batchnorm, hvp, cache, matmul,
+                   deterministic)
     return HessianOperator(engine, list(range(len(engine.names))))
 
 
 def ggn(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
         batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None,
-        matmul: str = "auto") -> GGNOperator:
+        matmul: str = "auto", deterministic: bool = False) -> GGNOperator:
     """The generalised Gauss-Newton matrix ``mean over samples of J^T H_loss J``, J = d outputs /
-    d params, H_loss the Hessian of ``loss_fn`` in the outputs. Same arguments as :func:`hessian`.
+    d params, H_loss the Hessian of ``loss_fn`` in the outputs. Same arguments as :func:`hessian`
+    (no structured path: "auto" and ``deterministic`` choose among the autograd methods).
+
+    For the mean squared error ``nn.MSELoss()`` (mean over all N*d elements of outputs [N, d])
+    ``H_loss = 2/(N d) I``, so ``G = (2/(N d)) sum_n J_n^T J_n``.
 
     Returns:
         a symmetric positive semi-definite (for convex losses) :class:`GGNOperator` (P, P).
     """
-    engine = _make("ggn", "ggn", model, loss_fn, data, params, batchnorm, hvp, cache, matmul)
+    engine = _make("ggn", "ggn", model, loss_fn, data, params, batchnorm, hvp, cache, matmul, deterministic)
     return GGNOperator(engine, list(range(len(engine.names))))
 
 
 def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optional[Sequence[Any]] = None, *,
                    batchnorm: str = "eval", hvp: str = "auto",
-                   cache: Optional[bool] = None, matmul: str = "auto") -> list[HessianOperator]:
+                   cache: Optional[bool] = None, matmul: str = "auto",
+                   deterministic: bool = False) -> list[HessianOperator]:
     """Per-block Hessians (diagonal blocks H_ll of the Hessian) of every residual block, in one call.
 
     The operators share one gradient graph per batch (built once when cached); block l's operator
@@ -633,7 +839,7 @@ def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optiona
     infos = resolve_blocks("block_hessians", model, blocks)
     names, tensors = select_params("block_hessians", model, [b.block for b in infos])
     engine = _Engine("block_hessians", "hessian", model, loss_fn, data, names, tensors, batchnorm, hvp,
-                     cache, matmul)
+                     cache, matmul, deterministic)
     pos = {id(t): i for i, t in enumerate(tensors)}
     ops = []
     for b in infos:
