@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from resgeom_fast._progress import progress as _progress_bar
 from resgeom_fast.analysis._common import (
     Result,
     check_choice,
@@ -647,7 +648,7 @@ def _cross_row(U: Tensor, V: Tensor, ops: list[ResidualJacobian]) -> Tensor:
 
 def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_out: Tensor, k: int,
            C: int, oversample: int, power_iters: Union[int, str], tol: float, max_iters: int, tau: float,
-           seed: int, offset: int) -> StageAlignment:
+           seed: int, offset: int, bar: Any) -> StageAlignment:
     L = len(ops)
     N = ops[0].batch_shape[0]
     traj = torch.stack([J.h for J in ops] + [last_out], dim=1)           # [N, L+1, *shape]
@@ -690,6 +691,8 @@ def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_
             if a == i:
                 cross_abs[p] = A[b].abs().mean(0)
                 cross_diag[p] = A[b].diagonal(dim1=-2, dim2=-1).mean(0)
+        bar.set_postfix_str(f"stage {stage_no}, {J.info.name}: {iters[-1]} power iterations")
+        bar.update(1)
     sv_m, sv_s = _mean_std(S_all, 1)
     sa_m, sa_s = _mean_std(self_r[..., :r_self].mean(-1), 1)
     dr_m, dr_s = _mean_std(dr, 2)
@@ -771,6 +774,7 @@ def residual_alignment(
     chunk_size: Optional[int] = None,
     seed: int = 0,
     deterministic: bool = False,
+    progress: bool = False,
 ) -> AlignmentResult:
     """Residual Alignment RA1-RA4 of ``model`` at the inputs ``x`` (SCIENCE.md section 1).
 
@@ -809,6 +813,8 @@ def residual_alignment(
             alignment makes no timing-based choice (the path choice is structural, the sketches
             are seeded), so it is deterministic given ``seed`` with either value (bit for bit on
             one machine and thread count).
+        progress: show a progress bar that ticks once per analysed block (SVD and cross
+            alignment done), with the block's power iterations (plain lines off a TTY).
 
     Returns:
         an :class:`AlignmentResult` (float64 CPU tensors), one :class:`StageAlignment` per stage.
@@ -856,6 +862,8 @@ def residual_alignment(
     check_int(where, "max_iters", max_iters, 0)
     if not isinstance(deterministic, bool):
         raise TypeError(f"{where}: expected deterministic a bool, got {type(deterministic).__name__}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"{where}: expected progress a bool, got {type(progress).__name__}")
     tau = check_float(where, "tau", tau, 0.0, 1.0, open_lo=True)
     check_int(where, "seed", seed, 0)
     check_choice(where, "path", path, _PATHS)
@@ -921,11 +929,12 @@ def residual_alignment(
         if not bool(torch.isfinite(h).all()):
             raise ValueError(f"{where}: the output of block {ops[g[-1]].info.name!r} has non-finite values "
                              "(NaN or inf) at x; check the model (diverged training?) and the data")
-    stages = [
-        _stage(s, [ops[b] for b in g], [idx[b] for b in g], last[s], k, C, oversample, power_iters, tol,
-               max_iters, tau, seed, g[0])
-        for s, g in enumerate(groups)
-    ]
+    with _progress_bar(sum(len(g) for g in groups), where, enabled=progress, unit="blocks") as bar:
+        stages = [
+            _stage(s, [ops[b] for b in g], [idx[b] for b in g], last[s], k, C, oversample, power_iters, tol,
+                   max_iters, tau, seed, g[0], bar)
+            for s, g in enumerate(groups)
+        ]
     res = AlignmentResult(stages=stages, labels=labels, num_classes=C, k=k, oversample=oversample,
                           power_iters=power_iters, tau=tau, seed=seed, path=path, n_samples=N,
                           per_stage=per_stage, skipped_blocks=skipped, tol=tol, max_iters=max_iters,

@@ -304,3 +304,16 @@ def test_new_setting_checks(kwargs, exc, match):
     model, x, _, _ = _conv()
     with pytest.raises(exc, match="residual_alignment: " + match):
         residual_alignment(model, x, k=2, **kwargs)
+
+
+def test_progress_ticks_per_block(capsys):
+    model, x, _, _ = _conv()
+    residual_alignment(model, x, k=4, progress=True)
+    err = capsys.readouterr().err                       # not a TTY: plain lines, the last one final
+    last = [ln for ln in err.splitlines() if ln.startswith("[residual_alignment]")][-1]
+    assert last.startswith("[residual_alignment] 3/3 blocks (100%)") and "blocks.2: " in last
+    assert "power iterations" in last
+    residual_alignment(model, x, k=4)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="residual_alignment: expected progress a bool, got str"):
+        residual_alignment(model, x, k=4, progress="yes")
