@@ -107,7 +107,8 @@ ALIGN_OPTIONS = [
     _opt("align_samples", "int", 64, "test inputs of the alignment analysis", minimum=1),
     _opt("k", "optint", None, "singular triplets per block (null: C + 5)", minimum=1),
     _opt("oversample", "int", 10, "randomized SVD oversampling", minimum=0),
-    _opt("power_iters", "int", 2, "randomized SVD power iterations", minimum=0),
+    _opt("power_iters", "optint", None, "randomized SVD power iterations (null: adaptive, iterate until the "
+         "a-posteriori error bound meets the tolerance; the achieved accuracy is reported either way)", minimum=0),
     _opt("depths", "ints", [4, 8, 16], "depths of the residual nets of the RA4 comparison", minimum=1),
 ]
 HESSIAN_OPTIONS = [
@@ -197,7 +198,8 @@ def _alignment(runner: Runner, cfg: dict, model, ds, device, name: str) -> dict[
 
     x, y = _xy(ds, "test", cfg["align_samples"], device)
     return _analysis(runner, name, lambda: residual_alignment(
-        model, x, cfg.get("k"), y, oversample=cfg["oversample"], power_iters=cfg["power_iters"], seed=cfg["seed"]))
+        model, x, cfg.get("k"), y, oversample=cfg["oversample"], power_iters=cfg["power_iters"], seed=cfg["seed"],
+        deterministic=bool(cfg.get("deterministic", False))))
 
 
 def _spectrum(runner: Runner, cfg: dict, model, ds, device, name: str) -> dict[str, Any]:
@@ -208,7 +210,8 @@ def _spectrum(runner: Runner, cfg: dict, model, ds, device, name: str) -> dict[s
     steps = min(cfg["lanczos_steps"], dim)
     return _analysis(runner, name, lambda: hessian_spectrum(
         model, F.cross_entropy, (x, y), k=min(cfg["eigs"], dim), probes=cfg["probes"], steps=steps,
-        trace_probes=cfg["trace_probes"], seed=cfg["seed"], progress=runner.progress))
+        trace_probes=cfg["trace_probes"], seed=cfg["seed"], progress=runner.progress,
+        deterministic=bool(cfg.get("deterministic", False))))
 
 
 def _depth_scaling(runner: Runner, cfg: dict, ds, key, device) -> dict[str, Any]:
@@ -221,7 +224,8 @@ def _depth_scaling(runner: Runner, cfg: dict, ds, key, device) -> dict[str, Any]
         for L in cfg["depths"]:
             model, _ = _train(runner, cfg, ds, key, "residual", device, depth=L)
             r = residual_alignment(model, x, cfg.get("k"), y, oversample=cfg["oversample"],
-                                   power_iters=cfg["power_iters"], seed=cfg["seed"])
+                                   power_iters=cfg["power_iters"], seed=cfg["seed"],
+                                   deterministic=bool(cfg.get("deterministic", False)))
             results.append(r)
             per.append({"depth": L, "sigma1_mean": r.stages[0].sigma1_mean, "summary": r.summary()})
         return {"scaling": depth_scaling(results), "per_depth": per}
@@ -988,7 +992,7 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
              "power_iters": 1, "depths": [2, 3], "hessian_samples": 128, "eigs": 2, "probes": 2,
              "lanczos_steps": 12, "trace_probes": 6, "path_samples": 16, "max_order": None, "gc_samples": 32},
     "default": {"n_train": None, "width": 64, "depth": 8, "epochs": 30, "align_samples": 64, "k": None,
-                "oversample": 10, "power_iters": 2, "depths": [4, 8, 16], "hessian_samples": 512, "eigs": 4,
+                "oversample": 10, "power_iters": None, "depths": [4, 8, 16], "hessian_samples": 512, "eigs": 4,
                 "probes": 4, "lanczos_steps": 40, "trace_probes": 30, "path_samples": 128, "max_order": None,
                 "gc_samples": 256},
 }
@@ -1075,7 +1079,8 @@ def run_hessian(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
     def bars_build(r: dict) -> Any:
         fig, axes = new_figure(2)
         bars(axes[0], r, archs, [
-            ("near-zero mass, |lambda| < eps lambda_max", "models.{g}.spectrum.summary.degeneracy_fraction"),
+            ("near-zero mass, |lambda| < eps lambda_max", "models.{g}.spectrum.summary.degenerate_fraction_rel"),
+            ("near-zero mass, |lambda| < abs_eps", "models.{g}.spectrum.summary.degenerate_fraction_abs"),
             ("negative mass (lambda < -eps lambda_max)", "models.{g}.spectrum.summary.significant_negative_fraction")],
              title="Hessian spectral mass (n/a: unresolved)", ylabel="fraction of the spectrum")
         bars(axes[1], r, archs, [("lambda_max", "models.{g}.spectrum.summary.lambda_max")],
