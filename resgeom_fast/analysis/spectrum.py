@@ -89,7 +89,7 @@ class MassFraction:
 
     Attributes:
         name: "degenerate_rel", "degenerate_abs", "negative" or "significant_negative".
-        interval: the open interval (a, b) (``-inf`` allowed).
+        interval: the open interval (a, b) (``-inf`` allowed; ``to_dict`` writes it as None).
         steps: m, the Lanczos steps of the quadrature; probes: the probes averaged.
         value: the Gauss rule's mass, mean over probes (the usual SLQ estimate).
         stderr: standard error of ``value`` over probes (probe error only; NaN with one probe).
