@@ -39,6 +39,7 @@ from resgeom_fast.analysis._common import (
     model_device_dtype,
     to_jsonable,
 )
+from resgeom_fast.analysis.collapse import check_finite_parameters, check_finite_tensor
 from resgeom_fast.models import FCResNet, OrthogonalSkip, ScaledIdentity, ZeroSkip
 from resgeom_fast.operators import (
     BlockInfo,
@@ -85,7 +86,16 @@ def _check_x(fn: str, model: nn.Module, x: Any) -> tuple[torch.device, torch.dty
         raise ValueError(f"{fn}: expected x on the model's device {device}, got {x.device}")
     if x.is_floating_point() and x.dtype != dtype:
         raise ValueError(f"{fn}: expected x of dtype {dtype} (the model's), got {x.dtype}")
+    check_finite_parameters(fn, model)
+    check_finite_tensor(fn, x, "x")
     return device, dtype
+
+
+def _check_states(fn: str, infos: Sequence[BlockInfo], hs: Sequence[Tensor]) -> None:
+    """The captured block inputs are finite (parameters and x are: else the forward overflowed)."""
+    for info, h in zip(infos, hs):
+        check_finite_tensor(fn, h, f"the input of block {info.name!r} (parameters and x are finite: the "
+                                   f"forward pass overflowed)")
 
 
 def _check_not_hyper(fn: str, model: nn.Module) -> None:
@@ -265,6 +275,7 @@ def _path_coefficients(fn: str, model: nn.Module, x: Tensor, max_order: Optional
     infos = [op.info for op in ops]
     _check_stack(fn, model, infos, [(op.in_shape, op.out_shape) for op in ops])
     hs = [op.h for op in ops]
+    _check_states(fn, infos, hs)
     _check_chain(fn, infos, hs)
     L = len(ops)
     M = L if max_order is None else check_int(fn, "max_order", max_order, 0, L, hint=" (the number of blocks)")
@@ -290,6 +301,8 @@ def _path_coefficients(fn: str, model: nn.Module, x: Tensor, max_order: Optional
             add = j_out[:, :, i * P:(i + 1) * P]
             new[m + 1] = add if new[m + 1] is None else new[m + 1] + add
         total = q_out[:, :, -P:] + j_out[:, :, -P:]
+        check_finite_tensor(fn, total, f"d h_l / d h_0 v after block {info.name!r} (the linearised stack "
+                                       f"overflowed)")
         orders = new
     return orders, total, c0, infos
 
@@ -327,6 +340,8 @@ def path_expansion(model: nn.Module, x: Tensor, max_order: Optional[int] = None,
     Raises:
         ValueError for hyper-residual nets, post-activations other than Identity, blocks that change
         shape (analyse staged nets per stage with ``blocks=``), non-consecutive blocks, bad x / v.
+        NonFiniteError (a ValueError) naming a model parameter / buffer or x holding NaN / inf
+        (checked before any work), or the block whose input or linearised output overflowed.
     """
     fn = "path_expansion"
     orders, total, c0, infos = _path_coefficients(fn, model, x, max_order, v=v, blocks=blocks,
@@ -429,6 +444,10 @@ def second_order_expansion(model: nn.Module, x: Tensor) -> ExpansionResult:
     Returns:
         an :class:`ExpansionResult` (norms per sample, float64). In float32 the remainders have a
         rounding floor of about 1e-7 ||h||: use float64 models to see lam^3 at small lam.
+
+    Raises:
+        NonFiniteError: NaN / inf in a model parameter or buffer or in x (named), or an overflow
+            (the block input or expansion term named).
     """
     fn = "second_order_expansion"
     _check_x(fn, model, x)
@@ -437,6 +456,7 @@ def second_order_expansion(model: nn.Module, x: Tensor) -> ExpansionResult:
     _check_not_hyper(fn, model)
     infos = residual_blocks(model)
     hs = block_inputs(model, x, infos)
+    _check_states(fn, infos, hs)
     for info in infos:
         if not isinstance(info.skip, nn.Identity):
             raise ValueError(f"{fn}: block {info.name!r} has skip {type(info.skip).__name__}; the Taylor "
@@ -465,6 +485,9 @@ def second_order_expansion(model: nn.Module, x: Tensor) -> ExpansionResult:
     def nrm(t: Tensor) -> Tensor:
         return t.reshape(n, -1).norm(dim=1).cpu()
 
+    check_finite_tensor(fn, hL, "h_L (the forward pass overflowed)")
+    check_finite_tensor(fn, u, "the first-order term sum_i lam_i F_i(h_0) (overflow)")
+    check_finite_tensor(fn, second, "the second-order term (overflow)")
     h0d, hLd, e1 = h0.double(), hL.double(), h0.double() + u.double()
     e2 = e1 + second.double()
     res = ExpansionResult(
@@ -582,6 +605,10 @@ def geometric_complexity(model: nn.Module, data: Any, *, batch_size: Optional[in
 
     Returns:
         a :class:`GCResult`.
+
+    Raises:
+        NonFiniteError: NaN / inf in a model parameter or buffer (named), in the inputs x of a
+            batch, or in the Jacobians (overflow; the samples named).
     """
     fn = "geometric_complexity"
     if not isinstance(model, nn.Module):
@@ -589,6 +616,7 @@ def geometric_complexity(model: nn.Module, data: Any, *, batch_size: Optional[in
     device, dtype = model_device_dtype(fn, model)
     if batch_size is not None:
         check_int(fn, "batch_size", batch_size, 1)
+    check_finite_parameters(fn, model)
     from torch.func import jacfwd, jacrev, vmap
 
     def f1(xi: Tensor) -> Tensor:
@@ -602,9 +630,10 @@ def geometric_complexity(model: nn.Module, data: Any, *, batch_size: Optional[in
     per_class: Optional[Tensor] = None
     c_out = in_dim = 0
     with _eval_mode(model):
-        for x, _ in batches(fn, data, device, dtype):
+        for b, (x, _) in enumerate(batches(fn, data, device, dtype)):
             if not x.is_floating_point():
                 raise ValueError(f"{fn}: expected floating-point inputs x, got {x.dtype}")
+            check_finite_tensor(fn, x, f"the inputs x of batch {b}")
             if x.dim() < 2 or x.shape[0] == 0:
                 raise ValueError(f"{fn}: expected x [n, ...] with n >= 1, got shape {tuple(x.shape)}")
             in_dim = math.prod(x.shape[1:])
@@ -615,6 +644,8 @@ def geometric_complexity(model: nn.Module, data: Any, *, batch_size: Optional[in
             step = batch_size or x.shape[0]
             for s in range(0, x.shape[0], step):
                 J = jac(x[s:s + step]).detach().reshape(-1, c_out, in_dim).double()   # [n, C, d]
+                check_finite_tensor(fn, J, f"the input-output Jacobians of samples {s}..{s + J.shape[0] - 1} "
+                                           f"of batch {b} (parameters and x are finite: overflow)")
                 sq = J.pow(2).sum(-1)                                                  # [n, C]
                 vals.append(sq.sum(-1).cpu())
                 pc = sq.sum(0).cpu()

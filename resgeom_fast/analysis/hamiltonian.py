@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from ._common import Result, check_float, figure_axes, model_device_dtype, to_jsonable
+from .collapse import check_finite_parameters, check_finite_tensor
 
 __all__ = ["HamiltonianResult", "hamiltonian", "bottleneck_rank", "middle_layers", "plot_hamiltonian",
            "plot_layer_spectra", "stable_rank", "cost_of_identity"]
@@ -227,6 +228,8 @@ def hamiltonian(leaky_model: torch.nn.Module, X: Tensor, Y: Tensor, gamma0: floa
         TypeError: leaky_model is not a LeakyResNet; X or Y not tensors.
         ValueError: leak == 0, gamma0 <= 0, tol outside (0, 1), X / Y of the wrong shape,
             dtype or device.
+        NonFiniteError: a NaN / inf in a model parameter (named), in X or Y, or in a state or
+            momentum (overflow; the layer named).
     """
     _check_model(leaky_model)
     gamma0 = check_float(_WHERE, "gamma0", gamma0, lo=0.0, open_lo=True)
@@ -245,6 +248,9 @@ def hamiltonian(leaky_model: torch.nn.Module, X: Tensor, Y: Tensor, gamma0: floa
         raise ValueError(f"{_WHERE}: expected Y with {X.shape[0]} rows (as X), got {Y.shape[0]}")
     if X.shape[0] < 1:
         raise ValueError(f"{_WHERE}: expected X with at least one row, got 0")
+    check_finite_parameters(_WHERE, leaky_model)
+    check_finite_tensor(_WHERE, X.detach(), "X")
+    check_finite_tensor(_WHERE, Y.detach(), "Y")
 
     model = leaky_model
     lt, lam, depth = float(model.leak), float(model.lam), int(model.depth)
@@ -259,6 +265,12 @@ def hamiltonian(leaky_model: torch.nn.Module, X: Tensor, Y: Tensor, gamma0: floa
             loss = model.data_loss(out, Y.detach()) + model.regularization()
             grads = torch.autograd.grad(loss, hiddens)
             momenta = [(-g / lam).detach().to(torch.float64).T.cpu() for g in grads]  # B_l [w, N]
+    for l, h in enumerate(hiddens):
+        check_finite_tensor(_WHERE, h.detach(), f"the state A_{l} (parameters and X are finite: the forward pass "
+                                                f"overflowed)")
+    if momenta is not None:
+        for l, b in enumerate(momenta):
+            check_finite_tensor(_WHERE, b, f"the momentum B_{l} (overflow in the loss gradient)")
     states = [h.detach().to(torch.float64).T.cpu() for h in hiddens]  # A_l [w, N]
     rho = model.rho.detach().to(torch.float64).cpu()
 

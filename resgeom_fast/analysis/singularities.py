@@ -43,7 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from resgeom_fast import operators
+from resgeom_fast.linalg import NonFiniteError
 from resgeom_fast.analysis._common import Result, batches, check_float, model_device_dtype, to_jsonable
+from resgeom_fast.analysis.collapse import check_finite_parameters, check_finite_tensor
 
 __all__ = ["LayerSingularities", "SingularityResult", "find_relu_layers", "plot_singularities", "singularities"]
 
@@ -217,10 +219,12 @@ class _Stats:
         self.max = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
         self.kind: Optional[str] = None
 
-    def add(self, where: str, name: str, z: Tensor) -> None:
+    def add(self, where: str, name: str, z: Tensor, batch: int = 0) -> None:
         if z.dim() < 2 or z.shape[1] != self.n:
             raise ValueError(f"{where}: expected the output of ReLU {name!r} to have {self.n} units (channels) "
                              f"in dimension 1, got shape {tuple(z.shape)}")
+        check_finite_tensor(where, z.detach(), f"the output of ReLU {name!r} on batch {batch} (the model's "
+                                               f"parameters and x are finite: the forward pass overflowed)")
         kind = "linear" if z.dim() == 2 else "conv"
         self.kind = self.kind or kind
         z = z.detach()
@@ -253,8 +257,8 @@ def _pair_cos(gram: Tensor, eps: float) -> tuple[int, float, float, int]:
 def _layer_metrics(lay: _Layer, st: _Stats, eps: float) -> LayerSingularities:
     n = st.n
     if not (bool(torch.isfinite(st.gram).all()) and bool(torch.isfinite(st.sum).all())):
-        raise ValueError(f"{_WHERE}: expected finite activations, got NaN or inf at ReLU {lay.name!r} "
-                         "(check the model's parameters and the data)")
+        raise NonFiniteError(f"{_WHERE}: expected finite activation statistics at ReLU {lay.name!r}, got NaN or "
+                             "inf in the float64 Gram matrix (the activations overflow it)")
     W = lay.weight_module.weight.detach()
     W = W.reshape(W.shape[0], math.prod(W.shape[1:])).double()
     n_in = int(W.shape[1])
@@ -346,6 +350,10 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
 
     Returns:
         a :class:`SingularityResult` (tensors on the CPU, float64 / int64).
+
+    Raises:
+        NonFiniteError: a NaN / inf in a model parameter or buffer (named; checked before any
+            forward pass), in the inputs x of a batch, or in a ReLU's output (named, with the batch).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{_WHERE}: expected model an nn.Module, got {type(model).__name__}")
@@ -358,11 +366,13 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
         raise ValueError(f"{_WHERE}: found no nn.ReLU inside an nn.Sequential after a Linear / Conv in "
                          f"{type(model).__name__}; there are no layers of units to analyse")
     chosen = _select(found, layers)
+    check_finite_parameters(_WHERE, model)
     stats = [_Stats(int(l.weight_module.weight.shape[0]), device) for l in chosen]
     handles = []
+    batch = [0]
     for lay, st in zip(chosen, stats):
         def hook(mod: nn.Module, inp: Any, out: Tensor, lay: _Layer = lay, st: _Stats = st) -> None:
-            st.add(_WHERE, lay.name, out)
+            st.add(_WHERE, lay.name, out, batch[0])
         handles.append(lay.relu.register_forward_hook(hook))
     saved = [(m, m.training) for m in model.modules()]
     n_samples = 0
@@ -370,6 +380,8 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
         model.eval()
         with torch.no_grad():
             for i, (x, _y) in enumerate(batches(_WHERE, data, device, dtype)):
+                check_finite_tensor(_WHERE, x, f"the inputs x of batch {i}")
+                batch[0] = i
                 before = [st.calls for st in stats]
                 model(x)
                 n_samples += int(x.shape[0])

@@ -509,3 +509,27 @@ def test_bottleneck_rank_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="rel"):
         bottleneck_rank(res, rel=0.0)
     assert isinstance(res, HamiltonianResult)
+
+
+# --------------------------------------------------------------------------- non-finite values named
+def test_nonfinite_weight_and_targets_named() -> None:
+    """Before: a NaN weight ended in torch's "linalg.svd: ... failed to converge", a NaN target gave
+    hamiltonian_ab = nan silently; now NonFiniteError names the parameter / argument."""
+    from resgeom_fast.linalg import NonFiniteError
+
+    X = torch.randn(10, 3, dtype=D, generator=torch.Generator().manual_seed(0))
+    Y = torch.randn(10, 2, dtype=D, generator=torch.Generator().manual_seed(1))
+    m = LeakyResNet(3, 5, 4, 2, 1.0, lam=0.1, seed=0).to(D)
+    with torch.no_grad():
+        m.blocks[1].branch.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"hamiltonian: expected finite model parameter 'blocks\.1\.branch\.weight'"):
+        hamiltonian(m, X, Y)
+    m = LeakyResNet(3, 5, 4, 2, 1.0, lam=0.1, seed=0).to(D)
+    Yn = Y.clone()
+    Yn[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"hamiltonian: expected finite Y, got 1 NaN"):
+        hamiltonian(m, X, Yn)
+    Xi = X.clone()
+    Xi[2, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"hamiltonian: expected finite X, got 0 NaN and 1 inf"):
+        hamiltonian(m, Xi, Y)

@@ -306,3 +306,35 @@ def test_rejects_relu_shared_between_calls():
     net = nn.Sequential(nn.Linear(3, 3), relu, nn.Linear(3, 3), relu).double()
     with pytest.raises(ValueError, match="singularities: expected ReLU '1' to run once"):
         singularities(net, (torch.randn(4, 3, dtype=torch.float64), torch.zeros(4)))
+
+
+# ----------------------------------------------------------------------------- non-finite values named
+def test_nonfinite_parameter_named_before_any_work() -> None:
+    """Before: a NaN head weight gave a result (the head is not a ReLU layer) and a NaN branch
+    weight a ValueError naming only the ReLU after it; now NonFiniteError names the parameter."""
+    from resgeom_fast.linalg import NonFiniteError
+
+    for where in ("head.weight", "blocks.1.branch.0.weight"):
+        model = FCResNet(64, 16, 3, 10, seed=0).eval()
+        with torch.no_grad():
+            dict(model.named_parameters())[where].view(-1)[3] = float("nan")
+        x = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(NonFiniteError, match=rf"singularities: expected finite model parameter '{where}'"):
+            singularities(model, (x, torch.zeros(12, dtype=torch.long)))
+
+
+def test_nonfinite_input_and_overflow_named() -> None:
+    from resgeom_fast.linalg import NonFiniteError
+
+    model = FCResNet(64, 16, 3, 10, norm="none", seed=0).eval()
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(12, dtype=torch.long)
+    xb = x.clone()
+    xb[4, 4] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"singularities: expected finite the inputs x of batch 1"):
+        singularities(model, [(x, y), (xb, y)])
+    with torch.no_grad():
+        for p in model.blocks[0].branch.parameters():
+            p.mul_(1e25)
+    with pytest.raises(NonFiniteError, match=r"the output of ReLU 'blocks\.1\.branch\.\d+' on batch 0"):
+        singularities(model, (x, y))
