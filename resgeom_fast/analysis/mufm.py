@@ -220,8 +220,8 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
             converged = True
             break
         steps_run += 1
+        bar.set_postfix_str(f"loss={history[-1]:.6g}")  # before update: a plain line shows this step's loss
         bar.update(1)
-        bar.set_postfix_str(f"loss={history[-1]:.6g}")
         if steps_run >= steps or (len(history) > 2 and history[-1] == history[-2] == history[-3]):
             break  # budget spent, or no progress possible in float64
     bar.close()
