@@ -17,7 +17,7 @@ unbalanced classes it differs from the mean of the class means) and ``M = [mu_c 
 Streaming, in float64, never holding all features and never forming a D x D matrix:
 
 - pass 1: per layer, class counts n_c, class sums (C x D) and sum_i ||h_i||^2 -> mu_c, mu_G, M,
-  G = M^T M (C x C), its eigendecomposition and the kept directions (the rank rule below);
+  G = M^T M (C x C), the SVD of M^T and the kept directions (the rank rule below);
 - pass 2: per layer, the NC1 sum of squares (below), Tr(Sigma_W) and the NCC mismatches
   (||h - mu_c||^2 = ||h - mu_G||^2 - 2 (h - mu_G)^T M e_c + G_cc).
 
@@ -25,10 +25,11 @@ Trace identity. Sigma_B = M M^T / C has rank <= C - 1; with the SVD M = U S V^T,
 (M M^T)^+ = U S^-2 U^T = M (M^T M)^{+2} M^T, hence Sigma_B^+ = C M G^{+2} M^T and
 
     NC1 = Tr(Sigma_W Sigma_B^+) / C = Tr(M^T Sigma_W M G^{+2})
-        = (1/N) sum_i sum_{k kept} (v_k^T M^T (h_i - mu_{y_i}) / g_k)^2
+        = (1/N) sum_i sum_{k kept} (u_k^T (h_i - mu_{y_i}) / s_k)^2
 
-with G = V diag(g) V^T. The last form is a sum of squares, accumulated in float64 in pass 2: NC1
-is >= 0 by construction (never the difference of two large numbers).
+with G = V diag(g) V^T, g_k = s_k^2 and u_k = M v_k / s_k the left singular vectors of M. The
+last form is a sum of squares, accumulated in float64 in pass 2: NC1 is >= 0 by construction
+(never the difference of two large numbers).
 
 Rank rule (which directions of Sigma_B the pseudo-inverse keeps). The features carry the
 rounding of their own dtype (float32 for a float32 model, even though the statistics are
@@ -51,11 +52,11 @@ the singular values of M from float32 features agree with those of the same net 
 down to about eps * h_rms; below that they are noise, and the floor sits above them.) The null
 direction of G (sum_c n_c M e_c = 0) is below tol (its singular value is float64 rounding of the
 class means, under the floor). The singular values come from an SVD of M^T (C x D, float64; their
-error is ~1e-16 s_max, where the eigenvalues of G would carry ~1e-16 s_max^2). Per layer the result reports the kept
-rank (``rank_sigma_b``), the condition number of Sigma_B on the kept directions
-(``sigma_b_condition``) and ``ill_conditioned`` (True when fewer than min(C - 1, D) directions were
-kept: NC1 is then measured on the resolved class-mean subspace only, and ``nc1_note`` says how
-many directions were dropped as rounding noise).
+error is ~1e-16 s_max, where the eigenvalues of G would carry ~1e-16 s_max^2). Per layer the
+result reports the kept rank (``rank_sigma_b``), the condition number of Sigma_B on the kept
+directions (``sigma_b_condition``) and ``ill_conditioned`` (True when fewer than min(C - 1, D)
+directions were kept: NC1 is then measured on the resolved class-mean subspace only, and
+``nc1_note`` says how many directions were dropped as rounding noise).
 
 Undefined values (None, with the reason in ``nc1_note``):
 
@@ -91,7 +92,7 @@ from ._common import Result, batches, check_choice, check_int, model_device_dtyp
 
 __all__ = [
     "CollapseResult", "METRICS", "RANK_RULE", "check_finite_parameters", "check_finite_tensor", "collapse",
-    "collapse_metrics", "nc1_rank_tolerance", "plot_collapse", "spearman", "spearman_with_reason",
+    "collapse_metrics", "layer_spearman", "nc1_rank_tolerance", "plot_collapse", "spearman", "spearman_with_reason",
 ]
 
 #: The rank rule of Sigma_B's pseudo-inverse (module docstring), as written into every result.
