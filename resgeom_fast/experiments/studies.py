@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from resgeom_fast.analysis.spectrum import K_MAX as SPECTRUM_K_MAX
 from resgeom_fast.train import atomic_save
 
 from .common import DATASETS_HELP, load_data, resolve_device, train_step
@@ -99,8 +100,8 @@ def _net_options(width: int = 64, depth: int = 8, epochs: int = 15, lr: float = 
 
 
 def _opt(name: str, type_: str, default: Any, help_: str, choices: Optional[tuple] = None,
-         minimum: Optional[float] = None) -> Option:
-    return Option(name, type_, default, help_, choices, minimum)
+         minimum: Optional[float] = None, maximum: Optional[float] = None) -> Option:
+    return Option(name, type_, default, help_, choices, minimum, maximum)
 
 
 ALIGN_OPTIONS = [
@@ -113,7 +114,8 @@ ALIGN_OPTIONS = [
 ]
 HESSIAN_OPTIONS = [
     _opt("hessian_samples", "int", 512, "training samples of the loss whose Hessian is analysed", minimum=1),
-    _opt("eigs", "int", 4, "extreme eigenvalues (both ends)", minimum=2),
+    _opt("eigs", "int", 4, "extreme eigenvalues (both ends), at most the parameters P and hessian_spectrum's K_MAX",
+         minimum=2, maximum=SPECTRUM_K_MAX),
     _opt("probes", "int", 4, "SLQ probes", minimum=1),
     _opt("lanczos_steps", "int", 40, "Lanczos steps per SLQ probe", minimum=2),
     _opt("trace_probes", "int", 30, "Hutch++ products of the trace", minimum=3),
@@ -330,7 +332,7 @@ def _fraction_text(s: dict[str, Any], key: str, digits: int = 3) -> str:
     """A mass fraction of a spectrum summary with its interval: ``"0.81 [0.79, 0.83]"``; when
     unresolved ``"n/a (unresolved at these Lanczos steps: in [0, 0.96])"``; absent keys n/a."""
     lo, hi = s.get(f"{key}_lower"), s.get(f"{key}_upper")
-    box = f"[{fmt(lo, 2)}, {fmt(hi, 2)}]" if lo is not None and hi is not None else None
+    box = f"[{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else None
     if key not in s:
         return "n/a (not in this result)"
     if is_undefined(s[key]):

@@ -117,8 +117,8 @@ def test_degeneracy_reading_reports_both_thresholds_and_a_reversal():
     assert "residual: lambda_max 187, lambda_min -0.1, near-zero mass 0.8 [0.78, 0.83] below the relative threshold " \
            "0.187 and 0.6 [0.55, 0.65] below the absolute threshold 0.001" in text
     assert "Plain against residual: under the relative threshold |lambda| < eps * lambda_max plain more degenerate " \
-           "than residual; under the absolute threshold |lambda| < abs_eps plain less degenerate than residual -- the " \
-           "ordering reverses with the threshold, so 'more degenerate' is no finding on its own" in text
+           "than residual; under the absolute threshold |lambda| < abs_eps plain less degenerate than residual " \
+           "-- the ordering reverses with the threshold, so 'more degenerate' is no finding on its own" in text
     # the same ordering under both thresholds is said as such
     r["models"]["plain"]["spectrum"] = _spec_summary(0.999, (0.99, 1.0), 0.9, (0.85, 0.95), lam_max=4.85e5)
     assert "-- the same ordering under both thresholds" in studies._density_figure(NAMES).reading(r)
@@ -126,7 +126,8 @@ def test_degeneracy_reading_reports_both_thresholds_and_a_reversal():
     r["models"]["plain"]["spectrum"] = _spec_summary(None, (0.0, 0.97), None, (0.0, 0.96), lam_max=2.9)
     text = studies._density_figure(NAMES).reading(r)
     assert "plain: lambda_max 2.9, lambda_min -0.1, near-zero mass n/a (unresolved at these Lanczos steps: in [0, " \
-           "0.97]) below the relative threshold 0.0029 and n/a (unresolved at these Lanczos steps: in [0, 0.96])" in text
+           "0.97]) below the relative threshold 0.0029 and n/a (unresolved at these Lanczos steps: in [0, " \
+           "0.96])" in text
     assert "not separated (intervals overlap)" in text and "no ordering holds under both thresholds" in text
 
 

@@ -133,6 +133,7 @@ def test_hessian_eigs_and_steps_bounded_by_the_parameter_count(name):
     ("hessian", ["n_train=100", "hessian_samples=101"], r"hessian_samples: expected an int <= 100 \(the training "
                                                         r"samples of digits after n_train\)"),
     ("hessian", ["archs=plain,resnet"], r"archs: unknown architecture\(s\) \['resnet'\]"),
+    ("hessian", ["eigs=501"], r"--set: expected eigs an int in \[2, 500\], got 501"),
     ("singularities", ["archs="], r"archs: unknown architecture\(s\) \[\]"),
     ("collapse", ["mufm_samples=2000"], r"mufm_samples: expected an int <= 1347"),
     ("collapse", ["epochs=3", "collapse_every=4"], r"collapse_every: expected an int <= epochs \(3\)"),
