@@ -244,7 +244,7 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     ``power_iters``: "auto" (default: the randomized SVD iterates until its error bound meets
     the analysis' tolerance) or a fixed count.
     ``deterministic``: fix every method choice (``config["deterministic"]``, passed to
-    residual_alignment).
+    residual_alignment and hessian_spectrum).
 
     Every step is keyed on the configuration plus the sha256 of the ``--checkpoint`` file's
     contents, the model code (torchvision's version, or the sha256 of the factory's source and of
@@ -354,7 +354,7 @@ def _analyze_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any]
             dim = sum(t.numel() for n, t in sel.items() if t.requires_grad and (
                 chosen is None or any(n == c or n.startswith(c + ".") for c in chosen)))
             r = hessian_spectrum(net, F.cross_entropy, (x[:n_hess], y[:n_hess]), params=chosen, k=2, probes=nv, steps=min(m, dim),
-                                 trace_probes=tp, seed=sd, progress=progress)
+                                 trace_probes=tp, seed=sd, progress=progress, deterministic=cfg["deterministic"])
             return {"result": r.to_dict(), "summary": r.summary()}
 
         hs = runner.step("hessian", run_hess)

@@ -240,4 +240,5 @@ def test_deterministic_reaches_both_analyses_and_power_iters_defaults_to_adaptiv
     res = json.load(open(tmp_path / "o" / "results.json"))
     al = res["models"]["model"]["alignment"]["result"]["settings"]
     assert al["deterministic"] is True and al["power_iters"] == "auto"
+    assert res["models"]["model"]["spectrum"]["result"]["deterministic"] is True
     assert res["config"]["power_iters"] == "auto"
