@@ -175,16 +175,22 @@ def sample_fingerprints(x: Tensor, y: Any) -> Tensor:
     vectors): equal samples give equal numbers, other samples (another draw, a flip, noise)
     differ. Non-tensor labels do not enter."""
     n = x.shape[0]
-    xf = x.reshape(n, -1)
-    if xf.is_complex():
-        xf = torch.view_as_real(xf).reshape(n, -1)
-    p = xf.to(torch.float64) @ _probe(xf.shape[1], x.device, 0)
+    p = _project(x.reshape(n, -1), 0)
     if isinstance(y, Tensor):
-        yf = y.reshape(n, -1)
-        if yf.is_complex():
-            yf = torch.view_as_real(yf).reshape(n, -1)
-        p = p + yf.to(device=x.device, dtype=torch.float64) @ _probe(yf.shape[1], x.device, 1)
+        p = p + _project(y.reshape(n, -1).to(x.device), 1)
     return p
+
+
+_PRINT_CHUNK = 1 << 22      # float64 elements converted at a time (32 MiB)
+
+
+def _project(t: Tensor, salt: int) -> Tensor:
+    """``t [n, D] @ w`` in float64, a few rows at a time (bounded memory)."""
+    if t.is_complex():
+        t = torch.view_as_real(t).reshape(t.shape[0], -1)
+    w = _probe(t.shape[1], t.device, salt)
+    rows = max(1, _PRINT_CHUNK // max(1, t.shape[1]))
+    return torch.cat([t[i:i + rows].to(torch.float64) @ w for i in range(0, t.shape[0], rows)])
 
 
 def _summary(p: Tensor) -> Tensor:

@@ -15,7 +15,9 @@ Recognised models (anything else is refused with the reason, and the autograd me
 orthogonal matrix or a scaled identity, ``post`` Identity or ReLU), ``pool`` Identity, ``head``
 Linear, no hyper-residual connections -- this package's FCResNet and the like; BatchNorm with
 running statistics (``batchnorm="eval"``) only; the loss ``nn.CrossEntropyLoss()`` (mean, no class
-weights, no label smoothing) or ``torch.nn.functional.cross_entropy`` itself, on integer labels.
+weights, no label smoothing) or ``torch.nn.functional.cross_entropy`` itself, on integer labels, or
+the mean squared error ``nn.MSELoss()`` (mean over every element) or ``F.mse_loss`` itself, on
+float targets of the logits' shape [N, d].
 The parse is duck-typed (this layer does not import the models), so the caller checks the
 recognised network's logits against ``model(x)`` and its first product against autograd before
 trusting it (``hessian.py``).
@@ -34,6 +36,8 @@ Layer rules (x input, y output, g = dL/dy, R = directional derivative along V):
 - ReLU: ``Ry = mask Rx``, ``R gx = mask Rg``.
 - Mean cross-entropy over N samples, p = softmax(logits): ``g = (p - onehot) / N``,
   ``R g = (p * Ro - p <p, Ro>) / N``.
+- Mean squared error over the N*d elements of outputs o [N, d] and targets t:
+  ``g = 2 (o - t) / (N d)``, ``R g = 2 Ro / (N d)``.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["StructuredHVP", "parse_structured"]
+__all__ = ["StructuredHVP", "parse_structured", "structured_loss"]
 
 
 class _Linear:
@@ -121,17 +125,25 @@ def _parse_skip(skip: nn.Module, where: str) -> tuple[Optional[_Skip], Optional[
     return None, f"{where}: skip {name} is not supported"
 
 
+def structured_loss(loss_fn: Any) -> Optional[str]:
+    """"ce" (plain mean cross-entropy), "mse" (mean squared error) or None (not supported)."""
+    if loss_fn is torch.nn.functional.cross_entropy or (
+            isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean"
+            and loss_fn.weight is None and float(loss_fn.label_smoothing) == 0.0):
+        return "ce"
+    if loss_fn is torch.nn.functional.mse_loss or (isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean"):
+        return "mse"
+    return None
+
+
 def parse_structured(model: nn.Module, params: Sequence[Tensor], loss_fn: Any,
                      batchnorm: str) -> tuple[Optional[list], Optional[str]]:
     """The layer list of a recognised fully-connected residual network, or (None, reason)."""
     if batchnorm != "eval":
         return None, "batchnorm='train' (batch statistics couple the samples)"
-    plain_ce = loss_fn is torch.nn.functional.cross_entropy or (
-        isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean"
-        and loss_fn.weight is None and float(loss_fn.label_smoothing) == 0.0)
-    if not plain_ce:
-        return None, ("the loss is not nn.CrossEntropyLoss() or F.cross_entropy (mean, no class weights, "
-                      "no label smoothing)")
+    if structured_loss(loss_fn) is None:
+        return None, ("the loss is not nn.CrossEntropyLoss() / F.cross_entropy (mean, no class weights, "
+                      "no label smoothing) or nn.MSELoss() / F.mse_loss (mean)")
     for attr in ("stem", "blocks", "pool", "head"):
         if not isinstance(getattr(model, attr, None), nn.Module):
             return None, f"the model has no {attr!r} module (not a stem/blocks/pool/head residual network)"
@@ -209,7 +221,8 @@ class _Primal:
             for s0 in range(0, self.n, size):
                 sl = slice(s0, s0 + size)
                 c = _Primal()
-                c.n, c.p, c.consts = self.n, self.p[sl], self.consts
+                c.n, c.consts = self.n, self.consts
+                c.p = None if self.p is None else self.p[sl]
                 c.acts = {key: (a[0][sl], *a[1:]) if isinstance(a, tuple) else a[sl] for key, a in self.acts.items()}
                 c.grads = {key: g[sl] for key, g in self.grads.items()}
                 parts.append(c)
@@ -332,8 +345,11 @@ def _backward(layers: list, g: Tensor, st: _Primal) -> Optional[Tensor]:
 class StructuredHVP:
     """Exact Hessian products of a recognised network (module doc); ``params`` in engine order."""
 
-    def __init__(self, layers: list, params: Sequence[Tensor], chunk: Optional[int] = None) -> None:
-        self.layers, self.params = layers, list(params)
+    def __init__(self, layers: list, params: Sequence[Tensor], chunk: Optional[int] = None,
+                 loss: str = "ce") -> None:
+        if loss not in ("ce", "mse"):
+            raise ValueError(f"StructuredHVP: expected loss 'ce' or 'mse', got {loss!r}")
+        self.layers, self.params, self.loss = layers, list(params), loss
         # samples per block of the tangent passes (see apply): bounds the memory of the tangents
         # (k x chunk x width per layer); one block of 512 samples was fastest on the benchmark
         # FCResNet (2-core CPU; blocks of 256 took 1.13x as long, of 128 1.5x)
@@ -341,14 +357,20 @@ class StructuredHVP:
         self.first = next((L for L in layers if not isinstance(L, str)), None)
 
     def primal(self, x: Tensor, y: Tensor) -> _Primal:
+        """The cached forward/backward of one batch; ``y`` class indices [N] ("ce") or targets of
+        the logits' shape ("mse")."""
         st = _Primal()
         with torch.no_grad():
             logits = _forward(self.layers, x, st)
             n = logits.shape[0]
-            p = torch.softmax(logits, dim=1)
-            g = p.clone()
-            g[torch.arange(n, device=g.device), y] -= 1
-            g /= n
+            if self.loss == "mse":
+                p = None
+                g = (logits - y).mul_(2.0 / logits.numel())
+            else:
+                p = torch.softmax(logits, dim=1)
+                g = p.clone()
+                g[torch.arange(n, device=g.device), y] -= 1
+                g /= n
             _backward(self.layers, g, st)
         st.p, st.logits, st.n = p, logits, n
         return st
@@ -368,6 +390,8 @@ class StructuredHVP:
                 Ro = self._rfwd(self.layers, None, V, part, tang, k)
                 if Ro is None:
                     Rg = None
+                elif self.loss == "mse":  # R of 2 (o - t) / (n d)
+                    Rg = Ro * (2.0 / (part.n * Ro.shape[-1]))
                 else:  # R of (p - onehot)/n: (p * Ro - p <p, Ro>) / n, per sample and vector
                     p = part.p.unsqueeze(1)                             # [n, 1, C]
                     pRo = p * Ro

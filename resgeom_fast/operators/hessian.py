@@ -7,15 +7,25 @@ convert between that space and per-parameter tensors.
 
 The loss is the mean over every sample of ``data``: ``loss_fn(model(x), y)`` must be the *mean*
 loss over the batch (``reduction="mean"``), and batches of a DataLoader are accumulated with
-weights ``batch size / total``. BatchNorm uses running statistics (``batchnorm="eval"``) or batch
-statistics without updating the running ones (``batchnorm="train"``); the model's modes and
-buffers are the same after every call as before.
+weights ``batch size / total``. That contract is checked once, on the first batch and its two
+halves (:func:`check_mean_contract`): a loss that sums over the samples (which would make the
+curvature N times too large) is refused; ``op.loss_reduction`` says what was found. Classification
+losses (integer labels) and regression losses (``F.mse_loss`` / ``nn.MSELoss()``, float targets
+[N, d]) work with every product method. BatchNorm uses running statistics (``batchnorm="eval"``)
+or batch statistics without updating the running ones (``batchnorm="train"``); the model's modes
+and buffers are the same after every call as before.
+
+The data must yield the same samples on every pass: an uncached DataLoader is read twice at
+construction and every pass is fingerprinted (:class:`~resgeom_fast.operators._data.Batches`);
+one that draws other samples (``shuffle=True`` with ``drop_last=True``, random augmentation) raises
+:class:`~resgeom_fast.operators._data.NonRepeatableDataError`, whose message names the fix:
+:func:`~resgeom_fast.operators.fixed_sample` freezes one pass of it.
 
 Three exact ways to apply k vectors at once (``hvp=``):
 
 - ``"structured"``: for fully-connected residual networks that
   :mod:`resgeom_fast.operators._structured` recognises (this package's FCResNet and the like,
-  BatchNorm in eval mode, ``nn.CrossEntropyLoss()``): Pearlmutter's R-operator written out layer
+  BatchNorm in eval mode, ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()``): Pearlmutter's R-operator written out layer
   by layer, the k vectors stacked into GEMMs, no autograd; the primal forward/backward of each
   batch is cached like the double backward's graph. Its first product per (parameter subset, k)
   is checked against the double backward (relative difference <= 1e-8 in float64, 1e-4 in
@@ -37,7 +47,20 @@ one (by its best timing) is used for every later call with that key; where the c
 only in the matmul library (below), a decision made for one pass width is reused for the others.
 ``op.hvp_timings`` shows the measurements and ``op.hvp_choice(k)`` the decision. Which wins depends on model size, k and the
 device (forward-over-reverse was ~12% faster for 10 vectors on the benchmark ResNet on CPU,
-several times slower on small nets where vmap's overhead dominates).
+several times slower on small nets where vmap's overhead dominates). Where forward-over-reverse
+raises (a loss without a forward-mode derivative in PyTorch, e.g. ``F.huber_loss``), "auto" uses
+the double backward from then on (``op.forward_over_reverse_off`` says why); an explicit
+``hvp="forward_over_reverse"`` raises with the cause.
+
+``deterministic=True``: timings make the choice, and so the float round-off of the products,
+differ from run to run. With this flag "auto" follows a fixed rule that never looks at a clock:
+the structured path where it applies (it is still verified; a failed check switches to the double
+backward, the same way on every run), else the double backward, for every pass width; ``matmul``
+"auto" means the default library. Explicit ``hvp`` / ``matmul`` values are kept; data must then
+yield the same batches in the same order. ``op.hvp_method``, ``op.matmul_choice`` and
+``op.deterministic`` read the choice. On the CPU two runs then give bitwise-identical products;
+on CUDA, PyTorch's own kernels are deterministic only under
+``torch.use_deterministic_algorithms(True)``, the caller's process-wide setting.
 
 Matrix products (``matmul=``), float32 on the CPU only: ``"default"`` leaves PyTorch's BLAS
 (MKL) in charge; ``"onednn"`` routes float32 matmuls through oneDNN instead, by allowing oneDNN's
@@ -67,7 +90,7 @@ import torch
 from torch import Tensor, nn
 
 from resgeom_fast.linalg.operator import LinearOperator, NonFiniteError
-from resgeom_fast.operators._structured import StructuredHVP, parse_structured
+from resgeom_fast.operators._structured import StructuredHVP, parse_structured, structured_loss
 from resgeom_fast.operators._data import (
     Batches,
     NonRepeatableDataError,
@@ -321,7 +344,7 @@ class _Engine:
                     raise ValueError(f"{fn}: hvp='structured' does not apply: {why}; use hvp='auto'")
                 self.structured_off = why
             else:
-                self.structured = StructuredHVP(layers, params)
+                self.structured = StructuredHVP(layers, params, loss=structured_loss(loss_fn) or "ce")
         self.cache = is_single_batch(data) if cache is None else bool(cache)
         strict_why = ("batchnorm='train' (batch statistics)" if batchnorm == "train" and has_batchnorm(model)
                       else "deterministic=True" if deterministic else "")
@@ -529,7 +552,12 @@ class _Engine:
 
     def _primal(self, x: Tensor, y: Any) -> Any:
         assert self.structured is not None
-        if not (isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point() and not y.is_complex()):
+        if self.structured.loss == "mse":
+            d = self.structured.layers[-1].mod.out_features           # the head's outputs
+            if not (isinstance(y, Tensor) and tuple(y.shape) == (x.shape[0], d) and y.dtype == x.dtype):
+                raise _NotStructured(f"the targets are not a float tensor [N, {d}] (the outputs' shape) of the "
+                                     f"inputs' dtype")
+        elif not (isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point() and not y.is_complex()):
             raise _NotStructured("the labels are not a 1-D tensor of class indices")
         st = self.structured.primal(x, y)
         if self._forward_checked:   # every batch of a whole pass already matched model(x)
