@@ -17,7 +17,7 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 from .config import UsageError, load_config_file, parse_sets, resolve_config
-from .report import FigureSpec, Report, fmt, get_path, write_report
+from .report import FigureSpec, Report, get_path, write_report
 from .runner import Runner
 
 __all__ = ["analyze", "bench", "demo", "describe_options", "run_study"]
@@ -391,15 +391,9 @@ def _stage_figures(al: dict[str, Any]) -> list[FigureSpec]:
         return fig
 
     def read(r: dict) -> str:
-        def val(st: dict, key: str) -> str:
-            summ = st.get("summary") or {}
-            return fmt(summ.get(key))  # a metric may be null (undefined, with its reason elsewhere): "n/a"
+        from .studies import alignment_stage_reading
 
-        return "; ".join(
-            f"stage {s} ({len(st.get('block_names') or [])} blocks, D = {st.get('dim')}): linearity "
-            f"{val(st, 'linearity')}, self alignment {val(st, 'self_alignment')}, "
-            f"L * mean sigma_1 {val(st, 'depth_product')}"
-            for s, st in enumerate(get_path(r, f"{base}.stages") or [])) + "."
+        return alignment_stage_reading(get_path(r, base) or {})
 
     return [FigureSpec("ra_singular_values", "Singular values of the residual Jacobians, per stage", sv, read),
             FigureSpec("ra_sigma1", "sigma_1 per block", sig, read)]

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from resgeom_fast.analysis.spectrum import K_MAX as SPECTRUM_K_MAX
-from resgeom_fast.train import atomic_save
+from resgeom_fast.train import atomic_save, file_sha256
 
-from .common import DATASETS_HELP, load_data, resolve_device, train_step
+from .common import DATASETS_HELP, load_data, move_aside, resolve_device, train_step
 from .config import Option, Options, UsageError
 from .figures import bars, heatmaps, lines, new_figure, pca_trajectories, spectra_per_block
 from .report import FigureSpec, fmt, fmt_key, get_path, is_undefined
@@ -1370,13 +1370,24 @@ def _leaky_stages(runner: Runner, cfg: dict[str, Any], x, y, xt, yt, key: dict[s
         step = f"train_{name}"
         model = None
         if runner.is_done(step, deps):
-            if os.path.isfile(ckpt):
+            want = (runner.stored(step, deps) or {}).get("checkpoint_sha256")
+            if os.path.isfile(ckpt) and want is not None and file_sha256(ckpt) != want:
+                kept = move_aside(runner, ckpt, "replaced")
+                runner.invalidate(step, f"checkpoint {ckpt!r} is not the one this step wrote (sha256 differs); "
+                                        f"moved aside to {kept!r}")
+            elif os.path.isfile(ckpt):
                 model = LeakyResNet(dims[0], cfg["width"], cfg["depth"], dims[-1], float(lt), cfg["steps"],
                                     lam=cfg["lam"], seed=cfg["seed"]).to(device=device, dtype=dtype)
-                model.load_state_dict(torch.load(ckpt, map_location=device))
+                try:
+                    model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
+                except Exception as err:  # noqa: BLE001 - a damaged / foreign file: keep it, retrain
+                    first = (str(err).strip().splitlines() or [""])[0][:200]
+                    kept = move_aside(runner, ckpt, "corrupt")
+                    runner.invalidate(step, f"checkpoint {ckpt!r} is unreadable or does not match the model "
+                                            f"({type(err).__name__}: {first}); moved aside to {kept!r}")
+                    model = None
             else:
-                runner.message(f"step {step}: checkpoint missing in {ckdir}, training again")
-                os.remove(runner.step_path(step))
+                runner.invalidate(step, f"checkpoint missing in {ckdir}")
         if model is None:
             if prev is None:
                 model = LeakyResNet(dims[0], cfg["width"], cfg["depth"], dims[-1], float(lt), cfg["steps"],
@@ -1394,7 +1405,7 @@ def _leaky_stages(runner: Runner, cfg: dict[str, Any], x, y, xt, yt, key: dict[s
                 _leaky_adam(m, x, y, cfg["continue_steps"], cfg["continue_lr"], trace)
             _leaky_lbfgs(m, x, y, cfg["lbfgs_steps"], cfg["lbfgs_history"], trace)
             atomic_save(m.state_dict(), ckpt)
-            return {"leak": float(lt), "init": "default" if start_name is None else f"weights of {start_name}",
+            return {"checkpoint_sha256": file_sha256(ckpt), "leak": float(lt), "init": "default" if start_name is None else f"weights of {start_name}",
                     "trace": trace, "final": _leaky_final(m, x, y, xt, yt)}
 
         out = runner.step(step, fn, deps=deps)

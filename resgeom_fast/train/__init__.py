@@ -5,10 +5,20 @@
 - :func:`model_fingerprint` -- class name + parameter / buffer names and shapes.
 """
 
-from .checkpoint import CheckpointMismatchError, atomic_file, atomic_save, load_checkpoint, model_fingerprint
+from .checkpoint import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    atomic_file,
+    atomic_save,
+    file_sha256,
+    load_checkpoint,
+    model_fingerprint,
+    read_checkpoint,
+)
 from .trainer import LOSSES, OPTIMIZERS, SCHEDULES, TrainResult, TrainState, train
 
 __all__ = [
+    "CheckpointCorruptError",
     "CheckpointMismatchError",
     "LOSSES",
     "OPTIMIZERS",
@@ -17,7 +27,9 @@ __all__ = [
     "TrainState",
     "atomic_file",
     "atomic_save",
+    "file_sha256",
     "load_checkpoint",
     "model_fingerprint",
+    "read_checkpoint",
     "train",
 ]

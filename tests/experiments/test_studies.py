@@ -67,6 +67,8 @@ def test_leaky_study_is_the_continuation_protocol(tmp_path):
 
     import torch
 
+    import torch
+
     from resgeom_fast.analysis.hamiltonian import hamiltonian
     from resgeom_fast.data import teacher
     from resgeom_fast.models import LeakyResNet
@@ -162,3 +164,24 @@ def test_leaky_study_rejects_bad_lts(tmp_path, lts, match):
 
     with pytest.raises(UsageError, match=match):
         run_study("leaky", out=str(tmp_path / "x"), sets=LEAKY_TINY + [f"lts={lts}"], progress=False)
+
+
+def test_leaky_study_moves_a_damaged_or_replaced_checkpoint_aside_and_retrains(tmp_path):
+    import glob
+
+    import torch
+
+    out = str(tmp_path / "leaky")
+    rep = run_study("leaky", out=out, sets=LEAKY_TINY + ["lts=1"], progress=False)
+    want = json.load(open(rep.results_path))["models"]["Lt_1"]["train"]["final"]
+    (ck,) = glob.glob(os.path.join(out, "checkpoints", "Lt_1-*", "model.pt"))
+    with open(ck, "wb") as fh:  # damaged: not a torch file any more
+        fh.write(b"not a checkpoint")
+    rep = run_study("leaky", out=out, sets=LEAKY_TINY + ["lts=1"], progress=False)
+    assert len(glob.glob(ck + ".replaced-*")) == 1  # not the file the step wrote: kept for inspection, not loaded
+    assert json.load(open(rep.results_path))["models"]["Lt_1"]["train"]["final"] == want  # retrained, same numbers
+    # a valid but different file at the same path is not loaded either
+    torch.save({k: v * 0 for k, v in torch.load(ck, weights_only=True).items()}, ck)
+    rep = run_study("leaky", out=out, sets=LEAKY_TINY + ["lts=1"], progress=False)
+    assert len(glob.glob(ck + ".replaced-*")) == 2
+    assert json.load(open(rep.results_path))["models"]["Lt_1"]["train"]["final"] == want
