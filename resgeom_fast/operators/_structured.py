@@ -131,7 +131,8 @@ def structured_loss(loss_fn: Any) -> Optional[str]:
             isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean"
             and loss_fn.weight is None and float(loss_fn.label_smoothing) == 0.0):
         return "ce"
-    if loss_fn is torch.nn.functional.mse_loss or (isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean"):
+    if loss_fn is torch.nn.functional.mse_loss or (
+            isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean"):
         return "mse"
     return None
 
