@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from _operator_nets import ConvNet, FCNet, dense_hessian, rel
 from resgeom_fast.operators import block_hessians, ggn, hessian, residual_blocks
-from resgeom_fast.operators.hessian import ONEDNN_TOLERANCE, onednn_applicable
+from resgeom_fast.operators.hessian import ONEDNN_TOLERANCE, onednn_applicable, onednn_matmul
 
 CE = nn.CrossEntropyLoss()
 METHODS = ["auto", "double_backward", "forward_over_reverse"]
@@ -256,12 +256,29 @@ def _f32_case():
     return model.float(), (x.float(), y), dense
 
 
+def _onednn_exact_here() -> bool:
+    """Whether this CPU's oneDNN computes float32 matmuls in float32 under the bf16 math mode (CPUs
+    without AMX / AVX512-BF16) or rounds them to bf16 (e.g. Intel Xeons with AMX)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 128, generator=g), torch.randn(128, 64, generator=g)
+    ref = a.double() @ b.double()
+    with onednn_matmul():
+        got = a @ b
+    return rel(got.double(), ref) < 1e-5
+
+
 def test_matmul_onednn_equals_dense_and_is_verified():
     if not onednn_applicable(torch.float32, torch.device("cpu")):
         pytest.skip("this PyTorch has no oneDNN")
     model, data, dense = _f32_case()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3)
+    if not _onednn_exact_here():
+        # this CPU rounds oneDNN's float32 matmuls to bf16: the verification must refuse them
+        with pytest.raises(RuntimeError, match="reduced precision"):
+            hessian(model, CE, data, hvp="double_backward", matmul="onednn").matmat(V)
+        assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"    # restored after the call
+        return
     H = hessian(model, CE, data, hvp="double_backward", matmul="onednn")
-    V = torch.randn(H.shape[0], 3)
     for _ in range(2):
         assert rel(H.matmat(V).double(), dense @ V.double()) < 1e-4
     assert list(H.verification) == [3] and H.verification[3]["double_backward+onednn"] <= ONEDNN_TOLERANCE
@@ -279,6 +296,15 @@ def test_matmul_auto_measures_every_method_and_backend():
     for _ in range(8):
         assert rel(H.matmat(V).double(), dense @ V.double()) < 1e-4
     t = H.hvp_timings[4]
+    if not _onednn_exact_here():
+        # the first oneDNN candidate fails its check: oneDNN is switched off with the reason, the
+        # product of that round comes from the default BLAS, the choice is among the MKL methods
+        assert H.onednn_off is not None and "reduced precision" in H.onednn_off
+        bad = [c for c in H.verification[4] if c.endswith("+onednn")]
+        assert len(bad) == 1 and H.verification[4][bad[0]] > ONEDNN_TOLERANCE
+        assert H.hvp_choice(4) in ("double_backward", "forward_over_reverse")
+        assert all(len(t[c]) >= 2 for c in ("double_backward", "forward_over_reverse"))
+        return
     # two timings each; the oneDNN check recomputes its first product with the default BLAS
     assert sorted(t) == cands and all(len(t[c]) >= 2 for c in cands)
     assert H.hvp_choice(4) == min(cands, key=lambda c: min(t[c]))
