@@ -12,6 +12,11 @@ from resgeom_fast import operators  # noqa: E402
 from resgeom_fast import data, models, train  # noqa: E402
 from resgeom_fast import analysis  # noqa: E402
 from resgeom_fast._lib import built_with_cuda  # noqa: E402
+from resgeom_fast.linalg import NonFiniteError  # noqa: E402
+from resgeom_fast.operators import NonRepeatableDataError, fixed_sample  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["analysis", "built_with_cuda", "data", "linalg", "models", "operators", "ops", "train", "__version__"]
+__all__ = [
+    "NonFiniteError", "NonRepeatableDataError", "analysis", "built_with_cuda", "data", "fixed_sample", "linalg",
+    "models", "operators", "ops", "train", "__version__",
+]
