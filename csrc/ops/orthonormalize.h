@@ -25,5 +25,26 @@ inline double cholqr_shift(int64_t n, int64_t k, double gram_trace) {
   return 11.0 * (static_cast<double>(n) * k + static_cast<double>(k) * (k + 1)) * u * gram_trace;
 }
 
+// Power-of-two factors f1, f2 with colmax * f1 * f2 in [0.5, 1) for a finite colmax > 0 (1, 1 for
+// colmax == 0): colmax = m 2^e (frexp), f1 = 2^h, f2 = 2^(-e-h) with h = trunc(-e / 2), so both
+// are normal numbers (|h|, |e + h| <= 537) even for subnormal or near-overflow columns, and
+// (x * f1) * f2 equals x 2^-e exactly unless the result is subnormal. Shared by the CPU and CUDA
+// kernels (host and device).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline void column_scale_factors(double colmax, double* f1, double* f2) {
+  if (!(colmax > 0.0)) {
+    *f1 = 1.0;
+    *f2 = 1.0;
+    return;
+  }
+  int e = 0;
+  (void)frexp(colmax, &e);
+  const int h = -e / 2;
+  *f1 = ldexp(1.0, h);
+  *f2 = ldexp(1.0, -e - h);
+}
+
 }  // namespace ops
 }  // namespace resgeom_fast

@@ -34,8 +34,20 @@ def density_smooth(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -
 
 
 def orthonormalize(x: Tensor) -> Tensor:
-    """Householder QR (torch.linalg.qr) with the signs fixed so that R has a positive diagonal."""
-    q, r = torch.linalg.qr(x.double())
+    """Householder QR (torch.linalg.qr) with the signs fixed so that R has a positive diagonal.
+
+    The columns are first scaled by powers of two to a largest absolute entry in [0.5, 1), as
+    the kernels do (exact; the Q of a QR with a positive diagonal is unchanged by a positive
+    column scaling), so the reference covers the same range of magnitudes (1e-300 .. 1e300).
+    """
+    xd = x.double()
+    colmax = xd.abs().amax(dim=-2, keepdim=True)
+    _, e = torch.frexp(colmax)
+    e = torch.where(colmax > 0, e, torch.zeros_like(e))
+    h = torch.div(-e, 2, rounding_mode="trunc")
+    one = torch.ones_like(colmax)
+    xd = xd * torch.ldexp(one, h) * torch.ldexp(one, -e - h)
+    q, r = torch.linalg.qr(xd)
     sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return (q * sign[:, None, :]).to(x.dtype)

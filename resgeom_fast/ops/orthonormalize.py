@@ -8,7 +8,13 @@ from torch import Tensor
 def orthonormalize(x: Tensor) -> Tensor:
     """Orthonormal bases of the column spaces of b blocks.
 
-    Shifted Cholesky QR three times in float64 (stable up to condition numbers ~1e15). For a
+    Each column is first scaled by a power of two to a largest absolute entry in [0.5, 1)
+    (exact; the column space and the Q below are unchanged), so any finite magnitude works, from
+    subnormal entries to ~1e308, and the condition number that matters is that of the
+    column-equilibrated block. Then shifted Cholesky QR three times in float64 (stable up to
+    condition numbers ~1e15); columns that are exactly zero are replaced by fixed pseudo-random
+    directions, and columns that become numerically zero in a later pass (linear dependence)
+    too. For a
     full-rank block the result equals the Q of a QR factorisation whose R has a positive
     diagonal; for a rank-deficient block the surplus columns are orthonormal directions that
     complete the basis.

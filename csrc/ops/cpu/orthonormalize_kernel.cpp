@@ -1,4 +1,5 @@
-// CPU kernel of resgeom_fast::orthonormalize: shifted Cholesky QR three times, in float64.
+// CPU kernel of resgeom_fast::orthonormalize: power-of-two column scaling, then shifted Cholesky
+// QR three times, in float64.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -133,6 +134,25 @@ void cholqr3_one(double* X, int64_t n, int64_t k) {
   }
 }
 
+// Scales each column of the row-major block X [n, k] by a power of two so that its largest
+// absolute entry lies in [0.5, 1) (exactly zero columns stay as they are). Without it the float64
+// Gram matrix overflows for entries above ~1e154 and underflows below ~1e-154, and every column is
+// refilled. A power-of-two column scaling is exact, keeps the column space, and keeps the Q of a
+// QR with a positive diagonal of R (X D = Q (R D)), so nothing is undone afterwards; the refill
+// rule and the shift then see the scaled norms. The two factors (orthonormalize.h) keep subnormal
+// and near-overflow columns representable; the CUDA kernel applies the same two products.
+void scale_columns(double* X, int64_t n, int64_t k) {
+  std::vector<double> m(static_cast<size_t>(k), 0.0), f1(static_cast<size_t>(k)),
+      f2(static_cast<size_t>(k));
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < k; ++c) m[c] = std::max(m[c], std::abs(X[t * k + c]));
+  for (int64_t c = 0; c < k; ++c) column_scale_factors(m[c], &f1[c], &f2[c]);
+  at::parallel_for(0, n, kRowChunk, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t c = 0; c < k; ++c) X[t * k + c] = X[t * k + c] * f1[c] * f2[c];
+  });
+}
+
 template <typename scalar_t>
 void orthonormalize_cpu_impl(const at::Tensor& x, at::Tensor& out) {
   const int64_t b = x.size(0), n = x.size(1), k = x.size(2);
@@ -141,6 +161,7 @@ void orthonormalize_cpu_impl(const at::Tensor& x, at::Tensor& out) {
   auto one = [&](int64_t p) {
     std::vector<double> X(static_cast<size_t>(n) * k);
     for (int64_t i = 0; i < n * k; ++i) X[i] = static_cast<double>(xp[p * n * k + i]);
+    scale_columns(X.data(), n, k);
     cholqr3_one(X.data(), n, k);
     for (int64_t i = 0; i < n * k; ++i) op[p * n * k + i] = static_cast<scalar_t>(X[i]);
   };

@@ -1,6 +1,7 @@
 // CUDA kernel of resgeom_fast::orthonormalize: shifted Cholesky QR three times, in float64.
 //
-// The CPU kernel's algorithm, run for all b problems together on a float64 copy X [b, n, k]:
+// The CPU kernel's algorithm, run for all b problems together on a float64 copy X [b, n, k] whose
+// columns are scaled by powers of two as on the CPU:
 // each pass computes the Gram matrices G = X^T X (cuBLAS batched GEMM through at::bmm; only the
 // upper triangle and the diagonal are read afterwards), replaces exactly zero columns by the same
 // splitmix64 values as the CPU (then recomputes G), factors G (+ shift) = R^T R with one thread
@@ -11,11 +12,15 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/all.h>
+#include <ATen/ops/amax.h>
+#include <ATen/ops/amin.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/maximum.h>
+#include <ATen/ops/neg.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -185,6 +190,22 @@ __global__ void solve_rows_kernel(double* __restrict__ X, const double* __restri
   }
 }
 
+// One thread per entry (p, t, c): X = (x * f1) * f2 in float64, with the power-of-two factors of
+// column (p, c) from its largest absolute entry (the CPU kernel's scale_columns, bit for bit).
+template <typename scalar_t>
+__global__ void scale_columns_kernel(const scalar_t* __restrict__ x, double* __restrict__ X,
+                                     const double* __restrict__ colmax, int64_t b, int64_t n,
+                                     int64_t k) {
+  const int64_t total = b * n * k;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % k, p = idx / (n * k);
+    double f1, f2;
+    column_scale_factors(colmax[p * k + c], &f1, &f2);
+    X[idx] = static_cast<double>(x[idx]) * f1 * f2;
+  }
+}
+
 int read_counter(const int* dev, cudaStream_t stream) {
   int host = 0;
   C10_CUDA_CHECK(cudaMemcpyAsync(&host, dev, sizeof(int), cudaMemcpyDeviceToHost, stream));
@@ -206,9 +227,22 @@ at::Tensor orthonormalize_cuda(const at::Tensor& x) {
   TORCH_CHECK(b <= std::numeric_limits<int32_t>::max(),
               "orthonormalize: expected at most 2^31 - 1 blocks, got b = ", b);
 
-  // Working copy in float64 (always a fresh buffer: X is modified in place).
+  // Working copy in float64 (always a fresh buffer: X is modified in place), each column scaled
+  // by a power of two to a largest absolute entry in [0.5, 1) (see the CPU kernel's
+  // scale_columns: keeps the Gram matrix finite and nonzero for entries up to 1.8e308 and down to
+  // subnormals; exact; the Q is unchanged). Column maxima from two ATen reductions, no sync.
+  auto colmax = at::maximum(at::amax(xc, {1}), at::neg(at::amin(xc, {1})))
+                    .to(at::kDouble)
+                    .contiguous();  // [b, k]
   auto X = at::empty({b, n, k}, xc.options().dtype(at::kDouble));
-  X.copy_(xc);
+  {
+    cudaStream_t s0 = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "orthonormalize_scale_columns", [&] {
+      scale_columns_kernel<scalar_t><<<grid_for(b * n * k, kThreads), kThreads, 0, s0>>>(
+          xc.data_ptr<scalar_t>(), X.data_ptr<double>(), colmax.data_ptr<double>(), b, n, k);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   auto iopt = xc.options().dtype(at::kInt);
   auto bopt = xc.options().dtype(at::kByte);
   auto left = at::full({b}, 3, iopt);
