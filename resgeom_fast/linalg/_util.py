@@ -26,7 +26,14 @@ def check_choice(where: str, name: str, value, allowed: Sequence[str]) -> str:
 
 
 def generator(seed: Optional[int]) -> torch.Generator:
-    """A CPU generator (probes are drawn on the CPU, so results do not depend on the device)."""
+    """The CPU generator of one call (seeded, or from OS entropy for ``seed=None``).
+
+    Every random draw of the call starts from it: on the CPU the probes are drawn from it
+    directly; on another device (CUDA) each draw takes one 63-bit seed from it (a host draw, no
+    device sync) for a generator on that device, and the probes are drawn there (see
+    :func:`device_generator`). A seed therefore reproduces a run on a given device; the CPU and
+    CUDA streams differ (as they would for any on-device draw).
+    """
     g = torch.Generator()
     if seed is None:
         g.seed()
@@ -35,13 +42,34 @@ def generator(seed: Optional[int]) -> torch.Generator:
     return g
 
 
+def device_generator(gen: torch.Generator, device) -> torch.Generator:
+    """A generator on ``device`` for one draw: ``gen`` itself if it lives on that device type,
+    else a new one seeded by a 63-bit integer drawn from ``gen`` on the host (no device sync).
+
+    Drawing probes on the operator's device avoids drawing n x p values on the CPU and copying
+    them (seconds for resnet-sized probes); the CPU stream is unchanged (CPU operators draw from
+    ``gen`` exactly as before).
+    """
+    device = torch.device(device)
+    if gen.device.type == device.type:
+        return gen
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=gen, device=gen.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def rademacher(shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    r = torch.randint(0, 2, tuple(shape), generator=gen, dtype=torch.int8)
+    """Random signs, [*shape] in ``dtype`` on ``device`` (drawn there; :func:`device_generator`)."""
+    g = device_generator(gen, device)
+    r = torch.randint(0, 2, tuple(shape), generator=g, dtype=torch.int8, device=g.device)
     return (r.to(dtype) * 2 - 1).to(device)
 
 
 def gaussian(shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    """Standard normal values drawn in float64 and rounded to ``dtype`` (so float32 and float64
+    runs share their probes), [*shape] on ``device`` (drawn there; :func:`device_generator`)."""
+    g = device_generator(gen, device)
+    x = torch.randn(tuple(shape), generator=g, dtype=torch.float64, device=g.device)
+    return x.to(device=device, dtype=dtype)
 
 
 def check_finite(Y: Tensor, where: str, what: str) -> Tensor:
@@ -58,16 +86,19 @@ def check_finite(Y: Tensor, where: str, what: str) -> Tensor:
     return Y
 
 
-def apply_flat(op: LinearOperator, V: Tensor, p: int, where: str, what: str = "") -> Tensor:
+def apply_flat(op: LinearOperator, V: Tensor, p: int, where: str, what: str = "",
+               check: bool = True) -> Tensor:
     """Apply ``op`` to ``p`` vectors per problem stored flat as ``V [b * p, n]``.
 
     Row ``i * p + j`` of V is vector j of problem i (problems in ``op.batch_shape`` order).
-    Returns ``[b * p, m]`` in the same layout, after checking the output is finite.
+    Returns ``[b * p, m]`` in the same layout, after checking the output is finite (one host
+    sync; ``check=False`` leaves the check to the caller, e.g. on device flags read in batches).
     """
     n = op.shape[1]
     X = V.reshape(*op.batch_shape, p, n).transpose(-1, -2)
     Y = op.matmat(X.contiguous())
-    check_finite(Y, where, what)
+    if check:
+        check_finite(Y, where, what)
     return Y.transpose(-1, -2).reshape(V.shape[0], op.shape[0])
 
 

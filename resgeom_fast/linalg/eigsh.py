@@ -43,12 +43,14 @@ class EigshResult:
 
 
 def _wanted(s: int, k: int, which: str) -> Tensor:
+    """Indices (host) of the wanted Ritz values among s ascending ones."""
+    cpu = torch.device("cpu")
     if which == "LA":
-        return torch.arange(s - 1, s - 1 - k, -1)
+        return torch.arange(s - 1, s - 1 - k, -1, device=cpu)
     if which == "SA":
-        return torch.arange(0, k)
+        return torch.arange(0, k, device=cpu)
     lo, hi = k // 2, k - k // 2
-    return torch.cat([torch.arange(0, lo), torch.arange(s - hi, s)])
+    return torch.cat([torch.arange(0, lo, device=cpu), torch.arange(s - hi, s, device=cpu)])
 
 
 def eigsh(
@@ -74,8 +76,15 @@ def eigsh(
         which: "LA" (largest algebraic), "SA" (smallest) or "both".
         tol: relative residual tolerance; default 1e-10 (float64) or 1e-5 (float32).
         max_steps: Lanczos steps at most; default min(n, max(300, 20 k)).
-        seed: seed of the start vector (drawn on the CPU).
+        seed: seed of the start vector (on a CUDA operator drawn on the device, from a
+            generator seeded from this seed: reproducible per device, see
+            :func:`resgeom_fast.linalg._util.generator`).
         check_every: steps between convergence checks.
+
+    Host syncs: the Lanczos steps between two checks run without one (see
+    :class:`~resgeom_fast.linalg.lanczos.Lanczos`); each check copies T (2 s numbers per problem)
+    to the host in one transfer and solves its small dense eigenproblem there (LAPACK, float64),
+    so the check costs one sync and no device eigensolver launch.
     """
     where = "eigsh"
     op = aslinearoperator(op, where=where)
@@ -101,22 +110,27 @@ def eigsh(
     gen = generator(seed)
     b = op.batch_size
     v0 = gaussian((b, n), gen, op.dtype, op.device)
-    lz = Lanczos(op, v0, 1, max_steps, where, gen)
+    lz = Lanczos(op, v0, 1, max_steps, where, gen, sync_every=check_every)
     idx = None
     while True:
         s = lz.advance(check_every if lz.steps >= k else max(k, check_every))
         d, e = lz.tridiagonal()
+        # one transfer: diag, off-diagonal and the residual norm beta_s (the check's one sync)
+        host = torch.cat([d, e, lz.beta[:, s - 1 : s]], dim=1).cpu()
+        d, e, beta_s = host[:, :s], host[:, s : 2 * s - 1], host[:, 2 * s - 1 :]
         T = torch.diag_embed(d) + torch.diag_embed(e, 1) + torch.diag_embed(e, -1)
         theta, S = torch.linalg.eigh(T)
-        idx = _wanted(s, k, which).to(theta.device)
-        est = lz.beta[:, s - 1, None].abs() * S[:, s - 1, :].abs()
+        idx = _wanted(s, k, which)
+        est = beta_s.abs() * S[:, s - 1, :].abs()
         anorm = theta.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
         conv = (est[:, idx] <= tol * anorm).all(dim=1)
         if bool(conv.all()) or s >= lz.max_steps:
             break
 
-    evals = theta[:, idx]
-    X = torch.einsum("psn,psk->pnk", lz.V[:, :s].double(), S[:, :, idx]).to(op.dtype)
+    evals = theta[:, idx].to(op.device)
+    conv = conv.to(op.device)
+    Sw = S[:, :, idx].to(op.device)
+    X = torch.einsum("psn,psk->pnk", lz.V[:, :s].double(), Sw).to(op.dtype)
     X = X.reshape(*op.batch_shape, n, k)
     AX = apply_block(op, X, where, "when computing residuals")
     lam = evals.reshape(*op.batch_shape, 1, k)

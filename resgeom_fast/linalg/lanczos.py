@@ -1,6 +1,8 @@
 """Batched Lanczos with full reorthogonalisation (the engine of eigsh and slq_density)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -33,10 +35,21 @@ class Lanczos:
     vector orthogonal to its basis and the coupling is set to exactly 0, so T splits into blocks;
     the blocks not holding the start vector get zero quadrature weight and their Ritz values are
     still eigenvalues of the operator.
+
+    Host syncs: steps run in windows of ``sync_every`` without any device-to-host sync; each
+    step records on the device whether its product had a non-finite sum or some problem broke
+    down, and the window's flags are read once at its end (one sync per window). A flagged
+    window is rolled back to its first flagged step ("full": the basis, T and the scale before
+    that step are intact; "local": to the window's start, from a copy of the two basis rows) and
+    that step is redone on the checked path: the exact non-finite check (naming the step and the
+    values) and the restart of the problems that broke down, as a step-by-step run would do.
+    For a deterministic operator the results are those of the step-by-step run; the rollback
+    applies the operator again to the redone steps.
     """
 
     def __init__(self, op: LinearOperator, v0: Tensor, p: int, max_steps: int, where: str,
-                 gen: torch.Generator, breakdown_tol: float = 1e-12, reorth: str = "full") -> None:
+                 gen: torch.Generator, breakdown_tol: float = 1e-12, reorth: str = "full",
+                 sync_every: int = 10) -> None:
         n = op.shape[0]
         P = v0.shape[0]
         if reorth not in REORTH:
@@ -45,6 +58,9 @@ class Lanczos:
         self.max_steps = min(max_steps, n)
         self.breakdown_tol = breakdown_tol
         self.reorth = reorth
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"{where}: expected sync_every an int >= 1, got {sync_every!r}")
+        self.sync_every = sync_every
         # "full": the whole basis; "local": two slots, v_j in slot j % 2 (v_{j-1} in the other)
         slots = self.max_steps if reorth == "full" else min(2, self.max_steps)
         self.V = torch.empty(P, slots, n, dtype=op.dtype, device=op.device)
@@ -63,24 +79,58 @@ class Lanczos:
         target = min(self.max_steps, self.steps + nsteps)
         full = self.reorth == "full"
         while self.steps < target:
-            j = self.steps
-            cur = j if full else j % 2
-            w = apply_flat(self.op, self.V[:, cur], self.p, self.where, f"at Lanczos step {j}")
-            # full: against v_0..v_j; local: against v_j and v_{j-1} (the three-term recurrence)
-            w, coeffs, norm = ops.lanczos_reorth(w, self.V[:, : j + 1] if full else self.V[:, : min(j + 1, 2)])
-            self.alpha[:, j] = coeffs[:, cur]
-            self.beta[:, j] = norm
-            self.scale = torch.maximum(self.scale, coeffs[:, cur].abs() + norm)
-            self.steps = j + 1
-            if j + 1 < self.max_steps:
-                nxt = j + 1 if full else (j + 1) % 2
-                broke = norm <= self.breakdown_tol * self.scale.clamp_min(1e-300)
-                safe = torch.where(broke, torch.ones_like(norm), norm)
-                # normalise in the working dtype, straight into the basis (no float64 round trip)
-                torch.div(w, safe.to(w.dtype)[:, None], out=self.V[:, nxt])
+            start = self.steps
+            count = min(self.sync_every, target - start)
+            scale0 = self.scale.clone()
+            V0 = None if full else self.V.clone()          # "local": the two rows it overwrites
+            flags = torch.zeros(count, dtype=torch.bool, device=self.scale.device)
+            for i in range(count):
+                flags[i] = self._step(checked=False)
+            hits = flags.tolist()                           # the window's one host sync
+            if not any(hits):
+                continue
+            first = start + hits.index(True)
+            if full:
+                # steps start..first-1 were clean: V[:, :first + 1], alpha/beta[:, :first] hold
+                # them; the scale is their running maximum (no restart happened in between)
+                self.steps = first
+                a, b = self.alpha[:, start:first], self.beta[:, start:first]
+                self.scale = torch.maximum(scale0, (a.abs() + b).amax(1)) if first > start else scale0
+            else:
+                self.V.copy_(V0)
+                self.steps, self.scale = start, scale0
+            while self.steps <= first:
+                self._step(checked=True)
+        return self.steps
+
+    def _step(self, checked: bool) -> Optional[Tensor]:
+        """Step ``self.steps``. ``checked``: the finite check of the product and the breakdown
+        restart run now (host syncs). Unchecked: no sync; returns a 0-dim bool device tensor,
+        True if the step needs the checked path (a non-finite product sum -- NaN, inf, or a sum
+        that overflowed -- or a breakdown)."""
+        j = self.steps
+        full = self.reorth == "full"
+        cur = j if full else j % 2
+        w = apply_flat(self.op, self.V[:, cur], self.p, self.where, f"at Lanczos step {j}", check=checked)
+        flag = None if checked else ~torch.isfinite(w.sum())
+        # full: against v_0..v_j; local: against v_j and v_{j-1} (the three-term recurrence)
+        w, coeffs, norm = ops.lanczos_reorth(w, self.V[:, : j + 1] if full else self.V[:, : min(j + 1, 2)])
+        self.alpha[:, j] = coeffs[:, cur]
+        self.beta[:, j] = norm
+        self.scale = torch.maximum(self.scale, coeffs[:, cur].abs() + norm)
+        self.steps = j + 1
+        if j + 1 < self.max_steps:
+            nxt = j + 1 if full else (j + 1) % 2
+            broke = norm <= self.breakdown_tol * self.scale.clamp_min(1e-300)
+            safe = torch.where(broke, torch.ones_like(norm), norm)
+            # normalise in the working dtype, straight into the basis (no float64 round trip)
+            torch.div(w, safe.to(w.dtype)[:, None], out=self.V[:, nxt])
+            if checked:
                 if bool(broke.any()):
                     self._restart(broke.nonzero().flatten(), j + 1)
-        return self.steps
+            else:
+                flag = flag | broke.any()
+        return flag
 
     def _restart(self, idx: Tensor, j: int) -> None:
         """Continue problems ``idx`` from a random vector orthogonal to their first j vectors

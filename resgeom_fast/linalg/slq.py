@@ -124,6 +124,10 @@ def slq_density(
     O(n) memory per probe and no basis traffic, at the price of spurious copies of converged
     nodes (their weights split, the quadrature stays consistent). Use it when the basis does not
     fit in memory or its traffic dominates (cheap operators, huge n).
+
+    The Rademacher probes are drawn on the operator's device (on CUDA from a device generator
+    seeded from ``seed``: reproducible per device). Host syncs: one per 10 Lanczos steps (see
+    :class:`~resgeom_fast.linalg.lanczos.Lanczos`) and one for the node range.
     """
     where = "slq_density"
     op = aslinearoperator(op, where=where)
@@ -148,7 +152,7 @@ def slq_density(
     exhausted = (e == 0).any(-1) if m > 1 else torch.zeros(d.shape[0], dtype=torch.bool, device=d.device)
     exhausted = exhausted | (m >= n)
 
-    lo, hi = nodes.min().item(), nodes.max().item()
+    lo, hi = torch.stack([nodes.min(), nodes.max()]).tolist()     # one host sync for both
     width = hi - lo
     if sigma is None:
         if not sigma0 > 0:
