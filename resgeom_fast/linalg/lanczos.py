@@ -44,7 +44,9 @@ class Lanczos:
     that step is redone on the checked path: the exact non-finite check (naming the step and the
     values) and the restart of the problems that broke down, as a step-by-step run would do.
     For a deterministic operator the results are those of the step-by-step run; the rollback
-    applies the operator again to the redone steps.
+    applies the operator again to the redone steps. An exception raised by the operator inside a
+    window after a flagged step (e.g. it rejects the NaN vector a NaN product led to) triggers
+    the same rollback, so the error names the first bad step as the step-by-step run does.
     """
 
     def __init__(self, op: LinearOperator, v0: Tensor, p: int, max_steps: int, where: str,
@@ -84,10 +86,17 @@ class Lanczos:
             scale0 = self.scale.clone()
             V0 = None if full else self.V.clone()          # "local": the two rows it overwrites
             flags = torch.zeros(count, dtype=torch.bool, device=self.scale.device)
-            for i in range(count):
-                flags[i] = self._step(checked=False)
-            hits = flags.tolist()                           # the window's one host sync
+            done, error = 0, None
+            try:
+                for i in range(count):
+                    flags[i] = self._step(checked=False)
+                    done = i + 1
+            except Exception as exc:  # noqa: BLE001 -- re-raised unless a flagged step led to it
+                error = exc           # (an operator that rejects the NaN vector a NaN step made)
+            hits = flags[:done].tolist()                    # the window's one host sync
             if not any(hits):
+                if error is not None:
+                    raise error
                 continue
             first = start + hits.index(True)
             if full:

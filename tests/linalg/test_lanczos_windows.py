@@ -51,3 +51,23 @@ def test_sync_every_is_validated():
     op = aslinearoperator(A)
     with pytest.raises(ValueError, match="test: expected sync_every an int >= 1, got 0"):
         Lanczos(op, torch.ones(1, 10, dtype=torch.float64), 1, 5, "test", generator(0), sync_every=0)
+
+
+def test_an_operator_rejecting_nan_input_still_reports_the_first_bad_step():
+    """Inside a window, a NaN product at step 2 makes the next vector NaN; an operator that
+    raises on a NaN input at step 3 must not hide the NaN output of step 2."""
+    from resgeom_fast.linalg import NonFiniteError, eigsh
+
+    A = symmetric(torch.linspace(-1.0, 2.0, 30, dtype=torch.float64))
+    calls = []
+
+    def picky(X):
+        if not bool(torch.isfinite(X).all()):
+            raise RuntimeError("picky: expected a finite input")
+        calls.append(1)
+        Y = A @ X
+        return Y * float("nan") if len(calls) >= 3 else Y
+
+    op = aslinearoperator(picky, shape=(30, 30), dtype=torch.float64, symmetric=True)
+    with pytest.raises(NonFiniteError, match=r"eigsh: the operator returned non-finite values .* at Lanczos step 2: 30 NaN"):
+        eigsh(op, k=2)
