@@ -249,10 +249,15 @@ class Spectrum(Result):
             if f is None:
                 continue
             s[sname] = float(f.value) if f.resolved else None
+            if not f.resolved:
+                s[f"{sname}_reason"] = (f"unresolved at steps={f.steps}: in [{float(f.lower):.3g}, "
+                                        f"{float(f.upper):.3g}]; raise steps")
             s[f"{sname}_lower"] = float(f.lower)
             s[f"{sname}_upper"] = float(f.upper)
         if "degenerate_fraction_rel" in s:
             s["degeneracy_fraction"] = s["degenerate_fraction_rel"]
+            if "degenerate_fraction_rel_reason" in s:
+                s["degeneracy_fraction_reason"] = s["degenerate_fraction_rel_reason"]
         return s
 
 

@@ -995,7 +995,7 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
              "lanczos_steps": 12, "trace_probes": 6, "path_samples": 16, "max_order": None, "gc_samples": 32},
     "default": {"n_train": None, "width": 64, "depth": 8, "epochs": 30, "align_samples": 64, "k": None,
                 "oversample": 10, "power_iters": None, "depths": [4, 8, 16], "hessian_samples": 512, "eigs": 4,
-                "probes": 4, "lanczos_steps": 40, "trace_probes": 30, "path_samples": 128, "max_order": None,
+                "probes": 4, "lanczos_steps": 160, "trace_probes": 30, "path_samples": 128, "max_order": None,
                 "gc_samples": 256},
 }
 

@@ -224,6 +224,9 @@ def test_dataloader_equals_single_batch_and_result_contract():
             assert key in {"degeneracy_fraction"} | {n for n, _ in FRACTIONS.values()}
             name = "degenerate_fraction_rel" if key == "degeneracy_fraction" else key
             assert isinstance(b.summary()[f"{name}_lower"], float) and isinstance(b.summary()[f"{name}_upper"], float)
+            assert b.summary()[f"{key}_reason"].startswith("unresolved at steps=20: in [")  # said why
+        elif key.endswith("_reason"):
+            assert b.summary()[key[: -len("_reason")]] is None
         else:
             assert isinstance(v, float), key
 
