@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from resgeom_fast import ops
-from resgeom_fast.linalg._util import apply_flat, gaussian
+from resgeom_fast.linalg._util import apply_flat, check_finite, gaussian
 from resgeom_fast.linalg.operator import LinearOperator
 
 
@@ -38,15 +38,21 @@ class Lanczos:
 
     Host syncs: steps run in windows of ``sync_every`` without any device-to-host sync; each
     step records on the device whether its product had a non-finite sum or some problem broke
-    down, and the window's flags are read once at its end (one sync per window). A flagged
-    window is rolled back to its first flagged step ("full": the basis, T and the scale before
-    that step are intact; "local": to the window's start, from a copy of the two basis rows) and
-    that step is redone on the checked path: the exact non-finite check (naming the step and the
-    values) and the restart of the problems that broke down, as a step-by-step run would do.
-    For a deterministic operator the results are those of the step-by-step run; the rollback
-    applies the operator again to the redone steps. An exception raised by the operator inside a
-    window after a flagged step (e.g. it rejects the NaN vector a NaN product led to) triggers
-    the same rollback, so the error names the first bad step as the step-by-step run does.
+    down, and the window's flags are read once at its end (one sync per window). At the
+    window's first flagged step its product (and with "local" the two basis rows) is saved on
+    the device. A flagged window is rolled back to that step (T, the scale and the "full" basis
+    before it are intact) and the step is redone on the checked path with the saved product: the
+    exact non-finite check (naming the step and the values) and the restart of the problems that
+    broke down, as a step-by-step run does; the results are those of the step-by-step run, bit
+    for bit (the flagged step's product is not recomputed). The products of the window's steps
+    after the flagged one are wasted (recomputed from the corrected state), so after a flagged
+    window the next one is a single step, and windows double back to ``sync_every`` while they
+    stay clean: a run that breaks down at every step (an exhausted, degenerate Krylov space)
+    goes step by step (no waste, one sync per step), a clean run wastes nothing. An
+    exception raised by the operator inside a window after a flagged step (e.g. it rejects the
+    NaN vector a NaN product led to) triggers the same rollback, so the error names the first
+    bad step as the step-by-step run does. Cost: one extra pass over the product per step (two
+    more over the two rows with "local"), and one [P, n] buffer ([P, 3, n] with "local").
     """
 
     def __init__(self, op: LinearOperator, v0: Tensor, p: int, max_steps: int, where: str,
@@ -63,6 +69,9 @@ class Lanczos:
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"{where}: expected sync_every an int >= 1, got {sync_every!r}")
         self.sync_every = sync_every
+        self._window = sync_every                  # steps of the next window (adaptive)
+        self._saved_w: Optional[Tensor] = None     # a flagged step's product, for the redo
+        self._saved_V: Optional[Tensor] = None     # "local": the two basis rows at that step
         # "full": the whole basis; "local": two slots, v_j in slot j % 2 (v_{j-1} in the other)
         slots = self.max_steps if reorth == "full" else min(2, self.max_steps)
         self.V = torch.empty(P, slots, n, dtype=op.dtype, device=op.device)
@@ -82,14 +91,18 @@ class Lanczos:
         full = self.reorth == "full"
         while self.steps < target:
             start = self.steps
-            count = min(self.sync_every, target - start)
+            count = min(self._window, target - start)
             scale0 = self.scale.clone()
-            V0 = None if full else self.V.clone()          # "local": the two rows it overwrites
-            flags = torch.zeros(count, dtype=torch.bool, device=self.scale.device)
+            if self._saved_w is None:
+                P, n = self.V.shape[0], self.V.shape[2]
+                self._saved_w = torch.empty(P, n, dtype=self.V.dtype, device=self.V.device)
+                self._saved_V = None if full else torch.empty_like(self.V)
+            seen = torch.zeros((), dtype=torch.bool, device=self.V.device)
+            flags = torch.zeros(count, dtype=torch.bool, device=self.V.device)
             done, error = 0, None
             try:
                 for i in range(count):
-                    flags[i] = self._step(checked=False)
+                    flags[i], seen = self._step(checked=False, seen=seen)
                     done = i + 1
             except Exception as exc:  # noqa: BLE001 -- re-raised unless a flagged step led to it
                 error = exc           # (an operator that rejects the NaN vector a NaN step made)
@@ -97,49 +110,72 @@ class Lanczos:
             if not any(hits):
                 if error is not None:
                     raise error
+                self._window = min(self.sync_every, 2 * self._window)
                 continue
+            self._window = 1      # the products after the flagged step were wasted: speculate less
             first = start + hits.index(True)
-            if full:
-                # steps start..first-1 were clean: V[:, :first + 1], alpha/beta[:, :first] hold
-                # them; the scale is their running maximum (no restart happened in between)
-                self.steps = first
-                a, b = self.alpha[:, start:first], self.beta[:, start:first]
-                self.scale = torch.maximum(scale0, (a.abs() + b).amax(1)) if first > start else scale0
-            else:
-                self.V.copy_(V0)
-                self.steps, self.scale = start, scale0
-            while self.steps <= first:
-                self._step(checked=True)
+            # roll back to just before step `first`: steps start..first-1 were clean, so
+            # alpha/beta[:, :first] hold them, V[:, :first + 1] too ("full"; "local": the two
+            # rows saved at that step), and the scale is their running maximum (no restart)
+            self.steps = first
+            a, b = self.alpha[:, start:first], self.beta[:, start:first]
+            self.scale = torch.maximum(scale0, (a.abs() + b).amax(1)) if first > start else scale0
+            if not full:
+                self.V.copy_(self._saved_V)
+            # redo it on the checked path with the product saved at that step (the operator is
+            # not applied again): the exact finite check, the breakdown restart
+            self._step(checked=True, product=self._saved_w)
         return self.steps
 
-    def _step(self, checked: bool) -> Optional[Tensor]:
-        """Step ``self.steps``. ``checked``: the finite check of the product and the breakdown
-        restart run now (host syncs). Unchecked: no sync; returns a 0-dim bool device tensor,
-        True if the step needs the checked path (a non-finite product sum -- NaN, inf, or a sum
-        that overflowed -- or a breakdown)."""
+    def _step(self, checked: bool, product: Optional[Tensor] = None,
+              seen: Optional[Tensor] = None):
+        """Step ``self.steps``; ``product``: the operator's output for it, flat [P, n] (applied
+        now if None).
+
+        ``checked``: the finite check of the product and the breakdown restart run now (host
+        syncs); returns None. Unchecked: no sync; returns ``(flag, seen)``, 0-dim bool device
+        tensors: whether this step needs the checked path (a non-finite product sum -- NaN, inf,
+        or a sum that overflowed -- or a breakdown), and whether this or an earlier step of the
+        window did; at the window's first flagged step its product (and, "local", the two basis
+        rows it overwrites) are saved on the device for the redo.
+        """
         j = self.steps
         full = self.reorth == "full"
         cur = j if full else j % 2
-        w = apply_flat(self.op, self.V[:, cur], self.p, self.where, f"at Lanczos step {j}", check=checked)
-        flag = None if checked else ~torch.isfinite(w.sum())
+        what = f"at Lanczos step {j}"
+        if product is None:
+            w = apply_flat(self.op, self.V[:, cur], self.p, self.where, what, check=checked)
+        else:
+            w = product
+            if checked:       # the operator's layout, so that the check names its indices
+                m = self.op.shape[0]
+                check_finite(w.reshape(*self.op.batch_shape, self.p, m).transpose(-1, -2), self.where, what)
+        raw = w
         # full: against v_0..v_j; local: against v_j and v_{j-1} (the three-term recurrence)
         w, coeffs, norm = ops.lanczos_reorth(w, self.V[:, : j + 1] if full else self.V[:, : min(j + 1, 2)])
         self.alpha[:, j] = coeffs[:, cur]
         self.beta[:, j] = norm
         self.scale = torch.maximum(self.scale, coeffs[:, cur].abs() + norm)
         self.steps = j + 1
-        if j + 1 < self.max_steps:
+        last = j + 1 >= self.max_steps
+        broke = None if last else norm <= self.breakdown_tol * self.scale.clamp_min(1e-300)
+        if not checked:
+            flag = ~torch.isfinite(raw.sum())
+            if broke is not None:
+                flag = flag | broke.any()
+            new = flag & ~seen
+            torch.where(new, raw, self._saved_w, out=self._saved_w)
+            if not full:
+                torch.where(new, self.V, self._saved_V, out=self._saved_V)
+            seen = seen | flag
+        if not last:
             nxt = j + 1 if full else (j + 1) % 2
-            broke = norm <= self.breakdown_tol * self.scale.clamp_min(1e-300)
             safe = torch.where(broke, torch.ones_like(norm), norm)
             # normalise in the working dtype, straight into the basis (no float64 round trip)
             torch.div(w, safe.to(w.dtype)[:, None], out=self.V[:, nxt])
-            if checked:
-                if bool(broke.any()):
-                    self._restart(broke.nonzero().flatten(), j + 1)
-            else:
-                flag = flag | broke.any()
-        return flag
+            if checked and bool(broke.any()):
+                self._restart(broke.nonzero().flatten(), j + 1)
+        return None if checked else (flag, seen)
 
     def _restart(self, idx: Tensor, j: int) -> None:
         """Continue problems ``idx`` from a random vector orthogonal to their first j vectors
