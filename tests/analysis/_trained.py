@@ -10,10 +10,11 @@ import contextlib
 import functools
 
 import torch
-
+from torch import nn
 
 from resgeom_fast.data import digits
 from resgeom_fast.models import FCResNet
+from resgeom_fast.operators import mark_residual_block
 from resgeom_fast.train import train
 
 
@@ -48,3 +49,39 @@ def trained_fc(skip: str = "identity", width: int = 64, depth: int = 8, epochs: 
         train(model, ds, epochs, lr=0.05, momentum=0.9, batch_size=64, seed=seed, progress=False)
     return model.eval()
 
+
+
+# -- constructed linear residual nets (exact answers: the Jacobian of block l is its matrix) ------
+class LinBlock(nn.Module):
+    """h -> h + A h with a fixed matrix A (marked as a residual block; branch = the Linear)."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__()
+        self.lin = nn.Linear(A.shape[1], A.shape[0], bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(A)
+        mark_residual_block(self, branch=self.lin)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.lin(h)
+
+
+class LinNet(nn.Module):
+    """Identity stem, linear residual blocks with the given matrices, a Linear head with C outputs."""
+
+    def __init__(self, mats: list[torch.Tensor], num_classes: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(LinBlock(A) for A in mats)
+        self.head = nn.Linear(mats[0].shape[0], num_classes).to(mats[0].dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def random_orthogonal(d: int, seed: int) -> torch.Tensor:
+    """A d x d float64 orthogonal matrix (QR of a seeded Gaussian)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]

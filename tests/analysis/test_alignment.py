@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _trained import digits_flat, one_thread, trained_fc  # noqa: E402
+from _trained import LinNet, digits_flat, one_thread, random_orthogonal, trained_fc  # noqa: E402
 from resgeom_fast.analysis.alignment import (  # noqa: E402
     AlignmentResult,
     depth_scaling,
@@ -29,47 +29,12 @@ from resgeom_fast.analysis.alignment import (  # noqa: E402
     trajectory_pca,
 )
 from resgeom_fast.models import ConvResNet, FCResNet, resnet18  # noqa: E402
-from resgeom_fast.operators import mark_residual_block  # noqa: E402
 from resgeom_fast.train import train  # noqa: E402
 
 F64 = torch.float64
 
 
 # -- constructed nets ---------------------------------------------------------------------------
-class _LinBlock(nn.Module):
-    """h -> h + A h with a fixed matrix A (marked as a residual block; branch = the Linear)."""
-
-    def __init__(self, A: torch.Tensor) -> None:
-        super().__init__()
-        self.lin = nn.Linear(A.shape[1], A.shape[0], bias=False)
-        with torch.no_grad():
-            self.lin.weight.copy_(A)
-        mark_residual_block(self, branch=self.lin)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.lin(h)
-
-
-class _LinNet(nn.Module):
-    """Identity stem, linear residual blocks with the given matrices, a Linear head with C outputs."""
-
-    def __init__(self, mats: list[torch.Tensor], num_classes: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(_LinBlock(A) for A in mats)
-        self.head = nn.Linear(mats[0].shape[0], num_classes).to(mats[0].dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for b in self.blocks:
-            h = b(h)
-        return self.head(h)
-
-
-def _orth(d: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))[0]
-
-
 def _from_svd(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return U[:, : s.numel()] @ torch.diag(s) @ V[:, : s.numel()].T
 
@@ -120,9 +85,9 @@ def test_known_rank_sigma_and_gap():
     mats, s_true = [], []
     for l in range(L):
         s = torch.tensor([2.0, 1.0, 0.5], dtype=F64) / (l + 1)
-        mats.append(_from_svd(_orth(D, 10 + l), s, _orth(D, 20 + l)))
+        mats.append(_from_svd(random_orthogonal(D, 10 + l), s, random_orthogonal(D, 20 + l)))
         s_true.append(s)
-    net = _LinNet(mats, num_classes=r).double()
+    net = LinNet(mats, num_classes=r).double()
     x = torch.randn(6, D, generator=torch.Generator().manual_seed(0), dtype=F64)
     res = residual_alignment(net, x, k=8)
     st = res.stages[0]
@@ -144,9 +109,9 @@ def test_known_rank_sigma_and_gap():
 def test_symmetric_shared_basis_is_perfectly_aligned():
     """A_l = Q diag(s_l) Q^T (PSD, one eigenbasis): u = v, A_ij = diag(s_j[:k]) exactly."""
     D, k, L = 12, 5, 4
-    Q = _orth(D, 3)
+    Q = random_orthogonal(D, 3)
     svals = [torch.linspace(3.0, 0.2, D, dtype=F64) * (1 + 0.3 * l) for l in range(L)]
-    net = _LinNet([_from_svd(Q, s, Q) for s in svals]).double()
+    net = LinNet([_from_svd(Q, s, Q) for s in svals]).double()
     x = torch.randn(3, D, generator=torch.Generator().manual_seed(2), dtype=F64)
     st = residual_alignment(net, x, k=k).stages[0]
     torch.testing.assert_close(st.self_alignment_mean, torch.ones(L, dtype=F64), rtol=0, atol=1e-10)
@@ -162,14 +127,14 @@ def test_antisymmetric_partner_gives_zero_cross_diagonal():
     """A_1 = Q S Q^T, A_2 = Q S' Q^T R with R a rotation by 90 degrees in each (2r, 2r+1) plane:
     u_{1,r}^T A_2 v_{1,r} = 0, so diag A_12 vanishes and diag_ratio_12 = 0."""
     D, k = 8, 4
-    Q = _orth(D, 5)
+    Q = random_orthogonal(D, 5)
     s1 = torch.tensor([4.0, 3.0, 2.0, 1.5, 1.0, 0.8, 0.6, 0.4], dtype=F64)
     R = torch.zeros(D, D, dtype=F64)
     for a in range(0, D, 2):
         R[a, a + 1], R[a + 1, a] = -1.0, 1.0
     A1 = Q @ torch.diag(s1) @ Q.T
     A2 = Q @ torch.diag(torch.ones(D, dtype=F64)) @ R @ Q.T
-    net = _LinNet([A1, A2]).double()
+    net = LinNet([A1, A2]).double()
     st = residual_alignment(net, torch.randn(2, D, generator=torch.Generator().manual_seed(0), dtype=F64),
                             k=k).stages[0]
     assert float(st.diag_ratio_mean[0, 1]) < 1e-12
@@ -180,9 +145,9 @@ def test_antisymmetric_partner_gives_zero_cross_diagonal():
 def test_depth_scaling_constant_product():
     D, results = 10, []
     for L in (2, 4, 8):
-        mats = [_from_svd(_orth(D, 40 + l), torch.tensor([1.0 / L, 0.5 / L], dtype=F64), _orth(D, 60 + l))
+        mats = [_from_svd(random_orthogonal(D, 40 + l), torch.tensor([1.0 / L, 0.5 / L], dtype=F64), random_orthogonal(D, 60 + l))
                 for l in range(L)]
-        net = _LinNet(mats).double()
+        net = LinNet(mats).double()
         results.append(residual_alignment(net, torch.randn(2, D, generator=torch.Generator().manual_seed(L),
                                                            dtype=F64), k=4))
     out = depth_scaling(results)
@@ -408,7 +373,7 @@ def test_input_checks(kwargs, exc, match):
 
 
 def test_no_class_count_refused():
-    net = _LinNet([torch.eye(4, dtype=F64)]).double()
+    net = LinNet([torch.eye(4, dtype=F64)]).double()
     del net.head
     net.forward = lambda x: net.blocks[0](x)  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="residual_alignment: cannot infer the number of classes C"):

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from _trained import one_thread
+from _trained import LinBlock, LinNet, one_thread, random_orthogonal
 from resgeom_fast.analysis.alignment import depth_scaling, diag_ratio, residual_alignment
 from resgeom_fast.data import digits
 from resgeom_fast.models import ConvResNet, resnet18
-from resgeom_fast.operators import mark_residual_block, residual_jacobians
+from resgeom_fast.operators import residual_jacobians
 
 F64 = torch.float64
 
@@ -28,36 +27,6 @@ def _one_thread():
     """Small problems: one thread is faster than contended many (restored after the module)."""
     with one_thread():
         yield
-
-
-# -- constructed linear nets ---------------------------------------------------------------------
-class _LinBlock(nn.Module):
-    def __init__(self, A: torch.Tensor) -> None:
-        super().__init__()
-        self.lin = nn.Linear(A.shape[1], A.shape[0], bias=False)
-        with torch.no_grad():
-            self.lin.weight.copy_(A)
-        mark_residual_block(self, branch=self.lin)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.lin(h)
-
-
-class _LinNet(nn.Module):
-    def __init__(self, mats: list[torch.Tensor], num_classes: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(_LinBlock(A) for A in mats)
-        self.head = nn.Linear(mats[0].shape[0], num_classes).to(mats[0].dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
-def _orth(d: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))[0]
 
 
 # -- a tiny conv ResNet with dense ground truth ----------------------------------------------------
@@ -149,15 +118,15 @@ def test_rank_capped_at_k_is_not_a_value():
 
 def test_rank_below_k_and_k_equal_d_are_values():
     D, L = 12, 2
-    mats = [_orth(D, 1 + l)[:, :3] @ torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=F64)) @ _orth(D, 7 + l)[:, :3].T
+    mats = [random_orthogonal(D, 1 + l)[:, :3] @ torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=F64)) @ random_orthogonal(D, 7 + l)[:, :3].T
             for l in range(L)]
-    net = _LinNet(mats, num_classes=3).double()
+    net = LinNet(mats, num_classes=3).double()
     x = torch.randn(3, D, generator=torch.Generator().manual_seed(0), dtype=F64)
     s = residual_alignment(net, x, k=6).summary()
     assert s["max_numerical_rank"] == 3.0 and s["max_numerical_rank_capped"] is False
     assert "max_numerical_rank_reason" not in s
     full = [torch.diag(torch.linspace(2.0, 1.0, D, dtype=F64)) for _ in range(L)]   # rank D
-    s = residual_alignment(_LinNet(full).double(), x, k=D).summary()              # k = D: exact, not capped
+    s = residual_alignment(LinNet(full).double(), x, k=D).summary()              # k = D: exact, not capped
     assert s["max_numerical_rank"] == float(D) and s["max_numerical_rank_capped"] is False
 
 
@@ -166,13 +135,13 @@ def test_self_alignment_uses_top_c_and_does_not_depend_on_k():
     unrelated trailing columns (|u^T v| ~ 0.2): self alignment is 1 at k = C and k = C + 5. The
     old code averaged over all k: 1 at k = 3, ~0.5 at k = 8."""
     D, C = 16, 3
-    Q, R = _orth(D, 11), _orth(D, 12)
+    Q, R = random_orthogonal(D, 11), random_orthogonal(D, 12)
     P = torch.cat([Q[:, :C], R[:, C:]], 1)
     P = torch.linalg.qr(P)[0] * torch.sign(torch.diagonal(torch.linalg.qr(P)[1]))   # orthonormal, first C = Q's
     torch.testing.assert_close(P[:, :C], Q[:, :C])
     s = torch.linspace(4.0, 1.0, D, dtype=F64)
     A = Q @ torch.diag(s) @ P.T
-    net = _LinNet([A, 0.5 * A], num_classes=C).double()
+    net = LinNet([A, 0.5 * A], num_classes=C).double()
     x = torch.randn(2, D, generator=torch.Generator().manual_seed(1), dtype=F64)
     for k in (C + 5, C):
         st = residual_alignment(net, x, k=k, power_iters=20).stages[0]
@@ -224,7 +193,7 @@ def test_num_classes_from_the_classifier_never_from_labels():
     class Seq(nn.Module):                             # classifier = Sequential(..., Linear(., 7))
         def __init__(self) -> None:
             super().__init__()
-            self.block = _LinBlock(torch.eye(5, dtype=F64))
+            self.block = LinBlock(torch.eye(5, dtype=F64))
             self.classifier = nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 7)).double()
 
         def forward(self, v):
@@ -237,7 +206,7 @@ def test_num_classes_from_the_classifier_never_from_labels():
     class Plain(nn.Module):                           # no head/fc/classifier: the last Linear outside the blocks
         def __init__(self) -> None:
             super().__init__()
-            self.block = _LinBlock(torch.eye(5, dtype=F64))
+            self.block = LinBlock(torch.eye(5, dtype=F64))
             self.out = nn.Linear(5, 6).double()
 
         def forward(self, v):
@@ -256,10 +225,10 @@ def test_depth_product_with_and_without_first_block():
     ones are not."""
     D = 8
 
-    def net(L: int, first: float) -> _LinNet:
+    def net(L: int, first: float) -> LinNet:
         mats = [(first if l == 0 else 1.0) / L * torch.diag(torch.tensor([1.0, 0.5] + [0.0] * (D - 2), dtype=F64))
                 for l in range(L)]
-        return _LinNet([_orth(D, 30 + l) @ M @ _orth(D, 50 + l).T for l, M in enumerate(mats)]).double()
+        return LinNet([random_orthogonal(D, 30 + l) @ M @ random_orthogonal(D, 50 + l).T for l, M in enumerate(mats)]).double()
 
     x = torch.randn(2, D, generator=torch.Generator().manual_seed(3), dtype=F64)
     r4 = residual_alignment(net(4, 5.0), x, k=4)
