@@ -78,6 +78,17 @@ method (``"structured+onednn"``, ``"double_backward+onednn"``, ...) to the measu
 where it applies (float32 on the CPU with oneDNN available); elsewhere it is ``"default"``. The
 setting is PyTorch's process-wide one, changed only while one of our products runs and restored
 after it: float32 matmuls that other threads run at the same moment also go to oneDNN.
+
+Precision on CUDA (``precision=``): cuDNN runs float32 convolutions in TF32 by default on Ampere
+and later GPUs, which loses ~3 digits per product. With ``precision="ieee"`` (the default) every
+product, graph build and the one-off contract check run with IEEE float32 convolutions and
+matmuls (TF32 off), PyTorch's settings restored afterwards, even on an exception; ``"tf32"``
+leaves them as the caller set them (faster on tensor cores, ~1e-3 relative error).
+See :mod:`resgeom_fast.operators._precision` for the cost.
+
+Host syncs on CUDA: ``"auto"`` synchronises the device around the products it times (while it is
+still measuring candidates); once the method is chosen (or when ``hvp`` names one), a product
+issues no ``torch.cuda.synchronize``.
 """
 from __future__ import annotations
 
@@ -90,6 +101,7 @@ import torch
 from torch import Tensor, nn
 
 from resgeom_fast.linalg.operator import LinearOperator, NonFiniteError
+from resgeom_fast.operators._precision import check_precision, product_precision
 from resgeom_fast.operators._structured import StructuredHVP, parse_structured, structured_loss
 from resgeom_fast.operators._data import (
     Batches,
@@ -190,7 +202,9 @@ def check_mean_contract(fn: str, model: nn.Module, loss_fn: LossFn, x: Tensor, y
     # Where the loss and its gradient vanish (a perfect fit of a squared error) mean and sum agree;
     # the contract is a property of loss_fn at any outputs, so it is then checked at perturbed ones.
     gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
+    # drawn on the CPU on purpose (the same perturbation on every device), once, then moved
+    noise = torch.randn(out.shape, generator=gen, dtype=torch.float64, device="cpu").to(device=out.device,
+                                                                                        dtype=out.dtype)
     points = [None, 0.1 * (float(out.double().std()) + 1.0) * noise]
     for attempt, delta in enumerate(points):
         if delta is not None:
@@ -311,12 +325,14 @@ class _Engine:
 
     def __init__(self, fn: str, kind: str, model: nn.Module, loss_fn: LossFn, data: Any,
                  names: list[str], params: list[Tensor], batchnorm: str, hvp: str,
-                 cache: Optional[bool], matmul: str = "auto", deterministic: bool = False) -> None:
+                 cache: Optional[bool], matmul: str = "auto", deterministic: bool = False,
+                 precision: str = "ieee") -> None:
         if not callable(loss_fn):
             raise TypeError(f"{fn}: expected loss_fn callable, got {type(loss_fn).__name__}")
         if batchnorm not in ("eval", "train"):
             raise ValueError(f"{fn}: batchnorm: expected 'eval' or 'train', got {batchnorm!r}")
         self.fn, self.kind, self.model, self.loss_fn = fn, kind, model, loss_fn
+        self.precision = check_precision(fn, precision)
         self.names, self.params, self.batchnorm = names, params, batchnorm
         self.dtype, self.device = params[0].dtype, params[0].device
         self.hvp = _resolve_hvp(fn, hvp, self.device)
@@ -359,17 +375,18 @@ class _Engine:
         # "auto": {(param subset, k): {method: [seconds, ...]}}
         self.timings: dict[tuple[tuple[int, ...], int], dict[str, list[float]]] = {}
         x0, y0 = self.batches.first
-        self.loss_reduction = check_mean_contract(fn, model, loss_fn, x0, y0, batchnorm,
-                                                  single_batch=len(self.batches.sizes) == 1)
-        if self.cache and self.hvp in ("double_backward", "auto"):
-            self._graphs = [self._build(w, x, y) for w, x, y in self.batches]
-        else:  # validate the loss on the first batch
-            with torch.no_grad(), module_mode(model, batchnorm):
-                _check_loss(fn, loss_fn(model(x0), y0))
+        with product_precision(self.precision):
+            self.loss_reduction = check_mean_contract(fn, model, loss_fn, x0, y0, batchnorm,
+                                                      single_batch=len(self.batches.sizes) == 1)
+            if self.cache and self.hvp in ("double_backward", "auto"):
+                self._graphs = [self._build(w, x, y) for w, x, y in self.batches]
+            else:  # validate the loss on the first batch
+                with torch.no_grad(), module_mode(model, batchnorm):
+                    _check_loss(fn, loss_fn(model(x0), y0))
 
     # -- graphs of the double-backward path -----------------------------------------------------
     def _build(self, w: float, x: Tensor, y: Any) -> tuple:
-        with torch.enable_grad(), module_mode(self.model, self.batchnorm):
+        with torch.enable_grad(), module_mode(self.model, self.batchnorm), product_precision(self.precision):
             out = self.model(x)
             if self.kind == "hessian":
                 loss = self.loss_fn(out, y)
@@ -440,7 +457,14 @@ class _Engine:
         return min(cands, key=lambda c: min(rec[c]))
 
     def apply(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
-        """Curvature products restricted to params ``idx``: ``vs[j]`` is [k, *shape of idx[j]]."""
+        """Curvature products restricted to params ``idx``: ``vs[j]`` is [k, *shape of idx[j]].
+
+        Runs under the operator's ``precision`` (IEEE float32 on CUDA unless "tf32";
+        :mod:`resgeom_fast.operators._precision`)."""
+        with product_precision(self.precision):
+            return self._apply_guarded(idx, vs, k)
+
+    def _apply_guarded(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         try:
             return self._apply_any(idx, vs, k)
         except _ForwardOverReverseFailed as exc:
@@ -464,7 +488,9 @@ class _Engine:
     def _timed(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
                rec: Optional[dict[str, list[float]]]) -> list[Tensor]:
         method, _, backend = cand.partition("+")
-        sync = self.device.type == "cuda"
+        # the device is synchronised only while "auto" is timing candidates (rec given): once the
+        # choice is made, products are queued without a host sync
+        sync = self.device.type == "cuda" and rec is not None
         if sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
@@ -642,6 +668,8 @@ class CurvatureOperator(LinearOperator):
         matmul: the matmul backend setting ("auto", "default" or "onednn").
         cached: whether per-batch graphs (and the batches) are kept between calls.
         deterministic: whether "auto" follows the fixed rule instead of timings (module doc).
+        precision: "ieee" (IEEE float32 forced on CUDA during products) or "tf32" (PyTorch's
+            settings as they are); see :func:`hessian`.
         loss_reduction: what the one-off check of the mean contract found: ``"mean"``,
             ``"neither mean nor sum (one batch: loss_fn as given)"`` or ``"not checked: <why>"``
             (:func:`check_mean_contract`).
@@ -664,6 +692,7 @@ class CurvatureOperator(LinearOperator):
         self.num_samples = engine.batches.total
         self.hvp, self.cached, self.matmul = engine.hvp, engine.cache, engine.matmul
         self.deterministic = engine.deterministic
+        self.precision = engine.precision
         self.loss_reduction = engine.loss_reduction
         self.max_vectors_per_pass = 10
 
@@ -780,14 +809,16 @@ class GGNOperator(CurvatureOperator):
 
 
 def _make(fn: str, kind: str, model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec,
-          batchnorm: str, hvp: str, cache: Optional[bool], matmul: str, deterministic: bool) -> _Engine:
+          batchnorm: str, hvp: str, cache: Optional[bool], matmul: str, deterministic: bool,
+          precision: str) -> _Engine:
     names, tensors = select_params(fn, model, params)
-    return _Engine(fn, kind, model, loss_fn, data, names, tensors, batchnorm, hvp, cache, matmul, deterministic)
+    return _Engine(fn, kind, model, loss_fn, data, names, tensors, batchnorm, hvp, cache, matmul, deterministic,
+                   precision)
 
 
 def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
             batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None,
-            matmul: str = "auto", deterministic: bool = False) -> HessianOperator:
+            matmul: str = "auto", deterministic: bool = False, precision: str = "ieee") -> HessianOperator:
     """The Hessian of the mean loss over ``data`` w.r.t. the chosen parameters, as an operator.
 
     Args:
@@ -818,19 +849,27 @@ def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = No
             yield the same batches in the same order. ``op.hvp_method``, ``op.matmul_choice``
             read the choice. Products are then bitwise reproducible on the CPU; on CUDA also set
             ``torch.use_deterministic_algorithms(True)`` (the caller's process-wide setting).
+        precision: "ieee" (default) or "tf32": float32 arithmetic of cuDNN convolutions and
+            cuBLAS matmuls on CUDA while the operator's products and graphs are computed.
+            "ieee" forces IEEE float32 (no TF32) and restores PyTorch's settings afterwards;
+            cost: on Ampere/Hopper tensor cores float32 convolutions / matmuls then run at the
+            FP32 rate, up to several times slower than TF32 (peak 19.5 vs 156 TFLOP/s on an
+            A100), but TF32 loses ~3 digits per product, below eigsh's float32 tolerance.
+            "tf32" leaves PyTorch's process-wide settings as they are. No effect on the CPU or
+            in float64 (:mod:`resgeom_fast.operators._precision`).
 
     Returns:
         a symmetric :class:`HessianOperator` of shape (P, P), dtype and device of the parameters;
         ``matmat(X [P, k]) -> [P, k]`` applies k Hessian-vector products in one pass over the data.
     """
     engine = _make("hessian", "hessian", model, loss_fn, data, params, batchnorm, hvp, cache, matmul,
-                   deterministic)
+                   deterministic, precision)
     return HessianOperator(engine, list(range(len(engine.names))))
 
 
 def ggn(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
         batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None,
-        matmul: str = "auto", deterministic: bool = False) -> GGNOperator:
+        matmul: str = "auto", deterministic: bool = False, precision: str = "ieee") -> GGNOperator:
     """The generalised Gauss-Newton matrix ``mean over samples of J^T H_loss J``, J = d outputs /
     d params, H_loss the Hessian of ``loss_fn`` in the outputs. Same arguments as :func:`hessian`
     (no structured path: "auto" and ``deterministic`` choose among the autograd methods).
@@ -841,14 +880,15 @@ def ggn(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, 
     Returns:
         a symmetric positive semi-definite (for convex losses) :class:`GGNOperator` (P, P).
     """
-    engine = _make("ggn", "ggn", model, loss_fn, data, params, batchnorm, hvp, cache, matmul, deterministic)
+    engine = _make("ggn", "ggn", model, loss_fn, data, params, batchnorm, hvp, cache, matmul, deterministic,
+                   precision)
     return GGNOperator(engine, list(range(len(engine.names))))
 
 
 def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optional[Sequence[Any]] = None, *,
                    batchnorm: str = "eval", hvp: str = "auto",
                    cache: Optional[bool] = None, matmul: str = "auto",
-                   deterministic: bool = False) -> list[HessianOperator]:
+                   deterministic: bool = False, precision: str = "ieee") -> list[HessianOperator]:
     """Per-block Hessians (diagonal blocks H_ll of the Hessian) of every residual block, in one call.
 
     The operators share one gradient graph per batch (built once when cached); block l's operator
@@ -867,7 +907,7 @@ def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optiona
     infos = resolve_blocks("block_hessians", model, blocks)
     names, tensors = select_params("block_hessians", model, [b.block for b in infos])
     engine = _Engine("block_hessians", "hessian", model, loss_fn, data, names, tensors, batchnorm, hvp,
-                     cache, matmul, deterministic)
+                     cache, matmul, deterministic, precision)
     pos = {id(t): i for i, t in enumerate(tensors)}
     ops = []
     for b in infos:

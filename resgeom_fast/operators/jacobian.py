@@ -21,6 +21,11 @@ Two paths give identical results:
   the first linear layer is applied once for all samples.
 
 ``"auto"`` takes the fast path where the branch is recognised, the generic one elsewhere.
+
+Precision on CUDA (``precision=``): with ``"ieee"`` (the default) the forward pass that captures
+the block inputs, the linearisation and every J V / J^T U run with IEEE float32 convolutions and
+matmuls (cuDNN's default TF32 off, PyTorch's settings restored afterwards); ``"tf32"`` leaves
+PyTorch's settings as they are. Cost and details: :mod:`resgeom_fast.operators._precision`.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resgeom_fast.linalg.operator import LinearOperator
 from resgeom_fast.operators._data import module_mode, no_inplace
+from resgeom_fast.operators._precision import check_precision, product_precision
 from resgeom_fast.operators.blocks import BlockInfo, resolve_blocks
 from resgeom_fast.ops import masked_scale
 
@@ -287,11 +293,18 @@ class ResidualJacobian(LinearOperator):
     Attributes:
         info: the :class:`BlockInfo`. h: the block inputs [N, *in_shape]. in_shape, out_shape:
         per-sample shapes. path: "generic" or "fast". chunk_size: samples per chunk (None: auto,
-        about 256 MiB of probe intermediates per chunk).
+        about 256 MiB of probe intermediates per chunk). precision: "ieee" (IEEE float32 forced on
+        CUDA while products run) or "tf32" (PyTorch's settings as they are).
     """
 
-    def __init__(self, info: BlockInfo, h: Tensor, path: str, chunk_size: Optional[int]) -> None:
+    def __init__(self, info: BlockInfo, h: Tensor, path: str, chunk_size: Optional[int],
+                 precision: str = "ieee") -> None:
         self.info, self.h, self.path, self.chunk_size = info, h, path, chunk_size
+        self.precision = check_precision("ResidualJacobian", precision)
+        with product_precision(self.precision):
+            self._setup(info, h, path)
+
+    def _setup(self, info: BlockInfo, h: Tensor, path: str) -> None:
         # every evaluation of the branch on h runs with in-place activations turned off: a branch
         # starting with ReLU(inplace=True) would otherwise overwrite the stored block inputs
         with torch.no_grad(), module_mode(info.branch, "eval"), no_inplace(info.branch):
@@ -311,6 +324,10 @@ class ResidualJacobian(LinearOperator):
         return max(1, min(self.h.shape[0], _CHUNK_BYTES // max(per, 1)))
 
     def _apply(self, X: Tensor, transpose: bool) -> Tensor:
+        with product_precision(self.precision):
+            return self._apply_chunks(X, transpose)
+
+    def _apply_chunks(self, X: Tensor, transpose: bool) -> Tensor:
         N, _, k = X.shape
         d_in, d_out = (self.shape[0], self.shape[1]) if transpose else (self.shape[1], self.shape[0])
         s_in, s_out = (self.out_shape, self.in_shape) if transpose else (self.in_shape, self.out_shape)
@@ -359,7 +376,8 @@ class ResidualJacobian(LinearOperator):
 
 
 def residual_jacobians(model: nn.Module, x: Tensor, blocks: Optional[Sequence[Any]] = None, *,
-                       path: str = "auto", chunk_size: Optional[int] = None) -> list[ResidualJacobian]:
+                       path: str = "auto", chunk_size: Optional[int] = None,
+                       precision: str = "ieee") -> list[ResidualJacobian]:
     """Residual-branch Jacobians of ``model``'s blocks at the inputs ``x``.
 
     Args:
@@ -369,12 +387,19 @@ def residual_jacobians(model: nn.Module, x: Tensor, blocks: Optional[Sequence[An
         path: "auto" (fast where supported), "generic" (torch.func, any branch) or "fast"
             (error if a branch is not supported).
         chunk_size: samples per chunk when applying (bounds memory); None picks it from the size.
+        precision: "ieee" (default) or "tf32": float32 arithmetic of cuDNN convolutions and cuBLAS
+            matmuls on CUDA in the forward pass, the linearisation and every product. "ieee" forces
+            IEEE float32 (TF32 off, PyTorch's settings restored afterwards); cost: float32
+            convolutions run at the FP32 rate of Ampere/Hopper tensor cores, up to several times
+            slower than TF32, which loses ~3 digits per product. "tf32" leaves PyTorch's settings
+            as they are. No effect on the CPU or in float64.
 
     Returns:
         one :class:`ResidualJacobian` per block, batch_shape (N,), shape (D_out, D_in).
     """
     if path not in PATHS:
         raise ValueError(f"residual_jacobians: path: expected one of {list(PATHS)}, got {path!r}")
+    check_precision("residual_jacobians", precision)
     if not isinstance(x, Tensor):
         raise TypeError(f"residual_jacobians: expected x a torch.Tensor, got {type(x).__name__}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -388,7 +413,8 @@ def residual_jacobians(model: nn.Module, x: Tensor, blocks: Optional[Sequence[An
             raise ValueError(f"residual_jacobians: expected x of dtype {ref.dtype} (the model's), got {x.dtype}")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"residual_jacobians: expected x with a non-empty batch dimension, got {tuple(x.shape)}")
-    hs = block_inputs(model, x, infos)
+    with product_precision(precision):
+        hs = block_inputs(model, x, infos)
     ops = []
     for info, h in zip(infos, hs):
         reason = _unsupported(info.branch)
@@ -397,10 +423,10 @@ def residual_jacobians(model: nn.Module, x: Tensor, blocks: Optional[Sequence[An
                              "use path='generic' or 'auto'")
         p = "fast" if (path != "generic" and reason is None) else "generic"
         try:
-            ops.append(ResidualJacobian(info, h, p, chunk_size))
+            ops.append(ResidualJacobian(info, h, p, chunk_size, precision))
         except _NotLinearisable as exc:
             if path == "fast":
                 raise ValueError(f"residual_jacobians: path='fast' does not support block {info.name!r}: {exc}; "
                                  "use path='generic' or 'auto'") from None
-            ops.append(ResidualJacobian(info, h, "generic", chunk_size))
+            ops.append(ResidualJacobian(info, h, "generic", chunk_size, precision))
     return ops
