@@ -299,8 +299,10 @@ class _ForwardOverReverseFailed(Exception):
 
 
 def _rel_diff(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b)) ** 0.5
-    den = sum(float(y.double().pow(2).sum()) for y in b) ** 0.5
+    """||a - b|| / ||b|| over all tensors (float64), read back with one host sync."""
+    num2 = torch.stack([(x.double() - y.double()).pow(2).sum() for x, y in zip(a, b)]).sum()
+    den2 = torch.stack([y.double().pow(2).sum() for y in b]).sum()
+    num, den = (v ** 0.5 for v in torch.stack([num2, den2]).tolist())
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
