@@ -6,7 +6,7 @@ These tests run eigsh, slq_density, trace and randomized_svd on a "CUDA" operato
 no device mismatch, no CPU tensor created in resgeom_fast, the results against dense float64
 ground truth, reproducibility given a seed, and a bound on the host syncs per Lanczos step.
 
-One patch beyond cudasim: a real ``torch.Generator(device="cuda")`` needs a CUDA driver, so
+One patch beyond cudasim (tests/device/_cudasim_util.py, shared with the operators' test): a real ``torch.Generator(device="cuda")`` needs a CUDA driver, so
 while a test runs, ``torch.Generator`` makes, for device "cuda", a CPU generator that reports
 cuda:0 (draws with it then pass cudasim's "generator on the device" check and run on the CPU).
 
@@ -17,69 +17,15 @@ eigsh (one window flag read + one T transfer per 10 steps) and 0.1 for slq_densi
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import pathlib
-import sys
-from unittest import mock
 
 import pytest
 import torch
 
 import resgeom_fast as rg
+from _cudasim_util import SKIP_REASON, cudasim, host, sim, syncs
 
-TOOLS = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "tools"
-if (TOOLS / "cudasim.py").is_file():
-    sys.path.insert(0, str(TOOLS))
-    import cudasim  # noqa: E402
-else:  # pragma: no cover - depends on the checkout
-    cudasim = None
-
-pytestmark = pytest.mark.skipif(
-    cudasim is None, reason=f"the simulated CUDA device {TOOLS / 'cudasim.py'} is absent (it lives outside the repository)")
-
-_RealGenerator = torch.Generator
-
-
-class _SimCudaGenerator(_RealGenerator):
-    """A CPU generator that reports device cuda:0 (cudasim runs the draw on the CPU data)."""
-
-    @property
-    def device(self):
-        return torch.device("cuda", 0)
-
-
-class _GeneratorMeta(type(_RealGenerator)):
-    def __instancecheck__(cls, obj):
-        return isinstance(obj, _RealGenerator)
-
-
-class _PatchedGenerator(_RealGenerator, metaclass=_GeneratorMeta):
-    def __new__(cls, device="cpu"):
-        if torch.device(device).type == "cuda":
-            return _SimCudaGenerator("cpu")
-        return _RealGenerator(device)
-
-
-@contextlib.contextmanager
-def sim():
-    """cudasim's simulated device (strict) with on-device generators; counters reset first."""
-    cudasim.reset()
-    with mock.patch.object(torch, "Generator", _PatchedGenerator), cudasim.cuda_sim(strict=True):
-        yield
-    assert cudasim.MISMATCHES == [], cudasim.report("device mismatches")
-    created = {k: v for k, v in cudasim.CPU_CREATIONS.items() if "resgeom_fast/" in k[1]}
-    assert created == {}, cudasim.report("CPU tensors created in resgeom_fast")
-
-
-def host(t: torch.Tensor) -> torch.Tensor:
-    """The CPU data of a simulated cuda tensor (outside the simulation its .cpu() is a no-op)."""
-    assert t.device.type == "cuda", t.device
-    return t.elem if isinstance(t, cudasim.Sim) else t
-
-
-def syncs() -> int:
-    return sum(cudasim.SYNCS.values())
+pytestmark = pytest.mark.skipif(cudasim is None, reason=SKIP_REASON)
 
 
 def _sym(n: int, evals: torch.Tensor, seed: int = 0) -> torch.Tensor:
