@@ -18,10 +18,12 @@ from torch import Tensor
 
 # the same argument checks as the linalg layer (one implementation; re-exported for the analyses)
 from resgeom_fast.linalg._util import check_choice, check_int
+from resgeom_fast.linalg.operator import NonFiniteError, describe_non_finite
 from resgeom_fast.train.checkpoint import atomic_file
 
 __all__ = [
-    "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_float",
+    "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_finite_parameters",
+    "check_finite_tensor", "check_float",
     "check_int", "figure_axes", "json_checksum", "model_device_dtype", "to_jsonable",
 ]
 
@@ -160,3 +162,25 @@ def batches(where: str, data: Any, device: Optional[torch.device] = None,
         yield x, y
     if n == 0:
         raise ValueError(f"{where}: expected data with at least one batch, got an empty iterable")
+
+
+def check_finite_tensor(where: str, t: Tensor, what: str) -> None:
+    """Raise :class:`~resgeom_fast.linalg.NonFiniteError` naming ``what`` when ``t`` holds a NaN
+    or an inf (counts and the first index from :func:`resgeom_fast.linalg.operator.describe_non_finite`).
+
+    Cheap: one sum (a NaN or inf anywhere makes it non-finite); the elementwise count runs only
+    when the sum is not finite (or overflowed).
+    """
+    if t.numel() == 0 or not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{where}: expected finite {what}, got {describe_non_finite(t)}")
+
+
+def check_finite_parameters(where: str, model: torch.nn.Module) -> None:
+    """Raise :class:`~resgeom_fast.linalg.NonFiniteError` naming the first parameter or floating
+    buffer of ``model`` (its qualified name) that holds a NaN or an inf. One sum per tensor."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t is not None and t.is_floating_point():
+                check_finite_tensor(where, t.detach(), f"model {kind} {name!r} (shape {list(t.shape)})")

@@ -86,12 +86,14 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from resgeom_fast.linalg import NonFiniteError
 
-from ._common import Result, batches, check_choice, check_int, model_device_dtype, to_jsonable, figure_axes
+from ._common import (
+    Result, batches, check_choice, check_finite_parameters, check_finite_tensor, check_int, figure_axes,
+    model_device_dtype, to_jsonable,
+)
 
 __all__ = [
-    "CollapseResult", "METRICS", "RANK_RULE", "check_finite_parameters", "check_finite_tensor", "collapse",
+    "CollapseResult", "METRICS", "RANK_RULE", "collapse",
     "collapse_metrics", "layer_spearman", "nc1_rank_tolerance", "plot_collapse", "spearman", "spearman_with_reason",
 ]
 
@@ -107,31 +109,6 @@ _POOLS = ("auto", "avg", "flatten")
 
 
 # ----------------------------------------------------------------------------- finiteness
-def check_finite_tensor(where: str, t: Tensor, what: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``what`` when ``t`` holds a NaN or an inf.
-
-    Cheap: one sum (a NaN or inf anywhere makes it non-finite); the elementwise count runs only
-    when the sum is not finite (or overflowed).
-    """
-    if t.numel() == 0 or not t.is_floating_point() or bool(torch.isfinite(t.sum())):
-        return
-    bad = ~torch.isfinite(t)
-    k = int(bad.sum())
-    if k:
-        nan = int(torch.isnan(t).sum())
-        raise NonFiniteError(f"{where}: expected finite {what}, got {nan} NaN and {k - nan} inf among its "
-                             f"{t.numel()} entries")
-
-
-def check_finite_parameters(where: str, model: nn.Module) -> None:
-    """Raise :class:`NonFiniteError` naming the first parameter or floating buffer of ``model``
-    (its qualified name) that holds a NaN or an inf. One sum per tensor."""
-    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in items:
-            if t is not None and t.is_floating_point():
-                check_finite_tensor(where, t.detach(), f"model {kind} {name!r} (shape {list(t.shape)})")
-
-
 def nc1_rank_tolerance(s_max: float, h2_mean: float, width: int, num_classes: int, eps: float) -> float:
     """The rank rule's threshold on the singular values of M (module docstring):
     ``max(s_max * n * eps, sqrt(C n) * eps * sqrt(h2_mean))`` with n = max(width, num_classes).

@@ -39,7 +39,7 @@ from resgeom_fast.analysis._common import (
     model_device_dtype,
     to_jsonable,
 )
-from resgeom_fast.analysis.collapse import check_finite_parameters, check_finite_tensor
+from resgeom_fast.analysis._common import check_finite_parameters, check_finite_tensor
 from resgeom_fast.models import FCResNet, OrthogonalSkip, ScaledIdentity, ZeroSkip
 from resgeom_fast.operators import (
     BlockInfo,

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from ._common import Result, check_float, figure_axes, model_device_dtype, to_jsonable
-from .collapse import check_finite_parameters, check_finite_tensor
+from ._common import check_finite_parameters, check_finite_tensor
 
 __all__ = ["HamiltonianResult", "hamiltonian", "bottleneck_rank", "middle_layers", "plot_hamiltonian",
            "plot_layer_spectra", "stable_rank", "cost_of_identity"]

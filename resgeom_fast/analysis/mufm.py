@@ -34,7 +34,8 @@ from resgeom_fast.linalg import NonFiniteError
 from resgeom_fast._progress import progress as progress_bar
 
 from ._common import Result, check_float, check_int, to_jsonable, figure_axes
-from .collapse import METRICS, check_finite_tensor, collapse_metrics, finish_metric_axes, layer_spearman
+from ._common import check_finite_tensor
+from .collapse import METRICS, collapse_metrics, finish_metric_axes, layer_spearman
 
 __all__ = ["MUFMResult", "mufm", "mufm_objective", "plot_mufm"]
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from resgeom_fast import operators
 from resgeom_fast.linalg import NonFiniteError
 from resgeom_fast.analysis._common import Result, batches, check_float, model_device_dtype, to_jsonable
-from resgeom_fast.analysis.collapse import check_finite_parameters, check_finite_tensor
+from resgeom_fast.analysis._common import check_finite_parameters, check_finite_tensor
 
 __all__ = ["LayerSingularities", "SingularityResult", "find_relu_layers", "plot_singularities", "singularities"]
 

@@ -116,6 +116,25 @@ def dense_hessian(model: nn.Module, loss_fn, x, y, names=None, batchnorm="eval",
     return torch.autograd.functional.hessian(f, flat0)
 
 
+def dense_param_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """d model(x) / d params by torch.func.jacrev, [outputs.numel(), P] in named_parameters order
+    (the model in eval mode)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def out_fn(theta):
+        d, o = {}, 0
+        for n in names:
+            k = params[n].numel()
+            d[n] = theta[o:o + k].view(params[n].shape)
+            o += k
+        return torch.func.functional_call(model, d, (x,))
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    model.eval()
+    return torch.func.jacrev(out_fn)(flat).reshape(-1, flat.numel())
+
+
 def rel(a, b) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _operator_nets import ConvNet, FCNet, dense_hessian, rel
+from _operator_nets import ConvNet, FCNet, dense_hessian, dense_param_jacobian, rel
 from resgeom_fast.operators import block_hessians, ggn, hessian, residual_blocks
 from resgeom_fast.operators.hessian import ONEDNN_TOLERANCE, onednn_applicable, onednn_matmul
 
@@ -173,21 +173,9 @@ def test_block_hessians_are_diagonal_blocks():
 def test_ggn_equals_dense(case, hvp):
     model = (ConvNet() if case == "conv_bn" else FCNet(bn=True)).double()
     x, y = _conv_data() if case == "conv_bn" else _fc_data()
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    model.eval()
-
-    def out_fn(theta):
-        d, o = {}, 0
-        for n in names:
-            k = params[n].numel()
-            d[n] = theta[o:o + k].view(params[n].shape)
-            o += k
-        return torch.func.functional_call(model, d, (x,))
-
-    flat = torch.cat([params[n].reshape(-1) for n in names])
-    out = out_fn(flat)
-    J = torch.func.jacrev(out_fn)(flat).reshape(out.numel(), -1)
+    J = dense_param_jacobian(model, x)
+    with torch.no_grad():
+        out = model(x)
     Hout = torch.func.hessian(lambda o: CE(o.view(out.shape), y))(out.reshape(-1))
     dense = J.T @ Hout @ J
     G = ggn(model.train(), CE, (x, y), hvp=hvp)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _operator_nets import FCNet, dense_hessian, randomise_bn, rel
+from _operator_nets import FCNet, dense_hessian, dense_param_jacobian, randomise_bn, rel
 from resgeom_fast.models import FCResNet
 from resgeom_fast.operators import ggn, hessian
 
@@ -28,24 +28,6 @@ def _data(n: int = 12, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 5, generator=g, dtype=torch.float64),
             torch.randn(n, D_OUT, generator=g, dtype=torch.float64))
-
-
-def _jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """d outputs / d params, [N * d, P] in named_parameters order."""
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def out_fn(theta):
-        d, o = {}, 0
-        for n in names:
-            k = params[n].numel()
-            d[n] = theta[o:o + k].view(params[n].shape)
-            o += k
-        return torch.func.functional_call(model, d, (x,))
-
-    flat = torch.cat([params[n].reshape(-1) for n in names])
-    model.eval()
-    return torch.func.jacrev(out_fn)(flat).reshape(-1, flat.numel())
 
 
 @pytest.mark.parametrize("hvp", METHODS)
@@ -72,7 +54,7 @@ def test_mse_ggn_is_scaled_jtj(kind, loss, hvp):
     """nn.MSELoss() averages over the N*d output elements: H_loss = 2/(N d) I, G = 2/(N d) J^T J."""
     model, loss_fn = _model(kind), LOSSES[loss]
     x, y = _data()
-    J = _jacobian(model, x)
+    J = dense_param_jacobian(model, x)
     n, d = y.shape
     dense = (2.0 / (n * d)) * J.T @ J
     out = model.eval()(x).detach()
