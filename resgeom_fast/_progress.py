@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Optional, TextIO
 
-__all__ = ["progress", "PlainProgress", "NullProgress"]
+__all__ = ["progress", "write_line", "PlainProgress", "NullProgress"]
 
 
 class NullProgress:
@@ -104,6 +104,20 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+def write_line(line: str, file: TextIO) -> None:
+    """One message line to ``file`` beside any open bar: through ``tqdm.write`` on a terminal (the
+    bar is redrawn below it), a plain flushed line otherwise (no carriage returns in a log)."""
+    if _isatty(file):
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line, file=file)
+            return
+        except Exception:  # pragma: no cover - tqdm missing or stream odd
+            pass
+    print(line, file=file, flush=True)
 
 
 def progress(total: Optional[int], desc: str, *, enabled: bool = True, unit: str = "it", initial: int = 0,

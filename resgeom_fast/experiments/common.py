@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -10,7 +10,8 @@ from torch import nn
 from .config import UsageError
 from .runner import Runner
 
-__all__ = ["DATASETS_HELP", "build_model", "data_key_parts", "load_data", "move_aside", "resolve_device", "train_step"]
+__all__ = ["DATASETS_HELP", "build_model", "data_key_parts", "load_data", "move_aside", "resolve_device", "train_step",
+           "verified_checkpoint"]
 
 DATASETS_HELP = "digits | gaussian_mixture | torchvision:NAME:ROOT (NAME in mnist, fashionmnist, cifar10, cifar100)"
 
@@ -154,25 +155,12 @@ def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any,
     ckdir = runner.checkpoint_dir(name, deps)
     ckpt = os.path.join(ckdir, CHECKPOINT_NAME)
     step = f"train_{name}"
-    done = runner.stored(step, deps)
-    if done is not None:
-        sha = done.get("checkpoint_sha256") if isinstance(done, dict) else None
-        if not os.path.isfile(ckpt):
-            runner.invalidate(step, f"checkpoint missing in {ckdir}")
-        elif sha is None or file_sha256(ckpt) != sha:
-            try:
-                read_checkpoint(ckpt, "checkpoint")
-                why, reason = "changed", f"checkpoint {ckpt!r} is not the one this step wrote (sha256 differs)"
-            except CheckpointCorruptError as err:
-                why, reason = "corrupt", str(err)
-            moved = move_aside(runner, ckpt, why)
-            runner.invalidate(step, f"{reason}; moved it to {os.path.basename(moved)}")
-        else:
-            try:
-                load_checkpoint(model, ckdir)
-            except CheckpointCorruptError as err:  # pragma: no cover - the sha256 matched: damaged since
-                moved = move_aside(runner, ckpt, "corrupt")
-                runner.invalidate(step, f"{err}; moved it to {os.path.basename(moved)}")
+    if verified_checkpoint(runner, step, deps, ckpt, lambda path: read_checkpoint(path, "checkpoint")):
+        try:
+            load_checkpoint(model, ckdir)
+        except CheckpointCorruptError as err:  # pragma: no cover - the sha256 matched: damaged since
+            moved = move_aside(runner, ckpt, "corrupt")
+            runner.invalidate(step, f"{err}; moved it to {os.path.basename(moved)}")
 
     def fn() -> dict[str, Any]:
         kw = dict(train_kwargs)
@@ -194,6 +182,34 @@ def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any,
 
     out = runner.step(step, fn, deps=deps)
     return model.eval(), out
+
+
+def verified_checkpoint(runner: Runner, step: str, deps: Mapping[str, Any], ckpt: str,
+                        read: Callable[[str], Any]) -> bool:
+    """Whether step ``step`` finished earlier with ``deps`` and ``ckpt`` is the file it wrote (the
+    ``checkpoint_sha256`` its result recorded). Otherwise a changed or unreadable ``ckpt`` is moved
+    aside (never deleted), the step is forgotten with a message, and False is returned: the caller
+    computes it again. ``read(ckpt)`` raises when the file is damaged (it tells "corrupt" from
+    "changed" in the message)."""
+    from resgeom_fast.train.checkpoint import file_sha256
+
+    done = runner.stored(step, deps)
+    if done is None:
+        return False
+    sha = done.get("checkpoint_sha256") if isinstance(done, dict) else None
+    if not os.path.isfile(ckpt):
+        runner.invalidate(step, f"checkpoint missing in {os.path.dirname(ckpt)}")
+        return False
+    if sha is not None and file_sha256(ckpt) == sha:
+        return True
+    try:
+        read(ckpt)
+        why, reason = "changed", f"checkpoint {ckpt!r} is not the one this step wrote (sha256 differs)"
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a damaged checkpoint
+        why, reason = "corrupt", (str(err).strip().splitlines() or [type(err).__name__])[0]
+    moved = move_aside(runner, ckpt, why)
+    runner.invalidate(step, f"{reason}; moved it to {os.path.basename(moved)}")
+    return False
 
 
 def move_aside(runner: Runner, path: str, why: str) -> str:

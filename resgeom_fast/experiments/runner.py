@@ -51,6 +51,7 @@ import uuid
 import weakref
 from typing import Any, Callable, Mapping, Optional, TextIO
 
+from resgeom_fast._progress import write_line
 from resgeom_fast.analysis._common import atomic_write_json, json_checksum, to_jsonable
 from resgeom_fast.train.checkpoint import CHECKPOINT_NAME, is_temp_name, temp_owner_pid
 
@@ -280,20 +281,7 @@ class Runner:
         line otherwise (no carriage returns in a log file)."""
         if self._log is None:
             return
-        line = f"[resgeom] {text}"
-        try:
-            tty = bool(self._log.isatty())
-        except (AttributeError, ValueError):
-            tty = False
-        if tty:
-            try:
-                from tqdm.auto import tqdm
-
-                tqdm.write(line, file=self._log)
-                return
-            except Exception:  # pragma: no cover - tqdm missing or stream odd
-                pass
-        print(line, file=self._log, flush=True)
+        write_line(f"[resgeom] {text}", self._log)
 
     # ------------------------------------------------------------------ manifest / written files
     def _read_manifest(self) -> Optional[dict[str, Any]]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from resgeom_fast.analysis.spectrum import K_MAX as SPECTRUM_K_MAX
 from resgeom_fast.train import atomic_save, file_sha256
 
-from .common import DATASETS_HELP, load_data, move_aside, resolve_device, train_step
+from .common import DATASETS_HELP, load_data, resolve_device, train_step, verified_checkpoint
 from .config import Option, Options, UsageError
 from .figures import bars, heatmaps, lines, new_figure, pca_trajectories, spectra_per_block
 from .report import FigureSpec, fmt, fmt_key, get_path, is_undefined
@@ -1369,25 +1369,10 @@ def _leaky_stages(runner: Runner, cfg: dict[str, Any], x, y, xt, yt, key: dict[s
         ckpt = os.path.join(ckdir, "model.pt")
         step = f"train_{name}"
         model = None
-        if runner.is_done(step, deps):
-            want = (runner.stored(step, deps) or {}).get("checkpoint_sha256")
-            if os.path.isfile(ckpt) and want is not None and file_sha256(ckpt) != want:
-                kept = move_aside(runner, ckpt, "replaced")
-                runner.invalidate(step, f"checkpoint {ckpt!r} is not the one this step wrote (sha256 differs); "
-                                        f"moved aside to {kept!r}")
-            elif os.path.isfile(ckpt):
-                model = LeakyResNet(dims[0], cfg["width"], cfg["depth"], dims[-1], float(lt), cfg["steps"],
-                                    lam=cfg["lam"], seed=cfg["seed"]).to(device=device, dtype=dtype)
-                try:
-                    model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
-                except Exception as err:  # noqa: BLE001 - a damaged / foreign file: keep it, retrain
-                    first = (str(err).strip().splitlines() or [""])[0][:200]
-                    kept = move_aside(runner, ckpt, "corrupt")
-                    runner.invalidate(step, f"checkpoint {ckpt!r} is unreadable or does not match the model "
-                                            f"({type(err).__name__}: {first}); moved aside to {kept!r}")
-                    model = None
-            else:
-                runner.invalidate(step, f"checkpoint missing in {ckdir}")
+        if verified_checkpoint(runner, step, deps, ckpt, lambda path: torch.load(path, weights_only=True)):
+            model = LeakyResNet(dims[0], cfg["width"], cfg["depth"], dims[-1], float(lt), cfg["steps"],
+                                lam=cfg["lam"], seed=cfg["seed"]).to(device=device, dtype=dtype)
+            model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
         if model is None:
             if prev is None:
                 model = LeakyResNet(dims[0], cfg["width"], cfg["depth"], dims[-1], float(lt), cfg["steps"],

@@ -178,10 +178,10 @@ def test_leaky_study_moves_a_damaged_or_replaced_checkpoint_aside_and_retrains(t
     with open(ck, "wb") as fh:  # damaged: not a torch file any more
         fh.write(b"not a checkpoint")
     rep = run_study("leaky", out=out, sets=LEAKY_TINY + ["lts=1"], progress=False)
-    assert len(glob.glob(ck + ".replaced-*")) == 1  # not the file the step wrote: kept for inspection, not loaded
+    assert len(glob.glob(ck + ".corrupt-*")) == 1  # unreadable: kept for inspection, never deleted
     assert json.load(open(rep.results_path))["models"]["Lt_1"]["train"]["final"] == want  # retrained, same numbers
     # a valid but different file at the same path is not loaded either
     torch.save({k: v * 0 for k, v in torch.load(ck, weights_only=True).items()}, ck)
     rep = run_study("leaky", out=out, sets=LEAKY_TINY + ["lts=1"], progress=False)
-    assert len(glob.glob(ck + ".replaced-*")) == 2
+    assert len(glob.glob(ck + ".changed-*")) == 1 and len(glob.glob(ck + ".corrupt-*")) == 1
     assert json.load(open(rep.results_path))["models"]["Lt_1"]["train"]["final"] == want

@@ -49,3 +49,12 @@ def test_disabled_bar_is_silent() -> None:
     assert isinstance(bar, NullProgress)
     bar.update(5)
     bar.close()
+
+
+def test_write_line_is_a_plain_line_off_a_terminal() -> None:
+    from resgeom_fast._progress import write_line
+
+    buf = io.StringIO()
+    write_line("[resgeom] step x: running", buf)
+    write_line("[resgeom] step x: done", buf)
+    assert buf.getvalue() == "[resgeom] step x: running\n[resgeom] step x: done\n"
