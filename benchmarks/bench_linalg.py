@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse.linalg as sla
 import torch
 
-from conftest import DEVICES, run
+from benchmarks.helpers import DEVICES, run
 import resgeom_fast as rg
 
 

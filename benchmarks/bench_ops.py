@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICES, run
+from benchmarks.helpers import DEVICES, run
 from resgeom_fast import ops
 from resgeom_fast.ops import _reference as ref
 

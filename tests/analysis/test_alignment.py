@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _trained import LinNet, digits_flat, one_thread, random_orthogonal, trained_fc  # noqa: E402
+from tests.analysis._trained import LinNet, digits_flat, one_thread, random_orthogonal, trained_fc  # noqa: E402
 from resgeom_fast.analysis.alignment import (  # noqa: E402
     AlignmentResult,
     depth_scaling,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from _trained import LinBlock, LinNet, one_thread, random_orthogonal
+from tests.analysis._trained import LinBlock, LinNet, one_thread, random_orthogonal
 from resgeom_fast.analysis.alignment import depth_scaling, diag_ratio, residual_alignment
 from resgeom_fast.data import digits
 from resgeom_fast.models import ConvResNet, resnet18

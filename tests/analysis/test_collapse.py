@@ -20,7 +20,7 @@ from resgeom_fast.analysis.collapse import (
 from resgeom_fast.data import digits
 from resgeom_fast.models import ConvResNet, FCResNet, resnet18
 
-from _trained import digits_flat, trained_fc
+from tests.analysis._trained import digits_flat, trained_fc
 
 D64 = torch.float64
 #: pseudo-inverse cutoff of the dense float64 reference (its test features are well conditioned)

@@ -15,7 +15,7 @@ from resgeom_fast.linalg import NonFiniteError
 from resgeom_fast.models import FCResNet
 from resgeom_fast.train import train
 
-from _trained import digits_flat, one_thread
+from tests.analysis._trained import digits_flat, one_thread
 
 D64 = torch.float64
 

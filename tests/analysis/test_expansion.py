@@ -36,7 +36,7 @@ from resgeom_fast.analysis.expansion import (
 from resgeom_fast.models import ConvResNet, FCResNet, OrthogonalSkip, ResidualBlock
 from resgeom_fast.operators import mark_residual_block
 
-from _trained import digits_flat, trained_fc  # tests/analysis/_trained.py (lru-cached nets)
+from tests.analysis._trained import digits_flat, trained_fc  # tests/analysis/_trained.py (lru-cached nets)
 
 D64 = torch.float64
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from resgeom_fast.analysis.collapse import METRICS, collapse_metrics
 from resgeom_fast.analysis.mufm import MUFMResult, mufm, mufm_objective, plot_mufm
 
-from _trained import digits_flat
+from tests.analysis._trained import digits_flat
 
 D64 = torch.float64
 LAM_W, LAM_H = 5e-3, 5e-3

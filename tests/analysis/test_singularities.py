@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from _trained import digits_flat, one_thread, trained_fc
+from tests.analysis._trained import digits_flat, one_thread, trained_fc
 from resgeom_fast.analysis.singularities import (
     SingularityResult,
     find_relu_layers,

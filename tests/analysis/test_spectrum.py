@@ -269,9 +269,9 @@ def test_claim_plain_net_has_more_near_zero_hessian_mass():
     plain 0.90-0.92 vs residual 0.97 at eps = 1e-3 (lambda_max 4.8 vs 4.3)."""
     import warnings
 
-    from test_singularities import trained_nonorm
+    from tests.analysis.test_singularities import trained_nonorm
 
-    from _trained import digits_flat
+    from tests.analysis._trained import digits_flat
 
     x, y = digits_flat().tensors("train")
     kw = dict(k=2, probes=8, steps=160, trace_probes=3)

@@ -14,7 +14,7 @@ from resgeom_fast.analysis import spectrum as spectrum_mod
 from resgeom_fast.analysis.spectrum import K_MAX, hessian_spectrum
 from resgeom_fast.linalg._util import generator, rademacher
 
-from test_spectrum import LOSS, small_problem
+from tests.analysis.test_spectrum import LOSS, small_problem
 
 STEPS = (10, 20, 40, 80, 160)
 

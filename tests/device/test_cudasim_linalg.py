@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import resgeom_fast as rg
-from _cudasim_util import SKIP_REASON, cudasim, host, sim, syncs
+from tests.device._cudasim_util import SKIP_REASON, cudasim, host, sim, syncs
 
 pytestmark = pytest.mark.skipif(cudasim is None, reason=SKIP_REASON)
 

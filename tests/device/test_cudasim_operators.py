@@ -28,7 +28,7 @@ from torch import nn
 import resgeom_fast as rg
 from resgeom_fast.models import FCResNet
 
-from _cudasim_util import SKIP_REASON, cpu_creations, cudasim, host, sim, syncs
+from tests.device._cudasim_util import SKIP_REASON, cpu_creations, cudasim, host, sim, syncs
 
 pytestmark = pytest.mark.skipif(cudasim is None, reason=SKIP_REASON)
 

@@ -12,7 +12,7 @@ import pytest
 from resgeom_fast.cli import main
 from resgeom_fast.experiments.commands import run_study
 
-from test_studies import TINY  # noqa: E402 (tests/experiments is on sys.path)
+from tests.experiments.test_studies import TINY  # noqa: E402
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from resgeom_fast.cli import main
 from resgeom_fast.experiments.config import UsageError, parse_sets, resolve_config
 from resgeom_fast.experiments.studies import STUDIES, demo_config
 
-from test_studies import TINY  # noqa: E402 (tests/experiments is on sys.path: rootdir-less test folders)
+from tests.experiments.test_studies import TINY  # noqa: E402
 
 
 @pytest.fixture

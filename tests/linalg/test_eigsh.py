@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _spectra import spectrum, symmetric
+from tests.linalg._spectra import spectrum, symmetric
 from resgeom_fast.linalg import NonFiniteError, aslinearoperator, eigsh
 
 

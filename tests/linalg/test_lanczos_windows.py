@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _spectra import symmetric
+from tests.linalg._spectra import symmetric
 from resgeom_fast.linalg._util import generator, rademacher
 from resgeom_fast.linalg.lanczos import Lanczos
 from resgeom_fast.linalg.operator import aslinearoperator

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from _spectra import spectrum, symmetric
+from tests.linalg._spectra import spectrum, symmetric
 from resgeom_fast.linalg import NonFiniteError, aslinearoperator, interval_mass, slq_density
 from resgeom_fast.linalg._util import generator, rademacher
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from _operator_nets import FCNet, dense_hessian, rel
+from tests.operators._operator_nets import FCNet, dense_hessian, rel
 from resgeom_fast.operators import NonRepeatableDataError, block_hessians, fixed_sample, ggn, hessian
 
 CE = nn.CrossEntropyLoss()

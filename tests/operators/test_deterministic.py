@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from _operator_nets import ConvNet, dense_hessian, randomise_bn, rel
+from tests.operators._operator_nets import ConvNet, dense_hessian, randomise_bn, rel
 from resgeom_fast.models import FCResNet
 from resgeom_fast.operators import block_hessians, ggn, hessian
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _operator_nets import ConvNet, FCNet, dense_hessian, dense_param_jacobian, rel
+from tests.operators._operator_nets import ConvNet, FCNet, dense_hessian, dense_param_jacobian, rel
 from resgeom_fast.operators import block_hessians, ggn, hessian, residual_blocks
 from resgeom_fast.operators.hessian import ONEDNN_TOLERANCE, onednn_applicable, onednn_matmul
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from _operator_nets import rel
+from tests.operators._operator_nets import rel
 from resgeom_fast.operators import mark_residual_block, residual_blocks, residual_jacobians
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from _operator_nets import Block, ConvNet, FCNet, randomise_bn, rel
+from tests.operators._operator_nets import Block, ConvNet, FCNet, randomise_bn, rel
 from resgeom_fast.operators import (
     block_inputs,
     fast_path_supported,

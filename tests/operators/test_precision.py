@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import resgeom_fast as rg
 from resgeom_fast.models import FCResNet
 from resgeom_fast.operators import _precision
-from _operator_nets import ConvNet, FCNet, dense_hessian, rel
+from tests.operators._operator_nets import ConvNet, FCNet, dense_hessian, rel
 
 NEW_API = _precision._new_api()
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _operator_nets import FCNet, dense_hessian, dense_param_jacobian, randomise_bn, rel
+from tests.operators._operator_nets import FCNet, dense_hessian, dense_param_jacobian, randomise_bn, rel
 from resgeom_fast.models import FCResNet
 from resgeom_fast.operators import ggn, hessian
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _operator_nets import Block, FCNet, dense_hessian, randomise_bn, rel
+from tests.operators._operator_nets import Block, FCNet, dense_hessian, randomise_bn, rel
 from resgeom_fast.models import FCResNet
 from resgeom_fast.operators import block_hessians, ggn, hessian
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CUDA_REASON, DEVICES, DTYPES, HAS_CUDA, tol
+from tests.helpers import CUDA_REASON, DEVICES, DTYPES, HAS_CUDA, tol
 from resgeom_fast.ops import _reference as ref
 from resgeom_fast.ops import lanczos_reorth
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, HAS_CUDA, CUDA_REASON, tol
+from tests.helpers import DEVICES, DTYPES, HAS_CUDA, CUDA_REASON, tol
 from resgeom_fast.ops import _reference as ref
 from resgeom_fast.ops import tridiag_eigh
 

@@ -1,4 +1,4 @@
-"""Shared test settings: the devices an op test runs on, and the CUDA skip reasons."""
+"""Shared test helpers (import `from tests.helpers import ...`; torchvision common_utils style): the devices an op test runs on, the CUDA skip reasons, tolerances."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Benchmark settings: rows to compare share a group; CUDA timings synchronise."""
+"""Shared benchmark helpers (import `from benchmarks.helpers import ...`): devices, CUDA-synchronised timing."""
 from __future__ import annotations
 
 import pytest

@@ -1,0 +1,1 @@
+"""resgeom_fast benchmarks (a package: shared helpers import as benchmarks.helpers)."""
