@@ -2,24 +2,26 @@
 PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
-# The nvcc on PATH may be a wrapper script that execs the real toolkit's nvcc: point CUDA_HOME at
-# that toolkit (torch would otherwise guess the wrapper's folder and the link fails).
-CUDA_HOME ?= $(shell f="$$(command -v nvcc)"; [ -n "$$f" ] && sed -n 's|^exec \(/[^ ]*\)/bin/nvcc.*|\1|p' "$$f" | head -n 1)
+# The CUDA toolkit, found by tools/cuda_home.py (the one description of the discovery, also used by
+# setup.py and CMakeLists.txt): $CUDA_HOME, else the toolkit an nvcc wrapper script on PATH execs
+# (torch would otherwise guess the wrapper's folder and the link fails), else nvcc's own folder.
+CUDA_HOME := $(shell $(PYTHON) tools/cuda_home.py)
 ifneq ($(strip $(CUDA_HOME)),)
 export CUDA_HOME
 endif
 export MAX_JOBS ?= 2
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py pyproject.toml
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py pyproject.toml \
+	tools/cuda_home.py resgeom_fast/_version.py
 
-.PHONY: all venv build test ctest demo bench clean
+.PHONY: all venv build test lint ctest demo bench clean
 
 all: build
 
 venv: $(VENV)/.deps
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy scipy pybind11 ninja \
-		scikit-learn matplotlib tqdm pyyaml pytest pytest-benchmark
+	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy scipy ninja \
+		scikit-learn matplotlib tqdm pyyaml pytest pytest-benchmark ruff
 	touch $@
 
 build: $(VENV)/.built
@@ -28,8 +30,11 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(VPY) -c "import resgeom_fast as rg; print('resgeom_fast built, CUDA kernels:', rg.built_with_cuda())"
 	touch $@
 
-test: build ctest
+test: build lint ctest
 	$(VPY) -m pytest tests -q -p no:cacheprovider
+
+lint: $(VENV)/.deps
+	$(VPY) -m ruff check resgeom_fast tests benchmarks examples
 
 # The same sources as a libtorch library (CMakeLists.txt), CPU kernels, and the C++ tests.
 ctest: $(VENV)/.deps

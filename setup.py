@@ -9,40 +9,27 @@ pull a second torch).
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
-import re
-import shutil
 
 from setuptools import find_packages, setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
-def _find_cuda_home() -> str | None:
-    """Return the CUDA toolkit folder, seeing through an ``nvcc`` wrapper script on PATH.
 
-    torch guesses CUDA_HOME from ``which nvcc``; on machines where nvcc is a small shell script
-    that execs the real compiler, that guess is the wrapper's folder and the link fails.
-    """
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return "/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None
-    real = os.path.realpath(nvcc)
-    try:
-        with open(real, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        head = b""
-    if head.startswith(b"#!"):
-        match = re.search(rb"(/\S+)/bin/nvcc", head)
-        if match:
-            return match.group(1).decode()
-    return os.path.dirname(os.path.dirname(real))
+def _load_cuda_home():
+    """tools/cuda_home.py, the one description of the CUDA toolkit discovery (also run by the
+    Makefile and CMakeLists.txt): ``$CUDA_HOME``, else the toolkit an ``nvcc`` wrapper on PATH
+    execs, else nvcc's own folder. torch's own guess would be the wrapper's folder."""
+    spec = importlib.util.spec_from_file_location("_resgeom_cuda_home", os.path.join(ROOT, "tools", "cuda_home.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 FORCE_CPU = os.environ.get("RESGEOM_FAST_FORCE_CPU", "0") == "1"
 if not FORCE_CPU:
-    cuda_home = _find_cuda_home()
+    cuda_home = _load_cuda_home().find_cuda_home()
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home
 # Default to the GPUs this project targets (A100, H100 + PTX for newer); compiling for every
@@ -56,8 +43,6 @@ from torch.utils.cpp_extension import (  # noqa: E402
     CppExtension,
     CUDAExtension,
 )
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _with_cuda() -> bool:
