@@ -15,7 +15,7 @@ from resgeom_fast._lib import built_with_cuda  # noqa: E402
 from resgeom_fast.linalg import NonFiniteError  # noqa: E402
 from resgeom_fast.operators import NonRepeatableDataError, fixed_sample  # noqa: E402
 
-__version__ = "0.1.0"
+from resgeom_fast._version import __version__  # noqa: E402
 __all__ = [
     "NonFiniteError", "NonRepeatableDataError", "analysis", "built_with_cuda", "data", "fixed_sample", "linalg",
     "models", "operators", "ops", "train", "__version__",
