@@ -15,21 +15,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+# NonFiniteError and describe_non_finite live on the bottom floor (core.checks); re-exported here.
+from resgeom_fast.core.checks import NonFiniteError, describe_non_finite  # noqa: F401
+
 MatmatFn = Callable[[Tensor], Tensor]
-
-
-class NonFiniteError(ValueError):
-    """An operator produced NaN or infinite values; the algorithm stopped instead of returning them."""
-
-
-def describe_non_finite(Y: Tensor) -> str:
-    """``"3 NaN and 1 inf values (of 400), the first at index (2, 5)"`` for a tensor with some."""
-    nan = torch.isnan(Y)
-    inf = torch.isinf(Y)
-    bad = (nan | inf).nonzero()
-    first = tuple(int(i) for i in bad[0]) if bad.shape[0] else ()
-    return (f"{int(nan.sum())} NaN and {int(inf.sum())} inf values (of {Y.numel()}), "
-            f"the first at index {first}")
 
 
 class LinearOperator:
