@@ -2,8 +2,10 @@
 
 - :mod:`resgeom_fast.core.checks` -- argument checks: one message grammar
   (``"<fn>: expected <arg> <expectation>, got <actual>"``), one exception type per fault.
+- :mod:`resgeom_fast.core.io` -- atomic writes (files, torch.save, text, JSON), file digests and
+  JSON conversion of tensors / numpy values / dataclasses.
 """
-from resgeom_fast.core import checks
+from resgeom_fast.core import checks, io
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, NonFiniteError
 
-__all__ = ["ArgumentTypeError", "ArgumentValueError", "NonFiniteError", "checks"]
+__all__ = ["ArgumentTypeError", "ArgumentValueError", "NonFiniteError", "checks", "io"]

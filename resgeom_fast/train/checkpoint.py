@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import re
-import tempfile
-from typing import IO, Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+# atomic writes live on the bottom floor (core.io); re-exported here, where they were first
+from resgeom_fast.core.io import TEMP_MARK, atomic_file, atomic_save, file_sha256, is_temp_name, temp_owner_pid
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -32,13 +32,6 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "resgeom_fast.train/1"
-
-
-# every temporary file of :func:`atomic_file` is named ``.<target name>.resgeom-tmp-<pid>-<random>``
-TEMP_MARK = ".resgeom-tmp-"
-_TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)-[A-Za-z0-9_]+$")
-# the predictable names of resgeom_fast <= 0.1.0 (``.<target name>.tmp-<pid>``), left behind by killed runs
-_LEGACY_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 class CheckpointMismatchError(ValueError):
@@ -94,77 +87,6 @@ def checkpoint_path(path_or_dir: Union[str, os.PathLike]) -> str:
     """``path_or_dir`` itself if it is a file, else ``path_or_dir/checkpoint.pt``."""
     p = os.fspath(path_or_dir)
     return p if os.path.isfile(p) or p.endswith(".pt") else os.path.join(p, CHECKPOINT_NAME)
-
-
-def is_temp_name(name: str, legacy: bool = False) -> bool:
-    """Whether the file name ``name`` is one of :func:`atomic_file`'s temporary names
-    (``legacy``: also the predictable ``.<name>.tmp-<pid>`` names of resgeom_fast <= 0.1.0)."""
-    return bool(_TEMP_RE.match(name) or (legacy and _LEGACY_TEMP_RE.match(name)))
-
-
-def temp_owner_pid(name: str) -> Optional[int]:
-    """The pid recorded in a temporary name of :func:`atomic_file` (None if ``name`` is not one)."""
-    m = _TEMP_RE.match(name) or _LEGACY_TEMP_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path: Union[str, os.PathLike], mode: str = "wb", encoding: Optional[str] = None) -> Iterator[IO]:
-    """Open a temporary file in ``path``'s folder (created if missing) for writing; on a clean exit
-    flush, fsync and ``os.replace`` it onto ``path``; on an error remove it.
-
-    A reader (or a resumed run) sees either the previous complete file or the new one. The
-    temporary file is created with ``O_CREAT | O_EXCL`` under an unpredictable name
-    (``.<name>.resgeom-tmp-<pid>-<random>``, :func:`tempfile.mkstemp`), so a symlink planted at a
-    guessable name is never followed; it gets the permissions a plain ``open`` would give
-    (0666 minus the umask). ``mode`` must be a write mode ("w", "wb", "x", ...).
-    """
-    if "r" in mode or "a" in mode or not any(c in mode for c in "wx"):
-        raise ValueError(f"atomic_file: expected a write mode ('w', 'wb'), got {mode!r}")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_MARK}{os.getpid()}-", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        fh = os.fdopen(fd, mode.replace("x", "w"), encoding=encoding)
-    except BaseException:
-        os.close(fd)
-        os.remove(tmp)
-        raise
-    try:
-        with fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-
-
-def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file's contents, read in ``chunk``-byte pieces (any size)."""
-    h = hashlib.sha256()
-    with open(os.fspath(path), "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` through :func:`atomic_file`."""
-    with atomic_file(path, "wb") as fh:
-        torch.save(obj, fh)
 
 
 def load_checkpoint(model: nn.Module, path_or_dir: Union[str, os.PathLike],
