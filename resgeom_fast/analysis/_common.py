@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Iterator, Optional, Union
+from typing import Any, ClassVar, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -22,9 +22,9 @@ from resgeom_fast.linalg.operator import NonFiniteError, describe_non_finite
 from resgeom_fast.train.checkpoint import atomic_file
 
 __all__ = [
-    "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_finite_parameters",
+    "FIRST", "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_finite_parameters",
     "check_finite_tensor", "check_float",
-    "check_int", "figure_axes", "json_checksum", "model_device_dtype", "to_jsonable",
+    "check_int", "figure_axes", "json_checksum", "json_field", "model_device_dtype", "to_jsonable",
 ]
 
 
@@ -87,15 +87,73 @@ def json_checksum(obj: Any) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-class Result:
-    """Mixin of every analysis result dataclass: ``to_dict()`` (subclasses) and ``to_json(path)``."""
+FIRST = ""  # a ``_place`` anchor: the derived key goes first in its dict
 
-    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - overridden
-        raise NotImplementedError
+
+def json_field(*, group: Optional[str] = None, key: Optional[str] = None, **kwargs: Any) -> Any:
+    """A dataclass field with its place in ``Result.to_dict()``: inside the sub-dict ``group``
+    (created where the group's first field is declared) and/or under the name ``key``.
+    ``kwargs`` go to :func:`dataclasses.field` (default, default_factory, repr, ...)."""
+    meta = dict(kwargs.pop("metadata", None) or {})
+    meta["json"] = {"group": group, "key": key}
+    return dataclasses.field(metadata=meta, **kwargs)
+
+
+class Result:
+    """Base of every analysis result dataclass: a generic ``to_dict()`` and ``to_json(path)``.
+
+    ``to_dict()`` is derived from the dataclass fields, in declaration order, through
+    :func:`to_jsonable` (tensors -> lists, NaN -> None, nested results -> their ``to_dict()``).
+    A class declares how its JSON form differs from its fields, never lists them again:
+
+    - ``_exclude``: fields kept on the object only (per-sample tensors, optimal weights, ...).
+    - :func:`json_field` ``(group=..., key=...)``: a field exported inside a sub-dict / renamed.
+    - ``_extra(self)``: derived keys -> values (summaries, properties, constants); a key
+      ``"group.name"`` goes into the sub-dict ``group``; a key naming a field replaces its value
+      in place (e.g. None for an undefined metric).
+    - ``_place``: {derived key: the key it follows in the same dict} (:data:`FIRST`: at the
+      front); a derived key not listed there is appended at the end of its dict.
+    """
+
+    _exclude: ClassVar[tuple[str, ...]] = ()
+    _place: ClassVar[dict[str, str]] = {}
+
+    def _extra(self) -> dict[str, Any]:
+        """Derived keys of ``to_dict()`` (none by default)."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-friendly Python of the result (see the class docstring for the layout)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name in self._exclude:
+                continue
+            meta = f.metadata.get("json", {})
+            group, key = meta.get("group"), meta.get("key") or f.name
+            target = out.setdefault(group, {}) if group else out
+            target[key] = getattr(self, f.name)
+        for path, value in self._extra().items():
+            group, _, key = path.rpartition(".")
+            target = out.setdefault(group, {}) if group else out
+            _insert(target, key, value, self._place.get(path))
+        return to_jsonable(out)
 
     def to_json(self, path: Union[str, os.PathLike]) -> None:
         """Write ``to_dict()`` as JSON atomically."""
         atomic_write_json(path, self.to_dict())
+
+
+def _insert(d: dict[str, Any], key: str, value: Any, after: Optional[str]) -> None:
+    """Set ``d[key] = value`` in place when the key exists, else insert it after the key ``after``
+    (``FIRST``: at the front; None or an absent key: at the end)."""
+    if key in d or after is None or (after != FIRST and after not in d):
+        d[key] = value
+        return
+    items = list(d.items())
+    at = 0 if after == FIRST else [k for k, _ in items].index(after) + 1
+    items.insert(at, (key, value))
+    d.clear()
+    d.update(items)
 
 
 def figure_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:

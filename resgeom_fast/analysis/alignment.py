@@ -82,10 +82,12 @@ from torch import Tensor, nn
 
 from resgeom_fast._progress import progress as _progress_bar
 from resgeom_fast.analysis._common import (
+    FIRST,
     Result,
     check_choice,
     check_float,
     check_int,
+    json_field,
     model_device_dtype,
     to_jsonable,
 )
@@ -265,7 +267,7 @@ _NO_PAIR = "one block: no block pair i != j for cross alignment"
 
 
 # -- results ------------------------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class StageAlignment(Result):
     """RA1-RA4 of one stage (a run of L blocks with one per-sample shape); float64 CPU tensors.
 
@@ -306,41 +308,50 @@ class StageAlignment(Result):
     shape: tuple[int, ...]
     dim: int
     k: int
-    linearity: Tensor
-    equispacing: Tensor
-    step_cosine: Tensor
-    pca: Tensor
-    pca_explained: Tensor
-    singular_values_mean: Tensor
-    singular_values_std: Tensor
-    self_alignment_mean: Tensor
-    self_alignment_std: Tensor
-    diag_ratio_mean: Tensor
-    diag_ratio_std: Tensor
-    diag_positive: Tensor
-    cross_pairs: list[tuple[int, int]]
-    cross_abs_mean: Tensor
-    cross_diag_mean: Tensor
-    rank_mean: Tensor
-    rank_std: Tensor
-    rank_min: Tensor
-    rank_max: Tensor
-    rank_le_c: Tensor
-    gap_ratio_mean: Optional[Tensor]
-    gap_ratio_std: Optional[Tensor]
-    sigma1_mean: Tensor
-    sigma1_std: Tensor
-    depth_product: float
+    linearity: Tensor = json_field(group="ra1")
+    equispacing: Tensor = json_field(group="ra1")
+    step_cosine: Tensor = json_field(group="ra1")
+    pca: Tensor = json_field(group="ra1")
+    pca_explained: Tensor = json_field(group="ra1")
+    self_alignment_mean: Tensor = json_field(group="ra2")
+    self_alignment_std: Tensor = json_field(group="ra2")
+    self_alignment_r: int = json_field(group="ra2")
+    self_alignment_per_r: Tensor = json_field(group="ra2")
+    diag_ratio_mean: Tensor = json_field(group="ra2")
+    diag_ratio_std: Tensor = json_field(group="ra2")
+    diag_positive: Tensor = json_field(group="ra2")
+    cross_pairs: list[tuple[int, int]] = json_field(group="ra2")
+    cross_abs_mean: Tensor = json_field(group="ra2")
+    cross_diag_mean: Tensor = json_field(group="ra2")
+    singular_values_mean: Tensor = json_field(group="ra3")
+    singular_values_std: Tensor = json_field(group="ra3")
+    rank_mean: Tensor = json_field(group="ra3")
+    rank_std: Tensor = json_field(group="ra3")
+    rank_min: Tensor = json_field(group="ra3")
+    rank_max: Tensor = json_field(group="ra3")
+    rank_le_c: Tensor = json_field(group="ra3")
+    rank_cap: Optional[int] = json_field(group="ra3")
+    rank_capped: Tensor = json_field(group="ra3")
+    gap_ratio_mean: Optional[Tensor] = json_field(group="ra3")
+    gap_ratio_std: Optional[Tensor] = json_field(group="ra3")
+    sigma1_mean: Tensor = json_field(group="ra4")
+    sigma1_std: Tensor = json_field(group="ra4")
+    depth_product: float = json_field(group="ra4")
+    depth_product_excl_first: Optional[float] = json_field(group="ra4")
+    svd_iterations: list[int] = json_field(group="svd", key="iterations")
+    svd_converged: Tensor = json_field(group="svd", key="converged_fraction")
+    svd_max_rel_error_bound: Tensor = json_field(group="svd", key="max_rel_error_bound")
+    svd_max_error_bound_sigma1: Tensor = json_field(group="svd", key="max_error_bound_sigma1")
     num_classes: int
-    self_alignment_r: int
-    self_alignment_per_r: Tensor
-    rank_cap: Optional[int]
-    rank_capped: Tensor
-    depth_product_excl_first: Optional[float]
-    svd_iterations: list[int]
-    svd_converged: Tensor
-    svd_max_rel_error_bound: Tensor
-    svd_max_error_bound_sigma1: Tensor
+
+    # to_dict(): the fields grouped as RA1-RA4 + svd; C is in the AlignmentResult's settings
+    _exclude = ("num_classes",)
+    _place = {"num_blocks": "k", "ra1.linearity_mean": "step_cosine", "ra1.linearity_std": "linearity_mean",
+              "ra1.equispacing_mean": "linearity_std", "ra1.equispacing_std": "equispacing_mean",
+              "ra1.step_cosine_mean": "equispacing_std", "ra1.step_cosine_std": "step_cosine_mean",
+              "ra1.undefined_reason": "step_cosine_std", "ra2.diag_ratio_offdiag": "diag_ratio_std",
+              "ra2.diag_positive_offdiag": "diag_positive", "ra2.random_baseline": "diag_positive_offdiag",
+              "ra3.rank_note": "rank_capped"}
 
     @property
     def num_blocks(self) -> int:
@@ -421,53 +432,27 @@ class StageAlignment(Result):
             out[f"{key}_reason"] = why
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        lin_m, lin_s = _mean_std(self.linearity)
-        eq_m, eq_s = _mean_std(self.equispacing)
-        sc_m, sc_s = _mean_std(self.step_cosine)
-        ra1: dict[str, Any] = {
-            "linearity": self.linearity, "equispacing": self.equispacing, "step_cosine": self.step_cosine,
-            "linearity_mean": lin_m, "linearity_std": lin_s, "equispacing_mean": eq_m,
-            "equispacing_std": eq_s, "step_cosine_mean": sc_m, "step_cosine_std": sc_s,
-        }
+    def _extra(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_blocks": self.num_blocks}
+        for key in ("linearity", "equispacing", "step_cosine"):
+            out[f"ra1.{key}_mean"], out[f"ra1.{key}_std"] = _mean_std(getattr(self, key))
         if self.num_blocks < 2:   # trivially perfect values are not published
-            ra1 = {key: None for key in ra1}
-            ra1["undefined_reason"] = _ONE_BLOCK
-        ra1.update({"pca": self.pca, "pca_explained": self.pca_explained})
-        ra3_note = (f"capped at k = {self.k}: rank statistics of blocks with rank_capped > 0 are lower bounds"
-                    if bool((self.rank_capped > 0).any()) else None)
-        return to_jsonable({
-            "stage": self.stage, "block_names": self.block_names, "block_indices": self.block_indices,
-            "shape": list(self.shape), "dim": self.dim, "k": self.k, "num_blocks": self.num_blocks,
-            "ra1": ra1,
-            "ra2": {
-                "self_alignment_mean": self.self_alignment_mean, "self_alignment_std": self.self_alignment_std,
-                "self_alignment_r": self.self_alignment_r, "self_alignment_per_r": self.self_alignment_per_r,
-                "diag_ratio_mean": self.diag_ratio_mean, "diag_ratio_std": self.diag_ratio_std,
-                "diag_ratio_offdiag": self.diag_ratio_offdiag, "diag_positive": self.diag_positive,
-                "diag_positive_offdiag": self.diag_positive_offdiag, "random_baseline": 1.0 / self.k,
-                "cross_pairs": [list(p) for p in self.cross_pairs], "cross_abs_mean": self.cross_abs_mean,
-                "cross_diag_mean": self.cross_diag_mean,
-            },
-            "ra3": {
-                "singular_values_mean": self.singular_values_mean, "singular_values_std": self.singular_values_std,
-                "rank_mean": self.rank_mean, "rank_std": self.rank_std, "rank_min": self.rank_min,
-                "rank_max": self.rank_max, "rank_le_c": self.rank_le_c,
-                "rank_cap": self.rank_cap, "rank_capped": self.rank_capped, "rank_note": ra3_note,
-                "gap_ratio_mean": self.gap_ratio_mean, "gap_ratio_std": self.gap_ratio_std,
-            },
-            "ra4": {"sigma1_mean": self.sigma1_mean, "sigma1_std": self.sigma1_std,
-                    "depth_product": self.depth_product, "depth_product_excl_first": self.depth_product_excl_first,
-                    "first_block_ratio": self.first_block_ratio},
-            "svd": {"iterations": self.svd_iterations, "converged_fraction": self.svd_converged,
-                    "max_rel_error_bound": self.svd_max_rel_error_bound,
-                    "max_error_bound_sigma1": self.svd_max_error_bound_sigma1},
+            for key in ("linearity", "equispacing", "step_cosine"):
+                out[f"ra1.{key}"] = out[f"ra1.{key}_mean"] = out[f"ra1.{key}_std"] = None
+            out["ra1.undefined_reason"] = _ONE_BLOCK
+        out.update({
+            "ra2.diag_ratio_offdiag": self.diag_ratio_offdiag, "ra2.diag_positive_offdiag": self.diag_positive_offdiag,
+            "ra2.random_baseline": 1.0 / self.k,
+            "ra3.rank_note": (f"capped at k = {self.k}: rank statistics of blocks with rank_capped > 0 are lower "
+                              "bounds" if bool((self.rank_capped > 0).any()) else None),
+            "ra4.first_block_ratio": self.first_block_ratio,
             "undefined": self.undefined(),
             "summary": self.summary(),
         })
+        return out
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AlignmentResult(Result):
     """Result of :func:`residual_alignment`: one :class:`StageAlignment` per stage.
 
@@ -483,22 +468,24 @@ class AlignmentResult(Result):
             dicts with name, index, in_shape, out_shape.
     """
 
-    stages: list[StageAlignment]
+    num_classes: int = json_field(group="settings")
+    num_classes_source: str = json_field(group="settings", default="")
+    k: int = json_field(group="settings")
+    oversample: int = json_field(group="settings")
+    power_iters: Union[int, str] = json_field(group="settings")
+    tol: float = json_field(group="settings", default=DEFAULT_TOL)
+    max_iters: int = json_field(group="settings", default=DEFAULT_MAX_ITERS)
+    tau: float = json_field(group="settings")
+    seed: int = json_field(group="settings")
+    path: str = json_field(group="settings")
+    n_samples: int = json_field(group="settings")
+    per_stage: bool = json_field(group="settings")
+    deterministic: bool = json_field(group="settings", default=False)
     labels: Optional[Tensor]
-    num_classes: int
-    k: int
-    oversample: int
-    power_iters: Union[int, str]
-    tau: float
-    seed: int
-    path: str
-    n_samples: int
-    per_stage: bool
     skipped_blocks: list[dict[str, Any]] = field(default_factory=list)
-    tol: float = DEFAULT_TOL
-    max_iters: int = DEFAULT_MAX_ITERS
-    deterministic: bool = False
-    num_classes_source: str = ""
+    stages: list[StageAlignment]
+
+    _place = {"analysis": FIRST, "accuracy": "settings"}
 
     def accuracy(self) -> dict[str, Any]:
         """Accuracy reached by the randomized SVDs (every block of every stage).
@@ -572,21 +559,8 @@ class AlignmentResult(Result):
             out[f"{key}_reason"] = why
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({
-            "analysis": "residual_alignment",
-            "settings": {"num_classes": self.num_classes, "num_classes_source": self.num_classes_source,
-                         "k": self.k, "oversample": self.oversample,
-                         "power_iters": self.power_iters, "tol": self.tol, "max_iters": self.max_iters,
-                         "tau": self.tau, "seed": self.seed, "path": self.path,
-                         "n_samples": self.n_samples, "per_stage": self.per_stage,
-                         "deterministic": self.deterministic},
-            "accuracy": self.accuracy(),
-            "labels": self.labels,
-            "skipped_blocks": self.skipped_blocks,
-            "stages": [s.to_dict() for s in self.stages],
-            "summary": self.summary(),
-        })
+    def _extra(self) -> dict[str, Any]:
+        return {"analysis": "residual_alignment", "accuracy": self.accuracy(), "summary": self.summary()}
 
 
 # -- the analysis -------------------------------------------------------------------------------

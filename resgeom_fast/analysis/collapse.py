@@ -89,7 +89,7 @@ from torch import Tensor, nn
 
 from ._common import (
     Result, batches, check_choice, check_finite_parameters, check_finite_tensor, check_int, figure_axes,
-    model_device_dtype, to_jsonable,
+    model_device_dtype,
 )
 
 __all__ = [
@@ -440,7 +440,7 @@ def layer_spearman(layers: Sequence[int], per_metric: dict[str, Sequence[Optiona
 
 
 # ----------------------------------------------------------------------------- result
-@dataclass
+@dataclass(kw_only=True)
 class CollapseResult(Result):
     """Per-layer collapse metrics of a model on a data set.
 
@@ -478,33 +478,25 @@ class CollapseResult(Result):
     tr_sigma_w: list[float]
     tr_sigma_b: list[float]
     rank_sigma_b: list[int]
+    sigma_b_condition: list[Optional[float]] = field(default_factory=list)
+    ill_conditioned: list[bool] = field(default_factory=list)
+    nc1_note: list[str] = field(default_factory=list)
+    feature_dtype: str = ""
     nc3: Optional[float]
     nc3_note: str
     spearman: dict[str, Optional[float]]
+    spearman_note: dict[str, str] = field(default_factory=dict)
+    ncc_zero_from: Optional[int] = None
     num_classes: int
     num_samples: int
     class_counts: list[int]
     pool: str
     split: str = "train"
-    sigma_b_condition: list[Optional[float]] = field(default_factory=list)
-    ill_conditioned: list[bool] = field(default_factory=list)
-    nc1_note: list[str] = field(default_factory=list)
-    feature_dtype: str = ""
-    spearman_note: dict[str, str] = field(default_factory=dict)
-    ncc_zero_from: Optional[int] = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({
-            "layers": self.layers, "widths": self.widths, "nc1": self.nc1, "etf_error": self.etf_error,
-            "equinorm": self.equinorm, "ncc_mismatch": self.ncc_mismatch, "tr_sigma_w": self.tr_sigma_w,
-            "tr_sigma_b": self.tr_sigma_b, "rank_sigma_b": self.rank_sigma_b,
-            "sigma_b_condition": self.sigma_b_condition, "ill_conditioned": self.ill_conditioned,
-            "nc1_note": self.nc1_note, "feature_dtype": self.feature_dtype, "rank_rule": RANK_RULE,
-            "nc3": self.nc3, "nc3_note": self.nc3_note, "spearman": self.spearman,
-            "spearman_note": self.spearman_note, "ncc_zero_from": self.ncc_zero_from,
-            "num_classes": self.num_classes, "num_samples": self.num_samples, "class_counts": self.class_counts,
-            "pool": self.pool, "split": self.split,
-        })
+    _place = {"rank_rule": "feature_dtype"}
+
+    def _extra(self) -> dict[str, Any]:
+        return {"rank_rule": RANK_RULE}
 
     def summary(self) -> dict[str, float]:
         """NC1 at the first and last analysed layer, last-layer ETF error / NCC mismatch, NC3, the

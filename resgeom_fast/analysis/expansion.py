@@ -215,16 +215,7 @@ class PathExpansionResult(Result):
     skips: list[str]
     norms: Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({
-            "orders": self.orders, "norms_mean": self.norms_mean, "norms_std": self.norms_std,
-            "distribution": self.distribution, "distribution_std": self.distribution_std,
-            "mean_order": self.mean_order, "mean_order_std": self.mean_order_std,
-            "total_norm_mean": self.total_norm_mean, "tail_norm_mean": self.tail_norm_mean,
-            "input_norm_mean": self.input_norm_mean, "num_blocks": self.num_blocks,
-            "max_order": self.max_order, "num_samples": self.num_samples, "num_probes": self.num_probes,
-            "seed": self.seed, "block_names": self.block_names, "scales": self.scales, "skips": self.skips,
-        })
+    _exclude = ("norms",)
 
     def summary(self) -> dict[str, float]:
         """Mean path order, the most weighted order, the relative tail beyond M and L."""
@@ -419,11 +410,6 @@ class ExpansionResult(Result):
     num_blocks: int
     num_samples: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({f: getattr(self, f) for f in (
-            "delta_norm", "remainder1", "remainder2", "first_term_norm", "second_term_norm", "delta_mean",
-            "remainder1_mean", "remainder2_mean", "scales", "lam", "num_blocks", "num_samples")})
-
     def summary(self) -> dict[str, float]:
         rel = self.remainder2_mean / self.delta_mean if self.delta_mean > 0 else float("nan")
         return {"lam": self.lam, "delta_mean": self.delta_mean, "remainder1_mean": self.remainder1_mean,
@@ -580,10 +566,6 @@ class GCResult(Result):
     num_samples: int
     num_outputs: int
     input_dim: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({f: getattr(self, f) for f in (
-            "gc", "std", "sem", "min", "max", "per_class", "num_samples", "num_outputs", "input_dim")})
 
     def summary(self) -> dict[str, float]:
         return {"gc": self.gc, "sem": self.sem}

@@ -51,7 +51,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ._common import Result, check_float, figure_axes, model_device_dtype, to_jsonable
+from ._common import FIRST, Result, check_float, figure_axes, model_device_dtype
 from ._common import check_finite_parameters, check_finite_tensor
 
 __all__ = ["HamiltonianResult", "hamiltonian", "bottleneck_rank", "middle_layers", "plot_hamiltonian",
@@ -163,19 +163,10 @@ class HamiltonianResult(Result):
     middle: list[int]
     lu_fallbacks: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({
-            "analysis": "hamiltonian",
-            "leak": self.leak, "lam": self.lam, "gamma0": self.gamma0, "tol": self.tol,
-            "n_samples": self.n_samples, "width": self.width, "depth": self.depth,
-            "rho": self.rho, "time": self.time, "gamma": self.gamma, "k_norm": self.k_norm,
-            "coi": self.coi, "potential": self.potential, "stable_rank": self.stable_rank,
-            "frobenius": self.frobenius, "rank": self.rank, "singular_values": self.singular_values,
-            "velocity_norm": self.velocity_norm, "kinetic": self.kinetic, "hamiltonian": self.hamiltonian,
-            "k_star": self.k_star, "momentum_norm": self.momentum_norm, "hamiltonian_ab": self.hamiltonian_ab,
-            "middle": list(self.middle), "lu_fallbacks": self.lu_fallbacks,
-            "summary": self.summary(),
-        })
+    _place = {"analysis": FIRST}
+
+    def _extra(self) -> dict[str, Any]:
+        return {"analysis": "hamiltonian", "summary": self.summary()}
 
     def summary(self) -> dict[str, float]:
         """Headline scalars: median over the middle layers of k* = -(2/Lt) H, COI, stable rank and
@@ -321,7 +312,7 @@ def hamiltonian(leaky_model: torch.nn.Module, X: Tensor, Y: Tensor, gamma0: floa
 
 
 @dataclass
-class BottleneckRank:
+class BottleneckRank(Result):
     """Rank readings of a :class:`HamiltonianResult`.
 
     ``rank`` [L+1]: #singular values of A_l above ``rel`` times the largest; ``rank_middle``:
@@ -334,10 +325,6 @@ class BottleneckRank:
     rank_middle: int
     stable_rank_middle: float
     k_star_middle: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({"rel": self.rel, "rank": self.rank, "rank_middle": self.rank_middle,
-                            "stable_rank_middle": self.stable_rank_middle, "k_star_middle": self.k_star_middle})
 
 
 def bottleneck_rank(result: HamiltonianResult, rel: Optional[float] = None) -> BottleneckRank:

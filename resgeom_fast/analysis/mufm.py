@@ -33,7 +33,7 @@ from resgeom_fast.linalg import NonFiniteError
 
 from resgeom_fast._progress import progress as progress_bar
 
-from ._common import Result, check_float, check_int, to_jsonable, figure_axes
+from ._common import Result, check_float, check_int, figure_axes
 from ._common import check_finite_tensor
 from .collapse import METRICS, collapse_metrics, finish_metric_axes, layer_spearman
 
@@ -55,7 +55,7 @@ def mufm_objective(X: Tensor, Y: Tensor, H: list[Tensor], W: Tensor, lam_W: floa
     return loss
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MUFMResult(Result):
     """The MUFM optimum and its collapse metrics.
 
@@ -84,8 +84,11 @@ class MUFMResult(Result):
     equinorm: list[Optional[float]]
     ncc_mismatch: list[float]
     nc3: Optional[float]
+    nc1_note: list[str] = field(default_factory=list)
     input_metrics: dict[str, Any]
     spearman: dict[str, Optional[float]]
+    spearman_note: dict[str, str] = field(default_factory=dict)
+    ncc_zero_from: Optional[int] = None
     loss_history: list[float]
     grad_norm: float
     steps_run: int
@@ -97,22 +100,10 @@ class MUFMResult(Result):
     num_classes: int
     num_samples: int
     width: int
-    nc1_note: list[str] = field(default_factory=list)
-    spearman_note: dict[str, str] = field(default_factory=dict)
-    ncc_zero_from: Optional[int] = None
     H: list[Tensor] = field(default_factory=list, repr=False, compare=False)
     W: Optional[Tensor] = field(default=None, repr=False, compare=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({
-            "depth": self.depth, "layers": self.layers, "nc1": self.nc1, "etf_error": self.etf_error,
-            "equinorm": self.equinorm, "ncc_mismatch": self.ncc_mismatch, "nc3": self.nc3,
-            "nc1_note": self.nc1_note, "input_metrics": self.input_metrics, "spearman": self.spearman,
-            "spearman_note": self.spearman_note, "ncc_zero_from": self.ncc_zero_from, "loss_history": self.loss_history,
-            "grad_norm": self.grad_norm, "steps_run": self.steps_run, "converged": self.converged,
-            "lam_W": self.lam_W, "lam_H": self.lam_H, "lr": self.lr, "seed": self.seed,
-            "num_classes": self.num_classes, "num_samples": self.num_samples, "width": self.width,
-        })
+    _exclude = ("H", "W")
 
     def summary(self) -> dict[str, float]:
         """NC1 of the inputs and of H_L, their ratio, NC3, the final loss and gradient norm

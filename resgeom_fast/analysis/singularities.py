@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from resgeom_fast import operators
 from resgeom_fast.linalg import NonFiniteError
-from resgeom_fast.analysis._common import Result, batches, check_float, model_device_dtype, to_jsonable
+from resgeom_fast.analysis._common import Result, batches, check_float, model_device_dtype
 from resgeom_fast.analysis._common import check_finite_parameters, check_finite_tensor
 
 __all__ = ["LayerSingularities", "SingularityResult", "find_relu_layers", "plot_singularities", "singularities"]
@@ -106,9 +106,6 @@ class LayerSingularities(Result):
     effective_rank_fraction: float
     small_eig_fraction: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({f: getattr(self, f) for f in self.__dataclass_fields__})
-
     def summary(self) -> dict[str, float]:
         return {f: float(getattr(self, f)) for f in ("dead_fraction", "act_cos_max", "effective_rank",
                                                      "small_eig_fraction")}
@@ -136,12 +133,6 @@ class SingularityResult(Result):
     total_units: int
     total_dead: int
     num_samples: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({
-            "eps": self.eps, "layers": [l.to_dict() for l in self.layers], "means": self.means,
-            "total_units": self.total_units, "total_dead": self.total_dead, "num_samples": self.num_samples,
-        })
 
     def summary(self) -> dict[str, float]:
         """Headline scalars: dead-unit fractions, activation overlap and effective rank."""

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from resgeom_fast import linalg, operators
 from resgeom_fast._progress import progress as progress_bar
-from resgeom_fast.analysis._common import Result, check_choice, check_float, check_int, to_jsonable, figure_axes
+from resgeom_fast.analysis._common import Result, check_choice, check_float, check_int, figure_axes
 
 __all__ = ["K_MAX", "MassFraction", "Spectrum", "SpectrumResult", "hessian_spectrum", "plot_density",
            "plot_eigenvalues"]
@@ -84,7 +84,7 @@ FRACTIONS = {
 
 
 @dataclass
-class MassFraction:
+class MassFraction(Result):
     """The fraction of the spectrum in an open interval, with its uncertainty (module doc).
 
     Attributes:
@@ -120,9 +120,6 @@ class MassFraction:
     half_lower: float
     half_upper: float
     note: Optional[str] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({f: getattr(self, f) for f in self.__dataclass_fields__})
 
 
 @dataclass
@@ -208,27 +205,10 @@ class Spectrum(Result):
         """Names of the fractions whose quadrature bracket is wider than ``max_bracket``."""
         return [n for n, f in self.fractions.items() if not f.resolved]
 
-    def _fields(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "dim": self.dim,
-            "eigenvalues": self.eigenvalues, "residuals": self.residuals, "converged": self.converged,
-            "lanczos_steps": self.lanczos_steps, "lambda_max": self.lambda_max, "lambda_min": self.lambda_min,
-            "trace": self.trace, "trace_stderr": self.trace_stderr, "trace_method": self.trace_method,
-            "nodes": self.nodes, "weights": self.weights, "grid": self.grid, "density": self.density,
-            "density_std": self.density_std, "moments": self.moments, "moments_std": self.moments_std,
-            "sigma": self.sigma, "slq_steps": self.slq_steps, "threshold": self.threshold,
-            "degeneracy_fraction": self.degeneracy_fraction, "degeneracy_stderr": self.degeneracy_stderr,
-            "negative_fraction": self.negative_fraction, "negative_stderr": self.negative_stderr,
-            "significant_negative_fraction": self.significant_negative_fraction,
-            "significant_negative_stderr": self.significant_negative_stderr,
-            "abs_threshold": self.abs_threshold, "degeneracy_fraction_abs": self.degeneracy_fraction_abs,
-            "degeneracy_abs_stderr": self.degeneracy_abs_stderr,
-            "fractions": {n: f.to_dict() for n, f in self.fractions.items()},
-            "unresolved": self.unresolved, "k_used": self.k_used, "notes": list(self.notes),
-        }
+    _place = {"lambda_max": "lanczos_steps", "lambda_min": "lambda_max", "unresolved": "fractions"}
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable(self._fields())
+    def _extra(self) -> dict[str, Any]:
+        return {"lambda_max": self.lambda_max, "lambda_min": self.lambda_min, "unresolved": self.unresolved}
 
     def summary(self) -> dict[str, Optional[float]]:
         """Headline scalars: extreme eigenvalues, trace, the thresholds and the mass fractions.
@@ -297,18 +277,6 @@ class SpectrumResult(Spectrum):
     hvp_methods: dict[str, Optional[str]] = field(default_factory=dict)
     products: int = 0
     blocks: list[Spectrum] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = self._fields()
-        d.update({
-            "operator": self.operator, "batchnorm": self.batchnorm, "num_samples": self.num_samples,
-            "param_names": list(self.param_names), "eps": self.eps, "abs_eps": self.abs_eps,
-            "max_bracket": self.max_bracket, "k": self.k, "probes": self.probes,
-            "steps": self.steps, "trace_probes": self.trace_probes, "sigma0": self.sigma0, "seed": self.seed,
-            "hvp": self.hvp, "deterministic": self.deterministic, "hvp_methods": dict(self.hvp_methods),
-            "products": self.products, "blocks": [b.to_dict() for b in self.blocks],
-        })
-        return to_jsonable(d)
 
     def summary(self) -> dict[str, Optional[float]]:
         """:meth:`Spectrum.summary` of the whole operator; with blocks also
