@@ -4,8 +4,11 @@
   (``"<fn>: expected <arg> <expectation>, got <actual>"``), one exception type per fault.
 - :mod:`resgeom_fast.core.io` -- atomic writes (files, torch.save, text, JSON), file digests and
   JSON conversion of tensors / numpy values / dataclasses.
+- :mod:`resgeom_fast.core.blocks` -- the residual-block protocol: :class:`BlockInfo`,
+  ``residual_blocks`` (block kinds recognised by type, extensible with ``register_block_kind``),
+  and the module types the fast paths recognise (ZeroSkip, ScalarBias, ScalarMultiplier).
 """
-from resgeom_fast.core import checks, io
+from resgeom_fast.core import blocks, checks, io
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, NonFiniteError
 
-__all__ = ["ArgumentTypeError", "ArgumentValueError", "NonFiniteError", "checks", "io"]
+__all__ = ["ArgumentTypeError", "ArgumentValueError", "NonFiniteError", "blocks", "checks", "io"]

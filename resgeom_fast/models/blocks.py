@@ -6,8 +6,8 @@ Every residual block of this package is a :class:`ResidualBlock`::
 
 with
 
-- ``resgeom_block = True``: a class attribute; the operators layer discovers blocks by duck typing
-  on it and never imports this package,
+- a subclass of :class:`~resgeom_fast.core.blocks.ResidualBlockBase` (``resgeom_block = True``):
+  :func:`resgeom_fast.core.blocks.residual_blocks` recognises it by ``isinstance``,
 - ``branch``: the residual branch F_l, an ``nn.Module`` (for the known families an
   ``nn.Sequential`` of standard layers, so that a fast path can recognise it),
 - ``skip``: Q_l -- ``nn.Identity()`` ("identity"), :class:`ZeroSkip` ("none"),
@@ -40,6 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# the protocol's base class and the module types the fast paths recognise live on the bottom
+# floor (core.blocks); ZeroSkip, ScalarBias and ScalarMultiplier are re-exported here
+from resgeom_fast.core.blocks import ResidualBlockBase, ScalarBias, ScalarMultiplier, ZeroSkip
+
 __all__ = [
     "ResidualBlock",
     "ZeroSkip",
@@ -52,7 +56,7 @@ __all__ = [
 ]
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(ResidualBlockBase):
     """One residual block: ``forward(h) = post(skip(h) + scale * branch(h) [+ earlier_mean])``.
 
     Args:
@@ -112,35 +116,6 @@ class ResidualBlock(nn.Module):
         return f"scale={self.scale:.6g}"
 
 
-class ZeroSkip(nn.Module):
-    """Q_l = 0 (a plain, skip-free block): returns zeros of the block output's shape.
-
-    Args:
-        out_channels: channels of the output when they differ from the input's (staged conv
-            nets); None keeps the input shape.
-        stride: spatial stride of the block (staged conv nets); output spatial size is
-            ceil(H / stride) x ceil(W / stride), as for a conv with padding k//2.
-    """
-
-    def __init__(self, out_channels: Optional[int] = None, stride: int = 1) -> None:
-        super().__init__()
-        self.out_channels = out_channels
-        self.stride = int(stride)
-
-    def forward(self, h: Tensor) -> Tensor:
-        if self.out_channels is None and self.stride == 1:
-            return torch.zeros_like(h)
-        if h.dim() != 4:
-            raise ValueError(f"ZeroSkip: expected h of shape [N, C, H, W], got {tuple(h.shape)}")
-        n, c, hh, ww = h.shape
-        oc = c if self.out_channels is None else self.out_channels
-        s = self.stride
-        return h.new_zeros((n, oc, -(-hh // s), -(-ww // s)))
-
-    def extra_repr(self) -> str:
-        return f"out_channels={self.out_channels}, stride={self.stride}"
-
-
 def random_orthogonal(dim: int, generator: Optional[torch.Generator] = None,
                       dtype: torch.dtype = torch.float32) -> Tensor:
     """A Haar-distributed random orthogonal matrix [dim, dim] (QR of a Gaussian, sign-fixed)."""
@@ -189,28 +164,6 @@ class ScaledIdentity(nn.Module):
 
     def extra_repr(self) -> str:
         return f"factor={self.factor:.6g}"
-
-
-class ScalarBias(nn.Module):
-    """Fixup's learnable scalar bias (initialised to 0): ``x + b``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.bias
-
-
-class ScalarMultiplier(nn.Module):
-    """Fixup's learnable scalar multiplier (initialised to 1): ``s * x``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.weight * x
 
 
 def fixup_factor(num_blocks: int, layers_per_branch: int) -> float:

@@ -19,6 +19,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from resgeom_fast.core.blocks import residual_blocks as _block_infos
+
 from ._options import ScaleSpec, check_common, resolve_scale
 from .blocks import ResidualBlock, ScalarBias, ScalarMultiplier, fixup_factor
 
@@ -173,6 +175,11 @@ def make_skip_scale(scale: Union[float, str]) -> Union[float, nn.Parameter]:
     return float(scale)
 
 
-def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
-    """The :class:`ResidualBlock` s of ``model`` in registration order."""
-    return [m for m in model.modules() if getattr(m, "resgeom_block", False)]
+def residual_blocks(model: nn.Module) -> list[nn.Module]:
+    """The residual block modules of ``model`` in registration order (for this package's models
+    its :class:`ResidualBlock` s; an empty list when there are none).
+
+    The one discovery is :func:`resgeom_fast.core.blocks.residual_blocks`; this returns the
+    ``block`` of each :class:`~resgeom_fast.core.blocks.BlockInfo` it finds.
+    """
+    return [info.block for info in _block_infos(model, required=False)]

@@ -1,0 +1,369 @@
+"""The residual-block protocol: what a residual block is, how one is found, and the module types
+the fast paths recognise.
+
+A residual block computes ``post(skip(h) + scale * branch(h))``; its residual Jacobian is that of
+``branch`` alone (SCIENCE.md section 1). :func:`residual_blocks` walks ``model.named_modules()``
+and asks the registered *block kinds*, in order, whether a module is a block; the first that
+matches describes it as a :class:`BlockInfo`. The built-in kinds, in this order:
+
+- ``"marked"``: any module marked with :func:`mark_residual_block` (nothing is registered on it);
+- ``"resgeom"``: a :class:`ResidualBlockBase` (every block of :mod:`resgeom_fast.models`,
+  recognised by ``isinstance``), or any module whose class (or instance) sets
+  ``resgeom_block = True`` and has the attributes ``branch``, ``skip``, ``scale``, ``post`` (the
+  documented attribute protocol for user classes);
+- ``"torchvision_basic"`` / ``"torchvision_bottleneck"``: torchvision's ``BasicBlock`` /
+  ``Bottleneck`` (branch = conv1, bn1, relu, conv2, bn2[, relu, conv3, bn3] as an
+  ``nn.Sequential`` sharing the block's layers; skip = ``downsample`` or identity; post = ReLU).
+  torchvision is an optional third-party library, so these match on the class's module and name.
+
+Later kinds (timm, ConvNeXt, ViT ...) are added with :func:`register_block_kind`.
+
+The module types a fast path may recognise by ``isinstance`` live here too: :class:`ZeroSkip`
+(Q_l = 0), :class:`ScalarBias` and :class:`ScalarMultiplier` (Fixup's scalars).
+
+This module imports only torch and the standard library (the bottom floor of the package).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_module, type_error
+
+__all__ = [
+    "BlockInfo", "ResidualBlockBase", "ScalarBias", "ScalarMultiplier", "ZeroSkip", "block_kinds",
+    "mark_residual_block", "register_block_kind", "residual_blocks", "resolve_blocks",
+    "unregister_block_kind",
+]
+
+_MARK = "_resgeom_mark"
+_HINT = (
+    "residual blocks are modules with `resgeom_block = True` (resgeom_fast.models), torchvision "
+    "BasicBlock / Bottleneck, or modules marked with "
+    "resgeom_fast.operators.mark_residual_block(block, branch=..., skip=..., scale=...)"
+)
+
+
+@dataclass
+class BlockInfo:
+    """One residual block of a model.
+
+    Attributes:
+        name: qualified module name in the model ("" for the model itself).
+        block: the block module (its forward pre-hook sees the block input h_{l-1}).
+        branch: F_l, an ``nn.Module`` mapping h_{l-1} to the block's output shape.
+        skip: Q_l. scale: lam_l (float or a 0-dim Parameter). post: applied after the sum.
+        kind: the name of the block kind that recognised it ("marked", "resgeom",
+            "torchvision_basic", "torchvision_bottleneck" or a registered one).
+        index: the block's position in ``residual_blocks(model)`` (-1 for a BlockInfo built by
+            hand, not yet found in a model).
+    """
+
+    name: str
+    block: nn.Module
+    branch: nn.Module
+    skip: nn.Module
+    scale: Union[float, Tensor]
+    post: nn.Module
+    kind: str
+    index: int = -1
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", "kind", "scale", "branch", "skip"}`` (class names of branch and skip)."""
+        scale = float(self.scale) if not isinstance(self.scale, Tensor) else float(self.scale.detach())
+        return {"name": self.name, "kind": self.kind, "scale": scale,
+                "branch": type(self.branch).__name__, "skip": type(self.skip).__name__}
+
+
+class ResidualBlockBase(nn.Module):
+    """Base class of residual blocks recognised by type: ``post(skip(h) + scale * branch(h))``.
+
+    A subclass sets, in ``__init__``, ``branch`` (F_l, an ``nn.Module``), ``skip`` (Q_l, an
+    ``nn.Module``), ``scale`` (lam_l: a python float or a 0-dim ``nn.Parameter``) and ``post``
+    (an ``nn.Module``, ``nn.Identity()`` when nothing follows the sum), and calls ``block(h)``
+    with the block input as the first argument. :func:`residual_blocks` recognises every
+    instance by ``isinstance`` (the class may be renamed or subclassed freely).
+    """
+
+    resgeom_block = True
+    branch: nn.Module
+    skip: nn.Module
+    scale: Union[float, Tensor]
+    post: nn.Module
+
+
+class ZeroSkip(nn.Module):
+    """Q_l = 0 (a plain, skip-free block): returns zeros of the block output's shape.
+
+    Args:
+        out_channels: channels of the output when they differ from the input's (staged conv
+            nets); None keeps the input shape.
+        stride: spatial stride of the block (staged conv nets); output spatial size is
+            ceil(H / stride) x ceil(W / stride), as for a conv with padding k//2.
+    """
+
+    def __init__(self, out_channels: Optional[int] = None, stride: int = 1) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.stride = int(stride)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Zeros like ``h`` ([N, *]), or [N, out_channels, ceil(H/s), ceil(W/s)] for h [N, C, H, W]."""
+        if self.out_channels is None and self.stride == 1:
+            return torch.zeros_like(h)
+        if h.dim() != 4:
+            raise ArgumentValueError(f"ZeroSkip: expected h of shape [N, C, H, W], got {tuple(h.shape)}")
+        n, c, hh, ww = h.shape
+        oc = c if self.out_channels is None else self.out_channels
+        s = self.stride
+        return h.new_zeros((n, oc, -(-hh // s), -(-ww // s)))
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.out_channels}, stride={self.stride}"
+
+
+class ScalarBias(nn.Module):
+    """Fixup's learnable scalar bias (initialised to 0): ``x + b`` (``bias`` a 0-dim Parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.bias
+
+
+class ScalarMultiplier(nn.Module):
+    """Fixup's learnable scalar multiplier (initialised to 1): ``s * x`` (``weight`` a 0-dim Parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * x
+
+
+# ------------------------------------------------------------------------------ marks
+@dataclass
+class _Mark:
+    branch: nn.Module
+    skip: nn.Module
+    scale: Union[float, Tensor]
+    post: nn.Module
+
+
+def mark_residual_block(module: nn.Module, branch: nn.Module, skip: Optional[nn.Module] = None,
+                        scale: Union[float, Tensor] = 1.0, post: Optional[nn.Module] = None) -> nn.Module:
+    """Declare ``module`` a residual block ``post(skip(h) + scale * branch(h))`` of a user model.
+
+    Nothing is registered on the module (its state_dict is unchanged); the mark is a plain
+    attribute read by :func:`residual_blocks`.
+
+    Args:
+        module: the block; its first forward argument must be the block input h.
+        branch: F_l (usually a submodule of ``module``).
+        skip: Q_l (default identity). scale: lam_l. post: after the sum (default identity).
+
+    Returns:
+        ``module`` itself.
+
+    Raises:
+        ArgumentTypeError (a TypeError): an argument of the wrong type.
+    """
+    check_module("mark_residual_block", "module", module)
+    check_module("mark_residual_block", "branch", branch)
+    for nm, m in (("skip", skip), ("post", post)):
+        if m is not None and not isinstance(m, nn.Module):
+            raise type_error("mark_residual_block", nm, "an nn.Module or None", m)
+    if not isinstance(scale, (float, int, Tensor)):
+        raise type_error("mark_residual_block", "scale", "a number or a tensor", scale)
+    object.__setattr__(module, _MARK, _Mark(branch, skip if skip is not None else nn.Identity(),
+                                            float(scale) if not isinstance(scale, Tensor) else scale,
+                                            post if post is not None else nn.Identity()))
+    return module
+
+
+# ------------------------------------------------------------------------------ block kinds
+MatchFn = Callable[[nn.Module], bool]
+DescribeFn = Callable[[str, nn.Module], BlockInfo]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: str
+    match: MatchFn
+    describe: DescribeFn
+
+
+_KINDS: list[_Kind] = []
+
+
+def register_block_kind(name: str, match: MatchFn, describe: DescribeFn, *, replace: bool = False) -> None:
+    """Teach :func:`residual_blocks` a new kind of residual block.
+
+    Kinds are asked in registration order (the built-in ones first); the first whose ``match``
+    returns True for a module describes it.
+
+    Args:
+        name: the kind's name (``BlockInfo.kind``).
+        match: ``match(module) -> bool``, whether ``module`` is a block of this kind.
+        describe: ``describe(name, module) -> BlockInfo`` for a matching module at qualified
+            name ``name`` (its ``index`` is filled in by :func:`residual_blocks`).
+        replace: replace an existing kind of that name (in its place) instead of refusing.
+
+    Raises:
+        ArgumentTypeError: ``name`` not a str, ``match`` / ``describe`` not callable.
+        ArgumentValueError: a kind ``name`` exists and ``replace`` is False.
+    """
+    if not isinstance(name, str) or not name:
+        raise type_error("register_block_kind", "name", "a non-empty str", name)
+    for arg, fn in (("match", match), ("describe", describe)):
+        if not callable(fn):
+            raise type_error("register_block_kind", arg, "a callable", fn)
+    kind = _Kind(name, match, describe)
+    for i, k in enumerate(_KINDS):
+        if k.name == name:
+            if not replace:
+                raise ArgumentValueError(f"register_block_kind: expected name a new kind, got {name!r} "
+                                         "(already registered; pass replace=True to replace it)")
+            _KINDS[i] = kind
+            return
+    _KINDS.append(kind)
+
+
+def unregister_block_kind(name: str) -> None:
+    """Remove the kind ``name`` (ArgumentValueError when there is none)."""
+    for i, k in enumerate(_KINDS):
+        if k.name == name:
+            del _KINDS[i]
+            return
+    raise ArgumentValueError(f"unregister_block_kind: expected name one of {block_kinds()}, got {name!r}")
+
+
+def block_kinds() -> list[str]:
+    """The names of the registered block kinds, in the order they are asked."""
+    return [k.name for k in _KINDS]
+
+
+def _is_marked(m: nn.Module) -> bool:
+    return m.__dict__.get(_MARK) is not None
+
+
+def _describe_marked(name: str, m: nn.Module) -> BlockInfo:
+    mark = m.__dict__[_MARK]
+    return BlockInfo(name, m, mark.branch, mark.skip, mark.scale, mark.post, "marked")
+
+
+def _is_resgeom(m: nn.Module) -> bool:
+    return (isinstance(m, ResidualBlockBase) or bool(getattr(type(m), "resgeom_block", False))
+            or getattr(m, "resgeom_block", False) is True)
+
+
+def _describe_resgeom(name: str, m: nn.Module) -> BlockInfo:
+    missing = [a for a in ("branch", "skip", "scale", "post") if not hasattr(m, a)]
+    if missing:
+        raise ArgumentValueError(f"residual_blocks: module {name!r} has resgeom_block = True but lacks {missing}")
+    return BlockInfo(name, m, m.branch, m.skip, m.scale, m.post, "resgeom")
+
+
+def _torchvision_class(m: nn.Module, cls_name: str) -> bool:
+    # torchvision is optional: its classes are matched by module and name, never imported
+    cls = type(m)
+    return cls.__module__.startswith("torchvision.models") and cls.__name__ == cls_name
+
+
+def _describe_torchvision(name: str, m: nn.Module, kind: str) -> BlockInfo:
+    layers = [("conv1", m.conv1), ("bn1", m.bn1), ("relu", m.relu), ("conv2", m.conv2), ("bn2", m.bn2)]
+    if kind == "torchvision_bottleneck":
+        layers += [("relu2", m.relu), ("conv3", m.conv3), ("bn3", m.bn3)]
+    skip = m.downsample if m.downsample is not None else nn.Identity()
+    return BlockInfo(name, m, nn.Sequential(OrderedDict(layers)), skip, 1.0, m.relu, kind)
+
+
+register_block_kind("marked", _is_marked, _describe_marked)
+register_block_kind("resgeom", _is_resgeom, _describe_resgeom)
+register_block_kind("torchvision_basic", lambda m: _torchvision_class(m, "BasicBlock"),
+                    lambda name, m: _describe_torchvision(name, m, "torchvision_basic"))
+register_block_kind("torchvision_bottleneck", lambda m: _torchvision_class(m, "Bottleneck"),
+                    lambda name, m: _describe_torchvision(name, m, "torchvision_bottleneck"))
+
+
+# ------------------------------------------------------------------------------ discovery
+def _info(name: str, m: nn.Module) -> Optional[BlockInfo]:
+    for kind in _KINDS:
+        if kind.match(m):
+            return kind.describe(name, m)
+    return None
+
+
+def residual_blocks(model: nn.Module, *, required: bool = True) -> list[BlockInfo]:
+    """Every residual block of ``model``, in ``model.named_modules()`` order.
+
+    Args:
+        model: any ``nn.Module``.
+        required: raise when the model has no block (else return an empty list).
+
+    Returns:
+        a list of :class:`BlockInfo` (name, block, branch, skip, scale, post, kind, index), with
+        ``index`` the position in this list.
+
+    Raises:
+        ArgumentTypeError: ``model`` is not an ``nn.Module``.
+        ArgumentValueError naming the ways to declare blocks when the model has none (``required``).
+    """
+    check_module("residual_blocks", "model", model)
+    found: list[BlockInfo] = []
+    for name, m in model.named_modules():
+        info = _info(name, m)
+        if info is not None:
+            found.append(dataclasses.replace(info, index=len(found)))
+    if not found and required:
+        raise ArgumentValueError(f"residual_blocks: found no residual blocks in {type(model).__name__}; " + _HINT)
+    return found
+
+
+def resolve_blocks(fn: str, model: nn.Module, blocks: Optional[Sequence[Any]]) -> list[BlockInfo]:
+    """``blocks`` (None, or indices / block modules / BlockInfo s) to BlockInfo s of ``model``.
+
+    Args:
+        fn: the calling function's name (for messages).
+        model: the model.
+        blocks: None (every block), an index (negative counts from the end), a block module, a
+            :class:`BlockInfo`, or a sequence of these.
+
+    Returns:
+        the selected :class:`BlockInfo` s, in the order given.
+
+    Raises:
+        ArgumentTypeError: an entry of the wrong type. ArgumentValueError: an index out of range, a
+        module that is no block of the model, or an empty selection.
+    """
+    all_blocks = residual_blocks(model)
+    if blocks is None:
+        return all_blocks
+    if isinstance(blocks, (int, nn.Module, BlockInfo)):
+        blocks = [blocks]
+    by_id = {id(b.block): b for b in all_blocks}
+    out = []
+    for b in blocks:
+        if isinstance(b, BlockInfo):
+            out.append(b)
+        elif isinstance(b, bool) or not isinstance(b, (int, nn.Module)):
+            raise ArgumentTypeError(f"{fn}: blocks: expected indices, block modules or BlockInfo, got {type(b).__name__}")
+        elif isinstance(b, int):
+            if not -len(all_blocks) <= b < len(all_blocks):
+                raise ArgumentValueError(f"{fn}: blocks: index {b} out of range for {len(all_blocks)} blocks")
+            out.append(all_blocks[b])
+        else:
+            if id(b) not in by_id:
+                raise ArgumentValueError(f"{fn}: blocks: module {type(b).__name__} is not a residual block of the model")
+            out.append(by_id[id(b)])
+    if not out:
+        raise ArgumentValueError(f"{fn}: blocks: expected None or a non-empty selection")
+    return out
