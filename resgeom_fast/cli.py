@@ -24,6 +24,10 @@ import tempfile
 import traceback
 from typing import Optional, Sequence
 
+from resgeom_fast.experiments import commands
+from resgeom_fast.experiments.config import UsageError
+from resgeom_fast.experiments.studies import COMMANDS, STUDIES
+
 __all__ = ["main", "build_parser"]
 
 EXIT_UNEXPECTED = 1
@@ -35,15 +39,14 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump): ``resgeom: error: ...``, exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        from resgeom_fast.experiments.config import UsageError
-
         where = self.prog[len("resgeom"):].strip()
         raise UsageError(f"{where}: {message}" if where else message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from resgeom_fast.experiments.studies import STUDY_NAMES
-
+    """The parser of ``resgeom``: the studies of ``run`` and the flags of ``demo`` / ``analyze``
+    come from the registries of :mod:`resgeom_fast.experiments.studies`."""
+    names = ", ".join(STUDIES)
     p = _Parser(prog="resgeom", description="Geometry of residual networks: runnable studies and reports.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{demo,run,analyze,bench}")
     common = _Parser(add_help=False)
@@ -53,41 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fix every method choice of the analyses (no 'auto' choice by timing): the same command "
                              "gives the same numbers; recorded in the configuration and the report")
 
-    d = sub.add_parser("demo", parents=[common], help="train a ResNet and its plain twin on digits, run every analysis")
-    d.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
-    d.add_argument("--size", default="default", help="tiny | default (tiny is for tests: well under a minute)")
-    d.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    d.add_argument("--seed", default="0", help="seed of data split, weights and probes")
+    demo = COMMANDS["demo"]
+    demo.add_arguments(sub.add_parser(demo.name, parents=[common], help=demo.help))
 
-    r = sub.add_parser("run", parents=[common], help=f"run one study: {', '.join(STUDY_NAMES)}")
-    r.add_argument("study", help=f"one of: {', '.join(STUDY_NAMES)}")
+    r = sub.add_parser("run", parents=[common], help=f"run one study: {names}")
+    r.add_argument("study", help=f"one of: {names}")
     r.add_argument("--config", default=None, help="options as a JSON (or YAML with PyYAML) mapping")
     r.add_argument("--out", default=None, help="report folder (default reports/<study>)")
     r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one option (repeatable); see --list-options")
     r.add_argument("--list-options", action="store_true", help="print the study's options and exit")
 
-    a = sub.add_parser("analyze", parents=[common], help="alignment per stage and the Hessian spectrum of your model")
-    a.add_argument("--model", required=True, help="torchvision:NAME (resnet18, resnet34, ...) or module:pkg.mod:factory")
-    a.add_argument("--checkpoint", default=None, help="state dict or resgeom trainer checkpoint (.pt) to load")
-    a.add_argument("--data", default="random-cifar", help="digits | random-cifar | torchvision:NAME:ROOT")
-    a.add_argument("--num-classes", default="10", help="classes of the model's head / the data (default 10)")
-    a.add_argument("--samples", default="8", help="inputs for the alignment analysis (default 8)")
-    a.add_argument("--batch", default="32", help="samples of the Hessian's loss (default 32)")
-    a.add_argument("--k", default=None, help="singular triplets per block (default C + 5)")
-    a.add_argument("--power-iters", default="auto",
-                   help="randomized SVD power iterations: auto (default; iterate until the error bound meets the "
-                        "tolerance) or a fixed count")
-    a.add_argument("--oversample", default="10", help="randomized SVD oversampling (default 10)")
-    a.add_argument("--probes", default="4", help="SLQ probes of the Hessian density (default 4)")
-    a.add_argument("--steps", default="30", help="Lanczos steps per SLQ probe (default 30)")
-    a.add_argument("--trace-probes", default="12", help="Hutch++ products for the trace (default 12)")
-    a.add_argument("--params", default=None,
-                   help="comma list of parameter / module names spanning the Hessian (default: all; e.g. layer4,fc)")
-    a.add_argument("--analyses", default="alignment,hessian", help="comma list of alignment, hessian")
-    a.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    a.add_argument("--seed", default="0")
-    a.add_argument("--out", default="reports/analyze", help="report folder (default reports/analyze)")
+    analyze = COMMANDS["analyze"]
+    analyze.add_arguments(sub.add_parser(analyze.name, parents=[common], help=analyze.help))
 
     b = sub.add_parser("bench", help="run the benchmark suite and print the ratio table")
     b.add_argument("--quick", action="store_true", help="only the op benchmarks (a few minutes)")
@@ -98,8 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
-    from resgeom_fast.experiments.config import UsageError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     out_hint: Optional[str] = None
     try:
@@ -108,8 +87,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        from resgeom_fast.experiments import commands
-
         if args.command == "bench":
             return commands.bench(quick=args.quick, json_path=args.json, benchmarks_dir=args.benchmarks)
         out_hint = getattr(args, "out", None)

@@ -21,7 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-__all__ = ["Option", "Options", "UsageError", "config_hash", "load_config_file", "parse_sets", "resolve_config"]
+__all__ = ["Option", "Options", "UsageError", "config_hash", "int_flag", "load_config_file", "parse_sets",
+           "resolve_config"]
 
 TYPES: tuple[str, ...] = ("int", "float", "str", "bool", "ints", "floats", "optint")
 
@@ -183,6 +184,18 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"config {path!r}: expected a mapping of option names to values, got {type(data).__name__}")
     return data
+
+
+def int_flag(name: str, value: Any, minimum: int) -> int:
+    """The int of a command-line flag ``name`` (e.g. "--seed"): ``value`` as written (a str or an
+    int), at least ``minimum``; else a :class:`UsageError` "<name>: expected an int >= <minimum>"."""
+    try:
+        v = int(str(value))
+    except ValueError:
+        raise UsageError(f"{name}: expected an int >= {minimum}, got {value!r}") from None
+    if v < minimum:
+        raise UsageError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return v
 
 
 def parse_sets(items: Iterable[str]) -> dict[str, str]:

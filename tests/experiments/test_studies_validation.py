@@ -20,7 +20,7 @@ from tests.experiments.test_studies import TINY  # noqa: E402
 def no_training(monkeypatch):
     """Any training (the package trainer or the leaky study's Adam) fails the test."""
     rtrain = importlib.import_module("resgeom_fast.train")
-    studies = importlib.import_module("resgeom_fast.experiments.studies")
+    studies = importlib.import_module("resgeom_fast.experiments.studies.leaky")  # the leaky study's module
 
     def trained(*a, **k):
         raise AssertionError("a net was trained before the configuration was checked")

@@ -1,0 +1,271 @@
+"""The figures several studies draw, as :class:`~resgeom_fast.experiments.report.FigureSpec`
+builders: each takes the model names (and the dotted ``root`` under which their results sit) and
+returns specs whose ``build(results)`` draws from the results dictionary only (tagged artists, so
+:func:`~resgeom_fast.experiments.report.check_figure` can verify every plotted number) and whose
+``reading(results)`` is the figure's line of text in report.md (:mod:`._readings`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..figures import bars, heatmaps, lines, new_figure, pca_trajectories, spectra_per_block
+from ..report import FigureSpec, fmt, fmt_key, get_path, tag
+from ._readings import (
+    CONTROL,
+    alignment_stage_reading,
+    collapse_reading,
+    depth_scaling_text,
+    fraction_text,
+    per_model,
+    ra1_reading,
+    rank_text,
+    spectrum_reading,
+    summary_of,
+)
+
+__all__ = ["alignment_figures", "collapse_figure", "density_figure", "paths_figure", "singularity_figure",
+           "stage_figures", "training_figure"]
+
+
+def training_figure(models: list[str], root: str = "models") -> FigureSpec:
+    """Training loss and test accuracy (test loss for regression) per epoch."""
+
+    def metric(r: dict) -> str:
+        accs = [a for m in models for a in get_path(r, f"{root}.{m}.train.test_acc")]
+        return "test_acc" if any(a is not None for a in accs) else "test_loss"
+
+    def build(r: dict) -> Any:
+        fig, (a1, a2) = new_figure(2)
+        lines(a1, r, [(m, f"{root}.{m}.train.epoch", f"{root}.{m}.train.train_loss") for m in models],
+              title="training loss", xlabel="epoch", ylabel="train loss", logy=True, marker="")
+        key = metric(r)
+        lines(a2, r, [(m, f"{root}.{m}.train.epoch", f"{root}.{m}.train.{key}") for m in models],
+              title=key.replace("_", " "), xlabel="epoch", ylabel=key.replace("_", " "), logy=key == "test_loss",
+              marker="")
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        key = metric(r)
+        parts = []
+        for m in models:
+            t = get_path(r, f"{root}.{m}.train")
+            loss = t["train_loss"][-1] if t["train_loss"] else None
+            parts.append(f"{m}: final train loss {fmt(loss)}, {key.replace('_', ' ')} {fmt(t['final'].get(key))}")
+        return "; ".join(parts) + "."
+
+    return FigureSpec("training", "Training curves", build, reading)
+
+
+def alignment_figures(models: list[str], root: str = "models", with_depth: bool = True) -> list[FigureSpec]:
+    """RA1 trajectories, RA3 spectra, RA2 cross alignment and RA4 sigma_1 (against depth from
+    ``depth_scaling.scaling`` when ``with_depth``) of stage 0 of each model's ``alignment``."""
+    def p(m: str) -> str:
+        return f"{root}.{m}.alignment.result"
+
+    def traj(r: dict) -> Any:
+        fig, axes = new_figure(len(models))
+        for ax, m in zip(axes, models):
+            pca_trajectories(ax, r, f"{p(m)}.stages.0.ra1.pca", f"{p(m)}.labels",
+                             f"{m}: trajectories (PCA of h_0..h_L)")
+        fig.tight_layout()
+        return fig
+
+    def traj_read(r: dict) -> str:
+        return ra1_reading(r, models, root)
+
+    def sv(r: dict) -> Any:
+        fig, axes = new_figure(len(models))
+        for ax, m in zip(axes, models):
+            spectra_per_block(ax, r, f"{p(m)}.stages.0.ra3.singular_values_mean",
+                              f"{m}: singular values of J_l", get_path(r, f"{p(m)}.settings.num_classes"))
+        fig.tight_layout()
+        return fig
+
+    def sv_read(r: dict) -> str:
+        parts = []
+        for m in models:
+            s = summary_of(get_path(r, f"{root}.{m}.alignment"))
+            k = get_path(r, f"{p(m)}.settings.k")
+            parts.append(f"{m}: max numerical rank {rank_text(s, k)}, fraction rank <= C "
+                         f"{fmt_key(s, 'rank_le_c_fraction')}")
+        return "; ".join(parts) + (" (RA3: rank at most C for FC nets; dashed line at r = C; a rank that reaches k is "
+                                   "capped by the k computed singular values and reads '>= k').")
+
+    def cross(r: dict) -> Any:
+        fig, axes = new_figure(len(models), 2, width=4.4, height=3.8)
+        panels = []
+        for m in models:
+            panels.append((f"{m}: diag ratio of A_ij (blocks i, j)", f"{p(m)}.stages.0.ra2.diag_ratio_mean"))
+        for m in models:
+            pairs = get_path(r, f"{p(m)}.stages.0.ra2.cross_pairs")
+            i, j = pairs[0] if pairs else (0, 0)
+            panels.append((f"{m}: |A_ij|, i={i}, j={j}", f"{p(m)}.stages.0.ra2.cross_abs_mean.0"))
+        heatmaps(axes, r, panels, fig)
+        fig.tight_layout()
+        return fig
+
+    def cross_read(r: dict) -> str:
+        k = get_path(r, f"{p(models[0])}.settings.k")
+        control = ("; read against the plain control's values" if CONTROL in models else
+                   "; no control net without skips in this study")
+        return per_model(r, models, root, "alignment", "off-diagonal diag ratio {diag_ratio_offdiag}, "
+                         "positive diagonals {diag_positive_offdiag}, self alignment {self_alignment}") + (
+            f" (RA2: near 1 = singular vectors aligned across depth; random baseline 1/k = {fmt(1 / k)}{control}; "
+            "no uncertainty is attached to these means, so small differences are not read).")
+
+    def sig(r: dict) -> Any:
+        fig, axes = new_figure(2 if with_depth else 1)
+        lines(axes[0], r, [(m, "index", f"{p(m)}.stages.0.ra4.sigma1_mean") for m in models],
+              title="sigma_1(J_l) per block", xlabel="block l", ylabel="sigma_1, mean over samples", logy=True)
+        if with_depth:
+            lines(axes[1], r, [("L * mean_l sigma_1", "depth_scaling.scaling.depths",
+                                "depth_scaling.scaling.products"),
+                               ("mean_l sigma_1", "depth_scaling.scaling.depths",
+                                "depth_scaling.scaling.mean_sigma1")],
+                  title="RA4: residual nets of several depths", xlabel="depth L", ylabel="value", logx=True, logy=True)
+        fig.tight_layout()
+        return fig
+
+    def sig_read(r: dict) -> str:
+        txt = per_model(r, models, root, "alignment", "L * mean sigma_1 = {depth_product}, without the first "
+                        "block {depth_product_excl_first} (first block's sigma_1 / mean of the others "
+                        "{first_block_ratio})")
+        if with_depth:
+            txt += "; " + depth_scaling_text(get_path(r, "depth_scaling.scaling"))
+        return txt + "."
+
+    return [FigureSpec("ra_trajectories", "RA1: trajectories", traj, traj_read),
+            FigureSpec("ra_singular_values", "RA3: singular value spectra of the residual Jacobians", sv, sv_read),
+            FigureSpec("ra_cross_alignment", "RA2: cross alignment", cross, cross_read),
+            FigureSpec("ra_sigma1_depth", "RA4: sigma_1 against depth", sig, sig_read)]
+
+
+def density_figure(models: list[str], root: str = "models") -> FigureSpec:
+    """The SLQ Hessian spectral density of each model's ``spectrum`` (one panel each, log scale, +- std band)."""
+    def build(r: dict) -> Any:
+        # one panel per model: the nets' spectra differ by orders of magnitude in scale
+        fig, axes = new_figure(len(models), width=4.6, height=3.8)
+        for i, m in enumerate(models):
+            ax = axes[i]
+            top = 0.0
+            s = get_path(r, f"{root}.{m}.spectrum.result")
+            grid, dens = np.array(s["grid"], float), np.array([np.nan if v is None else v for v in s["density"]], float)
+            std = np.array([np.nan if v is None else v for v in s["density_std"]], float)
+            summ = summary_of(get_path(r, f"{root}.{m}.spectrum"))
+            (ln,) = ax.plot(grid, dens, color=f"C{i}", lw=1.2,
+                            label=f"{m} (near-zero mass: rel. {fraction_text(summ, 'degenerate_fraction_rel', 2)}, "
+                                  f"abs. {fraction_text(summ, 'degenerate_fraction_abs', 2)})")
+            tag(ln, x=f"{root}.{m}.spectrum.result.grid", y=f"{root}.{m}.spectrum.result.density")
+            if np.isfinite(std).all():
+                ax.fill_between(grid, dens - std, dens + std, color=f"C{i}", alpha=0.2, lw=0)
+            top = max(top, float(np.nanmax(dens)) if np.isfinite(dens).any() else 0.0)
+            if top > 0:  # log axis over 8 decades below the highest peak (SLQ tails fall to 1e-100)
+                ax.set_yscale("log", nonpositive="mask")
+                ax.set_ylim(top * 1e-8, top * 3)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+            ax.set_xlabel("eigenvalue")
+            ax.set_ylabel("density (band: +- std over probes)")
+            ax.set_title(f"{m}: Hessian spectral density (SLQ)", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        return spectrum_reading(r, models, root)
+
+    return FigureSpec("hessian_density", "Hessian spectral density with spread", build, reading)
+
+
+def collapse_figure(models: list[str], root: str = "models") -> FigureSpec:
+    """NC1, ETF error, equinorm and NCC mismatch against depth of each model's ``collapse``."""
+    metrics = ("nc1", "etf_error", "equinorm", "ncc_mismatch")
+
+    def build(r: dict) -> Any:
+        fig, axes = new_figure(len(models))
+        for ax, m in zip(axes, models):
+            base = f"{root}.{m}.collapse.result"
+            lines(ax, r, [(k, f"{base}.layers", f"{base}.{k}") for k in metrics],
+                  title=f"{m}: collapse metrics against depth", xlabel="layer l", ylabel="metric", logy=True)
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        return collapse_reading(r, models, root)
+
+    return FigureSpec("collapse_depth", "Collapse metrics against depth", build, reading)
+
+
+def singularity_figure(models: list[str], root: str = "models") -> FigureSpec:
+    """Dead units, small eigenvalues, activation overlap and effective rank of each model's ``singularities``."""
+    def build(r: dict) -> Any:
+        fig, axes = new_figure(2)
+        bars(axes[0], r, models, [
+            ("dead units (all layers)", f"{root}.{{g}}.singularities.summary.dead_fraction_total"),
+            ("small eigenvalues", f"{root}.{{g}}.singularities.summary.mean_small_eig_fraction"),
+            ("max |cos| of activations", f"{root}.{{g}}.singularities.summary.mean_act_cos_max"),
+            ("effective rank / n", f"{root}.{{g}}.singularities.summary.mean_effective_rank_fraction"),
+        ], title="singularities (means over layers)", ylabel="fraction")
+        lines(axes[1], r, [(m, "index", f"{root}.{m}.singularities.result.layers.*.dead_fraction") for m in models],
+              title="dead-unit fraction per layer (0 = stem)", xlabel="ReLU layer", ylabel="dead fraction")
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        return per_model(r, models, root, "singularities",
+                         "dead units {dead_fraction_total}, small-eigenvalue fraction {mean_small_eig_fraction}, "
+                         "effective rank fraction {mean_effective_rank_fraction}") + (
+            " (expected: plain >= residual >= hyper-residual in dead units).")
+
+    return FigureSpec("singularities", "Singularity statistics", build, reading)
+
+
+def paths_figure(models: list[str], root: str = "models") -> FigureSpec:
+    """The path-order distribution and the path norms of each model's ``paths``."""
+    def build(r: dict) -> Any:
+        fig, axes = new_figure(2)
+        lines(axes[0], r, [(m, f"{root}.{m}.paths.result.orders", f"{root}.{m}.paths.result.distribution")
+                           for m in models],
+              title="path-order distribution p_m", xlabel="path order m", ylabel="p_m")
+        lines(axes[1], r, [(m, f"{root}.{m}.paths.result.orders", f"{root}.{m}.paths.result.norms_mean")
+                           for m in models],
+              title="||c_L^(m)||, mean over samples", xlabel="path order m", ylabel="norm", logy=True)
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        return per_model(r, models, root, "paths",
+                         "mean path order {mean_order} of L = {num_blocks}, most weighted order {mode_order}") + "."
+
+    return FigureSpec("path_orders", "Path-order distribution", build, reading)
+
+
+def stage_figures(al: dict[str, Any]) -> list[FigureSpec]:
+    """``resgeom analyze``: singular values and sigma_1 per stage of the alignment step result ``al``
+    (stored at ``models.model.alignment``), read by :func:`alignment_stage_reading`."""
+    base = "models.model.alignment.result"
+    n_st = len(al["result"]["stages"])
+
+    def sv(r: dict) -> Any:
+        fig, axes = new_figure(n_st)
+        for s, ax in enumerate(axes):
+            spectra_per_block(ax, r, f"{base}.stages.{s}.ra3.singular_values_mean",
+                              f"stage {s}: singular values of J_l", get_path(r, f"{base}.settings.num_classes"))
+        fig.tight_layout()
+        return fig
+
+    def sig(r: dict) -> Any:
+        fig, axes = new_figure(1)
+        lines(axes[0], r, [(f"stage {s}", f"{base}.stages.{s}.block_indices", f"{base}.stages.{s}.ra4.sigma1_mean")
+                           for s in range(n_st)], title="sigma_1(J_l) per block", xlabel="block index",
+              ylabel="sigma_1", logy=True)
+        fig.tight_layout()
+        return fig
+
+    def read(r: dict) -> str:
+        return alignment_stage_reading(get_path(r, base) or {})
+
+    return [FigureSpec("ra_singular_values", "Singular values of the residual Jacobians, per stage", sv, read),
+            FigureSpec("ra_sigma1", "sigma_1 per block", sig, read)]

@@ -1,0 +1,275 @@
+"""``resgeom analyze``: residual alignment per stage and the Hessian spectrum of a user's model
+(a torchvision ResNet or ``module:pkg.mod:factory``), with a checkpoint and data of the user's.
+
+The command in two parts: :func:`prepare` checks every flag, loads the model, the checkpoint and
+the data and returns an :class:`AnalyzeSetup` (UsageErrors before any work); :func:`run_steps`
+runs the analyses as resumable steps of a :class:`Runner` and writes the report.
+:func:`resgeom_fast.experiments.commands.analyze` joins them; :func:`add_arguments` holds the flags.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+# modules, not functions: calls go through the analysis modules (see _shared)
+from resgeom_fast.analysis import alignment as alignment_analysis
+from resgeom_fast.analysis import spectrum as spectrum_analysis
+from resgeom_fast.train import file_sha256
+
+from ..common import data_key_parts, load_data, resolve_device
+from ..config import UsageError, int_flag
+from ..output import check_out, write_study_report
+from ..report import FigureSpec, Report
+from ..runner import Runner
+from ._figures import density_figure, stage_figures
+from ._registry import Command, register_command
+
+__all__ = ["COMMAND", "AnalyzeSetup", "add_arguments", "analyze_data", "check_model_takes", "factory_key",
+           "load_checkpoint", "load_model", "prepare", "run_steps"]
+
+
+@dataclass
+class AnalyzeSetup:
+    """What :func:`prepare` hands to :func:`run_steps`.
+
+    Attributes:
+        net: the model, in eval mode on the device.
+        x, y: inputs [N, C, H, W] and labels [N] (int64) on the device, N = max(samples, batch).
+        config: the run's configuration (results.json's ``config``; the runner's hash).
+        key_parts: what the steps are keyed on beyond the configuration (checkpoint, model code, data files).
+    """
+
+    net: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    config: dict[str, Any]
+    key_parts: dict[str, Any]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``resgeom analyze`` (values stay strings: :func:`prepare` checks them)."""
+    a = parser
+    a.add_argument("--model", required=True, help="torchvision:NAME (resnet18, resnet34, ...) or module:pkg.mod:factory")
+    a.add_argument("--checkpoint", default=None, help="state dict or resgeom trainer checkpoint (.pt) to load")
+    a.add_argument("--data", default="random-cifar", help="digits | random-cifar | torchvision:NAME:ROOT")
+    a.add_argument("--num-classes", default="10", help="classes of the model's head / the data (default 10)")
+    a.add_argument("--samples", default="8", help="inputs for the alignment analysis (default 8)")
+    a.add_argument("--batch", default="32", help="samples of the Hessian's loss (default 32)")
+    a.add_argument("--k", default=None, help="singular triplets per block (default C + 5)")
+    a.add_argument("--power-iters", default="auto",
+                   help="randomized SVD power iterations: auto (default; iterate until the error bound meets the "
+                        "tolerance) or a fixed count")
+    a.add_argument("--oversample", default="10", help="randomized SVD oversampling (default 10)")
+    a.add_argument("--probes", default="4", help="SLQ probes of the Hessian density (default 4)")
+    a.add_argument("--steps", default="30", help="Lanczos steps per SLQ probe (default 30)")
+    a.add_argument("--trace-probes", default="12", help="Hutch++ products for the trace (default 12)")
+    a.add_argument("--params", default=None,
+                   help="comma list of parameter / module names spanning the Hessian (default: all; e.g. layer4,fc)")
+    a.add_argument("--analyses", default="alignment,hessian", help="comma list of alignment, hessian")
+    a.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    a.add_argument("--seed", default="0")
+    a.add_argument("--out", default="reports/analyze", help="report folder (default reports/analyze)")
+
+
+def load_model(spec: str, num_classes: int):
+    """(model, key parts): what the model's code is keyed on (torchvision's version, or the sha256
+    of the factory's source and of its module file)."""
+    if spec.startswith("torchvision:"):
+        name = spec.split(":", 1)[1]
+        try:  # torchvision is optional (pip install resgeom_fast[vision])
+            import torchvision
+            import torchvision.models as tvm
+        except ImportError:
+            raise UsageError("--model torchvision:...: torchvision is not installed (pip install torchvision)") from None
+        allowed = sorted(n for n in tvm.list_models(module=tvm) if n.startswith(("resnet", "wide_resnet", "resnext")))
+        if name not in allowed:
+            raise UsageError(f"--model: unknown torchvision model {name!r}; allowed: {', '.join(allowed)}")
+        return tvm.get_model(name, weights=None, num_classes=num_classes), {"torchvision": torchvision.__version__}
+    if spec.startswith("module:"):
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise UsageError(f"--model: expected module:package.module:factory, got {spec!r}")
+        try:
+            mod = importlib.import_module(parts[1])
+        except ImportError as err:
+            raise UsageError(f"--model: cannot import module {parts[1]!r} ({err})") from None
+        factory = getattr(mod, parts[2], None)
+        if not callable(factory):
+            raise UsageError(f"--model: module {parts[1]!r} has no callable {parts[2]!r}")
+        model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"--model: {parts[1]}.{parts[2]}() returned {type(model).__name__}, not an nn.Module")
+        return model, factory_key(mod, factory)
+    raise UsageError(f"--model: expected torchvision:NAME or module:package.module:factory, got {spec!r}")
+
+
+def factory_key(mod: Any, factory: Any) -> dict[str, str]:
+    """sha256 of ``factory``'s source and of its module's file: a changed factory (or a changed
+    helper in the same file) changes the key of every analyze step. Code in other files the
+    factory imports is not covered (documented; use --fresh after changing it)."""
+    try:
+        src = hashlib.sha256(inspect.getsource(factory).encode()).hexdigest()
+    except (OSError, TypeError):
+        src = "unavailable"
+    path = getattr(mod, "__file__", None)
+    return {"factory source sha256": src,
+            "factory module sha256": file_sha256(path) if path and os.path.isfile(path) else "unavailable"}
+
+
+def load_checkpoint(model, path: str) -> None:
+    """Load the state dict in ``path`` (a plain state dict or a checkpoint holding ``model`` /
+    ``state_dict``) into ``model``; a UsageError naming ``--checkpoint`` otherwise."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--checkpoint: file not found: {path!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
+        raise UsageError(f"--checkpoint: cannot read {path!r} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise UsageError(f"--checkpoint: {path!r} holds no state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UsageError(f"--checkpoint: {path!r} does not match the model ({str(err).splitlines()[0]})") from None
+
+
+def analyze_data(spec: str, n: int, num_classes: int, seed: int):
+    """(x, y) tensors [n, ...] for analyze."""
+    if spec == "random-cifar":
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, num_classes, (n,), generator=gen)
+    if spec == "digits" or spec.startswith("torchvision:"):
+        ds = load_data(spec, image=True, n_train=n, n_test=1, seed=seed)
+        return ds.x_train[:n], ds.y_train[:n]
+    raise UsageError(f"--data: expected digits, random-cifar or torchvision:NAME:ROOT, got {spec!r}")
+
+
+def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: Any = 10, samples: Any = 8,
+            batch: Any = 32, k: Any = None, power_iters: Any = "auto", oversample: Any = 10, probes: Any = 4,
+            steps: Any = 30, trace_probes: Any = 12, analyses: str = "alignment,hessian", device: str = "cpu",
+            seed: Any = 0, out: str = "reports/analyze", params: Optional[str] = None,
+            deterministic: bool = False) -> AnalyzeSetup:
+    """Check every flag (as written on the command line or as Python values), ``--out``, the
+    model, the checkpoint and the data, in this order; a :class:`UsageError` for the first that
+    cannot work. See :func:`resgeom_fast.experiments.commands.analyze` for the arguments.
+
+    The setup's ``key_parts``: the sha256 of the ``--checkpoint`` file's contents, the model code
+    (torchvision's version, or the sha256 of the factory's source and of its module file) and the
+    data files (:func:`~resgeom_fast.experiments.common.data_key_parts`).
+    """
+    C = int_flag("--num-classes", num_classes, 2)
+    n_align, n_hess = int_flag("--samples", samples, 1), int_flag("--batch", batch, 1)
+    kk = None if k is None else int_flag("--k", k, 1)
+    try:
+        q = "auto" if str(power_iters).strip().lower() == "auto" else int_flag("--power-iters", power_iters, 0)
+    except UsageError:
+        raise UsageError(f"--power-iters: expected auto or an int >= 0, got {power_iters!r}") from None
+    p = int_flag("--oversample", oversample, 0)
+    nv, m, tp = (int_flag("--probes", probes, 1), int_flag("--steps", steps, 2),
+                 int_flag("--trace-probes", trace_probes, 3))
+    sd = int_flag("--seed", seed, 0)
+    which = [a.strip() for a in analyses.split(",") if a.strip()]
+    bad = [a for a in which if a not in ("alignment", "hessian")]
+    if bad or not which:
+        raise UsageError(f"--analyses: unknown analysis {bad}; allowed: alignment, hessian")
+    dev = resolve_device(device)
+    check_out(out)
+    net, key_parts = load_model(model, C)
+    if checkpoint:
+        if os.path.isfile(checkpoint):  # hashed first: the key describes the bytes loaded next
+            key_parts = {"checkpoint sha256": file_sha256(checkpoint), **key_parts}
+        load_checkpoint(net, checkpoint)
+    net = net.to(dev).eval()
+    chosen = None
+    if params:
+        chosen = [t.strip() for t in params.split(",") if t.strip()]
+        names = set(dict(net.named_parameters())) | set(dict(net.named_modules()))
+        unknown = [t for t in chosen if t not in names]
+        if unknown:
+            top = [n for n, _ in net.named_children()]
+            raise UsageError(f"--params: no parameter or module named {unknown}; top-level modules: {', '.join(top)}")
+    x, y = analyze_data(data, max(n_align, n_hess), C, sd)
+    if x.dim() == 2:
+        raise UsageError("--data: analyze expects image data [N, C, H, W] for this model")
+    x, y = x.to(dev), y.to(dev)
+    check_model_takes(net, model, x, data, C)
+    cfg = {"model": model, "checkpoint": os.path.abspath(checkpoint) if checkpoint else None, "data": data,
+           "num_classes": C, "samples": n_align, "batch": n_hess, "k": kk, "power_iters": q, "oversample": p,
+           "probes": nv, "steps": m, "trace_probes": tp, "analyses": which, "device": device, "seed": sd, "params": chosen,
+           "deterministic": bool(deterministic)}
+    key_parts = {**key_parts, **data_key_parts(data)}
+    return AnalyzeSetup(net, x, y, cfg, key_parts)
+
+
+def check_model_takes(net: Any, spec: str, x: Any, data: str, num_classes: int) -> None:
+    """One forward pass of one input: the model must take ``--data``'s inputs and return [1, C] logits."""
+    try:
+        with torch.no_grad():
+            out = net(x[:1])
+    except Exception as err:  # noqa: BLE001 - any failure here is a model / data mismatch
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        hint = ""
+        if "channels" in first and x.dim() == 4:
+            hint = (f"; --data {data} has {x.shape[1]}-channel {x.shape[2]}x{x.shape[3]} images"
+                    + (", torchvision ResNets expect 3 channels: use --data random-cifar or torchvision:cifar10:ROOT, "
+                       "or a module:... model built for 1 channel" if spec.startswith("torchvision:") else ""))
+        raise UsageError(f"--model {spec}: cannot take --data {data} inputs of shape {list(x.shape[1:])} "
+                         f"({type(err).__name__}: {first}){hint}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"--num-classes: expected the model's output [N, {num_classes}] logits (--num-classes "
+                         f"{num_classes}), got {got}")
+
+
+def run_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any], model: str, data: str,
+              progress: bool) -> Report:
+    """The analyses of ``cfg["analyses"]`` as steps ``alignment`` / ``hessian`` of ``runner``,
+    then the report (results.json with ``provenance`` = the runner's key parts, figures, report.md)."""
+    n_align, n_hess, kk, p, q = cfg["samples"], cfg["batch"], cfg["k"], cfg["oversample"], cfg["power_iters"]
+    nv, m, tp, sd, C, chosen, which = (cfg["probes"], cfg["steps"], cfg["trace_probes"], cfg["seed"],
+                                       cfg["num_classes"], cfg["params"], cfg["analyses"])
+    results: dict[str, Any] = {"study": "analyze", "config": cfg, "provenance": dict(runner.key_parts),
+                               "models": {"model": {}}}
+    summaries: dict[str, dict[str, dict[str, float]]] = {"model": {}}
+    figures: list[FigureSpec] = []
+    if "alignment" in which:
+        def run_align() -> dict[str, Any]:
+            r = alignment_analysis.residual_alignment(net, x[:n_align], kk, y[:n_align], per_stage=True,
+                                                      num_classes=C, oversample=p, power_iters=q, seed=sd,
+                                                      deterministic=cfg["deterministic"])
+            return {"result": r.to_dict(), "summary": r.summary()}
+
+        al = runner.step("alignment", run_align)
+        results["models"]["model"]["alignment"] = al
+        summaries["model"]["alignment"] = al["summary"]
+        figures += stage_figures(al)
+    if "hessian" in which:
+        def run_hess() -> dict[str, Any]:
+            sel = dict(net.named_parameters())
+            dim = sum(t.numel() for n, t in sel.items() if t.requires_grad and (
+                chosen is None or any(n == c or n.startswith(c + ".") for c in chosen)))
+            r = spectrum_analysis.hessian_spectrum(net, F.cross_entropy, (x[:n_hess], y[:n_hess]), params=chosen,
+                                                   k=2, probes=nv, steps=min(m, dim), trace_probes=tp, seed=sd,
+                                                   progress=progress, deterministic=cfg["deterministic"])
+            return {"result": r.to_dict(), "summary": r.summary()}
+
+        hs = runner.step("hessian", run_hess)
+        results["models"]["model"]["spectrum"] = hs
+        summaries["model"]["spectrum"] = hs["summary"]
+        figures.append(density_figure(["model"]))
+    return write_study_report(runner, f"resgeom analyze: {model}", results, figures,
+                              intro=f"Residual alignment per stage and Hessian spectrum of {model} on {data}.",
+                              summaries=summaries, config=cfg)
+
+
+COMMAND = register_command(Command("analyze", "alignment per stage and the Hessian spectrum of your model",
+                                   add_arguments))
