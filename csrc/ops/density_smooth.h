@@ -30,5 +30,13 @@ inline void check_density_smooth(const at::Tensor& nodes, const at::Tensor& weig
               "density_smooth: expected sigma a positive finite number, got ", sigma);
 }
 
+// The C++ entry point of resgeom_fast::density_smooth (defined in density_smooth.cpp), for libtorch
+// users: calls the op through the dispatcher, so the kernel of the inputs' device runs (CPU, or
+// CUDA in a CUDA build); autograd and the fake kernel are registered from Python only.
+// nodes [b, m], weights [b, m], grid [g] (float32/float64, one dtype and device), sigma > 0
+// -> density [b, g] in the dtype of nodes.
+at::Tensor density_smooth(const at::Tensor& nodes, const at::Tensor& weights,
+                          const at::Tensor& grid, double sigma);
+
 }  // namespace ops
 }  // namespace resgeom_fast

@@ -1,4 +1,5 @@
-// Schema of resgeom_fast::lanczos_reorth.
+// Schema of resgeom_fast::lanczos_reorth, and its C++ entry point resgeom_fast::ops::lanczos_reorth
+// (declared in lanczos_reorth.h).
 //
 // lanczos_reorth(w [b, n], basis [b, j, n]) -> (w_orth [b, n], coeffs [b, j] float64,
 //                                               norm [b] float64)
@@ -10,8 +11,25 @@
 // fused with the first update, so the basis is read from memory three times, not four.
 // basis may be a view with any stride on its first two dimensions (a slice of a larger buffer);
 // its last dimension must be contiguous, otherwise it is copied.
+#include "ops/lanczos_reorth.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(resgeom_fast, m) {
   m.def("lanczos_reorth(Tensor w, Tensor basis) -> (Tensor, Tensor, Tensor)");
 }
+
+namespace resgeom_fast {
+namespace ops {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth(const at::Tensor& w,
+                                                              const at::Tensor& basis) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("resgeom_fast::lanczos_reorth", "")
+                       .typed<decltype(lanczos_reorth)>();
+  return op.call(w, basis);
+}
+
+}  // namespace ops
+}  // namespace resgeom_fast

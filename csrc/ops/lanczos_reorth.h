@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 namespace resgeom_fast {
 namespace ops {
@@ -32,6 +33,14 @@ inline int64_t lanczos_chunk(int64_t j) {
   c = std::max<int64_t>(256, std::min<int64_t>(c, 8192));
   return c;
 }
+
+// The C++ entry point of resgeom_fast::lanczos_reorth (defined in lanczos_reorth.cpp), for libtorch
+// users: calls the op through the dispatcher, so the kernel of the inputs' device runs (CPU, or
+// CUDA in a CUDA build); autograd and the fake kernel are registered from Python only.
+// w [b, n], basis [b, j, n] (float32/float64, one dtype and device; rows orthonormal)
+// -> (w_orth [b, n] in w's dtype, coeffs [b, j] float64, norm [b] float64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth(const at::Tensor& w,
+                                                              const at::Tensor& basis);
 
 }  // namespace ops
 }  // namespace resgeom_fast

@@ -26,5 +26,13 @@ inline void check_masked_scale(const at::Tensor& v, const at::Tensor& mask, cons
               mask.device(), " and ", scale.device());
 }
 
+// The C++ entry point of resgeom_fast::masked_scale (defined in masked_scale.cpp), for libtorch
+// users: calls the op through the dispatcher, so the kernel of the inputs' device runs (CPU, or
+// CUDA in a CUDA build); autograd and the fake kernel are registered from Python only.
+// v [N, K, C, S] float32/float64, mask [N, C, S] bool/uint8, scale [C] (v's dtype), one device
+// -> out [N, K, C, S] contiguous, out[n, k, c, s] = v[n, k, c, s] * scale[c] * mask[n, c, s].
+at::Tensor masked_scale(const at::Tensor& v, const at::Tensor& mask,
+                        const at::Tensor& scale);
+
 }  // namespace ops
 }  // namespace resgeom_fast

@@ -1,4 +1,5 @@
-// Schema of resgeom_fast::orthonormalize.
+// Schema of resgeom_fast::orthonormalize, and its C++ entry point resgeom_fast::ops::orthonormalize
+// (declared in orthonormalize.h).
 //
 // orthonormalize(x [b, n, k]) -> q [b, n, k]
 // For each of the b blocks, q has orthonormal columns spanning the column space of x (for a
@@ -11,8 +12,24 @@
 // shifted pass, then two plain passes (shifted again if a Cholesky pivot is not positive). Stable
 // for condition numbers up to ~1/u(float64); columns that are exactly zero are replaced by a
 // fixed pseudo-random vector first. Returned in the input dtype.
+#include "ops/orthonormalize.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(resgeom_fast, m) {
   m.def("orthonormalize(Tensor x) -> Tensor");
 }
+
+namespace resgeom_fast {
+namespace ops {
+
+at::Tensor orthonormalize(const at::Tensor& x) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("resgeom_fast::orthonormalize", "")
+                       .typed<decltype(orthonormalize)>();
+  return op.call(x);
+}
+
+}  // namespace ops
+}  // namespace resgeom_fast

@@ -46,5 +46,12 @@ inline void column_scale_factors(double colmax, double* f1, double* f2) {
   *f2 = ldexp(1.0, -e - h);
 }
 
+// The C++ entry point of resgeom_fast::orthonormalize (defined in orthonormalize.cpp), for libtorch
+// users: calls the op through the dispatcher, so the kernel of the inputs' device runs (CPU, or
+// CUDA in a CUDA build); autograd and the fake kernel are registered from Python only.
+// x [b, n, k] float32/float64 with k <= n, finite -> q [b, n, k] with orthonormal columns
+// spanning those of x, in x's dtype.
+at::Tensor orthonormalize(const at::Tensor& x);
+
 }  // namespace ops
 }  // namespace resgeom_fast

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 namespace resgeom_fast {
 namespace ops {
@@ -31,6 +32,13 @@ inline void check_tridiag_eigh(const at::Tensor& diag, const at::Tensor& offdiag
 
 // Maximum implicit-QL sweeps per eigenvalue before a problem is declared not converged.
 constexpr int kTridiagMaxSweeps = 60;
+
+// The C++ entry point of resgeom_fast::tridiag_eigh (defined in tridiag_eigh.cpp), for libtorch
+// users: calls the op through the dispatcher, so the kernel of the inputs' device runs (CPU, or
+// CUDA in a CUDA build); autograd and the fake kernel are registered from Python only.
+// diag [b, m], offdiag [b, m - 1] (float32/float64, one dtype and device, finite)
+// -> (nodes [b, m] ascending, weights [b, m] summing to 1), in diag's dtype.
+std::tuple<at::Tensor, at::Tensor> tridiag_eigh(const at::Tensor& diag, const at::Tensor& offdiag);
 
 }  // namespace ops
 }  // namespace resgeom_fast

@@ -1,9 +1,16 @@
-// C++ tests of resgeom_fast: every op called through the dispatcher (as a libtorch user would),
-// checked against answers known in closed form. Runs on the CPU, and on CUDA too when the library
-// was built with RESGEOM_FAST_CUDA=ON and a GPU is visible. Returns non-zero on any failure.
+// C++ tests of resgeom_fast: every op called through its C++ entry point (declared in
+// csrc/ops/<op>.h; it goes through the dispatcher), as a libtorch user would, and checked against
+// answers known in closed form. Runs on the CPU, and on CUDA too when the library was built with
+// RESGEOM_FAST_CUDA=ON and a GPU is visible. Returns non-zero on any failure.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+
+#include "ops/density_smooth.h"
+#include "ops/lanczos_reorth.h"
+#include "ops/masked_scale.h"
+#include "ops/orthonormalize.h"
+#include "ops/tridiag_eigh.h"
 
 #include <cmath>
 #include <cstdio>
@@ -28,27 +35,7 @@ double max_abs(const at::Tensor& t) {
   return t.numel() == 0 ? 0.0 : t.abs().max().item<double>();
 }
 
-// Typed handles of the four ops, looked up by schema name (throws if not registered).
-auto tridiag_eigh_op() {
-  return c10::Dispatcher::singleton()
-      .findSchemaOrThrow("resgeom_fast::tridiag_eigh", "")
-      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
-}
-auto lanczos_reorth_op() {
-  return c10::Dispatcher::singleton()
-      .findSchemaOrThrow("resgeom_fast::lanczos_reorth", "")
-      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
-}
-auto density_smooth_op() {
-  return c10::Dispatcher::singleton()
-      .findSchemaOrThrow("resgeom_fast::density_smooth", "")
-      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-}
-auto orthonormalize_op() {
-  return c10::Dispatcher::singleton()
-      .findSchemaOrThrow("resgeom_fast::orthonormalize", "")
-      .typed<at::Tensor(const at::Tensor&)>();
-}
+namespace rops = resgeom_fast::ops;
 
 std::string tag(const char* name, const at::TensorOptions& opt) {
   return std::string(name) + " [" + std::string(opt.dtype().name()) + ", " +
@@ -60,11 +47,10 @@ std::string tag(const char* name, const at::TensorOptions& opt) {
 // diagonal (eigenvalues + 1, same weights).
 void test_tridiag_eigh(const at::TensorOptions& opt, double tol) {
   const int64_t m = 12, b = 2;
-  auto op = tridiag_eigh_op();
   auto diag = at::full({b, m}, 2.0, opt);
   diag[1].add_(1.0);
   auto off = at::full({b, m - 1}, -1.0, opt);
-  auto [nodes, weights] = op.call(diag, off);
+  auto [nodes, weights] = rops::tridiag_eigh(diag, off);
   check(nodes.sizes() == diag.sizes() && weights.sizes() == diag.sizes(),
         tag("tridiag_eigh shapes", opt));
   check(nodes.dtype() == opt.dtype(), tag("tridiag_eigh dtype", opt));
@@ -80,9 +66,9 @@ void test_tridiag_eigh(const at::TensorOptions& opt, double tol) {
   check(max_abs(wc.sum(1) - 1.0) < tol, tag("tridiag_eigh weights sum to 1", opt));
 
   // Empty batch and m = 0.
-  auto [n0, w0] = op.call(at::empty({0, 5}, opt), at::empty({0, 4}, opt));
+  auto [n0, w0] = rops::tridiag_eigh(at::empty({0, 5}, opt), at::empty({0, 4}, opt));
   check(n0.sizes() == at::IntArrayRef({0, 5}), tag("tridiag_eigh empty b", opt));
-  auto [n1, w1] = op.call(at::empty({3, 0}, opt), at::empty({3, 0}, opt));
+  auto [n1, w1] = rops::tridiag_eigh(at::empty({3, 0}, opt), at::empty({3, 0}, opt));
   check(n1.sizes() == at::IntArrayRef({3, 0}), tag("tridiag_eigh empty m", opt));
 
   // Non-finite input raises with the shared message.
@@ -90,7 +76,7 @@ void test_tridiag_eigh(const at::TensorOptions& opt, double tol) {
   bad[1][3] = std::nan("");
   bool raised = false;
   try {
-    op.call(bad, off);
+    rops::tridiag_eigh(bad, off);
   } catch (const c10::Error& e) {
     raised = std::string(e.what()).find("tridiag_eigh: expected finite diag and offdiag") !=
              std::string::npos &&
@@ -103,7 +89,6 @@ void test_tridiag_eigh(const at::TensorOptions& opt, double tol) {
 // w_orth = w - V^T V w. The basis is a transposed (strided) view and a contiguous copy.
 void test_lanczos_reorth(const at::TensorOptions& opt, double tol) {
   const int64_t b = 3, n = 2500, j = 7;  // n > 1024: several chunks on the GPU
-  auto op = lanczos_reorth_op();
   auto gen_opt = at::TensorOptions().dtype(at::kDouble);
   auto Q = std::get<0>(at::linalg_qr(at::randn({b, n, j}, gen_opt)));  // [b, n, j]
   auto w64 = at::randn({b, n}, gen_opt);
@@ -115,7 +100,7 @@ void test_lanczos_reorth(const at::TensorOptions& opt, double tol) {
   auto expect = wd - at::matmul(V64.transpose(1, 2), h.unsqueeze(-1)).squeeze(-1);
   for (int variant = 0; variant < 2; ++variant) {
     auto basis = variant == 0 ? Vt : Vt.contiguous();
-    auto [wo, coeffs, norm] = op.call(w, basis);
+    auto [wo, coeffs, norm] = rops::lanczos_reorth(w, basis);
     std::string v = variant == 0 ? " (strided basis)" : " (contiguous basis)";
     check(wo.sizes() == w.sizes() && wo.dtype() == w.dtype(), tag("lanczos_reorth w_orth", opt) + v);
     check(coeffs.dtype() == at::kDouble && coeffs.sizes() == at::IntArrayRef({b, j}) &&
@@ -131,12 +116,12 @@ void test_lanczos_reorth(const at::TensorOptions& opt, double tol) {
           tag("lanczos_reorth norm", opt) + v);
   }
   // j = 0: w unchanged, norm = ||w||.
-  auto [wo0, c0, n0] = op.call(w, at::empty({b, 0, n}, opt));
+  auto [wo0, c0, n0] = rops::lanczos_reorth(w, at::empty({b, 0, n}, opt));
   check(max_abs(wo0.to(at::kCPU, at::kDouble) - wd) == 0.0 && c0.numel() == 0 &&
             max_abs(n0.cpu() - wd.pow(2).sum(1).sqrt()) < 1e-10 * std::sqrt(double(n)),
         tag("lanczos_reorth j = 0", opt));
   // b = 0.
-  auto [wo1, c1, n1] = op.call(at::empty({0, n}, opt), at::empty({0, j, n}, opt));
+  auto [wo1, c1, n1] = rops::lanczos_reorth(at::empty({0, n}, opt), at::empty({0, j, n}, opt));
   check(wo1.numel() == 0 && c1.sizes() == at::IntArrayRef({0, j}), tag("lanczos_reorth b = 0", opt));
 }
 
@@ -144,13 +129,12 @@ void test_lanczos_reorth(const at::TensorOptions& opt, double tol) {
 // orthonormal Q.
 void test_orthonormalize(const at::TensorOptions& opt, double tol) {
   const int64_t b = 3, n = 60, k = 6;
-  auto op = orthonormalize_op();
   auto x64 = at::randn({b, n, k}, at::TensorOptions().dtype(at::kDouble));
   x64[1].select(1, 2).zero_();                   // problem 1: a zero column
   x64[2].select(1, 4).copy_(x64[2].select(1, 1));  // problem 2: rank deficient
   x64[0].select(1, 3).mul_(1e-6);                // problem 0: badly scaled but full rank
   auto x = x64.to(opt);
-  auto q = op.call(x);
+  auto q = rops::orthonormalize(x);
   check(q.sizes() == x.sizes() && q.dtype() == x.dtype(), tag("orthonormalize shape/dtype", opt));
   auto qc = q.to(at::kCPU, at::kDouble);
   auto eye = at::eye(k, at::TensorOptions().dtype(at::kDouble));
@@ -161,14 +145,14 @@ void test_orthonormalize(const at::TensorOptions& opt, double tol) {
   auto resid = x0 - at::matmul(q0, at::matmul(q0.transpose(0, 1), x0));
   check(max_abs(resid) < tol * (max_abs(x0) + 1.0), tag("orthonormalize spans x", opt));
   // Empty: b = 0 and k = 0.
-  check(op.call(at::empty({0, n, k}, opt)).sizes() == at::IntArrayRef({0, n, k}) &&
-            op.call(at::empty({2, n, 0}, opt)).sizes() == at::IntArrayRef({2, n, 0}),
+  check(rops::orthonormalize(at::empty({0, n, k}, opt)).sizes() == at::IntArrayRef({0, n, k}) &&
+            rops::orthonormalize(at::empty({2, n, 0}, opt)).sizes() == at::IntArrayRef({2, n, 0}),
         tag("orthonormalize empty", opt));
   bool raised = false;
   try {
     auto bad = x.clone();
     bad[0][0][0] = INFINITY;
-    op.call(bad);
+    rops::orthonormalize(bad);
   } catch (const c10::Error& e) {
     raised = std::string(e.what()).find("orthonormalize: expected x with finite entries") !=
              std::string::npos;
@@ -184,7 +168,7 @@ void test_density_smooth(const at::TensorOptions& opt, double tol) {
   weights[1] = at::softmax(at::arange(m, opt.dtype(at::kDouble).device(at::kCPU)), 0).to(opt);
   auto grid = at::linspace(-2.0, 6.0, g, opt);
   const double sigma = 0.1;
-  auto dens = density_smooth_op().call(nodes, weights, grid, sigma);
+  auto dens = rops::density_smooth(nodes, weights, grid, sigma);
   check(dens.sizes() == at::IntArrayRef({b, g}) && dens.dtype() == nodes.dtype(),
         tag("density_smooth shape/dtype", opt));
   auto d = dens.to(at::kCPU, at::kDouble);
@@ -192,13 +176,66 @@ void test_density_smooth(const at::TensorOptions& opt, double tol) {
   auto integral = (d.sum(1) - 0.5 * (d.select(1, 0) + d.select(1, g - 1))) * dx;
   check(max_abs(integral - 1.0) < tol, tag("density_smooth integrates to 1", opt));
   // Peak of a single node: 1 / (sigma sqrt(2 pi)).
-  auto one = density_smooth_op().call(at::zeros({1, 1}, opt), at::ones({1, 1}, opt),
+  auto one = rops::density_smooth(at::zeros({1, 1}, opt), at::ones({1, 1}, opt),
                                       at::zeros({1}, opt), sigma);
   check(std::fabs(one.item<double>() - 1.0 / (sigma * std::sqrt(2.0 * M_PI))) < tol * 10,
         tag("density_smooth peak value", opt));
-  check(density_smooth_op().call(at::empty({0, m}, opt), at::empty({0, m}, opt), grid, sigma)
+  check(rops::density_smooth(at::empty({0, m}, opt), at::empty({0, m}, opt), grid, sigma)
                 .sizes() == at::IntArrayRef({0, g}),
         tag("density_smooth empty", opt));
+}
+
+// out[n, k, c, s] = v[n, k, c, s] * scale[c] * mask[n, c, s] with v = k + 1, scale[c] = c + 1 and
+// mask = (n + c + s) even: (k + 1)(c + 1) or 0, exact in both dtypes. bool and uint8 masks, a
+// strided v, empty dimensions and a wrong mask shape.
+void test_masked_scale(const at::TensorOptions& opt) {
+  const int64_t N = 2, K = 3, C = 4, S = 5;
+  auto cpu = at::TensorOptions().dtype(at::kDouble);
+  auto v = at::arange(1, K + 1, cpu).view({1, K, 1, 1}).expand({N, K, C, S}).contiguous();
+  auto scale = at::arange(1, C + 1, cpu);
+  auto n_ = at::arange(N, cpu).view({N, 1, 1}), c_ = at::arange(C, cpu).view({1, C, 1}),
+       s_ = at::arange(S, cpu).view({1, 1, S});
+  auto mask = at::remainder(n_ + c_ + s_, 2).eq(0);  // [N, C, S] bool
+  auto expect = at::empty({N, K, C, S}, cpu);
+  auto e = expect.accessor<double, 4>();
+  auto mk = mask.accessor<bool, 3>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t s = 0; s < S; ++s) {
+          e[n][k][c][s] = mk[n][c][s] ? static_cast<double>((k + 1) * (c + 1)) : 0.0;
+        }
+  auto vd = v.to(opt), sd = scale.to(opt);
+  for (auto mask_dtype : {at::kBool, at::kByte}) {
+    auto m = mask.to(opt.device(), mask_dtype);
+    std::string md = mask_dtype == at::kBool ? " (bool mask)" : " (uint8 mask)";
+    auto out = rops::masked_scale(vd, m, sd);
+    check(out.sizes() == vd.sizes() && out.dtype() == vd.dtype() && out.is_contiguous(),
+          tag("masked_scale shape/dtype", opt) + md);
+    check(max_abs(out.to(at::kCPU, at::kDouble) - expect) == 0.0,
+          tag("masked_scale value", opt) + md);
+  }
+  // A strided v (K innermost in memory) gives the same answer.
+  auto vt = vd.permute({0, 2, 3, 1}).contiguous().permute({0, 3, 1, 2});
+  check(!vt.is_contiguous() &&
+            max_abs(rops::masked_scale(vt, mask.to(opt.device()), sd).to(at::kCPU, at::kDouble) -
+                    expect) == 0.0,
+        tag("masked_scale strided v", opt));
+  // Empty N and S.
+  auto bopt = opt.dtype(at::kBool);
+  auto empty_n = rops::masked_scale(at::empty({0, K, C, S}, opt), at::empty({0, C, S}, bopt), sd);
+  auto empty_s = rops::masked_scale(at::empty({N, K, C, 0}, opt), at::empty({N, C, 0}, bopt), sd);
+  check(empty_n.sizes() == at::IntArrayRef({0, K, C, S}) &&
+            empty_s.sizes() == at::IntArrayRef({N, K, C, 0}),
+        tag("masked_scale empty", opt));
+  bool raised = false;
+  try {
+    rops::masked_scale(vd, mask.to(opt.device()).transpose(1, 2), sd);
+  } catch (const c10::Error& err) {
+    raised = std::string(err.what()).find("masked_scale: expected mask of shape [N, C, S]") !=
+             std::string::npos;
+  }
+  check(raised, tag("masked_scale wrong mask shape raises", opt));
 }
 
 void run_all(const at::Device& dev) {
@@ -209,6 +246,7 @@ void run_all(const at::Device& dev) {
     test_lanczos_reorth(opt, dbl ? 1e-12 : 1e-5);
     test_orthonormalize(opt, dbl ? 1e-12 : 1e-5);
     test_density_smooth(opt, dbl ? 1e-8 : 1e-5);
+    test_masked_scale(opt);
   }
 }
 
@@ -220,7 +258,8 @@ int main() {
 #ifdef RESGEOM_FAST_TEST_EXPECT_CUDA
     // A CUDA build registers a CUDA kernel for every op (checkable without a GPU).
     for (const char* name : {"resgeom_fast::lanczos_reorth", "resgeom_fast::tridiag_eigh",
-                             "resgeom_fast::density_smooth", "resgeom_fast::orthonormalize"}) {
+                             "resgeom_fast::density_smooth", "resgeom_fast::orthonormalize",
+                             "resgeom_fast::masked_scale"}) {
       check(c10::Dispatcher::singleton().findSchemaOrThrow(name, "").hasKernelForDispatchKey(
                 c10::DispatchKey::CUDA),
             std::string(name) + " has a CUDA kernel");
