@@ -14,6 +14,13 @@ PyTorch's process-wide settings as the caller set them (TF32 wherever they allow
 
 The settings are process-wide: while one of our products runs, float32 convolutions / matmuls
 that other threads run at the same moment also use IEEE float32.
+
+The CPU's float32 matmul library (``matmul=``; :mod:`resgeom_fast.operators.hessian`) is the other
+process-wide switch the products flip and restore: :func:`onednn_matmul` routes float32 CPU
+matmuls through oneDNN (its bf16 math mode allowed) while a product runs; :func:`onednn_applicable`
+says where it can apply, :func:`resolve_matmul` turns the ``matmul`` argument into the libraries to
+use (exact only where oneDNN keeps float32: every use is verified first, see
+:mod:`resgeom_fast.operators._autotune`).
 """
 from __future__ import annotations
 
@@ -22,16 +29,19 @@ from typing import Iterator, Optional
 
 import torch
 
-PRECISIONS = ("ieee", "tf32")
+from resgeom_fast.core.checks import ArgumentValueError, check_choice
 
-__all__ = ["PRECISIONS", "check_precision", "ieee_float32", "product_precision"]
+PRECISIONS = ("ieee", "tf32")
+MATMUL_BACKENDS = ("auto", "default", "onednn")
+
+__all__ = ["MATMUL_BACKENDS", "PRECISIONS", "check_precision", "ieee_float32", "onednn_applicable",
+           "onednn_matmul", "product_precision", "resolve_matmul"]
 
 
 def check_precision(fn: str, precision: str) -> str:
-    """``precision`` if it is one of :data:`PRECISIONS`, else a ValueError naming ``fn``."""
-    if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise ValueError(f"{fn}: precision: expected one of {list(PRECISIONS)}, got {precision!r}")
-    return precision
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ValueError naming ``fn``
+    (``"<fn>: precision: expected one of ['ieee', 'tf32'], got <repr>"``)."""
+    return check_choice(None, f"{fn}: precision", precision, PRECISIONS)
 
 
 def _new_api() -> bool:
@@ -118,3 +128,37 @@ def ieee_float32() -> Iterator[None]:
 def product_precision(precision: str) -> contextlib.AbstractContextManager:
     """The context of one product: :func:`ieee_float32` for "ieee", nothing for "tf32"."""
     return ieee_float32() if precision == "ieee" else contextlib.nullcontext()
+
+
+def onednn_applicable(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``matmul="onednn"`` can apply: float32 on the CPU with oneDNN built in."""
+    return (dtype == torch.float32 and device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"))
+
+
+@contextlib.contextmanager
+def onednn_matmul() -> Iterator[None]:
+    """Route float32 CPU matmuls through oneDNN (its bf16 math mode allowed) inside the block;
+    the previous setting is restored on exit (also on an exception). Exact only on CPUs whose
+    oneDNN keeps float32 (no AMX): see :mod:`resgeom_fast.operators.hessian`."""
+    mm = torch.backends.mkldnn.matmul
+    saved = mm.fp32_precision
+    mm.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = saved
+
+
+def resolve_matmul(fn: str, matmul: str, dtype: torch.dtype, device: torch.device) -> list[str]:
+    """The matmul libraries ``matmul`` asks for: ``["default"]``, ``["onednn"]``, or both for
+    ``"auto"`` where oneDNN applies (measured by the auto-tuner)."""
+    check_choice(None, f"{fn}: matmul", matmul, MATMUL_BACKENDS)
+    ok = onednn_applicable(dtype, device)
+    if matmul == "onednn" and not ok:
+        raise ArgumentValueError(
+            f"{fn}: matmul='onednn' needs float32 parameters on the CPU and a PyTorch built with "
+            f"oneDNN, got {dtype} on {device} (use matmul='auto' or 'default')")
+    if matmul == "auto":
+        return ["default", "onednn"] if ok else ["default"]
+    return [matmul]

@@ -1,0 +1,243 @@
+"""The auto-tuner and verifier of the curvature products (``hvp="auto"``, ``matmul="auto"``).
+
+A *candidate* is a product method, with ``"+onednn"`` when oneDNN runs its float32 matmuls
+(``"double_backward"``, ``"structured+onednn"``, ...). For each (parameter subset, k vectors per
+pass) :class:`AutoTuner`:
+
+- lists the candidates (:meth:`AutoTuner.candidates`): the structured path where it applies, else
+  the double backward for k = 1 or under ``deterministic=True``, else both autograd methods
+  (:data:`TUNED`); each with every matmul library in use;
+- *measures* them while there are several: the first calls alternate between the candidates
+  (every call returns its exact product), :data:`AUTO_SAMPLES` timings each, then the fastest (by
+  its best timing) serves every later call; a decision between matmul libraries of one method is
+  reused for other pass widths (:meth:`AutoTuner.choice`);
+- *verifies* the first product of the structured path and of oneDNN against the double backward
+  with the default BLAS (:data:`VERIFY_VECTORS` columns; relative tolerance
+  :data:`VERIFY_TOLERANCE`): a mismatch turns the candidate off under "auto" (the reference
+  product is returned; ``structured_off`` / ``onednn_off`` say why) or raises when it was asked
+  for by name;
+- turns forward-over-reverse off under "auto" when it raises (``fwd_off``), or raises with the
+  cause when asked for by name.
+
+The tuner owns no product mathematics: it calls ``product(method, idx, vs, k)`` (the operator's
+data loop) and takes its clock, the device synchroniser and the oneDNN switch from its caller
+(:mod:`resgeom_fast.operators.hessian` hands in the process's). The device is synchronised only
+around products that are timed, so a chosen method runs without host syncs on CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from resgeom_fast.core.checks import check_choice
+from resgeom_fast.operators._data import NonRepeatableDataError
+from resgeom_fast.operators._products import NotStructured, rel_diff
+
+HVP_METHODS = ("auto", "structured", "double_backward", "forward_over_reverse")
+ONEDNN_TOLERANCE = 1e-4
+# first products of the structured path / oneDNN against the double backward: relative tolerance
+VERIFY_TOLERANCE = {torch.float64: 1e-8, torch.float32: ONEDNN_TOLERANCE}
+VERIFY_VECTORS = 2      # columns of the first pass recomputed by the reference
+# timings per candidate collected before deciding (two each: the first of a candidate includes
+# one-off warm-up such as torch.func tracing, the best of two is compared)
+AUTO_SAMPLES = 2
+TUNED = ("forward_over_reverse", "double_backward")
+
+Product = Callable[[str, list[int], list[Tensor], int], list[Tensor]]
+Key = tuple[tuple[int, ...], int]
+
+__all__ = ["AUTO_SAMPLES", "AutoTuner", "ForwardOverReverseFailed", "HVP_METHODS", "ONEDNN_TOLERANCE",
+           "TUNED", "VERIFY_TOLERANCE", "VERIFY_VECTORS", "needs_check", "resolve_hvp"]
+
+
+def resolve_hvp(fn: str, hvp: str) -> str:
+    """``hvp`` if it is one of :data:`HVP_METHODS`, else a ValueError naming ``fn``."""
+    return check_choice(None, f"{fn}: hvp", hvp, HVP_METHODS)
+
+
+def verify_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of a verified product (and of the structured forward) in ``dtype``."""
+    return VERIFY_TOLERANCE.get(dtype, 1e-2)
+
+
+def needs_check(cand: str) -> bool:
+    """Candidates whose first product is verified: the structured path and oneDNN matmuls."""
+    method, _, backend = cand.partition("+")
+    return method == "structured" or backend == "onednn"
+
+
+class ForwardOverReverseFailed(Exception):
+    """torch.func's forward-over-reverse raised (e.g. a loss without a forward-mode derivative,
+    such as ``F.huber_loss``); ``cause`` is the original exception."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class AutoTuner:
+    """Chooses, times and verifies the product candidate of every (parameter subset, k).
+
+    Args:
+        fn: the public function's name, for messages.
+        hvp: the ``hvp`` argument (checked); ``matmul``: the ``matmul`` argument, ``backends`` the
+            libraries it resolved to (:func:`resgeom_fast.operators._precision.resolve_matmul`).
+        deterministic: the fixed rule instead of timings (the default library for ``matmul="auto"``).
+        dtype, device: of the parameters.
+        product: ``product(method, idx, vs, k)`` computes one product by ``method``.
+        structured_off: why the structured path does not apply (None: it may).
+        clock: seconds, e.g. ``time.perf_counter``; ``synchronize(device)``: waits for a CUDA
+            device; ``onednn()``: the context manager that routes float32 matmuls to oneDNN.
+
+    Attributes:
+        timings: ``{(idx, k): {candidate: [seconds, ...]}}`` measured by "auto".
+        checks: ``{(idx, k): {candidate: relative difference of its first product}}``.
+        structured_off, onednn_off, fwd_off: why the structured path / oneDNN /
+            forward-over-reverse is not used (None: it may be).
+    """
+
+    def __init__(self, fn: str, hvp: str, matmul: str, backends: list[str], deterministic: bool,
+                 dtype: torch.dtype, device: torch.device, product: Product, *, structured_off: Optional[str],
+                 clock: Callable[[], float], synchronize: Callable[[torch.device], None],
+                 onednn: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.fn, self.hvp, self.matmul, self.deterministic = fn, hvp, matmul, deterministic
+        self.backends = ["default"] if deterministic and matmul == "auto" else backends  # the fixed rule
+        self.dtype, self.device, self.product = dtype, device, product
+        self.clock, self.synchronize, self.onednn = clock, synchronize, onednn
+        self.timings: dict[Key, dict[str, list[float]]] = {}
+        self.checks: dict[Key, dict[str, float]] = {}
+        self.structured_off = structured_off
+        self.onednn_off: Optional[str] = None
+        self.fwd_off: Optional[str] = None
+
+    def candidates(self, k: int) -> list[str]:
+        """What "auto" measures for passes of ``k`` vectors: methods, each with every backend."""
+        if self.hvp == "structured" or (self.hvp == "auto" and self.structured_off is None):
+            methods = ["structured"]
+        elif self.hvp == "auto":
+            # deterministic: the fixed rule (the double backward), never a timing
+            fixed = k == 1 or self.deterministic or self.fwd_off is not None
+            methods = ["double_backward"] if fixed else list(TUNED)
+        else:
+            methods = [self.hvp]
+        backends = [b for b in self.backends if not (b == "onednn" and self.onednn_off)]
+        return [m if b == "default" else f"{m}+onednn" for m in methods for b in backends]
+
+    def choice(self, idx: Sequence[int], k: int) -> Optional[str]:
+        """The candidate used for ``k`` vectors on params ``idx`` (None: still measuring)."""
+        cands = self.candidates(k)
+        if len(cands) == 1:
+            return cands[0]
+        rec = self.timings.get((tuple(idx), k))
+        if rec is None or any(len(rec.get(c, ())) < AUTO_SAMPLES for c in cands):
+            if len({c.partition("+")[0] for c in cands}) == 1:
+                # one method, two matmul libraries: which library is faster does not hinge on k,
+                # so a decision measured for another pass width of these parameters is reused
+                for (idx2, k2), rec2 in self.timings.items():
+                    if idx2 == tuple(idx) and all(len(rec2.get(c, ())) >= AUTO_SAMPLES for c in cands):
+                        return min(cands, key=lambda c: min(rec2[c]))
+            return None
+        return min(cands, key=lambda c: min(rec[c]))
+
+    def apply(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
+        """The product of the chosen (or next measured) candidate; forward-over-reverse failing
+        under "auto" hands over to the double backward."""
+        try:
+            return self._apply_any(idx, vs, k)
+        except ForwardOverReverseFailed as exc:
+            why = (f"forward-over-reverse (torch.func) failed on this model and loss: "
+                   f"{type(exc.cause).__name__}: {exc.cause}")
+            if self.hvp != "auto":
+                raise RuntimeError(f"{self.fn}: hvp='forward_over_reverse': {why}; use hvp='double_backward' "
+                                   f"or 'auto'") from exc.cause
+            self.fwd_off = why              # "auto" falls back to the double backward, says why
+            return self._apply_any(idx, vs, k)
+
+    def _apply_any(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
+        cand = self.choice(idx, k)
+        if cand is not None:
+            return self._run(cand, idx, vs, k, None)
+        # still measuring: the candidate with fewest timings so far (forward-over-reverse first)
+        rec = self.timings.setdefault((tuple(idx), k), {})
+        cand = min(self.candidates(k), key=lambda c: len(rec.get(c, ())))
+        return self._run(cand, idx, vs, k, rec)
+
+    def _timed(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
+               rec: Optional[dict[str, list[float]]]) -> list[Tensor]:
+        method, _, backend = cand.partition("+")
+        # the device is synchronised only while "auto" is timing candidates (rec given): once the
+        # choice is made, products are queued without a host sync
+        sync = self.device.type == "cuda" and rec is not None
+        if sync:
+            self.synchronize(self.device)
+        t0 = self.clock()
+        with self.onednn() if backend == "onednn" else contextlib.nullcontext():
+            if method == "forward_over_reverse":
+                try:
+                    out = self.product(method, idx, vs, k)
+                except (NonRepeatableDataError, NotStructured):
+                    raise
+                except (RuntimeError, NotImplementedError) as exc:
+                    raise ForwardOverReverseFailed(exc) from exc
+            else:
+                out = self.product(method, idx, vs, k)
+        if sync:
+            self.synchronize(self.device)
+        if rec is not None:
+            rec.setdefault(cand, []).append(self.clock() - t0)
+        return out
+
+    def _run(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
+             rec: Optional[dict[str, list[float]]]) -> list[Tensor]:
+        key = (tuple(idx), k)
+        checks = self.checks.setdefault(key, {})
+        cands = self.candidates(k)
+        pending = [c for c in cands if needs_check(c) and c not in checks]
+        if cand not in pending:
+            return self._timed(cand, idx, vs, k, rec)
+        # The first products of the structured path and of oneDNN for this key are verified, all on
+        # these vectors, against one product of the double backward with the default BLAS (an
+        # independent computation of the same numbers). "structured" is checked before
+        # "structured+onednn", so that a mismatch is put down to the right one.
+        if "structured+onednn" in pending and "structured" not in checks and "structured" not in pending:
+            pending.insert(pending.index("structured+onednn"), "structured")
+        # The reference is computed for the first VERIFY_VECTORS vectors only (what is checked is
+        # the method and the matmul library on this key's shapes, not the vectors), so the check
+        # costs little next to a pass of many vectors.
+        m = min(k, VERIFY_VECTORS)
+        ref = self._timed("double_backward", idx, [v[:m] for v in vs], m, None)
+        tol = verify_tolerance(self.dtype)
+        result: Optional[list[Tensor]] = None
+        for c in pending:
+            if c in cands and c not in self.candidates(k):
+                continue                    # turned off by an earlier failure in this loop
+            try:
+                out = self._timed(c, idx, vs, k, rec if c in cands else None)
+                diff, why = rel_diff([o[:m] for o in out], ref), ""
+            except NotStructured as exc:    # found while computing (labels, logits): not verified
+                out, diff, why = None, float("inf"), str(exc)
+            checks[c] = diff
+            if diff <= tol:
+                if c == cand:
+                    result = out
+                continue
+            if out is not None and c == cand:
+                out = None                  # never returned
+            if not why:
+                why = f"its first product differs from the double backward's by {diff:.1e} relative (> {tol:g})"
+            if c == "structured":
+                why = f"the structured path: {why}"
+                if self.hvp == "structured":
+                    raise RuntimeError(f"{self.fn}: hvp='structured': {why}; use hvp='auto'")
+                self.structured_off = why
+            else:
+                why = f"oneDNN's float32 matmuls: {why}: this CPU computes them in reduced precision"
+                if self.matmul == "onednn":
+                    raise RuntimeError(f"{self.fn}: matmul='onednn': {why}; use matmul='auto' or 'default'")
+                self.onednn_off = why
+        if result is None:                  # cand failed: the product of the (new) choice for this key
+            return self._apply_any(idx, vs, k)
+        return result
