@@ -48,9 +48,10 @@ def test_non_contiguous(device):
 
 
 # 2. opcheck
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck(dtype):
-    torch.library.opcheck(OP, (*_case(2, 6, 17, dtype, "cpu"), 0.5))
+def test_opcheck(device, dtype):
+    torch.library.opcheck(OP, (*_case(2, 6, 17, dtype, device), 0.5))
 
 
 # 4. CPU-CUDA parity

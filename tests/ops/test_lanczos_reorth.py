@@ -65,9 +65,10 @@ def test_cgs2_restores_orthogonality_under_cancellation(device):
 
 
 # 2. opcheck
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck(dtype):
-    V, w = _basis(2, 4, 33, dtype, "cpu")
+def test_opcheck(device, dtype):
+    V, w = _basis(2, 4, 33, dtype, device)
     torch.library.opcheck(OP, (w, V))
 
 

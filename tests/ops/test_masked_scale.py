@@ -59,9 +59,10 @@ def test_equals_batchnorm_relu_jacobian(device):
 
 
 # 2. opcheck
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck(dtype):
-    v, mask, scale = _case(2, 3, 4, 5, dtype, "cpu")
+def test_opcheck(device, dtype):
+    v, mask, scale = _case(2, 3, 4, 5, dtype, device)
     torch.library.opcheck(OP, (v, mask, scale))
     torch.library.opcheck(OP, (v.requires_grad_(), mask, scale.requires_grad_()))
 

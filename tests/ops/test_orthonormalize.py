@@ -145,9 +145,10 @@ def test_non_contiguous(device):
 
 
 # 2. opcheck
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck(dtype):
-    torch.library.opcheck(OP, (torch.randn(2, 20, 4, dtype=dtype),))
+def test_opcheck(device, dtype):
+    torch.library.opcheck(OP, (torch.randn(2, 20, 4, dtype=dtype, device=device),))
 
 
 # 4. CPU-CUDA parity

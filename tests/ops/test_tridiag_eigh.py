@@ -77,9 +77,10 @@ def test_decoupled_blocks_give_zero_weight(device):
 
 
 # 2. opcheck
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck(dtype):
-    d, e = _random(3, 12, dtype, "cpu")
+def test_opcheck(device, dtype):
+    d, e = _random(3, 12, dtype, device)
     torch.library.opcheck(OP, (d, e))
 
 
