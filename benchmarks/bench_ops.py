@@ -49,3 +49,14 @@ def test_orthonormalize(benchmark, device, impl, b, n, k):
     benchmark.group = f"orthonormalize b={b} n={n} k={k} {device}"
     x = torch.randn(b, n, k, device=device)
     run(benchmark, lambda: IMPLS[impl].orthonormalize(x), device, rounds=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["ours", "reference"])
+@pytest.mark.parametrize("n,k,c,s", [(64, 10, 256, 1), (32, 10, 64, 256), (8, 20, 64, 1024)])
+def test_masked_scale(benchmark, device, impl, n, k, c, s):
+    benchmark.group = f"masked_scale n={n} k={k} c={c} s={s} {device}"
+    v = torch.randn(n, k, c, s, device=device)
+    mask = torch.rand(n, c, s, device=device) > 0.5
+    scale = torch.rand(c, device=device) + 0.5
+    run(benchmark, lambda: IMPLS[impl].masked_scale(v, mask, scale), device)
