@@ -34,7 +34,7 @@ test: build lint ctest
 	$(VPY) -m pytest tests -q -p no:cacheprovider
 
 lint: $(VENV)/.deps
-	$(VPY) -m ruff check resgeom_fast tests benchmarks examples
+	$(VPY) -m ruff check resgeom_fast tests benchmarks examples tools setup.py
 
 # The same sources as a libtorch library (CMakeLists.txt), CPU kernels, and the C++ tests.
 ctest: $(VENV)/.deps
