@@ -1,11 +1,22 @@
 """Shared pieces of the studies: devices, data sets by name, models from specs, resumable training."""
 from __future__ import annotations
 
+import datetime
+import hashlib
 import os
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
+
+# packages, not functions: calls go through them, so that a wrapper installed on
+# resgeom_fast.train.train (the tests' spies) sees every training
+from resgeom_fast import data as rdata
+from resgeom_fast import models
+from resgeom_fast import train as rtrain
+from resgeom_fast.core.checks import value_error
+from resgeom_fast.core.io import file_sha256
+from resgeom_fast.train.checkpoint import CHECKPOINT_NAME, CheckpointCorruptError, read_checkpoint
 
 from .config import UsageError
 from .runner import Runner
@@ -45,8 +56,6 @@ def load_data(spec: str, *, image: bool = False, n_train: Optional[int] = None, 
         n_train, n_test: keep only the first samples of each split (None: all).
         seed: split seed of digits, draw seed of the mixture.
     """
-    from resgeom_fast import data as rdata
-
     if spec == "digits":
         ds = rdata.digits(seed=seed, image=image)
     elif spec == "gaussian_mixture":
@@ -82,23 +91,17 @@ def data_key_parts(spec: Any) -> dict[str, str]:
     """What a run's steps must be keyed on for the data set ``spec`` beyond its name: for
     "torchvision:NAME:ROOT" the sha256 of the files read (replacing them recomputes every step);
     {} for the built-in and generated data sets (their code is covered by the library version)."""
-    from resgeom_fast.train.checkpoint import file_sha256
-
     if not isinstance(spec, str) or not spec.startswith("torchvision:"):
         return {}
     parts = spec.split(":", 2)
     if len(parts) != 3:
         return {}
-    from resgeom_fast import data as rdata
-
     name = parts[1].lower()
     if name not in rdata.VISION_DATASETS:
         return {}
     files = [f for f in rdata.expected_files(name, parts[2]) if os.path.isfile(f)]
     if not files:
         return {}
-    import hashlib
-
     h = hashlib.sha256()
     for f in files:
         h.update(f"{os.path.basename(f)}:{file_sha256(f)}\n".encode())
@@ -122,8 +125,6 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
 
 
 def _build(kind: str, kw: dict[str, Any]) -> nn.Module:
-    from resgeom_fast import models
-
     if kind == "fc":
         return models.FCResNet(kw.pop("in_dim"), kw.pop("width"), kw.pop("depth"), kw.pop("num_classes"), **kw)
     if kind == "conv":
@@ -131,7 +132,7 @@ def _build(kind: str, kw: dict[str, Any]) -> nn.Module:
     if kind == "leaky":
         return models.LeakyResNet(kw.pop("in_dim"), kw.pop("width"), kw.pop("depth"), kw.pop("out_dim"),
                                   kw.pop("leak"), kw.pop("steps", "equidistant"), **kw)
-    raise ValueError(f"build_model: expected spec kind one of ['fc', 'conv', 'leaky'], got {kind!r}")
+    raise value_error("build_model", "spec kind", "one of ['fc', 'conv', 'leaky']", repr(kind))
 
 
 def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any, data_key: Mapping[str, Any],
@@ -146,9 +147,6 @@ def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any,
     net is trained again. An interrupted training resumes from its last epoch (not with
     ``runner.fresh``). ``data_key`` describes the data (it enters the hash).
     """
-    from resgeom_fast.train import load_checkpoint, train
-    from resgeom_fast.train.checkpoint import CHECKPOINT_NAME, CheckpointCorruptError, file_sha256, read_checkpoint
-
     model = build_model(spec).to(device)
     deps = {"model": dict(spec), "data": dict(data_key), "train": dict(train_kwargs),
             "regularizers": [repr(r) for r in regularizers]}
@@ -157,7 +155,7 @@ def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any,
     step = f"train_{name}"
     if verified_checkpoint(runner, step, deps, ckpt, lambda path: read_checkpoint(path, "checkpoint")):
         try:
-            load_checkpoint(model, ckdir)
+            rtrain.load_checkpoint(model, ckdir)
         except CheckpointCorruptError as err:  # pragma: no cover - the sha256 matched: damaged since
             moved = move_aside(runner, ckpt, "corrupt")
             runner.invalidate(step, f"{err}; moved it to {os.path.basename(moved)}")
@@ -168,8 +166,8 @@ def train_step(runner: Runner, name: str, spec: Mapping[str, Any], dataset: Any,
         data = dataset.to(device=device) if hasattr(dataset, "to") else dataset
 
         def run():
-            return train(model, data, epochs, checkpoint_dir=ckdir, resume=not runner.fresh, progress=runner.progress,
-                         regularizers=regularizers, callbacks=callbacks, **kw)
+            return rtrain.train(model, data, epochs, checkpoint_dir=ckdir, resume=not runner.fresh,
+                                progress=runner.progress, regularizers=regularizers, callbacks=callbacks, **kw)
 
         try:
             res = run()
@@ -191,8 +189,6 @@ def verified_checkpoint(runner: Runner, step: str, deps: Mapping[str, Any], ckpt
     aside (never deleted), the step is forgotten with a message, and False is returned: the caller
     computes it again. ``read(ckpt)`` raises when the file is damaged (it tells "corrupt" from
     "changed" in the message)."""
-    from resgeom_fast.train.checkpoint import file_sha256
-
     done = runner.stored(step, deps)
     if done is None:
         return False
@@ -215,8 +211,6 @@ def verified_checkpoint(runner: Runner, step: str, deps: Mapping[str, Any], ckpt
 def move_aside(runner: Runner, path: str, why: str) -> str:
     """Rename ``path`` to ``path.<why>-<UTC time>`` (kept for inspection, recorded as resgeom's)
     and return the new path."""
-    import datetime
-
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     new = f"{path}.{why}-{stamp}"
     os.replace(path, new)

@@ -18,8 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from resgeom_fast.analysis._common import atomic_write_json, atomic_write_text, to_jsonable
-from resgeom_fast.train import atomic_file
+import numpy as np
+import torch
+
+import resgeom_fast
+from resgeom_fast._progress import progress as progress_bar
+from resgeom_fast.core.io import atomic_file, atomic_write_json, atomic_write_text, to_jsonable
 
 __all__ = ["FigureSpec", "check_figure", "determinism", "fmt", "fmt_key", "get_path", "is_undefined", "summary_rows",
            "tag", "write_report"]
@@ -77,8 +81,6 @@ def tag(artist: Any, **paths: str) -> Any:
 
 
 def _floats(values: Any) -> list[float]:
-    import numpy as np
-
     arr = np.asarray([math.nan if v is None else v for v in np.ravel(np.asarray(values, dtype=object))], dtype=float)
     return arr.tolist()
 
@@ -99,8 +101,6 @@ def check_figure(fig: Any, results: Mapping[str, Any]) -> int:
 
     Raises AssertionError naming the artist whose data differ from the dictionary.
     """
-    import numpy as np
-
     checked = 0
     for ax in fig.axes:
         artists = list(ax.lines) + list(ax.images) + list(ax.patches)
@@ -207,10 +207,6 @@ def summary_rows(summ: Mapping[str, Any], digits: int = 4) -> list[tuple[str, st
 
 
 def _environment() -> dict[str, Any]:
-    import torch
-
-    import resgeom_fast
-
     return {"resgeom_fast": resgeom_fast.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cuda_available": torch.cuda.is_available(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -232,6 +228,7 @@ def write_report(out: str, title: str, results: Mapping[str, Any], figures: Sequ
             is stated under the intro and stored as ``results.json["determinism"]``.
         progress: a bar over the figures (plain lines, at most one a second, when stderr is not a terminal).
     """
+    # matplotlib only when a report is drawn, and the Agg backend chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -253,8 +250,6 @@ def write_report(out: str, title: str, results: Mapping[str, Any], figures: Sequ
     if "determinism" in data:
         lines += [f"Determinism: {data['determinism']['statement']}", ""]
     written: list[str] = []
-    from resgeom_fast._progress import progress as progress_bar
-
     with progress_bar(len(figures), "figures", enabled=progress, unit="figures", leave=False, min_interval=1.0) as bar:
         for spec in figures:
             bar.set_postfix_str(spec.name)

@@ -51,9 +51,13 @@ import uuid
 import weakref
 from typing import Any, Callable, Mapping, Optional, TextIO
 
+import torch
+
+import resgeom_fast
 from resgeom_fast._progress import write_line
-from resgeom_fast.analysis._common import atomic_write_json, json_checksum, to_jsonable
-from resgeom_fast.train.checkpoint import CHECKPOINT_NAME, is_temp_name, temp_owner_pid
+from resgeom_fast.core.checks import value_error
+from resgeom_fast.core.io import atomic_write_json, is_temp_name, json_checksum, temp_owner_pid, to_jsonable
+from resgeom_fast.train.checkpoint import CHECKPOINT_NAME
 
 from .config import UsageError, config_hash
 
@@ -228,13 +232,9 @@ class Runner:
     def __init__(self, out: str, config: Mapping[str, Any], *, study: str, fresh: bool = False,
                  progress: bool = True, log: Optional[TextIO] = sys.stderr,
                  key_parts: Optional[Mapping[str, Any]] = None) -> None:
-        import torch
-
-        import resgeom_fast
-
         out = os.fspath(out)
         if not isinstance(out, str) or not out.strip():
-            raise ValueError(f"Runner: expected out a folder path, got {out!r} (pass '.' for the current folder)")
+            raise value_error("Runner", "out", "a folder path", f"{out!r} (pass '.' for the current folder)")
         self.out = os.path.abspath(out)
         self.config = dict(config)
         self.study = study
@@ -306,7 +306,7 @@ class Runner:
     def _rel(self, path: str) -> str:
         rel = os.path.relpath(os.path.abspath(os.fspath(path)), self.out)
         if rel == os.curdir or rel.startswith(os.pardir + os.sep) or rel == os.pardir or os.path.isabs(rel):
-            raise ValueError(f"Runner.record_written: expected a path inside {self.out}, got {path!r}")
+            raise value_error("Runner.record_written", None, f"a path inside {self.out}", repr(path))
         return rel.replace(os.sep, "/")
 
     def record_written(self, *paths: str) -> None:
@@ -505,4 +505,4 @@ class Runner:
 
 def _check_name(name: str) -> None:
     if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise ValueError(f"Runner: expected a step name without path separators, got {name!r}")
+        raise value_error("Runner", None, "a step name without path separators", repr(name))

@@ -15,6 +15,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from resgeom_fast.core.checks import check_type, value_error
+
 from ..config import Option, Options, UsageError
 from ..report import FigureSpec
 from ..runner import Runner
@@ -79,22 +81,20 @@ COMMANDS: dict[str, Command] = {}
 
 
 def register(study: Study) -> Study:
-    """Add ``study`` to :data:`STUDIES` under ``study.name`` and return it (a ValueError for a
-    name already taken)."""
-    if not isinstance(study, Study):
-        raise TypeError(f"register: expected study a Study, got {type(study).__name__}")
+    """Add ``study`` to :data:`STUDIES` under ``study.name`` and return it (an
+    ArgumentValueError for a name already taken)."""
+    check_type("register", "study", study, Study, "a Study")
     if study.name in STUDIES or study.name in COMMANDS:
-        raise ValueError(f"register: expected a new study name, got {study.name!r} (already registered)")
+        raise value_error("register", "study", "a new name", f"{study.name!r} (already registered)")
     STUDIES[study.name] = study
     return study
 
 
 def register_command(command: Command) -> Command:
     """Add ``command`` to :data:`COMMANDS` under ``command.name`` and return it."""
-    if not isinstance(command, Command):
-        raise TypeError(f"register_command: expected command a Command, got {type(command).__name__}")
+    check_type("register_command", "command", command, Command, "a Command")
     if command.name in COMMANDS or command.name in STUDIES:
-        raise ValueError(f"register_command: expected a new command name, got {command.name!r} (already registered)")
+        raise value_error("register_command", "command", "a new name", f"{command.name!r} (already registered)")
     COMMANDS[command.name] = command
     return command
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 # modules, not functions: calls go through the analysis modules (see _shared)
 from resgeom_fast.analysis import alignment as alignment_analysis
 from resgeom_fast.analysis import spectrum as spectrum_analysis
-from resgeom_fast.train import file_sha256
+from resgeom_fast.core.io import file_sha256
 
 from ..common import data_key_parts, load_data, resolve_device
 from ..config import UsageError, int_flag

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from resgeom_fast.analysis.hamiltonian import hamiltonian
+from resgeom_fast.core.io import atomic_save, file_sha256
 from resgeom_fast.data import teacher
 from resgeom_fast.models import LeakyResNet, step_sizes
-from resgeom_fast.train import atomic_save, file_sha256
 
 from ..common import resolve_device, verified_checkpoint
 from ..config import Option, UsageError
