@@ -18,9 +18,11 @@ running statistics (``batchnorm="eval"``) only; the loss ``nn.CrossEntropyLoss()
 weights, no label smoothing) or ``torch.nn.functional.cross_entropy`` itself, on integer labels, or
 the mean squared error ``nn.MSELoss()`` (mean over every element) or ``F.mse_loss`` itself, on
 float targets of the logits' shape [N, d].
-The parse is duck-typed (this layer does not import the models), so the caller checks the
+The parse recognises the skips by type (:class:`~resgeom_fast.core.blocks.ZeroSkip`,
+:class:`~resgeom_fast.models.blocks.OrthogonalSkip`, :class:`~resgeom_fast.models.blocks.ScaledIdentity`,
+subclasses included) and the rest of the network by its structure, so the caller checks the
 recognised network's logits against ``model(x)`` and its first product against autograd before
-trusting it (``hessian.py``).
+trusting it (:mod:`resgeom_fast.operators._autotune`).
 
 Layer rules (x input, y output, g = dL/dy, R = directional derivative along V):
 - Linear ``y = x W^T + b``: ``Ry = Rx W^T + x V_W^T + V_b``; ``R gx = Rg W + g V_W``,
@@ -46,6 +48,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from resgeom_fast.core.blocks import ZeroSkip
+from resgeom_fast.models.blocks import OrthogonalSkip, ScaledIdentity
 
 __all__ = ["StructuredHVP", "parse_structured", "structured_loss"]
 
@@ -113,16 +118,17 @@ def _parse_seq(seq: nn.Module, pos: dict[int, int], where: str,
 
 
 def _parse_skip(skip: nn.Module, where: str) -> tuple[Optional[_Skip], Optional[str]]:
-    name = type(skip).__name__
+    """The skip Q_l, recognised by type (subclasses included; a class of another package that
+    merely shares a name is not): identity, zero, a fixed orthogonal matrix, a scaled identity."""
     if isinstance(skip, nn.Identity):
         return _Skip("identity"), None
-    if name == "ZeroSkip" and getattr(skip, "out_channels", 0) is None and getattr(skip, "stride", 0) == 1:
+    if isinstance(skip, ZeroSkip) and skip.out_channels is None and skip.stride == 1:
         return _Skip("zero"), None
-    if name == "OrthogonalSkip" and getattr(skip, "conv", True) is False:
+    if isinstance(skip, OrthogonalSkip) and skip.conv is False:
         return _Skip("matrix", Q=skip.weight), None
-    if name == "ScaledIdentity" and isinstance(getattr(skip, "factor", None), float):
+    if isinstance(skip, ScaledIdentity) and isinstance(skip.factor, float):
         return _Skip("scaled", factor=skip.factor), None
-    return None, f"{where}: skip {name} is not supported"
+    return None, f"{where}: skip {type(skip).__name__} is not supported"
 
 
 def structured_loss(loss_fn: Any) -> Optional[str]:
@@ -156,7 +162,8 @@ def parse_structured(model: nn.Module, params: Sequence[Tensor], loss_fn: Any,
         return None, why
     for i, blk in enumerate(model.blocks):
         where = f"blocks[{i}]"
-        if not getattr(blk, "resgeom_block", False) or not all(hasattr(blk, a) for a in ("branch", "skip", "scale", "post")):
+        if (not getattr(blk, "resgeom_block", False)
+                or not all(hasattr(blk, a) for a in ("branch", "skip", "scale", "post"))):
             return None, f"{where} is not a residual block with branch/skip/scale/post"
         if not isinstance(blk.scale, float):
             return None, f"{where}: a learnable scale is not supported"

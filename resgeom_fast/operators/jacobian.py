@@ -35,8 +35,11 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from resgeom_fast.core.blocks import ScalarBias, ScalarMultiplier
+from resgeom_fast.core.checks import ArgumentValueError, check_choice, check_int, check_type, value_error
 from resgeom_fast.linalg.operator import LinearOperator
 from resgeom_fast.operators._data import module_mode, no_inplace
 from resgeom_fast.operators._precision import check_precision, product_precision
@@ -65,7 +68,7 @@ def block_inputs(model: nn.Module, x: Tensor, blocks: Sequence[BlockInfo]) -> li
         i = want.get(id(mod))
         if i is not None and i not in got:
             if not args or not isinstance(args[0], Tensor):
-                raise ValueError(f"residual_jacobians: block {blocks[i].name!r} was called without a tensor input")
+                raise ArgumentValueError(f"residual_jacobians: block {blocks[i].name!r} was called without a tensor input")
             got[i] = args[0].detach().clone()
             if len(got) == len(want):
                 raise _StopForward
@@ -82,19 +85,19 @@ def block_inputs(model: nn.Module, x: Tensor, blocks: Sequence[BlockInfo]) -> li
             h.remove()
     missing = [blocks[i].name for i in range(len(blocks)) if i not in got]
     if missing:
-        raise ValueError(f"residual_jacobians: blocks {missing} were not called in the forward pass of the model")
+        raise ArgumentValueError(f"residual_jacobians: blocks {missing} were not called in the forward pass of the model")
     return [got[i] for i in range(len(blocks))]
 
 
 # -- the linearised program of a branch ---------------------------------------------------------
 def _scalar_module(m: nn.Module) -> Optional[str]:
-    """Fixup's scalar modules of resgeom_fast.models, recognised by name and structure."""
-    if not type(m).__module__.startswith("resgeom_fast.models"):
-        return None
+    """Fixup's scalar modules (:class:`~resgeom_fast.core.blocks.ScalarBias`,
+    :class:`~resgeom_fast.core.blocks.ScalarMultiplier`, subclasses included), recognised by type
+    and structure (one 0-dim parameter)."""
     ps = dict(m.named_parameters(recurse=False))
-    if type(m).__name__ == "ScalarBias" and set(ps) == {"bias"} and ps["bias"].dim() == 0:
+    if isinstance(m, ScalarBias) and set(ps) == {"bias"} and ps["bias"].dim() == 0:
         return "shift"
-    if type(m).__name__ == "ScalarMultiplier" and set(ps) == {"weight"} and ps["weight"].dim() == 0:
+    if isinstance(m, ScalarMultiplier) and set(ps) == {"weight"} and ps["weight"].dim() == 0:
         return "mult"
     return None
 
@@ -355,8 +358,6 @@ class ResidualJacobian(LinearOperator):
         return out
 
     def _generic(self, h: Tensor, t: Tensor, transpose: bool) -> Tensor:
-        from torch.func import jvp, vjp, vmap
-
         branch = self.info.branch
         with module_mode(branch, "eval"), no_inplace(branch):
             if transpose:
@@ -397,36 +398,35 @@ def residual_jacobians(model: nn.Module, x: Tensor, blocks: Optional[Sequence[An
     Returns:
         one :class:`ResidualJacobian` per block, batch_shape (N,), shape (D_out, D_in).
     """
-    if path not in PATHS:
-        raise ValueError(f"residual_jacobians: path: expected one of {list(PATHS)}, got {path!r}")
-    check_precision("residual_jacobians", precision)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"residual_jacobians: expected x a torch.Tensor, got {type(x).__name__}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"residual_jacobians: chunk_size: expected a positive int or None, got {chunk_size!r}")
-    infos = resolve_blocks("residual_jacobians", model, blocks)
+    fn = "residual_jacobians"
+    check_choice(None, f"{fn}: path", path, PATHS)
+    check_precision(fn, precision)
+    check_type(fn, "x", x, Tensor, "a torch.Tensor")
+    if chunk_size is not None:
+        chunk_size = check_int(None, f"{fn}: chunk_size", chunk_size, minimum=1, expected="a positive int or None")
+    infos = resolve_blocks(fn, model, blocks)
     ref = next(model.parameters(), None)
     if ref is not None:
         if x.device != ref.device:
-            raise ValueError(f"residual_jacobians: expected x on the model's device {ref.device}, got {x.device}")
+            raise value_error(fn, "x", f"on the model's device {ref.device}", f"{x.device}")
         if x.is_floating_point() and x.dtype != ref.dtype:
-            raise ValueError(f"residual_jacobians: expected x of dtype {ref.dtype} (the model's), got {x.dtype}")
+            raise value_error(fn, "x", f"of dtype {ref.dtype} (the model's)", f"{x.dtype}")
     if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"residual_jacobians: expected x with a non-empty batch dimension, got {tuple(x.shape)}")
+        raise value_error(fn, "x", "with a non-empty batch dimension", f"{tuple(x.shape)}")
     with product_precision(precision):
         hs = block_inputs(model, x, infos)
     ops = []
     for info, h in zip(infos, hs):
         reason = _unsupported(info.branch)
         if path == "fast" and reason is not None:
-            raise ValueError(f"residual_jacobians: path='fast' does not support block {info.name!r}: {reason}; "
+            raise ArgumentValueError(f"residual_jacobians: path='fast' does not support block {info.name!r}: {reason}; "
                              "use path='generic' or 'auto'")
         p = "fast" if (path != "generic" and reason is None) else "generic"
         try:
             ops.append(ResidualJacobian(info, h, p, chunk_size, precision))
         except _NotLinearisable as exc:
             if path == "fast":
-                raise ValueError(f"residual_jacobians: path='fast' does not support block {info.name!r}: {exc}; "
+                raise ArgumentValueError(f"residual_jacobians: path='fast' does not support block {info.name!r}: {exc}; "
                                  "use path='generic' or 'auto'") from None
             ops.append(ResidualJacobian(info, h, "generic", chunk_size, precision))
     return ops
