@@ -10,7 +10,16 @@
 - :func:`residual_jacobians`: batched residual-branch Jacobians J_l(x_b) (generic torch.func path
   and a linearised fast path with fused C++/CUDA masking).
 
-This layer imports torch, resgeom_fast.ops and resgeom_fast.linalg only (never the models).
+Modules: ``hessian`` (the public constructors and their documentation), ``curvature`` (the
+operator classes: :class:`CurvatureOperator` owns the data loop, :class:`HessianOperator` /
+:class:`GGNOperator` supply their batch products), ``_products`` (the product methods),
+``_autotune`` (the auto-tuner and verifier), ``_mean_contract`` (the loss contract),
+``_precision`` (TF32 and oneDNN switches), ``_structured`` (the autograd-free Hessian of FC
+ResNets), ``jacobian`` (residual-branch Jacobians), ``blocks`` / ``_data`` (block discovery, the
+data contract).
+
+This layer imports torch, resgeom_fast.core, resgeom_fast.ops, resgeom_fast.linalg and the module
+types of resgeom_fast.models that its fast paths recognise (never a higher layer).
 """
 from resgeom_fast.operators._data import NonRepeatableDataError, fixed_sample
 from resgeom_fast.operators.blocks import BlockInfo, mark_residual_block, residual_blocks
