@@ -1,6 +1,9 @@
-"""Spectral toolkit demo (what `make demo` runs until the `resgeom demo` main job lands).
+"""The linalg layer on its own: matrix-free spectra of any symmetric operator (no model needed).
 
-On the bundled scikit-learn digits: the feature covariance of its non-constant pixels (dense, exact eigenvalues
+    .venv/bin/python examples/spectral_demo.py [--out reports/spectral_demo] [--dim 2000]
+
+`make demo` runs the main job (`resgeom demo`: trained ResNets, every analysis); this example
+shows the layer underneath it on two matrices whose answers are known. On the bundled scikit-learn digits: the feature covariance of its non-constant pixels (dense, exact eigenvalues
 known) and a 2000-dimensional Wishart matrix W = G G^T / d applied matrix-free. For each it runs
 eigsh (both ends), Hutch++ trace and SLQ density, compares with dense float64 eigh, and writes
 results.json and density.png into --out (each file written atomically).
@@ -8,9 +11,7 @@ results.json and density.png into --out (each file written atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 import time
 
 import matplotlib
@@ -21,19 +22,7 @@ import torch  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import resgeom_fast as rg  # noqa: E402
-
-
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from resgeom_fast.core.io import atomic_file, atomic_write_json  # noqa: E402
 
 
 def analyse(name: str, op, dense: torch.Tensor, n: int) -> dict:
@@ -94,9 +83,9 @@ def main() -> None:
         ax.set_xlabel("eigenvalue")
         ax.legend()
     fig.tight_layout()
-    _atomic_write(os.path.join(args.out, "density.png"), lambda f: fig.savefig(f, format="png", dpi=110))
-    _atomic_write(os.path.join(args.out, "results.json"),
-                  lambda f: open(f, "w").write(json.dumps(results, indent=2)))
+    with atomic_file(os.path.join(args.out, "density.png"), "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    atomic_write_json(os.path.join(args.out, "results.json"), results)
     for r in results:
         print(f"{r['name']}: extremes {['%.4f' % v for v in r['eigsh_both']]} "
               f"(exact {['%.4f' % v for v in r['exact_extremes']]}), trace {r['trace_hutchpp']:.2f} "
