@@ -18,6 +18,7 @@ __all__ = ["STUDY", "run_alignment", "validate_alignment"]
 
 
 def run_alignment(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
+    """Train the residual net and its plain twin, align both (RA1-RA3), then RA4 across ``depths``."""
     device = resolve_device(cfg["device"])
     ds, key = study_data(cfg)
     models: dict[str, Any] = {}

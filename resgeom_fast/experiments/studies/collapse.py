@@ -21,6 +21,8 @@ __all__ = ["STUDY", "run_collapse", "validate_collapse"]
 
 
 def run_collapse(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
+    """Train the residual net measuring collapse every ``collapse_every`` epochs, then collapse of
+    the trained net and the MUFM optimum on ``mufm_samples`` training samples."""
     device = resolve_device(cfg["device"])
     ds, key = study_data(cfg)
     dsd = ds.to(device=device)
@@ -34,8 +36,9 @@ def run_collapse(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
     final = analysis_step(runner, "residual_collapse", lambda: collapse(model, dsd))
     x, y = ds.tensors("train")
     n = cfg["mufm_samples"]
-    mu = analysis_step(runner, "mufm", lambda: mufm(x[:n].flatten(1).to(device), y[:n].to(device), cfg["depth"], steps=cfg["mufm_steps"],
-                                                seed=cfg["seed"], progress=runner.progress))
+    mu = analysis_step(runner, "mufm", lambda: mufm(x[:n].flatten(1).to(device), y[:n].to(device), cfg["depth"],
+                                                    steps=cfg["mufm_steps"], seed=cfg["seed"],
+                                                    progress=runner.progress))
     along = {"epochs": [], "nc1_last": [], "nc1_by_layer": []}
     for ep, cb in zip(curves["epoch"], curves["callbacks"]):
         if cb and "during" in cb:

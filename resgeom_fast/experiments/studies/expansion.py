@@ -28,6 +28,8 @@ __all__ = ["STUDY", "run_expansion", "validate_expansion"]
 
 
 def run_expansion(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
+    """The remainder scaling over ``lams``, output norms at init over ``norm_depths``, then path
+    expansion and geometric complexity of the trained residual and plain nets."""
     device = resolve_device(cfg["device"])
     ds, key = study_data(cfg)
     in_dim = int(math.prod(ds.input_shape))
@@ -49,8 +51,8 @@ def run_expansion(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
         xp, _ = split_inputs(ds, "test", cfg["path_samples"], device)
         xg, yg = split_inputs(ds, "test", cfg["gc_samples"], device)
         models[arch] = {"train": curves,
-                        "paths": analysis_step(runner, f"{arch}_paths", lambda: path_expansion(model, xp, num_probes=1,
-                                                                                           seed=cfg["seed"])),
+                        "paths": analysis_step(runner, f"{arch}_paths",
+                                               lambda: path_expansion(model, xp, num_probes=1, seed=cfg["seed"])),
                         "gc": analysis_step(runner, f"{arch}_gc", lambda: geometric_complexity(model, (xg, yg)))}
     results = {"study": "expansion", "config": cfg, "models": models, "remainder": rem, "output_norms": norms}
 
@@ -113,9 +115,9 @@ STUDY = register(Study("expansion", "Residual expansion: remainder ~ lam^3, outp
                        "remainder after the second-order terms ~ lam^3; lam = 1 explodes with depth, 1/L stays bounded",
                        net_options() + [
                            opt("lams", "floats", [0.4, 0.2, 0.1, 0.05, 0.025], "branch scales of the remainder check",
-                                minimum=0),
+                               minimum=0),
                            opt("norm_depths", "ints", [2, 4, 8, 16, 32, 64], "depths of the output-norm check",
-                                minimum=1),
+                               minimum=1),
                            opt("norm_width", "int", 64, "width of the nets of the output-norm check", minimum=1),
                            opt("path_samples", "int", 128, "test inputs of the path expansion", minimum=1),
                            opt("gc_samples", "int", 256, "test inputs of the geometric complexity", minimum=1)],

@@ -18,6 +18,7 @@ __all__ = ["STUDY", "run_hessian", "validate_hessian"]
 
 
 def run_hessian(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
+    """Train each net of ``archs`` and compute its Hessian spectrum (step ``<arch>_spectrum``)."""
     device = resolve_device(cfg["device"])
     ds, key = study_data(cfg)
     archs = parse_archs(cfg)

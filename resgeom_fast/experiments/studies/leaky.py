@@ -32,8 +32,8 @@ LEAKY_OPTIONS = [
     opt("width", "int", 40, "student width w (SCIENCE.md: 100)", minimum=1),
     opt("depth", "int", 20, "layers L (equidistant steps rho_l = 1/L unless steps=irregular)", minimum=1),
     opt("lts", "floats", [2.0, 4.0, 8.0, 12.0],
-         "effective depths Lt (the nets' leaks) in continuation order: each stage starts from the previous "
-         "stage's weights; every Lt > 0 and max_l rho_l * Lt < 1", minimum=0),
+        "effective depths Lt (the nets' leaks) in continuation order: each stage starts from the previous "
+        "stage's weights; every Lt > 0 and max_l rho_l * Lt < 1", minimum=0),
     opt("steps", "str", "equidistant", "step scheme", ("equidistant", "irregular")),
     opt("lam", "float", 5e-3, "weight decay lam of the loss (lam / (2 Lt)) sum_l rho_l ||W_l||^2", minimum=0),
     opt("adam_steps", "int", 800, "full-batch Adam steps of the first stage (from the default init)", minimum=0),
@@ -41,7 +41,7 @@ LEAKY_OPTIONS = [
     opt("continue_steps", "int", 300, "full-batch Adam steps of every later stage (warm start)", minimum=0),
     opt("continue_lr", "float", 2e-3, "Adam learning rate of the later stages (cosine to 0)", minimum=0),
     opt("lbfgs_steps", "int", 200, "L-BFGS iterations closing every stage (strong Wolfe, max_eval 1.25x)",
-         minimum=0),
+        minimum=0),
     opt("lbfgs_history", "int", 50, "L-BFGS history size", minimum=1),
     opt("gamma0", "float", 1e-3, "relative ridge gamma_0 of the Hamiltonian analysis", minimum=0),
     opt("dtype", "str", "float64", "floating dtype of data and nets", ("float32", "float64")),

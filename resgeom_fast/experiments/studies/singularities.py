@@ -17,6 +17,7 @@ __all__ = ["STUDY", "run_singularities", "validate_singularities"]
 
 
 def run_singularities(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
+    """Train each net of ``archs`` and measure its singularities (step ``<arch>_singularities``)."""
     device = resolve_device(cfg["device"])
     ds, key = study_data(cfg)
     archs = parse_archs(cfg)
@@ -26,7 +27,7 @@ def run_singularities(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
         model, curves = train_net(runner, cfg, ds, key, arch, device)
         models[arch] = {"train": curves,
                         "singularities": analysis_step(runner, f"{arch}_singularities",
-                                                   lambda: singularities(model, dsd, eps=cfg["eps"]))}
+                                                       lambda: singularities(model, dsd, eps=cfg["eps"]))}
     summaries = {a: {"singularities": models[a]["singularities"]["summary"]} for a in archs}
     return StudyOutput({"study": "singularities", "config": cfg, "models": models},
                        [singularity_figure(archs), training_figure(archs)], summaries,
