@@ -7,8 +7,11 @@
 - :mod:`resgeom_fast.core.blocks` -- the residual-block protocol: :class:`BlockInfo`,
   ``residual_blocks`` (block kinds recognised by type, extensible with ``register_block_kind``),
   and the module types the fast paths recognise (ZeroSkip, ScalarBias, ScalarMultiplier).
+- :mod:`resgeom_fast.core.modules` -- forward-hook capture (``capture_outputs`` /
+  ``capture_inputs``), ``module_mode`` (restores every submodule's mode) and the one ``data``
+  contract ``as_batches`` (an (x, y) batch, a list of batches, a DataLoader, a Dataset).
 """
-from resgeom_fast.core import blocks, checks, io
+from resgeom_fast.core import blocks, checks, io, modules
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, NonFiniteError
 
-__all__ = ["ArgumentTypeError", "ArgumentValueError", "NonFiniteError", "blocks", "checks", "io"]
+__all__ = ["ArgumentTypeError", "ArgumentValueError", "NonFiniteError", "blocks", "checks", "io", "modules"]

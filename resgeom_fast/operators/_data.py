@@ -9,6 +9,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, type_error
+from resgeom_fast.core.modules import data_source, is_batch
+from resgeom_fast.core.modules import module_mode as core_module_mode
+
 Batch = tuple[Tensor, Any]
 ParamSpec = Union[None, str, nn.Module, Tensor, Sequence[Union[str, nn.Module, Tensor]]]
 
@@ -26,40 +30,39 @@ _FIX = ("pass resgeom_fast.operators.fixed_sample(data) (the batches drawn once 
         "DataLoader with shuffle=False and no random transforms")
 
 
-def is_single_batch(data: Any) -> bool:
-    """True for an ``(x, y)`` pair of tensors, False for an iterable of such pairs."""
-    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
+# True for an ``(x, y)`` pair (x a tensor), False for an iterable of such pairs (core.modules.is_batch)
+is_single_batch = is_batch
 
 
 def check_batch(fn: str, batch: Any, dtype: torch.dtype, device: torch.device,
                 first_dtype: Optional[torch.dtype] = None) -> Batch:
     """Validate one ``(x, y)`` batch against the model's parameters; return it as a tuple."""
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"{fn}: expected data batches (x, y), got {type(batch).__name__}"
+        raise ArgumentTypeError(f"{fn}: expected data batches (x, y), got {type(batch).__name__}"
                         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
     x, y = batch
     if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: expected x a torch.Tensor, got {type(x).__name__}")
+        raise ArgumentTypeError(f"{fn}: expected x a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"{fn}: expected x with a non-empty batch dimension, got shape {tuple(x.shape)}")
+        raise ArgumentValueError(f"{fn}: expected x with a non-empty batch dimension, got shape {tuple(x.shape)}")
     if isinstance(y, Tensor):
         if y.dim() == 0 or y.shape[0] != x.shape[0]:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{fn}: expected x and y with the same batch size, got x {tuple(x.shape)} and "
                 f"y {tuple(y.shape)}"
             )
         if y.device != x.device:
-            raise ValueError(f"{fn}: expected y on the device of x ({x.device}), got {y.device}")
+            raise ArgumentValueError(f"{fn}: expected y on the device of x ({x.device}), got {y.device}")
     if x.device != device:
-        raise ValueError(
+        raise ArgumentValueError(
             f"{fn}: expected inputs on the model's device {device}, got x on {x.device}"
         )
     if x.is_floating_point() and x.dtype != dtype:
-        raise ValueError(
+        raise ArgumentValueError(
             f"{fn}: expected x of dtype {dtype} (the dtype of the model's parameters), got {x.dtype}"
         )
     if first_dtype is not None and x.dtype != first_dtype:
-        raise ValueError(f"{fn}: expected every batch of the dtype of the first ({first_dtype}), got {x.dtype}")
+        raise ArgumentValueError(f"{fn}: expected every batch of the dtype of the first ({first_dtype}), got {x.dtype}")
     return x, y
 
 
@@ -70,16 +73,16 @@ def select_params(fn: str, model: nn.Module, params: ParamSpec) -> tuple[list[st
     (its trainable parameters), a parameter tensor, or a sequence of these.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: expected model an nn.Module, got {type(model).__name__}")
+        raise type_error(fn, "model", "an nn.Module", model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError(f"{fn}: the model has no trainable parameters (none with requires_grad=True)")
+        raise ArgumentValueError(f"{fn}: the model has no trainable parameters (none with requires_grad=True)")
     if params is None:
         chosen = {id(p) for _, p in named}
     else:
         items = [params] if isinstance(params, (str, nn.Module, Tensor)) else list(params)
         if not items:
-            raise ValueError(f"{fn}: expected params None or a non-empty selection, got an empty sequence")
+            raise ArgumentValueError(f"{fn}: expected params None or a non-empty selection, got an empty sequence")
         all_params = dict(model.named_parameters())
         modules = dict(model.named_modules())
         trainable = {id(p) for _, p in named}
@@ -91,26 +94,26 @@ def select_params(fn: str, model: nn.Module, params: ParamSpec) -> tuple[list[st
                 elif item in modules:
                     tensors = list(modules[item].parameters())
                 else:
-                    raise ValueError(f"{fn}: params: no parameter or module named {item!r} in the model")
+                    raise ArgumentValueError(f"{fn}: params: no parameter or module named {item!r} in the model")
             elif isinstance(item, nn.Module):
                 tensors = list(item.parameters())
             elif isinstance(item, Tensor):
                 tensors = [item]
             else:
-                raise TypeError(f"{fn}: params: expected names, modules or parameters, got {type(item).__name__}")
+                raise ArgumentTypeError(f"{fn}: params: expected names, modules or parameters, got {type(item).__name__}")
             for t in tensors:
                 if id(t) not in {id(p) for p in all_params.values()}:
-                    raise ValueError(f"{fn}: params: a selected tensor is not a parameter of the model")
+                    raise ArgumentValueError(f"{fn}: params: a selected tensor is not a parameter of the model")
                 if id(t) in trainable:
                     chosen.add(id(t))
         if not chosen:
-            raise ValueError(f"{fn}: params: the selection holds no trainable parameters")
+            raise ArgumentValueError(f"{fn}: params: the selection holds no trainable parameters")
     names = [n for n, p in named if id(p) in chosen]
     tensors = [p for n, p in named if id(p) in chosen]
     dtypes = {p.dtype for p in tensors}
     devices = {p.device for p in tensors}
     if len(dtypes) != 1 or len(devices) != 1:
-        raise ValueError(f"{fn}: expected the selected parameters on one dtype and device, got {dtypes} and {devices}")
+        raise ArgumentValueError(f"{fn}: expected the selected parameters on one dtype and device, got {dtypes} and {devices}")
     return names, tensors
 
 
@@ -118,28 +121,17 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
-@contextlib.contextmanager
-def module_mode(model: nn.Module, batchnorm: str = "eval") -> Iterator[None]:
+def module_mode(model: nn.Module, batchnorm: str = "eval") -> contextlib.AbstractContextManager[nn.Module]:
     """Evaluate ``model`` in eval mode; with ``batchnorm="train"`` its BatchNorm layers use batch
     statistics without updating their running statistics. Every module's ``training`` flag and
     ``track_running_stats`` are restored on exit, and the buffers are never written.
+
+    The operators' spelling of :func:`resgeom_fast.core.modules.module_mode`
+    (``module_mode(model, False, batchnorm=batchnorm)``), which does the work.
     """
     if batchnorm not in ("eval", "train"):
-        raise ValueError(f"batchnorm: expected 'eval' or 'train', got {batchnorm!r}")
-    saved = [(m, m.training) for m in model.modules()]
-    tracked = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
-    try:
-        model.eval()
-        if batchnorm == "train":
-            for m, _ in tracked:
-                m.training = True
-                m.track_running_stats = False  # batch statistics, no running-stat update
-        yield
-    finally:
-        for m, t in tracked:
-            m.track_running_stats = t
-        for m, t in saved:
-            m.training = t
+        raise ArgumentValueError(f"batchnorm: expected 'eval' or 'train', got {batchnorm!r}")
+    return core_module_mode(model, False, batchnorm=batchnorm)
 
 
 @contextlib.contextmanager
@@ -227,16 +219,16 @@ class Batches:
 
     def __init__(self, fn: str, data: Any, dtype: torch.dtype, device: torch.device,
                  materialise: bool, strict: bool = False, strict_why: str = "") -> None:
-        self.single = is_single_batch(data)
-        if not self.single and not isinstance(data, Iterable):
-            raise TypeError(f"{fn}: expected data an (x, y) batch or an iterable of batches (a DataLoader), "
-                            f"got {type(data).__name__}")
+        # a Dataset becomes its batches (read in order); anything else not a batch or an iterable of
+        # batches is refused: "expected data an (x, y) batch or an iterable of (x, y) batches ..."
+        data = data_source(fn, data)
+        self.single = is_batch(data)
         self._data = data
         self._fn = fn
         self.strict, self._strict_why = strict, strict_why
         self._check = not self.single and not materialise
         if self._check and isinstance(data, Iterator):
-            raise TypeError(f"{fn}: expected data that can be read again on every product (a DataLoader, a list "
+            raise ArgumentTypeError(f"{fn}: expected data that can be read again on every product (a DataLoader, a list "
                             f"of batches or one (x, y) batch), got a one-shot iterator {type(data).__name__}; "
                             f"pass list(data), resgeom_fast.operators.fixed_sample(data) or cache=True")
         self.sizes: list[int] = []
@@ -255,7 +247,7 @@ class Batches:
             if self._check:
                 prints.append(_summary(sample_fingerprints(x, y)))
         if not self.sizes:
-            raise ValueError(f"{fn}: data yielded no batches")
+            raise ArgumentValueError(f"{fn}: data yielded no batches")
         self.total = sum(self.sizes)
         self.kept: Optional[list[Batch]] = kept if materialise else None
         self.dtype, self.device = dtype, device
@@ -338,22 +330,12 @@ def fixed_sample(data: Any, num_batches: Optional[int] = None, max_samples: Opti
     fn = "fixed_sample"
     for name, v in (("num_batches", num_batches), ("max_samples", max_samples), ("batch_size", batch_size)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{fn}: expected {name} a positive int or None, got {v!r}")
+            raise ArgumentValueError(f"{fn}: expected {name} a positive int or None, got {v!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"{fn}: expected dtype a floating-point torch.dtype or None, got {dtype!r}")
-    if is_single_batch(data):
-        x, y = data
-        bs = batch_size or x.shape[0]
-        source: Iterable = [(x[i:i + bs], y[i:i + bs] if isinstance(y, Tensor) else y)
-                            for i in range(0, x.shape[0], bs)]
-    elif isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
-            and hasattr(data, "__len__"):
-        source = torch.utils.data.DataLoader(data, batch_size=batch_size or 128, shuffle=False)
-    elif isinstance(data, Iterable):
-        source = data
-    else:
-        raise TypeError(f"{fn}: expected data a DataLoader, an iterable of (x, y) batches, a Dataset or one "
-                        f"(x, y) batch, got {type(data).__name__}")
+        raise ArgumentValueError(f"{fn}: expected dtype a floating-point torch.dtype or None, got {dtype!r}")
+    source = data_source(fn, data, batch_size=batch_size)
+    if is_batch(source):
+        source = [source]
 
     def conv(t: Any) -> Any:
         if not isinstance(t, Tensor):
@@ -366,10 +348,10 @@ def fixed_sample(data: Any, num_batches: Optional[int] = None, max_samples: Opti
     n = 0
     for b in source:
         if not (isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], Tensor)):
-            raise TypeError(f"{fn}: expected batches (x, y) with x a tensor, got {type(b).__name__}")
+            raise ArgumentTypeError(f"{fn}: expected batches (x, y) with x a tensor, got {type(b).__name__}")
         x, y = b
         if x.dim() == 0:
-            raise ValueError(f"{fn}: expected x with a batch dimension, got a 0-d tensor")
+            raise ArgumentValueError(f"{fn}: expected x with a batch dimension, got a 0-d tensor")
         if max_samples is not None and n + x.shape[0] > max_samples:
             keep = max_samples - n
             x, y = x[:keep], (y[:keep] if isinstance(y, Tensor) else y)
@@ -379,5 +361,5 @@ def fixed_sample(data: Any, num_batches: Optional[int] = None, max_samples: Opti
         if (num_batches is not None and len(out) >= num_batches) or (max_samples is not None and n >= max_samples):
             break
     if not out:
-        raise ValueError(f"{fn}: data yielded no samples")
+        raise ArgumentValueError(f"{fn}: data yielded no samples")
     return out

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .._progress import progress as progress_bar
+from ..core.modules import module_mode
 from ..data.dataset import Dataset
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -517,10 +518,8 @@ def train(
 def _evaluate(model: nn.Module, loader: Iterable, loss_kind: Optional[Union[str, Callable]],
               device: torch.device) -> tuple[Optional[float], Optional[float]]:
     """(mean data loss, accuracy or None) over ``loader`` in eval mode (restores train mode)."""
-    was_training = model.training
-    model.eval()
     loss_sum, correct, seen, has_acc = 0.0, 0, 0, True
-    try:
+    with module_mode(model, False):  # every submodule's mode restored after
         for xb, yb in loader:
             xb, yb = xb.to(device), yb.to(device)
             kind = loss_kind if loss_kind is not None else _resolve_loss(None, yb)
@@ -533,8 +532,6 @@ def _evaluate(model: nn.Module, loader: Iterable, loss_kind: Optional[Union[str,
             else:
                 correct += c
             seen += n
-    finally:
-        model.train(was_training)
     if seen == 0:
         return None, None
     return loss_sum / seen, (correct / seen if has_acc else None)
