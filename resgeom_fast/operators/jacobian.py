@@ -40,6 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resgeom_fast.core.blocks import ScalarBias, ScalarMultiplier
 from resgeom_fast.core.checks import ArgumentValueError, check_choice, check_int, check_type, value_error
+from resgeom_fast.core.modules import capture_inputs
 from resgeom_fast.linalg.operator import LinearOperator
 from resgeom_fast.operators._data import module_mode, no_inplace
 from resgeom_fast.operators._precision import check_precision, product_precision
@@ -52,41 +53,25 @@ PATHS = ("auto", "generic", "fast")
 _CHUNK_BYTES = 256 * 2**20
 
 
-class _StopForward(Exception):
-    pass
-
-
 def block_inputs(model: nn.Module, x: Tensor, blocks: Sequence[BlockInfo]) -> list[Tensor]:
-    """The inputs h_{l-1} [N, ...] of ``blocks`` from one eval-mode, no-grad forward pass of x.
+    """The inputs h_{l-1} [N, ...] of ``blocks`` from one eval-mode, no-grad forward pass of x
+    (detached copies, :func:`resgeom_fast.core.modules.capture_inputs`).
 
     The pass stops after the last requested block's input is captured.
     """
-    want = {id(b.block): i for i, b in enumerate(blocks)}
-    got: dict[int, Tensor] = {}
+    def first_input_is_a_tensor(i: int, h: Any) -> None:
+        if cap.calls[i] == 0 and not isinstance(h, Tensor):
+            raise ArgumentValueError(f"residual_jacobians: block {blocks[i].name!r} was called without a "
+                                     f"tensor input")
 
-    def hook(mod: nn.Module, args: tuple) -> None:
-        i = want.get(id(mod))
-        if i is not None and i not in got:
-            if not args or not isinstance(args[0], Tensor):
-                raise ArgumentValueError(f"residual_jacobians: block {blocks[i].name!r} was called without a tensor input")
-            got[i] = args[0].detach().clone()
-            if len(got) == len(want):
-                raise _StopForward
-
-    handles = [b.block.register_forward_pre_hook(hook) for b in blocks]
-    try:
-        with torch.no_grad(), module_mode(model, "eval"):
-            try:
-                model(x)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [blocks[i].name for i in range(len(blocks)) if i not in got]
+    with capture_inputs([b.block for b in blocks], stop=True, on_call=first_input_is_a_tensor) as cap, \
+            torch.no_grad(), module_mode(model, "eval"):
+        model(x)
+    missing = [blocks[i].name for i in cap.missing()]
     if missing:
-        raise ArgumentValueError(f"residual_jacobians: blocks {missing} were not called in the forward pass of the model")
-    return [got[i] for i in range(len(blocks))]
+        raise ArgumentValueError(f"residual_jacobians: blocks {missing} were not called in the forward pass of "
+                                 f"the model")
+    return list(cap.values)
 
 
 # -- the linearised program of a branch ---------------------------------------------------------
