@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_int, describe, message
+
 __all__ = ["Dataset", "SPLITS"]
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -39,11 +41,11 @@ class Dataset:
         for split in SPLITS:
             x, y = self.tensors(split)
             if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-                raise ValueError(f"x_{split}, y_{split}: expected tensors, got {type(x).__name__}, {type(y).__name__}")
+                raise ArgumentTypeError(f"x_{split}, y_{split}: expected tensors, got {type(x).__name__}, {type(y).__name__}")
             if x.shape[0] != y.shape[0]:
-                raise ValueError(f"y_{split}: expected {x.shape[0]} rows (as x_{split}), got {y.shape[0]}")
+                raise ArgumentValueError(f"y_{split}: expected {x.shape[0]} rows (as x_{split}), got {y.shape[0]}")
         if self.num_classes is not None and self.y_train.dtype != torch.int64:
-            raise ValueError(f"y_train: expected int64 labels for a classification set, got {self.y_train.dtype}")
+            raise ArgumentValueError(f"y_train: expected int64 labels for a classification set, got {self.y_train.dtype}")
 
     @property
     def task(self) -> str:
@@ -61,7 +63,7 @@ class Dataset:
             return self.x_train, self.y_train
         if split == "test":
             return self.x_test, self.y_test
-        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+        raise ArgumentValueError(message(None, "split", f"one of {list(SPLITS)}", describe(split)))
 
     def loader(self, split: str = "train", batch_size: int = 128, shuffle: Optional[bool] = None,
                seed: int = 0, drop_last: bool = False) -> DataLoader:
@@ -71,8 +73,7 @@ class Dataset:
         global RNG is not used.
         """
         x, y = self.tensors(split)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        check_int(None, "batch_size", batch_size, minimum=1, expected="an int >= 1")
         if shuffle is None:
             shuffle = split == "train"
         gen = torch.Generator().manual_seed(int(seed)) if shuffle else None

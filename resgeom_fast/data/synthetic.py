@@ -9,15 +9,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_bool, check_int, describe, message
+
 from .dataset import Dataset
 
 __all__ = ["digits", "gaussian_mixture", "teacher"]
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
+    """``value`` if an int >= ``minimum``: ``"<name>: expected an int >= m, got <value>"`` otherwise."""
+    return check_int(None, name, value, minimum=minimum, expected=f"an int >= {minimum}")
 
 
 def _standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -49,14 +50,14 @@ def digits(seed: int = 0, test_size: float = 0.25, image: bool = False,
     Returns:
         :class:`Dataset` with int64 labels in 0..9 and ``num_classes = 10``.
     """
+    # scikit-learn is an optional dependency, needed by this loader only
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     _check_int("seed", seed, 0)
     if not (isinstance(test_size, float) and 0.0 < test_size < 1.0):
-        raise ValueError(f"test_size: expected a float in (0, 1), got {test_size!r}")
-    if not isinstance(image, bool):
-        raise ValueError(f"image: expected one of [False, True], got {image!r}")
+        raise ArgumentValueError(f"test_size: expected a float in (0, 1), got {test_size!r}")
+    check_bool(None, "image", image, expected="one of [False, True]")
     bunch = load_digits()
     x = bunch.data.astype(np.float64)
     y = bunch.target.astype(np.int64)
@@ -93,8 +94,10 @@ def gaussian_mixture(num_classes: int = 3, dim: int = 2, n: int = 600, separatio
     _check_int("n", n, 1)
     _check_int("seed", seed, 0)
     n_test = n if n_test is None else _check_int("n_test", n_test, 1)
-    if isinstance(separation, bool) or not isinstance(separation, (int, float)) or not separation >= 0:
-        raise ValueError(f"separation: expected a float >= 0, got {separation!r}")
+    if isinstance(separation, bool) or not isinstance(separation, (int, float)):
+        raise ArgumentTypeError(message(None, "separation", "a float >= 0", describe(separation)))
+    if not separation >= 0:
+        raise ArgumentValueError(message(None, "separation", "a float >= 0", repr(separation)))
     gen = torch.Generator().manual_seed(seed)
     dirs = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
     means = separation * dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -131,7 +134,7 @@ def teacher(dims: Sequence[int] = (30, 3, 30), n: int = 1000, seed: int = 0, n_t
     """
     dims = tuple(dims)
     if len(dims) < 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-        raise ValueError(f"dims: expected at least two positive ints, got {dims!r}")
+        raise ArgumentValueError(f"dims: expected at least two positive ints, got {dims!r}")
     _check_int("n", n, 2)
     _check_int("seed", seed, 0)
     n_test = n if n_test is None else _check_int("n_test", n_test, 1)

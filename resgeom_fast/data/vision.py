@@ -7,10 +7,13 @@ exact paths torchvision reads, so they can be put there by hand.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from resgeom_fast.core.checks import ArgumentValueError
 
 from .dataset import Dataset
 
@@ -36,13 +39,14 @@ _NUM_CLASSES = {"mnist": 10, "fashionmnist": 10, "cifar10": 10, "cifar100": 100}
 def expected_files(name: str, root: Union[str, os.PathLike]) -> list[str]:
     """The files torchvision reads for ``name`` under ``root`` (absolute paths)."""
     if name not in _LAYOUT:
-        raise ValueError(f"name: expected one of {list(VISION_DATASETS)}, got {name!r}")
+        raise ArgumentValueError(f"name: expected one of {list(VISION_DATASETS)}, got {name!r}")
     folder, files, _ = _LAYOUT[name]
     base = os.path.join(os.path.abspath(os.fspath(root)), folder)
     return [os.path.join(base, f) for f in files]
 
 
 def _torchvision_class(name: str, verify: bool):
+    # torchvision is an optional dependency, needed by this loader only
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashionmnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
@@ -56,8 +60,6 @@ def _torchvision_class(name: str, verify: bool):
             return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f, _ in self.train_list + self.test_list)
 
         def _load_meta(self) -> None:
-            import pickle
-
             path = os.path.join(self.root, self.base_folder, self.meta["filename"])
             with open(path, "rb") as fh:
                 data = pickle.load(fh, encoding="latin1")
@@ -104,7 +106,7 @@ def torchvision_dataset(name: str, root: Union[str, os.PathLike], *, image: bool
         RuntimeError: files present but rejected by torchvision (e.g. a checksum mismatch).
     """
     if name not in _LAYOUT:
-        raise ValueError(f"name: expected one of {list(VISION_DATASETS)}, got {name!r}")
+        raise ArgumentValueError(f"name: expected one of {list(VISION_DATASETS)}, got {name!r}")
     files = expected_files(name, root)
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:

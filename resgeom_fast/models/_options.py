@@ -10,6 +10,10 @@ import math
 from collections.abc import Sequence
 from typing import Union
 
+from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_bool
+from resgeom_fast.core.checks import check_choice as _check_choice
+from resgeom_fast.core.checks import check_int
+
 SKIPS: tuple[str, ...] = ("identity", "none", "orthogonal")
 NORMS: tuple[str, ...] = ("batch", "none")
 INITS: tuple[str, ...] = ("kaiming", "fixup", "torch")
@@ -19,17 +23,15 @@ ScaleSpec = Union[float, int, str]
 
 
 def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise a ValueError that lists them."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
-    return value
+    """Return ``value`` if it is one of ``allowed``, else raise an ArgumentValueError (a
+    ValueError) that lists them: ``"<name>: expected one of [...], got <value>"``."""
+    return _check_choice(None, name, value, allowed)
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int >= ``minimum`` (bools refused), else raise ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
+    """Return ``value`` if it is an int >= ``minimum`` (bools refused), else raise
+    ArgumentTypeError / ArgumentValueError (both ValueErrors): ``"<name>: expected an int >= m, got <value>"``."""
+    return check_int(None, name, value, minimum=minimum, expected=f"an int >= {minimum}")
 
 
 def resolve_scale(scale: ScaleSpec, num_blocks: int) -> Union[float, str]:
@@ -44,10 +46,10 @@ def resolve_scale(scale: ScaleSpec, num_blocks: int) -> Union[float, str]:
         (the caller then creates one learnable scalar per block, initialised to 0).
     """
     if isinstance(scale, bool):
-        raise ValueError(f"scale: expected a float or one of {list(SCALE_NAMES)}, got {scale!r}")
+        raise ArgumentTypeError(f"scale: expected a float or one of {list(SCALE_NAMES)}, got {scale!r}")
     if isinstance(scale, (int, float)):
         if not math.isfinite(float(scale)):
-            raise ValueError(f"scale: expected a finite float or one of {list(SCALE_NAMES)}, got {scale!r}")
+            raise ArgumentValueError(f"scale: expected a finite float or one of {list(SCALE_NAMES)}, got {scale!r}")
         return float(scale)
     if scale == "1/L":
         return 1.0 / num_blocks
@@ -55,7 +57,7 @@ def resolve_scale(scale: ScaleSpec, num_blocks: int) -> Union[float, str]:
         return 1.0 / math.sqrt(num_blocks)
     if scale == "skipinit":
         return "skipinit"
-    raise ValueError(f"scale: expected a float or one of {list(SCALE_NAMES)}, got {scale!r}")
+    raise ArgumentValueError(f"scale: expected a float or one of {list(SCALE_NAMES)}, got {scale!r}")
 
 
 def check_common(skip: str, norm: str, init: str, hyper: object) -> None:
@@ -63,5 +65,4 @@ def check_common(skip: str, norm: str, init: str, hyper: object) -> None:
     check_choice("skip", skip, SKIPS)
     check_choice("norm", norm, NORMS)
     check_choice("init", init, INITS)
-    if not isinstance(hyper, bool):
-        raise ValueError(f"hyper: expected one of [False, True], got {hyper!r}")
+    check_bool(None, "hyper", hyper, expected="one of [False, True]")

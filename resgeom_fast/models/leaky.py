@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_number, describe, message
+
 from ._options import check_choice, check_positive_int
 from .blocks import ResidualBlock, ScaledIdentity
 from .network import seeded_construction
@@ -82,8 +84,10 @@ def step_sizes(depth: int, steps: str, irregular_a: float = 2.0) -> Tensor:
     check_positive_int("depth", depth)
     check_choice("steps", steps, STEP_SCHEMES)
     if steps == "irregular":
-        if not (isinstance(irregular_a, (int, float)) and abs(irregular_a) < 4):
-            raise ValueError(f"irregular_a: expected a float with |a| < 4, got {irregular_a!r}")
+        if not isinstance(irregular_a, (int, float)):
+            raise ArgumentTypeError(message(None, "irregular_a", "a float with |a| < 4", describe(irregular_a)))
+        if not abs(irregular_a) < 4:
+            raise ArgumentValueError(message(None, "irregular_a", "a float with |a| < 4", repr(irregular_a)))
         l = torch.arange(1, depth + 1, dtype=torch.float64)
         rho = (1.0 + irregular_a * (0.25 - (l / depth - 0.5).abs())) / depth
         return rho / rho.sum()
@@ -155,24 +159,25 @@ class LeakyResNet(nn.Module):
         check_positive_int("out_dim", out_dim)
         check_positive_int("adapt_every", adapt_every)
         if in_dim > width:
-            raise ValueError(f"in_dim: expected <= width ({width}), got {in_dim}")
+            raise ArgumentValueError(f"in_dim: expected <= width ({width}), got {in_dim}")
         if out_dim > width:
-            raise ValueError(f"out_dim: expected <= width ({width}), got {out_dim}")
-        if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not (leak >= 0 and math.isfinite(leak)):
-            raise ValueError(f"leak: expected a finite float >= 0, got {leak!r}")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(f"lam: expected a float >= 0, got {lam!r}")
+            raise ArgumentValueError(f"out_dim: expected <= width ({width}), got {out_dim}")
+        check_number(None, "leak", leak, nonnegative=True)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise ArgumentTypeError(message(None, "lam", "a float >= 0", describe(lam)))
+        if not lam >= 0:
+            raise ArgumentValueError(message(None, "lam", "a float >= 0", repr(lam)))
         if lam > 0 and leak == 0:
-            raise ValueError("lam: the weight-decay term lam / (2 Lt) needs leak > 0; got leak=0 with lam > 0")
+            raise ArgumentValueError("lam: the weight-decay term lam / (2 Lt) needs leak > 0; got leak=0 with lam > 0")
         if not (0 < max_step < 1):
-            raise ValueError(f"max_step: expected a float in (0, 1), got {max_step!r}")
+            raise ArgumentValueError(f"max_step: expected a float in (0, 1), got {max_step!r}")
         rho = step_sizes(depth, steps, irregular_a)
         if steps == "adaptive" and leak > 0 and depth * max_step / leak < 1:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"leak: adaptive steps need leak <= max_step * depth = {max_step * depth:g} so that "
                 f"rho_l * leak <= max_step is feasible, got {leak}")
         if float(rho.max()) * leak >= 1:
-            raise ValueError(f"leak: expected max_l rho_l * leak < 1 (rho_max = {float(rho.max()):.4g}), got {leak}")
+            raise ArgumentValueError(f"leak: expected max_l rho_l * leak < 1 (rho_max = {float(rho.max()):.4g}), got {leak}")
         self.in_dim, self.width, self.depth, self.out_dim = in_dim, width, depth, out_dim
         self.leak, self.steps, self.lam = float(leak), steps, float(lam)
         self.irregular_a, self.max_step, self.adapt_every = float(irregular_a), float(max_step), adapt_every
@@ -202,11 +207,11 @@ class LeakyResNet(nn.Module):
         """Set the steps (positive, summing to 1 within 1e-6, rho_l * leak < 1) [L]."""
         rho = torch.as_tensor(rho, dtype=torch.float64).detach().cpu()
         if rho.shape != (self.depth,):
-            raise ValueError(f"rho: expected shape ({self.depth},), got {tuple(rho.shape)}")
+            raise ArgumentValueError(f"rho: expected shape ({self.depth},), got {tuple(rho.shape)}")
         if not bool((rho > 0).all()) or abs(float(rho.sum()) - 1.0) > 1e-6:
-            raise ValueError(f"rho: expected positive steps summing to 1, got sum {float(rho.sum()):.8g}, min {float(rho.min()):.4g}")
+            raise ArgumentValueError(f"rho: expected positive steps summing to 1, got sum {float(rho.sum()):.8g}, min {float(rho.min()):.4g}")
         if float(rho.max()) * self.leak >= 1:
-            raise ValueError(f"rho: expected rho_l * leak < 1, got max {float(rho.max()) * self.leak:.4g}")
+            raise ArgumentValueError(f"rho: expected rho_l * leak < 1, got max {float(rho.max()) * self.leak:.4g}")
         with torch.no_grad():
             self.rho.copy_(rho.to(self.rho.dtype))
         self._sync_blocks()
@@ -221,11 +226,10 @@ class LeakyResNet(nn.Module):
             ValueError: ``leak`` not a finite float >= 0, max_l rho_l * leak >= 1 for the current
                 steps, or leak == 0 with lam > 0 (the constructor's checks).
         """
-        if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not (leak >= 0 and math.isfinite(leak)):
-            raise ValueError(f"with_leak: expected leak a finite float >= 0, got {leak!r}")
+        check_number("with_leak", "leak", leak, nonnegative=True)
         rho_max = float(self.rho.max())
         if rho_max * leak >= 1:
-            raise ValueError(f"with_leak: expected max_l rho_l * leak < 1 (rho_max = {rho_max:.4g}), got leak={leak}")
+            raise ArgumentValueError(f"with_leak: expected max_l rho_l * leak < 1 (rho_max = {rho_max:.4g}), got leak={leak}")
         ref = self.weights[0]
         new = LeakyResNet(self.in_dim, self.width, self.depth, self.out_dim, float(leak), self.steps, lam=self.lam,
                           irregular_a=self.irregular_a, max_step=self.max_step, adapt_every=self.adapt_every)

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from resgeom_fast.core.blocks import residual_blocks as _block_infos
+from resgeom_fast.core.checks import check_int
 
 from ._options import ScaleSpec, check_common, resolve_scale
-from .blocks import ResidualBlock, ScalarBias, ScalarMultiplier, fixup_factor
+from .blocks import ScalarBias, ScalarMultiplier, fixup_factor
 
 __all__ = ["ResidualNetwork", "seeded_construction"]
 
@@ -38,8 +39,7 @@ def seeded_construction(seed: int) -> Iterator[torch.Generator]:
     initialisation is reproducible) and restored on exit; the yielded ``torch.Generator``
     (also seeded with ``seed``) drives this package's explicit initialisation.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: expected an int, got {seed!r}")
+    check_int(None, "seed", seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)

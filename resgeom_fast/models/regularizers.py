@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, describe, message
+
 __all__ = ["BiasReg", "relu_biases"]
 
 _BIASED = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -54,10 +56,14 @@ class BiasReg(nn.Module):
 
     def __init__(self, beta: float = 1e-3, b0: float = 0.1, parameters: Optional[list[Tensor]] = None) -> None:
         super().__init__()
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
-            raise ValueError(f"beta: expected a float >= 0, got {beta!r}")
-        if isinstance(b0, bool) or not isinstance(b0, (int, float)) or not b0 > 0:
-            raise ValueError(f"b0: expected a float > 0, got {b0!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise ArgumentTypeError(message(None, "beta", "a float >= 0", describe(beta)))
+        if beta < 0:
+            raise ArgumentValueError(message(None, "beta", "a float >= 0", repr(beta)))
+        if isinstance(b0, bool) or not isinstance(b0, (int, float)):
+            raise ArgumentTypeError(message(None, "b0", "a float > 0", describe(b0)))
+        if not b0 > 0:
+            raise ArgumentValueError(message(None, "b0", "a float > 0", repr(b0)))
         self.beta, self.b0 = float(beta), float(b0)
         self._params = list(parameters) if parameters is not None else None
 

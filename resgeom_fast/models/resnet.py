@@ -26,7 +26,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._options import ScaleSpec, check_positive_int
+from resgeom_fast.core.checks import check_bool
+
+from ._options import ScaleSpec, check_choice, check_positive_int
 from .blocks import OrthogonalSkip, ResidualBlock, ScalarBias, ScalarMultiplier, ZeroSkip
 from .network import ResidualNetwork, make_skip_scale, seeded_construction
 
@@ -127,13 +129,11 @@ class StagedResNet(ResidualNetwork):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if block not in ("basic", "bottleneck"):
-            raise ValueError(f"block: expected one of ['basic', 'bottleneck'], got {block!r}")
+        check_choice("block", block, ("basic", "bottleneck"))
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_channels", in_channels)
         check_positive_int("base_width", base_width)
-        if not isinstance(cifar_stem, bool):
-            raise ValueError(f"cifar_stem: expected one of [False, True], got {cifar_stem!r}")
+        check_bool(None, "cifar_stem", cifar_stem, expected="one of [False, True]")
         lam = self._set_options(skip, hyper, scale, init, norm, sum(layers))
         self.block_kind, self.layers, self.num_classes = block, tuple(layers), num_classes
         fixup = init == "fixup"

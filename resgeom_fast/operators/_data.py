@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, type_error
+from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_int, type_error
 from resgeom_fast.core.modules import data_source, is_batch
 from resgeom_fast.core.modules import module_mode as core_module_mode
 
@@ -329,8 +329,8 @@ def fixed_sample(data: Any, num_batches: Optional[int] = None, max_samples: Opti
     """
     fn = "fixed_sample"
     for name, v in (("num_batches", num_batches), ("max_samples", max_samples), ("batch_size", batch_size)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ArgumentValueError(f"{fn}: expected {name} a positive int or None, got {v!r}")
+        if v is not None:
+            check_int(fn, name, v, minimum=1, expected="a positive int or None")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ArgumentValueError(f"{fn}: expected dtype a floating-point torch.dtype or None, got {dtype!r}")
     source = data_source(fn, data, batch_size=batch_size)

@@ -14,7 +14,6 @@ Callbacks run under their own ``fork_rng``, so measuring during training does no
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -27,6 +26,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .._progress import progress as progress_bar
+from ..core.checks import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_module,
+    check_number,
+)
 from ..core.modules import module_mode
 from ..data.dataset import Dataset
 from .checkpoint import (
@@ -128,7 +136,7 @@ class _TrainData:
                 if len(items) == 4:
                     self.test_loader = DataLoader(TensorDataset(items[2], items[3]), batch_size=eval_batch_size)
                 return
-        raise ValueError(
+        raise ArgumentTypeError(
             "data: expected a resgeom_fast.data.Dataset, a (train_loader, test_loader_or_None) pair, "
             f"(x, y) tensors or (x_train, y_train, x_test, y_test) tensors, got {type(data).__name__}")
 
@@ -152,8 +160,8 @@ class _TrainData:
 
 # --------------------------------------------------------------------------- helpers
 def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+    """``"<name>: expected one of [...], got <value>"`` (ArgumentValueError) unless ``value`` is allowed."""
+    check_choice(None, name, value, allowed)
 
 
 def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, momentum: float,
@@ -189,19 +197,19 @@ def _parse_callbacks(callbacks: Sequence[Any]) -> list[tuple[Callable[[int], boo
         elif callable(cb):
             fn = cb
         else:
-            raise ValueError(f"callbacks[{i}]: expected a callable, an object with on_epoch_end, or "
+            raise ArgumentTypeError(f"callbacks[{i}]: expected a callable, an object with on_epoch_end, or "
                              f"(epochs, callable), got {cb!r}")
         if when is None:
             test = (lambda e: e >= 1)
         elif isinstance(when, int) and not isinstance(when, bool):
             if when < 1:
-                raise ValueError(f"callbacks[{i}]: expected an every-k-epochs int >= 1, got {when!r}")
+                raise ArgumentValueError(f"callbacks[{i}]: expected an every-k-epochs int >= 1, got {when!r}")
             test = (lambda e, k=when: e >= 1 and e % k == 0)
         elif isinstance(when, Iterable):
             chosen = frozenset(int(e) for e in when)
             test = (lambda e, s=chosen: e in s)
         else:
-            raise ValueError(f"callbacks[{i}]: expected epochs as an int (every k) or a list of ints, got {when!r}")
+            raise ArgumentTypeError(f"callbacks[{i}]: expected epochs as an int (every k) or a list of ints, got {when!r}")
         name = getattr(fn, "__name__", None) or type(cb).__name__
         if name == "on_epoch_end":
             name = type(cb).__name__
@@ -225,7 +233,7 @@ def _resolve_loss(loss_fn: Union[None, str, Callable], target: Tensor) -> Union[
         return loss_fn
     if callable(loss_fn):
         return loss_fn
-    raise ValueError(f"loss_fn: expected None, a callable or one of {list(LOSSES)}, got {loss_fn!r}")
+    raise ArgumentTypeError(f"loss_fn: expected None, a callable or one of {list(LOSSES)}, got {loss_fn!r}")
 
 
 def _correct(output: Tensor, target: Tensor) -> Optional[int]:
@@ -343,44 +351,38 @@ def train(
     Returns:
         :class:`TrainResult` with the per-epoch history.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs: expected an int >= 0, got {epochs!r}")
+    check_module(None, "model", model)
+    check_int(None, "epochs", epochs, minimum=0, expected="an int >= 0")
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     if not callable(schedule):
         _check_choice("schedule", schedule, SCHEDULES)
     for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: expected a finite float >= 0, got {value!r}")
+        check_number(None, name, value, nonnegative=True)
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        check_int(None, name, value, minimum=1, expected="an int >= 1")
+    check_int(None, "seed", seed, minimum=0, expected="an int >= 0")
     if loss_fn is not None and not callable(loss_fn):
         _check_choice("loss_fn", loss_fn, LOSSES)
     if resume and checkpoint_dir is None:
-        raise ValueError("resume: needs checkpoint_dir (where the checkpoint lives)")
+        raise ArgumentValueError("resume: needs checkpoint_dir (where the checkpoint lives)")
     if adapt_every is not None and (isinstance(adapt_every, bool) or not isinstance(adapt_every, int) or adapt_every < 1):
-        raise ValueError(f"adapt_every: expected None or an int >= 1, got {adapt_every!r}")
+        raise ArgumentValueError(f"adapt_every: expected None or an int >= 1, got {adapt_every!r}")
     parsed_callbacks = _parse_callbacks(list(callbacks))
     regularizers = list(regularizers)
     for i, reg in enumerate(regularizers):
         if not callable(reg):
-            raise ValueError(f"regularizers[{i}]: expected a callable model -> tensor, got {reg!r}")
+            raise ArgumentTypeError(f"regularizers[{i}]: expected a callable model -> tensor, got {reg!r}")
     if adapt_every is None and getattr(model, "steps", None) == "adaptive" and hasattr(model, "adapt_steps"):
         adapt_every = int(getattr(model, "adapt_every", 10))
     model_reg = getattr(model, "regularization", None)
     model_reg = model_reg if callable(model_reg) else None
 
-    if not isinstance(drop_last, bool):
-        raise ValueError(f"drop_last: expected one of [False, True], got {drop_last!r}")
+    check_bool(None, "drop_last", drop_last, expected="one of [False, True]")
     tdata = _TrainData(data, batch_size, eval_batch_size, seed, drop_last)
     params = [p for p in model.parameters() if p.requires_grad]
     first = next(model.parameters(), None)
     if first is None:
-        raise ValueError("model: has no parameters to train")
+        raise ArgumentValueError("model: has no parameters to train")
     device = first.device
     opt = _make_optimizer(optimizer, params, float(lr), float(momentum), float(weight_decay))
     sched = _make_scheduler(schedule, opt, max(epochs, 1))
@@ -477,7 +479,7 @@ def train(
                     seen += n
                     batches += 1
                 if seen == 0:
-                    raise ValueError("data: the training loader yielded no batches")
+                    raise ArgumentValueError("data: the training loader yielded no batches")
                 if sched is not None:
                     sched.step()
                 record: dict[str, Any] = {
