@@ -6,12 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from resgeom_fast.analysis.expansion import (
-    geometric_complexity,
-    output_norm_vs_depth,
-    path_expansion,
-    remainder_scaling,
-)
+# the module, looked up at each call (a wrapper installed on it sees every call)
+from resgeom_fast.analysis import expansion as expansion_analysis
 from resgeom_fast.models import FCResNet
 
 from ..common import resolve_device
@@ -39,11 +35,11 @@ def run_expansion(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
         x = ds.x_test[: cfg["path_samples"]].flatten(1).double()
         make = lambda lam: FCResNet(in_dim, cfg["width"], cfg["depth"], ds.num_classes, scale=lam, norm="none",  # noqa: E731
                                     seed=cfg["seed"]).double().eval()
-        return remainder_scaling(make, cfg["lams"], x)
+        return expansion_analysis.remainder_scaling(make, cfg["lams"], x)
 
     rem = runner.step("remainder_scaling", remainder)
-    norms = runner.step("output_norms", lambda: output_norm_vs_depth(cfg["norm_depths"], width=cfg["norm_width"],
-                                                                     in_dim=cfg["norm_width"], seed=cfg["seed"]))
+    norms = runner.step("output_norms", lambda: expansion_analysis.output_norm_vs_depth(
+        cfg["norm_depths"], width=cfg["norm_width"], in_dim=cfg["norm_width"], seed=cfg["seed"]))
     models: dict[str, Any] = {}
     archs = ["residual", "plain"]
     for arch in archs:
@@ -51,9 +47,10 @@ def run_expansion(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
         xp, _ = split_inputs(ds, "test", cfg["path_samples"], device)
         xg, yg = split_inputs(ds, "test", cfg["gc_samples"], device)
         models[arch] = {"train": curves,
-                        "paths": analysis_step(runner, f"{arch}_paths",
-                                               lambda: path_expansion(model, xp, num_probes=1, seed=cfg["seed"])),
-                        "gc": analysis_step(runner, f"{arch}_gc", lambda: geometric_complexity(model, (xg, yg)))}
+                        "paths": analysis_step(runner, f"{arch}_paths", lambda: expansion_analysis.path_expansion(
+                            model, xp, num_probes=1, seed=cfg["seed"])),
+                        "gc": analysis_step(runner, f"{arch}_gc",
+                                            lambda: expansion_analysis.geometric_complexity(model, (xg, yg)))}
     results = {"study": "expansion", "config": cfg, "models": models, "remainder": rem, "output_norms": norms}
 
     def rem_build(r: dict) -> Any:

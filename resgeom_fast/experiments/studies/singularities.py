@@ -2,9 +2,8 @@
 residual and hyper-residual nets, and of the plain net trained with BiasReg."""
 from __future__ import annotations
 
+import importlib
 from typing import Any
-
-from resgeom_fast.analysis.singularities import singularities
 
 from ..common import resolve_device
 from ..runner import Runner
@@ -14,6 +13,11 @@ from ._shared import analysis_step, arch_option, net_options, opt, parse_archs, 
 from ._validation import validate_net_study
 
 __all__ = ["STUDY", "run_singularities", "validate_singularities"]
+
+# analyses through their modules, looked up at each call (a wrapper installed on the module, as the
+# tests' spies and interrupts do, sees every call); import_module because resgeom_fast.analysis
+# exports functions named like the collapse / singularities / mufm / hamiltonian modules
+singularities_analysis = importlib.import_module("resgeom_fast.analysis.singularities")
 
 
 def run_singularities(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
@@ -26,8 +30,9 @@ def run_singularities(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
     for arch in archs:
         model, curves = train_net(runner, cfg, ds, key, arch, device)
         models[arch] = {"train": curves,
-                        "singularities": analysis_step(runner, f"{arch}_singularities",
-                                                       lambda: singularities(model, dsd, eps=cfg["eps"]))}
+                        "singularities": analysis_step(
+                            runner, f"{arch}_singularities",
+                            lambda: singularities_analysis.singularities(model, dsd, eps=cfg["eps"]))}
     summaries = {a: {"singularities": models[a]["singularities"]["summary"]} for a in archs}
     return StudyOutput({"study": "singularities", "config": cfg, "models": models},
                        [singularity_figure(archs), training_figure(archs)], summaries,
