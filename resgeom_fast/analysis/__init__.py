@@ -1,8 +1,11 @@
 """The analyses of the five studies (layer 6): operators, models and data -> result objects.
 
-Each analysis returns a dataclass with ``to_dict()`` / ``to_json(path)`` / ``summary()`` and has
-plot helpers beside it (``plot_*`` functions of the same module, returning a matplotlib Figure
-whose numbers are the ones ``to_dict()`` exports).
+Each analysis returns a dataclass with ``to_dict()`` / ``to_json(path)`` / ``summary()`` (the
+generic ``to_dict`` of :class:`~resgeom_fast.analysis._common.Result`, derived from the fields) and
+has plot helpers beside it (``plot_*`` functions of the same module, returning a matplotlib Figure).
+The plot helpers draw from the dict form -- the result, its ``to_dict()`` or a results.json dict
+with ``at=`` the path of the result in it -- through the primitives of :mod:`.plotting` (the one
+plotting path, also the reports'), so every plotted number is a number of that dict.
 
 - :func:`residual_alignment` (alignment.py): RA1-RA4 of residual Jacobians (SCIENCE.md 1).
 - :func:`hessian_spectrum` (spectrum.py): extreme eigenvalues, trace, SLQ density, degeneracy and

@@ -7,9 +7,6 @@ it atomically. Tensors are kept on the dataclass (CPU) for plotting; ``to_dict``
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
 import os
 from typing import Any, ClassVar, Iterator, Optional, Union
 
@@ -19,72 +16,17 @@ from torch import Tensor
 # the same argument checks as the linalg layer (one implementation; re-exported for the analyses)
 from resgeom_fast.linalg._util import check_choice, check_int
 from resgeom_fast.linalg.operator import NonFiniteError, describe_non_finite
-from resgeom_fast.train.checkpoint import atomic_file
+from resgeom_fast.core.checks import check_number, value_error
+# JSON conversion and atomic writes live on the bottom floor (re-exported here: experiments import them)
+from resgeom_fast.core.io import atomic_write_json, atomic_write_text, json_checksum, to_jsonable
+
+from .plotting import figure_axes  # re-exported: the plot helpers' axes (moved to plotting.py)
 
 __all__ = [
     "FIRST", "Result", "atomic_write_json", "atomic_write_text", "batches", "check_choice", "check_finite_parameters",
     "check_finite_tensor", "check_float",
     "check_int", "figure_axes", "json_checksum", "json_field", "model_device_dtype", "to_jsonable",
 ]
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain Python for JSON: tensors / numpy arrays -> (nested) lists, non-finite floats -> None.
-
-    Dataclasses use their own ``to_dict`` when they have one, else their fields.
-    """
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Tensor):
-        t = obj.detach().cpu()
-        if t.is_complex():
-            raise TypeError("to_jsonable: complex tensors are not supported")
-        if t.dtype == torch.bool:
-            return t.tolist()
-        if t.is_floating_point():
-            return to_jsonable(t.double().tolist())
-        return t.tolist()
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array / scalar
-        return to_jsonable(obj.tolist())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        if hasattr(obj, "to_dict"):
-            return to_jsonable(obj.to_dict())
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (torch.dtype, torch.device)):
-        return str(obj)
-    try:
-        return float(obj)
-    except (TypeError, ValueError):
-        raise TypeError(f"to_jsonable: cannot convert {type(obj).__name__}") from None
-
-
-def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
-    """Write ``text`` (UTF-8) atomically (:func:`resgeom_fast.train.atomic_file`)."""
-    with atomic_file(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
-def atomic_write_json(path: Union[str, os.PathLike], obj: Any) -> None:
-    """``to_jsonable(obj)`` as indented, strict JSON (no NaN), written atomically."""
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
-
-
-def json_checksum(obj: Any) -> str:
-    """sha256 hex digest of ``obj``'s canonical JSON (sorted keys, no spaces, ASCII, no NaN).
-
-    ``obj`` must already be JSON-friendly (:func:`to_jsonable`); a value read back from a file
-    written by :func:`atomic_write_json` gives the same digest (floats round-trip exactly).
-    """
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 FIRST = ""  # a ``_place`` anchor: the derived key goes first in its dict
@@ -156,26 +98,17 @@ def _insert(d: dict[str, Any], key: str, value: Any, after: Optional[str]) -> No
     d.update(items)
 
 
-def figure_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
-    """``(figure, axes)`` of a plot helper: a new figure of ``figsize`` when ``ax`` is None, else
-    ``ax`` and its figure (pyplot is imported here, lazily)."""
-    if ax is None:
-        import matplotlib.pyplot as plt
-
-        return plt.subplots(figsize=figsize)
-    return ax.figure, ax
-
-
 def check_float(where: str, name: str, value: Any, lo: Optional[float] = None, hi: Optional[float] = None,
                 open_lo: bool = False) -> float:
-    """A finite real number with optional bounds (``open_lo``: strictly above ``lo``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: expected {name} a finite number, got {value!r}")
-    v = float(value)
+    """A finite real number with optional bounds (``open_lo``: strictly above ``lo``), through
+    :func:`resgeom_fast.core.checks.check_number` (ArgumentTypeError / ArgumentValueError, both
+    ValueErrors): ``"<where>: expected <name> a finite number, got ..."``, ``"... >= lo"``,
+    ``"... > lo"``, ``"... <= hi"``."""
+    v = check_number(where, name, value, expected="a finite number")
     if lo is not None and (v < lo or (open_lo and v == lo)):
-        raise ValueError(f"{where}: expected {name} {'>' if open_lo else '>='} {lo}, got {value!r}")
+        raise value_error(where, name, f"{'>' if open_lo else '>='} {lo}", repr(value))
     if hi is not None and v > hi:
-        raise ValueError(f"{where}: expected {name} <= {hi}, got {value!r}")
+        raise value_error(where, name, f"<= {hi}", repr(value))
     return v
 
 

@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from resgeom_fast.core.checks import check_module, check_type
 from resgeom_fast._progress import progress as _progress_bar
 from resgeom_fast.analysis._common import (
     FIRST,
@@ -90,6 +91,9 @@ from resgeom_fast.analysis._common import (
     json_field,
     model_device_dtype,
     to_jsonable,
+)
+from resgeom_fast.analysis.plotting import (
+    as_result_dict, errorbars, figure_axes, get_path, heatmaps, join, lines, pca_trajectories, pyplot, spectra_per_block,
 )
 from resgeom_fast.linalg import randomized_svd
 from resgeom_fast.linalg.svd import DEFAULT_MAX_ITERS, DEFAULT_TOL
@@ -798,8 +802,7 @@ def residual_alignment(
             model's device / dtype; bad settings. TypeError: arguments of the wrong type.
     """
     where = "residual_alignment"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: expected model an nn.Module, got {type(model).__name__}")
+    check_module(where, "model", model)
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: expected x a torch.Tensor [N, ...], got {type(x).__name__}")
     device, dtype = model_device_dtype(where, model)
@@ -820,8 +823,7 @@ def residual_alignment(
         labels = y.detach().to("cpu", torch.int64)
         if bool((labels < 0).any()):
             raise ValueError(f"{where}: expected y non-negative class labels, got min {int(labels.min())}")
-    if not isinstance(per_stage, bool):
-        raise TypeError(f"{where}: expected per_stage a bool, got {type(per_stage).__name__}")
+    check_type(where, "per_stage", per_stage, bool, "a bool")
     check_int(where, "oversample", oversample, 0)
     if power_iters is None or power_iters == "auto":
         power_iters = "auto"
@@ -834,10 +836,8 @@ def residual_alignment(
     if tol >= 1.0:
         raise ValueError(f"{where}: expected tol in (0, 1), got {tol}")
     check_int(where, "max_iters", max_iters, 0)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"{where}: expected deterministic a bool, got {type(deterministic).__name__}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"{where}: expected progress a bool, got {type(progress).__name__}")
+    check_type(where, "deterministic", deterministic, bool, "a bool")
+    check_type(where, "progress", progress, bool, "a bool")
     tau = check_float(where, "tau", tau, 0.0, 1.0, open_lo=True)
     check_int(where, "seed", seed, 0)
     check_choice(where, "path", path, _PATHS)
@@ -992,74 +992,64 @@ def depth_scaling(results: Sequence[AlignmentResult]) -> dict[str, Any]:
 
 
 # -- plots --------------------------------------------------------------------------------------
-def _stage_of(where: str, result: AlignmentResult, stage: int) -> StageAlignment:
-    if not isinstance(result, AlignmentResult):
-        raise TypeError(f"{where}: expected result an AlignmentResult, got {type(result).__name__}")
-    check_int(where, "stage", stage, 0, len(result.stages) - 1)
-    return result.stages[stage]
+# Every plot draws from the dict form (``result.to_dict()`` or results.json) through
+# resgeom_fast.analysis.plotting: ``result`` is an AlignmentResult, its to_dict(), or a results
+# dict holding that dict at the path ``at``; the tagged artists name paths of that dict.
+_REQUIRED = ("settings", "labels", "stages")
 
 
-def _axes(ax: Any) -> tuple[Any, Any]:
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5.0, 4.0))
-        return fig, ax
-    return ax.figure, ax
+def _stage_of(where: str, result: Any, stage: int, at: str) -> tuple[dict[str, Any], str, dict[str, Any], str]:
+    """``(root, at, d, stage path)`` of the dict form (checks ``stage``)."""
+    root, at, d = as_result_dict(where, result, AlignmentResult, at, _REQUIRED)
+    check_int(where, "stage", stage, 0, len(d["stages"]) - 1)
+    return root, at, d, join(at, f"stages.{stage}")
 
 
-def plot_trajectories(result: AlignmentResult, ax: Any = None, stage: int = 0) -> "Figure":
+def _fmt(v: Optional[float], spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def plot_trajectories(result: Union[AlignmentResult, dict[str, Any]], ax: Any = None, stage: int = 0, *,
+                      at: str = "") -> "Figure":
     """2-D PCA of the trajectories of one stage (``ra1.pca``), one line per sample, coloured by
     class (``labels``; one colour without labels); a dot marks h_0.
 
     Returns the matplotlib Figure.
     """
-    st = _stage_of("plot_trajectories", result, stage)
-    import matplotlib.pyplot as plt
-
-    fig, ax = _axes(ax)
-    pca = st.pca.numpy()
-    labels = result.labels
-    cmap = plt.get_cmap("tab10" if result.num_classes <= 10 else "tab20")
-    for n in range(pca.shape[0]):
-        c = cmap(int(labels[n]) % cmap.N) if labels is not None else "C0"
-        ax.plot(pca[n, :, 0], pca[n, :, 1], "-", color=c, lw=0.7, alpha=0.6)
-        ax.plot(pca[n, :1, 0], pca[n, :1, 1], "o", color=c, ms=2.5)
-    ev = st.pca_explained.tolist()
-    ax.set_xlabel(f"PC 1 ({100 * ev[0]:.0f}%)")
-    ax.set_ylabel(f"PC 2 ({100 * ev[1]:.0f}%)")
-    ax.set_title(f"trajectories, stage {st.stage} (linearity {_nanmean(st.linearity):.3f})")
+    root, at, d, sp = _stage_of("plot_trajectories", result, stage, at)
+    st = get_path(root, sp) if sp else d
+    fig, ax = figure_axes(ax, (5.0, 4.0))
+    cmap = "tab10" if d["settings"]["num_classes"] <= 10 else "tab20"
+    pca_trajectories(ax, root, join(sp, "ra1.pca"), join(at, "labels") if d["labels"] is not None else None, "",
+                     cmap=cmap)
+    ev = st["ra1"]["pca_explained"]
+    ax.set_xlabel(f"PC 1 ({_fmt(None if ev[0] is None else 100 * ev[0], '.0f')}%)")
+    ax.set_ylabel(f"PC 2 ({_fmt(None if ev[1] is None else 100 * ev[1], '.0f')}%)")
+    ax.set_title(f"trajectories, stage {st['stage']} (linearity {_fmt(st['ra1']['linearity_mean'], '.3f')})")
     return fig
 
 
-def plot_singular_values(result: AlignmentResult, ax: Any = None, stage: int = 0) -> "Figure":
+def plot_singular_values(result: Union[AlignmentResult, dict[str, Any]], ax: Any = None, stage: int = 0, *,
+                         at: str = "") -> "Figure":
     """Mean singular values of each block's residual Jacobian (``ra3.singular_values_mean``),
     log scale, one line per block coloured by depth; a dashed line at r = C.
 
     Returns the matplotlib Figure.
     """
-    st = _stage_of("plot_singular_values", result, stage)
-    import matplotlib.pyplot as plt
-
-    fig, ax = _axes(ax)
-    sv = st.singular_values_mean.numpy()
-    L, k = sv.shape
-    cmap = plt.get_cmap("viridis")
-    r = list(range(1, k + 1))
-    for l in range(L):
-        ax.semilogy(r, sv[l], "-o", ms=2.5, color=cmap(l / max(1, L - 1)), label=f"block {st.block_indices[l]}")
-    if result.num_classes <= k:
-        ax.axvline(result.num_classes, ls="--", color="gray", lw=0.8)
+    root, at, d, sp = _stage_of("plot_singular_values", result, stage, at)
+    st = get_path(root, sp) if sp else d
+    fig, ax = figure_axes(ax, (5.0, 4.0))
+    C, L = d["settings"]["num_classes"], len(st["block_indices"])
+    spectra_per_block(ax, root, join(sp, "ra3.singular_values_mean"), f"residual Jacobian spectra, stage {st['stage']}",
+                      num_classes=C if C <= st["k"] else None,
+                      block_labels=[f"block {i}" for i in st["block_indices"]] if L <= 12 else None)
     ax.set_xlabel("index r")
     ax.set_ylabel("mean sigma_r(J_l)")
-    ax.set_title(f"residual Jacobian spectra, stage {st.stage}")
-    if L <= 12:
-        ax.legend(fontsize=6)
     return fig
 
 
-def plot_cross_alignment(result: AlignmentResult, ax: Any = None, stage: int = 0,
-                         pairs: Optional[Sequence[tuple[int, int]]] = None) -> "Figure":
+def plot_cross_alignment(result: Union[AlignmentResult, dict[str, Any]], ax: Any = None, stage: int = 0,
+                         pairs: Optional[Sequence[tuple[int, int]]] = None, *, at: str = "") -> "Figure":
     """Heatmaps of the sample mean of |A_ij| = |U_i^T J_j V_i| (``ra2.cross_abs_mean``) for the
     stored pairs (``ra2.cross_pairs``, stage-local block indices) or the subset ``pairs``.
 
@@ -1067,10 +1057,9 @@ def plot_cross_alignment(result: AlignmentResult, ax: Any = None, stage: int = 0
     Axes (one per pair). Returns the matplotlib Figure.
     """
     where = "plot_cross_alignment"
-    st = _stage_of(where, result, stage)
-    import matplotlib.pyplot as plt
-
-    stored = [tuple(p) for p in st.cross_pairs]
+    root, at, d, sp = _stage_of(where, result, stage, at)
+    ra2 = (get_path(root, sp) if sp else d)["ra2"]
+    stored = [tuple(p) for p in ra2["cross_pairs"]]
     if pairs is None:
         chosen = stored if (ax is None or isinstance(ax, (list, tuple))) else stored[:1]
     else:
@@ -1080,8 +1069,8 @@ def plot_cross_alignment(result: AlignmentResult, ax: Any = None, stage: int = 0
             raise ValueError(f"{where}: expected pairs a non-empty subset of the stored pairs {stored}, "
                              f"got {list(pairs)}")
     if ax is None:
-        fig, axes = plt.subplots(1, len(chosen), figsize=(3.8 * len(chosen), 3.3), squeeze=False,
-                                 constrained_layout=True)
+        fig, axes = pyplot().subplots(1, len(chosen), figsize=(3.8 * len(chosen), 3.3), squeeze=False,
+                                      constrained_layout=True)
         axes = list(axes[0])
     elif isinstance(ax, (list, tuple)):
         axes = list(ax)
@@ -1092,25 +1081,26 @@ def plot_cross_alignment(result: AlignmentResult, ax: Any = None, stage: int = 0
         if len(chosen) != 1:
             raise ValueError(f"{where}: one Axes draws one pair; got pairs {chosen}")
         axes, fig = [ax], ax.figure
-    for a, (i, j) in zip(axes, chosen):
-        M = st.cross_abs_mean[stored.index((i, j))].numpy()
-        im = a.imshow(M, cmap="viridis")
-        a.set_title(f"mean |A_{i},{j}| (diag ratio {float(st.diag_ratio_mean[i, j]):.2f})", fontsize=8)
+    panels = [(f"mean |A_{i},{j}| (diag ratio {_fmt(ra2['diag_ratio_mean'][i][j], '.2f')})",
+               join(sp, f"ra2.cross_abs_mean.{stored.index((i, j))}")) for i, j in chosen]
+    heatmaps(axes, root, panels, fig)
+    for a in axes:
         a.set_xlabel("s")
         a.set_ylabel("r")
-        fig.colorbar(im, ax=a, fraction=0.046)
     return fig
 
 
-def plot_sigma1(result: AlignmentResult, ax: Any = None) -> "Figure":
+def plot_sigma1(result: Union[AlignmentResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> "Figure":
     """sigma_1(J_l) per block (``ra4.sigma1_mean`` with ``sigma1_std`` error bars) against the
     block's index in the model, one series per stage. Returns the matplotlib Figure."""
-    if not isinstance(result, AlignmentResult):
-        raise TypeError(f"plot_sigma1: expected result an AlignmentResult, got {type(result).__name__}")
-    fig, ax = _axes(ax)
-    for st in result.stages:
-        ax.errorbar(st.block_indices, st.sigma1_mean.numpy(), yerr=st.sigma1_std.numpy(), fmt="-o", ms=3,
-                    capsize=2, label=f"stage {st.stage}: L*mean = {st.depth_product:.3g}")
+    root, at, d = as_result_dict("plot_sigma1", result, AlignmentResult, at, _REQUIRED)
+    fig, ax = figure_axes(ax, (5.0, 4.0))
+    for s, st in enumerate(d["stages"]):
+        sp = join(at, f"stages.{s}")
+        x, y = join(sp, "block_indices"), join(sp, "ra4.sigma1_mean")
+        lines(ax, root, [(f"stage {st['stage']}: L*mean = {_fmt(st['ra4']['depth_product'], '.3g')}", x, y)],
+              styles=[{"ms": 3, "color": f"C{s}"}], legend=False)
+        errorbars(ax, root, x, y, join(sp, "ra4.sigma1_std"), color=f"C{s}")
     ax.set_xlabel("block")
     ax.set_ylabel("sigma_1(J_l)")
     ax.set_title("top singular value per block")

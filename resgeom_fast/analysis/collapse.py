@@ -81,16 +81,16 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-
+from resgeom_fast.core.checks import check_module
 from ._common import (
-    Result, batches, check_choice, check_finite_parameters, check_finite_tensor, check_int, figure_axes,
-    model_device_dtype,
+    Result, batches, check_choice, check_finite_parameters, check_finite_tensor, check_int, model_device_dtype,
 )
+from .plotting import as_result_dict, figure_axes, get_path, join, lines, point
 
 __all__ = [
     "CollapseResult", "METRICS", "RANK_RULE", "collapse",
@@ -576,8 +576,7 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
             forward pass), in the inputs x of a batch, or in a hidden state h_l of a batch.
     """
     where = "collapse"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: expected model an nn.Module, got {type(model).__name__}")
+    check_module(where, "model", model)
     check_choice(where, "pool", pool, _POOLS)
     check_choice(where, "split", split, ("train", "test"))
     try:
@@ -709,44 +708,48 @@ def _pass2(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
 
 
 # ----------------------------------------------------------------------------- plot
-def _floats(v: Sequence[Optional[float]]) -> list[float]:
-    return [math.nan if a is None else float(a) for a in v]
+METRIC_LABELS = {"nc1": "NC1 Tr(Σ_W Σ_B⁺)/C", "etf_error": "ETF error", "equinorm": "equinorm (CV)",
+                 "ncc_mismatch": "NCC mismatch"}
 
 
-def plot_collapse(result: CollapseResult, ax: Any = None) -> Any:
+def plot_collapse(result: Union[CollapseResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:
     """NC1, ETF error, equinorm and NCC mismatch against the layer index, log y-axis.
 
     Zeros (e.g. NCC mismatch of a separated layer) are masked by the log scale, not altered:
     every line's data are the exported values (None -> a gap). NC3 (when set) is one marker at
-    the last layer. The legend shows rho where it is defined.
+    the last layer. The legend shows rho where it is defined. Drawn from the dict form through
+    :mod:`resgeom_fast.analysis.plotting` (tagged artists).
 
     Args:
-        result: a :class:`CollapseResult`.
+        result: a :class:`CollapseResult`, its ``to_dict()``, or a results dict holding that
+            dict at the path ``at``.
         ax: a matplotlib Axes to draw on (default: a new figure).
+        at: see ``result``.
 
     Returns:
         the matplotlib Figure.
     """
-    if not isinstance(result, CollapseResult):
-        raise TypeError(f"plot_collapse: expected result a CollapseResult, got {type(result).__name__}")
+    root, at, d = as_result_dict("plot_collapse", result, CollapseResult, at,
+                                 ("layers", "nc3", "spearman", "split", "num_samples", "num_classes", *METRICS))
     fig, ax = figure_axes(ax, (6.0, 4.0))
-    labels = {"nc1": "NC1 Tr(Σ_W Σ_B⁺)/C", "etf_error": "ETF error", "equinorm": "equinorm (CV)",
-              "ncc_mismatch": "NCC mismatch"}
+    labels = []
     for k in METRICS:
-        rho = result.spearman.get(k)
-        ax.plot(result.layers, _floats(getattr(result, k)), marker="o", ms=3,
-                label=f"{labels[k]} (ρ={rho:.2f})" if rho is not None else labels[k])
-    finish_metric_axes(ax, result.layers, result.nc3, "NC3 (last layer)", "layer l",
-                       f"Feedforward collapse ({result.split}, N={result.num_samples}, C={result.num_classes})")
+        rho = d["spearman"].get(k)
+        labels.append(f"{METRIC_LABELS[k]} (ρ={rho:.2f})" if rho is not None else METRIC_LABELS[k])
+    lines(ax, root, [(lab, join(at, "layers"), join(at, k)) for lab, k in zip(labels, METRICS)],
+          marker="o", styles=[{"ms": 3}] * len(METRICS), legend=False)
+    finish_metric_axes(ax, root, at, "NC3 (last layer)", "layer l",
+                       f"Feedforward collapse ({d['split']}, N={d['num_samples']}, C={d['num_classes']})")
     return fig
 
 
-def finish_metric_axes(ax: Any, layers: list[int], nc3: Optional[float], nc3_label: str, xlabel: str,
-                       title: str) -> None:
-    """The common end of the per-layer metric plots (here and in mufm): NC3 as a star at the last
+def finish_metric_axes(ax: Any, results: dict[str, Any], at: str, nc3_label: str, xlabel: str, title: str) -> None:
+    """The common end of the per-layer metric plots (here and in mufm), drawn from the dict form
+    (``results`` at ``at`` holds ``layers`` and ``nc3``): NC3 as a tagged star at the last
     layer, a log y axis, integer layer ticks (up to 20 layers), labels, title and legend."""
-    if nc3 is not None:
-        ax.plot([layers[-1]], [nc3], marker="*", ms=10, ls="none", color="k", label=nc3_label)
+    layers = get_path(results, join(at, "layers"))
+    if get_path(results, join(at, "nc3")) is not None:
+        point(ax, results, join(at, "layers.-1"), join(at, "nc3"), marker="*", ms=10, color="k", label=nc3_label)
     ax.set_yscale("log", nonpositive="mask")
     if len(layers) <= 20:
         ax.set_xticks(layers)

@@ -30,16 +30,19 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.func import jacfwd, jacrev, jvp, vmap
 
+from resgeom_fast.core.checks import check_module
 from resgeom_fast.analysis._common import (
-    figure_axes,
     Result,
     batches,
+    check_finite_parameters,
+    check_finite_tensor,
     check_int,
     model_device_dtype,
     to_jsonable,
 )
-from resgeom_fast.analysis._common import check_finite_parameters, check_finite_tensor
+from resgeom_fast.analysis.plotting import as_result_dict, band, figure_axes, get_path, join, lines
 from resgeom_fast.models import FCResNet, OrthogonalSkip, ScaledIdentity, ZeroSkip
 from resgeom_fast.operators import (
     BlockInfo,
@@ -75,8 +78,7 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def _check_x(fn: str, model: nn.Module, x: Any) -> tuple[torch.device, torch.dtype]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: expected model an nn.Module, got {type(model).__name__}")
+    check_module(fn, "model", model)
     device, dtype = model_device_dtype(fn, model)
     if not isinstance(x, Tensor):
         raise TypeError(f"{fn}: expected x a torch.Tensor, got {type(x).__name__}")
@@ -166,7 +168,6 @@ def _apply_skip(skip: nn.Module, h: Tensor, C: Tensor, shape: tuple[int, ...]) -
         if isinstance(skip, _LINEAR_SKIPS):
             z = C.permute(0, 2, 1).reshape(n * k, *shape)
             return skip(z).reshape(n, k, d).permute(0, 2, 1)
-        from torch.func import jvp, vmap
 
         t = C.permute(2, 0, 1).reshape(k, n, *shape)
         y = vmap(lambda u: jvp(skip, (h,), (u,))[1])(t)
@@ -358,25 +359,22 @@ def path_expansion(model: nn.Module, x: Tensor, max_order: Optional[int] = None,
         skips=[type(i.skip).__name__ for i in infos], norms=norms.cpu())
 
 
-def plot_path_orders(result: PathExpansionResult, ax: Any = None) -> Any:
+def plot_path_orders(result: Union[PathExpansionResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:
     """||c_L^(m)|| against path order m (mean over samples and probes, band of +- one std).
 
     Log y-axis (zero norms, e.g. every m < L of a skip-free net, are not drawn). Plotted numbers:
-    ``orders``, ``norms_mean``, ``norms_std``. Returns the Figure.
+    ``orders``, ``norms_mean``, ``norms_std`` of the dict form (``result``: a
+    :class:`PathExpansionResult`, its ``to_dict()``, or a results dict holding it at ``at``;
+    tagged artists, :mod:`resgeom_fast.analysis.plotting`). Returns the Figure.
     """
-    if not isinstance(result, PathExpansionResult):
-        raise TypeError(f"plot_path_orders: expected result a PathExpansionResult, got {type(result).__name__}")
+    root, at, d = as_result_dict("plot_path_orders", result, PathExpansionResult, at,
+                                 ("orders", "norms_mean", "norms_std", "num_blocks", "mean_order"))
     fig, ax = figure_axes(ax, (5, 3.5))
-    m = result.orders.numpy()
-    mu = result.norms_mean.numpy()
-    sd = result.norms_std.numpy()
-    ax.plot(m, mu, marker="o", label="mean ||c_L^(m)||")
-    ax.fill_between(m, mu - sd, mu + sd, alpha=0.25, label="+- std")
-    if (mu > 0).any():
-        ax.set_yscale("log", nonpositive="mask")
-    ax.set_xlabel("path order m (branches on the path)")
-    ax.set_ylabel("||c_L^(m)||")
-    ax.set_title(f"path-order decomposition (L={result.num_blocks}, mean order {result.mean_order:.2f})")
+    (line,) = lines(ax, root, [("mean ||c_L^(m)||", join(at, "orders"), join(at, "norms_mean"))], logy=True,
+                    legend=False, xlabel="path order m (branches on the path)", ylabel="||c_L^(m)||")
+    band(ax, root, join(at, "orders"), join(at, "norms_mean"), join(at, "norms_std"), color=line.get_color(),
+         label="+- std")
+    ax.set_title(f"path-order decomposition (L={d['num_blocks']}, mean order {d['mean_order']:.2f})")
     ax.legend()
     return fig
 
@@ -447,7 +445,6 @@ def second_order_expansion(model: nn.Module, x: Tensor) -> ExpansionResult:
         if not isinstance(info.skip, nn.Identity):
             raise ValueError(f"{fn}: block {info.name!r} has skip {type(info.skip).__name__}; the Taylor "
                              "expansion h_l = h_{l-1} + lam F_l(h_{l-1}) needs identity skips")
-    from torch.func import jvp
 
     h0 = hs[0]
     with torch.no_grad():
@@ -593,13 +590,11 @@ def geometric_complexity(model: nn.Module, data: Any, *, batch_size: Optional[in
             batch, or in the Jacobians (overflow; the samples named).
     """
     fn = "geometric_complexity"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: expected model an nn.Module, got {type(model).__name__}")
+    check_module(fn, "model", model)
     device, dtype = model_device_dtype(fn, model)
     if batch_size is not None:
         check_int(fn, "batch_size", batch_size, 1)
     check_finite_parameters(fn, model)
-    from torch.func import jacfwd, jacrev, vmap
 
     def f1(xi: Tensor) -> Tensor:
         out = model(xi.unsqueeze(0))
@@ -714,20 +709,30 @@ def output_norm_vs_depth(depths: Sequence[int], scales: Sequence[Union[str, floa
     return to_jsonable(out)
 
 
-def plot_output_norms(result_dict: dict[str, Any], ax: Any = None) -> Any:
-    """Mean ||h_L|| / ||h_0|| against depth, one line per scale (log-log; from ``result_dict["mean"]``).
+def plot_output_norms(result_dict: dict[str, Any], ax: Any = None, *, at: str = "") -> Any:
+    """Mean ||h_L|| / ||h_0|| against depth, one line per scale (log-log; from ``result_dict["mean"]``,
+    the dict of :func:`output_norm_vs_depth`, or a results dict holding it at the path ``at``).
 
-    Missing (non-finite) values are skipped. Returns the Figure.
+    Missing (None / non-finite) values are gaps. Returns the Figure.
     """
-    if not isinstance(result_dict, dict) or not all(k in result_dict for k in ("depths", "scales", "mean")):
-        raise TypeError("plot_output_norms: expected result_dict the dict of output_norm_vs_depth")
+    where = "plot_output_norms: expected result_dict the dict of output_norm_vs_depth"
+    if not isinstance(result_dict, dict):
+        raise TypeError(where)
+    try:
+        d = get_path(result_dict, at) if at else result_dict
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise TypeError(f"{where} at {at!r}") from None
+    if not isinstance(d, dict) or not all(k in d for k in ("depths", "scales", "mean")):
+        raise TypeError(where)
     fig, ax = figure_axes(ax, (5, 3.5))
-    depths = result_dict["depths"]
-    for lab in result_dict["scales"]:
-        pts = [(d, y) for d, y in zip(depths, result_dict["mean"][lab]) if y is not None and math.isfinite(y)]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"lam = {lab}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    for lab in d["scales"]:
+        if "." in str(lab):  # a key with a dot (lam = 0.5) has no path: drawn untagged, the same numbers
+            ax.plot(d["depths"], [math.nan if v is None else v for v in d["mean"][lab]], marker="o", ms=3.5,
+                    label=f"lam = {lab}")
+        else:
+            lines(ax, result_dict, [(f"lam = {lab}", join(at, "depths"), join(at, f"mean.{lab}"))], legend=False)
+    ax.set_xscale("log", nonpositive="mask")
+    ax.set_yscale("log", nonpositive="mask")
     ax.set_xlabel("depth L")
     ax.set_ylabel("mean ||h_L|| / ||h_0|| at init")
     ax.set_title("output norm against depth (FCResNet, no norm)")

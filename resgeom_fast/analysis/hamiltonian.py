@@ -46,13 +46,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._common import FIRST, Result, check_float, figure_axes, model_device_dtype
+from ._common import FIRST, Result, check_float, model_device_dtype
 from ._common import check_finite_parameters, check_finite_tensor
+from .plotting import pyplot, as_result_dict, figure_axes, join, lines, new_figure
 
 __all__ = ["HamiltonianResult", "hamiltonian", "bottleneck_rank", "middle_layers", "plot_hamiltonian",
            "plot_layer_spectra", "stable_rank", "cost_of_identity"]
@@ -344,73 +345,72 @@ def bottleneck_rank(result: HamiltonianResult, rel: Optional[float] = None) -> B
 
 
 # --------------------------------------------------------------------------- plots
-def plot_hamiltonian(result: HamiltonianResult, ax: Any = None) -> Any:
+def plot_hamiltonian(result: Union[HamiltonianResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:
     """Energies per layer and the bottleneck estimate k* = -(2/Lt) H.
 
     ``ax`` None: a figure with two panels, (left) H, KE, -(Lt/2) COI and H(A, B) against the
     layer l, (right) k* = -(2/Lt) H with the stable rank and rank of A_l. One Axes: the energies
     on it and k* on a twin y axis. A sequence of two Axes: the two panels on them.
-    Every plotted series is a field of ``result.to_dict()``.
+    ``result``: a :class:`HamiltonianResult`, its ``to_dict()``, or a results dict holding that
+    dict at the path ``at``; every plotted series is drawn from the dict form (tagged artists,
+    :mod:`resgeom_fast.analysis.plotting`).
     """
-    import matplotlib.pyplot as plt
-
+    root, at, d = as_result_dict("plot_hamiltonian", result, HamiltonianResult, at,
+                                 ("hamiltonian", "kinetic", "potential", "hamiltonian_ab", "k_star", "stable_rank",
+                                  "rank", "leak", "lam", "tol"))
     if ax is None:
-        fig, (ax_e, ax_k) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (ax_e, ax_k) = new_figure(2, width=5.5, height=4.0)
     elif isinstance(ax, (list, tuple)) or (hasattr(ax, "__len__") and not hasattr(ax, "plot")):
         ax_e, ax_k = ax[0], ax[1]
         fig = ax_e.figure
     else:
         ax_e, ax_k = ax, None
         fig = ax_e.figure
-    steps = list(range(result.depth))
-    layers = list(range(result.depth + 1))
-    ax_e.plot(steps, result.hamiltonian.tolist(), "k-o", ms=3, label="H = KE - (Lt/2) COI")
-    ax_e.plot(steps, result.kinetic.tolist(), "-", color="tab:blue", label="KE")
-    ax_e.plot(layers, result.potential.tolist(), "-", color="tab:red", label="-(Lt/2) COI")
-    if result.hamiltonian_ab is not None:
-        ax_e.plot(steps, result.hamiltonian_ab.tolist(), "--", color="tab:green", label="H(A, B)")
+    energies: list[Any] = [("H = KE - (Lt/2) COI", "index", join(at, "hamiltonian")),
+                           ("KE", "index", join(at, "kinetic")),
+                           ("-(Lt/2) COI", "index", join(at, "potential"))]
+    styles: list[dict[str, Any]] = [{"color": "k", "ms": 3}, {"color": "tab:blue", "marker": ""},
+                                    {"color": "tab:red", "marker": ""}]
+    if d["hamiltonian_ab"] is not None:
+        energies.append(("H(A, B)", "index", join(at, "hamiltonian_ab")))
+        styles.append({"color": "tab:green", "ls": "--", "marker": ""})
+    lines(ax_e, root, energies, styles=styles, legend=False, xlabel="layer l", ylabel="energy",
+          title=f"Hamiltonian (Lt = {d['leak']:g}, lam = {d['lam']:g})")
     ax_e.axhline(0.0, color="0.7", lw=0.8)
-    ax_e.set_xlabel("layer l")
-    ax_e.set_ylabel("energy")
-    ax_e.set_title(f"Hamiltonian (Lt = {result.leak:g}, lam = {result.lam:g})")
     if ax_k is None:
         twin = ax_e.twinx()
-        twin.plot(steps, result.k_star.tolist(), ":", color="tab:purple", label="-(2/Lt) H")
-        twin.set_ylabel("-(2/Lt) H")
+        lines(twin, root, [("-(2/Lt) H", "index", join(at, "k_star"))], styles=[{"ls": ":", "color": "tab:purple",
+                                                                                   "marker": ""}],
+              legend=False, ylabel="-(2/Lt) H")
         h1, l1 = ax_e.get_legend_handles_labels()
         h2, l2 = twin.get_legend_handles_labels()
         ax_e.legend(h1 + h2, l1 + l2, fontsize=8)
     else:
         ax_e.legend(fontsize=8)
-        ax_k.plot(steps, result.k_star.tolist(), "-o", ms=3, color="tab:purple", label="k* = -(2/Lt) H")
-        ax_k.plot(layers, result.stable_rank.tolist(), "-", color="tab:orange", label="stable rank of A_l")
-        ax_k.plot(layers, result.rank.tolist(), "s", ms=3, color="0.4",
-                  label=f"#sv > {result.tol:g} max")
-        ax_k.set_xlabel("layer l")
-        ax_k.set_ylabel("rank")
-        ax_k.set_title("bottleneck rank estimates")
+        lines(ax_k, root, [("k* = -(2/Lt) H", "index", join(at, "k_star")),
+                           ("stable rank of A_l", "index", join(at, "stable_rank")),
+                           (f"#sv > {d['tol']:g} max", "index", join(at, "rank"))],
+              styles=[{"ms": 3, "color": "tab:purple"}, {"color": "tab:orange", "marker": ""},
+                      {"marker": "s", "ms": 3, "ls": "none", "color": "0.4"}],
+              legend=False, xlabel="layer l", ylabel="rank", title="bottleneck rank estimates")
         ax_k.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_layer_spectra(result: HamiltonianResult, ax: Any = None) -> Any:
+def plot_layer_spectra(result: Union[HamiltonianResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:
     """Singular values of A_l (descending, log scale), one line per layer l = 0..L coloured by
-    depth (viridis). Zero singular values are masked by the log scale. Values are
-    ``result.to_dict()["singular_values"]``."""
-    import matplotlib
-
+    depth (viridis). Zero singular values are masked by the log scale. Values are the dict
+    form's ``singular_values`` (``result``: as in :func:`plot_hamiltonian`)."""
+    root, at, d = as_result_dict("plot_layer_spectra", result, HamiltonianResult, at, ("singular_values",))
     fig, ax = figure_axes(ax, (6, 4))
-    num = result.singular_values.shape[0]
-    cmap = matplotlib.colormaps["viridis"]
-    idx = list(range(1, result.singular_values.shape[1] + 1))
-    for l in range(num):
-        ax.plot(idx, result.singular_values[l].tolist(), "-", lw=1, color=cmap(l / max(num - 1, 1)),
-                label=f"l = {l}" if l in (0, num // 2, num - 1) else None)
+    num = len(d["singular_values"])
+    cmap = pyplot().get_cmap("viridis")
+    series = [(f"l = {l}" if l in (0, num // 2, num - 1) else "", "index1", join(at, f"singular_values.{l}"))
+              for l in range(num)]
+    lines(ax, root, series, marker="", styles=[{"lw": 1, "color": cmap(l / max(num - 1, 1))} for l in range(num)],
+          legend=False, xlabel="index i", ylabel="singular value s_i(A_l)", title="spectra of the representations A_l")
     ax.set_yscale("log", nonpositive="mask")
-    ax.set_xlabel("index i")
-    ax.set_ylabel("singular value s_i(A_l)")
-    ax.set_title("spectra of the representations A_l")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

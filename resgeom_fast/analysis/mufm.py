@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 import torch.nn.functional as F
 
+from resgeom_fast.core.checks import check_type
 from resgeom_fast.linalg import NonFiniteError
 
 from resgeom_fast._progress import progress as progress_bar
 
-from ._common import Result, check_float, check_int, figure_axes
+from ._common import Result, check_float, check_int
 from ._common import check_finite_tensor
 from .collapse import METRICS, collapse_metrics, finish_metric_axes, layer_spearman
+from .plotting import as_result_dict, figure_axes, join, lines
 
 __all__ = ["MUFMResult", "mufm", "mufm_objective", "plot_mufm"]
 
@@ -163,8 +165,7 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
     lr = check_float(where, "lr", lr, 0.0, open_lo=True)
     tol = check_float(where, "tol", tol, 0.0, open_lo=True)
     check_int(where, "seed", seed, 0)
-    if not isinstance(progress, bool):
-        raise TypeError(f"{where}: expected progress a bool, got {type(progress).__name__}")
+    check_type(where, "progress", progress, bool, "a bool")
     if int(Y.min()) < 0:
         raise ValueError(f"{where}: expected Y >= 0, got {int(Y.min())}")
     if num_classes is None:
@@ -240,27 +241,29 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
     )
 
 
-def plot_mufm(result: MUFMResult, ax: Any = None) -> Any:
+def plot_mufm(result: Union[MUFMResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:
     """Collapse metrics of the MUFM optimum against the layer (l = 0 is the inputs X), log y-axis;
-    the inputs' level of each metric is a dotted horizontal line of the same colour.
+    the inputs' level of each metric is a dotted horizontal line of the same colour. Drawn from
+    the dict form through :mod:`resgeom_fast.analysis.plotting` (tagged artists).
 
     Args:
-        result: a :class:`MUFMResult`; ax: a matplotlib Axes (default: a new figure).
+        result: a :class:`MUFMResult`, its ``to_dict()``, or a results dict holding that dict at
+            the path ``at``; ax: a matplotlib Axes (default: a new figure).
 
     Returns:
         the matplotlib Figure.
     """
-    if not isinstance(result, MUFMResult):
-        raise TypeError(f"plot_mufm: expected result a MUFMResult, got {type(result).__name__}")
+    root, at, d = as_result_dict("plot_mufm", result, MUFMResult, at,
+                                 ("layers", "nc3", "input_metrics", "depth", "lam_W", "lam_H", *METRICS))
     fig, ax = figure_axes(ax, (6.0, 4.0))
     names = {"nc1": "NC1", "etf_error": "ETF error", "equinorm": "equinorm", "ncc_mismatch": "NCC mismatch"}
+    layers = d["layers"]
     for k in METRICS:
-        ys = [math.nan if v is None else v for v in getattr(result, k)]  # None (undefined) -> a gap
-        (line,) = ax.plot(result.layers, ys, marker="o", ms=3, label=f"{names[k]} (MUFM)")
-        x0 = result.input_metrics[k]
+        (line,) = lines(ax, root, [(f"{names[k]} (MUFM)", join(at, "layers"), join(at, k))], styles=[{"ms": 3}],
+                        legend=False)   # None (undefined) -> a gap
+        x0 = d["input_metrics"][k]
         if x0 is not None:
-            ax.plot([result.layers[0], result.layers[-1]], [x0, x0], ls=":", color=line.get_color(),
-                    label=f"{names[k]} (inputs)")
-    finish_metric_axes(ax, result.layers, result.nc3, "NC3 (H_L, W)", "layer l (0 = inputs)",
-                       f"MUFM optimum (L={result.depth}, λ_W={result.lam_W:g}, λ_H={result.lam_H:g})")
+            ax.plot([layers[0], layers[-1]], [x0, x0], ls=":", color=line.get_color(), label=f"{names[k]} (inputs)")
+    finish_metric_axes(ax, root, at, "NC3 (H_L, W)", "layer l (0 = inputs)",
+                       f"MUFM optimum (L={d['depth']}, λ_W={d['lam_W']:g}, λ_H={d['lam_H']:g})")
     return fig

@@ -42,10 +42,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from resgeom_fast.core.checks import check_module
 from resgeom_fast import operators
 from resgeom_fast.linalg import NonFiniteError
 from resgeom_fast.analysis._common import Result, batches, check_float, model_device_dtype
 from resgeom_fast.analysis._common import check_finite_parameters, check_finite_tensor
+from resgeom_fast.analysis.plotting import as_result_dict, bars, join, lines, new_figure
 
 __all__ = ["LayerSingularities", "SingularityResult", "find_relu_layers", "plot_singularities", "singularities"]
 
@@ -346,8 +348,7 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
         NonFiniteError: a NaN / inf in a model parameter or buffer (named; checked before any
             forward pass), in the inputs x of a batch, or in a ReLU's output (named, with the batch).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{_WHERE}: expected model an nn.Module, got {type(model).__name__}")
+    check_module(_WHERE, "model", model)
     eps = check_float(_WHERE, "eps", eps, 0.0, 1.0, open_lo=True)
     if eps >= 1.0:
         raise ValueError(f"{_WHERE}: expected eps < 1, got {eps!r}")
@@ -399,57 +400,58 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
     )
 
 
-def plot_singularities(result: SingularityResult, ax: Any = None) -> Any:
+def plot_singularities(result: Union[SingularityResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:
     """Per-layer dead-unit fraction, overlap and effective rank.
 
     With ``ax=None`` a figure with three panels: dead fraction (bars), overlap (max |cos| of the
     activation columns and of the weight rows) and effective rank with participation ratio. With
     one Axes: the three [0, 1] series dead_fraction, act_cos_max and effective_rank_fraction on
-    it; with a sequence of three Axes: the three panels on them.
+    it; with a sequence of three Axes: the three panels on them. ``result``: a
+    :class:`SingularityResult`, its ``to_dict()``, or a results dict holding that dict at the
+    path ``at``; drawn from the dict form through :mod:`resgeom_fast.analysis.plotting`.
 
     Returns:
         the matplotlib Figure.
     """
-    import matplotlib.pyplot as plt
+    root, at, d = as_result_dict("plot_singularities", result, SingularityResult, at,
+                                 ("layers", "eps", "total_dead", "total_units"))
+    layers = d["layers"]
+    xs = list(range(len(layers)))
+    labels = [l["role"] if l["block"] is None else f"b{l['block']}" for l in layers]
 
-    if not isinstance(result, SingularityResult):
-        raise TypeError(f"plot_singularities: expected result a SingularityResult, got {type(result).__name__}")
-    L = result.layers
-    xs = list(range(len(L)))
-    labels = [l.role if l.block is None else f"b{l.block}" for l in L]
-    get = lambda k: [getattr(l, k) for l in L]  # noqa: E731
+    def col(key: str) -> str:
+        return join(at, f"layers.*.{key}")
+
+    def finish(a: Any) -> None:
+        a.set_xticks(xs)
+        a.set_xticklabels(labels, fontsize=7)
+        a.set_xlabel("layer")
+
     if ax is not None and not isinstance(ax, (list, tuple)) and not hasattr(ax, "__len__"):
-        fig = ax.figure
-        ax.plot(xs, get("dead_fraction"), "o-", label="dead fraction")
-        ax.plot(xs, get("act_cos_max"), "s-", label="max |cos| activations")
-        ax.plot(xs, get("effective_rank_fraction"), "^-", label="effective rank / units")
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_xlabel("layer")
-        ax.legend(fontsize=7)
-        return fig
+        lines(ax, root, [("dead fraction", "index", col("dead_fraction")),
+                         ("max |cos| activations", "index", col("act_cos_max")),
+                         ("effective rank / units", "index", col("effective_rank_fraction"))],
+              styles=[{"marker": "o"}, {"marker": "s"}, {"marker": "^"}])
+        finish(ax)
+        return ax.figure
     if ax is None:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+        fig, axes = new_figure(3, width=4.0, height=3.5)
     else:
         axes = list(ax)
         if len(axes) != 3:
             raise ValueError(f"plot_singularities: expected ax one Axes or three, got {len(axes)}")
         fig = axes[0].figure
-    axes[0].bar(xs, get("dead_fraction"), color="tab:red")
-    axes[0].set_ylabel("dead-unit fraction")
-    axes[1].plot(xs, get("act_cos_max"), "o-", label="max |cos| activations")
-    axes[1].plot(xs, get("weight_cos_max"), "s-", label="max |cos| weights")
-    axes[1].set_ylabel("overlap")
-    axes[1].legend(fontsize=7)
-    axes[2].plot(xs, get("effective_rank"), "o-", label="effective rank")
-    axes[2].plot(xs, get("participation_ratio"), "s-", label="participation ratio")
-    axes[2].plot(xs, get("n_units"), "k:", label="units")
-    axes[2].set_ylabel("linear dependence")
-    axes[2].legend(fontsize=7)
+    bars(axes[0], root, [str(i) for i in xs], [("dead fraction", join(at, "layers.{g}.dead_fraction"))],
+         ylabel="dead-unit fraction", colors=["tab:red"], ticklabels=labels)
+    lines(axes[1], root, [("max |cos| activations", "index", col("act_cos_max")),
+                          ("max |cos| weights", "index", col("weight_cos_max"))],
+          ylabel="overlap", styles=[{"marker": "o"}, {"marker": "s"}])
+    lines(axes[2], root, [("effective rank", "index", col("effective_rank")),
+                          ("participation ratio", "index", col("participation_ratio")),
+                          ("units", "index", col("n_units"))],
+          ylabel="linear dependence", styles=[{"marker": "o"}, {"marker": "s"}, {"marker": "", "ls": ":", "color": "k"}])
     for a in axes:
-        a.set_xticks(xs)
-        a.set_xticklabels(labels, fontsize=7)
-        a.set_xlabel("layer")
-    fig.suptitle(f"Singularities (eps={result.eps:g}): {result.total_dead}/{result.total_units} units dead", fontsize=9)
+        finish(a)
+    fig.suptitle(f"Singularities (eps={d['eps']:g}): {d['total_dead']}/{d['total_units']} units dead", fontsize=9)
     fig.tight_layout()
     return fig

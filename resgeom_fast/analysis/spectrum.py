@@ -61,9 +61,13 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from resgeom_fast.core.checks import check_module, check_type
 from resgeom_fast import linalg, operators
 from resgeom_fast._progress import progress as progress_bar
-from resgeom_fast.analysis._common import Result, check_choice, check_float, check_int, figure_axes
+from resgeom_fast.analysis._common import Result, check_choice, check_float, check_int
+from resgeom_fast.analysis.plotting import (
+    as_result_dict, band, figure_axes, get_path, join, lines, scatter_column, vlines,
+)
 
 __all__ = ["K_MAX", "MassFraction", "Spectrum", "SpectrumResult", "hessian_spectrum", "plot_density",
            "plot_eigenvalues"]
@@ -518,15 +522,13 @@ def hessian_spectrum(
     Warns:
         UserWarning naming every unresolved fraction (quadrature bracket wider than max_bracket).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{_WHERE}: expected model an nn.Module, got {type(model).__name__}")
+    check_module(_WHERE, "model", model)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"{_WHERE}: expected a model with trainable parameters (requires_grad=True), got none")
     if not callable(loss_fn):
         raise TypeError(f"{_WHERE}: expected loss_fn callable, got {type(loss_fn).__name__}")
     for flag, value in (("per_block", per_block), ("deterministic", deterministic), ("progress", progress)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{_WHERE}: expected {flag} a bool, got {type(value).__name__}")
+        check_type(_WHERE, flag, value, bool, "a bool")
     check_int(_WHERE, "k", k, 2, hint=" (one eigenvalue from each end at least)")
     if k > K_MAX:
         raise ValueError(f"{_WHERE}: expected k <= K_MAX = {K_MAX} (extreme eigenvalues; eigsh keeps a Lanczos "
@@ -614,78 +616,95 @@ def hessian_spectrum(
 
 
 # ----------------------------------------------------------------------------------------- plots
-def _resolve_spec(fn: str, result: SpectrumResult, block: Union[None, int, str]) -> Spectrum:
-    if not isinstance(result, Spectrum):
-        raise TypeError(f"{fn}: expected result a SpectrumResult, got {type(result).__name__}")
+def _block_path(fn: str, d: dict[str, Any], at: str, block: Union[None, int, str]) -> str:
+    """Path of the spectrum to draw: ``at`` itself, or the block ``block`` (index or module name)
+    of a whole-operator dict (the checks and messages of :meth:`SpectrumResult.block`)."""
     if block is None:
-        return result
-    if not isinstance(result, SpectrumResult):
+        return at
+    if "blocks" not in d:
         raise ValueError(f"{fn}: block={block!r} needs a SpectrumResult with per-block spectra")
-    try:
-        return result.block(block)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{fn}: {exc}") from exc
+    names = [b["name"] for b in d["blocks"]]
+    if isinstance(block, bool) or not isinstance(block, (int, str)):
+        raise TypeError(f"{fn}: block: expected an int index or a block name, got {type(block).__name__}")
+    if not names:
+        raise ValueError(f"{fn}: block: this result has no per-block spectra (run with per_block=True)")
+    if isinstance(block, int):
+        if not -len(names) <= block < len(names):
+            raise ValueError(f"{fn}: block: expected an index in [0, {len(names) - 1}], got {block}")
+        return join(at, f"blocks.{block % len(names)}")
+    if block not in names:
+        raise ValueError(f"{fn}: block: no block named {block!r}; blocks are {names}")
+    return join(at, f"blocks.{names.index(block)}")
 
 
-def _fmt_fraction(spec: Spectrum, name: str) -> str:
-    """A fraction for a title: its value when resolved, else its interval."""
-    f = spec.fractions.get(name)
+def _fmt_fraction(spec: dict[str, Any], name: str) -> str:
+    """A fraction of a spectrum's dict form for a title: its value when resolved, else its interval."""
+    f = spec.get("fractions", {}).get(name)
     if f is None:
         return "n/a"
-    return f"{f.value:.3f}" if f.resolved else f"in [{f.lower:.2f}, {f.upper:.2f}] (unresolved)"
+    num = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+    return num(f["value"], ".3f") if f["resolved"] else f"in [{num(f['lower'], '.2f')}, {num(f['upper'], '.2f')}] (unresolved)"
 
 
-def plot_density(result: Spectrum, ax: Any = None, block: Union[None, int, str] = None) -> Any:
+_SPECTRUM_KEYS = ("name", "dim", "grid", "density", "density_std", "eigenvalues")
+
+
+def plot_density(result: Union[Spectrum, dict[str, Any]], ax: Any = None, block: Union[None, int, str] = None, *,
+                 at: str = "") -> Any:
     """The SLQ density on its grid (log y-axis), the per-probe spread band (density +- density_std)
     and the extreme eigenvalues (vertical lines; red < 0, blue > 0).
 
     Args:
-        result: a :class:`SpectrumResult` (or one :class:`Spectrum`).
+        result: a :class:`SpectrumResult` (or one :class:`Spectrum`), its ``to_dict()``, or a
+            results dict holding that dict at the path ``at``.
         ax: a matplotlib Axes to draw on (None: a new figure).
         block: None for the whole operator, or a block index / name (per_block results).
+
+    Drawn from the dict form (tagged density line, :mod:`resgeom_fast.analysis.plotting`).
 
     Returns:
         the matplotlib Figure.
     """
-    spec = _resolve_spec("plot_density", result, block)
+    fn = "plot_density"
+    root, at, d = as_result_dict(fn, result, Spectrum, at, _SPECTRUM_KEYS, type_name="SpectrumResult")
+    path = _block_path(fn, d, at, block)
+    spec = get_path(root, path) if path else d
     fig, ax = figure_axes(ax, (6, 4))
-    grid, dens, std = spec.grid.numpy(), spec.density.numpy(), spec.density_std.numpy()
-    ax.plot(grid, dens, color="k", lw=1.2, label="SLQ density")
-    if bool(torch.isfinite(spec.density_std).all()):
-        ax.fill_between(grid, dens - std, dens + std, color="0.6", alpha=0.4, lw=0, label="per-probe spread")
-    for i, lam in enumerate(spec.eigenvalues.tolist()):
-        ax.axvline(lam, color="tab:red" if lam < 0 else "tab:blue", ls="--", lw=0.8,
-                   label="extreme eigenvalues" if i == 0 else None)
+    lines(ax, root, [("SLQ density", join(path, "grid"), join(path, "density"))], marker="",
+          styles=[{"color": "k", "lw": 1.2}], legend=False)
+    band(ax, root, join(path, "grid"), join(path, "density"), join(path, "density_std"), color="0.6", alpha=0.4,
+         label="per-probe spread")
+    vlines(ax, root, join(path, "eigenvalues"), label="extreme eigenvalues")
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
-    ax.set_title(f"Spectral density ({spec.name}, P={spec.dim}): degenerate {_fmt_fraction(spec, 'degenerate_rel')}, "
-                 f"negative {_fmt_fraction(spec, 'significant_negative')}", fontsize=9)
+    ax.set_title(f"Spectral density ({spec['name']}, P={spec['dim']}): degenerate "
+                 f"{_fmt_fraction(spec, 'degenerate_rel')}, negative {_fmt_fraction(spec, 'significant_negative')}",
+                 fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
 
-def plot_eigenvalues(result: Spectrum, ax: Any = None) -> Any:
+def plot_eigenvalues(result: Union[Spectrum, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:
     """Extreme eigenvalues of both ends: the whole operator at x = 0 ("all") and, when present,
-    block l at x = l + 1; symlog y-axis (red < 0, blue >= 0).
+    block l at x = l + 1; symlog y-axis (red < 0, blue >= 0). ``result``: as in
+    :func:`plot_density` (drawn from the dict form).
 
     Returns:
         the matplotlib Figure.
     """
-    if not isinstance(result, Spectrum):
-        raise TypeError(f"plot_eigenvalues: expected result a SpectrumResult, got {type(result).__name__}")
+    root, at, d = as_result_dict("plot_eigenvalues", result, Spectrum, at, ("eigenvalues", "lambda_max"),
+                                 type_name="SpectrumResult")
     fig, ax = figure_axes(ax, (6, 4))
-    specs = [result] + list(getattr(result, "blocks", []))
-    for x, spec in enumerate(specs):
-        ev = spec.eigenvalues.numpy()
-        xs = [x] * len(ev)
-        colours = ["tab:red" if v < 0 else "tab:blue" for v in ev]
-        ax.scatter(xs, ev, c=colours, s=14)
-    ax.set_xticks(range(len(specs)))
-    ax.set_xticklabels(["all"] + [str(i) for i in range(len(specs) - 1)])
+    paths = [at] + [join(at, f"blocks.{i}") for i in range(len(d.get("blocks", [])))]
+    for x, path in enumerate(paths):
+        scatter_column(ax, root, x, join(path, "eigenvalues"))
+    ax.set_xticks(range(len(paths)))
+    ax.set_xticklabels(["all"] + [str(i) for i in range(len(paths) - 1)])
     ax.set_xlabel("operator (all parameters, then residual block index)")
     ax.set_ylabel("eigenvalue")
-    ax.set_yscale("symlog", linthresh=max(1e-6, 1e-3 * abs(result.lambda_max)))
+    lam_max = d["lambda_max"] if d["lambda_max"] is not None else 0.0
+    ax.set_yscale("symlog", linthresh=max(1e-6, 1e-3 * abs(lam_max)))
     ax.axhline(0.0, color="0.5", lw=0.6)
     ax.set_title("Extreme Hessian eigenvalues (both ends)", fontsize=9)
     return fig
