@@ -36,7 +36,7 @@ from resgeom_fast.core.checks import (
 )
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "Capture", "as_batches", "capture_inputs", "capture_outputs", "data_source",
+    "DEFAULT_BATCH_SIZE", "Capture", "StopForward", "as_batches", "capture_inputs", "capture_outputs", "data_source",
     "is_batch", "module_mode",
 ]
 
