@@ -18,11 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 
 import resgeom_fast
 from resgeom_fast._progress import progress as progress_bar
+# the tags, paths and check of every plotted number: one copy, on the analyses' plotting path
+from resgeom_fast.analysis.plotting import check_figure, get_path, tag
 from resgeom_fast.core.io import atomic_file, atomic_write_json, atomic_write_text, to_jsonable
 
 __all__ = ["FigureSpec", "check_figure", "determinism", "fmt", "fmt_key", "get_path", "is_undefined", "summary_rows",
@@ -55,82 +56,6 @@ class Report:
     report_path: str
     figures: list[str] = field(default_factory=list)
     specs: list[FigureSpec] = field(default_factory=list)
-
-
-def get_path(results: Mapping[str, Any], path: str) -> Any:
-    """``results["a"]["b"][3]`` for ``path = "a.b.3"``; a ``*`` maps the rest over a list
-    (``"pca.0.*.1"`` is ``[row[1] for row in results["pca"][0]]``)."""
-    return _walk(results, path.split("."))
-
-
-def _walk(node: Any, parts: list[str]) -> Any:
-    for i, part in enumerate(parts):
-        if part == "*":
-            return [_walk(item, parts[i + 1:]) for item in node]
-        if isinstance(node, list):
-            node = node[int(part)]
-        else:
-            node = node[part]
-    return node
-
-
-def tag(artist: Any, **paths: str) -> Any:
-    """Tag ``artist`` with where its data lives (``tag(line, x="index", y="a.b")``); returns it."""
-    artist.set_gid(";".join(f"{k}={v}" for k, v in paths.items()))
-    return artist
-
-
-def _floats(values: Any) -> list[float]:
-    arr = np.asarray([math.nan if v is None else v for v in np.ravel(np.asarray(values, dtype=object))], dtype=float)
-    return arr.tolist()
-
-
-def _same(a: Sequence[float], b: Sequence[float], rtol: float = 1e-9) -> bool:
-    if len(a) != len(b):
-        return False
-    for u, v in zip(a, b):
-        if math.isnan(u) and math.isnan(v):
-            continue
-        if not math.isclose(u, v, rel_tol=rtol, abs_tol=1e-12):
-            return False
-    return True
-
-
-def check_figure(fig: Any, results: Mapping[str, Any]) -> int:
-    """Compare every tagged artist of ``fig`` with ``results``; returns how many were checked.
-
-    Raises AssertionError naming the artist whose data differ from the dictionary.
-    """
-    checked = 0
-    for ax in fig.axes:
-        artists = list(ax.lines) + list(ax.images) + list(ax.patches)
-        for art in artists:
-            gid = art.get_gid()
-            if not gid:
-                continue
-            paths = dict(part.split("=", 1) for part in gid.split(";"))
-            if "y" in paths:
-                xd, yd = _floats(art.get_xdata()), _floats(art.get_ydata())
-                want_y = _floats(get_path(results, paths["y"]))
-                assert _same(yd, want_y), f"{gid}: y data {yd[:5]}... differ from results {want_y[:5]}..."
-                xp = paths.get("x", "index")
-                if xp in ("index", "index1"):
-                    want_x = [float(i + (xp == "index1")) for i in range(len(want_y))]
-                else:
-                    want_x = _floats(get_path(results, xp))
-                assert _same(xd, want_x), f"{gid}: x data {xd[:5]}... differ from results {want_x[:5]}..."
-            elif "z" in paths:
-                z = np.ma.filled(np.ma.asarray(art.get_array()).astype(float), np.nan)
-                want = _floats(get_path(results, paths["z"]))
-                assert _same(_floats(z), want), f"{gid}: image data differ from results"
-            elif "h" in paths:
-                want_h = _floats([get_path(results, paths["h"])])[0]
-                got = float(art.get_height())
-                assert _same([got], [want_h]), f"{gid}: bar height {got} differs from results {want_h}"
-            else:
-                raise AssertionError(f"unknown tag {gid!r}")
-            checked += 1
-    return checked
 
 
 def fmt(value: Any, digits: int = 3) -> str:
