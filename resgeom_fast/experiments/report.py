@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-import resgeom_fast
+from resgeom_fast import _version
 from resgeom_fast._progress import progress as progress_bar
 # the tags, paths and check of every plotted number: one copy, on the analyses' plotting path
 from resgeom_fast.analysis.plotting import check_figure, get_path, tag
@@ -132,7 +132,7 @@ def summary_rows(summ: Mapping[str, Any], digits: int = 4) -> list[tuple[str, st
 
 
 def _environment() -> dict[str, Any]:
-    return {"resgeom_fast": resgeom_fast.__version__, "torch": torch.__version__, "python": platform.python_version(),
+    return {"resgeom_fast": _version.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cuda_available": torch.cuda.is_available(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -53,7 +53,7 @@ from typing import Any, Callable, Mapping, Optional, TextIO
 
 import torch
 
-import resgeom_fast
+from resgeom_fast import _version
 from resgeom_fast._progress import write_line
 from resgeom_fast.core.checks import value_error
 from resgeom_fast.core.io import atomic_write_json, is_temp_name, json_checksum, temp_owner_pid, to_jsonable
@@ -244,7 +244,7 @@ class Runner:
         self.computed: list[str] = []
         self.loaded: list[str] = []
         self.hash = config_hash(self.config)
-        self.key_parts: dict[str, Any] = {**dict(key_parts or {}), "resgeom_fast": resgeom_fast.__version__,
+        self.key_parts: dict[str, Any] = {**dict(key_parts or {}), "resgeom_fast": _version.__version__,
                                           "torch": torch.__version__}
         os.makedirs(self.out, exist_ok=True)
         _acquire(self.out, self.message)

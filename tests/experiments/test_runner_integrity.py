@@ -53,7 +53,7 @@ def test_step_key_covers_key_parts_and_versions_and_a_loaded_step_names_them(tmp
     assert "checkpoint sha256: aaaaaaaaaaaa -> bbbbbbbbbbbb), recomputing" in log.getvalue()
 
     old = resgeom_fast.__version__
-    monkeypatch.setattr(resgeom_fast, "__version__", "99.0.0")
+    monkeypatch.setattr(resgeom_fast._version, "__version__", "99.0.0")  # the one version string
     log = io.StringIO()
     with Runner(str(tmp_path), {"w": 1}, study="t", log=log, key_parts={"checkpoint sha256": "b" * 64}) as r:
         r.step("s", c.fn("s"))

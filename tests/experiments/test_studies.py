@@ -67,7 +67,6 @@ def test_leaky_study_is_the_continuation_protocol(tmp_path):
 
     import torch
 
-    import torch
 
     from resgeom_fast.analysis.hamiltonian import hamiltonian
     from resgeom_fast.data import teacher

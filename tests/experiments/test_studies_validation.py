@@ -4,10 +4,8 @@ output folder; good settings (the defaults, the tiny test settings) pass."""
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
-import torch
 
 from resgeom_fast.cli import main
 from resgeom_fast.experiments.config import UsageError, parse_sets, resolve_config
