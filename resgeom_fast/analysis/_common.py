@@ -1,4 +1,6 @@
-"""Helpers shared by the analyses: JSON conversion, atomic writes, batch iteration, validation.
+"""Helpers shared by the analyses: the :class:`Result` base (generic ``to_dict``), batch
+iteration and validation; JSON conversion and atomic writes re-exported from
+:mod:`resgeom_fast.core.io`, the batch contract from :mod:`resgeom_fast.core.modules`.
 
 Every analysis returns a dataclass deriving from :class:`Result`: ``to_dict()`` gives plain
 JSON-friendly Python (floats, ints, str, bool, None, lists, dicts) and ``to_json(path)`` writes
@@ -17,6 +19,7 @@ from torch import Tensor
 from resgeom_fast.linalg._util import check_choice, check_int
 from resgeom_fast.linalg.operator import NonFiniteError, describe_non_finite
 from resgeom_fast.core.checks import check_number, value_error
+from resgeom_fast.core.modules import as_batches
 # JSON conversion and atomic writes live on the bottom floor (re-exported here: experiments import them)
 from resgeom_fast.core.io import atomic_write_json, atomic_write_text, json_checksum, to_jsonable
 
@@ -122,37 +125,14 @@ def model_device_dtype(where: str, model: torch.nn.Module) -> tuple[torch.device
 
 def batches(where: str, data: Any, device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None, split: str = "train") -> Iterator[tuple[Tensor, Tensor]]:
-    """Iterate ``(x, y)`` batches of ``data``: one ``(x, y)`` pair, a resgeom_fast Dataset (its
-    ``split``), or any iterable of ``(x, y)`` batches (a DataLoader).
+    """Iterate ``(x, y)`` batches of ``data``: the one data contract of
+    :func:`resgeom_fast.core.modules.as_batches` (an ``(x, y)`` batch, a list of batches, a
+    DataLoader, a torch Dataset, or a resgeom_fast Dataset -- its ``split``).
 
     Floating inputs must already have ``dtype`` and every tensor must be on ``device`` when these
     are given (no silent casts or moves): a clear error names what differs.
     """
-    if hasattr(data, "tensors") and hasattr(data, "x_train"):
-        data = data.tensors(split)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        it: Any = [tuple(data)]
-    else:
-        try:
-            it = iter(data)
-        except TypeError:
-            raise TypeError(f"{where}: expected data an (x, y) pair, a Dataset or an iterable of (x, y) "
-                            f"batches, got {type(data).__name__}") from None
-    n = 0
-    for i, batch in enumerate(it):
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor)):
-            raise TypeError(f"{where}: expected batch {i} of data to be (x, y, ...), got {type(batch).__name__}")
-        x, y = batch[0], batch[1]
-        if device is not None and x.device != device:
-            raise ValueError(f"{where}: expected data on the model's device {device}, got x on {x.device}")
-        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
-            raise ValueError(f"{where}: expected x of dtype {dtype} (the model's), got {x.dtype}")
-        if isinstance(y, Tensor) and y.shape[:1] != x.shape[:1]:
-            raise ValueError(f"{where}: expected y with {x.shape[0]} rows in batch {i}, got {tuple(y.shape)}")
-        n += 1
-        yield x, y
-    if n == 0:
-        raise ValueError(f"{where}: expected data with at least one batch, got an empty iterable")
+    return as_batches(where, data, device=device, dtype=dtype, split=split)
 
 
 def check_finite_tensor(where: str, t: Tensor, what: str) -> None:

@@ -81,6 +81,7 @@ import torch
 from torch import Tensor, nn
 
 from resgeom_fast.core.checks import check_module, check_type
+from resgeom_fast.core.modules import capture_outputs, module_mode
 from resgeom_fast._progress import progress as _progress_bar
 from resgeom_fast.analysis._common import (
     FIRST,
@@ -123,8 +124,7 @@ _BYTES = 256 * 2**20  # working-set budget of the float64 chunks
 
 # -- metric helpers (public: tested on constructed cases) ---------------------------------------
 def _check_traj(where: str, traj: Any) -> Tensor:
-    if not isinstance(traj, Tensor):
-        raise TypeError(f"{where}: expected traj a torch.Tensor [N, L+1, D], got {type(traj).__name__}")
+    check_type(where, "traj", traj, Tensor, "a torch.Tensor [N, L+1, D]")
     if not traj.is_floating_point():
         raise TypeError(f"{where}: expected traj a floating-point tensor, got {traj.dtype}")
     if traj.dim() < 3 or traj.shape[0] < 1 or traj.shape[1] < 2:
@@ -568,42 +568,17 @@ class AlignmentResult(Result):
 
 
 # -- the analysis -------------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
 def _last_outputs(model: nn.Module, x: Tensor, blocks: list[nn.Module]) -> list[Tensor]:
     """Outputs of ``blocks`` from one eval-mode, no-grad forward pass (stops after the last)."""
-    want = {id(b): i for i, b in enumerate(blocks)}
-    got: dict[int, Tensor] = {}
-
-    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-        i = want.get(id(mod))
-        if i is not None and i not in got:
-            if not isinstance(out, Tensor):
-                raise ValueError(f"residual_alignment: block {type(mod).__name__} returned "
-                                 f"{type(out).__name__}, expected a tensor")
-            got[i] = out.detach().clone()
-            if len(got) == len(want):
-                raise _Stop
-
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [b.register_forward_hook(hook) for b in blocks]
-    try:
-        model.eval()
-        with torch.no_grad():
-            try:
-                model(x)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes:
-            m.training = t
-    if len(got) != len(blocks):
+    with module_mode(model, False), torch.no_grad(), capture_outputs(blocks, stop=True) as cap:
+        model(x)
+    if not cap.complete:
         raise ValueError("residual_alignment: some blocks were not called in the forward pass of the model")
-    return [got[i] for i in range(len(blocks))]
+    for mod, out in zip(blocks, cap.values):
+        if not isinstance(out, Tensor):
+            raise ValueError(f"residual_alignment: block {type(mod).__name__} returned "
+                             f"{type(out).__name__}, expected a tensor")
+    return list(cap.values)
 
 
 def _default_pairs(L: int) -> list[tuple[int, int]]:
@@ -803,8 +778,7 @@ def residual_alignment(
     """
     where = "residual_alignment"
     check_module(where, "model", model)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{where}: expected x a torch.Tensor [N, ...], got {type(x).__name__}")
+    check_type(where, "x", x, Tensor, "a torch.Tensor [N, ...]")
     device, dtype = model_device_dtype(where, model)
     if x.device != device:
         raise ValueError(f"{where}: expected x on the model's device {device}, got {x.device}")
@@ -815,8 +789,7 @@ def residual_alignment(
     N = x.shape[0]
     labels: Optional[Tensor] = None
     if y is not None:
-        if not isinstance(y, Tensor):
-            raise TypeError(f"{where}: expected y a torch.Tensor [N] of class labels or None, got {type(y).__name__}")
+        check_type(where, "y", y, Tensor, "a torch.Tensor [N] of class labels or None")
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or tuple(y.shape) != (N,):
             raise ValueError(f"{where}: expected y integer class labels of shape [{N}], got {y.dtype} "
                              f"{tuple(y.shape)}")
@@ -948,8 +921,7 @@ def depth_scaling(results: Sequence[AlignmentResult]) -> dict[str, Any]:
     if isinstance(results, AlignmentResult) or not isinstance(results, Sequence) or len(results) == 0:
         raise ValueError(f"{where}: expected results a non-empty sequence of AlignmentResult")
     for i, r in enumerate(results):
-        if not isinstance(r, AlignmentResult):
-            raise TypeError(f"{where}: expected results[{i}] an AlignmentResult, got {type(r).__name__}")
+        check_type(where, f"results[{i}]", r, AlignmentResult, "an AlignmentResult")
     n_st = len(results[0].stages)
     if any(len(r.stages) != n_st for r in results):
         raise ValueError(f"{where}: expected every result to have the same number of stages, got "

@@ -86,7 +86,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from resgeom_fast.core.checks import check_module
+from resgeom_fast.core.checks import check_module, check_type
+from resgeom_fast.core.modules import module_mode
 from ._common import (
     Result, batches, check_choice, check_finite_parameters, check_finite_tensor, check_int, model_device_dtype,
 )
@@ -267,8 +268,7 @@ class _LayerStats:
 
 
 def _check_labels(where: str, y: Any, n: int, num_classes: Optional[int], name: str = "labels") -> Tensor:
-    if not isinstance(y, Tensor):
-        raise TypeError(f"{where}: expected {name} a Tensor of int class labels, got {type(y).__name__}")
+    check_type(where, name, y, Tensor, "a Tensor of int class labels")
     if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         raise TypeError(f"{where}: expected {name} of an integer dtype (class labels), got {y.dtype}")
     if y.dim() != 1 or y.shape[0] != n:
@@ -612,20 +612,15 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     device, dtype = model_device_dtype(where, model)
     check_finite_parameters(where, model)
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            stats, sel, n_classes, n1, num_hidden, fdtype = _pass1(where, model, data, device, dtype, split,
-                                                                   num_classes, layers, pool)
-            counts = stats[0].counts
-            _check_counts(where, counts)
-            for st in stats:
-                st.finish_pass1()
-            n2 = _pass2(where, model, data, device, dtype, split, n_classes, sel, pool, stats)
-    finally:
-        for m, mode in modes:  # every submodule's own mode (e.g. frozen BatchNorm inside a training net)
-            m.training = mode
+    # eval mode inside; every submodule's own mode restored after (e.g. frozen BatchNorm in a training net)
+    with module_mode(model, False), torch.no_grad():
+        stats, sel, n_classes, n1, num_hidden, fdtype = _pass1(where, model, data, device, dtype, split,
+                                                               num_classes, layers, pool)
+        counts = stats[0].counts
+        _check_counts(where, counts)
+        for st in stats:
+            st.finish_pass1()
+        n2 = _pass2(where, model, data, device, dtype, split, n_classes, sel, pool, stats)
     if n2 != n1:
         raise ValueError(f"{where}: expected the same samples in both passes over data, got {n1} then {n2}")
 

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacfwd, jacrev, jvp, vmap
 
-from resgeom_fast.core.checks import check_module
+from resgeom_fast.core.checks import check_module, check_type
+from resgeom_fast.core.modules import module_mode
 from resgeom_fast.analysis._common import (
     Result,
     batches,
@@ -51,7 +52,7 @@ from resgeom_fast.operators import (
     residual_blocks,
     residual_jacobians,
 )
-from resgeom_fast.operators._data import module_mode, no_inplace
+from resgeom_fast.operators._data import no_inplace
 
 __all__ = [
     "ExpansionResult",
@@ -73,15 +74,14 @@ OUTPUT_NORM_SCALES: tuple[str, ...] = ("1", "1/sqrt(L)", "1/L")
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode with in-place activations off (torch.func transforms); restores both."""
-    with module_mode(module, "eval"), no_inplace(module):
+    with module_mode(module, False), no_inplace(module):
         yield
 
 
 def _check_x(fn: str, model: nn.Module, x: Any) -> tuple[torch.device, torch.dtype]:
     check_module(fn, "model", model)
     device, dtype = model_device_dtype(fn, model)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: expected x a torch.Tensor, got {type(x).__name__}")
+    check_type(fn, "x", x, Tensor, "a torch.Tensor")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"{fn}: expected x with a non-empty batch dimension [N, ...], got shape {tuple(x.shape)}")
     if x.device != device:
@@ -234,8 +234,7 @@ def _probes(fn: str, v: Optional[Tensor], n: int, shape: tuple[int, ...], num_pr
         g = torch.randn(n, num_probes, d, generator=gen, dtype=torch.float64)
         g = g / g.norm(dim=-1, keepdim=True)
         return g.to(dtype=dtype, device=device).permute(0, 2, 1).contiguous()
-    if not isinstance(v, Tensor):
-        raise TypeError(f"{fn}: expected v a torch.Tensor or None, got {type(v).__name__}")
+    check_type(fn, "v", v, Tensor, "a torch.Tensor or None")
     if num_probes != 1:
         raise ValueError(f"{fn}: expected num_probes 1 when v is given (v is the probe), got {num_probes}")
     if v.dtype != dtype or v.device != device:
@@ -529,8 +528,7 @@ def remainder_scaling(make_model: Callable[[float], nn.Module], lams: Sequence[f
     r1, r2, d = [], [], []
     for lam in vals:
         model = make_model(lam)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{fn}: expected make_model({lam}) to return an nn.Module, got {type(model).__name__}")
+        check_type(fn, f"make_model({lam})", model, nn.Module, "to return an nn.Module")
         res = second_order_expansion(model, x)
         r1.append(res.remainder1_mean)
         r2.append(res.remainder2_mean)

@@ -51,6 +51,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from resgeom_fast.core.checks import check_type
 from ._common import FIRST, Result, check_float, model_device_dtype
 from ._common import check_finite_parameters, check_finite_tensor
 from .plotting import pyplot, as_result_dict, figure_axes, join, lines, new_figure
@@ -228,8 +229,7 @@ def hamiltonian(leaky_model: torch.nn.Module, X: Tensor, Y: Tensor, gamma0: floa
     tol = DEFAULT_TOL if tol is None else check_float(_WHERE, "tol", tol, lo=0.0, hi=1.0, open_lo=True)
     device, dtype = model_device_dtype(_WHERE, leaky_model)
     for name, t, dim in (("X", X, leaky_model.in_dim), ("Y", Y, leaky_model.out_dim)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{_WHERE}: expected {name} a tensor, got {type(t).__name__}")
+        check_type(_WHERE, name, t, Tensor, "a tensor")
         if t.dim() != 2 or t.shape[1] != dim:
             raise ValueError(f"{_WHERE}: expected {name} of shape [N, {dim}], got {tuple(t.shape)}")
         if t.dtype != dtype:

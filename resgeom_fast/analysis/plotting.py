@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
+from resgeom_fast.core.checks import ArgumentTypeError, type_error
+
 __all__ = [
     "Series", "as_result_dict", "band", "bars", "check_figure", "errorbars", "figure_axes", "get_path", "heatmaps",
     "join", "lines", "new_figure", "pca_trajectories", "point", "pyplot", "scatter_column", "spectra_per_block", "tag", "vlines",
@@ -83,14 +85,14 @@ def as_result_dict(where: str, result: Any, result_type: type, at: str = "", req
         try:
             d = get_path(result, at) if at else result
         except (KeyError, IndexError, ValueError, TypeError):
-            raise TypeError(f"{where}: expected result {art} {name} or its to_dict() form, got a dict without "
+            raise ArgumentTypeError(f"{where}: expected result {art} {name} or its to_dict() form, got a dict without "
                             f"the path {at!r}") from None
         missing = [k for k in required if not isinstance(d, Mapping) or k not in d]
         if missing:
-            raise TypeError(f"{where}: expected result {art} {name} or its to_dict() form, got a dict without "
+            raise ArgumentTypeError(f"{where}: expected result {art} {name} or its to_dict() form, got a dict without "
                             f"{missing}")
         return dict(result), at, dict(d)
-    raise TypeError(f"{where}: expected result {art} {name} or its to_dict() form, got {type(result).__name__}")
+    raise type_error(where, "result", f"{art} {name} or its to_dict() form", result)
 
 
 def _arr(values: Any) -> list[float]:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from resgeom_fast.core.checks import check_module
+from resgeom_fast.core.modules import capture_outputs, module_mode
 from resgeom_fast import operators
 from resgeom_fast.linalg import NonFiniteError
 from resgeom_fast.analysis._common import Result, batches, check_float, model_device_dtype
@@ -360,33 +361,25 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
     chosen = _select(found, layers)
     check_finite_parameters(_WHERE, model)
     stats = [_Stats(int(l.weight_module.weight.shape[0]), device) for l in chosen]
-    handles = []
     batch = [0]
-    for lay, st in zip(chosen, stats):
-        def hook(mod: nn.Module, inp: Any, out: Tensor, lay: _Layer = lay, st: _Stats = st) -> None:
-            st.add(_WHERE, lay.name, out, batch[0])
-        handles.append(lay.relu.register_forward_hook(hook))
-    saved = [(m, m.training) for m in model.modules()]
+
+    def record(slot: int, out: Any) -> None:  # every call of a watched ReLU, as it happens
+        stats[slot].add(_WHERE, chosen[slot].name, out, batch[0])
+
     n_samples = 0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for i, (x, _y) in enumerate(batches(_WHERE, data, device, dtype)):
-                check_finite_tensor(_WHERE, x, f"the inputs x of batch {i}")
-                batch[0] = i
-                before = [st.calls for st in stats]
-                model(x)
-                n_samples += int(x.shape[0])
-                for lay, st, b in zip(chosen, stats, before):
-                    if st.calls - b != 1:
-                        raise ValueError(f"{_WHERE}: expected ReLU {lay.name!r} to run once per forward pass, "
-                                         f"it ran {st.calls - b} times on batch {i} (shared or unused ReLU modules "
-                                         "are not supported)")
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in saved:
-            m.training = t
+    relus = [lay.relu for lay in chosen]
+    with module_mode(model, False), torch.no_grad(), capture_outputs(relus, clone=False, on_call=record) as cap:
+        for i, (x, _y) in enumerate(batches(_WHERE, data, device, dtype)):
+            check_finite_tensor(_WHERE, x, f"the inputs x of batch {i}")
+            batch[0] = i
+            cap.reset()
+            model(x)
+            n_samples += int(x.shape[0])
+            for lay, calls in zip(chosen, cap.calls):
+                if calls != 1:
+                    raise ValueError(f"{_WHERE}: expected ReLU {lay.name!r} to run once per forward pass, "
+                                     f"it ran {calls} times on batch {i} (shared or unused ReLU modules "
+                                     "are not supported)")
     if n_samples == 0:
         raise ValueError(f"{_WHERE}: expected data with at least one sample, got only empty batches")
     results = [_layer_metrics(l, st, eps) for l, st in zip(chosen, stats)]

@@ -542,8 +542,7 @@ def hessian_spectrum(
     check_choice(_WHERE, "batchnorm", batchnorm, ("eval", "train"))
     check_choice(_WHERE, "operator", operator, ("hessian", "ggn"))
     check_choice(_WHERE, "reorth", reorth, ("full", "local"))
-    if not isinstance(hvp, str):
-        raise TypeError(f"{_WHERE}: expected hvp a str, got {type(hvp).__name__}")
+    check_type(_WHERE, "hvp", hvp, str, "a str")
     if eig_steps is not None:
         check_int(_WHERE, "eig_steps", eig_steps, 2)
     eps = check_float(_WHERE, "eps", eps, 0.0, 1.0, open_lo=True)
