@@ -207,7 +207,7 @@ class _Stats:
     """Streaming float64 statistics of one layer's activations."""
 
     def __init__(self, n: int, device: torch.device) -> None:
-        self.n, self.count, self.calls = n, 0, 0
+        self.n, self.count = n, 0
         self.sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.gram = torch.zeros(n, n, dtype=torch.float64, device=device)
         self.max = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
@@ -223,7 +223,6 @@ class _Stats:
         self.kind = self.kind or kind
         z = z.detach()
         zz = z.movedim(1, -1).reshape(-1, self.n).double() if z.dim() > 2 else z.double()  # [obs, n]
-        self.calls += 1
         self.count += zz.shape[0]
         if zz.shape[0] == 0:
             return
