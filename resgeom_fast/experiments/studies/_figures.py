@@ -3,15 +3,23 @@ builders: each takes the model names (and the dotted ``root`` under which their 
 returns specs whose ``build(results)`` draws from the results dictionary only (tagged artists, so
 :func:`~resgeom_fast.experiments.report.check_figure` can verify every plotted number) and whose
 ``reading(results)`` is the figure's line of text in report.md (:mod:`._readings`).
+
+A panel that shows one model's result of one analysis is drawn by that analysis' ``plot_*`` helper
+(the one plotting path: it reads the result's dict form inside the results dictionary, ``at=`` its
+dotted path), then given the report's title; panels that overlay several models (or compare with
+a depth scan) are drawn with the primitives of :mod:`resgeom_fast.experiments.figures`.
 """
 from __future__ import annotations
 
+import importlib
+import math
 from typing import Any
 
-import numpy as np
+from resgeom_fast.analysis import alignment as alignment_analysis
+from resgeom_fast.analysis import spectrum as spectrum_analysis
 
-from ..figures import bars, heatmaps, lines, new_figure, pca_trajectories, spectra_per_block
-from ..report import FigureSpec, fmt, fmt_key, get_path, tag
+from ..figures import bars, heatmaps, lines, new_figure
+from ..report import FigureSpec, fmt, fmt_key, get_path
 from ._readings import (
     CONTROL,
     alignment_stage_reading,
@@ -24,6 +32,11 @@ from ._readings import (
     spectrum_reading,
     summary_of,
 )
+
+# the analyses' plot_* are looked up through their modules at each call (a wrapper installed on the
+# module, as the tests' spies do, sees every call); import_module because resgeom_fast.analysis
+# exports a function named like the collapse module
+collapse_analysis = importlib.import_module("resgeom_fast.analysis.collapse")
 
 __all__ = ["alignment_figures", "collapse_figure", "density_figure", "paths_figure", "singularity_figure",
            "stage_figures", "training_figure"]
@@ -68,8 +81,8 @@ def alignment_figures(models: list[str], root: str = "models", with_depth: bool 
     def traj(r: dict) -> Any:
         fig, axes = new_figure(len(models))
         for ax, m in zip(axes, models):
-            pca_trajectories(ax, r, f"{p(m)}.stages.0.ra1.pca", f"{p(m)}.labels",
-                             f"{m}: trajectories (PCA of h_0..h_L)")
+            alignment_analysis.plot_trajectories(r, ax, at=p(m))
+            ax.set_title(f"{m}: trajectories (PCA of h_0..h_L)", fontsize=9)
         fig.tight_layout()
         return fig
 
@@ -79,8 +92,8 @@ def alignment_figures(models: list[str], root: str = "models", with_depth: bool 
     def sv(r: dict) -> Any:
         fig, axes = new_figure(len(models))
         for ax, m in zip(axes, models):
-            spectra_per_block(ax, r, f"{p(m)}.stages.0.ra3.singular_values_mean",
-                              f"{m}: singular values of J_l", get_path(r, f"{p(m)}.settings.num_classes"))
+            alignment_analysis.plot_singular_values(r, ax, at=p(m))
+            ax.set_title(f"{m}: singular values of J_l", fontsize=9)
         fig.tight_layout()
         return fig
 
@@ -95,15 +108,20 @@ def alignment_figures(models: list[str], root: str = "models", with_depth: bool 
                                    "capped by the k computed singular values and reads '>= k').")
 
     def cross(r: dict) -> Any:
-        fig, axes = new_figure(len(models), 2, width=4.4, height=3.8)
-        panels = []
-        for m in models:
-            panels.append((f"{m}: diag ratio of A_ij (blocks i, j)", f"{p(m)}.stages.0.ra2.diag_ratio_mean"))
-        for m in models:
+        # top row: the diag-ratio matrices (no analysis plot shows them); bottom row: |A_ij| of each
+        # model's first stored pair (plot_cross_alignment)
+        n = len(models)
+        fig, axes = new_figure(n, 2, width=4.4, height=3.8)
+        heatmaps(axes[:n], r, [(f"{m}: diag ratio of A_ij (blocks i, j)", f"{p(m)}.stages.0.ra2.diag_ratio_mean")
+                               for m in models], fig)
+        for ax, m in zip(axes[n:], models):
             pairs = get_path(r, f"{p(m)}.stages.0.ra2.cross_pairs")
-            i, j = pairs[0] if pairs else (0, 0)
-            panels.append((f"{m}: |A_ij|, i={i}, j={j}", f"{p(m)}.stages.0.ra2.cross_abs_mean.0"))
-        heatmaps(axes, r, panels, fig)
+            if pairs:
+                i, j = pairs[0]
+                alignment_analysis.plot_cross_alignment(r, ax, pairs=[(i, j)], at=p(m))
+                ax.set_title(f"{m}: |A_ij|, i={i}, j={j}", fontsize=9)
+            else:  # no stored pair: the same panel as before (the path does not exist either)
+                heatmaps([ax], r, [(f"{m}: |A_ij|, i=0, j=0", f"{p(m)}.stages.0.ra2.cross_abs_mean.0")], fig)
         fig.tight_layout()
         return fig
 
@@ -148,23 +166,20 @@ def density_figure(models: list[str], root: str = "models") -> FigureSpec:
     def build(r: dict) -> Any:
         # one panel per model: the nets' spectra differ by orders of magnitude in scale
         fig, axes = new_figure(len(models), width=4.6, height=3.8)
-        for i, m in enumerate(models):
-            ax = axes[i]
-            top = 0.0
-            s = get_path(r, f"{root}.{m}.spectrum.result")
-            grid, dens = np.array(s["grid"], float), np.array([np.nan if v is None else v for v in s["density"]], float)
-            std = np.array([np.nan if v is None else v for v in s["density_std"]], float)
+        for ax, m in zip(axes, models):
+            at = f"{root}.{m}.spectrum.result"
+            spectrum_analysis.plot_density(r, ax, at=at)  # density line (tagged), +- std band, extreme eigenvalues
             summ = summary_of(get_path(r, f"{root}.{m}.spectrum"))
-            (ln,) = ax.plot(grid, dens, color=f"C{i}", lw=1.2,
-                            label=f"{m} (near-zero mass: rel. {fraction_text(summ, 'degenerate_fraction_rel', 2)}, "
+            (density,) = [ln for ln in ax.lines if (ln.get_gid() or "").endswith(f"y={at}.density")]
+            density.set_label(f"{m} (near-zero mass: rel. {fraction_text(summ, 'degenerate_fraction_rel', 2)}, "
                                   f"abs. {fraction_text(summ, 'degenerate_fraction_abs', 2)})")
-            tag(ln, x=f"{root}.{m}.spectrum.result.grid", y=f"{root}.{m}.spectrum.result.density")
-            if np.isfinite(std).all():
-                ax.fill_between(grid, dens - std, dens + std, color=f"C{i}", alpha=0.2, lw=0)
-            top = max(top, float(np.nanmax(dens)) if np.isfinite(dens).any() else 0.0)
+            dens = [v for v in get_path(r, f"{at}.density") if v is not None and math.isfinite(v)]
+            top = max(dens) if dens else 0.0
             if top > 0:  # log axis over 8 decades below the highest peak (SLQ tails fall to 1e-100)
                 ax.set_yscale("log", nonpositive="mask")
                 ax.set_ylim(top * 1e-8, top * 3)
+            else:  # nothing to show on a log axis
+                ax.set_yscale("linear")
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
             ax.set_xlabel("eigenvalue")
             ax.set_ylabel("density (band: +- std over probes)")
@@ -181,14 +196,11 @@ def density_figure(models: list[str], root: str = "models") -> FigureSpec:
 
 def collapse_figure(models: list[str], root: str = "models") -> FigureSpec:
     """NC1, ETF error, equinorm and NCC mismatch against depth of each model's ``collapse``."""
-    metrics = ("nc1", "etf_error", "equinorm", "ncc_mismatch")
-
     def build(r: dict) -> Any:
         fig, axes = new_figure(len(models))
         for ax, m in zip(axes, models):
-            base = f"{root}.{m}.collapse.result"
-            lines(ax, r, [(k, f"{base}.layers", f"{base}.{k}") for k in metrics],
-                  title=f"{m}: collapse metrics against depth", xlabel="layer l", ylabel="metric", logy=True)
+            collapse_analysis.plot_collapse(r, ax, at=f"{root}.{m}.collapse.result")
+            ax.set_title(f"{m}: collapse metrics against depth", fontsize=9)
         fig.tight_layout()
         return fig
 
@@ -251,16 +263,18 @@ def stage_figures(al: dict[str, Any]) -> list[FigureSpec]:
     def sv(r: dict) -> Any:
         fig, axes = new_figure(n_st)
         for s, ax in enumerate(axes):
-            spectra_per_block(ax, r, f"{base}.stages.{s}.ra3.singular_values_mean",
-                              f"stage {s}: singular values of J_l", get_path(r, f"{base}.settings.num_classes"))
+            alignment_analysis.plot_singular_values(r, ax, stage=s, at=base)
+            ax.set_title(f"stage {s}: singular values of J_l", fontsize=9)
         fig.tight_layout()
         return fig
 
     def sig(r: dict) -> Any:
         fig, axes = new_figure(1)
-        lines(axes[0], r, [(f"stage {s}", f"{base}.stages.{s}.block_indices", f"{base}.stages.{s}.ra4.sigma1_mean")
-                           for s in range(n_st)], title="sigma_1(J_l) per block", xlabel="block index",
-              ylabel="sigma_1", logy=True)
+        alignment_analysis.plot_sigma1(r, axes[0], at=base)  # one line (+- std bars) per stage
+        sig1 = [v for s in range(n_st) for v in get_path(r, f"{base}.stages.{s}.ra4.sigma1_mean")]
+        if any(v is not None and math.isfinite(v) and v > 0 for v in sig1):
+            axes[0].set_yscale("log", nonpositive="mask")
+        axes[0].set_title("sigma_1(J_l) per block", fontsize=9)
         fig.tight_layout()
         return fig
 

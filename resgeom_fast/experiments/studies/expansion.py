@@ -63,9 +63,9 @@ def run_expansion(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
         if lam and r2 and r2[-1]:
             axes[0].plot(lam, [r2[-1] * (v / lam[-1]) ** 3 for v in lam], "k:", lw=0.8, label="lam^3")
             axes[0].legend(fontsize=7)
-        o = r["output_norms"]
-        lines(axes[1], r, [(f"lam = {s}", "output_norms.depths", f"output_norms.mean.{s}") for s in o["scales"]],
-              title="||h_L|| / ||h_0|| at init", xlabel="depth L", ylabel="mean ratio", logx=True, logy=True)
+        expansion_analysis.plot_output_norms(r, axes[1], at="output_norms")  # one line per branch scale
+        axes[1].set_title("||h_L|| / ||h_0|| at init", fontsize=9)
+        axes[1].legend(fontsize=7)
         fig.tight_layout()
         return fig
 
