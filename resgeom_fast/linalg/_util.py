@@ -1,28 +1,28 @@
 """Shared helpers of the linalg algorithms: validation, random probes, flat batched application."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from resgeom_fast.core import checks
 from resgeom_fast.linalg.operator import LinearOperator, NonFiniteError, describe_non_finite
 
 
 def check_int(where: str, name: str, value, lo: int, hi: Optional[int] = None, hint: str = "") -> int:
-    """Validate an integer argument; the error names the argument and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: expected {name} an int, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{where}: expected {name} {rng}{hint}, got {value}")
-    return value
+    """Validate an integer argument through :func:`resgeom_fast.core.checks.check_int`; the error
+    names the argument and the allowed range (``"<where>: expected <name> >= lo<hint>, got v"``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise checks.type_error(where, name, "an int", value)
+    rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    return checks.check_int(where, name, value, minimum=lo, maximum=hi, expected=rng + hint)
 
 
 def check_choice(where: str, name: str, value, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{where}: expected {name} one of {list(allowed)}, got {value!r}")
-    return value
+    """``value`` if it is one of ``allowed`` (:func:`resgeom_fast.core.checks.check_choice`)."""
+    return checks.check_choice(where, name, value, allowed)
 
 
 def generator(seed: Optional[int]) -> torch.Generator:
