@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from resgeom_fast.analysis import alignment as alignment_analysis
 from resgeom_fast.analysis import spectrum as spectrum_analysis
 from resgeom_fast.core.io import file_sha256
+from resgeom_fast.models.network import seeded_construction
 
 from ..common import data_key_parts, load_data, resolve_device
 from ..config import UsageError, int_flag
@@ -75,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma list of parameter / module names spanning the Hessian (default: all; e.g. layer4,fc)")
     a.add_argument("--analyses", default="alignment,hessian", help="comma list of alignment, hessian")
     a.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    a.add_argument("--seed", default="0")
+    a.add_argument("--seed", default="0",
+                   help="seed of the model's initialisation (without --checkpoint), the data sample and the probes "
+                        "(default 0)")
     a.add_argument("--out", default="reports/analyze", help="report folder (default reports/analyze)")
 
 
@@ -183,7 +186,11 @@ def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
         raise UsageError(f"--analyses: unknown analysis {bad}; allowed: alignment, hessian")
     dev = resolve_device(device)
     check_out(out)
-    net, key_parts = load_model(model, C)
+    # the initial weights come from --seed (the caller's global RNG is left as it was): a model
+    # analysed without --checkpoint is reproducible, and the steps' key (which holds the seed)
+    # describes the weights the numbers were computed on
+    with seeded_construction(sd):
+        net, key_parts = load_model(model, C)
     if checkpoint:
         if os.path.isfile(checkpoint):  # hashed first: the key describes the bytes loaded next
             key_parts = {"checkpoint sha256": file_sha256(checkpoint), **key_parts}
