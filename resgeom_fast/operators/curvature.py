@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from resgeom_fast.core.checks import ArgumentValueError, check_choice, check_type, type_error
 from resgeom_fast.linalg.operator import LinearOperator
 from resgeom_fast.operators._autotune import AutoTuner, resolve_hvp, verify_tolerance
+from resgeom_fast.core.modules import data_source
 from resgeom_fast.operators._data import Batches, has_batchnorm, is_single_batch, module_mode
 from resgeom_fast.operators._mean_contract import LossFn, check_loss, check_mean_contract
 from resgeom_fast.operators._precision import check_precision, product_precision, resolve_matmul
@@ -92,7 +93,8 @@ class CurvatureEngine:
                                synchronize=synchronize, onednn=onednn)
         self._primals: Optional[list[tuple[float, Any]]] = None
         self._forward_checked = False    # the structured logits matched model(x) over a whole pass
-        self.cache = is_single_batch(data) if cache is None else bool(cache)
+        # one batch (also a resgeom_fast Dataset, read as its whole split) keeps its graphs
+        self.cache = is_single_batch(data_source(fn, data)) if cache is None else bool(cache)
         strict_why = ("batchnorm='train' (batch statistics)" if batchnorm == "train" and has_batchnorm(model)
                       else "deterministic=True" if deterministic else "")
         self.batches = Batches(fn, data, self.dtype, self.device, materialise=self.cache,

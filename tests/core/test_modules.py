@@ -216,3 +216,21 @@ def test_hessian_over_a_dataset_equals_hessian_over_the_batch():
     assert rel(hessian(model, CE, TensorDataset(x2, y2)).to_dense(), hessian(model, CE, (x2, y2)).to_dense()) < 1e-10
     # fixed_sample reads a resgeom_fast Dataset too (its train split)
     assert [len(b[0]) for b in fixed_sample(Dataset(x, y, x, y, num_classes=3), batch_size=16)] == [16, 16, 8]
+
+
+def test_a_package_dataset_is_one_cached_batch_of_the_hessian():
+    """A resgeom_fast Dataset is read as its whole train split, one batch: the operator keeps its
+    graphs as for an (x, y) batch (cache defaults to True for one batch) and equals it."""
+    import dataclasses
+
+    import resgeom_fast as rg
+
+    d = rg.data.digits(seed=0)
+    ds = dataclasses.replace(d, x_train=d.x_train.double(), x_test=d.x_test.double())
+    model = rg.models.FCResNet(64, 6, 1, 10, seed=0).double().eval()
+    x, y = ds.tensors("train")
+    H_ds = hessian(model, torch.nn.CrossEntropyLoss(), ds, hvp="double_backward")
+    H_b = hessian(model, torch.nn.CrossEntropyLoss(), (x, y), hvp="double_backward")
+    assert H_ds._engine.cache and H_b._engine.cache
+    v = torch.randn(H_b.shape[1], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(H_ds.matmat(v), H_b.matmat(v), rtol=1e-12, atol=1e-14)
