@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
+
 from resgeom_fast.core.checks import ArgumentTypeError, type_error
 
 __all__ = [
@@ -257,7 +259,6 @@ def spectra_per_block(ax: Any, results: dict, sv_path: str, title: str, num_clas
 def heatmaps(axes: Sequence[Any], results: dict, panels: Sequence[tuple[str, str]], fig: Any,
              cmap: str = "viridis", vmin: Optional[float] = None, vmax: Optional[float] = None) -> None:
     """One tagged image per (title, matrix path)."""
-    import numpy as np  # with matplotlib (optional dependency)
 
     for ax, (title, path) in zip(axes, panels):
         z = np.array([_arr(row) for row in get_path(results, path)], dtype=float)
@@ -301,7 +302,6 @@ def bars(ax: Any, results: dict, groups: Sequence[str], metrics: Sequence[tuple[
 
 # -- checking --------------------------------------------------------------------------------------
 def _floats(values: Any) -> list[float]:
-    import numpy as np  # with matplotlib (optional dependency)
 
     arr = np.asarray([math.nan if v is None else v for v in np.ravel(np.asarray(values, dtype=object))], dtype=float)
     return arr.tolist()
@@ -323,7 +323,6 @@ def check_figure(fig: Any, results: Mapping[str, Any]) -> int:
 
     Raises AssertionError naming the artist whose data differ from the dictionary.
     """
-    import numpy as np  # with matplotlib (optional dependency)
 
     checked = 0
     for ax in fig.axes:
