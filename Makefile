@@ -21,7 +21,7 @@ venv: $(VENV)/.deps
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy scipy ninja \
-		scikit-learn matplotlib tqdm pyyaml pytest pytest-benchmark ruff
+		scikit-learn matplotlib tqdm pyyaml pytest pytest-benchmark ruff timm
 	touch $@
 
 build: $(VENV)/.built

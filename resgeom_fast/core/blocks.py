@@ -12,11 +12,43 @@ matches describes it as a :class:`BlockInfo`. The built-in kinds, in this order:
   ``resgeom_block = True`` and has the attributes ``branch``, ``skip``, ``scale``, ``post`` (the
   documented attribute protocol for user classes);
 - ``"torchvision_basic"`` / ``"torchvision_bottleneck"``: torchvision's ``BasicBlock`` /
-  ``Bottleneck`` (branch = conv1, bn1, relu, conv2, bn2[, relu, conv3, bn3] as an
-  ``nn.Sequential`` sharing the block's layers; skip = ``downsample`` or identity; post = ReLU).
-  torchvision is an optional third-party library, so these match on the class's module and name.
+  ``Bottleneck`` (every resnet, wide_resnet, resnext; branch = conv1, bn1, relu, conv2, bn2[,
+  relu, conv3, bn3] as an ``nn.Sequential`` sharing the block's layers; skip = ``downsample`` or
+  identity; post = ReLU);
+- ``"timm_basic"`` / ``"timm_bottleneck"``: ``timm.models.resnet.BasicBlock`` / ``Bottleneck``
+  (every timm ResNet / ResNeXt / SE-ResNet / ResNet-D built from them). branch = the block's
+  layers in forward order, as an ``nn.Sequential`` sharing them: conv1, bn1, drop_block, act1,
+  aa, conv2, bn2, se (BasicBlock) or conv1, bn1, act1, conv2, bn2, drop_block, act2, aa, conv3,
+  bn3, se (Bottleneck), then drop_path; modules that are absent (None) or exactly
+  ``nn.Identity`` are left out. skip = ``downsample`` or identity; post = act2 (BasicBlock) /
+  act3 (Bottleneck). drop_block and drop_path are the identity in eval mode (where every
+  operator evaluates branches); in train mode with drop_path_rate / drop_block_rate > 0 they are
+  random and ``block(h)`` equals ``post(skip(h) + branch(h))`` only in distribution;
+- ``"torchvision_inverted_residual"``: torchvision's MobileNetV2 ``InvertedResidual`` that uses
+  its skip (``use_res_connect`` True: stride 1, as many output as input channels); branch =
+  its ``conv`` Sequential, skip and post = identity. One without the skip is no residual block
+  (not listed; its layers are part of the stack between blocks);
+- ``"torchvision_convnext"``: torchvision's ConvNeXt ``CNBlock``, ``h + stochastic_depth(
+  layer_scale * block(h))``. ``layer_scale`` is a per-channel tensor [C, 1, 1], not a scalar
+  lam_l, so it is part of the branch: branch = :class:`LayerScaleBranch` (``layer_scale *
+  block(h)`` then stochastic_depth, sharing the block's Sequential and its ``layer_scale``
+  Parameter), ``scale = 1.0``, skip and post = identity. The residual Jacobian is therefore
+  ``diag(layer_scale) dF/dh`` (the layer scale included, as the block applies it);
+- ``"torchvision_vit_attention"``: the attention sublayer of torchvision's ViT ``EncoderBlock``,
+  ``x = h + dropout(self_attention(ln_1(h)))``. branch = :class:`SelfAttentionBranch` (ln_1,
+  self_attention called as the block calls it, ``need_weights=False``, dropout), skip = identity,
+  and post = :class:`ResidualSublayer` (``x -> x + mlp(ln_2(x))``, the MLP sublayer), so that
+  ``block(h) == post(h + branch(h))`` holds exactly. h is the token sequence [N, S, W], so a
+  Jacobian acts on D = S x W. The MLP sublayer is NOT listed as a block of its own: its input
+  is an intermediate tensor inside ``EncoderBlock.forward`` that no module's forward pre-hook
+  sees as a whole block input (``ln_2``'s pre-hook sees it, but ``ln_2`` is not the sublayer:
+  its output and parameters are not the sublayer's), and :class:`BlockInfo` has no way to say
+  "input from one module, output from another". Its residual Jacobian is not offered rather
+  than approximated. Note the post is not an elementwise activation: analyses that treat post
+  as one must refuse it.
 
-Later kinds (timm, ConvNeXt, ViT ...) are added with :func:`register_block_kind`.
+torchvision and timm are optional third-party libraries, so their kinds match on the class's
+module and name (never imported here). Further kinds are added with :func:`register_block_kind`.
 
 The module types a fast path may recognise by ``isinstance`` live here too: :class:`ZeroSkip`
 (Q_l = 0), :class:`ScalarBias` and :class:`ScalarMultiplier` (Fixup's scalars).
@@ -32,20 +64,21 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_module, type_error
 
 __all__ = [
-    "BlockInfo", "ResidualBlockBase", "ScalarBias", "ScalarMultiplier", "ZeroSkip", "block_kinds",
-    "mark_residual_block", "register_block_kind", "residual_blocks", "resolve_blocks",
-    "unregister_block_kind",
+    "BlockInfo", "LayerScaleBranch", "ResidualBlockBase", "ResidualSublayer", "ScalarBias", "ScalarMultiplier",
+    "SelfAttentionBranch", "ZeroSkip", "block_kinds", "mark_residual_block", "register_block_kind",
+    "residual_blocks", "resolve_blocks", "unregister_block_kind",
 ]
 
 _MARK = "_resgeom_mark"
 _HINT = (
-    "residual blocks are modules with `resgeom_block = True` (resgeom_fast.models), torchvision "
-    "BasicBlock / Bottleneck, or modules marked with "
-    "resgeom_fast.operators.mark_residual_block(block, branch=..., skip=..., scale=...)"
+    "residual blocks are modules with `resgeom_block = True` (resgeom_fast.models), blocks of a "
+    "registered kind (torchvision / timm ResNets, MobileNetV2, ConvNeXt, ViT attention), or modules "
+    "marked with resgeom_fast.operators.mark_residual_block(block, branch=..., skip=..., scale=...)"
 )
 
 
@@ -58,8 +91,8 @@ class BlockInfo:
         block: the block module (its forward pre-hook sees the block input h_{l-1}).
         branch: F_l, an ``nn.Module`` mapping h_{l-1} to the block's output shape.
         skip: Q_l. scale: lam_l (float or a 0-dim Parameter). post: applied after the sum.
-        kind: the name of the block kind that recognised it ("marked", "resgeom",
-            "torchvision_basic", "torchvision_bottleneck" or a registered one).
+        kind: the name of the block kind that recognised it (one of :func:`block_kinds`, e.g.
+            "marked", "resgeom", "torchvision_basic", "timm_bottleneck").
         index: the block's position in ``residual_blocks(model)`` (-1 for a BlockInfo built by
             hand, not yet found in a model).
     """
@@ -286,12 +319,139 @@ def _describe_torchvision(name: str, m: nn.Module, kind: str) -> BlockInfo:
     return BlockInfo(name, m, nn.Sequential(OrderedDict(layers)), skip, 1.0, m.relu, kind)
 
 
+class LayerScaleBranch(nn.Module):
+    """The branch of a ConvNeXt ``CNBlock``: ``drop(layer_scale * body(h))``.
+
+    Args:
+        body: the block's Sequential (shared, not copied).
+        layer_scale: the block's per-channel ``layer_scale`` Parameter [C, 1, 1] (shared).
+        drop: the block's stochastic depth (identity in eval mode); None: none.
+    """
+
+    def __init__(self, body: nn.Module, layer_scale: Tensor, drop: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.body = body
+        self.layer_scale = layer_scale  # an nn.Parameter: registered here, the same object as the block's
+        self.drop = drop if drop is not None else nn.Identity()
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h [N, C, H, W] -> [N, C, H, W]."""
+        return self.drop(self.layer_scale * self.body(h))
+
+
+class SelfAttentionBranch(nn.Module):
+    """The attention branch of a pre-LN transformer block: ``dropout(attention(norm(h)))``.
+
+    ``attention`` is an ``nn.MultiheadAttention`` called as self-attention with
+    ``need_weights=False`` (its output tuple's first element is returned). It is called with
+    MHA's native fast path disabled and scaled-dot-product attention on its math backend (both
+    restored afterwards), so that torch.func's forward-mode AD (jvp) and double backward work
+    through it; the values equal the block's own (fast-path) attention to rounding (~1e-16
+    relative in float64). The switch of the fast-path flag is process-global while the call runs.
+
+    Args:
+        norm: the layer norm before the attention. attention: the attention module.
+        dropout: the dropout after it (None: none). All shared with the block, not copied.
+    """
+
+    def __init__(self, norm: nn.Module, attention: nn.Module, dropout: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.norm = norm
+        self.attention = attention
+        self.dropout = dropout if dropout is not None else nn.Identity()
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h [N, S, W] (batch first) -> [N, S, W]."""
+        x = self.norm(h)
+        # MHA's native fast path (taken in eval mode without grad) has no forward-mode AD and the
+        # fused SDPA kernels no double backward: the slow path and the math kernel are exact too
+        was = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                x, _ = self.attention(x, x, x, need_weights=False)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(was)
+        return self.dropout(x)
+
+
+class ResidualSublayer(nn.Module):
+    """A pre-LN residual sublayer ``x -> x + body(norm(x))`` (e.g. the MLP sublayer of a ViT
+    ``EncoderBlock``), used as the ``post`` of the sublayer before it. Not elementwise.
+
+    Args:
+        norm: the layer norm. body: the sublayer's body (e.g. the MLP). Both shared, not copied.
+    """
+
+    def __init__(self, norm: nn.Module, body: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.body = body
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [N, S, W] -> [N, S, W]."""
+        return x + self.body(self.norm(x))
+
+
+def _third_party_class(m: nn.Module, module: str, cls_name: str) -> bool:
+    # timm / torchvision are optional: their classes are matched by module and name, never imported
+    cls = type(m)
+    return cls.__module__ == module and cls.__name__ == cls_name
+
+
+def _present(m: Optional[nn.Module]) -> bool:
+    return m is not None and type(m) is not nn.Identity
+
+
+def _describe_timm(name: str, m: nn.Module, kind: str) -> BlockInfo:
+    if kind == "timm_basic":
+        order = ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2", "se", "drop_path")
+        post = m.act2
+    else:
+        order = ("conv1", "bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa", "conv3", "bn3", "se",
+                 "drop_path")
+        post = m.act3
+    layers = [(a, getattr(m, a)) for a in order if _present(getattr(m, a, None))]
+    skip = m.downsample if m.downsample is not None else nn.Identity()
+    return BlockInfo(name, m, nn.Sequential(OrderedDict(layers)), skip, 1.0, post, kind)
+
+
+def _is_inverted_residual(m: nn.Module) -> bool:
+    return (_third_party_class(m, "torchvision.models.mobilenetv2", "InvertedResidual")
+            and getattr(m, "use_res_connect", False) is True)
+
+
+def _describe_inverted_residual(name: str, m: nn.Module) -> BlockInfo:
+    return BlockInfo(name, m, m.conv, nn.Identity(), 1.0, nn.Identity(), "torchvision_inverted_residual")
+
+
+def _describe_convnext(name: str, m: nn.Module) -> BlockInfo:
+    branch = LayerScaleBranch(m.block, m.layer_scale, m.stochastic_depth)
+    return BlockInfo(name, m, branch, nn.Identity(), 1.0, nn.Identity(), "torchvision_convnext")
+
+
+def _describe_vit_attention(name: str, m: nn.Module) -> BlockInfo:
+    branch = SelfAttentionBranch(m.ln_1, m.self_attention, m.dropout)
+    return BlockInfo(name, m, branch, nn.Identity(), 1.0, ResidualSublayer(m.ln_2, m.mlp),
+                     "torchvision_vit_attention")
+
+
 register_block_kind("marked", _is_marked, _describe_marked)
 register_block_kind("resgeom", _is_resgeom, _describe_resgeom)
 register_block_kind("torchvision_basic", lambda m: _torchvision_class(m, "BasicBlock"),
                     lambda name, m: _describe_torchvision(name, m, "torchvision_basic"))
 register_block_kind("torchvision_bottleneck", lambda m: _torchvision_class(m, "Bottleneck"),
                     lambda name, m: _describe_torchvision(name, m, "torchvision_bottleneck"))
+register_block_kind("timm_basic", lambda m: _third_party_class(m, "timm.models.resnet", "BasicBlock"),
+                    lambda name, m: _describe_timm(name, m, "timm_basic"))
+register_block_kind("timm_bottleneck", lambda m: _third_party_class(m, "timm.models.resnet", "Bottleneck"),
+                    lambda name, m: _describe_timm(name, m, "timm_bottleneck"))
+register_block_kind("torchvision_inverted_residual", _is_inverted_residual, _describe_inverted_residual)
+register_block_kind("torchvision_convnext",
+                    lambda m: _third_party_class(m, "torchvision.models.convnext", "CNBlock"), _describe_convnext)
+register_block_kind("torchvision_vit_attention",
+                    lambda m: _third_party_class(m, "torchvision.models.vision_transformer", "EncoderBlock"),
+                    _describe_vit_attention)
 
 
 # ------------------------------------------------------------------------------ discovery
@@ -324,7 +484,8 @@ def residual_blocks(model: nn.Module, *, required: bool = True) -> list[BlockInf
         if info is not None:
             found.append(dataclasses.replace(info, index=len(found)))
     if not found and required:
-        raise ArgumentValueError(f"residual_blocks: found no residual blocks in {type(model).__name__}; " + _HINT)
+        raise ArgumentValueError(f"residual_blocks: found no residual blocks in {type(model).__name__}; " + _HINT
+                                 + f"; the registered block kinds are {block_kinds()}")
     return found
 
 

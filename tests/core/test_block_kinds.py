@@ -1,0 +1,263 @@
+"""Block kinds of third-party networks (torchvision / timm ResNets, MobileNetV2, ConvNeXt, ViT):
+discovery (counts, kinds, indices), the decomposition block(h) == post(skip(h) + scale * branch(h))
+on every block, and the residual Jacobian operator against dense jacrev / torch.func.jvp.
+
+Random weights with randomised BatchNorm statistics and ConvNeXt layer scales (timm zero-inits
+the last BN of each block, ConvNeXt's layer scale starts at 1e-6: either would hide the branch),
+float64, eval mode, tiny inputs. Block inputs and outputs are captured here with plain hooks,
+independently of the package.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from resgeom_fast.core.blocks import (
+    LayerScaleBranch,
+    ResidualSublayer,
+    SelfAttentionBranch,
+    block_kinds,
+    residual_blocks,
+)
+from resgeom_fast.core.checks import ArgumentValueError
+from resgeom_fast.operators import residual_jacobians
+
+tv = pytest.importorskip("torchvision")
+
+NEW_KINDS = ["timm_basic", "timm_bottleneck", "torchvision_inverted_residual", "torchvision_convnext",
+             "torchvision_vit_attention"]
+TOL = 1e-12  # float64; a wrong decomposition or Jacobian is off by O(1e-3) or more
+
+
+def _tiny_vit() -> nn.Module:
+    return tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16,
+                                       mlp_dim=32)
+
+
+def _timm(name: str, **kw) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name, pretrained=False, **kw)
+    return make
+
+
+def _tv(name: str) -> Callable[[], nn.Module]:
+    return lambda: getattr(tv.models, name)()
+
+
+BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": _tv("resnet18"),
+    "resnet50": _tv("resnet50"),
+    "wide_resnet50_2": _tv("wide_resnet50_2"),
+    "resnext50_32x4d": _tv("resnext50_32x4d"),
+    "mobilenet_v2": _tv("mobilenet_v2"),
+    "convnext_tiny": _tv("convnext_tiny"),
+    "vit_tiny": _tiny_vit,
+    "timm_resnet18": _timm("resnet18"),
+    "timm_resnet50": _timm("resnet50"),
+    "timm_seresnet18_drop_path": _timm("seresnet18", drop_path_rate=0.1),
+}
+
+
+def _stage_names(depths: list[int], prefix: str = "layer{s}.{i}", first: int = 1) -> list[str]:
+    return [prefix.format(s=s + first, i=i) for s, d in enumerate(depths) for i in range(d)]
+
+
+# name -> (number of blocks, kind of every block, block names)
+EXPECTED = {
+    "resnet18": ("torchvision_basic", _stage_names([2, 2, 2, 2])),
+    "resnet50": ("torchvision_bottleneck", _stage_names([3, 4, 6, 3])),
+    "wide_resnet50_2": ("torchvision_bottleneck", _stage_names([3, 4, 6, 3])),
+    "resnext50_32x4d": ("torchvision_bottleneck", _stage_names([3, 4, 6, 3])),
+    "mobilenet_v2": ("torchvision_inverted_residual", [f"features.{i}" for i in (3, 5, 6, 8, 9, 10, 12, 13, 15, 16)]),
+    "convnext_tiny": ("torchvision_convnext",
+                      [f"features.{2 * s + 1}.{i}" for s, d in enumerate([3, 3, 9, 3]) for i in range(d)]),
+    "vit_tiny": ("torchvision_vit_attention", [f"encoder.layers.encoder_layer_{i}" for i in range(2)]),
+    "timm_resnet18": ("timm_basic", _stage_names([2, 2, 2, 2])),
+    "timm_resnet50": ("timm_bottleneck", _stage_names([3, 4, 6, 3])),
+    "timm_seresnet18_drop_path": ("timm_basic", _stage_names([2, 2, 2, 2])),
+}
+
+
+def _randomise(model: nn.Module, gen: torch.Generator) -> None:
+    """BN running statistics and affine parameters, ConvNeXt layer scales: random, O(1)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
+            if type(m).__name__ == "CNBlock":
+                m.layer_scale.copy_(0.2 + torch.rand(m.layer_scale.shape, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def built():
+    """name -> (model in float64 eval mode, a tiny input batch [2, 3, 32, 32]); built once."""
+    cache: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+
+    def get(name: str) -> tuple[nn.Module, torch.Tensor]:
+        if name not in cache:
+            gen = torch.Generator().manual_seed(0)
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = BUILDERS[name]()
+            _randomise(model, gen)
+            model = model.double().eval()
+            x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+            cache[name] = (model, x)
+        return cache[name]
+    return get
+
+
+def _capture(model: nn.Module, x: torch.Tensor, modules: list[nn.Module]):
+    """Inputs and outputs of ``modules`` in one no-grad forward pass (plain hooks)."""
+    ins: dict[int, torch.Tensor] = {}
+    outs: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, m in enumerate(modules):
+        handles.append(m.register_forward_pre_hook(lambda mod, a, i=i: ins.setdefault(i, a[0].detach().clone())))
+        handles.append(m.register_forward_hook(lambda mod, a, o, i=i: outs.setdefault(i, o.detach().clone())))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [ins[i] for i in range(len(modules))], [outs[i] for i in range(len(modules))]
+
+
+def test_new_kinds_are_registered_after_the_builtin_ones():
+    kinds = block_kinds()
+    assert kinds[:4] == ["marked", "resgeom", "torchvision_basic", "torchvision_bottleneck"]
+    assert kinds[4:9] == NEW_KINDS
+
+
+def test_no_blocks_error_lists_the_registered_kinds():
+    with pytest.raises(ArgumentValueError, match=r"found no residual blocks in Sequential; .*mark_residual_block") as ei:
+        residual_blocks(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    msg = str(ei.value)
+    assert f"the registered block kinds are {block_kinds()}" in msg
+    assert all(repr(k) in msg for k in NEW_KINDS)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_discovery(built, name):
+    model, _ = built(name)
+    kind, names = EXPECTED[name]
+    infos = residual_blocks(model)
+    assert [(i.name, i.kind, i.index) for i in infos] == [(n, kind, k) for k, n in enumerate(names)]
+    assert all(i.block is model.get_submodule(i.name) for i in infos)
+
+
+def test_branch_structure(built):
+    r = residual_blocks(built("timm_resnet18")[0])
+    assert list(r[0].branch._modules) == ["conv1", "bn1", "act1", "conv2", "bn2"]
+    assert r[0].post is r[0].block.act2 and isinstance(r[0].skip, nn.Identity)
+    assert r[2].skip is r[2].block.downsample
+    b = residual_blocks(built("timm_resnet50")[0])[0]
+    assert list(b.branch._modules) == ["conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3"]
+    assert b.post is b.block.act3 and all(b.branch._modules[k] is b.block._modules[k] for k in b.branch._modules)
+    se = residual_blocks(built("timm_seresnet18_drop_path")[0])[-1]  # the first has drop rate 0: None
+    assert list(se.branch._modules) == ["conv1", "bn1", "act1", "conv2", "bn2", "se", "drop_path"]
+
+    m = residual_blocks(built("mobilenet_v2")[0])
+    assert all(i.branch is i.block.conv and isinstance(i.skip, nn.Identity) and isinstance(i.post, nn.Identity)
+               for i in m)
+    model = built("mobilenet_v2")[0]
+    no_skip = [n for n, mod in model.named_modules() if type(mod).__name__ == "InvertedResidual"
+               and not mod.use_res_connect]
+    assert len(no_skip) == 7 and not set(no_skip) & {i.name for i in m}
+
+    c = residual_blocks(built("convnext_tiny")[0])[0]
+    assert isinstance(c.branch, LayerScaleBranch) and c.scale == 1.0
+    assert c.branch.layer_scale is c.block.layer_scale and c.branch.body is c.block.block
+    assert c.branch.drop is c.block.stochastic_depth
+
+    v = residual_blocks(built("vit_tiny")[0])[1]
+    assert isinstance(v.branch, SelfAttentionBranch) and v.branch.attention is v.block.self_attention
+    assert isinstance(v.post, ResidualSublayer) and v.post.body is v.block.mlp and v.post.norm is v.block.ln_2
+
+
+def test_vit_b_16_has_twelve_attention_sublayers():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tv.models.vit_b_16()
+    infos = residual_blocks(model)
+    assert [(i.kind, i.index) for i in infos] == [("torchvision_vit_attention", k) for k in range(12)]
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_decomposition_on_every_block(built, name):
+    """block(h), as the model computed it, equals post(skip(h) + scale * branch(h))."""
+    model, x = built(name)
+    infos = residual_blocks(model)
+    hs, outs = _capture(model, x, [i.block for i in infos])
+    err = 0.0
+    with torch.no_grad():
+        for info, h, out in zip(infos, hs, outs):
+            ref = info.post(info.skip(h.clone()) + info.scale * info.branch(h.clone()))
+            assert ref.shape == out.shape
+            err = max(err, (ref - out).abs().max().item())
+            assert (ref - info.post(info.skip(h.clone()))).abs().max() > 1e-3  # the branch matters
+    print(f"{name}: max |block(h) - post(skip(h) + scale branch(h))| = {err:.2e} over {len(infos)} blocks")
+    assert err <= TOL
+
+
+# name -> (block indices checked against a dense jacrev (small D at a 32x32 input), block indices
+# checked column by column against torch.func.jvp / vjp)
+JAC_CASES = {
+    "resnet18": ([-1], [0]),
+    "resnet50": ([], [-1]),  # D = 2048: J V and J^T U by torch.func.jvp / vjp columns (a dense
+    "wide_resnet50_2": ([], [-1]),  # jacrev takes 5-15 s here)
+    "resnext50_32x4d": ([], [-1]),
+    "mobilenet_v2": ([-1], [0]),
+    "convnext_tiny": ([-1], [0]),
+    "vit_tiny": ([1], []),
+    "timm_resnet18": ([-1], [0]),
+}
+
+
+def _dense(branch: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return torch.func.jacrev(lambda z: branch(z[None])[0])(h).reshape(-1, h.numel())
+
+
+@pytest.mark.parametrize("name", list(JAC_CASES))
+def test_residual_jacobian_matches_jacrev(built, name):
+    model, x = built(name)
+    dense_idx, jvp_idx = JAC_CASES[name]
+    infos = residual_blocks(model)
+    gen = torch.Generator().manual_seed(1)
+    errs = []
+    for idx, dense in [(i, True) for i in dense_idx] + [(i, False) for i in jvp_idx]:
+        info = infos[idx]
+        (h,), _ = _capture(model, x, [info.block])
+        for path in ("generic", "auto"):  # auto: the fast path where the branch is recognised
+            (op,) = residual_jacobians(model, x, blocks=[idx], path=path)
+            assert op.info.block is info.block and torch.equal(op.h, h)
+            d_out, d_in = op.shape
+            V = torch.randn(2, d_in, 3, generator=gen, dtype=torch.float64)
+            U = torch.randn(2, d_out, 3, generator=gen, dtype=torch.float64)
+            JV, JtU = op.matmat(V), op.T.matmat(U)
+            for b in range(2):
+                if dense:
+                    J = _dense(info.branch, h[b])
+                    assert J.shape == (d_out, d_in) and J.abs().max() > 1e-3
+                    ref_v, ref_u = J @ V[b], J.T @ U[b]
+                else:
+                    f = lambda z: info.branch(z)  # noqa: E731
+                    hb = h[b:b + 1]
+                    ref_v = torch.stack([torch.func.jvp(f, (hb,), (V[b, :, j].reshape(hb.shape),))[1].reshape(-1)
+                                         for j in range(3)], 1)
+                    _, pull = torch.func.vjp(f, hb)
+                    out_shape = (1, *op.out_shape)
+                    ref_u = torch.stack([pull(U[b, :, j].reshape(out_shape))[0].reshape(-1) for j in range(3)], 1)
+                scale = max(ref_v.abs().max().item(), ref_u.abs().max().item())
+                errs.append(max((JV[b] - ref_v).abs().max().item(), (JtU[b] - ref_u).abs().max().item()) / scale)
+    print(f"{name}: max relative |J V - jacrev|, |J^T U - jacrev| = {max(errs):.2e}")
+    assert max(errs) <= 1e-10
