@@ -33,13 +33,16 @@ matches describes it as a :class:`BlockInfo`. The built-in kinds, in this order:
   lam_l, so it is part of the branch: branch = :class:`LayerScaleBranch` (``layer_scale *
   block(h)`` then stochastic_depth, sharing the block's Sequential and its ``layer_scale``
   Parameter), ``scale = 1.0``, skip and post = identity. The residual Jacobian is therefore
-  ``diag(layer_scale) dF/dh`` (the layer scale included, as the block applies it);
+  ``diag(layer_scale) dF/dh`` (the layer scale included, as the block applies it).
+  stochastic_depth is the identity in eval mode; in train mode it is random (as in timm above);
 - ``"torchvision_vit_attention"``: the attention sublayer of torchvision's ViT ``EncoderBlock``,
   ``x = h + dropout(self_attention(ln_1(h)))``. branch = :class:`SelfAttentionBranch` (ln_1,
   self_attention called as the block calls it, ``need_weights=False``, dropout), skip = identity,
   and post = :class:`ResidualSublayer` (``x -> x + mlp(ln_2(x))``, the MLP sublayer), so that
-  ``block(h) == post(h + branch(h))`` holds exactly. h is the token sequence [N, S, W], so a
-  Jacobian acts on D = S x W. The MLP sublayer is NOT listed as a block of its own: its input
+  ``block(h) == post(h + branch(h))`` holds (to rounding: the branch evaluates the attention
+  without MHA's fused fast path). h is the token sequence [N, S, W], so a Jacobian acts on
+  D = S x W. The block module is the whole ``EncoderBlock``: its parameters (e.g. for a block
+  Hessian) are those of both sublayers. The MLP sublayer is NOT listed as a block of its own: its input
   is an intermediate tensor inside ``EncoderBlock.forward`` that no module's forward pre-hook
   sees as a whole block input (``ln_2``'s pre-hook sees it, but ``ln_2`` is not the sublayer:
   its output and parameters are not the sublayer's), and :class:`BlockInfo` has no way to say
