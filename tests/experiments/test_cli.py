@@ -50,19 +50,19 @@ def _error(capsys, argv) -> str:
     (["frobnicate"], "resgeom: error: argument {demo,run,analyze,bench}: invalid choice: 'frobnicate'"),
     (["run"], "resgeom: error: run: the following arguments are required: study"),
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
-    (["analyze", "--model", "torchvision:vgg11"], "--model: unknown torchvision model 'vgg11'; allowed: resnet101,"),
-    (["analyze", "--model", "resnet18"], "--model: expected torchvision:NAME or module:package.module:factory"),
-    (["analyze", "--model", "module:no.such.mod:f"], "--model: cannot import module 'no.such.mod'"),
-    (["analyze", "--model", "module:torch.nn:nothing"], "--model: module 'torch.nn' has no callable 'nothing'"),
-    (["analyze", "--model", "torchvision:resnet18", "--checkpoint", "/nonexistent.pt"],
+    (["analyze", "--data", "random-cifar", "--model", "torchvision:vgg11"], "--model: unknown torchvision model 'vgg11'; allowed: resnet101,"),
+    (["analyze", "--data", "random-cifar", "--model", "resnet18"], "--model: expected torchvision:NAME or module:package.module:factory"),
+    (["analyze", "--data", "random-cifar", "--model", "module:no.such.mod:f"], "--model: cannot import module 'no.such.mod'"),
+    (["analyze", "--data", "random-cifar", "--model", "module:torch.nn:nothing"], "--model: module 'torch.nn' has no callable 'nothing'"),
+    (["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--checkpoint", "/nonexistent.pt"],
      "--checkpoint: file not found: '/nonexistent.pt'"),
     (["analyze", "--model", "torchvision:resnet18", "--data", "mnist"],
-     "--data: expected digits, random-cifar or torchvision:NAME:ROOT, got 'mnist'"),
-    (["analyze", "--model", "torchvision:resnet18", "--analyses", "alignment,collapse"],
+     "--data: expected digits, random-cifar, torchvision:NAME:ROOT, imagefolder:PATH, tensors:FILE.pt, got 'mnist'"),
+    (["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--analyses", "alignment,collapse"],
      "--analyses: unknown analysis ['collapse']; allowed: alignment, hessian"),
-    (["analyze", "--model", "torchvision:resnet18", "--params", "layer9"],
+    (["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--params", "layer9"],
      "--params: no parameter or module named ['layer9']; top-level modules: conv1, bn1, relu, maxpool, layer1,"),
-    (["analyze", "--model", "torchvision:resnet18", "--samples", "0"], "--samples: expected an int >= 1, got '0'"),
+    (["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--samples", "0"], "--samples: expected an int >= 1, got '0'"),
     (["bench", "--benchmarks", "/nonexistent"], "bench: benchmarks folder not found at '/nonexistent'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, expected):
@@ -79,7 +79,7 @@ def test_cuda_without_gpu(capsys):
 def test_bad_checkpoint_and_config_contents(capsys, tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"weight": torch.zeros(2)}}, bad)
-    line = _error(capsys, ["analyze", "--model", "torchvision:resnet18", "--checkpoint", str(bad)])
+    line = _error(capsys, ["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--checkpoint", str(bad)])
     assert "does not match the model" in line
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"depthh": 3}))
@@ -153,7 +153,7 @@ def test_analyze_loads_a_checkpoint(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(net.state_dict(), path)
     out = str(tmp_path / "an")
-    assert main(["analyze", "--model", "torchvision:resnet18", "--checkpoint", str(path), "--analyses", "hessian",
+    assert main(["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--checkpoint", str(path), "--analyses", "hessian",
                  "--batch", "2", "--probes", "1", "--steps", "3", "--trace-probes", "3", "--params", "fc",
                  "--out", out, "--quiet"]) == 0
     res = json.load(open(os.path.join(out, "results.json")))

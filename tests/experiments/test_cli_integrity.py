@@ -172,7 +172,7 @@ def test_num_classes_must_match_the_model(capsys, tmp_path, factory):
 def test_bad_out_is_a_one_line_error(capsys, tmp_path):
     f = tmp_path / "afile"
     f.write_text("x")
-    base = ["analyze", "--model", "torchvision:resnet18", "--out"]
+    base = ["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--out"]
     assert "--out: expected a folder, got a file: " in _error(capsys, base + [str(f)])
     assert "above" in _error(capsys, base + [str(f / "sub")]) and "is a file" in _error(capsys, base + [str(f / "s")])
     assert "--out: expected a folder path, got '' (use --out . for the current folder)" in _error(capsys, base + [""])
@@ -188,7 +188,8 @@ def test_read_only_out_is_a_one_line_error(capsys, tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        line = _error(capsys, ["analyze", "--model", "torchvision:resnet18", "--out", str(ro / "x")])
+        line = _error(capsys, ["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--out",
+                               str(ro / "x")])
         assert f"--out: cannot write to {str(ro)!r} (permission denied)" in line
     finally:
         ro.chmod(0o755)
@@ -201,7 +202,8 @@ def test_an_unexpected_exception_is_one_line_naming_the_traceback_file(capsys, t
         raise RuntimeError("kaput\nsecond line")
 
     monkeypatch.setattr(commands, "analyze", boom)
-    line = _error(capsys, ["analyze", "--model", "torchvision:resnet18", "--out", str(tmp_path / "new")], code=1)
+    line = _error(capsys, ["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--out",
+                           str(tmp_path / "new")], code=1)
     assert line.startswith("resgeom: error: unexpected RuntimeError: kaput (traceback written to ")
     path = line.split("(traceback written to ")[1].rstrip(")")
     text = open(path).read()
@@ -211,7 +213,8 @@ def test_an_unexpected_exception_is_one_line_naming_the_traceback_file(capsys, t
 
     (tmp_path / "rep").mkdir()                                    # a resgeom folder: OUT/error.log
     (tmp_path / "rep" / "manifest.json").write_text(json.dumps({"config_hash": "x"}))
-    line = _error(capsys, ["analyze", "--model", "torchvision:resnet18", "--out", str(tmp_path / "rep")], code=1)
+    line = _error(capsys, ["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--out",
+                           str(tmp_path / "rep")], code=1)
     assert line.endswith(f"(traceback written to {tmp_path / 'rep' / 'error.log'})")
 
 

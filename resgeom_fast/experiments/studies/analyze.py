@@ -25,7 +25,15 @@ from resgeom_fast.analysis import spectrum as spectrum_analysis
 from resgeom_fast.core.io import file_sha256
 from resgeom_fast.models.network import seeded_construction
 
-from ..common import data_key_parts, load_data, resolve_device
+from ..common import (
+    NORMALIZATIONS,
+    USER_DATA_HELP,
+    data_key_parts,
+    load_data,
+    load_imagefolder,
+    load_tensors,
+    resolve_device,
+)
 from ..config import UsageError, int_flag
 from ..output import check_out, write_study_report
 from ..report import FigureSpec, Report
@@ -43,7 +51,8 @@ class AnalyzeSetup:
 
     Attributes:
         net: the model, in eval mode on the device.
-        x, y: inputs [N, C, H, W] and labels [N] (int64) on the device, N = max(samples, batch).
+        x, y: inputs [N, C, H, W] and labels [N] (int64) on the device, N = max(samples, batch) (for
+            imagefolder / tensors data at most their size, at least the analyses' own counts).
         config: the run's configuration (results.json's ``config``; the runner's hash).
         key_parts: what the steps are keyed on beyond the configuration (checkpoint, model code, data files).
     """
@@ -60,7 +69,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser
     a.add_argument("--model", required=True, help="torchvision:NAME (resnet18, resnet34, ...) or module:pkg.mod:factory")
     a.add_argument("--checkpoint", default=None, help="state dict or resgeom trainer checkpoint (.pt) to load")
-    a.add_argument("--data", default="random-cifar", help="digits | random-cifar | torchvision:NAME:ROOT")
+    a.add_argument("--data", required=True,
+                   help="imagefolder:PATH (torchvision ImageFolder: one subfolder of images per class) | "
+                        "tensors:FILE.pt (torch.save of {'x': X, 'y': Y} or (X, Y)) | digits | "
+                        "torchvision:NAME:ROOT | random-cifar (Gaussian noise images, for a smoke test); "
+                        "the samples read are the first --samples/--batch of a permutation drawn with --seed")
+    a.add_argument("--image-size", default=None,
+                   help="imagefolder: resize the shorter side to N, then center-crop N x N (default: the images' "
+                        "own size, which they must share)")
+    a.add_argument("--normalize", default=None, choices=list(NORMALIZATIONS),
+                   help="imagefolder: normalise with the ImageNet mean/std (imagenet, the default) or not (none)")
+    a.add_argument("--no-normalize", dest="normalize", action="store_const", const="none",
+                   help="imagefolder: same as --normalize none")
     a.add_argument("--num-classes", default="10", help="classes of the model's head / the data (default 10)")
     a.add_argument("--samples", default="8", help="inputs for the alignment analysis (default 8)")
     a.add_argument("--batch", default="32", help="samples of the Hessian's loss (default 32)")
@@ -145,29 +165,57 @@ def load_checkpoint(model, path: str) -> None:
         raise UsageError(f"--checkpoint: {path!r} does not match the model ({str(err).splitlines()[0]})") from None
 
 
-def analyze_data(spec: str, n: int, num_classes: int, seed: int):
-    """(x, y) tensors [n, ...] for analyze."""
+def analyze_data(spec: str, n: int, num_classes: int, seed: int, *, image_size: Optional[int] = None,
+                 normalize: Optional[str] = None, need: Optional[int] = None):
+    """(x, y) tensors [n, ...] for analyze (x float, y int64 labels).
+
+    "random-cifar": Gaussian noise [n, 3, 32, 32] with random labels; "digits" /
+    "torchvision:NAME:ROOT": the first n training samples; "imagefolder:PATH" /
+    "tensors:FILE.pt": the first n of a permutation drawn with ``seed``
+    (:func:`~resgeom_fast.experiments.common.sample_indices`; fewer than ``need`` samples is a
+    UsageError) read by :func:`~resgeom_fast.experiments.common.load_imagefolder` (``image_size``,
+    ``normalize``: "imagenet" by default) / :func:`~resgeom_fast.experiments.common.load_tensors`.
+    The labels must lie in [0, num_classes).
+    """
+    if (image_size is not None or normalize is not None) and not spec.startswith("imagefolder:"):
+        flag = "--image-size" if image_size is not None else "--normalize"
+        raise UsageError(f"{flag}: applies to --data imagefolder:PATH only, got --data {spec}")
     if spec == "random-cifar":
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, num_classes, (n,), generator=gen)
     if spec == "digits" or spec.startswith("torchvision:"):
         ds = load_data(spec, image=True, n_train=n, n_test=1, seed=seed)
         return ds.x_train[:n], ds.y_train[:n]
-    raise UsageError(f"--data: expected digits, random-cifar or torchvision:NAME:ROOT, got {spec!r}")
+    if spec.startswith("imagefolder:"):
+        x, y = load_imagefolder(spec, n, seed=seed, image_size=image_size,
+                                normalize="imagenet" if normalize is None else normalize, need=need)
+    elif spec.startswith("tensors:"):
+        x, y = load_tensors(spec, n, seed=seed, need=need)
+    else:
+        raise UsageError(f"--data: expected digits, random-cifar, torchvision:NAME:ROOT, {USER_DATA_HELP.replace(' |', ',')}"
+                         f", got {spec!r}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise UsageError(f"--num-classes: --data {spec} has labels {int(y.min())}..{int(y.max())}, expected them in "
+                         f"[0, {num_classes}) (--num-classes {num_classes})")
+    return x, y
 
 
 def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: Any = 10, samples: Any = 8,
             batch: Any = 32, k: Any = None, power_iters: Any = "auto", oversample: Any = 10, probes: Any = 4,
             steps: Any = 30, trace_probes: Any = 12, analyses: str = "alignment,hessian", device: str = "cpu",
             seed: Any = 0, out: str = "reports/analyze", params: Optional[str] = None,
-            deterministic: bool = False) -> AnalyzeSetup:
+            deterministic: bool = False, image_size: Any = None, normalize: Optional[str] = None) -> AnalyzeSetup:
     """Check every flag (as written on the command line or as Python values), ``--out``, the
     model, the checkpoint and the data, in this order; a :class:`UsageError` for the first that
     cannot work. See :func:`resgeom_fast.experiments.commands.analyze` for the arguments.
 
     The setup's ``key_parts``: the sha256 of the ``--checkpoint`` file's contents, the model code
     (torchvision's version, or the sha256 of the factory's source and of its module file) and the
-    data files (:func:`~resgeom_fast.experiments.common.data_key_parts`).
+    data files (:func:`~resgeom_fast.experiments.common.data_key_parts`: for imagefolder:PATH the
+    folder's file list and the contents of the images read, for tensors:FILE.pt the file).
+
+    ``image_size`` (an int >= 1) and ``normalize`` ("imagenet" or "none"; None: "imagenet") apply
+    to imagefolder data only (a UsageError with another ``data``); both enter the configuration.
     """
     C = int_flag("--num-classes", num_classes, 2)
     n_align, n_hess = int_flag("--samples", samples, 1), int_flag("--batch", batch, 1)
@@ -184,6 +232,12 @@ def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     bad = [a for a in which if a not in ("alignment", "hessian")]
     if bad or not which:
         raise UsageError(f"--analyses: unknown analysis {bad}; allowed: alignment, hessian")
+    size = None if image_size is None else int_flag("--image-size", image_size, 1)
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise UsageError(f"--normalize: expected one of {list(NORMALIZATIONS)}, got {normalize!r}")
+    if not isinstance(data, str) or not data:
+        raise UsageError(f"--data: expected digits, random-cifar, torchvision:NAME:ROOT, "
+                         f"{USER_DATA_HELP.replace(' |', ',')}, got {data!r}")
     dev = resolve_device(device)
     check_out(out)
     # the initial weights come from --seed (the caller's global RNG is left as it was): a model
@@ -204,7 +258,13 @@ def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
         if unknown:
             top = [n for n, _ in net.named_children()]
             raise UsageError(f"--params: no parameter or module named {unknown}; top-level modules: {', '.join(top)}")
-    x, y = analyze_data(data, max(n_align, n_hess), C, sd)
+    n = max(n_align, n_hess)
+    # the user's files are hashed first (the key describes the bytes read next): for an image
+    # folder its file list and the images the first n of the --seed permutation pick (the
+    # same n whichever analyses run, so adding one does not re-key the others)
+    data_key = data_key_parts(data, samples=n, seed=sd)
+    need = max(n_align if "alignment" in which else 1, n_hess if "hessian" in which else 1)
+    x, y = analyze_data(data, n, C, sd, image_size=size, normalize=normalize, need=need)
     if x.dim() == 2:
         raise UsageError("--data: analyze expects image data [N, C, H, W] for this model")
     x, y = x.to(dev), y.to(dev)
@@ -212,8 +272,9 @@ def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     cfg = {"model": model, "checkpoint": os.path.abspath(checkpoint) if checkpoint else None, "data": data,
            "num_classes": C, "samples": n_align, "batch": n_hess, "k": kk, "power_iters": q, "oversample": p,
            "probes": nv, "steps": m, "trace_probes": tp, "analyses": which, "device": device, "seed": sd, "params": chosen,
-           "deterministic": bool(deterministic)}
-    key_parts = {**key_parts, **data_key_parts(data)}
+           "deterministic": bool(deterministic), "image_size": size,
+           "normalize": ("imagenet" if normalize is None else normalize) if data.startswith("imagefolder:") else None}
+    key_parts = {**key_parts, **data_key}
     return AnalyzeSetup(net, x, y, cfg, key_parts)
 
 
@@ -227,7 +288,8 @@ def check_model_takes(net: Any, spec: str, x: Any, data: str, num_classes: int) 
         hint = ""
         if "channels" in first and x.dim() == 4:
             hint = (f"; --data {data} has {x.shape[1]}-channel {x.shape[2]}x{x.shape[3]} images"
-                    + (", torchvision ResNets expect 3 channels: use --data random-cifar or torchvision:cifar10:ROOT, "
+                    + (", torchvision ResNets expect 3 channels: use --data imagefolder:PATH, torchvision:cifar10:ROOT "
+                       "or random-cifar, "
                        "or a module:... model built for 1 channel" if spec.startswith("torchvision:") else ""))
         raise UsageError(f"--model {spec}: cannot take --data {data} inputs of shape {list(x.shape[1:])} "
                          f"({type(err).__name__}: {first}){hint}") from None
