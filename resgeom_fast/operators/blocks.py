@@ -1,4 +1,6 @@
-"""Discovery of residual blocks: this package's models, torchvision ResNets, user-marked blocks.
+"""Discovery of residual blocks: this package's models, the registered kinds of other libraries
+(torchvision and timm ResNets, MobileNetV2 inverted residuals, ConvNeXt blocks, ViT attention
+sublayers), user-marked blocks.
 
 The residual-block protocol lives on the bottom floor, :mod:`resgeom_fast.core.blocks` (block
 kinds recognised by type, a registry later kinds extend); this module re-exports it where the
