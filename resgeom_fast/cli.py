@@ -70,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = COMMANDS["analyze"]
     analyze.add_arguments(sub.add_parser(analyze.name, parents=[common], help=analyze.help))
 
-    b = sub.add_parser("bench", help="run the benchmark suite and print the ratio table")
+    b = sub.add_parser("bench", help="run the benchmark suite and print the ratio table (needs a source checkout)",
+                       description=commands.BENCH_NEEDS + ".")
     b.add_argument("--quick", action="store_true", help="only the op benchmarks (a few minutes)")
     b.add_argument("--json", default=None, help="benchmark JSON path (default benchmarks/results/latest.json)")
-    b.add_argument("--benchmarks", default=None, help="the benchmarks folder (default: the source checkout's)")
+    b.add_argument("--benchmarks", default=None,
+                   help="the benchmarks folder of a source checkout (default: the one next to the package of an "
+                        "editable install, else ./benchmarks)")
     return p
 
 

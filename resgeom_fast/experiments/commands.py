@@ -124,13 +124,35 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
 
 
 # ------------------------------------------------------------------------------------- bench
+BENCH_NEEDS = ("resgeom bench runs the benchmark suite of a source checkout (its benchmarks/ folder, not part of "
+               "the installed package) with pytest-benchmark: git clone the repository, pip install "
+               "'resgeom_fast[test]' (pytest, pytest-benchmark, scipy), then run it inside the checkout or pass "
+               "--benchmarks CHECKOUT/benchmarks")
+# the modules the benchmark files and the pytest run import (the ``test`` extra installs them)
+_BENCH_MODULES = (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"), ("scipy", "scipy"))
+
+
 def _repo_benchmarks(path: Optional[str]) -> str:
+    """The benchmarks folder: ``path``, else the source checkout's next to the package (an
+    editable install), else ``./benchmarks`` (a checkout as the current folder); a UsageError
+    saying what ``resgeom bench`` needs (:data:`BENCH_NEEDS`) when there is none."""
     if path is None:
         here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        path = os.path.join(here, "benchmarks")
+        tried = [os.path.join(here, "benchmarks"), os.path.abspath("benchmarks")]
+        found = [p for p in tried if os.path.isfile(os.path.join(p, "bench_ops.py"))]
+        if not found:
+            raise UsageError(f"bench: benchmarks folder not found at {tried[0]!r} nor {tried[1]!r}; {BENCH_NEEDS}")
+        return found[0]
     if not os.path.isdir(path):
-        raise UsageError(f"bench: benchmarks folder not found at {path!r} (run from a source checkout or pass --benchmarks)")
+        raise UsageError(f"bench: benchmarks folder not found at {path!r}; {BENCH_NEEDS}")
     return path
+
+
+def _check_bench_modules() -> None:
+    """A UsageError naming the missing modules of the ``test`` extra (before pytest runs)."""
+    missing = [pip for mod, pip in _BENCH_MODULES if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise UsageError(f"bench: {', '.join(missing)} not installed (pip install 'resgeom_fast[test]'); {BENCH_NEEDS}")
 
 
 def ratio_table(json_path: str, benchmarks_dir: Optional[str] = None) -> str:
@@ -152,9 +174,12 @@ def ratio_table(json_path: str, benchmarks_dir: Optional[str] = None) -> str:
 def bench(*, quick: bool = False, json_path: Optional[str] = None, benchmarks_dir: Optional[str] = None) -> int:
     """Run ``pytest BENCH --benchmark-only --benchmark-json=FILE`` and print the ratio table.
 
-    ``quick`` runs only bench_ops.py (the compiled ops against their references).
+    ``quick`` runs only bench_ops.py (the compiled ops against their references). It needs a
+    source checkout's benchmarks/ folder and the ``test`` extra (:data:`BENCH_NEEDS`): a
+    UsageError saying so otherwise.
     """
     bdir = _repo_benchmarks(benchmarks_dir)
+    _check_bench_modules()
     json_path = json_path or os.path.join(bdir, "results", "latest.json")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     target = os.path.join(bdir, "bench_ops.py") if quick else bdir

@@ -69,3 +69,36 @@ def test_sdist_holds_every_source_the_build_needs(tmp_path):
     # setup.py reads tools/cuda_home.py and globs csrc/: every compiled source it would list is there
     sources = {f for f in files if f.startswith("csrc/") and f.endswith((".cpp", ".cu"))}
     assert sources == {f for f in want if f.startswith("csrc/") and f.endswith((".cpp", ".cu"))}
+
+
+def test_bench_says_what_it_needs_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    """An installed package has no benchmarks/ folder: ``resgeom bench`` (and its --help) name
+    the source checkout and the test extra instead of failing obscurely."""
+    from resgeom_fast.cli import main
+    from resgeom_fast.experiments import commands
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "source checkout" in helptext and "pip install 'resgeom_fast[test]'" in helptext
+
+    assert main(["bench", "--benchmarks", str(tmp_path / "none")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"resgeom: error: bench: benchmarks folder not found at {str(tmp_path / 'none')!r}; ")
+    assert "git clone the repository, pip install 'resgeom_fast[test]'" in line and "\n" not in line
+
+    # the default: next to the package (an editable install), else ./benchmarks
+    monkeypatch.setattr(commands, "__file__", str(tmp_path / "site" / "resgeom_fast" / "experiments" / "commands.py"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert f"not found at {str(tmp_path / 'site' / 'benchmarks')!r} nor {str(tmp_path / 'benchmarks')!r}" in line
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "bench_ops.py").write_text("")
+    assert commands._repo_benchmarks(None) == str(tmp_path / "benchmarks")
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytest_benchmark"
+                        else real(name, *a))
+    assert main(["bench", "--quick"]) == 2
+    assert "bench: pytest-benchmark not installed (pip install 'resgeom_fast[test]')" in capsys.readouterr().err
