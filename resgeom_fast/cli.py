@@ -3,7 +3,8 @@
     resgeom demo    [--out DIR] [--size tiny|default] [--device cpu|cuda] [--seed N] [--fresh]
     resgeom run     STUDY [--config FILE.json|yaml] [--out DIR] [--set key=value ...] [--list-options]
     resgeom analyze --model torchvision:resnet18|module:pkg.mod:factory [--checkpoint FILE]
-                    --data digits|random-cifar|torchvision:NAME:ROOT [...]
+                    --data imagefolder:PATH|tensors:FILE.pt|digits|torchvision:NAME:ROOT|random-cifar
+                    [--image-size N] [--no-normalize] [...]
     resgeom bench   [--quick] [--json FILE]
 
 Every long step shows a progress bar, writes its result atomically into the output folder and
@@ -109,7 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    power_iters=args.power_iters, oversample=args.oversample, probes=args.probes,
                                    steps=args.steps, trace_probes=args.trace_probes, analyses=args.analyses,
                                    device=args.device, seed=args.seed, out=args.out, fresh=args.fresh,
-                                   progress=not args.quiet, params=args.params, deterministic=args.deterministic)
+                                   progress=not args.quiet, params=args.params, deterministic=args.deterministic,
+                                   image_size=args.image_size, normalize=args.normalize)
         print(f"report: {rep.report_path}")
         return 0
     except UsageError as err:

@@ -98,7 +98,8 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
             batch: Any = 32, k: Any = None, power_iters: Any = "auto", oversample: Any = 10, probes: Any = 4,
             steps: Any = 30, trace_probes: Any = 12, analyses: str = "alignment,hessian", device: str = "cpu",
             seed: Any = 0, out: str = "reports/analyze", fresh: bool = False, progress: bool = True,
-            params: Optional[str] = None, deterministic: bool = False) -> Report:
+            params: Optional[str] = None, deterministic: bool = False, image_size: Any = None,
+            normalize: Optional[str] = None) -> Report:
     """Residual alignment per stage and the Hessian spectrum of a user's model
     (:mod:`~resgeom_fast.experiments.studies.analyze`: ``prepare``, then ``run_steps``).
 
@@ -108,6 +109,8 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     the analysis' tolerance) or a fixed count.
     ``deterministic``: fix every method choice (``config["deterministic"]``, passed to
     residual_alignment and hessian_spectrum).
+    ``image_size``, ``normalize``: the transform of ``--data imagefolder:PATH`` (see
+    :func:`~resgeom_fast.experiments.studies.analyze.prepare`).
 
     Every step is keyed on the configuration plus the sha256 of the ``--checkpoint`` file's
     contents, the model code (torchvision's version, or the sha256 of the factory's source and of
@@ -117,7 +120,8 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     setup = analyze_study.prepare(model=model, checkpoint=checkpoint, data=data, num_classes=num_classes,
                                   samples=samples, batch=batch, k=k, power_iters=power_iters, oversample=oversample,
                                   probes=probes, steps=steps, trace_probes=trace_probes, analyses=analyses,
-                                  device=device, seed=seed, out=out, params=params, deterministic=deterministic)
+                                  device=device, seed=seed, out=out, params=params, deterministic=deterministic,
+                                  image_size=image_size, normalize=normalize)
     with open_runner(out, setup.config, study="analyze", fresh=fresh, progress=progress,
                      key_parts=setup.key_parts) as runner:
         return _analyze_steps(runner, setup.net, setup.x, setup.y, setup.config, model, data, progress)
