@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py pyproject.toml \
 	tools/cuda_home.py resgeom_fast/_version.py
 
-.PHONY: all venv build test lint ctest demo bench clean
+.PHONY: all venv build test lint ctest demo bench gpu-check clean
 
 all: build
 
@@ -51,6 +51,14 @@ demo: build
 
 bench: build
 	$(VPY) -m resgeom_fast bench --json benchmarks/results/latest.json
+
+# One prepared GPU validation run on a GPU machine (benchmarks/gpu/validate.py; its docstring):
+# build in place (TORCH_CUDA_ARCH_LIST=9.0), CUDA tests, compute-sanitizer memcheck/racecheck,
+# opcheck, GPU benchmarks, each stage with its own budget, 9 minutes in all, everything in one
+# folder ($(OUT) if set, else benchmarks/results/gpu_<date>). No venv: the machine's python3.
+# Its CPU dry run (validate.py --dry-run) runs in make test (tests/misc/test_gpu_check_dryrun.py).
+gpu-check:
+	$(PYTHON) benchmarks/gpu/validate.py $(if $(OUT),--out $(OUT)) --budget 540
 
 clean:
 	rm -rf build build-cmake *.egg-info resgeom_fast/_C*.so $(VENV)/.built
