@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py pyproject.toml \
 	tools/cuda_home.py resgeom_fast/_version.py
 
-.PHONY: all venv build test lint ctest demo bench gpu-check clean
+.PHONY: all venv build test lint ctest sdist-check demo bench gpu-check clean
 
 all: build
 
@@ -21,7 +21,7 @@ venv: $(VENV)/.deps
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy scipy ninja \
-		scikit-learn matplotlib tqdm pyyaml pytest pytest-benchmark ruff timm
+		scikit-learn matplotlib tqdm pyyaml pytest pytest-benchmark ruff timm build
 	touch $@
 
 build: $(VENV)/.built
@@ -32,6 +32,20 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 test: build lint ctest
 	$(VPY) -m pytest tests -q -p no:cacheprovider
+
+# The wheel built from the sdist (CPU kernels): every file the build needs is in the sdist
+# (MANIFEST.in); .ci/run runs it once after make test.
+sdist-check: $(VENV)/.deps
+	rm -rf build-sdist && mkdir -p build-sdist
+	$(VPY) -m build --sdist --no-isolation -x -o build-sdist .
+	RESGEOM_FAST_FORCE_CPU=1 $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w build-sdist \
+		build-sdist/resgeom_fast-*.tar.gz
+	cd build-sdist && rm -rf unpacked && mkdir unpacked && $(abspath $(VPY)) -m zipfile -e resgeom_fast-*.whl unpacked \
+		&& cd unpacked && $(abspath $(VPY)) -c "import resgeom_fast as rg, torch; \
+		q = rg.ops.orthonormalize(torch.randn(2, 30, 4, dtype=torch.float64)); \
+		assert rg.__file__.startswith('$(abspath build-sdist)'), rg.__file__; \
+		print('wheel from the sdist:', rg.__file__, 'orthonormality error', \
+		float((q.transpose(-1, -2) @ q - torch.eye(4, dtype=torch.float64)).abs().max()))"
 
 lint: $(VENV)/.deps
 	$(VPY) -m ruff check resgeom_fast tests benchmarks examples tools setup.py
