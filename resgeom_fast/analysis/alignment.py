@@ -366,7 +366,7 @@ class StageAlignment(Result):
         L = M.shape[0]
         if L < 2:
             return math.nan
-        mask = ~torch.eye(L, dtype=torch.bool)
+        mask = ~torch.eye(L, dtype=torch.bool, device=M.device)
         return _nanmean(M[mask])
 
     @property
@@ -610,16 +610,18 @@ def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_
     del traj
     pairs = _default_pairs(L)
     r_self = min(C, k)
-    S_all = torch.empty(L, N, k, dtype=torch.float64)
-    self_r = torch.empty(L, N, k, dtype=torch.float64)
-    dr = torch.empty(L, L, N, dtype=torch.float64)
-    pos = torch.empty(L, L, dtype=torch.float64)
-    cross_abs = torch.zeros(len(pairs), k, k, dtype=torch.float64)
-    cross_diag = torch.zeros(len(pairs), k, dtype=torch.float64)
+    # the stage's results live on the host (filled from .cpu() copies, one block at a time)
+    host = torch.device("cpu")
+    S_all = torch.empty(L, N, k, dtype=torch.float64, device=host)
+    self_r = torch.empty(L, N, k, dtype=torch.float64, device=host)
+    dr = torch.empty(L, L, N, dtype=torch.float64, device=host)
+    pos = torch.empty(L, L, dtype=torch.float64, device=host)
+    cross_abs = torch.zeros(len(pairs), k, k, dtype=torch.float64, device=host)
+    cross_diag = torch.zeros(len(pairs), k, dtype=torch.float64, device=host)
     iters: list[int] = []
-    conv = torch.empty(L, dtype=torch.float64)
-    rel_max = torch.empty(L, dtype=torch.float64)
-    abs_max = torch.empty(L, dtype=torch.float64)
+    conv = torch.empty(L, dtype=torch.float64, device=host)
+    rel_max = torch.empty(L, dtype=torch.float64, device=host)
+    abs_max = torch.empty(L, dtype=torch.float64, device=host)
     for i, J in enumerate(ops):
         with warnings.catch_warnings():   # one warning for the whole analysis instead (residual_alignment)
             warnings.filterwarnings("ignore", message="randomized_svd: power_iters='auto' stopped",
@@ -928,14 +930,14 @@ def depth_scaling(results: Sequence[AlignmentResult]) -> dict[str, Any]:
                          f"{[len(r.stages) for r in results]}")
     def scaling(depths: list[int], ms1: list[float]) -> tuple[list[float], float, float, Optional[float]]:
         prods = [L * m for L, m in zip(depths, ms1)]
-        pt = torch.tensor(prods, dtype=torch.float64)
+        pt = torch.tensor(prods, dtype=torch.float64, device="cpu")      # host floats: host math
         mean = float(pt.mean())
         spread = (float(pt.max() - pt.min()) / mean) if mean > 0 else math.nan
         cv = (float(pt.std(unbiased=False)) / mean) if mean > 0 else math.nan
         slope = None
         if len(set(depths)) >= 2 and all(m > 0 for m in ms1):
-            lx = torch.tensor(depths, dtype=torch.float64).log()
-            ly = torch.tensor(ms1, dtype=torch.float64).log()
+            lx = torch.tensor(depths, dtype=torch.float64, device="cpu").log()
+            ly = torch.tensor(ms1, dtype=torch.float64, device="cpu").log()
             lxc = lx - lx.mean()
             slope = float((lxc * (ly - ly.mean())).sum() / lxc.square().sum())
         return prods, spread, cv, slope

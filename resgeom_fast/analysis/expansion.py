@@ -230,8 +230,9 @@ def _probes(fn: str, v: Optional[Tensor], n: int, shape: tuple[int, ...], num_pr
     """Starting vectors [N, D, P]."""
     d = math.prod(shape)
     if v is None:
+        # drawn on the CPU on purpose (the same probes on every device), moved once
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        g = torch.randn(n, num_probes, d, generator=gen, dtype=torch.float64)
+        g = torch.randn(n, num_probes, d, generator=gen, dtype=torch.float64, device="cpu")
         g = g / g.norm(dim=-1, keepdim=True)
         return g.to(dtype=dtype, device=device).permute(0, 2, 1).contiguous()
     check_type(fn, "v", v, Tensor, "a torch.Tensor or None")
@@ -349,7 +350,7 @@ def path_expansion(model: nn.Module, x: Tensor, max_order: Optional[int] = None,
     flat = norms.reshape(-1, M + 1).cpu()
     dflat = dist.reshape(-1, M + 1).cpu()
     return PathExpansionResult(
-        orders=torch.arange(M + 1), norms_mean=flat.mean(0), norms_std=flat.std(0, correction=0),
+        orders=torch.arange(M + 1, device="cpu"), norms_mean=flat.mean(0), norms_std=flat.std(0, correction=0),
         distribution=dflat.mean(0), distribution_std=dflat.std(0, correction=0),
         mean_order=float(mean_order.mean()), mean_order_std=float(mean_order.std(correction=0)),
         total_norm_mean=float(total.double().norm(dim=1).mean()), tail_norm_mean=float(tail.mean()),

@@ -76,6 +76,9 @@ class FCResNet(ResidualNetwork):
         norm: "batch" | "none".
         seed: seeds every random choice (weights, orthogonal skips); the global RNG is untouched.
 
+    Built on the CPU whatever the default device (the seeded CPU generators draw the weights, so
+    every device gets the same net): move it with ``.to(device)``.
+
     Shapes: x [N, in_dim] -> logits [N, num_classes]; hiddens are [N, width].
     """
 
@@ -100,7 +103,9 @@ class FCResNet(ResidualNetwork):
         check_positive_int("num_classes", num_classes)
         self.in_dim, self.width, self.depth, self.num_classes = in_dim, width, depth, num_classes
         lam = self._set_options(skip, hyper, scale, init, norm, depth)
-        with seeded_construction(seed) as gen:
+        # built on the CPU whatever the default device: seeded_construction's CPU generators draw
+        # the weights (the same weights on every device); model.to(device) moves them
+        with seeded_construction(seed) as gen, torch.device("cpu"):
             stem: list[nn.Module] = [nn.Flatten(), nn.Linear(in_dim, width)]
             if norm == "batch":
                 stem.append(nn.BatchNorm1d(width))
