@@ -236,10 +236,21 @@ def _resolve_loss(loss_fn: Union[None, str, Callable], target: Tensor) -> Union[
     raise ArgumentTypeError(f"loss_fn: expected None, a callable or one of {list(LOSSES)}, got {loss_fn!r}")
 
 
-def _correct(output: Tensor, target: Tensor) -> Optional[int]:
+def _correct(output: Tensor, target: Tensor) -> Optional[Tensor]:
+    """The number of correct argmax predictions, an int64 0-dim tensor on the output's device (no
+    host sync: the epoch's sums are read once), or None when there is no accuracy (float targets,
+    outputs not [N, C])."""
     if target.is_floating_point() or output.dim() != 2:
         return None
-    return int((output.argmax(1) == target).sum())
+    return (output.argmax(1) == target).sum()
+
+
+def _epoch_sums(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero (loss, regulariser, correct) sums of an epoch on ``device`` (float64, float64, int64):
+    each batch adds ``value.double() * n`` there, the same float64 operations in the same order as
+    a Python float sum of ``float(value) * n`` (bit for bit), read once at the end of the epoch."""
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return zero, zero.clone(), torch.zeros((), dtype=torch.int64, device=device)
 
 
 def _json_default(obj: Any) -> Any:
@@ -450,7 +461,8 @@ def train(
                 t0 = time.perf_counter()
                 lr_now = opt.param_groups[0]["lr"]
                 model.train()
-                loss_sum, reg_sum, correct, seen, batches, has_acc = 0.0, 0.0, 0, 0, 0, True
+                loss_t, reg_t, correct_t = _epoch_sums(device)   # on the device: no host sync per batch
+                seen, batches, has_acc = 0, 0, True
                 for xb, yb in tdata.train_loader(epoch):
                     xb, yb = xb.to(device), yb.to(device)
                     if resolved_loss is None:
@@ -469,17 +481,18 @@ def train(
                     if adapt_every is not None and step % adapt_every == 0:
                         model.adapt_steps(xb)
                     n = xb.shape[0]
-                    loss_sum += float(data_loss.detach()) * n
-                    reg_sum += float(reg.detach()) * n
+                    loss_t += data_loss.detach().double() * n
+                    reg_t += reg.detach().double() * n
                     c = _correct(out.detach(), yb)
                     if c is None:
                         has_acc = False
                     else:
-                        correct += c
+                        correct_t += c
                     seen += n
                     batches += 1
                 if seen == 0:
                     raise ArgumentValueError("data: the training loader yielded no batches")
+                loss_sum, reg_sum, correct = float(loss_t), float(reg_t), int(correct_t)   # the epoch's reads
                 if sched is not None:
                     sched.step()
                 record: dict[str, Any] = {
@@ -520,20 +533,21 @@ def train(
 def _evaluate(model: nn.Module, loader: Iterable, loss_kind: Optional[Union[str, Callable]],
               device: torch.device) -> tuple[Optional[float], Optional[float]]:
     """(mean data loss, accuracy or None) over ``loader`` in eval mode (restores train mode)."""
-    loss_sum, correct, seen, has_acc = 0.0, 0, 0, True
+    loss_t, _, correct_t = _epoch_sums(device)   # on the device: one host read at the end
+    seen, has_acc = 0, True
     with module_mode(model, False):  # every submodule's mode restored after
         for xb, yb in loader:
             xb, yb = xb.to(device), yb.to(device)
             kind = loss_kind if loss_kind is not None else _resolve_loss(None, yb)
             out = model(xb)
             n = xb.shape[0]
-            loss_sum += float(_data_loss(kind, out, yb)) * n
+            loss_t += _data_loss(kind, out, yb).double() * n
             c = _correct(out, yb)
             if c is None:
                 has_acc = False
             else:
-                correct += c
+                correct_t += c
             seen += n
     if seen == 0:
         return None, None
-    return loss_sum / seen, (correct / seen if has_acc else None)
+    return float(loss_t) / seen, (int(correct_t) / seen if has_acc else None)
