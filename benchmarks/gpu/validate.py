@@ -26,8 +26,9 @@ skipped (with the reason), error.
    junit tests.xml; the dry run runs one small test file the same way.
 4. ``sanitizer``: ``compute-sanitizer --tool memcheck`` then ``--tool racecheck`` on
    ``benchmarks/gpu/sanitize_ops.py`` (each op called once on CUDA and checked against its
-   reference), when compute-sanitizer is found on PATH or in the toolkit; else skipped with the
-   reason. The dry run runs the script plainly on the CPU and records the stage as skipped.
+   reference; PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation), when
+   compute-sanitizer is found on PATH or in the toolkit; else skipped with the reason. The dry
+   run runs the script plainly on the CPU and records the stage as skipped.
 5. ``opcheck``: ``pytest tests/ops -k opcheck`` (torch.library.opcheck of every op, CUDA included
    when a GPU is visible).
 6. ``bench``: ``benchmarks/gpu/bench.py`` (its docstring: resnet18 / resnet50 Hessian products,
@@ -354,7 +355,10 @@ class Validation:
                 xml = Path(tmp) / f"part{i}.xml"
                 cmd = [self.py, "-m", "pytest", *targets, "-m", "not slow", "-k", sel, "-q", "-rfE",
                        "-p", "no:cacheprovider", f"--junitxml={xml}", *(workers if i else []), *self.extra_pytest]
-                status, _, rc = run_stage(cmd, log, left, self.penv, append=True)
+                env = dict(self.penv)
+                if i and workers:  # the CPU cases across xdist workers: share the cores, no oversubscription
+                    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 4) // int(workers[1])))
+                status, _, rc = run_stage(cmd, log, left, env, append=True)
                 parts[part] = "no tests collected" if rc == 5 else status
                 xmls.append(xml)
             merge_junit(xmls, self.out / "tests.xml")
@@ -400,7 +404,10 @@ class Validation:
             if t < 1:
                 results[toolname] = "skipped: no time left"
                 continue
-            status, _, rc = run_stage(cmd, log, t, self.penv, append=True)
+            # no caching allocator: every tensor its own cudaMalloc, so memcheck sees accesses past
+            # a tensor's end that would otherwise land inside a pooled block
+            env = {**self.penv, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+            status, _, rc = run_stage(cmd, log, t, env, append=True)
             results[toolname] = status if rc != 3 else "errors reported"
         text = log.read_text(errors="replace")
         errors = sanitizer_errors(text)
