@@ -14,6 +14,7 @@ from typing import Iterator
 from unittest import mock
 
 import torch
+from torch.utils._pytree import tree_map
 
 TOOLS = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "tools"
 if (TOOLS / "cudasim.py").is_file():
@@ -74,3 +75,48 @@ def host(t: torch.Tensor) -> torch.Tensor:
 def syncs(where: str = "") -> int:
     """Host syncs counted so far whose resgeom_fast source site contains ``where``."""
     return sum(n for (_, site), n in cudasim.SYNCS.items() if where in site)
+
+
+# -- for whole runs (tests/device/test_cudasim_demo.py) -------------------------------------------
+_real_save = torch.save
+
+
+def _host_save(obj, f, *args, **kwargs):
+    """torch.save with every simulated cuda tensor saved as its CPU data."""
+    return _real_save(tree_map(lambda t: t.elem.clone() if isinstance(t, cudasim.Sim) else t, obj), f, *args,
+                      **kwargs)
+
+
+@contextlib.contextmanager
+def host_checkpoints() -> Iterator[None]:
+    """Checkpoints written inside hold the CPU data of simulated cuda tensors.
+
+    A real CUDA tensor is saved as its bytes (location "cuda:0"), and the trainer's
+    ``read_checkpoint`` loads with ``map_location="cpu", weights_only=True``: CPU tensors. cudasim's
+    wrapper class would be pickled as a class that ``weights_only`` refuses (the runner then
+    reports the checkpoint damaged and retrains): a limitation of the simulation, not of our code."""
+    with mock.patch.object(torch, "save", _host_save):
+        yield
+
+
+def _jacobian_marker(f):
+    return ("per-sample autograd Jacobian of", f)
+
+
+def _loop_vmap(marker):
+    assert isinstance(marker, tuple) and marker[0] == "per-sample autograd Jacobian of", marker
+    f = marker[1]
+    return lambda xs: torch.stack([torch.autograd.functional.jacobian(f, xs[i]) for i in range(xs.shape[0])])
+
+
+@contextlib.contextmanager
+def looped_jacobians(module) -> Iterator[None]:
+    """``vmap(jacrev(f))`` / ``vmap(jacfwd(f))`` of ``module`` as a loop of per-sample
+    ``torch.autograd.functional.jacobian(f, x_i)`` (the same [n, *out, *in] Jacobians).
+
+    Why: under torch.func's transforms, C++ batching rules create tensors "like" their input
+    (``at::ones(..., input.options())``, e.g. batch norm's default weight under vmap); a cudasim
+    tensor is a wrapper whose C++ device is the CPU, so those tensors come out on the CPU and
+    cudasim reports a device mismatch that a real GPU (input.options() on cuda) never has."""
+    with mock.patch.multiple(module, vmap=_loop_vmap, jacrev=_jacobian_marker, jacfwd=_jacobian_marker):
+        yield
