@@ -214,7 +214,7 @@ class PathExpansionResult(Result):
     block_names: list[str]
     scales: list[float]
     skips: list[str]
-    norms: Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
+    norms: Tensor = field(repr=False, default_factory=lambda: torch.empty(0, device="cpu"))
 
     _exclude = ("norms",)
 
@@ -488,8 +488,8 @@ def _loglog_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float,
     pts = [(math.log(a), math.log(b)) for a, b in zip(xs, ys) if a > 0 and math.isfinite(b) and b > 0]
     if len(pts) < 2:
         return float("nan"), float("nan"), len(pts)
-    t = torch.tensor(pts, dtype=torch.float64)
-    A = torch.stack([t[:, 0], torch.ones(len(pts), dtype=torch.float64)], dim=1)
+    t = torch.tensor(pts, dtype=torch.float64, device="cpu")                      # host floats: host math
+    A = torch.stack([t[:, 0], torch.ones(len(pts), dtype=torch.float64, device="cpu")], dim=1)
     coef = torch.linalg.lstsq(A, t[:, 1:2]).solution.flatten()
     return float(coef[0]), float(coef[1]), len(pts)
 
@@ -682,7 +682,7 @@ def output_norm_vs_depth(depths: Sequence[int], scales: Sequence[Union[str, floa
     check_int(fn, "seed", seed, 0)
     if x is None:
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(256, in_dim, generator=gen, dtype=torch.float64)
+        x = torch.randn(256, in_dim, generator=gen, dtype=torch.float64, device="cpu")   # CPU by contract
     elif not isinstance(x, Tensor):
         raise TypeError(f"{fn}: expected x a torch.Tensor or None, got {type(x).__name__}")
     elif x.dtype != torch.float64 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != in_dim or x.shape[0] == 0:
