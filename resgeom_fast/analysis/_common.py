@@ -150,8 +150,22 @@ def check_finite_tensor(where: str, t: Tensor, what: str) -> None:
 
 def check_finite_parameters(where: str, model: torch.nn.Module) -> None:
     """Raise :class:`~resgeom_fast.linalg.NonFiniteError` naming the first parameter or floating
-    buffer of ``model`` (its qualified name) that holds a NaN or an inf. One sum per tensor."""
-    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in items:
-            if t is not None and t.is_floating_point():
-                check_finite_tensor(where, t.detach(), f"model {kind} {name!r} (shape {list(t.shape)})")
+    buffer of ``model`` (its qualified name) that holds a NaN or an inf.
+
+    One host read for the whole model (the float64 sum of every tensor's sum: a NaN or inf anywhere
+    makes it non-finite); only when it is not finite (or overflowed) are the tensors checked one by
+    one, to name the first bad one."""
+    tensors = [(kind, name, t) for kind, items in (("parameter", model.named_parameters()),
+                                                   ("buffer", model.named_buffers()))
+               for name, t in items if t is not None and t.is_floating_point() and t.numel()]
+    if not tensors:
+        return
+    if len({t.device for _, _, t in tensors}) > 1:  # a model spread over devices: tensor by tensor
+        for kind, name, t in tensors:
+            check_finite_tensor(where, t.detach(), f"model {kind} {name!r} (shape {list(t.shape)})")
+        return
+    total = torch.stack([t.detach().sum().to(torch.float64) for _, _, t in tensors]).sum()
+    if bool(torch.isfinite(total)):
+        return
+    for kind, name, t in tensors:
+        check_finite_tensor(where, t.detach(), f"model {kind} {name!r} (shape {list(t.shape)})")

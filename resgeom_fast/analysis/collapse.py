@@ -374,8 +374,8 @@ def spearman_with_reason(x: Sequence[float], y: Sequence[Optional[float]]) -> tu
     point); ``x`` or ``y`` constant (e.g. an NCC mismatch that is exactly 0 everywhere: no ranking,
     so no correlation -- not a finding either way).
     """
-    xs = torch.as_tensor([float(v) for v in x], dtype=torch.float64)
-    ys = torch.as_tensor([float(v) if v is not None else math.nan for v in y], dtype=torch.float64)
+    xs = torch.as_tensor([float(v) for v in x], dtype=torch.float64, device="cpu")  # host maths
+    ys = torch.as_tensor([float(v) if v is not None else math.nan for v in y], dtype=torch.float64, device="cpu")
     if xs.shape != ys.shape:
         raise ValueError(f"spearman: expected x and y of the same length, got {xs.numel()} and {ys.numel()}")
     if xs.numel() < 2:

@@ -171,7 +171,8 @@ class LeakyResNet(nn.Module):
             raise ArgumentValueError("lam: the weight-decay term lam / (2 Lt) needs leak > 0; got leak=0 with lam > 0")
         if not (0 < max_step < 1):
             raise ArgumentValueError(f"max_step: expected a float in (0, 1), got {max_step!r}")
-        rho = step_sizes(depth, steps, irregular_a)
+        with torch.device("cpu"):  # host numbers, whatever the default device (as the weights)
+            rho = step_sizes(depth, steps, irregular_a)
         if steps == "adaptive" and leak > 0 and depth * max_step / leak < 1:
             raise ArgumentValueError(
                 f"leak: adaptive steps need leak <= max_step * depth = {max_step * depth:g} so that "

@@ -37,10 +37,13 @@ def seeded_construction(seed: int) -> Iterator[torch.Generator]:
 
     Inside the block the global CPU RNG is seeded with ``seed`` (so PyTorch's own default
     initialisation is reproducible) and restored on exit; the yielded ``torch.Generator``
-    (also seeded with ``seed``) drives this package's explicit initialisation.
+    (also seeded with ``seed``) drives this package's explicit initialisation. Modules are built
+    on the CPU whatever the default device (``torch.set_default_device`` or a ``torch.device``
+    context), because those CPU generators draw the weights: the same seed gives the same weights
+    everywhere; move the model with ``.to(device)``.
     """
     check_int(None, "seed", seed)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         yield gen

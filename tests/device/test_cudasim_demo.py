@@ -69,9 +69,6 @@ ALLOWED_CPU_CREATIONS = {
         DATALOADER + "; the loader iterator's 0-dim base seed drawn from the same generator",
     ("empty", "resgeom_fast/train/trainer.py", "_evaluate"):
         DATALOADER + "; the test loader iterator's 0-dim base seed",
-    ("as_tensor", "resgeom_fast/analysis/collapse.py", "spearman_with_reason"):
-        "host floats into host math (a rank correlation of a few per-layer numbers); right on the CPU, but "
-        "implicit: collapse.py should say device='cpu' (reported to its owner)",
 }
 
 # upper bounds of the host syncs of each step (measured value in the comment, about 1.5x headroom)
