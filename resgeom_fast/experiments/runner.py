@@ -10,7 +10,7 @@ Layout of an output folder ``OUT``::
     OUT/checkpoints/<name>-<hash>/ trainer checkpoints (checkpoint.pt, log.jsonl)
 
 A step is a function returning JSON-friendly data (dicts, lists, numbers; tensors and result
-dataclasses are converted by :func:`~resgeom_fast.analysis._common.to_jsonable`). Its file is
+dataclasses are converted by :func:`~resgeom_fast.core.io.to_jsonable`). Its file is
 written atomically only after the function returns, so a Ctrl-C (KeyboardInterrupt) or a crash
 inside a step leaves the folder as it was before that step; a re-run with the same key loads the
 finished steps instead of recomputing them, and training resumes from the last epoch checkpoint.
@@ -21,7 +21,7 @@ configuration unless the study names a subset), (b) the versions of resgeom_fast
 by reference, e.g. the sha256 of a ``--checkpoint`` file's contents and of a model factory's
 source. When any of them differs the step is recomputed and a message names what changed; a
 loaded step says what it was keyed on. Each step file also stores the sha256 of its canonical
-result JSON (:func:`~resgeom_fast.analysis._common.json_checksum`): a file edited or damaged
+result JSON (:func:`~resgeom_fast.core.io.json_checksum`): a file edited or damaged
 since it was written fails the check and is recomputed with a message (this catches edits and
 damage, it is no protection against someone who recomputes the checksum). Checkpoint folders
 carry the hash of the training configuration in their name, so a changed model or optimiser never
@@ -36,7 +36,7 @@ in a script or a test); it is released when the last one is closed or collected,
 
 ``fresh`` deletes only the files the folder's manifest lists as written by resgeom (never anything
 else, e.g. a user's own ``checkpoints/*.pt``; a folder without a resgeom manifest loses nothing)
-and recomputes every step. Temporary files of :func:`~resgeom_fast.train.checkpoint.atomic_file`
+and recomputes every step. Temporary files of :func:`~resgeom_fast.core.io.atomic_file`
 left in OUT by a killed run are removed when a run starts.
 """
 from __future__ import annotations
