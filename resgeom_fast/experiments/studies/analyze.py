@@ -1,5 +1,5 @@
 """``resgeom analyze``: residual alignment per stage and the Hessian spectrum of a user's model
-(a torchvision ResNet or ``module:pkg.mod:factory``), with a checkpoint and data of the user's.
+(a torchvision or timm ResNet or ``module:pkg.mod:factory``), with a checkpoint and data of the user's.
 
 The command in two parts: :func:`prepare` checks every flag, loads the model, the checkpoint and
 the data and returns an :class:`AnalyzeSetup` (UsageErrors before any work); :func:`run_steps`
@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -42,7 +43,7 @@ from ._figures import density_figure, stage_figures
 from ._registry import Command, register_command
 
 __all__ = ["COMMAND", "AnalyzeSetup", "add_arguments", "analyze_data", "check_model_takes", "factory_key",
-           "load_checkpoint", "load_model", "prepare", "run_steps"]
+           "import_user_module", "load_checkpoint", "load_model", "load_timm_model", "prepare", "run_steps"]
 
 
 @dataclass
@@ -67,7 +68,8 @@ class AnalyzeSetup:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``resgeom analyze`` (values stay strings: :func:`prepare` checks them)."""
     a = parser
-    a.add_argument("--model", required=True, help="torchvision:NAME (resnet18, resnet34, ...) or module:pkg.mod:factory")
+    a.add_argument("--model", required=True, help="torchvision:NAME (resnet18, resnet34, ...), timm:NAME (resnet18, resnet50d, ...: "
+                        "timm.list_models('resnet*')) or module:pkg.mod:factory (pkg importable from the current folder)")
     a.add_argument("--checkpoint", default=None, help="state dict or resgeom trainer checkpoint (.pt) to load")
     a.add_argument("--data", required=True,
                    help="imagefolder:PATH (torchvision ImageFolder: one subfolder of images per class) | "
@@ -103,8 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(spec: str, num_classes: int):
-    """(model, key parts): what the model's code is keyed on (torchvision's version, or the sha256
-    of the factory's source and of its module file)."""
+    """(model, key parts) for ``--model`` ``torchvision:NAME``, ``timm:NAME`` or
+    ``module:pkg.mod:factory`` (imported with the current folder on sys.path): the key parts say
+    what the model's code is keyed on (torchvision's or timm's version, or the sha256 of the
+    factory's source and of its module file)."""
     if spec.startswith("torchvision:"):
         name = spec.split(":", 1)[1]
         try:  # torchvision is optional (pip install resgeom_fast[vision])
@@ -116,14 +120,13 @@ def load_model(spec: str, num_classes: int):
         if name not in allowed:
             raise UsageError(f"--model: unknown torchvision model {name!r}; allowed: {', '.join(allowed)}")
         return tvm.get_model(name, weights=None, num_classes=num_classes), {"torchvision": torchvision.__version__}
+    if spec.startswith("timm:"):
+        return load_timm_model(spec.split(":", 1)[1], num_classes)
     if spec.startswith("module:"):
         parts = spec.split(":")
         if len(parts) != 3 or not parts[1] or not parts[2]:
             raise UsageError(f"--model: expected module:package.module:factory, got {spec!r}")
-        try:
-            mod = importlib.import_module(parts[1])
-        except ImportError as err:
-            raise UsageError(f"--model: cannot import module {parts[1]!r} ({err})") from None
+        mod = import_user_module(parts[1])
         factory = getattr(mod, parts[2], None)
         if not callable(factory):
             raise UsageError(f"--model: module {parts[1]!r} has no callable {parts[2]!r}")
@@ -131,7 +134,42 @@ def load_model(spec: str, num_classes: int):
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"--model: {parts[1]}.{parts[2]}() returned {type(model).__name__}, not an nn.Module")
         return model, factory_key(mod, factory)
-    raise UsageError(f"--model: expected torchvision:NAME or module:package.module:factory, got {spec!r}")
+    raise UsageError(f"--model: expected torchvision:NAME or module:package.module:factory or timm:NAME, got {spec!r}")
+
+
+def load_timm_model(name: str, num_classes: int):
+    """(timm.create_model(name, pretrained=False, num_classes=num_classes), {"timm": version}) for a
+    name in ``timm.list_models("resnet*")``; a one-line UsageError for another name or without timm."""
+    try:  # timm is optional (pip install timm)
+        import timm
+    except ImportError:
+        raise UsageError("--model timm:...: timm is not installed (pip install timm)") from None
+    allowed = list(timm.list_models("resnet*"))  # timm's natural order: resnet10t, resnet14t, resnet18, ...
+    if name not in allowed:
+        raise UsageError(f"--model: unknown timm model {name!r}; allowed: {', '.join(allowed)}")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    return model, {"timm": timm.__version__}
+
+
+def import_user_module(name: str) -> Any:
+    """``importlib.import_module(name)`` with the current folder first on ``sys.path`` while
+    importing (as ``python -m`` does, so ``module:mynet:build`` finds ./mynet.py); sys.path is
+    restored afterwards. A one-line UsageError naming --model if the import fails."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001 - any failure importing the user's code is bad input
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"--model: cannot import module {name!r} ({type(err).__name__}: {first})") from None
+    finally:
+        if added:
+            try:
+                sys.path.remove(cwd)
+            except ValueError:
+                pass
 
 
 def factory_key(mod: Any, factory: Any) -> dict[str, str]:
@@ -210,7 +248,7 @@ def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     cannot work. See :func:`resgeom_fast.experiments.commands.analyze` for the arguments.
 
     The setup's ``key_parts``: the sha256 of the ``--checkpoint`` file's contents, the model code
-    (torchvision's version, or the sha256 of the factory's source and of its module file) and the
+    (torchvision's or timm's version, or the sha256 of the factory's source and of its module file) and the
     data files (:func:`~resgeom_fast.experiments.common.data_key_parts`: for imagefolder:PATH the
     folder's file list and the contents of the images read, for tensors:FILE.pt the file).
 
