@@ -116,6 +116,16 @@ def _bounds(AV: Tensor, U: Tensor, S: Tensor, resid_T: Tensor, eps: float, dim: 
     return r, bound, rel, ok.all(-1), rounding
 
 
+def _to_host(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``tensors`` on the CPU, copied in one transfer: flattened into one float64 buffer (exact for
+    float32 / float64 values and bools), moved, split and given back their shapes and dtypes."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
+    parts = flat.split([t.numel() for t in tensors])
+    return tuple(p.view(t.shape).to(t.dtype) for p, t in zip(parts, tensors))
+
+
 def randomized_svd(
     op,
     k: int,
@@ -231,7 +241,8 @@ def randomized_svd(
     iters = 0
 
     def finish(P, S, U, resid_T, AV) -> SVDResult:
-        res, bound, rel, conv, rounding = _bounds(AV, U, S, resid_T, eps, dim, tol)
+        # the per-problem diagnostics come to the host in one transfer (one sync on a GPU)
+        res, bound, rel, conv, rounding = _to_host(_bounds(AV, U, S, resid_T, eps, dim, tol))
         if adaptive and not bool(conv.all()):
             warnings.warn(
                 f"{where}: power_iters='auto' stopped after {iters} iterations (max_iters={max_iters}) with "
@@ -239,8 +250,8 @@ def randomized_svd(
                 f"{float(rel.max()):.3g}); the result has converged=False for them", RuntimeWarning, stacklevel=3)
         return SVDResult(
             U=U[..., :k].to(op.dtype), S=S[..., :k].to(op.dtype), V=P[..., :k].to(op.dtype), matvecs=matvecs,
-            residuals=res.cpu(), error_bound=bound.cpu(), rel_error_bound=rel.cpu(), converged=conv.cpu(),
-            iterations=iters, tol=tol, adaptive=adaptive, rounding=rounding.cpu())
+            residuals=res, error_bound=bound, rel_error_bound=rel, converged=conv,
+            iterations=iters, tol=tol, adaptive=adaptive, rounding=rounding)
 
     if method == "subspace":
         if not adaptive:

@@ -159,3 +159,18 @@ def test_non_finite_product_is_still_named_at_its_step_on_cuda():
         with pytest.raises(rg.linalg.NonFiniteError,
                            match=r"eigsh: .* at Lanczos step 3: 1 NaN and 0 inf values \(of 20\)"):
             rg.linalg.eigsh(op, k=2)
+
+
+def test_randomized_svd_reads_its_diagnostics_back_in_one_transfer():
+    """The residuals, error bounds, convergence flags and rounding of every problem come to the host
+    together: svd.py's finish() costs one sync (five .cpu() calls before, one per tensor)."""
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(4, 60, 40, generator=g, dtype=torch.float64)
+    with sim():
+        res = rg.linalg.randomized_svd(A.cuda(), k=3, power_iters="auto", seed=3)  # iterates to tol
+        finish_syncs = sum(n for (_, site), n in cudasim.SYNCS.items() if "svd.py" in site and "finish" in site)
+    assert finish_syncs <= 1, cudasim.report("randomized_svd")
+    ref = torch.linalg.svdvals(A)[..., :3]
+    assert res.residuals.device.type == "cpu" and res.converged.dtype == torch.bool and bool(res.converged.all())
+    # the error bounds that came back cover the true error of every singular value
+    assert bool(((host(res.S) - ref).abs() <= res.error_bound.to(ref.dtype) + 1e-12).all())
