@@ -12,7 +12,7 @@ import torch
 
 from resgeom_fast.cli import main
 from resgeom_fast.experiments.config import UsageError
-from resgeom_fast.experiments.studies.analyze import load_model
+from resgeom_fast.experiments.studies.analyze import load_checkpoint, load_model
 
 try:
     import timm
@@ -90,3 +90,108 @@ def test_module_spec_import_error_is_one_line(tmp_path, monkeypatch, capsys):
     finally:
         sys.modules.pop("broken_user_net_i14", None)
     assert "--model: cannot import module 'broken_user_net_i14' (RuntimeError: boom)" in line
+
+
+def _resnet18(num_classes: int = 10) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    with torch.no_grad():
+        net.fc.bias.copy_(torch.linspace(-1, 1, num_classes))
+        net.layer1[0].bn1.running_mean.fill_(0.25)
+    return net
+
+
+def _assert_loaded(net: torch.nn.Module, ref: torch.nn.Module) -> None:
+    got, want = net.state_dict(), ref.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("wrap", ["plain", "trainer", "ddp", "lightning", "lightning_ddp", "lightning_extra"])
+def test_checkpoint_layouts_load(tmp_path, wrap):
+    pytest.importorskip("torchvision")
+    ref = _resnet18()
+    sd = ref.state_dict()
+    obj = {
+        "plain": sd,
+        "trainer": {"model": sd, "epoch": 3},
+        "ddp": {f"module.{k}": v for k, v in sd.items()},
+        "lightning": {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3, "global_step": 10},
+        "lightning_ddp": {"state_dict": {f"model.module.{k}": v for k, v in sd.items()}},
+        # a LightningModule holding a loss with a weight besides the network: keys outside the prefix are ignored
+        "lightning_extra": {"state_dict": {**{f"net.{k}": v for k, v in sd.items()}, "criterion.weight": torch.ones(10)}},
+    }[wrap]
+    path = tmp_path / "ck.pt"
+    torch.save(obj, path)
+    torch.manual_seed(2)
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=10)
+    load_checkpoint(net, str(path), 10)
+    _assert_loaded(net, ref)
+
+
+def test_checkpoint_through_the_cli_ddp(tmp_path):
+    pytest.importorskip("torchvision")
+    ref = _resnet18()
+    path = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, path)
+    out = str(tmp_path / "an")
+    assert main(["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--checkpoint", str(path),
+                 "--analyses", "hessian", "--batch", "2", "--probes", "1", "--steps", "3", "--trace-probes", "3",
+                 "--params", "fc", "--out", out, "--quiet"]) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["config"]["checkpoint"] == str(path)
+
+
+def test_checkpoint_classifier_mismatch_suggests_num_classes(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    path = tmp_path / "c100.pt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in _resnet18(100).state_dict().items()}}, path)
+    line = _error(capsys, ["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--checkpoint",
+                           str(path), "--out", str(tmp_path / "o")])
+    assert "does not match the model" in line
+    assert "(keys read with the prefix 'model.' stripped)" in line
+    assert "2 key(s) of another shape, first 'fc.weight': checkpoint [100, 512], model [10, 512]" in line
+    assert "pass --num-classes 100" in line
+    assert "missing" not in line and "unexpected" not in line
+
+
+def test_checkpoint_missing_and_unexpected_keys_named(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    sd = dict(_resnet18().state_dict())
+    del sd["layer2.0.conv1.weight"]
+    sd["layer2.0.extra.weight"] = torch.zeros(3)
+    sd["layer3.0.conv1.weight"] = torch.zeros(4, 4)
+    path = tmp_path / "bad.pt"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, path)
+    line = _error(capsys, ["analyze", "--data", "random-cifar", "--model", "torchvision:resnet18", "--checkpoint",
+                           str(path), "--out", str(tmp_path / "o")])
+    assert "does not match the model (keys read with the prefix 'module.' stripped)" in line
+    assert "1 missing key(s), first 'layer2.0.conv1.weight'" in line
+    assert "1 unexpected key(s), first 'layer2.0.extra.weight'" in line
+    assert "first 'layer3.0.conv1.weight': checkpoint [4, 4], model [256, 128, 3, 3]" in line
+    assert "--num-classes" not in line
+
+
+def test_checkpoint_two_matching_prefixes_and_no_state_dict(tmp_path):
+    pytest.importorskip("torchvision")
+    import torchvision
+
+    sd = _resnet18().state_dict()
+    path = tmp_path / "ema.pt"
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in sd.items()}, **{f"ema.{k}": v for k, v in sd.items()}}},
+               path)
+    net = torchvision.models.resnet18(num_classes=10)
+    with pytest.raises(UsageError, match=r"holds the model's keys under several prefixes \['ema\.', 'model\.'\]"):
+        load_checkpoint(net, str(path), 10)
+    torch.save({"epoch": 3, "model": "resnet18"}, path)
+    with pytest.raises(UsageError, match="holds no state dict"):
+        load_checkpoint(net, str(path), 10)
+    # "model" holding a name (a Lightning hyper-parameter) and the weights under state_dict
+    torch.save({"model": "resnet18", "state_dict": {f"model.{k}": v for k, v in sd.items()}}, path)
+    load_checkpoint(net, str(path), 10)
+    _assert_loaded(net, _resnet18())

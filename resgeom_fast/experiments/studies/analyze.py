@@ -185,22 +185,106 @@ def factory_key(mod: Any, factory: Any) -> dict[str, str]:
             "factory module sha256": file_sha256(path) if path and os.path.isfile(path) else "unavailable"}
 
 
-def load_checkpoint(model, path: str) -> None:
-    """Load the state dict in ``path`` (a plain state dict or a checkpoint holding ``model`` /
-    ``state_dict``) into ``model``; a UsageError naming ``--checkpoint`` otherwise."""
+def load_checkpoint(model, path: str, num_classes: Optional[int] = None) -> None:
+    """Load the state dict in ``path`` into ``model``; a one-line UsageError naming ``--checkpoint``
+    otherwise.
+
+    The file (read with ``weights_only=True``: no pickled code runs) holds a plain state dict, a
+    checkpoint holding one under ``model`` (resgeom's trainer) or ``state_dict`` (PyTorch
+    Lightning), or any of these with every key under a prefix: ``module.`` (a model saved inside
+    DistributedDataParallel / DataParallel), ``model.`` or another attribute name of a
+    LightningModule, or both (``model.module.``). Keys are taken as they are when they match the
+    model's; otherwise the prefix (up to three dotted names) under which the keys match the model's
+    exactly is stripped (keys outside it, such as a Lightning module's loss weights, are ignored).
+    Two prefixes matching (a model and its EMA copy) is a UsageError naming both.
+
+    A mismatch is a UsageError naming the first missing and the first unexpected key and the first
+    key whose shape differs (checkpoint and model shapes); when the differing shape is a classifier's
+    (first dimension ``num_classes`` in the model, another count in the checkpoint, the rest equal)
+    it suggests ``--num-classes``.
+    """
     if not os.path.isfile(path):
         raise UsageError(f"--checkpoint: file not found: {path!r}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
-        raise UsageError(f"--checkpoint: cannot read {path!r} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
+        hint = ("; a checkpoint holding pickled Python objects (e.g. a Lightning checkpoint's hyper-parameters) "
+                "cannot be read safely: save its state dict alone, torch.save(ckpt['state_dict'], 'weights.pt')"
+                if "weights_only" in str(err) or "Unpickl" in type(err).__name__ else "")
+        raise UsageError(f"--checkpoint: cannot read {path!r} ({type(err).__name__}: "
+                         f"{(str(err).strip().splitlines() or [''])[0][:300]}){hint}") from None
+    def is_state(d: Any) -> bool:
+        return isinstance(d, dict) and any(isinstance(v, torch.Tensor) for v in d.values())
+
+    state = None
+    if isinstance(obj, dict):
+        state = next((obj[k] for k in ("model", "state_dict") if is_state(obj.get(k))), obj)
+    if not is_state(state):
         raise UsageError(f"--checkpoint: {path!r} holds no state dict")
+    expected = model.state_dict()
+    state, prefix = _match_prefix(state, expected, path)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [(k, _shape(state[k]), list(v.shape)) for k, v in expected.items()
+              if k in state and _shape(state[k]) != list(v.shape)]
+    if missing or unexpected or shapes:
+        raise UsageError(_mismatch_message(path, prefix, missing, unexpected, shapes, num_classes))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise UsageError(f"--checkpoint: {path!r} does not match the model ({str(err).splitlines()[0]})") from None
+        raise UsageError(f"--checkpoint: {path!r} does not match the model "
+                         f"({(str(err).strip().splitlines() or [''])[0][:300]})") from None
+
+
+def _shape(value: Any) -> Any:
+    """A state-dict value's shape as a list (its type's name for a non-tensor)."""
+    return list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _match_prefix(state: dict, expected: dict, path: str) -> tuple[dict, str]:
+    """(state with the prefix stripped, the prefix) for the prefix under which ``state``'s keys are
+    exactly the model's (``""``: as they are); with none, the prefix under which most keys match
+    (for the mismatch message)."""
+    keys = [k for k in state if isinstance(k, str)]
+    want = set(expected)
+    if set(keys) == want:
+        return state, ""
+    prefixes = {".".join(k.split(".")[:i]) + "." for k in keys for i in (1, 2, 3) if k.count(".") >= i}
+    subsets = {p: {k[len(p):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(p)}
+               for p in sorted(prefixes)}
+    exact = [p for p, sub in subsets.items() if set(sub) == want]
+    if len(exact) > 1:
+        raise UsageError(f"--checkpoint: {path!r} holds the model's keys under several prefixes {exact}; save the "
+                         f"one to analyse as a plain state dict")
+    if exact:
+        return subsets[exact[0]], exact[0]
+    best, best_overlap = "", len(want & set(keys))
+    for p, sub in subsets.items():
+        overlap = len(want & set(sub))
+        if overlap > best_overlap:
+            best, best_overlap = p, overlap
+    return (subsets[best], best) if best else (state, "")
+
+
+def _mismatch_message(path: str, prefix: str, missing: list, unexpected: list, shapes: list,
+                      num_classes: Optional[int]) -> str:
+    """The one-line UsageError text of :func:`load_checkpoint` for a checkpoint that does not fit."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+    if shapes:
+        k, got, want = shapes[0]
+        parts.append(f"{len(shapes)} key(s) of another shape, first {k!r}: checkpoint {got}, model {want}")
+    where = f" (keys read with the prefix {prefix!r} stripped)" if prefix else ""
+    msg = f"--checkpoint: {path!r} does not match the model{where}: " + "; ".join(parts)
+    heads = [got[0] for _, got, want in shapes if isinstance(got, list) and got and want
+             and want[0] == num_classes and got[0] != num_classes and got[1:] == want[1:]]
+    if heads:
+        msg += (f"; the checkpoint's classifier has {heads[0]} classes, the model {num_classes}: "
+                f"pass --num-classes {heads[0]}")
+    return msg
 
 
 def analyze_data(spec: str, n: int, num_classes: int, seed: int, *, image_size: Optional[int] = None,
@@ -286,7 +370,7 @@ def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     if checkpoint:
         if os.path.isfile(checkpoint):  # hashed first: the key describes the bytes loaded next
             key_parts = {"checkpoint sha256": file_sha256(checkpoint), **key_parts}
-        load_checkpoint(net, checkpoint)
+        load_checkpoint(net, checkpoint, C)
     net = net.to(dev).eval()
     chosen = None
     if params:
