@@ -39,11 +39,13 @@ from ..config import UsageError, int_flag
 from ..output import check_out, write_study_report
 from ..report import FigureSpec, Report
 from ..runner import Runner
+from .. import tables
 from ._figures import density_figure, stage_figures
 from ._registry import Command, register_command
 
 __all__ = ["COMMAND", "AnalyzeSetup", "add_arguments", "analyze_data", "check_model_takes", "factory_key",
-           "import_user_module", "load_checkpoint", "load_model", "load_timm_model", "prepare", "run_steps"]
+           "import_user_module", "load_checkpoint", "load_model", "load_timm_model", "prepare", "run_steps",
+           "write_analysis_tables"]
 
 
 @dataclass
@@ -424,7 +426,8 @@ def check_model_takes(net: Any, spec: str, x: Any, data: str, num_classes: int) 
 def run_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any], model: str, data: str,
               progress: bool) -> Report:
     """The analyses of ``cfg["analyses"]`` as steps ``alignment`` / ``hessian`` of ``runner``,
-    then the report (results.json with ``provenance`` = the runner's key parts, figures, report.md)."""
+    then the report (results.json with ``provenance`` = the runner's key parts, figures, report.md)
+    and its CSV tables (alignment.csv, hessian.csv: :func:`write_analysis_tables`)."""
     n_align, n_hess, kk, p, q = cfg["samples"], cfg["batch"], cfg["k"], cfg["oversample"], cfg["power_iters"]
     nv, m, tp, sd, C, chosen, which = (cfg["probes"], cfg["steps"], cfg["trace_probes"], cfg["seed"],
                                        cfg["num_classes"], cfg["params"], cfg["analyses"])
@@ -457,9 +460,26 @@ def run_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any], mod
         results["models"]["model"]["spectrum"] = hs
         summaries["model"]["spectrum"] = hs["summary"]
         figures.append(density_figure(["model"]))
+    write_analysis_tables(runner, results)
     return write_study_report(runner, f"resgeom analyze: {model}", results, figures,
                               intro=f"Residual alignment per stage and Hessian spectrum of {model} on {data}.",
                               summaries=summaries, config=cfg)
+
+
+def write_analysis_tables(runner: Runner, results: dict[str, Any]) -> list[str]:
+    """The CSV tables of ``results`` (:mod:`resgeom_fast.experiments.tables`: alignment.csv,
+    hessian.csv) written atomically next to results.json, recorded in the manifest first; a table
+    of an analysis not in this run that an earlier run wrote there is removed (it would describe
+    other results than results.json). The paths written."""
+    planned = {fname: os.path.join(runner.out, fname) for fname in tables.TABLE_FILES.values()}
+    present = {fname for fname in tables.analysis_tables(results)}
+    runner.record_written(*[planned[f] for f in present])
+    written = tables.write_tables(runner.out, results)
+    ours = set(runner.written)
+    for fname, path in planned.items():
+        if fname not in present and fname in ours and os.path.isfile(path):
+            os.remove(path)
+    return written
 
 
 COMMAND = register_command(Command("analyze", "alignment per stage and the Hessian spectrum of your model",
