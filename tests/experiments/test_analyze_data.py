@@ -23,6 +23,7 @@ from resgeom_fast.experiments import commands
 from resgeom_fast.experiments.common import data_key_parts, sample_indices
 from resgeom_fast.experiments.config import UsageError
 from resgeom_fast.experiments.studies import analyze as analyze_study
+from tests.experiments._cli import one_line_error as _error
 
 tv = pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
@@ -88,16 +89,6 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(analyze_study.alignment_analysis, "residual_alignment", wrapped)
     return seen
-
-
-def _error(capsys, argv, code=2) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == code, (argv, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("resgeom: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_sample_indices_are_a_seeded_permutation_prefix():

@@ -13,21 +13,13 @@ import torch
 from resgeom_fast.cli import main
 from resgeom_fast.experiments.config import UsageError
 from resgeom_fast.experiments.studies.analyze import load_checkpoint, load_model
+from tests.experiments._cli import one_line_error as _error
 
 try:
     import timm
 except ImportError:  # the timm tests skip; the others run
     timm = None
 needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed")
-
-
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, (argv, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("resgeom: error: "), err
-    return lines[0]
 
 
 @needs_timm

@@ -12,18 +12,9 @@ import torch
 
 from resgeom_fast.cli import main
 from resgeom_fast.experiments.report import check_figure
+from tests.experiments._cli import one_line_error as _error
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, (argv, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("resgeom: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize("argv, expected", [

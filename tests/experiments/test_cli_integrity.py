@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from resgeom_fast.cli import main
+from tests.experiments._cli import one_line_error as _error
 
 FACTORY = textwrap.dedent("""
     from resgeom_fast.models import ConvResNet
@@ -39,16 +40,6 @@ def factory(tmp_path, monkeypatch):
 
     yield write
     sys.modules.pop(name, None)
-
-
-def _error(capsys, argv, code=2) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == code, (argv, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("resgeom: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _argv(spec, out, *extra):
