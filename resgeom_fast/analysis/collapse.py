@@ -73,6 +73,11 @@ Non-finite values raise :class:`resgeom_fast.linalg.NonFiniteError` naming where
 model parameter or buffer (checked before any forward pass), the input x of a batch, or a hidden
 state h_l of a batch.
 
+Models without ``forward(x, return_hidden=True)`` (torchvision / timm ResNets, any model whose
+residual blocks :func:`resgeom_fast.core.blocks.residual_blocks` discovers): h_0..h_L come from
+forward hooks on the blocks (h_0 = the first block's input, h_l = block l's output), one forward
+pass per batch and pass.
+
 Layers of different widths (staged conv ResNets: pooled features have 64, 128, ... channels) are
 fine: every layer is analysed on its own.
 """
@@ -86,11 +91,13 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from resgeom_fast.core.blocks import BlockInfo, block_kinds, residual_blocks
 from resgeom_fast.core.checks import check_module, check_type
 from resgeom_fast.core.modules import module_mode
 from ._common import (
     Result, batches, check_choice, check_finite_parameters, check_finite_tensor, check_int, model_device_dtype,
 )
+from ._hidden import block_representations
 from .plotting import as_result_dict, figure_axes, get_path, join, lines, point
 
 __all__ = [
@@ -528,7 +535,18 @@ def _pool(h: Tensor, pool: str) -> Tensor:
     return h.flatten(2).mean(2)  # global average pooling over every axis after the channels
 
 
-def _forward_hidden(where: str, model: nn.Module, x: Tensor) -> list[Tensor]:
+def _forward_hidden(where: str, model: nn.Module, x: Tensor,
+                    blocks: Optional[list[BlockInfo]] = None) -> list[Tensor]:
+    """[h_0, ..., h_L]: ``model(x, return_hidden=True)[1]``, or (``blocks`` given: a model without
+    return_hidden) the block representations from forward hooks."""
+    if blocks is not None:
+        hs = block_representations(model, x, blocks=blocks)
+        for l, h in enumerate(hs):
+            if h.dim() == 3:
+                # [N, C, L] (1-D conv) and [N, T, D] (tokens) cannot be told apart from the shape
+                raise ValueError(f"{where}: expected hook-captured hidden states [N, D] or [N, C, H, W], got h_{l} "
+                                 f"of shape {tuple(h.shape)} (token sequences are not supported yet)")
+        return hs
     out = model(x, return_hidden=True)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], (list, tuple))
             and len(out[1]) >= 1 and all(isinstance(h, Tensor) for h in out[1])):
@@ -537,7 +555,14 @@ def _forward_hidden(where: str, model: nn.Module, x: Tensor) -> list[Tensor]:
     return list(out[1])
 
 
-def _head_weight(model: nn.Module) -> Optional[Tensor]:
+def _head_weight(model: nn.Module, hooked: bool = False) -> Optional[Tensor]:
+    """``model.head.weight`` (2-D), or for a hook-read torchvision / timm ResNet (``hooked``) its
+    ``fc.weight`` (their logits are fc(global average pool of h_L))."""
+    if hooked:
+        if type(model).__name__ == "ResNet" and type(model).__module__ in ("torchvision.models.resnet",
+                                                                          "timm.models.resnet"):
+            w = getattr(getattr(model, "fc", None), "weight", None)
+            return w if isinstance(w, Tensor) and w.dim() == 2 else None
     head = getattr(model, "head", None)
     w = getattr(head, "weight", None) if head is not None else None
     return w if isinstance(w, Tensor) and w.dim() == 2 else None
@@ -552,7 +577,14 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
 
     Args:
         model: a network of this package (``forward(x, return_hidden=True)`` ->
-            ``(logits, [h_0, ..., h_L])``). It is run in eval mode under ``torch.no_grad`` (so
+            ``(logits, [h_0, ..., h_L])``, used when forward accepts ``return_hidden``), or any
+            model whose residual blocks are discovered (torchvision / timm ResNets, MobileNetV2,
+            ConvNeXt, marked blocks): then h_0 = the first block's input and h_l = the output of
+            block l, read by forward hooks in the same one pass per batch
+            (:func:`resgeom_fast.analysis._hidden.block_representations`); [N, C, H, W] states
+            are pooled as below, [N, D] used as they are, 3-D states (tokens / 1-D conv,
+            ambiguous) are refused. NC3 then uses ``fc`` of a torchvision / timm ResNet (logits
+            = fc(GAP(h_L))), else ``model.head``. It is run in eval mode under ``torch.no_grad`` (so
             that both passes see the same features and BatchNorm statistics are not updated);
             the train/eval mode of every submodule is restored afterwards.
         data: an ``(x, y)`` pair, a resgeom_fast Dataset (``split`` is used) or a re-iterable of
@@ -583,10 +615,15 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         params = {}
+    blocks: Optional[list[BlockInfo]] = None
     if "return_hidden" not in params and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        raise TypeError(f"{where}: expected a model whose forward accepts return_hidden=True and returns "
-                        f"(logits, [h_0, ..., h_L]) (this package's models), got {type(model).__name__} without "
-                        f"hidden states")
+        # any other model: h_0..h_L from forward hooks on its discovered residual blocks
+        blocks = residual_blocks(model, required=False)
+        if not blocks:
+            raise TypeError(f"{where}: expected a model whose forward accepts return_hidden=True and returns "
+                            f"(logits, [h_0, ..., h_L]) (this package's models) or a model with residual blocks "
+                            f"({block_kinds()}, or marked with mark_residual_block), got {type(model).__name__} "
+                            f"without hidden states")
     if num_classes is not None:
         check_int(where, "num_classes", num_classes, 2)
     elif hasattr(data, "tensors") and hasattr(data, "x_train"):
@@ -595,7 +632,7 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
             raise ValueError(f"{where}: expected a classification Dataset (num_classes set), got {data!r}")
         check_int(where, "num_classes", num_classes, 2)
     else:
-        w = _head_weight(model)
+        w = _head_weight(model, blocks is not None)
         if w is not None:
             num_classes = int(w.shape[0])
             check_int(where, "num_classes", num_classes, 2, hint=" (inferred from model.head.weight)")
@@ -615,16 +652,16 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     # eval mode inside; every submodule's own mode restored after (e.g. frozen BatchNorm in a training net)
     with module_mode(model, False), torch.no_grad():
         stats, sel, n_classes, n1, num_hidden, fdtype = _pass1(where, model, data, device, dtype, split,
-                                                               num_classes, layers, pool)
+                                                               num_classes, layers, pool, blocks)
         counts = stats[0].counts
         _check_counts(where, counts)
         for st in stats:
             st.finish_pass1()
-        n2 = _pass2(where, model, data, device, dtype, split, n_classes, sel, pool, stats)
+        n2 = _pass2(where, model, data, device, dtype, split, n_classes, sel, pool, stats, blocks)
     if n2 != n1:
         raise ValueError(f"{where}: expected the same samples in both passes over data, got {n1} then {n2}")
 
-    w = _head_weight(model)
+    w = _head_weight(model, blocks is not None)
     nc3_note = ""
     weight = None
     if sel[-1] != num_hidden - 1:
@@ -650,7 +687,8 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
 
 
 def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype: torch.dtype, split: str,
-           num_classes: Optional[int], layers: Optional[list[int]], pool: str):
+           num_classes: Optional[int], layers: Optional[list[int]], pool: str,
+           blocks: Optional[list[BlockInfo]] = None):
     stats: list[_LayerStats] = []
     sel: list[int] = []
     c = num_classes if num_classes is not None else 0
@@ -661,7 +699,7 @@ def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
         if y.device != device:
             raise ValueError(f"{where}: expected y on the model's device {device}, got {y.device}")
         check_finite_tensor(where, x, f"the input x of batch {b}")
-        hs = _forward_hidden(where, model, x)
+        hs = _forward_hidden(where, model, x, blocks)
         if b == 0:
             num_hidden = len(hs)
             if layers is not None and layers[-1] >= len(hs):
@@ -688,12 +726,13 @@ def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
 
 
 def _pass2(where: str, model: nn.Module, data: Any, device: torch.device, dtype: torch.dtype, split: str,
-           num_classes: int, sel: list[int], pool: str, stats: list[_LayerStats]) -> int:
+           num_classes: int, sel: list[int], pool: str, stats: list[_LayerStats],
+           blocks: Optional[list[BlockInfo]] = None) -> int:
     n = 0
     for b, (x, y) in enumerate(batches(where, data, device, dtype, split)):
         y = _check_labels(where, y, x.shape[0], num_classes, name=f"y of batch {b}")
         check_finite_tensor(where, x, f"the input x of batch {b} (second pass)")
-        hs = _forward_hidden(where, model, x)
+        hs = _forward_hidden(where, model, x, blocks)
         for st, l in zip(stats, sel):
             hp = _pool(hs[l], pool)
             check_finite_tensor(where, hp, f"the hidden state h_{l} of batch {b} (second pass)")
