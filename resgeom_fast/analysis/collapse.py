@@ -635,7 +635,8 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
         w = _head_weight(model, blocks is not None)
         if w is not None:
             num_classes = int(w.shape[0])
-            check_int(where, "num_classes", num_classes, 2, hint=" (inferred from model.head.weight)")
+            src = "fc" if w is getattr(getattr(model, "fc", None), "weight", None) else "head"
+            check_int(where, "num_classes", num_classes, 2, hint=f" (inferred from model.{src}.weight)")
     if layers is not None:
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
             raise TypeError(f"{where}: expected layers a sequence of ints, got {type(layers).__name__}")
