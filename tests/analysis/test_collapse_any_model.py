@@ -4,6 +4,7 @@ hooks on torchvision's BasicBlocks, global average pooling, NC metrics in numpy)
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -32,9 +33,11 @@ def _images(n: int = 24, c: int = 3, size: int = 32, seed: int = 1) -> tuple[tor
     return x, y
 
 
-def _hook_features(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
-    """Independent of the package: plain hooks on every torchvision BasicBlock, GAP-pooled."""
-    blocks = [m for m in model.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+def _hook_features(model: nn.Module, x: torch.Tensor, block_type: Optional[type] = None) -> list[np.ndarray]:
+    """Independent of the package: plain hooks on every BasicBlock (torchvision's by default),
+    GAP-pooled."""
+    block_type = torchvision.models.resnet.BasicBlock if block_type is None else block_type
+    blocks = [m for m in model.modules() if isinstance(m, block_type)]
     assert len(blocks) == 8
     got: list = [None] * (len(blocks) + 1)
     hs = [blocks[0].register_forward_pre_hook(lambda m, a: got.__setitem__(0, a[0].detach().clone()))]
@@ -190,3 +193,24 @@ def test_block_representations_errors() -> None:
 def test_collapse_model_without_blocks_or_hidden_states() -> None:
     with pytest.raises(TypeError, match="return_hidden.*residual blocks"):
         collapse(nn.Sequential(nn.Linear(4, 3)), (torch.randn(6, 4), torch.arange(6) % 3))
+
+
+def test_collapse_timm_resnet18_matches_numpy_on_hook_features() -> None:
+    timm = pytest.importorskip("timm")
+    from timm.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3).double().eval()
+    x, y = _images()
+    res = collapse(model, (x, y))
+    assert res.widths == [64, 64, 64, 128, 128, 256, 256, 512, 512]
+    feats = _hook_features(model, x, BasicBlock)
+    eps = float(torch.finfo(torch.float64).eps)
+    for l in (0, 3, 8):
+        want = _numpy_metrics(feats[l], y.numpy(), 3, eps)
+        assert res.rank_sigma_b[l] == want["rank"] == 2
+        assert res.nc1[l] == pytest.approx(want["nc1"], rel=1e-9), l
+        assert res.etf_error[l] == pytest.approx(want["etf_error"], rel=1e-9), l
+    w = model.fc.weight.detach().numpy()
+    m = _numpy_metrics(feats[-1], y.numpy(), 3, eps)["m"]
+    assert res.nc3 == pytest.approx(float(np.linalg.norm(w / np.linalg.norm(w) - m.T / np.linalg.norm(m))), rel=1e-9)
