@@ -7,7 +7,7 @@ The plot helpers draw from the dict form -- the result, its ``to_dict()`` or a r
 with ``at=`` the path of the result in it -- through the primitives of :mod:`.plotting` (the one
 plotting path, also the reports'), so every plotted number is a number of that dict.
 
-- :func:`residual_alignment` (alignment.py): RA1-RA4 of residual Jacobians (SCIENCE.md 1).
+- :func:`residual_alignment` (alignment.py): RA1-RA4 of residual Jacobians (docs/science.md section 1).
 - :func:`hessian_spectrum` (spectrum.py): extreme eigenvalues, trace, SLQ density, degeneracy and
   negative mass with intervals that cover quadrature and probe error (2).
 - :func:`singularities` (singularities.py): elimination, overlap, linear dependence of units (2).

@@ -1,4 +1,4 @@
-"""Residual Alignment, RA1-RA4 (Li & Papyan, NeurIPS 2023; SCIENCE.md section 1).
+"""Residual Alignment, RA1-RA4 (Li & Papyan, NeurIPS 2023; docs/science.md section 1).
 
 :func:`residual_alignment` takes a model and a batch of N inputs and measures, per sample and then
 averaged over samples (mean and population std):
@@ -25,7 +25,7 @@ The residual Jacobians are never materialised: one batched
 :func:`resgeom_fast.linalg.randomized_svd`, and A_ij applies the operator J_j to the k right
 singular vectors V_i of every sample.
 
-Readings of the science chosen here (SCIENCE.md leaves them open):
+Readings of the science chosen here (the paper leaves them open; docs/science.md section 1):
 
 - Stages. Blocks are grouped, in the order of the selection, into maximal runs of consecutive
   blocks whose input and output have one per-sample shape (a Type-1 net is one stage). A block
@@ -49,7 +49,7 @@ Readings of the science chosen here (SCIENCE.md leaves them open):
   lower bounds, and the summary reports ``max_numerical_rank`` None with
   ``max_numerical_rank_capped`` True and ``max_numerical_rank_lower_bound``. With k <= C, whether
   a capped rank is <= C is unknown: ``rank_le_c`` is NaN for that block (summary None).
-- Self alignment (SCIENCE.md: mean_{r<=k} |u_r^T v_r|) is averaged over the top min(C, k)
+- Self alignment (read plainly: mean_{r<=k} |u_r^T v_r|) is averaged over the top min(C, k)
   triplets: RA2 is a statement about the top-C singular vectors (RA3: rank <= C), and the
   triplets beyond C -- the k = C + 5 default's oversampled extras, small singular values with
   poorly defined vectors -- would make the number depend on k (0.62 at k = C + 5 vs 0.87 at
@@ -137,7 +137,7 @@ def _chunk_rows(per_row_elems: int) -> int:
 
 
 def trajectory_metrics(traj: Tensor) -> dict[str, Tensor]:
-    """RA1 scalars of each trajectory (SCIENCE.md section 1), computed in float64.
+    """RA1 scalars of each trajectory (docs/science.md section 1), computed in float64.
 
     Args:
         traj: [N, L+1, D] (or [N, L+1, *shape], flattened from dim 2): sample n's points
@@ -731,7 +731,7 @@ def residual_alignment(
     deterministic: bool = False,
     progress: bool = False,
 ) -> AlignmentResult:
-    """Residual Alignment RA1-RA4 of ``model`` at the inputs ``x`` (SCIENCE.md section 1).
+    """Residual Alignment RA1-RA4 of ``model`` at the inputs ``x`` (docs/science.md section 1).
 
     Jacobians are those of the residual branches alone, in eval mode (BatchNorm running
     statistics), at the block inputs of ``x``; top-k singular triplets per sample and block come

@@ -1,4 +1,4 @@
-"""Progressive feedforward collapse (SCIENCE.md section 5): neural-collapse metrics layer by layer.
+"""Progressive feedforward collapse (docs/science.md section 5): neural-collapse metrics layer by layer.
 
 For every representation h_l (l = 0..L, h_0 = stem(x)) of the samples of a data set, with class
 means mu_c, the global mean mu_G = (1/N) sum_i h_i (the sample mean, as in Papyan et al.; with
@@ -595,7 +595,7 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
         layers: indices l in [0, L] to analyse (default all), distinct; reported in ascending order.
         pool: how a hidden state [N, C, H, W] (or any [N, C, ...]) becomes a vector:
             "auto" / "avg" global average pooling over the spatial axes (what the head sees, the
-            reading of SCIENCE.md), "flatten" keeps all C*H*W numbers. [N, D] states are used as
+            reading of docs/science.md section 5), "flatten" keeps all C*H*W numbers. [N, D] states are used as
             they are.
         split: the Dataset split ("train" or "test").
 

@@ -1,4 +1,4 @@
-"""Residual expansion (SCIENCE.md section 3, Dherin & Munn 2025, "On residual network depth").
+"""Residual expansion (docs/science.md section 3, Dherin & Munn 2025, "On residual network depth").
 
 For a plain stack of residual blocks ``h_l = Q_l h_{l-1} + lam_l F_l(h_{l-1})`` (l = 1..L):
 
@@ -177,7 +177,7 @@ def _apply_skip(skip: nn.Module, h: Tensor, C: Tensor, shape: tuple[int, ...]) -
 # -- path expansion ----------------------------------------------------------------------------
 @dataclass
 class PathExpansionResult(Result):
-    """Path-order decomposition of d h_L / d h_0 v (SCIENCE.md section 3, our tool).
+    """Path-order decomposition of d h_L / d h_0 v (docs/science.md section 3, our tool).
 
     Attributes:
         orders: [M + 1] int64, m = 0..M.
@@ -301,7 +301,7 @@ def _path_coefficients(fn: str, model: nn.Module, x: Tensor, max_order: Optional
 
 def path_expansion(model: nn.Module, x: Tensor, max_order: Optional[int] = None, *, v: Optional[Tensor] = None,
                    blocks: Optional[Sequence[Any]] = None, num_probes: int = 1, seed: int = 0) -> PathExpansionResult:
-    """Split the linearised residual stack's JVP ``d h_L / d h_0 v`` by path order (SCIENCE.md s. 3).
+    """Split the linearised residual stack's JVP ``d h_L / d h_0 v`` by path order (docs/science.md section 3).
 
     At each input x_b the stack is linearised: J_l = dF_l/dh at h_{l-1}(x_b) (the residual-branch
     Jacobians of :func:`resgeom_fast.operators.residual_jacobians`, eval mode), Q_l the block's
@@ -382,7 +382,7 @@ def plot_path_orders(result: Union[PathExpansionResult, dict[str, Any]], ax: Any
 # -- second-order expansion ----------------------------------------------------------------------
 @dataclass
 class ExpansionResult(Result):
-    """h_L against its first- and second-order expansions in lam (SCIENCE.md section 3).
+    """h_L against its first- and second-order expansions in lam (docs/science.md section 3).
 
     E1 = h_0 + sum_i lam_i F_i(h_0); E2 = E1 + sum_{i<j} lam_i lam_j DF_j(h_0) F_i(h_0) (one
     common lam in the study; per-block lam_l are allowed and enter as written).
@@ -497,7 +497,7 @@ def _loglog_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float,
 def remainder_scaling(make_model: Callable[[float], nn.Module], lams: Sequence[float], x: Tensor) -> dict[str, Any]:
     """Remainders of the expansion against lam, with least-squares slopes on a log-log scale.
 
-    For each lam, ``second_order_expansion(make_model(lam), x)``; the claim (SCIENCE.md s. 3) is
+    For each lam, ``second_order_expansion(make_model(lam), x)``; the claim (docs/science.md section 3) is
     ``||h_L - E2|| = O(lam^3)`` (slope 3) and ``||h_L - E1|| = O(lam^2)`` (slope 2). Points with a
     zero or non-finite mean remainder are left out of a fit; fewer than 2 points give a NaN
     slope. ReLU branches are piecewise linear: the slope is 3 only while lam is small enough that
@@ -544,7 +544,7 @@ def remainder_scaling(make_model: Callable[[float], nn.Module], lams: Sequence[f
 # -- geometric complexity ------------------------------------------------------------------------
 @dataclass
 class GCResult(Result):
-    """Geometric complexity GC = mean_x ||d f(x)/dx||_F^2 of the logits (SCIENCE.md section 3).
+    """Geometric complexity GC = mean_x ||d f(x)/dx||_F^2 of the logits (docs/science.md section 3).
 
     Attributes:
         gc: the mean over samples (float64 accumulation). std: population std of the per-sample

@@ -1,4 +1,4 @@
-"""The Hamiltonian of leaky ResNets (Jacot & Kaiser 2024; SCIENCE.md section 4).
+"""The Hamiltonian of leaky ResNets (Jacot & Kaiser 2024; docs/science.md section 4).
 
 A :class:`~resgeom_fast.models.LeakyResNet` maps x to states ``a_0 = E x`` and, for steps
 l = 1..L, ``a_l = (1 - rho_l Lt) a_{l-1} + rho_l W_l sigma(a_{l-1})`` with
@@ -17,12 +17,12 @@ A_l = a_l(X) in R^{w x N} (the model returns rows, [N, w]: A_l is their transpos
 (K + gamma I)^{-1} is applied by Cholesky solves (an LU solve, ``torch.linalg.solve``, if a
 Cholesky factorisation fails; never a pseudo-inverse).
 
-Discretisation (our reading; SCIENCE.md writes all quantities "per layer"). The step l is a
+Discretisation (our reading; docs/science.md section 4 writes all quantities "per layer"). The step l is a
 forward-Euler step of dA/dt = -Lt A + W(t) sigma(A): ``(A_l - A_{l-1}) / rho_l = -Lt A_{l-1} +
 W_l sigma(A_{l-1})``. The velocity therefore belongs to the state the step leaves, and we define
 for layers l = 0..L-1
 
-    velocity_l = dA_{l+1} = (A_{l+1} - A_l) / rho_{l+1}          (SCIENCE.md's dA_{l+1})
+    velocity_l = dA_{l+1} = (A_{l+1} - A_l) / rho_{l+1}          (the paper's dA_{l+1})
     KE_l       = (1/(2 Lt)) Tr[velocity_l (K_l + gamma_l I)^{-1} velocity_l^T]
     H_l        = KE_l - (Lt/2) COI_l
     H(A, B)_l  = (Lt/2) ||B_{l+1} sigma(A_l)^T||_F^2 - Lt Tr[B_{l+1} A_l^T]

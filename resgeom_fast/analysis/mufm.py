@@ -1,6 +1,6 @@
-"""MUFM: a multilayer unconstrained feature model of progressive collapse (SCIENCE.md section 5).
+"""MUFM: a multilayer unconstrained feature model of progressive collapse (docs/science.md section 5).
 
-Our reading of SCIENCE.md's "MUFM (our reading)": the features of every layer are free
+Our reading of "MUFM" (docs/science.md section 5): the features of every layer are free
 variables H_1..H_L ([N, D] here, rows are samples; the D x N of the formula transposed), chained
 to the inputs H_0 = X, with a linear classifier W [C, D] (no bias) on H_L, and
 

@@ -1,4 +1,4 @@
-"""Singularities of the hidden units of a network (SCIENCE.md section 2, Orhan & Pitkow 2018).
+"""Singularities of the hidden units of a network (docs/science.md section 2, Orhan & Pitkow 2018).
 
 A *layer* here is one ``nn.ReLU`` module inside an ``nn.Sequential`` of the model, together with
 the nearest preceding ``nn.Linear`` / ``nn.Conv{1,2,3}d`` in the same Sequential, whose weight is
@@ -12,7 +12,7 @@ layers. Z [N, n] holds the ReLU *outputs* (post-activation) over the data; for c
 units are channels and every spatial position of every input counts as one observation (N =
 samples x positions).
 
-Metrics per layer (exactly SCIENCE.md section 2):
+Metrics per layer (exactly docs/science.md section 2):
 
 - elimination: ``dead_fraction`` -- units with Z <= 0 for every observation; and
   ``small_weight_fraction`` -- units whose incoming weight row norm (bias excluded) is below

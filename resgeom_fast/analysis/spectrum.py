@@ -1,4 +1,4 @@
-"""Hessian spectra of a loss (SCIENCE.md section 2, Orhan & Pitkow 2018).
+"""Hessian spectra of a loss (docs/science.md section 2, Orhan & Pitkow 2018).
 
 :func:`hessian_spectrum` turns the curvature operator of a model's mean loss
 (:func:`resgeom_fast.operators.hessian`, or :func:`~resgeom_fast.operators.ggn`) into
@@ -11,11 +11,11 @@
   Gauss nodes and weights of every probe, the smoothed density on a grid with its per-probe
   spread, and the spectral moments ``tr(H^k) ~ dim * mean_probes sum_i tau_i theta_i^k``;
 - spectral mass fractions, each with an honest interval (:class:`MassFraction`):
-  degenerate mass under a *relative* threshold (``|lambda| < eps * lambda_max``, SCIENCE.md's
-  definition) and under an *absolute* one (``|lambda| < abs_eps``), negative mass
+  degenerate mass under a *relative* threshold (``|lambda| < eps * lambda_max``, the
+  definition of docs/science.md section 2) and under an *absolute* one (``|lambda| < abs_eps``), negative mass
   (``lambda < 0``) and significant negative mass (``lambda < -eps * lambda_max``).
 
-Mass fractions (our reading; SCIENCE.md leaves the estimator open). The fraction of eigenvalues in
+Mass fractions (our reading; the paper leaves the estimator open). The fraction of eigenvalues in
 an interval I is ``E_v[mu_v(I)]``, ``mu_v`` the spectral measure of a unit Rademacher probe v
 (``E[v v^T] = I / P`` exactly). Per probe, m Lanczos steps give the m-point Gauss rule of
 ``mu_v``; its mass in I (``sum_{theta_i in I} tau_i``, the usual SLQ estimate, ``value``) jumps
@@ -34,7 +34,7 @@ settings: ``summary()`` reports None for it (with the interval), a warning names
 (``half_steps``). ``lambda_max`` is the largest eigenvalue found by Lanczos (:func:`eigsh`); if it
 is not positive, ``max |lambda|`` of the computed extreme eigenvalues is used instead.
 
-Relative versus absolute threshold: the relative threshold follows SCIENCE.md, but it scales with
+Relative versus absolute threshold: the relative threshold follows docs/science.md section 2, but it scales with
 ``lambda_max``, so comparing nets with different ``lambda_max`` (e.g. a plain net's 51 versus a
 residual net's 2.1 on digits) compares different absolute cut-offs; the absolute threshold
 (default ``abs_eps = 1e-3``, the relative one's value for ``lambda_max = 1``; the mean loss's
@@ -42,7 +42,7 @@ Hessian has units of loss / parameter^2) compares nets at one cut-off. Report bo
 that holds under one only is a statement about the threshold, not about degeneracy.
 
 The sign of eigenvalues inside an (exactly or nearly) degenerate cluster at 0 is rounding, so
-``negative_fraction`` (lambda < 0, as SCIENCE.md asks) brackets the null space's mass on either
+``negative_fraction`` (lambda < 0, docs/science.md section 2) brackets the null space's mass on either
 side and rarely resolves where there is one; ``significant_negative_fraction`` (disjoint from the
 degenerate mass) is the well-defined one.
 
@@ -500,7 +500,7 @@ def hessian_spectrum(
             unresolved (None in ``summary()``, a warning); in (0, 1].
         sigma0: relative Gaussian width of the density, ``sigma = sigma0 (lambda_max - lambda_min)``
             over the SLQ nodes; grid_points: points of the density grid.
-        batchnorm: "eval" (running statistics, SCIENCE.md's default) or "train" (batch statistics).
+        batchnorm: "eval" (running statistics, the default of docs/science.md section 2) or "train" (batch statistics).
         operator: "hessian" or "ggn" (generalised Gauss-Newton ``J^T H_loss J``).
         hvp: the product method, passed to the operators (``hessian``, ``ggn``, ``block_hessians``):
             "auto", "structured", "double_backward" or "forward_over_reverse".
@@ -511,7 +511,7 @@ def hessian_spectrum(
             an ETA; plain lines when stderr is not a terminal).
         eig_steps: at most this many Lanczos steps (Hessian-vector products) for the extreme
             eigenvalues (default: eigsh's, min(P, 300)); ``converged`` tells whether they sufficed.
-        reorth: "full" (SCIENCE.md) or "local" SLQ reorthogonalisation
+        reorth: "full" (docs/science.md section 2) or "local" SLQ reorthogonalisation
             (:func:`resgeom_fast.linalg.slq_density`; "local" stores no basis; its ghost nodes
             make the quadrature brackets approximate).
 

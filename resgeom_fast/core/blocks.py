@@ -2,7 +2,7 @@
 the fast paths recognise.
 
 A residual block computes ``post(skip(h) + scale * branch(h))``; its residual Jacobian is that of
-``branch`` alone (SCIENCE.md section 1). :func:`residual_blocks` walks ``model.named_modules()``
+``branch`` alone (docs/science.md section 1). :func:`residual_blocks` walks ``model.named_modules()``
 and asks the registered *block kinds*, in order, whether a module is a block; the first that
 matches describes it as a :class:`BlockInfo`. The built-in kinds, in this order:
 

@@ -116,7 +116,7 @@ def gaussian_mixture(num_classes: int = 3, dim: int = 2, n: int = 600, separatio
 
 def teacher(dims: Sequence[int] = (30, 3, 30), n: int = 1000, seed: int = 0, n_test: int | None = None,
             dtype: torch.dtype = torch.float32) -> Dataset:
-    """Leaky-ResNet teacher data (SCIENCE.md section 4): a random network through a bottleneck.
+    """Leaky-ResNet teacher data (docs/science.md section 4): a random network through a bottleneck.
 
     x ~ N(0, I_{dims[0]}); y = T(x) with T a random net dims[0] -> dims[1] -> ... -> dims[-1]:
     Linear layers W_i ~ N(0, 1/fan_in) without biases, ReLU after every layer but the last (so

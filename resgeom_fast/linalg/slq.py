@@ -114,11 +114,11 @@ def slq_density(
     each tridiagonal T gives nodes theta_i (eigenvalues) and weights tau_i (squared first
     eigenvector components) via :func:`resgeom_fast.ops.tridiag_eigh`. The density
     ``(1/probes) sum_probes sum_i tau_i g(t - theta_i)`` uses a Gaussian g of width
-    ``sigma = sigma0 * (lambda_max - lambda_min)`` (SCIENCE.md section 2) unless ``sigma`` is
+    ``sigma = sigma0 * (lambda_max - lambda_min)`` (docs/science.md section 2) unless ``sigma`` is
     given; lambda_min/max are the extreme nodes over all probes (and problems). The default grid
     spans [lambda_min - 5 sigma, lambda_max + 5 sigma] with ``grid_size`` points.
 
-    ``reorth="full"`` (default, SCIENCE.md) stores the whole basis ([b * probes, steps, n]) and
+    ``reorth="full"`` (default, docs/science.md section 2) stores the whole basis ([b * probes, steps, n]) and
     reorthogonalises every step against it; ``reorth="local"`` keeps two vectors per probe and
     runs the plain three-term recurrence (see :class:`~resgeom_fast.linalg.lanczos.Lanczos`):
     O(n) memory per probe and no basis traffic, at the price of spurious copies of converged

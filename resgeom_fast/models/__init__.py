@@ -2,8 +2,8 @@
 
 - :class:`FCResNet`, :class:`ConvResNet`: "Type 1" nets, every h_l in one space.
 - :func:`resnet18`, :func:`resnet34`, :func:`resnet50` (:class:`StagedResNet`): torchvision-style.
-- :class:`LeakyResNet`: leaky ResNets with step schemes (SCIENCE.md section 4).
-- :class:`BiasReg`: the bias regulariser of SCIENCE.md section 2.
+- :class:`LeakyResNet`: leaky ResNets with step schemes (docs/science.md section 4).
+- :class:`BiasReg`: the bias regulariser of docs/science.md section 2.
 
 Every residual block is a :class:`ResidualBlock` (``resgeom_block = True``, ``.branch``,
 ``.skip``, ``.scale``, ``.post``); every model has ``.stem``, ``.blocks``, ``.head`` and

@@ -1,4 +1,4 @@
-"""Validation of the options shared by every model family (SCIENCE.md sections 1-3).
+"""Validation of the options shared by every model family (docs/science.md sections 1-3).
 
 Every bad option raises ``ValueError`` naming the argument and listing the allowed values, e.g.
 ``skip: expected one of ['identity', 'none', 'orthogonal'], got 'foo'``.

@@ -17,7 +17,7 @@ with
 - ``post``: ``nn.Identity()`` for "Type 1" nets, ``nn.ReLU()`` for torchvision-style staged
   ResNets that apply ReLU after the addition.
 
-Hyper-residual connections (``hyper=True``, SCIENCE.md section 2, our reading). Block l receives,
+Hyper-residual connections (``hyper=True``, docs/science.md section 2, our reading). Block l receives,
 besides its input h_{l-1}, the mean of all *earlier* block outputs that are not its input::
 
     h_l = post( Q_l h_{l-1} + lam_l F_l(h_{l-1}) + m_l ),

@@ -1,4 +1,4 @@
-"""Leaky ResNets (Jacot & Kaiser 2024; SCIENCE.md section 4).
+"""Leaky ResNets (Jacot & Kaiser 2024; docs/science.md section 4).
 
 Width w, sigma(z) = (ReLU(z_1), ..., ReLU(z_w), 1), W_l in R^{w x (w+1)}, effective depth Lt
 (``leak``), steps rho_l > 0 with sum_l rho_l = 1::
@@ -20,8 +20,8 @@ every :meth:`LeakyResNet.set_rho` and after ``load_state_dict``.
 
 Loss: ``(1/N) ||Y - P A_L||_F^2 + (lam / (2 Lt)) sum_l rho_l ||W_l||_F^2`` (:meth:`LeakyResNet.loss`).
 
-Row convention: representations are returned as [N, w] tensors (one row per sample); SCIENCE.md's
-A_l = a_l(X) in R^{w x N} is their transpose.
+Row convention: representations are returned as [N, w] tensors (one row per sample); the
+A_l = a_l(X) in R^{w x N} of docs/science.md section 4 is their transpose.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _resync_after_load(module: "LeakyResNet", incompatible_keys: object) -> None
 
 
 class LeakyResNet(nn.Module):
-    """Leaky ResNet of SCIENCE.md section 4 (see the module docstring for the exact reading).
+    """Leaky ResNet of docs/science.md section 4 (see the module docstring for the exact reading).
 
     Args:
         in_dim: d, input dimension (<= width).

@@ -43,7 +43,7 @@ def relu_biases(model: nn.Module) -> list[nn.Parameter]:
 
 
 class BiasReg(nn.Module):
-    """BiasReg (SCIENCE.md section 2, our reading): R = beta * sum_l ||b_l - b0 * 1||^2.
+    """BiasReg (docs/science.md section 2, our reading): R = beta * sum_l ||b_l - b0 * 1||^2.
 
     Pulls the biases that feed ReLUs towards ``b0 > 0`` so units stay alive. ``BiasReg(...)(model)``
     returns the 0-dim penalty; pass it to ``train(..., regularizers=[BiasReg(1e-3)])``.

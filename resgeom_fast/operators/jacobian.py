@@ -1,4 +1,4 @@
-"""Residual-branch Jacobians J_l(x_b) = dF_l/dh at the block inputs of a batch (SCIENCE.md s. 1).
+"""Residual-branch Jacobians J_l(x_b) = dF_l/dh at the block inputs of a batch (docs/science.md section 1).
 
 :func:`residual_jacobians` runs the model once with forward pre-hooks to capture the block inputs
 h_{l-1} (stopping as soon as the last requested block has been reached), then returns one batched

@@ -174,7 +174,8 @@ def spectrum_reading(r: dict, models: list[str], root: str) -> str:
     return text + " (intervals: the quadrature bracket widened by 3 probe standard errors)."
 
 
-EXPECTED_DEGENERACY_ORDER = ("plain", "residual", "hyper")  # SCIENCE.md: plain >= residual >= hyper-residual
+# docs/science.md section 2: near-zero Hessian mass plain >= residual >= hyper-residual
+EXPECTED_DEGENERACY_ORDER = ("plain", "residual", "hyper")
 
 
 def degeneracy_order_reading(r: dict, archs: list[str], root: str = "models") -> str:

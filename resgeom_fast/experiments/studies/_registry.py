@@ -41,7 +41,7 @@ class Study:
     """One runnable study.
 
     Attributes:
-        name, title, expected: its name, a title and SCIENCE.md's "Expected" line.
+        name, title, expected: its name, a title and the claim it checks (its "expects" line in docs/science.md).
         options: its options; stored as an :class:`~resgeom_fast.experiments.config.Options`
             that carries ``validate``, so :func:`~resgeom_fast.experiments.config.resolve_config`
             runs the cross-option check before any work.
