@@ -66,6 +66,6 @@ def write_study_report(runner: Runner, title: str, results: Any, figures: Sequen
 def finish_study(runner: Runner, title: str, out_obj: Any, config: dict[str, Any], expected: str = "") -> Report:
     """The report of a study's output ``out_obj`` (a StudyOutput: results, figures, summaries,
     intro), with the study's ``expected`` line (its claim, docs/science.md) under the intro."""
-    intro = out_obj.intro + (f"\n\nExpected (SCIENCE.md): {expected}." if expected else "")
+    intro = out_obj.intro + (f"\n\nExpected (docs/science.md): {expected}." if expected else "")
     return write_study_report(runner, title, out_obj.results, out_obj.figures, intro=intro,
                               summaries=out_obj.summaries, config=config)

@@ -69,4 +69,4 @@ def test_the_cli_and_the_commands_read_the_registry(toy_study, tmp_path, capsys)
     out = str(tmp_path / "toy")
     assert main(["run", "toy", "--set", "value=5", "--out", out, "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == f"report: {out}/report.md"
-    assert "Expected (SCIENCE.md): nothing." in open(f"{out}/report.md").read()
+    assert "Expected (docs/science.md): nothing." in open(f"{out}/report.md").read()

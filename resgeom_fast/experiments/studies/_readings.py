@@ -194,7 +194,7 @@ def degeneracy_order_reading(r: dict, archs: list[str], root: str = "models") ->
             verdicts.append(f"{hi} >= {lo} " + {1: "holds", -1: "is reversed", 0: "not resolved (intervals overlap)",
                                                 None: "not compared (no interval)"}[v])
         parts.append(f"{label}: {vals}" + (f" ({'; '.join(verdicts)})" if verdicts else ""))
-    return ("; ".join(parts) + ". Expected (SCIENCE.md): plain >= residual >= hyper-residual; an ordering is read "
+    return ("; ".join(parts) + ". Expected (docs/science.md section 2): plain >= residual >= hyper-residual; an ordering is read "
             "only where the intervals separate, and only as far as it holds under both thresholds.")
 
 

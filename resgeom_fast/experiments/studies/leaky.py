@@ -33,8 +33,8 @@ hamiltonian_analysis = importlib.import_module("resgeom_fast.analysis.hamiltonia
 
 LEAKY_OPTIONS = [
     opt("teacher_dims", "ints", [30, 3, 30], "teacher widths (k* = the bottleneck)", minimum=1),
-    opt("n", "int", 200, "training points of the teacher data (SCIENCE.md: 1000)", minimum=2),
-    opt("width", "int", 40, "student width w (SCIENCE.md: 100)", minimum=1),
+    opt("n", "int", 200, "training points of the teacher data (the paper: 1000)", minimum=2),
+    opt("width", "int", 40, "student width w (the paper: 100)", minimum=1),
     opt("depth", "int", 20, "layers L (equidistant steps rho_l = 1/L unless steps=irregular)", minimum=1),
     opt("lts", "floats", [2.0, 4.0, 8.0, 12.0],
         "effective depths Lt (the nets' leaks) in continuation order: each stage starts from the previous "
