@@ -158,14 +158,9 @@ def check_finite_parameters(where: str, model: torch.nn.Module) -> None:
     tensors = [(kind, name, t) for kind, items in (("parameter", model.named_parameters()),
                                                    ("buffer", model.named_buffers()))
                for name, t in items if t is not None and t.is_floating_point() and t.numel()]
-    if not tensors:
-        return
-    if len({t.device for _, _, t in tensors}) > 1:  # a model spread over devices: tensor by tensor
-        for kind, name, t in tensors:
-            check_finite_tensor(where, t.detach(), f"model {kind} {name!r} (shape {list(t.shape)})")
-        return
-    total = torch.stack([t.detach().sum().to(torch.float64) for _, _, t in tensors]).sum()
-    if bool(torch.isfinite(total)):
-        return
+    if len({t.device for _, _, t in tensors}) == 1:  # (a model spread over devices: tensor by tensor)
+        total = torch.stack([t.detach().sum().to(torch.float64) for _, _, t in tensors]).sum()
+        if bool(torch.isfinite(total)):
+            return
     for kind, name, t in tensors:
         check_finite_tensor(where, t.detach(), f"model {kind} {name!r} (shape {list(t.shape)})")

@@ -80,23 +80,25 @@ STUDIES: dict[str, Study] = {}
 COMMANDS: dict[str, Command] = {}
 
 
+def _add(fn: str, arg: str, item: Any, cls: type, expected: str, registry: dict[str, Any]) -> Any:
+    """Put ``item`` (a ``cls``) into ``registry`` under ``item.name``; studies and commands share
+    one name space (an ArgumentValueError for a name already taken in either)."""
+    check_type(fn, arg, item, cls, expected)
+    if item.name in STUDIES or item.name in COMMANDS:
+        raise value_error(fn, arg, "a new name", f"{item.name!r} (already registered)")
+    registry[item.name] = item
+    return item
+
+
 def register(study: Study) -> Study:
     """Add ``study`` to :data:`STUDIES` under ``study.name`` and return it (an
     ArgumentValueError for a name already taken)."""
-    check_type("register", "study", study, Study, "a Study")
-    if study.name in STUDIES or study.name in COMMANDS:
-        raise value_error("register", "study", "a new name", f"{study.name!r} (already registered)")
-    STUDIES[study.name] = study
-    return study
+    return _add("register", "study", study, Study, "a Study", STUDIES)
 
 
 def register_command(command: Command) -> Command:
     """Add ``command`` to :data:`COMMANDS` under ``command.name`` and return it."""
-    check_type("register_command", "command", command, Command, "a Command")
-    if command.name in COMMANDS or command.name in STUDIES:
-        raise value_error("register_command", "command", "a new name", f"{command.name!r} (already registered)")
-    COMMANDS[command.name] = command
-    return command
+    return _add("register_command", "command", command, Command, "a Command", COMMANDS)
 
 
 def get_study(name: str) -> Study:
