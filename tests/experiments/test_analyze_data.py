@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import sys
 import textwrap
 
 import numpy as np
@@ -23,6 +22,7 @@ from resgeom_fast.experiments import commands
 from resgeom_fast.experiments.common import data_key_parts, sample_indices
 from resgeom_fast.experiments.config import UsageError
 from resgeom_fast.experiments.studies import analyze as analyze_study
+from tests.experiments._cli import UserModule
 from tests.experiments._cli import one_line_error as _error
 
 tv = pytest.importorskip("torchvision")
@@ -43,15 +43,9 @@ PLUMBED = "image_size" in inspect.signature(commands.analyze).parameters
 @pytest.fixture
 def factory(tmp_path, monkeypatch):
     """``module:<name>:net``, a tiny ConvResNet (3 channels, 10 classes) of a module written to tmp_path."""
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    name = f"ud_tinynet_{abs(hash(str(tmp_path))) % 10**8}"
-    mods = tmp_path / "mods"
-    mods.mkdir()
-    (mods / f"{name}.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(mods))
-    sys.modules.pop(name, None)
-    yield f"module:{name}:net"
-    sys.modules.pop(name, None)
+    mod = UserModule(tmp_path, monkeypatch, "ud_tinynet")
+    yield f"module:{mod.write(FACTORY)}:net"
+    mod.forget()
 
 
 def _write_folder(root, classes=("cat", "dog"), per_class=12, size=(16, 16), seed=0):

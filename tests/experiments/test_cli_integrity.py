@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from resgeom_fast.cli import main
+from tests.experiments._cli import UserModule
 from tests.experiments._cli import one_line_error as _error
 
 FACTORY = textwrap.dedent("""
@@ -27,19 +27,9 @@ FACTORY = textwrap.dedent("""
 @pytest.fixture
 def factory(tmp_path, monkeypatch):
     """A module ``h1_tinynet_<n>`` with a factory ``net`` of a tiny ConvResNet (depth settable)."""
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    name = f"h1_tinynet_{abs(hash(str(tmp_path))) % 10**8}"
-    mods = tmp_path / "mods"
-    mods.mkdir()
-    monkeypatch.syspath_prepend(str(mods))
-
-    def write(depth: int) -> str:
-        (mods / f"{name}.py").write_text(FACTORY.format(depth=depth))
-        sys.modules.pop(name, None)  # a new process would import the file afresh
-        return f"module:{name}:net"
-
-    yield write
-    sys.modules.pop(name, None)
+    mod = UserModule(tmp_path, monkeypatch, "h1_tinynet")
+    yield lambda depth: f"module:{mod.write(FACTORY.format(depth=depth))}:net"
+    mod.forget()
 
 
 def _argv(spec, out, *extra):
@@ -253,19 +243,18 @@ UNSEEDED = textwrap.dedent("""
     """)
 
 
-def test_analyze_without_a_checkpoint_is_reproducible_from_its_seed(tmp_path, factory, capsys):
+def test_analyze_without_a_checkpoint_is_reproducible_from_its_seed(tmp_path, monkeypatch, capsys):
     """The model's initial weights come from --seed: two runs with the same seed print the same
     numbers (before issue 13 they came from the global RNG: same key, other weights), another seed
     gives other weights, and the caller's global RNG is left untouched."""
-    spec = factory(2)
-    mods = tmp_path / "mods"
-    (mods / (spec.split(":")[1] + ".py")).write_text(UNSEEDED)
-    sys.modules.pop(spec.split(":")[1], None)
+    mod = UserModule(tmp_path, monkeypatch, "unseeded_net")
+    spec = f"module:{mod.write(UNSEEDED)}:net"
     state = torch.random.get_rng_state()
     runs = {}
     for out, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         assert main(_argv(spec, tmp_path / out, "--seed", seed)) == 0, capsys.readouterr().err
         runs[out] = _alignment(tmp_path / out)["result"]["stages"][0]["ra4"]["sigma1_mean"]
     assert torch.equal(torch.random.get_rng_state(), state)
+    mod.forget()
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
