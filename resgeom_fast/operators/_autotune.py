@@ -27,6 +27,7 @@ around products that are timed, so a chosen method runs without host syncs on CU
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from resgeom_fast.core.checks import check_choice
 from resgeom_fast.operators._data import NonRepeatableDataError
+from resgeom_fast.operators._precision import onednn_matmul
 from resgeom_fast.operators._products import NotStructured, rel_diff
 
 HVP_METHODS = ("auto", "structured", "double_backward", "forward_over_reverse")
@@ -89,8 +91,11 @@ class AutoTuner:
         dtype, device: of the parameters.
         product: ``product(method, idx, vs, k)`` computes one product by ``method``.
         structured_off: why the structured path does not apply (None: it may).
-        clock: seconds, e.g. ``time.perf_counter``; ``synchronize(device)``: waits for a CUDA
-            device; ``onednn()``: the context manager that routes float32 matmuls to oneDNN.
+
+    Timing reads this module's ``time.perf_counter``, waits with ``torch.cuda.synchronize`` and
+    routes float32 matmuls to oneDNN with :func:`~resgeom_fast.operators._precision.onednn_matmul`,
+    each looked up when called (a test replaces ``_autotune.time`` by a fake clock or
+    ``_autotune.onednn_matmul`` by a rounding oneDNN).
 
     Attributes:
         timings: ``{(idx, k): {candidate: [seconds, ...]}}`` measured by "auto".
@@ -100,13 +105,11 @@ class AutoTuner:
     """
 
     def __init__(self, fn: str, hvp: str, matmul: str, backends: list[str], deterministic: bool,
-                 dtype: torch.dtype, device: torch.device, product: Product, *, structured_off: Optional[str],
-                 clock: Callable[[], float], synchronize: Callable[[torch.device], None],
-                 onednn: Callable[[], contextlib.AbstractContextManager]) -> None:
+                 dtype: torch.dtype, device: torch.device, product: Product, *,
+                 structured_off: Optional[str]) -> None:
         self.fn, self.hvp, self.matmul, self.deterministic = fn, hvp, matmul, deterministic
         self.backends = ["default"] if deterministic and matmul == "auto" else backends  # the fixed rule
         self.dtype, self.device, self.product = dtype, device, product
-        self.clock, self.synchronize, self.onednn = clock, synchronize, onednn
         self.timings: dict[Key, dict[str, list[float]]] = {}
         self.checks: dict[Key, dict[str, float]] = {}
         self.structured_off = structured_off
@@ -172,9 +175,9 @@ class AutoTuner:
         # choice is made, products are queued without a host sync
         sync = self.device.type == "cuda" and rec is not None
         if sync:
-            self.synchronize(self.device)
-        t0 = self.clock()
-        with self.onednn() if backend == "onednn" else contextlib.nullcontext():
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        with onednn_matmul() if backend == "onednn" else contextlib.nullcontext():
             if method == "forward_over_reverse":
                 try:
                     out = self.product(method, idx, vs, k)
@@ -185,9 +188,9 @@ class AutoTuner:
             else:
                 out = self.product(method, idx, vs, k)
         if sync:
-            self.synchronize(self.device)
+            torch.cuda.synchronize(self.device)
         if rec is not None:
-            rec.setdefault(cand, []).append(self.clock() - t0)
+            rec.setdefault(cand, []).append(time.perf_counter() - t0)
         return out
 
     def _run(self, cand: str, idx: list[int], vs: list[Tensor], k: int,

@@ -23,8 +23,7 @@ held by a :class:`CurvatureEngine`) and the behaviour they document live in
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
+from typing import Any, ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -58,15 +57,12 @@ class CurvatureEngine:
     Checks the arguments, reads the data (:class:`~resgeom_fast.operators._data.Batches`), checks
     the mean contract on the first batch, builds and caches the per-batch graphs / primal passes,
     and runs the data loop of every product method (:meth:`_apply_method`), handing the choice of
-    method to an :class:`~resgeom_fast.operators._autotune.AutoTuner`. ``clock``, ``synchronize``
-    and ``onednn`` are the tuner's (see there).
+    method to an :class:`~resgeom_fast.operators._autotune.AutoTuner`.
     """
 
     def __init__(self, fn: str, curvature: type[CurvatureOperator], model: nn.Module, loss_fn: LossFn,
                  data: Any, names: list[str], params: list[Tensor], batchnorm: str, hvp: str,
-                 cache: Optional[bool], matmul: str, deterministic: bool, precision: str, *,
-                 clock: Callable[[], float], synchronize: Callable[[torch.device], None],
-                 onednn: Callable[[], contextlib.AbstractContextManager]) -> None:
+                 cache: Optional[bool], matmul: str, deterministic: bool, precision: str) -> None:
         if not callable(loss_fn):
             raise type_error(fn, "loss_fn", "callable", loss_fn)
         check_choice(None, f"{fn}: batchnorm", batchnorm, ("eval", "train"), expected="'eval' or 'train'")
@@ -89,8 +85,7 @@ class CurvatureEngine:
             else:
                 self.structured = StructuredHVP(layers, params, loss=structured_loss(loss_fn) or "ce")
         self.tuner = AutoTuner(fn, self.hvp, matmul, backends, deterministic, self.dtype, self.device,
-                               self._apply_method, structured_off=structured_off, clock=clock,
-                               synchronize=synchronize, onednn=onednn)
+                               self._apply_method, structured_off=structured_off)
         self._primals: Optional[list[tuple[float, Any]]] = None
         self._forward_checked = False    # the structured logits matched model(x) over a whole pass
         # one batch (also a resgeom_fast Dataset, read as its whole split) keeps its graphs

@@ -100,11 +100,8 @@ data loop, :class:`HessianOperator` / :class:`GGNOperator` supply their batch pr
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import nn
 
 from resgeom_fast.core.checks import ArgumentValueError
@@ -119,33 +116,7 @@ from resgeom_fast.operators._precision import (  # noqa: F401  (re-exported)
 from resgeom_fast.operators.blocks import resolve_blocks
 from resgeom_fast.operators.curvature import CurvatureEngine, CurvatureOperator, GGNOperator, HessianOperator
 
-# the engine under its former name (tests patch ``hessian._Engine._apply_method``)
-_Engine = CurvatureEngine
-
 __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "hessian", "ggn", "block_hessians"]
-
-
-# The auto-tuner's clock, device synchroniser and oneDNN switch, handed to every engine built here.
-# They read this module's globals when called, so a test can replace ``hessian.time`` (a fake
-# clock) or ``hessian.onednn_matmul`` (a CPU whose oneDNN rounds), and the host syncs of timed CUDA
-# products are counted at this file.
-def _clock() -> float:
-    return time.perf_counter()
-
-
-def _synchronize(device: torch.device) -> None:
-    torch.cuda.synchronize(device)
-
-
-def _onednn() -> contextlib.AbstractContextManager:
-    return onednn_matmul()
-
-
-def _engine(fn: str, curvature: type[CurvatureOperator], model: nn.Module, loss_fn: LossFn, data: Any,
-            names: list[str], params: list[Any], batchnorm: str, hvp: str, cache: Optional[bool], matmul: str,
-            deterministic: bool, precision: str) -> CurvatureEngine:
-    return CurvatureEngine(fn, curvature, model, loss_fn, data, names, params, batchnorm, hvp, cache, matmul,
-                           deterministic, precision, clock=_clock, synchronize=_synchronize, onednn=_onednn)
 
 
 def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
@@ -195,8 +166,8 @@ def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = No
         ``matmat(X [P, k]) -> [P, k]`` applies k Hessian-vector products in one pass over the data.
     """
     names, tensors = select_params("hessian", model, params)
-    engine = _engine("hessian", HessianOperator, model, loss_fn, data, names, tensors, batchnorm, hvp, cache,
-                     matmul, deterministic, precision)
+    engine = CurvatureEngine("hessian", HessianOperator, model, loss_fn, data, names, tensors, batchnorm, hvp,
+                             cache, matmul, deterministic, precision)
     return HessianOperator(engine, list(range(len(names))))
 
 
@@ -214,8 +185,8 @@ def ggn(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, 
         a symmetric positive semi-definite (for convex losses) :class:`GGNOperator` (P, P).
     """
     names, tensors = select_params("ggn", model, params)
-    engine = _engine("ggn", GGNOperator, model, loss_fn, data, names, tensors, batchnorm, hvp, cache, matmul,
-                     deterministic, precision)
+    engine = CurvatureEngine("ggn", GGNOperator, model, loss_fn, data, names, tensors, batchnorm, hvp, cache,
+                             matmul, deterministic, precision)
     return GGNOperator(engine, list(range(len(names))))
 
 
@@ -238,8 +209,8 @@ def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optiona
     """
     infos = resolve_blocks("block_hessians", model, blocks)
     names, tensors = select_params("block_hessians", model, [b.block for b in infos])
-    engine = _engine("block_hessians", HessianOperator, model, loss_fn, data, names, tensors, batchnorm, hvp,
-                     cache, matmul, deterministic, precision)
+    engine = CurvatureEngine("block_hessians", HessianOperator, model, loss_fn, data, names, tensors, batchnorm,
+                             hvp, cache, matmul, deterministic, precision)
     pos = {id(t): i for i, t in enumerate(tensors)}
     ops = []
     for b in infos:

@@ -14,7 +14,7 @@ tensors lose their device and cudasim reports a false mismatch (checked below: i
 simulation, not our code, since the same products run on the CPU).
 
 Sync counts (Hessian of the FC ResNet, hvp="double_backward", 10 products of 3 vectors): before
-issue 17, 2 torch.cuda.synchronize per product in operators/hessian.py (``_timed``, even with
+issue 17, 2 torch.cuda.synchronize per product in the engine (``_timed``, now in operators/_autotune.py, even with
 nothing timed); after, 0.
 """
 from __future__ import annotations
@@ -65,11 +65,11 @@ def test_curvature_on_cuda_matches_cpu_without_syncs_per_product(kind, hvp):
         outs = [op.matmat(Vc) for _ in range(10)]
         per_product = (syncs() - before) / 10
         in_hessian = sum(n for (kind_, site), n in cudasim.SYNCS.items()
-                         if "operators/hessian.py" in site and kind_ == "torch.cuda.synchronize")
+                         if "operators/_autotune.py" in site and kind_ == "torch.cuda.synchronize")
     assert per_product == 0, cudasim.report(f"{kind} hvp={hvp}: {per_product} syncs per product")
     # "auto" on the structured FC ResNet has one candidate: nothing is ever timed, so no
     # torch.cuda.synchronize at all (before issue 17: two per product)
-    assert in_hessian == 0, cudasim.report(f"{kind} hvp={hvp}: torch.cuda.synchronize in hessian.py")
+    assert in_hessian == 0, cudasim.report(f"{kind} hvp={hvp}: torch.cuda.synchronize in the auto-tuner")
     assert first.device.type == "cuda" and all(o.device.type == "cuda" for o in outs)
     assert op.hvp_method == ref_op.hvp_method
     assert torch.equal(host(first), ref)
@@ -93,7 +93,7 @@ def test_auto_synchronises_only_while_timing():
 
     def n_sync() -> int:
         return sum(n for (kind_, site), n in cudasim.SYNCS.items()
-                   if kind_ == "torch.cuda.synchronize" and "operators/hessian.py" in site)
+                   if kind_ == "torch.cuda.synchronize" and "operators/_autotune.py" in site)
 
     with sim():
         m = copy.deepcopy(model).cuda()

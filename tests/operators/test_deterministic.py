@@ -2,7 +2,6 @@
 fresh operators give bitwise-identical products and report the same choice."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,9 @@ from torch import nn
 
 from tests.operators._operator_nets import ConvNet, dense_hessian, randomise_bn, rel
 from resgeom_fast.models import FCResNet
+from resgeom_fast.operators import _autotune
 from resgeom_fast.operators import block_hessians, ggn, hessian
+from resgeom_fast.operators.curvature import CurvatureEngine
 
 CE = nn.CrossEntropyLoss()
 
@@ -33,7 +34,7 @@ def _mlp(dtype=torch.float32):
 
 
 class _FakeClock:
-    """A clock for hessian.py's timings: it advances by ``cost[method]`` whenever a method runs."""
+    """A clock for the auto-tuner's timings (operators/_autotune.py): it advances by ``cost[method]`` whenever a method runs."""
 
     def __init__(self, cost):
         self.cost, self.t = cost, 0.0
@@ -65,21 +66,20 @@ def test_two_fresh_operators_are_bitwise_identical(case):
 
 @pytest.mark.parametrize("timed_winner", ["forward_over_reverse", "double_backward"])
 def test_choice_does_not_depend_on_the_timer(monkeypatch, timed_winner):
-    hmod = sys.modules["resgeom_fast.operators.hessian"]
     model = _mlp(torch.float64)
     data = _fc_data(dtype=torch.float64)
     V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64)
     dense = dense_hessian(model, CE, *data)
     clock = _FakeClock({m: (1.0 if m == timed_winner else 2.0)
                         for m in ("forward_over_reverse", "double_backward", "structured")})
-    real = hmod._Engine._apply_method
+    real = CurvatureEngine._apply_method
 
     def apply_method(self, method, idx, vs, k):
         clock.t += clock.cost[method]
         return real(self, method, idx, vs, k)
 
-    monkeypatch.setattr(hmod, "time", clock)
-    monkeypatch.setattr(hmod._Engine, "_apply_method", apply_method)
+    monkeypatch.setattr(_autotune, "time", clock)                  # the tuner's clock
+    monkeypatch.setattr(CurvatureEngine, "_apply_method", apply_method)
     H = hessian(model, CE, data)                                   # not deterministic: the clock decides
     for _ in range(5):
         assert rel(H.matmat(V), dense @ V) < 1e-10

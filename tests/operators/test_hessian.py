@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.operators._operator_nets import ConvNet, FCNet, dense_hessian, dense_param_jacobian, rel
+from resgeom_fast.operators import _autotune
 from resgeom_fast.operators import block_hessians, ggn, hessian, residual_blocks
+from resgeom_fast.operators.curvature import CurvatureEngine
 from resgeom_fast.operators.hessian import ONEDNN_TOLERANCE, onednn_applicable, onednn_matmul
 
 CE = nn.CrossEntropyLoss()
@@ -303,12 +304,10 @@ def test_matmul_auto_measures_every_method_and_backend():
 def test_matmul_onednn_rejected_when_inexact(monkeypatch, matmul):
     """A CPU whose oneDNN rounds to bf16 (simulated: products off by 1e-3) never gets oneDNN's
     numbers: "auto" returns the default BLAS's product and turns oneDNN off, "onednn" raises."""
-    hmod = sys.modules["resgeom_fast.operators.hessian"]  # the package exports a function of that name
-
     if not onednn_applicable(torch.float32, torch.device("cpu")):
         pytest.skip("this PyTorch has no oneDNN")
     state = {"on": False}
-    real = hmod._Engine._apply_method
+    real = CurvatureEngine._apply_method
 
     @contextlib.contextmanager
     def fake_onednn():
@@ -322,8 +321,8 @@ def test_matmul_onednn_rejected_when_inexact(monkeypatch, matmul):
         out = real(self, method, idx, vs, k)
         return [o * (1 + 1e-3) for o in out] if state["on"] else out
 
-    monkeypatch.setattr(hmod, "onednn_matmul", fake_onednn)
-    monkeypatch.setattr(hmod._Engine, "_apply_method", apply_method)
+    monkeypatch.setattr(_autotune, "onednn_matmul", fake_onednn)   # the tuner's oneDNN switch
+    monkeypatch.setattr(CurvatureEngine, "_apply_method", apply_method)
     model, data, dense = _f32_case()
     H = hessian(model, CE, data, hvp="double_backward", matmul=matmul)
     V = torch.randn(H.shape[0], 2)
