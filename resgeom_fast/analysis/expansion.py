@@ -1,16 +1,21 @@
 """Residual expansion (docs/science.md section 3, Dherin & Munn 2025, "On residual network depth").
 
-For a plain stack of residual blocks ``h_l = Q_l h_{l-1} + lam_l F_l(h_{l-1})`` (l = 1..L):
+For a plain stack of residual blocks ``h_l = post_l(Q_l h_{l-1} + lam_l F_l(h_{l-1}))`` (l = 1..L):
 
 - :func:`path_expansion`: the path-order decomposition of the linearised stack (our tool). With
-  J_l = dF_l/dh at h_{l-1}(x_b) and c_0^(0) = v, the recursion
-  ``c_l^(m) = Q_l c_{l-1}^(m) + lam_l J_l c_{l-1}^(m-1)`` splits the Jacobian-vector product
+  J_l = dF_l/dh at h_{l-1}(x_b), P_l = d post_l/dz at the block's sum z_l (the identity without a
+  post-activation) and c_0^(0) = v, the recursion
+  ``c_l^(m) = P_l (Q_l c_{l-1}^(m) + lam_l J_l c_{l-1}^(m-1))`` splits the Jacobian-vector product
   ``d h_L / d h_0 v`` by path order m (the number of residual branches a path passes through):
-  ``sum_{m=0..L} c_L^(m) = d h_L / d h_0 v``. Reports ||c_L^(m)|| (m = 0..M), the normalised
-  path-order distribution and the mean path order.
+  ``sum_{m=0..L} c_L^(m) = d h_L / d h_0 v``. Every path is gated by all the post Jacobians, so
+  with posts order 0 is ``prod_l P_l Q_l v``, not v. Blocks may change shape (staged nets).
+  Reports ||c_L^(m)|| (m = 0..M), the normalised path-order distribution and the mean path order.
+- :func:`plain_runs`: the maximal runs of consecutive blocks forming plain stacks (block l's
+  output is block l+1's input), each a valid ``blocks=`` of :func:`path_expansion`.
 - :func:`second_order_expansion` / :func:`remainder_scaling`: h_L against its second-order
   Taylor expansion in lam, ``E2 = h_0 + lam sum_i F_i(h_0) + lam^2 sum_{i<j} DF_j(h_0) F_i(h_0)``,
-  and the log-log slope of the remainder against lam (expected 3).
+  and the log-log slope of the remainder against lam (expected 3). They need identity skips, no
+  post-activation and one shape (a plain Type-1 stack) and refuse anything else.
 - :func:`geometric_complexity`: GC = mean_x ||d f(x) / dx||_F^2 of the logits f.
 - :func:`output_norm_vs_depth`: ||h_L|| / ||h_0|| of FCResNets at initialisation against depth
   for lam in {1, 1/sqrt(L), 1/L}.
@@ -61,6 +66,7 @@ __all__ = [
     "geometric_complexity",
     "output_norm_vs_depth",
     "path_expansion",
+    "plain_runs",
     "plot_output_norms",
     "plot_path_orders",
     "remainder_scaling",
@@ -115,18 +121,26 @@ def _scale_value(info: BlockInfo) -> float:
 
 def _check_stack(fn: str, model: nn.Module, infos: Sequence[BlockInfo],
                  shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
-    """Type 1 shapes, identity posts and consecutive blocks (in the model's block order)."""
+    """Type 1 shapes, identity posts and consecutive blocks (the Taylor expansion in lam of
+    :func:`second_order_expansion`; :func:`path_expansion` only needs :func:`_check_consecutive`)."""
     for info, (s_in, s_out) in zip(infos, shapes):
         if s_in != s_out:
             raise ValueError(
-                f"{fn}: block {info.name!r} maps per-sample shape {s_in} to {s_out}; the residual expansion "
+                f"{fn}: block {info.name!r} maps per-sample shape {s_in} to {s_out}; the expansion in lam "
                 "needs a Type-1 stack where every h_l has one shape. For staged ResNets analyse one stage "
-                "at a time: pass blocks= a run of consecutive equal-shape blocks")
+                "at a time: pass blocks= a run of consecutive equal-shape blocks (path_expansion handles "
+                "shape-changing blocks)")
         if not isinstance(info.post, nn.Identity):
             raise ValueError(
                 f"{fn}: block {info.name!r} applies post = {type(info.post).__name__} after the sum; the "
-                "expansion needs h_l = Q_l h_{l-1} + lam_l F_l(h_{l-1}) with no post-activation (an "
-                "activation after the addition is not a plain residual stack)")
+                "expansion in lam needs h_l = Q_l h_{l-1} + lam_l F_l(h_{l-1}) with no post-activation (an "
+                "activation after the addition is not a plain residual stack; path_expansion linearises "
+                "post-activations, the Taylor expansion in lam does not)")
+    _check_consecutive(fn, model, infos)
+
+
+def _check_consecutive(fn: str, model: nn.Module, infos: Sequence[BlockInfo]) -> None:
+    """The blocks are consecutive residual blocks of ``model`` in its block order."""
     order = {id(b.block): i for i, b in enumerate(residual_blocks(model))}
     idx = [order.get(id(info.block)) for info in infos]
     if any(i is None for i in idx) or any(b != a + 1 for a, b in zip(idx, idx[1:])):
@@ -134,44 +148,121 @@ def _check_stack(fn: str, model: nn.Module, infos: Sequence[BlockInfo],
                          f"block indices {idx}")
 
 
+def _close(a: Tensor, b: Tensor) -> bool:
+    """``a`` equals ``b`` to rounding of one recomputed forward pass (same shape; 1e3 eps relative
+    to max |b|, at least 1e3 eps absolute)."""
+    if a.shape != b.shape:
+        return False
+    tol = 1e3 * torch.finfo(b.dtype).eps if b.is_floating_point() else 0.0
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * max(scale, 1.0)))
+
+
+def _block_outputs(infos: Sequence[BlockInfo], hs: Sequence[Tensor]) -> list[Tensor]:
+    """block_l(h_{l-1}) for each block (eval mode, no grad, in-place activations off)."""
+    outs = []
+    with torch.no_grad():
+        for info, h in zip(infos, hs):
+            with _eval_mode(info.block):
+                outs.append(info.block(h))
+    return outs
+
+
+def _chain_breaks(infos: Sequence[BlockInfo], hs: Sequence[Tensor], outs: Sequence[Tensor]) -> list[int]:
+    """Positions i where block i's output is not block i+1's captured input."""
+    return [i for i in range(len(infos) - 1) if not _close(outs[i], hs[i + 1])]
+
+
+def _runs(infos: Sequence[BlockInfo], breaks: Sequence[int]) -> list[list[int]]:
+    """The maximal runs (as model block indices) between the breaks."""
+    runs: list[list[int]] = [[]]
+    for i, info in enumerate(infos):
+        runs[-1].append(info.index)
+        if i in breaks:
+            runs.append([])
+    return runs
+
+
 def _check_chain(fn: str, infos: Sequence[BlockInfo], hs: Sequence[Tensor]) -> Tensor:
     """Each block's output on its captured input is the next block's input; returns the last output."""
-    out = None
+    return _chain_outputs(fn, infos, hs)[-1]
+
+
+def _chain_outputs(fn: str, infos: Sequence[BlockInfo], hs: Sequence[Tensor]) -> list[Tensor]:
+    """block_l(h_{l-1}) of every block, after checking that each is the next block's input.
+
+    Every break is found before raising: the error names each pair of blocks that breaks the chain
+    and the maximal runs that form plain stacks (pass one as ``blocks=``; :func:`plain_runs`).
+    """
+    outs = _block_outputs(infos, hs)
+    breaks = _chain_breaks(infos, hs, outs)
+    if breaks:
+        pairs = ", ".join(f"{infos[i].name!r} -> {infos[i + 1].name!r}" for i in breaks)
+        runs = _runs(infos, breaks)
+        raise ValueError(
+            f"{fn}: the output of block {infos[breaks[0]].name!r} is not the input of block "
+            f"{infos[breaks[0] + 1].name!r}; the expansion needs a plain stack h_l = block_l(h_{{l-1}}) "
+            f"(nothing between blocks, no hyper-residual connections). The chain breaks between {pairs}; "
+            f"the plain runs are blocks={runs} (pass one as blocks=; plain_runs(model, x) lists them)")
+    return outs
+
+
+def _sum_points(fn: str, infos: Sequence[BlockInfo], hs: Sequence[Tensor],
+                outs: Sequence[Tensor]) -> list[Tensor]:
+    """z_l = Q_l h_{l-1} + lam_l F_l(h_{l-1}) per block, checked: post_l(z_l) == block_l(h_{l-1})."""
+    zs = []
     with torch.no_grad():
-        for i, info in enumerate(infos):
-            with _eval_mode(info.block):
-                out = info.block(hs[i])
-            if i + 1 < len(infos):
-                nxt = hs[i + 1]
-                tol = 1e3 * torch.finfo(nxt.dtype).eps if nxt.is_floating_point() else 0.0
-                scale = float(nxt.abs().max()) if nxt.numel() else 0.0
-                if out.shape != nxt.shape or not torch.allclose(out, nxt, rtol=tol, atol=tol * max(scale, 1.0)):
-                    raise ValueError(
-                        f"{fn}: the output of block {info.name!r} is not the input of block {infos[i + 1].name!r}; "
-                        "the expansion needs a plain stack h_l = block_l(h_{l-1}) (nothing between blocks, "
-                        "no hyper-residual connections)")
-    assert out is not None
-    return out
+        for info, h, out in zip(infos, hs, outs):
+            with _eval_mode(info.block), _eval_mode(info.skip), _eval_mode(info.branch), _eval_mode(info.post):
+                z = info.skip(h) + _scale_value(info) * info.branch(h)
+                y = info.post(z)
+            if not _close(y, out):
+                raise ValueError(
+                    f"{fn}: block {info.name!r} ({info.kind}) does not compute post(skip(h) + scale * branch(h)) "
+                    f"with its post = {type(info.post).__name__}, skip = {type(info.skip).__name__}, scale = "
+                    f"{_scale_value(info):g}: the residual decomposition the expansion linearises is not the "
+                    "block's map (declare the block with mark_residual_block(branch=, skip=, scale=, post=))")
+            zs.append(z)
+    return zs
 
 
 _LINEAR_SKIPS = (nn.Identity, ZeroSkip, OrthogonalSkip, ScaledIdentity)
 
 
-def _apply_skip(skip: nn.Module, h: Tensor, C: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Q_l C for C [N, D, k]: the skip itself where it is linear, its linearisation at h otherwise."""
-    n, d, k = C.shape
+def _apply_skip(skip: nn.Module, h: Tensor, C: Tensor, in_shape: tuple[int, ...],
+                out_shape: tuple[int, ...]) -> Tensor:
+    """Q_l C for C [N, D_in, k] -> [N, D_out, k]: the skip itself where it is linear, its
+    linearisation at h (torch.func.jvp: e.g. a conv + BatchNorm downsample, affine in eval mode) otherwise."""
+    n, _, k = C.shape
+    d_out = math.prod(out_shape)
     if isinstance(skip, nn.Identity):
         return C
     if k == 0:
-        return C
+        return C.new_zeros((n, d_out, 0))
     with torch.no_grad(), _eval_mode(skip):
         if isinstance(skip, _LINEAR_SKIPS):
-            z = C.permute(0, 2, 1).reshape(n * k, *shape)
-            return skip(z).reshape(n, k, d).permute(0, 2, 1)
+            z = C.permute(0, 2, 1).reshape(n * k, *in_shape)
+            return skip(z).reshape(n, k, d_out).permute(0, 2, 1)
 
-        t = C.permute(2, 0, 1).reshape(k, n, *shape)
+        t = C.permute(2, 0, 1).reshape(k, n, *in_shape)
         y = vmap(lambda u: jvp(skip, (h,), (u,))[1])(t)
-        return y.reshape(k, n, d).permute(1, 2, 0)
+        return y.reshape(k, n, d_out).permute(1, 2, 0)
+
+
+def _apply_post(post: nn.Module, z: Tensor, C: Tensor, out_shape: tuple[int, ...]) -> Tensor:
+    """P_l C = d post / dz at z_l (the sum before the post) on C [N, D_z, k] -> [N, D_out, k], by
+    torch.func.jvp of the post module (exact for any post: elementwise activations, ViT's MLP
+    sublayer, ...); C itself for an identity post."""
+    if isinstance(post, nn.Identity):
+        return C
+    n, _, k = C.shape
+    d_out = math.prod(out_shape)
+    if k == 0:
+        return C.new_zeros((n, d_out, 0))
+    with torch.no_grad(), _eval_mode(post):
+        t = C.permute(2, 0, 1).reshape(k, *z.shape)
+        y = vmap(lambda u: jvp(post, (z,), (u,))[1])(t)
+    return y.reshape(k, n, d_out).permute(1, 2, 0)
 
 
 # -- path expansion ----------------------------------------------------------------------------
@@ -191,7 +282,12 @@ class PathExpansionResult(Result):
             column). tail_norm_mean: mean ||sum_{m > M} c_L^(m)|| (0 up to rounding when M = L).
         input_norm_mean: mean ||v||.
         num_blocks (L), max_order (M), num_samples (N), num_probes, seed.
-        block_names, scales (lam_l), skips (type names of Q_l).
+        block_names, scales (lam_l), skips (type names of Q_l), posts (type names of the
+            post-activations whose Jacobians P_l gate every path; "Identity" for none).
+        in_shape, out_shape: the per-sample shapes of h_0 (the probe v) and of h_L (every c_L^(m));
+            they differ when the run has shape-changing blocks (a stage's downsampling block).
+        num_undefined: samples x probes with every c_L^(m) = 0 (p_m undefined: left out of
+            distribution and mean_order). note: None, or why some / all of them are undefined.
         norms: [N, P, M + 1] float64, per sample and probe (kept on the object, not exported by
             ``to_dict``).
     """
@@ -214,6 +310,11 @@ class PathExpansionResult(Result):
     block_names: list[str]
     scales: list[float]
     skips: list[str]
+    posts: list[str]
+    in_shape: list[int]
+    out_shape: list[int]
+    num_undefined: int
+    note: Optional[str]
     norms: Tensor = field(repr=False, default_factory=lambda: torch.empty(0, device="cpu"))
 
     _exclude = ("norms",)
@@ -253,8 +354,18 @@ def _probes(fn: str, v: Optional[Tensor], n: int, shape: tuple[int, ...], num_pr
 def _path_coefficients(fn: str, model: nn.Module, x: Tensor, max_order: Optional[int], *, v: Optional[Tensor],
                        blocks: Optional[Sequence[Any]], num_probes: int, seed: int
                        ) -> tuple[list[Optional[Tensor]], Tensor, Tensor, list[BlockInfo]]:
-    """The recursion of :func:`path_expansion`: ([c_L^(m) [N, D, P] or None (= 0)] for m = 0..M,
-    the all-order sum d h_L / d h_0 v [N, D, P], c_0 = v [N, D, P], the blocks), model dtype."""
+    """The recursion of :func:`path_expansion`: ([c_L^(m) [N, D_L, P] or None (= 0)] for m = 0..M,
+    the all-order sum d h_L / d h_0 v [N, D_L, P], c_0 = v [N, D_0, P], the blocks), model dtype."""
+    orders, total, c0, infos, _ = _path_recursion(fn, model, x, max_order, v=v, blocks=blocks,
+                                                  num_probes=num_probes, seed=seed)
+    return orders, total, c0, infos
+
+
+def _path_recursion(fn: str, model: nn.Module, x: Tensor, max_order: Optional[int], *, v: Optional[Tensor],
+                    blocks: Optional[Sequence[Any]], num_probes: int, seed: int
+                    ) -> tuple[list[Optional[Tensor]], Tensor, Tensor, list[BlockInfo],
+                               tuple[tuple[int, ...], tuple[int, ...]]]:
+    """:func:`_path_coefficients` and the per-sample shapes (of h_0, of h_L)."""
     _check_x(fn, model, x)
     if not x.is_floating_point():
         raise ValueError(f"{fn}: expected floating-point x, got {x.dtype}")
@@ -265,98 +376,191 @@ def _path_coefficients(fn: str, model: nn.Module, x: Tensor, max_order: Optional
     _check_not_hyper(fn, model)
     ops: list[ResidualJacobian] = residual_jacobians(model, x, blocks)
     infos = [op.info for op in ops]
-    _check_stack(fn, model, infos, [(op.in_shape, op.out_shape) for op in ops])
+    _check_consecutive(fn, model, infos)
     hs = [op.h for op in ops]
     _check_states(fn, infos, hs)
-    _check_chain(fn, infos, hs)
+    outs = _chain_outputs(fn, infos, hs)
+    zs = _sum_points(fn, infos, hs, outs)
     L = len(ops)
     M = L if max_order is None else check_int(fn, "max_order", max_order, 0, L, hint=" (the number of blocks)")
-    shape = ops[0].in_shape
     n = x.shape[0]
-    c0 = _probes(fn, v, n, shape, num_probes, seed, hs[0].dtype, hs[0].device)      # [N, D, P]
+    c0 = _probes(fn, v, n, ops[0].in_shape, num_probes, seed, hs[0].dtype, hs[0].device)      # [N, D_0, P]
     P = c0.shape[-1]
-    orders: list[Optional[Tensor]] = [c0] + [None] * M      # c^(m) [N, D, P]; None = exactly zero
+    orders: list[Optional[Tensor]] = [c0] + [None] * M      # c^(m) [N, D_l, P]; None = exactly zero
     total = c0
     for l, (op, info) in enumerate(zip(ops, infos), start=1):
         lam = _scale_value(info)
+        z_shape, out_shape = tuple(zs[l - 1].shape[1:]), tuple(outs[l - 1].shape[1:])
         live = [m for m in range(min(l - 1, M - 1) + 1) if orders[m] is not None]   # feed order m + 1
         kept = [m for m in range(min(l - 1, M) + 1) if orders[m] is not None]
         # Q_l on every live order and the total, in one call (nothing to do for identity skips)
         q_in = torch.cat([orders[m] for m in kept] + [total], dim=2)
-        q_out = q_in if isinstance(info.skip, nn.Identity) else _apply_skip(info.skip, op.h, q_in, shape)
+        q_out = _apply_skip(info.skip, op.h, q_in, op.in_shape, z_shape)
         j_in = torch.cat([orders[m] for m in live] + [total], dim=2)
         j_out = op.matmat(j_in) * lam
-        new: list[Optional[Tensor]] = [None] * (M + 1)
+        pre: list[Optional[Tensor]] = [None] * (M + 1)
         for i, m in enumerate(kept):
-            new[m] = q_out[:, :, i * P:(i + 1) * P]
+            pre[m] = q_out[:, :, i * P:(i + 1) * P]
         for i, m in enumerate(live):
             add = j_out[:, :, i * P:(i + 1) * P]
-            new[m + 1] = add if new[m + 1] is None else new[m + 1] + add
-        total = q_out[:, :, -P:] + j_out[:, :, -P:]
+            pre[m + 1] = add if pre[m + 1] is None else pre[m + 1] + add
+        # P_l (the post's Jacobian at z_l) on every nonzero order and the total, in one call
+        nz = [m for m in range(M + 1) if pre[m] is not None]
+        p_out = _apply_post(info.post, zs[l - 1],
+                            torch.cat([pre[m] for m in nz] + [q_out[:, :, -P:] + j_out[:, :, -P:]], dim=2),
+                            out_shape)
+        new: list[Optional[Tensor]] = [None] * (M + 1)
+        for i, m in enumerate(nz):
+            new[m] = p_out[:, :, i * P:(i + 1) * P]
+        total = p_out[:, :, -P:]
         check_finite_tensor(fn, total, f"d h_l / d h_0 v after block {info.name!r} (the linearised stack "
                                        f"overflowed)")
         orders = new
-    return orders, total, c0, infos
+    return orders, total, c0, infos, (tuple(ops[0].in_shape), tuple(outs[-1].shape[1:]))
 
 
 def path_expansion(model: nn.Module, x: Tensor, max_order: Optional[int] = None, *, v: Optional[Tensor] = None,
                    blocks: Optional[Sequence[Any]] = None, num_probes: int = 1, seed: int = 0) -> PathExpansionResult:
     """Split the linearised residual stack's JVP ``d h_L / d h_0 v`` by path order (docs/science.md section 3).
 
-    At each input x_b the stack is linearised: J_l = dF_l/dh at h_{l-1}(x_b) (the residual-branch
-    Jacobians of :func:`resgeom_fast.operators.residual_jacobians`, eval mode), Q_l the block's
-    skip (applied as a module where it is linear -- Identity, ZeroSkip, OrthogonalSkip,
-    ScaledIdentity --, through its JVP at h_{l-1} otherwise), lam_l the block's scale. Then
-    ``c_l^(m) = Q_l c_{l-1}^(m) + lam_l J_l c_{l-1}^(m-1)``, ``c_0^(0) = v``, m = 0..M. Each J_l is
-    applied once to all live orders (c_{l-1}^(m) = 0 for m >= l) and to the all-order sum, as one
-    batched matmat of at most P (M + 1) columns: L matmats in all.
+    A block computes ``h_l = post_l(z_l)``, ``z_l = Q_l h_{l-1} + lam_l F_l(h_{l-1})``. At each input
+    x_b the stack is linearised: J_l = dF_l/dh at h_{l-1}(x_b) (the residual-branch Jacobians of
+    :func:`resgeom_fast.operators.residual_jacobians`, eval mode), Q_l the block's skip (applied as
+    a module where it is linear -- Identity, ZeroSkip, OrthogonalSkip, ScaledIdentity --, through
+    its JVP at h_{l-1} otherwise, e.g. a conv + BatchNorm downsample), P_l = d post_l / dz at z_l
+    (torch.func.jvp of the post module: exact for any post, an elementwise ReLU / GELU as well as
+    a transformer's MLP sublayer; the identity when post is Identity), lam_l the block's scale. Then
+
+        ``c_l^(m) = P_l (Q_l c_{l-1}^(m) + lam_l J_l c_{l-1}^(m-1))``, ``c_0^(0) = v``, m = 0..M,
+
+    and ``sum_{m=0..L} c_L^(m) = d h_L / d h_0 v`` exactly (the chain rule through every block).
+    Order m collects the paths through exactly m residual branches and L - m skips; with
+    post-activations every path, whichever branches it takes, is gated by the post Jacobians of all
+    L blocks (P_l multiplies both terms), so order 0 is ``P_L Q_L ... P_1 Q_1 v`` -- the skips'
+    linear path through the ReLU masks, no longer v itself -- and order m is not a Taylor order
+    in lam (P_l depends on the branches through z_l). Without posts (P_l = I) and identity skips,
+    order 0 is v and order m is lam^m times the sum over m-subsets of branch Jacobian products.
+
+    Blocks may change shape (the first block of a stage: strided branch, downsampling skip): the
+    coefficients change shape along the stack, from h_0's (of v) to h_L's; the result records
+    ``in_shape`` and ``out_shape``. Each J_l, Q_l and P_l is applied once to all live orders
+    (c_{l-1}^(m) = 0 for m >= l) and to the all-order sum, as one batched product of at most
+    P (M + 1) columns.
+
+    Checked before any product: the blocks are consecutive blocks of the model and chain (block l's
+    output on its captured input is block l+1's input: a plain stack, nothing between blocks; the
+    error names every break and the plain runs, see :func:`plain_runs`), and each block computes
+    ``post(skip(h) + scale * branch(h))`` to rounding (else the decomposition linearised here is
+    not the block's map).
 
     Args:
-        model: a model whose blocks form a plain Type-1 stack: h_l = block_l(h_{l-1}), equal shapes,
-            ``post`` = Identity, no hyper-residual connections.
+        model: a model whose (selected) blocks form a plain stack: h_l = block_l(h_{l-1}), no
+            hyper-residual connections. Posts and shape changes are allowed.
         x: inputs [N, ...] on the model's device, in its dtype.
         max_order: M in [0, L] (default L = number of blocks analysed).
         v: the probe: None (a random unit vector per sample and probe, float64-drawn from ``seed``,
             cast to the model dtype), or a tensor [N, *h_shape] / [N, D] (per sample) or
-            [*h_shape] / [D] (shared), used as given (not normalised); requires ``num_probes=1``.
-        blocks: None (all blocks), or a run of consecutive equal-shape blocks (indices, modules or
-            BlockInfo s, as in ``residual_jacobians``): h_0 is then the first one's input.
+            [*h_shape] / [D] (shared), h_shape that of h_0, used as given (not normalised);
+            requires ``num_probes=1``.
+        blocks: None (all blocks), or a run of consecutive chained blocks (indices, modules or
+            BlockInfo s, as in ``residual_jacobians``; e.g. an entry of :func:`plain_runs`): h_0 is
+            then the first one's input.
         num_probes: P random probes per sample; statistics pool samples and probes.
         seed: seed of the random probes.
 
     Returns:
         a :class:`PathExpansionResult`: ||c_L^(m)|| per sample and probe (float64) and their
         statistics. Our reading of "path-length distribution": p_m = ||c_L^(m)|| / sum_m' ||c_L^(m')||
-        per sample and probe (norms, not squared norms; orders m <= M only), then averaged.
+        per sample and probe (norms, not squared norms; orders m <= M only), then averaged over
+        the samples and probes where it is defined (some c_L^(m) != 0; ``num_undefined`` counts the
+        others, e.g. a probe every post-ReLU unit switches off; all undefined: NaN, None in JSON,
+        with the reason in ``note``).
 
     Raises:
-        ValueError for hyper-residual nets, post-activations other than Identity, blocks that change
-        shape (analyse staged nets per stage with ``blocks=``), non-consecutive blocks, bad x / v.
+        ValueError for hyper-residual nets, blocks that are not consecutive or do not chain (the
+        breaks and the plain runs named), a block whose forward is not post(skip + scale branch),
+        bad x / v.
         NonFiniteError (a ValueError) naming a model parameter / buffer or x holding NaN / inf
         (checked before any work), or the block whose input or linearised output overflowed.
     """
     fn = "path_expansion"
-    orders, total, c0, infos = _path_coefficients(fn, model, x, max_order, v=v, blocks=blocks,
-                                                  num_probes=num_probes, seed=seed)
+    orders, total, c0, infos, (in_shape, out_shape) = _path_recursion(
+        fn, model, x, max_order, v=v, blocks=blocks, num_probes=num_probes, seed=seed)
     L, M = len(infos), len(orders) - 1
     n, P = c0.shape[0], c0.shape[-1]
     zeros = torch.zeros(n, P, dtype=torch.float64, device=c0.device)
     norms = torch.stack([zeros if c is None else c.double().norm(dim=1) for c in orders], dim=-1)  # [N, P, M+1]
     partial = sum((c.double() for c in orders if c is not None), torch.zeros_like(total, dtype=torch.float64))
     tail = (total.double() - partial).norm(dim=1)
-    dist = norms / norms.sum(dim=-1, keepdim=True)
+    norm_sum = norms.sum(dim=-1, keepdim=True)
+    defined = (norm_sum > 0).flatten().cpu()                     # [N * P]: some order is nonzero
+    dist = norms / norm_sum.clamp_min(torch.finfo(torch.float64).tiny)
     m_idx = torch.arange(M + 1, dtype=torch.float64, device=norms.device)
-    mean_order = (dist * m_idx).sum(-1)
+    mean_order = (dist * m_idx).sum(-1).flatten().cpu()[defined]
     flat = norms.reshape(-1, M + 1).cpu()
-    dflat = dist.reshape(-1, M + 1).cpu()
+    dflat = dist.reshape(-1, M + 1).cpu()[defined]
+    undefined = int((~defined).sum())
+    note = None
+    if undefined == defined.numel():
+        note = (f"every c_L^(m) is 0 for all {undefined} samples x probes (the linearised stack maps the probes "
+                "to 0, e.g. every unit after a post-ReLU is off): the path-order distribution is undefined")
+    elif undefined:
+        note = (f"{undefined} of {defined.numel()} samples x probes have every c_L^(m) = 0 (the linearised "
+                "stack maps the probe to 0): left out of distribution and mean_order")
+
+    def mean_std(t: Tensor) -> tuple[Tensor, Tensor]:
+        if t.shape[0] == 0:
+            nan = torch.full(t.shape[1:], float("nan"), dtype=torch.float64)
+            return nan, nan.clone()
+        return t.mean(0), t.std(0, correction=0)
+
+    d_mean, d_std = mean_std(dflat)
+    mo_mean, mo_std = mean_std(mean_order.unsqueeze(-1))
     return PathExpansionResult(
         orders=torch.arange(M + 1, device="cpu"), norms_mean=flat.mean(0), norms_std=flat.std(0, correction=0),
-        distribution=dflat.mean(0), distribution_std=dflat.std(0, correction=0),
-        mean_order=float(mean_order.mean()), mean_order_std=float(mean_order.std(correction=0)),
+        distribution=d_mean, distribution_std=d_std,
+        mean_order=float(mo_mean[0]), mean_order_std=float(mo_std[0]),
         total_norm_mean=float(total.double().norm(dim=1).mean()), tail_norm_mean=float(tail.mean()),
         input_norm_mean=float(c0.double().norm(dim=1).mean()), num_blocks=L, max_order=M, num_samples=n,
         num_probes=P, seed=seed, block_names=[i.name for i in infos], scales=[_scale_value(i) for i in infos],
-        skips=[type(i.skip).__name__ for i in infos], norms=norms.cpu())
+        skips=[type(i.skip).__name__ for i in infos], posts=[type(i.post).__name__ for i in infos],
+        in_shape=list(in_shape), out_shape=list(out_shape), num_undefined=undefined, note=note,
+        norms=norms.cpu())
+
+
+def plain_runs(model: nn.Module, x: Tensor) -> list[list[int]]:
+    """The maximal runs of consecutive residual blocks of ``model`` that form plain stacks at ``x``.
+
+    Blocks l and l+1 (in ``residual_blocks(model)`` order) are in one run when block l's output on
+    its input equals block l+1's input (to rounding) for every sample of x: nothing sits between
+    them. Non-residual layers between residual blocks (MobileNetV2's inverted residuals without a
+    skip, ConvNeXt's downsampling layers, a stem or a pooling) split the stack into runs; a
+    torchvision / timm ResNet, whose stage-opening blocks are blocks too, is one run. Each run can
+    be passed as ``blocks=`` to :func:`path_expansion` (which also checks each block computes
+    post(skip + scale branch)).
+
+    Args:
+        model: a model whose blocks :func:`resgeom_fast.operators.residual_blocks` finds (no
+            hyper-residual net).
+        x: inputs [N, ...] on the model's device, in its dtype (one eval-mode forward pass).
+
+    Returns:
+        the runs, in block order, as lists of block indices (``residual_blocks(model)[i]``); every
+        block is in exactly one run (a block chained to neither neighbour is a run of one).
+
+    Raises:
+        ValueError: no blocks, a hyper-residual net, bad x; NonFiniteError naming a non-finite
+        parameter / buffer / x or the block whose input overflowed.
+    """
+    fn = "plain_runs"
+    _check_x(fn, model, x)
+    if not x.is_floating_point():
+        raise ValueError(f"{fn}: expected floating-point x, got {x.dtype}")
+    _check_not_hyper(fn, model)
+    infos = residual_blocks(model)
+    hs = block_inputs(model, x, infos)
+    _check_states(fn, infos, hs)
+    return _runs(infos, _chain_breaks(infos, hs, _block_outputs(infos, hs)))
 
 
 def plot_path_orders(result: Union[PathExpansionResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:

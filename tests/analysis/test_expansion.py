@@ -342,19 +342,31 @@ def test_path_expansion_rejects_hyper_nets():
         path_expansion(model, xs(4, 10))
 
 
-def test_path_expansion_rejects_post_activation_and_shape_change():
+def test_post_activation_and_shape_change_allowed_second_order_refuses():
+    """Was test_path_expansion_rejects_post_activation_and_shape_change: path_expansion now
+    linearises post-activations and follows shape changes (issue 14); its sum over orders is the
+    JVP of the composed blocks. The Taylor expansion in lam still refuses both, saying so."""
     d = 6
     post = Stack([ResidualBlock(nn.Sequential(nn.Linear(d, d)), nn.Identity(), 1.0, post=nn.ReLU())
                   for _ in range(2)], d).double()
-    with pytest.raises(ValueError, match="path_expansion: block 'blocks.0' applies post = ReLU"):
-        path_expansion(post, xs(3, d))
+    x, v = xs(3, d), xs(3, d, seed=5)
+    orders, total, _, _ = _path_coefficients("t", post, x, None, v=v, blocks=None, num_probes=1, seed=0)
+    jv = jvp(lambda h: post.blocks[1](post.blocks[0](h)), (x,), (v,))[1]
+    torch.testing.assert_close(total[:, :, 0], jv, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sum(o for o in orders if o is not None)[:, :, 0], jv, rtol=1e-12, atol=1e-12)
+    assert path_expansion(post, x).posts == ["ReLU", "ReLU"]
+    with pytest.raises(ValueError, match="second_order_expansion: block 'blocks.0' applies post = ReLU.*"
+                                         "path_expansion linearises post-activations"):
+        second_order_expansion(post, x)
     down = Stack([ResidualBlock(nn.Sequential(nn.Linear(d, 4)), nn.Linear(d, 4, bias=False)),
                   ResidualBlock(nn.Sequential(nn.Linear(4, 4)), nn.Identity())], 4).double()
-    with pytest.raises(ValueError, match=r"maps per-sample shape \(6,\) to \(4,\).*per stage|one stage"):
-        path_expansion(down, xs(3, d))
+    res = path_expansion(down, x, v=v)
+    assert (res.in_shape, res.out_shape) == ([6], [4])
+    jv = jvp(lambda h: down.blocks[1](down.blocks[0](h)), (x,), (v,))[1]
+    assert res.total_norm_mean == pytest.approx(float(jv.detach().norm(dim=1).mean()), rel=1e-12)
     # only the equal-shape stage: fine
-    res = path_expansion(down, xs(3, d), blocks=[1])
-    assert res.num_blocks == 1
+    res = path_expansion(down, x, blocks=[1])
+    assert res.num_blocks == 1 and res.in_shape == res.out_shape == [4]
 
 
 def test_path_expansion_rejects_non_chained_blocks():
@@ -366,6 +378,8 @@ def test_path_expansion_rejects_non_chained_blocks():
     d = 5
     model = Gap([ResidualBlock(nn.Sequential(nn.Linear(d, d)), nn.Identity()) for _ in range(2)], d).double()
     with pytest.raises(ValueError, match="is not the input of block"):
+        path_expansion(model, xs(3, d))
+    with pytest.raises(ValueError, match=r"breaks between 'blocks.0' -> 'blocks.1'.*blocks=\[\[0\], \[1\]\]"):
         path_expansion(model, xs(3, d))
 
 
