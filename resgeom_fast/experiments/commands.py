@@ -96,15 +96,23 @@ def run_study(study: str, *, config_path: Optional[str] = None, out: Optional[st
 
 def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: Any = 10, samples: Any = 8,
             batch: Any = 32, k: Any = None, power_iters: Any = "auto", oversample: Any = 10, probes: Any = 4,
-            steps: Any = 30, trace_probes: Any = 12, analyses: str = "alignment,hessian", device: str = "cpu",
-            seed: Any = 0, out: str = "reports/analyze", fresh: bool = False, progress: bool = True,
-            params: Optional[str] = None, deterministic: bool = False, image_size: Any = None,
-            normalize: Optional[str] = None) -> Report:
-    """Residual alignment per stage and the Hessian spectrum of a user's model
+            steps: Any = 30, trace_probes: Any = 12, analyses: str = analyze_study.DEFAULT_ANALYSES,
+            device: str = "cpu", seed: Any = 0, out: str = "reports/analyze", fresh: bool = False,
+            progress: bool = True, params: Optional[str] = None, deterministic: bool = False, image_size: Any = None,
+            normalize: Optional[str] = None, blocks: Optional[str] = None, loss: str = "ce",
+            eigs: Any = 2) -> Report:
+    """The analyses of ``analyses`` (any of alignment, hessian, collapse, singularities,
+    expansion, or "all"; default "alignment,hessian") of a user's model
     (:mod:`~resgeom_fast.experiments.studies.analyze`: ``prepare``, then ``run_steps``).
 
+    ``samples``: inputs of alignment, collapse, singularities and expansion; ``batch``
+    (``--batch-size`` / ``--batch``): samples of the Hessian's loss.
     ``params``: comma list of parameter or module names spanning the Hessian (None: all
     parameters; e.g. "layer4,fc" restricts it to a diagonal block, much cheaper on a CPU).
+    ``loss``: the Hessian's loss, "ce", "mse" (against one-hot targets) or "nll" (the model
+    outputs log-probabilities); ``eigs``: extreme Hessian eigenvalues (>= 2).
+    ``blocks``: residual blocks for alignment, collapse and expansion (indices, ranges A-B, module
+    names; :func:`~resgeom_fast.experiments.studies.analyze.parse_blocks`).
     ``power_iters``: "auto" (default: the randomized SVD iterates until its error bound meets
     the analysis' tolerance) or a fixed count.
     ``deterministic``: fix every method choice (``config["deterministic"]``, passed to
@@ -112,16 +120,17 @@ def analyze(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     ``image_size``, ``normalize``: the transform of ``--data imagefolder:PATH`` (see
     :func:`~resgeom_fast.experiments.studies.analyze.prepare`).
 
-    Every step is keyed on the configuration plus the sha256 of the ``--checkpoint`` file's
-    contents, the model code (torchvision's version, or the sha256 of the factory's source and of
-    its module file) and the versions of resgeom_fast and torch (:class:`Runner`'s ``key_parts``,
-    also written to results.json under ``provenance``).
+    Every step is keyed on the configuration it depends on
+    (:func:`~resgeom_fast.experiments.studies.analyze.step_deps`) plus the sha256 of the
+    ``--checkpoint`` file's contents, the model code (torchvision's version, or the sha256 of the
+    factory's source and of its module file) and the versions of resgeom_fast and torch
+    (:class:`Runner`'s ``key_parts``, also written to results.json under ``provenance``).
     """
     setup = analyze_study.prepare(model=model, checkpoint=checkpoint, data=data, num_classes=num_classes,
                                   samples=samples, batch=batch, k=k, power_iters=power_iters, oversample=oversample,
                                   probes=probes, steps=steps, trace_probes=trace_probes, analyses=analyses,
                                   device=device, seed=seed, out=out, params=params, deterministic=deterministic,
-                                  image_size=image_size, normalize=normalize)
+                                  image_size=image_size, normalize=normalize, blocks=blocks, loss=loss, eigs=eigs)
     with open_runner(out, setup.config, study="analyze", fresh=fresh, progress=progress,
                      key_parts=setup.key_parts) as runner:
         return _analyze_steps(runner, setup.net, setup.x, setup.y, setup.config, model, data, progress)

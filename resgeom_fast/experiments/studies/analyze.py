@@ -1,5 +1,22 @@
-"""``resgeom analyze``: residual alignment per stage and the Hessian spectrum of a user's model
-(a torchvision or timm ResNet or ``module:pkg.mod:factory``), with a checkpoint and data of the user's.
+"""``resgeom analyze``: the analyses of resgeom_fast on a user's model (a torchvision or timm
+ResNet or ``module:pkg.mod:factory``), with a checkpoint and data of the user's.
+
+The analyses (``--analyses``, :data:`ANALYSES`; default :data:`DEFAULT_ANALYSES`, ``all`` = the
+five), each one resumable step of the report folder, results under ``results["models"]["model"]``:
+
+- ``alignment`` (``...["alignment"]``): residual alignment RA1-RA4 per stage on ``--samples`` inputs;
+- ``hessian`` (``...["spectrum"]``): extreme eigenvalues (``--eigs``), trace and SLQ density of the
+  Hessian of the mean ``--loss`` over ``--batch-size`` samples, parameters ``--params``;
+- ``collapse`` (``...["collapse"]``): neural-collapse metrics of h_0..h_L on ``--samples`` inputs
+  (every class must occur among them);
+- ``singularities`` (``...["singularities"]``): dead units, overlaps and linear dependence of the
+  activation layers on ``--samples`` inputs;
+- ``expansion`` (``...["expansion"]``): the path-order decomposition of d h_L / d h_0 v on
+  ``--samples`` inputs, once per plain run of consecutive blocks
+  (``resgeom_fast.analysis.expansion.plain_runs``), recorded per run under ``["runs"]``.
+
+``--blocks`` restricts alignment, collapse (the representations after the selected blocks) and
+expansion (the selected blocks of each run) to some residual blocks.
 
 The command in two parts: :func:`prepare` checks every flag, loads the model, the checkpoint and
 the data and returns an :class:`AnalyzeSetup` (UsageErrors before any work); :func:`run_steps`
@@ -13,6 +30,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -20,9 +38,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-# modules, not functions: calls go through the analysis modules (see _shared)
+# modules, not functions: calls go through the analysis modules (see _shared); import_module where
+# resgeom_fast.analysis exports a function of the module's name
 from resgeom_fast.analysis import alignment as alignment_analysis
+from resgeom_fast.analysis import expansion as expansion_analysis
 from resgeom_fast.analysis import spectrum as spectrum_analysis
+from resgeom_fast.core.blocks import BlockInfo, block_kinds, residual_blocks
 from resgeom_fast.core.io import file_sha256
 from resgeom_fast.models.network import seeded_construction
 
@@ -37,15 +58,27 @@ from ..common import (
 )
 from ..config import UsageError, int_flag
 from ..output import check_out, write_study_report
-from ..report import FigureSpec, Report
+from ..figures import new_figure
+from ..report import FigureSpec, Report, fmt_key, get_path
 from ..runner import Runner
 from .. import tables
-from ._figures import density_figure, stage_figures
+from ._figures import collapse_figure, density_figure, stage_figures
 from ._registry import Command, register_command
 
-__all__ = ["COMMAND", "AnalyzeSetup", "add_arguments", "analyze_data", "check_model_takes", "factory_key",
-           "import_user_module", "load_checkpoint", "load_model", "load_timm_model", "prepare", "run_steps",
-           "write_analysis_tables"]
+collapse_analysis = importlib.import_module("resgeom_fast.analysis.collapse")
+singularities_analysis = importlib.import_module("resgeom_fast.analysis.singularities")
+
+__all__ = ["ANALYSES", "COMMAND", "DEFAULT_ANALYSES", "LOSSES", "AnalyzeSetup", "add_arguments", "analyze_data",
+           "check_model_takes", "expansion_runs", "factory_key", "import_user_module", "load_checkpoint",
+           "load_model", "load_timm_model", "loss_function", "parse_analyses", "parse_blocks", "prepare",
+           "run_steps", "write_analysis_tables"]
+
+# the analyses of --analyses, in the order they run (and the report shows them)
+ANALYSES: tuple[str, ...] = ("alignment", "hessian", "collapse", "singularities", "expansion")
+# the default: the two analyses analyze had first (a run of the default keeps its results and timing)
+DEFAULT_ANALYSES = "alignment,hessian"
+# --loss: the Hessian's loss of the model output and the labels (see loss_function)
+LOSSES: tuple[str, ...] = ("ce", "mse", "nll")
 
 
 @dataclass
@@ -86,9 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--no-normalize", dest="normalize", action="store_const", const="none",
                    help="imagefolder: same as --normalize none")
     a.add_argument("--num-classes", default="10", help="classes of the model's head / the data (default 10)")
-    a.add_argument("--samples", default="8", help="inputs for the alignment analysis (default 8)")
-    a.add_argument("--batch", default="32", help="samples of the Hessian's loss (default 32)")
-    a.add_argument("--k", default=None, help="singular triplets per block (default C + 5)")
+    a.add_argument("--samples", default="8",
+                   help="inputs of alignment, collapse, singularities and expansion (default 8; collapse needs "
+                        "every class among them)")
+    a.add_argument("--batch-size", "--batch", dest="batch", default="32",
+                   help="samples of the Hessian's loss, one batch (default 32; --batch is the same flag)")
+    a.add_argument("--k", default=None, help="singular triplets per block of the alignment (default C + 5)")
     a.add_argument("--power-iters", default="auto",
                    help="randomized SVD power iterations: auto (default; iterate until the error bound meets the "
                         "tolerance) or a fixed count")
@@ -98,12 +134,136 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--trace-probes", default="12", help="Hutch++ products for the trace (default 12)")
     a.add_argument("--params", default=None,
                    help="comma list of parameter / module names spanning the Hessian (default: all; e.g. layer4,fc)")
-    a.add_argument("--analyses", default="alignment,hessian", help="comma list of alignment, hessian")
+    a.add_argument("--loss", default="ce",
+                   help="the Hessian's loss, a mean over the batch: ce (cross-entropy of the model's logits, the "
+                        "default) | mse (mean over the N x C entries of (output - one_hot(y))^2) | nll (negative "
+                        "log-likelihood of a model that outputs log-probabilities, e.g. ending in log_softmax: "
+                        "checked on the data)")
+    a.add_argument("--eigs", default="2",
+                   help="extreme Hessian eigenvalues to compute, >= 2 (half at each end; default 2)")
+    a.add_argument("--analyses", default=DEFAULT_ANALYSES,
+                   help=f"comma list of {', '.join(ANALYSES)}, or all (default {DEFAULT_ANALYSES})")
+    a.add_argument("--blocks", default=None,
+                   help="residual blocks for alignment, collapse and expansion: comma list of indices (0-based, "
+                        "in forward order), inclusive ranges A-B and block module names (e.g. 0-3,layer4.1; "
+                        "default all)")
     a.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     a.add_argument("--seed", default="0",
                    help="seed of the model's initialisation (without --checkpoint), the data sample and the probes "
                         "(default 0)")
     a.add_argument("--out", default="reports/analyze", help="report folder (default reports/analyze)")
+
+
+def parse_analyses(spec: Any) -> list[str]:
+    """``--analyses``: a comma list of :data:`ANALYSES` (any order, repeats ignored) or ``all``;
+    the analyses in :data:`ANALYSES` order. A UsageError naming the flag for anything else."""
+    items = [a.strip() for a in str(spec if spec is not None else "").split(",") if a.strip()]
+    bad = [a for a in items if a not in ANALYSES and a != "all"]
+    if bad or not items:
+        raise UsageError(f"--analyses: unknown analysis {bad}; allowed: {', '.join(ANALYSES)}, all")
+    return [a for a in ANALYSES if a in items or "all" in items]
+
+
+def _block_list(names: list[str]) -> str:
+    shown = ", ".join(f"{i}:{n or '(model)'}" for i, n in enumerate(names[:40]))
+    return shown + (f", ... ({len(names)} blocks)" if len(names) > 40 else "")
+
+
+def parse_blocks(spec: Any, names: list[str]) -> list[int]:
+    """``--blocks``: the selected residual blocks as sorted distinct indices into ``names`` (the
+    model's blocks in forward order, :func:`~resgeom_fast.core.blocks.residual_blocks`).
+
+    ``spec`` is a comma list of indices ``i`` (0-based), inclusive ranges ``a-b`` and block module
+    names (``layer4.1``). Anything else (an unknown name, an index out of range, ``b < a``, an
+    empty list) is a one-line UsageError listing the model's blocks as ``index:name``.
+    """
+    where = f"the model's {len(names)} residual blocks are {_block_list(names)}"
+    items = [t.strip() for t in str(spec).split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"--blocks: expected a comma list of block indices, ranges A-B or names, got {spec!r}; "
+                         f"{where}")
+    chosen: set[int] = set()
+    for t in items:
+        rng = re.fullmatch(r"(\d+)\s*-\s*(\d+)", t)
+        if t.isdigit() or rng:
+            lo, hi = (int(t), int(t)) if t.isdigit() else (int(rng.group(1)), int(rng.group(2)))
+            if lo > hi or hi >= len(names):
+                raise UsageError(f"--blocks: expected indices in [0, {len(names) - 1}] (ranges A-B with A <= B), "
+                                 f"got {t!r}; {where}")
+            chosen.update(range(lo, hi + 1))
+        elif t in names:
+            chosen.add(names.index(t))
+        else:
+            raise UsageError(f"--blocks: no residual block named {t!r}; {where}")
+    return sorted(chosen)
+
+
+def _mse_one_hot(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``--loss mse``: mean over the N x C entries of (output - one_hot(y, C))^2 (F.mse_loss)."""
+    return F.mse_loss(output, F.one_hot(y, output.shape[-1]).to(output.dtype))
+
+
+def loss_function(name: str) -> Any:
+    """The Hessian's loss ``loss(output [N, C], y [N] int64) -> scalar`` of ``--loss``: ``ce``
+    F.cross_entropy of logits (mean over N); ``mse`` the mean over the N x C entries of
+    (output - one_hot(y))^2 (F.mse_loss against one-hot targets); ``nll`` F.nll_loss of
+    log-probabilities (mean over N of -output[n, y_n]; the model must output log-probabilities,
+    which :func:`prepare` checks)."""
+    losses = {"ce": F.cross_entropy, "mse": _mse_one_hot, "nll": F.nll_loss}
+    if name not in losses:
+        raise UsageError(f"--loss: expected one of {list(LOSSES)}, got {name!r}")
+    return losses[name]
+
+
+def _check_log_probabilities(net: Any, x: torch.Tensor) -> None:
+    """``--loss nll``: every output row of ``net`` on ``x`` must be log-probabilities (logsumexp 0
+    to 1e-3), else the NLL would be a number of another loss."""
+    with torch.no_grad():
+        out = net(x)
+    lse = torch.logsumexp(out.double(), dim=1).abs().max().item()
+    if not lse <= 1e-3:
+        raise UsageError(f"--loss nll: expected the model to output log-probabilities (logsumexp of every output "
+                         f"row 0), got logsumexp up to {lse:.3g} on the first {x.shape[0]} inputs; use --loss ce for "
+                         f"a model that outputs logits")
+
+
+def expansion_runs(net: Any, x: torch.Tensor, selected: Optional[list[int]] = None) -> list[list[int]]:
+    """The runs of ``expansion``: the maximal plain runs of consecutive blocks of ``net`` on ``x``
+    (:func:`resgeom_fast.analysis.expansion.plain_runs`) as lists of block indices, restricted to
+    ``selected`` (``--blocks``; a run then splits where it skips a block, and runs with no
+    selected block drop out)."""
+    infos = residual_blocks(net)
+    by_id = {id(i.block): i.index for i in infos}
+    by_name = {i.name: i.index for i in infos}
+    runs = []
+    for run in expansion_analysis.plain_runs(net, x):
+        idx = []
+        for b in run:
+            if isinstance(b, int) and not isinstance(b, bool):
+                idx.append(b)
+            elif isinstance(b, str):
+                idx.append(by_name[b])
+            elif isinstance(b, BlockInfo):
+                idx.append(by_name[b.name])
+            else:  # a block module
+                idx.append(by_id[id(b)])
+        runs.append(sorted(idx))
+    if selected is None:
+        return runs
+    keep = set(selected)
+    out: list[list[int]] = []
+    for run in runs:
+        cur: list[int] = []
+        for b in run:
+            if b in keep and (not cur or b == cur[-1] + 1):
+                cur.append(b)
+            else:
+                if cur:
+                    out.append(cur)
+                cur = [b] if b in keep else []
+        if cur:
+            out.append(cur)
+    return out
 
 
 def load_model(spec: str, num_classes: int):
@@ -326,9 +486,10 @@ def analyze_data(spec: str, n: int, num_classes: int, seed: int, *, image_size: 
 
 def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: Any = 10, samples: Any = 8,
             batch: Any = 32, k: Any = None, power_iters: Any = "auto", oversample: Any = 10, probes: Any = 4,
-            steps: Any = 30, trace_probes: Any = 12, analyses: str = "alignment,hessian", device: str = "cpu",
+            steps: Any = 30, trace_probes: Any = 12, analyses: str = DEFAULT_ANALYSES, device: str = "cpu",
             seed: Any = 0, out: str = "reports/analyze", params: Optional[str] = None,
-            deterministic: bool = False, image_size: Any = None, normalize: Optional[str] = None) -> AnalyzeSetup:
+            deterministic: bool = False, image_size: Any = None, normalize: Optional[str] = None,
+            blocks: Optional[str] = None, loss: str = "ce", eigs: Any = 2) -> AnalyzeSetup:
     """Check every flag (as written on the command line or as Python values), ``--out``, the
     model, the checkpoint and the data, in this order; a :class:`UsageError` for the first that
     cannot work. See :func:`resgeom_fast.experiments.commands.analyze` for the arguments.
@@ -340,9 +501,16 @@ def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
 
     ``image_size`` (an int >= 1) and ``normalize`` ("imagenet" or "none"; None: "imagenet") apply
     to imagefolder data only (a UsageError with another ``data``); both enter the configuration.
+
+    ``analyses``: :func:`parse_analyses`. ``blocks``: :func:`parse_blocks` against the model's
+    residual blocks (the configuration holds the selected blocks' names). ``loss``: one of
+    :data:`LOSSES` (:func:`loss_function`; ``nll`` checks that the model outputs
+    log-probabilities). ``eigs``: extreme Hessian eigenvalues, an int in [2, min(P, 500)] for the P
+    parameters spanning the Hessian. Before any work it also checks that alignment, collapse and
+    expansion find residual blocks and that collapse's ``samples`` inputs hold every class.
     """
     C = int_flag("--num-classes", num_classes, 2)
-    n_align, n_hess = int_flag("--samples", samples, 1), int_flag("--batch", batch, 1)
+    n_align, n_hess = int_flag("--samples", samples, 1), int_flag("--batch-size", batch, 1)
     kk = None if k is None else int_flag("--k", k, 1)
     try:
         q = "auto" if str(power_iters).strip().lower() == "auto" else int_flag("--power-iters", power_iters, 0)
@@ -352,10 +520,12 @@ def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
     nv, m, tp = (int_flag("--probes", probes, 1), int_flag("--steps", steps, 2),
                  int_flag("--trace-probes", trace_probes, 3))
     sd = int_flag("--seed", seed, 0)
-    which = [a.strip() for a in analyses.split(",") if a.strip()]
-    bad = [a for a in which if a not in ("alignment", "hessian")]
-    if bad or not which:
-        raise UsageError(f"--analyses: unknown analysis {bad}; allowed: alignment, hessian")
+    which = parse_analyses(analyses)
+    if loss not in LOSSES:
+        raise UsageError(f"--loss: expected one of {list(LOSSES)}, got {loss!r}")
+    n_eigs = int_flag("--eigs", eigs, 2)
+    if blocks is not None and not str(blocks).strip():
+        raise UsageError(f"--blocks: expected a comma list of block indices, ranges A-B or names, got {blocks!r}")
     size = None if image_size is None else int_flag("--image-size", image_size, 1)
     if normalize is not None and normalize not in NORMALIZATIONS:
         raise UsageError(f"--normalize: expected one of {list(NORMALIZATIONS)}, got {normalize!r}")
@@ -382,24 +552,63 @@ def prepare(*, model: str, checkpoint: Optional[str], data: str, num_classes: An
         if unknown:
             top = [n for n, _ in net.named_children()]
             raise UsageError(f"--params: no parameter or module named {unknown}; top-level modules: {', '.join(top)}")
+    if "hessian" in which:
+        dim = sum(t.numel() for n, t in net.named_parameters() if t.requires_grad and (
+            chosen is None or any(n == c or n.startswith(c + ".") for c in chosen)))
+        if not 2 <= n_eigs <= min(dim, 500):
+            raise UsageError(f"--eigs: expected an int in [2, {min(dim, 500)}] (the Hessian spans {dim} parameters; "
+                             f"at most 500), got {eigs!r}")
+    infos = residual_blocks(net, required=False)
+    need_blocks = [a for a in which if a in ("alignment", "expansion")
+                   or a == "collapse" and not _has_return_hidden(net)]
+    if need_blocks and not infos:
+        raise UsageError(f"--analyses: {', '.join(need_blocks)} need residual blocks, found none in "
+                         f"{type(net).__name__} (known block kinds: {', '.join(block_kinds())}; mark others with "
+                         f"resgeom_fast.operators.mark_residual_block in the model factory)")
+    sel_blocks = None
+    if blocks is not None:
+        if not infos:
+            raise UsageError(f"--blocks: found no residual blocks in {type(net).__name__} (known block kinds: "
+                             f"{', '.join(block_kinds())})")
+        sel_blocks = [infos[i].name for i in parse_blocks(blocks, [i.name for i in infos])]
     n = max(n_align, n_hess)
     # the user's files are hashed first (the key describes the bytes read next): for an image
     # folder its file list and the images the first n of the --seed permutation pick (the
     # same n whichever analyses run, so adding one does not re-key the others)
     data_key = data_key_parts(data, samples=n, seed=sd)
-    need = max(n_align if "alignment" in which else 1, n_hess if "hessian" in which else 1)
+    uses_samples = any(a != "hessian" for a in which)
+    need = max(n_align if uses_samples else 1, n_hess if "hessian" in which else 1)
     x, y = analyze_data(data, n, C, sd, image_size=size, normalize=normalize, need=need)
     if x.dim() == 2:
         raise UsageError("--data: analyze expects image data [N, C, H, W] for this model")
     x, y = x.to(dev), y.to(dev)
     check_model_takes(net, model, x, data, C)
+    if "hessian" in which and loss == "nll":
+        _check_log_probabilities(net, x[:n_hess])
+    if "collapse" in which:
+        present = set(int(c) for c in y[:n_align].tolist())
+        missing = [c for c in range(C) if c not in present]
+        if missing:
+            raise UsageError(f"--samples: collapse needs at least one sample of every class among the {n_align} "
+                             f"analysed inputs (--samples {n_align}), got {C - len(missing)} of the {C} classes "
+                             f"(none of {missing[:10]}{' ...' if len(missing) > 10 else ''}); raise --samples or "
+                             f"check --num-classes")
     cfg = {"model": model, "checkpoint": os.path.abspath(checkpoint) if checkpoint else None, "data": data,
            "num_classes": C, "samples": n_align, "batch": n_hess, "k": kk, "power_iters": q, "oversample": p,
            "probes": nv, "steps": m, "trace_probes": tp, "analyses": which, "device": device, "seed": sd, "params": chosen,
            "deterministic": bool(deterministic), "image_size": size,
-           "normalize": ("imagenet" if normalize is None else normalize) if data.startswith("imagefolder:") else None}
+           "normalize": ("imagenet" if normalize is None else normalize) if data.startswith("imagefolder:") else None,
+           "blocks": sel_blocks, "loss": loss, "eigs": n_eigs}
     key_parts = {**key_parts, **data_key}
     return AnalyzeSetup(net, x, y, cfg, key_parts)
+
+
+def _has_return_hidden(net: Any) -> bool:
+    """Whether ``net.forward`` takes ``return_hidden`` (this package's models: collapse reads h_0..h_L so)."""
+    try:
+        return "return_hidden" in inspect.signature(net.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def check_model_takes(net: Any, spec: str, x: Any, data: str, num_classes: int) -> None:
@@ -423,46 +632,184 @@ def check_model_takes(net: Any, spec: str, x: Any, data: str, num_classes: int) 
                          f"{num_classes}), got {got}")
 
 
+# what every analysis step is keyed on besides its own settings: the model, its weights, the data
+# (``loaded`` = the inputs loaded, max(samples, batch): the label draw of random-cifar depends on it)
+_COMMON_DEPS = ("model", "checkpoint", "data", "num_classes", "device", "seed", "deterministic", "image_size",
+                "normalize")
+_STEP_DEPS = {
+    "alignment": ("samples", "k", "power_iters", "oversample", "blocks"),
+    "hessian": ("batch", "probes", "steps", "trace_probes", "params", "loss", "eigs"),
+    "collapse": ("samples", "blocks"),
+    "singularities": ("samples",),
+    "expansion": ("samples", "blocks"),
+}
+
+
+def step_deps(cfg: dict[str, Any], analysis: str) -> dict[str, Any]:
+    """The configuration the step of ``analysis`` is keyed on: the model, data and seed settings,
+    the number of inputs loaded and the analysis' own settings (another analysis' settings, or
+    ``--analyses`` itself, do not re-key it: adding an analysis to a finished run computes only
+    the new one)."""
+    deps = {key: cfg.get(key) for key in _COMMON_DEPS + _STEP_DEPS[analysis]}
+    deps["loaded"] = max(cfg["samples"], cfg["batch"])
+    deps["analysis"] = analysis
+    return deps
+
+
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:400]
+
+
+def _result_step(runner: Runner, analysis: str, cfg: dict[str, Any], fn: Any, *, one_line: bool) -> dict[str, Any]:
+    """Step ``analysis``: ``{"result": r.to_dict(), "summary": r.summary()}`` of ``r = fn()`` (or
+    ``fn()``'s own dict when it returns one). With ``one_line``, the ValueError / TypeError by which an
+    analysis refuses the model or the data becomes a one-line UsageError naming it (finished steps
+    are kept)."""
+    def run() -> dict[str, Any]:
+        try:
+            r = fn()
+        except (ValueError, TypeError) as err:
+            if not one_line:
+                raise
+            raise UsageError(f"--analyses {analysis}: {type(err).__name__}: {_one_line(err)} (finished steps are "
+                             f"kept: run again without {analysis} in --analyses)") from None
+        return r if isinstance(r, dict) else {"result": r.to_dict(), "summary": r.summary()}
+
+    return runner.step(analysis, run, deps=step_deps(cfg, analysis))
+
+
+def _selected_indices(net: Any, names: Optional[list[str]]) -> Optional[list[int]]:
+    """The indices of the ``--blocks`` names (the configuration's) among the model's blocks."""
+    if names is None:
+        return None
+    index = {i.name: i.index for i in residual_blocks(net)}
+    return [index[n] for n in names]
+
+
+def _expansion(net: Any, x: Any, sel: Optional[list[int]], seed: int) -> dict[str, Any]:
+    """path_expansion of every run of :func:`expansion_runs` (one probe per input): ``{"runs":
+    [{"blocks": names, "block_indices", "result", "summary"}], "summary"}``; the summary holds
+    ``num_runs`` and each run's summary keys as ``run<i>_<key>``."""
+    names = [i.name for i in residual_blocks(net)]
+    runs = expansion_runs(net, x, sel)
+    if not runs:
+        raise ValueError("path_expansion: expected at least one run of consecutive residual blocks forming a plain "
+                         f"stack among the selected blocks, got none (blocks {sel})")
+    out, summary = [], {"num_runs": float(len(runs))}
+    for i, run in enumerate(runs):
+        r = expansion_analysis.path_expansion(net, x, blocks=run, num_probes=1, seed=seed)
+        rs = r.summary()
+        out.append({"blocks": [names[b] for b in run], "block_indices": list(run), "result": r.to_dict(),
+                    "summary": rs})
+        summary.update({f"run{i}_{key}": v for key, v in rs.items()})
+    return {"runs": out, "summary": summary}
+
+
+def singularities_figure(root: str = "models.model.singularities") -> FigureSpec:
+    """plot_singularities of the singularities step at ``root``: dead fraction, overlap and
+    effective rank per layer; the reading gives the summary and the layer count."""
+    def build(r: dict) -> Any:
+        return singularities_analysis.plot_singularities(r, at=f"{root}.result")
+
+    def reading(r: dict) -> str:
+        s = get_path(r, f"{root}.summary") or {}
+        layers = get_path(r, f"{root}.result.layers") or []
+        return (f"{len(layers)} layers of units: " + ", ".join(f"{k.replace('_', ' ')} {fmt_key(s, k)}"
+                                                               for k in s if not k.endswith("_reason")) + ".")
+
+    return FigureSpec("singularities", "Singularities per layer", build, reading)
+
+
+def expansion_figure(runs: int, root: str = "models.model.expansion") -> FigureSpec:
+    """plot_path_orders of each run of the expansion step at ``root`` (one panel per run)."""
+    def build(r: dict) -> Any:
+        fig, axes = new_figure(runs)
+        for i, ax in enumerate(axes):
+            expansion_analysis.plot_path_orders(r, ax, at=f"{root}.runs.{i}.result")
+            names = get_path(r, f"{root}.runs.{i}.blocks")
+            ax.set_title(f"run {i}: blocks {names[0]} .. {names[-1]}", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        parts = []
+        for i in range(runs):
+            run = get_path(r, f"{root}.runs.{i}")
+            s = run["summary"]
+            parts.append(f"run {i} ({len(run['blocks'])} blocks {run['blocks'][0]} .. {run['blocks'][-1]}): mean "
+                         f"path order {fmt_key(s, 'mean_order')}, most weighted order {fmt_key(s, 'mode_order')}, "
+                         f"relative tail {fmt_key(s, 'tail_rel')}")
+        return "; ".join(parts) + " (order m = paths through m residual branches; docs/science.md section 3)."
+
+    return FigureSpec("path_orders", "Path-order decomposition per run", build, reading)
+
+
 def run_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any], model: str, data: str,
               progress: bool) -> Report:
-    """The analyses of ``cfg["analyses"]`` as steps ``alignment`` / ``hessian`` of ``runner``,
-    then the report (results.json with ``provenance`` = the runner's key parts, figures, report.md)
-    and its CSV tables (alignment.csv, hessian.csv: :func:`write_analysis_tables`)."""
+    """The analyses of ``cfg["analyses"]`` as steps of ``runner`` (``alignment``, ``hessian``,
+    ``collapse``, ``singularities``, ``expansion``; each keyed on :func:`step_deps`), then the
+    report (results.json with ``provenance`` = the runner's key parts, figures, report.md) and its
+    CSV tables (:func:`write_analysis_tables`). A collapse, singularities or expansion step that
+    cannot analyse the model (no layers, no plain run, ...) is a one-line UsageError naming it."""
     n_align, n_hess, kk, p, q = cfg["samples"], cfg["batch"], cfg["k"], cfg["oversample"], cfg["power_iters"]
     nv, m, tp, sd, C, chosen, which = (cfg["probes"], cfg["steps"], cfg["trace_probes"], cfg["seed"],
                                        cfg["num_classes"], cfg["params"], cfg["analyses"])
+    sel = _selected_indices(net, cfg.get("blocks"))
+    xs, ys = x[:n_align], y[:n_align]
     results: dict[str, Any] = {"study": "analyze", "config": cfg, "provenance": dict(runner.key_parts),
                                "models": {"model": {}}}
     summaries: dict[str, dict[str, dict[str, float]]] = {"model": {}}
     figures: list[FigureSpec] = []
+    entry = results["models"]["model"]
     if "alignment" in which:
-        def run_align() -> dict[str, Any]:
-            r = alignment_analysis.residual_alignment(net, x[:n_align], kk, y[:n_align], per_stage=True,
-                                                      num_classes=C, oversample=p, power_iters=q, seed=sd,
-                                                      deterministic=cfg["deterministic"])
-            return {"result": r.to_dict(), "summary": r.summary()}
+        def run_align() -> Any:
+            return alignment_analysis.residual_alignment(net, xs, kk, ys, blocks=sel, per_stage=True, num_classes=C,
+                                                         oversample=p, power_iters=q, seed=sd,
+                                                         deterministic=cfg["deterministic"])
 
-        al = runner.step("alignment", run_align)
-        results["models"]["model"]["alignment"] = al
+        entry["alignment"] = al = _result_step(runner, "alignment", cfg, run_align, one_line=False)
         summaries["model"]["alignment"] = al["summary"]
         figures += stage_figures(al)
     if "hessian" in which:
-        def run_hess() -> dict[str, Any]:
-            sel = dict(net.named_parameters())
-            dim = sum(t.numel() for n, t in sel.items() if t.requires_grad and (
+        def run_hess() -> Any:
+            named = dict(net.named_parameters())
+            dim = sum(t.numel() for n, t in named.items() if t.requires_grad and (
                 chosen is None or any(n == c or n.startswith(c + ".") for c in chosen)))
-            r = spectrum_analysis.hessian_spectrum(net, F.cross_entropy, (x[:n_hess], y[:n_hess]), params=chosen,
-                                                   k=2, probes=nv, steps=min(m, dim), trace_probes=tp, seed=sd,
-                                                   progress=progress, deterministic=cfg["deterministic"])
-            return {"result": r.to_dict(), "summary": r.summary()}
+            return spectrum_analysis.hessian_spectrum(net, loss_function(cfg.get("loss", "ce")), (x[:n_hess], y[:n_hess]),
+                                                      params=chosen, k=cfg.get("eigs", 2), probes=nv, steps=min(m, dim),
+                                                      trace_probes=tp, seed=sd, progress=progress,
+                                                      deterministic=cfg["deterministic"])
 
-        hs = runner.step("hessian", run_hess)
-        results["models"]["model"]["spectrum"] = hs
+        entry["spectrum"] = hs = _result_step(runner, "hessian", cfg, run_hess, one_line=False)
         summaries["model"]["spectrum"] = hs["summary"]
         figures.append(density_figure(["model"]))
+    if "collapse" in which:
+        layers = None if sel is None else [b + 1 for b in sel]  # h_l = the output of block l - 1
+
+        def run_collapse() -> dict[str, Any]:
+            r = collapse_analysis.collapse(net, (xs, ys), num_classes=C, layers=layers)
+            # the blocks whose outputs h_1..h_L are (the CSV table names them)
+            return {"result": r.to_dict(), "summary": r.summary(),
+                    "block_names": [i.name for i in residual_blocks(net, required=False)]}
+
+        entry["collapse"] = co = _result_step(runner, "collapse", cfg, run_collapse, one_line=True)
+        summaries["model"]["collapse"] = co["summary"]
+        figures.append(collapse_figure(["model"]))
+    if "singularities" in which:
+        entry["singularities"] = si = _result_step(runner, "singularities", cfg, lambda: (
+            singularities_analysis.singularities(net, (xs, ys))), one_line=True)
+        summaries["model"]["singularities"] = si["summary"]
+        figures.append(singularities_figure())
+    if "expansion" in which:
+        entry["expansion"] = ex = _result_step(runner, "expansion", cfg, lambda: _expansion(net, xs, sel, sd),
+                                               one_line=True)
+        summaries["model"]["expansion"] = ex["summary"]
+        figures.append(expansion_figure(len(ex["runs"])))
     write_analysis_tables(runner, results)
+    done = ", ".join(which)
     return write_study_report(runner, f"resgeom analyze: {model}", results, figures,
-                              intro=f"Residual alignment per stage and Hessian spectrum of {model} on {data}.",
+                              intro=f"{done} of {model} on {data} (resgeom analyze; docs/science.md defines every "
+                                    f"measurement).",
                               summaries=summaries, config=cfg)
 
 
@@ -482,5 +829,6 @@ def write_analysis_tables(runner: Runner, results: dict[str, Any]) -> list[str]:
     return written
 
 
-COMMAND = register_command(Command("analyze", "alignment per stage and the Hessian spectrum of your model",
+COMMAND = register_command(Command("analyze", "alignment, Hessian spectrum, collapse, singularities and path "
+                                   "expansion of your model on your data",
                                    add_arguments))
