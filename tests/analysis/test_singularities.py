@@ -301,11 +301,37 @@ def test_rejects_data_of_another_dtype():
         singularities(net, (x.float(), torch.zeros(200)))
 
 
-def test_rejects_relu_shared_between_calls():
+def test_relu_shared_between_calls_is_one_layer_per_call():
+    """Before (issue 14) a ReLU module called twice per forward pass was refused; now each call is
+    a layer of its own ("<module>#k"), with the weight layer before that call."""
     relu = nn.ReLU()
-    net = nn.Sequential(nn.Linear(3, 3), relu, nn.Linear(3, 3), relu).double()
-    with pytest.raises(ValueError, match="singularities: expected ReLU '1' to run once"):
-        singularities(net, (torch.randn(4, 3, dtype=torch.float64), torch.zeros(4)))
+    net = nn.Sequential(nn.Linear(3, 4), relu, nn.Linear(4, 5), relu).double()
+    x = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    r = singularities(net, [(x[:25], torch.zeros(25)), (x[25:], torch.zeros(15))])
+    assert [(l.name, l.module_name, l.call, l.weight_name, l.n_units) for l in r.layers] == [
+        ("1#0", "1", 0, "0", 4), ("1#1", "1", 1, "2", 5)]
+    with torch.no_grad():
+        z0 = torch.relu(net[0](x))
+        z1 = torch.relu(net[2](z0))
+    for lay, z, w in zip(r.layers, (z0, z1), (net[0], net[2])):
+        assert_layer_matches(lay, dense_metrics(z.numpy(), w.weight.detach().numpy(), 1e-3))
+
+
+def test_rejects_module_called_a_different_number_of_times():
+    class Varying(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.relu = nn.Linear(3, 3).double(), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(1 + int(x.shape[0] > 4)):
+                x = self.relu(self.lin(x))
+            return x
+
+    x = torch.randn(9, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"singularities: expected ReLU 'relu' to run 1 time\(s\) per forward "
+                                         r"pass as on the first batch, it ran 2 times on batch 1"):
+        singularities(Varying(), [(x[:3], torch.zeros(3)), (x[3:], torch.zeros(6))])
 
 
 # ----------------------------------------------------------------------------- non-finite values named
