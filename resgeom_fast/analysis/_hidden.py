@@ -5,7 +5,9 @@ model that has no ``forward(x, return_hidden=True)`` -- a torchvision / timm Res
 MobileNetV2, a ConvNeXt, a model with marked blocks -- from one forward pass: h_0 is the input of
 the first block and h_l the output of block l, in :func:`resgeom_fast.core.blocks.residual_blocks`
 order. For this package's networks the result equals ``forward(x, return_hidden=True)[1]``
-exactly (their h_0 = stem(x) is the first block's input).
+exactly (their h_0 = stem(x) is the first block's input). Sublayer blocks (the attention and MLP
+sublayers of a ViT ``EncoderBlock``) are read at their capture points (``BlockInfo.input_point``
+/ ``output_point``): h_l of a transformer is the token sequence [N, S, W] after sublayer l.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 
 from resgeom_fast.core.blocks import BlockInfo, residual_blocks
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_module
-from resgeom_fast.core.modules import capture_inputs, capture_outputs
+from resgeom_fast.core.modules import capture_points
 
 __all__ = ["block_representations"]
 
@@ -52,13 +54,13 @@ def block_representations(model: nn.Module, x: Tensor, *,
     infos = residual_blocks(model) if blocks is None else list(blocks)
     if not infos:
         raise ArgumentValueError(f"{where}: expected at least one residual block, got none")
-    mods = [b.block for b in infos]
-    if len({id(m) for m in mods}) != len(mods):
+    outs = [b.output_point for b in infos]
+    if len({(id(m), w) for m, w in outs}) != len(outs):
         raise ArgumentValueError(f"{where}: expected every residual block to be its own module, got blocks "
                                  f"sharing one module (their outputs cannot be told apart by hooks)")
     with contextlib.ExitStack() as stack:
-        cap_in = stack.enter_context(capture_inputs(mods[0]))
-        cap_out = stack.enter_context(capture_outputs(mods, stop=True))
+        cap_in = stack.enter_context(capture_points([infos[0].input_point]))
+        cap_out = stack.enter_context(capture_points(outs, stop=True))
         model(x)
     if not cap_out.complete:
         names = [infos[i].name or "<model>" for i in cap_out.missing()]

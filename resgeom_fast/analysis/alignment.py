@@ -81,7 +81,8 @@ import torch
 from torch import Tensor, nn
 
 from resgeom_fast.core.checks import check_module, check_type
-from resgeom_fast.core.modules import capture_outputs, module_mode
+from resgeom_fast.core.blocks import BlockInfo
+from resgeom_fast.core.modules import capture_points, module_mode
 from resgeom_fast._progress import progress as _progress_bar
 from resgeom_fast.analysis._common import (
     FIRST,
@@ -568,15 +569,18 @@ class AlignmentResult(Result):
 
 
 # -- the analysis -------------------------------------------------------------------------------
-def _last_outputs(model: nn.Module, x: Tensor, blocks: list[nn.Module]) -> list[Tensor]:
-    """Outputs of ``blocks`` from one eval-mode, no-grad forward pass (stops after the last)."""
-    with module_mode(model, False), torch.no_grad(), capture_outputs(blocks, stop=True) as cap:
+def _last_outputs(model: nn.Module, x: Tensor, blocks: list[BlockInfo]) -> list[Tensor]:
+    """Outputs h_l of ``blocks`` (read at each block's ``output_point``: the block module's output,
+    or for a sublayer block the point inside its owner where the model shows it) from one
+    eval-mode, no-grad forward pass (stops after the last)."""
+    with module_mode(model, False), torch.no_grad(), capture_points([b.output_point for b in blocks],
+                                                                      stop=True) as cap:
         model(x)
     if not cap.complete:
         raise ValueError("residual_alignment: some blocks were not called in the forward pass of the model")
-    for mod, out in zip(blocks, cap.values):
+    for b, out in zip(blocks, cap.values):
         if not isinstance(out, Tensor):
-            raise ValueError(f"residual_alignment: block {type(mod).__name__} returned "
+            raise ValueError(f"residual_alignment: block {b.name!r} returned "
                              f"{type(out).__name__}, expected a tensor")
     return list(cap.values)
 
@@ -869,7 +873,7 @@ def residual_alignment(
         check_int(where, "k", k, 1, d_min,
                   hint=f" (the block dimension D = {d_min} of stage {dims.index(d_min)} is the limit)")
 
-    last = _last_outputs(model, x, [ops[g[-1]].info.block for g in groups])
+    last = _last_outputs(model, x, [ops[g[-1]].info for g in groups])
     for J in ops:
         if not bool(torch.isfinite(J.h).all()):
             raise ValueError(f"{where}: the input of block {J.info.name!r} has non-finite values (NaN or inf) at x; "

@@ -35,20 +35,49 @@ matches describes it as a :class:`BlockInfo`. The built-in kinds, in this order:
   Parameter), ``scale = 1.0``, skip and post = identity. The residual Jacobian is therefore
   ``diag(layer_scale) dF/dh`` (the layer scale included, as the block applies it).
   stochastic_depth is the identity in eval mode; in train mode it is random (as in timm above);
-- ``"torchvision_vit_attention"``: the attention sublayer of torchvision's ViT ``EncoderBlock``,
-  ``x = h + dropout(self_attention(ln_1(h)))``. branch = :class:`SelfAttentionBranch` (ln_1,
-  self_attention called as the block calls it, ``need_weights=False``, dropout), skip = identity,
-  and post = :class:`ResidualSublayer` (``x -> x + mlp(ln_2(x))``, the MLP sublayer), so that
-  ``block(h) == post(h + branch(h))`` holds (to rounding: the branch evaluates the attention
-  without MHA's fused fast path). h is the token sequence [N, S, W], so a Jacobian acts on
-  D = S x W. The block module is the whole ``EncoderBlock``: its parameters (e.g. for a block
-  Hessian) are those of both sublayers. The MLP sublayer is NOT listed as a block of its own: its input
-  is an intermediate tensor inside ``EncoderBlock.forward`` that no module's forward pre-hook
-  sees as a whole block input (``ln_2``'s pre-hook sees it, but ``ln_2`` is not the sublayer:
-  its output and parameters are not the sublayer's), and :class:`BlockInfo` has no way to say
-  "input from one module, output from another". Its residual Jacobian is not offered rather
-  than approximated. Note the post is not an elementwise activation: analyses that treat post
-  as one must refuse it.
+- ``"torchvision_vit"``: torchvision's ViT ``EncoderBlock``, a pre-LN transformer block of two
+  residual *sublayers*, each listed as a block of its own (in forward order, named
+  ``"<module>:attention"`` and ``"<module>:mlp"``; ``residual_blocks(vit_b_16)`` lists 24):
+
+  - attention: ``x = h + dropout(self_attention(ln_1(h)))``; branch = :class:`SelfAttentionBranch`
+    (ln_1, self_attention called as the block calls it, ``need_weights=False``, dropout);
+  - MLP: ``out = x + mlp(ln_2(x))``; branch = ``nn.Sequential(ln_2, mlp)``.
+
+  Both have skip = identity, scale 1 and post = identity, so the residual Jacobian of a sublayer
+  is that of its branch alone, dF/dh = d(h_l - h_{l-1})/dh_{l-1}: the attention branch's
+  Jacobian includes ln_1 and the attention's dependence on every token (queries, keys and values
+  all come from h), the MLP branch's is block-diagonal over tokens (the MLP acts per token). h is
+  the whole token sequence [N, S, W] (class token and patch tokens), so a Jacobian acts on
+  D = S x W.
+- ``"timm_vit"``: timm's ViT ``Block`` (``timm.models.vision_transformer.Block``, used by
+  timm's ViT / DeiT and other pre-LN transformers built from it), likewise two sublayers:
+  attention ``x = h + drop_path1(ls1(attn(norm1(h))))`` (branch = norm1, :class:`MathAttention`
+  (attn), ls1, drop_path1 as an ``nn.Sequential``; the layer scale is part of the branch, as for
+  ConvNeXt) and MLP ``out = x + drop_path2(ls2(mlp(norm2(x))))`` (branch = norm2, mlp, ls2,
+  drop_path2); ``ls`` / ``drop_path`` that are ``nn.Identity`` are left out. The attention is
+  called without ``attn_mask`` (what ``Block`` gets from a plain ViT forward).
+
+A *sublayer block* is a residual block that is not a module the model calls: the model computes
+it inline inside a bigger module's forward. Its :class:`BlockInfo` therefore carries
+
+- ``block``: a :class:`SublayerBlock`, ``h -> h + branch(h)``, so that ``info.block(h)`` computes
+  the sublayer map; its parameters are exactly the sublayer's (ln_1 and self_attention for the
+  attention sublayer, ln_2 and mlp for the MLP one) -- e.g. for a block Hessian. The model never
+  calls it, so hooks on it never fire; it is kept on the owning module (a plain attribute, not a
+  registered submodule: state_dict and ``modules()`` are unchanged) so that every call of
+  :func:`residual_blocks` returns the same block modules;
+- ``input_at`` / ``output_at``: where the model's forward pass shows h_{l-1} and h_l, as
+  ``(module, "input" | "output")`` (the attention sublayer reads ``EncoderBlock``'s input and
+  ``ln_2``'s input, the MLP sublayer ``ln_2``'s input and ``EncoderBlock``'s output); every
+  capture of block inputs / outputs uses ``info.input_point`` / ``info.output_point``
+  (:func:`resgeom_fast.core.modules.capture_points`), which default to the block's own input
+  and output for every other kind;
+- ``owner`` (the ``EncoderBlock``) and ``sublayer`` ("attention" / "mlp").
+
+Attention inside a branch runs under :func:`resgeom_fast.core.modules.attention_math`
+(scaled-dot-product attention on its math kernel, MHA's native fast path off) so that
+forward-mode AD (the Jacobians' jvp) and double backward work; the values equal the model's
+fused attention to rounding (~1e-16 relative in float64).
 
 torchvision and timm are optional third-party libraries, so their kinds match on the class's
 module and name (never imported here). Further kinds are added with :func:`register_block_kind`.
@@ -67,20 +96,21 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_module, type_error
+from resgeom_fast.core.modules import attention_math
 
 __all__ = [
-    "BlockInfo", "LayerScaleBranch", "ResidualBlockBase", "ResidualSublayer", "ScalarBias", "ScalarMultiplier",
-    "SelfAttentionBranch", "ZeroSkip", "block_kinds", "mark_residual_block", "register_block_kind",
+    "BlockInfo", "LayerScaleBranch", "MathAttention", "ResidualBlockBase", "ResidualSublayer", "ScalarBias",
+    "ScalarMultiplier", "SelfAttentionBranch", "SublayerBlock", "ZeroSkip", "block_kinds", "mark_residual_block", "register_block_kind",
     "residual_blocks", "resolve_blocks", "unregister_block_kind",
 ]
 
 _MARK = "_resgeom_mark"
 _HINT = (
     "residual blocks are modules with `resgeom_block = True` (resgeom_fast.models), blocks of a "
-    "registered kind (torchvision / timm ResNets, MobileNetV2, ConvNeXt, ViT attention), or modules "
+    "registered kind (torchvision / timm ResNets, MobileNetV2, ConvNeXt, torchvision / timm ViT sublayers), "
+    "or modules "
     "marked with resgeom_fast.operators.mark_residual_block(block, branch=..., skip=..., scale=...)"
 )
 
@@ -90,14 +120,25 @@ class BlockInfo:
     """One residual block of a model.
 
     Attributes:
-        name: qualified module name in the model ("" for the model itself).
-        block: the block module (its forward pre-hook sees the block input h_{l-1}).
+        name: qualified module name in the model ("" for the model itself); for a sublayer of a
+            module, that module's name, ":" and the sublayer ("encoder.layers.encoder_layer_0:mlp").
+        block: the block module, computing ``post(skip(h) + scale * branch(h))`` when called on
+            the block input h (a sublayer's block is a :class:`SublayerBlock` the model never
+            calls itself: its parameters are the sublayer's).
         branch: F_l, an ``nn.Module`` mapping h_{l-1} to the block's output shape.
         skip: Q_l. scale: lam_l (float or a 0-dim Parameter). post: applied after the sum.
         kind: the name of the block kind that recognised it (one of :func:`block_kinds`, e.g.
             "marked", "resgeom", "torchvision_basic", "timm_bottleneck").
         index: the block's position in ``residual_blocks(model)`` (-1 for a BlockInfo built by
             hand, not yet found in a model).
+        input_at: where the model's forward pass shows h_{l-1}: ``(module, "input" | "output")``,
+            the first positional input or the output of a module the model calls (None: the
+            input of ``block``).
+        output_at: where it shows h_l, likewise (None: the output of ``block``).
+        owner: the model's module the block was found on (None: ``block`` itself); several
+            sublayer blocks share one owner.
+        sublayer: the sublayer's name within its owner ("attention", "mlp"), None for a whole
+            module.
     """
 
     name: str
@@ -108,12 +149,40 @@ class BlockInfo:
     post: nn.Module
     kind: str
     index: int = -1
+    input_at: Optional[tuple[nn.Module, str]] = None
+    output_at: Optional[tuple[nn.Module, str]] = None
+    owner: Optional[nn.Module] = None
+    sublayer: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for arg in ("input_at", "output_at"):
+            p = getattr(self, arg)
+            if p is not None and not (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], nn.Module)
+                                      and p[1] in ("input", "output")):
+                raise ArgumentValueError(f"BlockInfo: expected {arg} None or a (module, 'input' | 'output') tuple, "
+                                         f"got {p!r}")
+
+    @property
+    def input_point(self) -> tuple[nn.Module, str]:
+        """``(module, "input" | "output")`` where h_{l-1} is captured (``input_at`` or the block's input)."""
+        return self.input_at if self.input_at is not None else (self.block, "input")
+
+    @property
+    def output_point(self) -> tuple[nn.Module, str]:
+        """``(module, "input" | "output")`` where h_l is captured (``output_at`` or the block's output)."""
+        return self.output_at if self.output_at is not None else (self.block, "output")
+
+    @property
+    def module(self) -> nn.Module:
+        """The model's module this block was found on (``owner``, else ``block``)."""
+        return self.owner if self.owner is not None else self.block
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"name", "kind", "scale", "branch", "skip"}`` (class names of branch and skip)."""
+        """``{"name", "kind", "scale", "branch", "skip", "sublayer"}`` (class names of branch and
+        skip; ``sublayer`` None for a whole module)."""
         scale = float(self.scale) if not isinstance(self.scale, Tensor) else float(self.scale.detach())
         return {"name": self.name, "kind": self.kind, "scale": scale,
-                "branch": type(self.branch).__name__, "skip": type(self.skip).__name__}
+                "branch": type(self.branch).__name__, "skip": type(self.skip).__name__, "sublayer": self.sublayer}
 
 
 class ResidualBlockBase(nn.Module):
@@ -227,7 +296,7 @@ def mark_residual_block(module: nn.Module, branch: nn.Module, skip: Optional[nn.
 
 # ------------------------------------------------------------------------------ block kinds
 MatchFn = Callable[[nn.Module], bool]
-DescribeFn = Callable[[str, nn.Module], BlockInfo]
+DescribeFn = Callable[[str, nn.Module], Union[BlockInfo, Sequence[BlockInfo]]]
 
 
 @dataclass(frozen=True)
@@ -250,7 +319,9 @@ def register_block_kind(name: str, match: MatchFn, describe: DescribeFn, *, repl
         name: the kind's name (``BlockInfo.kind``).
         match: ``match(module) -> bool``, whether ``module`` is a block of this kind.
         describe: ``describe(name, module) -> BlockInfo`` for a matching module at qualified
-            name ``name`` (its ``index`` is filled in by :func:`residual_blocks`).
+            name ``name`` (its ``index`` is filled in by :func:`residual_blocks`), or a sequence
+            of BlockInfo s in forward order (the residual sublayers of one module, e.g. a
+            transformer block; each with its ``input_at`` / ``output_at`` capture points).
         replace: replace an existing kind of that name (in its place) instead of refusing.
 
     Raises:
@@ -368,19 +439,15 @@ class SelfAttentionBranch(nn.Module):
         x = self.norm(h)
         # MHA's native fast path (taken in eval mode without grad) has no forward-mode AD and the
         # fused SDPA kernels no double backward: the slow path and the math kernel are exact too
-        was = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            with sdpa_kernel(SDPBackend.MATH):
-                x, _ = self.attention(x, x, x, need_weights=False)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(was)
+        with attention_math():
+            x, _ = self.attention(x, x, x, need_weights=False)
         return self.dropout(x)
 
 
 class ResidualSublayer(nn.Module):
     """A pre-LN residual sublayer ``x -> x + body(norm(x))`` (e.g. the MLP sublayer of a ViT
-    ``EncoderBlock``), used as the ``post`` of the sublayer before it. Not elementwise.
+    ``EncoderBlock``). Not elementwise. Kept for user code; the built-in ViT kinds list each
+    sublayer as a block of its own (:class:`SublayerBlock`) instead of using it as a ``post``.
 
     Args:
         norm: the layer norm. body: the sublayer's body (e.g. the MLP). Both shared, not copied.
@@ -394,6 +461,66 @@ class ResidualSublayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [N, S, W] -> [N, S, W]."""
         return x + self.body(self.norm(x))
+
+
+class MathAttention(nn.Module):
+    """``attention(x)`` (one input, e.g. timm's ``Attention``) run under
+    :func:`resgeom_fast.core.modules.attention_math`: scaled-dot-product attention on its math
+    kernel, so that forward-mode AD and double backward work through it (values equal the fused
+    kernels' to rounding).
+
+    Args:
+        attention: the attention module (shared, not copied).
+    """
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [N, S, W] -> [N, S, W]."""
+        with attention_math():
+            return self.attention(x)
+
+
+class SublayerBlock(nn.Module):
+    """One residual sublayer of a transformer block as a module of its own: ``h -> h + branch(h)``.
+
+    The model never calls it (its forward computes the sublayer inline); it exists so that the
+    sublayer has a block module whose call computes the sublayer map and whose parameters are
+    the sublayer's (those of ``branch``). Its :class:`BlockInfo` says where the model shows the
+    sublayer's input and output (``input_at`` / ``output_at``).
+
+    Args:
+        branch: the sublayer's branch (e.g. :class:`SelfAttentionBranch`, or ``norm`` then the
+            MLP as an ``nn.Sequential``), sharing the model's layers.
+    """
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h [N, S, W] -> h + branch(h), [N, S, W]."""
+        return h + self.branch(h)
+
+
+_SUBLAYERS = "_resgeom_sublayers"
+
+
+def _sublayer_blocks(m: nn.Module, parts: Sequence[tuple[str, Sequence[nn.Module], Callable[[], nn.Module]]]
+                     ) -> list[SublayerBlock]:
+    """The :class:`SublayerBlock` s of ``m``, one per ``(sublayer, modules it is built from,
+    build the branch)``, kept on ``m`` (a plain attribute, not registered: the state_dict and
+    ``m.modules()`` are unchanged) so that every call of :func:`residual_blocks` returns the same
+    block modules (blocks are selected by identity); rebuilt when one of the modules was replaced."""
+    key = tuple((name, tuple(id(x) for x in mods)) for name, mods, _ in parts)
+    cached = m.__dict__.get(_SUBLAYERS)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    blocks = [SublayerBlock(build()) for _, _, build in parts]
+    object.__setattr__(m, _SUBLAYERS, (key, blocks))
+    return blocks
 
 
 def _third_party_class(m: nn.Module, module: str, cls_name: str) -> bool:
@@ -433,10 +560,40 @@ def _describe_convnext(name: str, m: nn.Module) -> BlockInfo:
     return BlockInfo(name, m, branch, nn.Identity(), 1.0, nn.Identity(), "torchvision_convnext")
 
 
-def _describe_vit_attention(name: str, m: nn.Module) -> BlockInfo:
-    branch = SelfAttentionBranch(m.ln_1, m.self_attention, m.dropout)
-    return BlockInfo(name, m, branch, nn.Identity(), 1.0, ResidualSublayer(m.ln_2, m.mlp),
-                     "torchvision_vit_attention")
+def _sublayer_infos(name: str, m: nn.Module, kind: str, parts: Sequence[tuple[str, Sequence[nn.Module],
+                                                                               Callable[[], nn.Module]]],
+                    middle: nn.Module) -> list[BlockInfo]:
+    """The two sublayers of a pre-LN transformer block ``m`` (attention, then MLP): the first
+    reads its input at ``m``'s input and its output at ``middle``'s input (the norm before the
+    MLP), the second from ``middle``'s input to ``m``'s output."""
+    attn, mlp = _sublayer_blocks(m, parts)
+    points = [((m, "input"), (middle, "input")), ((middle, "input"), (m, "output"))]
+    return [BlockInfo(f"{name}:{sub}", blk, blk.branch, nn.Identity(), 1.0, nn.Identity(), kind, -1, i_at, o_at, m, sub)
+            for (sub, _, _), blk, (i_at, o_at) in zip(parts, (attn, mlp), points)]
+
+
+def _describe_vit(name: str, m: nn.Module) -> list[BlockInfo]:
+    parts = [
+        ("attention", (m.ln_1, m.self_attention, m.dropout),
+         lambda: SelfAttentionBranch(m.ln_1, m.self_attention, m.dropout)),
+        ("mlp", (m.ln_2, m.mlp), lambda: nn.Sequential(OrderedDict([("ln_2", m.ln_2), ("mlp", m.mlp)]))),
+    ]
+    return _sublayer_infos(name, m, "torchvision_vit", parts, m.ln_2)
+
+
+def _timm_branch(layers: Sequence[tuple[str, Optional[nn.Module]]]) -> nn.Module:
+    return nn.Sequential(OrderedDict([(a, x) for a, x in layers if a in ("norm", "body") or _present(x)]))
+
+
+def _describe_timm_vit(name: str, m: nn.Module) -> list[BlockInfo]:
+    parts = [
+        ("attention", (m.norm1, m.attn, m.ls1, m.drop_path1),
+         lambda: _timm_branch([("norm", m.norm1), ("body", MathAttention(m.attn)), ("ls", m.ls1),
+                               ("drop_path", m.drop_path1)])),
+        ("mlp", (m.norm2, m.mlp, m.ls2, m.drop_path2),
+         lambda: _timm_branch([("norm", m.norm2), ("body", m.mlp), ("ls", m.ls2), ("drop_path", m.drop_path2)])),
+    ]
+    return _sublayer_infos(name, m, "timm_vit", parts, m.norm2)
 
 
 register_block_kind("marked", _is_marked, _describe_marked)
@@ -452,21 +609,30 @@ register_block_kind("timm_bottleneck", lambda m: _third_party_class(m, "timm.mod
 register_block_kind("torchvision_inverted_residual", _is_inverted_residual, _describe_inverted_residual)
 register_block_kind("torchvision_convnext",
                     lambda m: _third_party_class(m, "torchvision.models.convnext", "CNBlock"), _describe_convnext)
-register_block_kind("torchvision_vit_attention",
+register_block_kind("torchvision_vit",
                     lambda m: _third_party_class(m, "torchvision.models.vision_transformer", "EncoderBlock"),
-                    _describe_vit_attention)
+                    _describe_vit)
+register_block_kind("timm_vit", lambda m: _third_party_class(m, "timm.models.vision_transformer", "Block"),
+                    _describe_timm_vit)
 
 
 # ------------------------------------------------------------------------------ discovery
-def _info(name: str, m: nn.Module) -> Optional[BlockInfo]:
+def _infos(name: str, m: nn.Module) -> list[BlockInfo]:
     for kind in _KINDS:
         if kind.match(m):
-            return kind.describe(name, m)
-    return None
+            got = kind.describe(name, m)
+            infos = [got] if isinstance(got, BlockInfo) else list(got) if isinstance(got, (list, tuple)) else None
+            if not infos or not all(isinstance(i, BlockInfo) for i in infos):
+                raise ArgumentTypeError(f"residual_blocks: expected the describe of block kind {kind.name!r} to return "
+                                        f"a BlockInfo or a non-empty sequence of them, got {type(got).__name__} "
+                                        f"for module {name!r}")
+            return infos
+    return []
 
 
 def residual_blocks(model: nn.Module, *, required: bool = True) -> list[BlockInfo]:
-    """Every residual block of ``model``, in ``model.named_modules()`` order.
+    """Every residual block of ``model``, in ``model.named_modules()`` order (the sublayers of
+    one module in forward order).
 
     Args:
         model: any ``nn.Module``.
@@ -483,8 +649,7 @@ def residual_blocks(model: nn.Module, *, required: bool = True) -> list[BlockInf
     check_module("residual_blocks", "model", model)
     found: list[BlockInfo] = []
     for name, m in model.named_modules():
-        info = _info(name, m)
-        if info is not None:
+        for info in _infos(name, m):
             found.append(dataclasses.replace(info, index=len(found)))
     if not found and required:
         raise ArgumentValueError(f"residual_blocks: found no residual blocks in {type(model).__name__}; " + _HINT
@@ -498,8 +663,9 @@ def resolve_blocks(fn: str, model: nn.Module, blocks: Optional[Sequence[Any]]) -
     Args:
         fn: the calling function's name (for messages).
         model: the model.
-        blocks: None (every block), an index (negative counts from the end), a block module, a
-            :class:`BlockInfo`, or a sequence of these.
+        blocks: None (every block), an index (negative counts from the end), a block module (a
+            module holding sublayer blocks, e.g. a ViT ``EncoderBlock``, selects all its
+            sublayers, in order), a :class:`BlockInfo`, or a sequence of these.
 
     Returns:
         the selected :class:`BlockInfo` s, in the order given.
@@ -513,7 +679,10 @@ def resolve_blocks(fn: str, model: nn.Module, blocks: Optional[Sequence[Any]]) -
         return all_blocks
     if isinstance(blocks, (int, nn.Module, BlockInfo)):
         blocks = [blocks]
-    by_id = {id(b.block): b for b in all_blocks}
+    by_id: dict[int, list[BlockInfo]] = {id(b.block): [b] for b in all_blocks}
+    for b in all_blocks:
+        if b.owner is not None and b.owner is not b.block:
+            by_id.setdefault(id(b.owner), []).append(b)
     out = []
     for b in blocks:
         if isinstance(b, BlockInfo):
@@ -527,7 +696,7 @@ def resolve_blocks(fn: str, model: nn.Module, blocks: Optional[Sequence[Any]]) -
         else:
             if id(b) not in by_id:
                 raise ArgumentValueError(f"{fn}: blocks: module {type(b).__name__} is not a residual block of the model")
-            out.append(by_id[id(b)])
+            out.extend(by_id[id(b)])
     if not out:
         raise ArgumentValueError(f"{fn}: blocks: expected None or a non-empty selection")
     return out

@@ -3,6 +3,11 @@
 - :func:`capture_outputs` / :func:`capture_inputs` -- context managers recording what given
   modules return / receive during forward passes; the hooks are removed on exit, also on an
   exception. ``stop=True`` ends the forward pass as soon as every module has been seen.
+  :func:`capture_points` mixes both: each watched point is ``(module, "input" | "output")``
+  (the capture points of a residual sublayer, :class:`resgeom_fast.core.blocks.BlockInfo`).
+- :func:`attention_math` -- a context manager selecting the math kernel of scaled-dot-product
+  attention and turning MHA's native fast path off (both restored on exit), so that double
+  backward and forward-mode AD work through attention.
 - :func:`module_mode` -- a context manager putting a model in train / eval mode (optionally
   BatchNorm with batch statistics and no running-statistics update) and restoring every
   submodule's ``training`` flag (and BatchNorm's ``track_running_stats``) on exit.
@@ -22,6 +27,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import Dataset as TorchDataset
@@ -36,9 +42,12 @@ from resgeom_fast.core.checks import (
 )
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "Capture", "StopForward", "as_batches", "capture_inputs", "capture_outputs", "data_source",
-    "is_batch", "module_mode",
+    "DEFAULT_BATCH_SIZE", "POINTS", "Capture", "StopForward", "as_batches", "attention_math", "capture_inputs",
+    "capture_outputs", "capture_points", "data_source", "is_batch", "module_mode",
 ]
+
+POINTS = ("input", "output")
+"""Where a capture point reads its module: the first positional input (forward pre-hook) or the output."""
 
 DEFAULT_BATCH_SIZE = 128
 """Samples per batch when a map-style torch Dataset is read without a ``batch_size``."""
@@ -53,24 +62,26 @@ class StopForward(Exception):
 
 
 class Capture:
-    """What a :func:`capture_outputs` / :func:`capture_inputs` block recorded.
+    """What a :func:`capture_outputs` / :func:`capture_inputs` / :func:`capture_points` block recorded.
 
     Attributes:
         modules: the watched modules, in the order given.
-        values: per module, the value of its first call (None until it is called): the output,
-            or for inputs the first positional argument; tensors are detached (and cloned with
-            ``clone=True``).
-        calls: per module, how many times it was called.
+        points: per watched entry, ``(module, "input" | "output")``.
+        values: per entry, the value of its module's first call (None until it is called): the
+            output, or for inputs the first positional argument; tensors are detached (and cloned
+            with ``clone=True``).
+        calls: per entry, how many times its module was called.
     """
 
-    def __init__(self, modules: Sequence[nn.Module], clone: bool, stop: bool,
+    def __init__(self, points: Sequence[tuple[nn.Module, str]], clone: bool, stop: bool,
                  on_call: Optional[Callable[[int, Any], None]]) -> None:
-        self.modules = list(modules)
-        self.values: list[Any] = [None] * len(self.modules)
-        self.calls: list[int] = [0] * len(self.modules)
-        self._slots: dict[int, list[int]] = {}      # id(module) -> its positions in ``modules``
-        for i, m in enumerate(self.modules):
-            self._slots.setdefault(id(m), []).append(i)
+        self.points = list(points)
+        self.modules = [m for m, _ in self.points]
+        self.values: list[Any] = [None] * len(self.points)
+        self.calls: list[int] = [0] * len(self.points)
+        self._slots: dict[tuple[int, str], list[int]] = {}   # (id(module), where) -> positions in ``points``
+        for i, (m, where) in enumerate(self.points):
+            self._slots.setdefault((id(m), where), []).append(i)
         self._clone, self._stop, self._on_call = clone, stop, on_call
 
     @property
@@ -84,11 +95,11 @@ class Capture:
 
     def reset(self) -> None:
         """Forget the recorded values and call counts (e.g. between batches)."""
-        self.values = [None] * len(self.modules)
-        self.calls = [0] * len(self.modules)
+        self.values = [None] * len(self.points)
+        self.calls = [0] * len(self.points)
 
-    def _record(self, module: nn.Module, value: Any) -> None:
-        slots = self._slots.get(id(module))
+    def _record(self, module: nn.Module, value: Any, where: str = "output") -> None:
+        slots = self._slots.get((id(module), where))
         if slots is None:
             return
         first = self.calls[slots[0]] == 0
@@ -113,23 +124,36 @@ def _modules_arg(fn: str, modules: Union[nn.Module, Sequence[nn.Module]]) -> lis
     return items
 
 
+def _points_arg(fn: str, points: Sequence[Any]) -> list[tuple[nn.Module, str]]:
+    if isinstance(points, tuple) and len(points) == 2 and isinstance(points[0], nn.Module):
+        points = [points]
+    out = []
+    for i, p in enumerate(points):
+        if not (isinstance(p, tuple) and len(p) == 2):
+            raise ArgumentTypeError(f"{fn}: expected points[{i}] a (module, 'input' | 'output') tuple, got "
+                                    f"{type(p).__name__}")
+        check_module(fn, f"points[{i}][0]", p[0])
+        check_choice(fn, f"points[{i}][1]", p[1], POINTS)
+        out.append((p[0], p[1]))
+    return out
+
+
 @contextlib.contextmanager
-def _capture(fn: str, modules: Union[nn.Module, Sequence[nn.Module]], inputs: bool, clone: bool, stop: bool,
+def _capture(points: list[tuple[nn.Module, str]], clone: bool, stop: bool,
              on_call: Optional[Callable[[int, Any], None]]) -> Iterator[Capture]:
-    items = _modules_arg(fn, modules)
-    cap = Capture(items, clone, stop, on_call)
-    seen: set[int] = set()
+    cap = Capture(points, clone, stop, on_call)
+    seen: set[tuple[int, str]] = set()
     handles = []
     try:
-        for m in items:
-            if id(m) in seen:
+        for m, where in points:
+            if (id(m), where) in seen:
                 continue
-            seen.add(id(m))
-            if inputs:
+            seen.add((id(m), where))
+            if where == "input":
                 handles.append(m.register_forward_pre_hook(
-                    lambda mod, args: cap._record(mod, args[0] if args else None)))
+                    lambda mod, args: cap._record(mod, args[0] if args else None, "input")))
             else:
-                handles.append(m.register_forward_hook(lambda mod, args, out: cap._record(mod, out)))
+                handles.append(m.register_forward_hook(lambda mod, args, out: cap._record(mod, out, "output")))
         try:
             yield cap
         except StopForward:
@@ -161,7 +185,7 @@ def capture_outputs(modules: Union[nn.Module, Sequence[nn.Module]], *, clone: bo
         a context manager yielding a :class:`Capture`. The hooks are removed on exit, also when
         the body raises.
     """
-    return _capture("capture_outputs", modules, False, clone, stop, on_call)
+    return _capture([(m, "output") for m in _modules_arg("capture_outputs", modules)], clone, stop, on_call)
 
 
 def capture_inputs(modules: Union[nn.Module, Sequence[nn.Module]], *, clone: bool = True, stop: bool = False,
@@ -169,7 +193,44 @@ def capture_inputs(modules: Union[nn.Module, Sequence[nn.Module]], *, clone: boo
     """Record the first positional input of ``modules`` (a residual block's input h_{l-1})
     during the forward passes run inside the block; as :func:`capture_outputs` otherwise
     (``Capture.values[i]`` is None when the module was called without positional arguments)."""
-    return _capture("capture_inputs", modules, True, clone, stop, on_call)
+    return _capture([(m, "input") for m in _modules_arg("capture_inputs", modules)], clone, stop, on_call)
+
+
+def capture_points(points: Union[tuple[nn.Module, str], Sequence[tuple[nn.Module, str]]], *, clone: bool = True,
+                   stop: bool = False, on_call: Optional[Callable[[int, Any], None]] = None
+                   ) -> contextlib.AbstractContextManager[Capture]:
+    """Record, per point ``(module, "input" | "output")``, the module's first positional input
+    or its output during the forward passes run inside the block; as :func:`capture_outputs`
+    otherwise (``Capture.values[i]`` belongs to ``points[i]``; a point listed twice is hooked
+    once). A residual sublayer's ``BlockInfo.input_point`` / ``output_point`` are such points.
+
+    Raises:
+        ArgumentTypeError: a point that is not a ``(module, str)`` tuple.
+        ArgumentValueError: a point whose second item is not "input" or "output".
+    """
+    return _capture(_points_arg("capture_points", points), clone, stop, on_call)
+
+
+@contextlib.contextmanager
+def attention_math() -> Iterator[None]:
+    """Run the block with scaled-dot-product attention on its math kernel
+    (``sdpa_kernel(SDPBackend.MATH)``) and ``nn.MultiheadAttention``'s native fast path off
+    (``torch.backends.mha.set_fastpath_enabled(False)``); both restored on exit, also on an
+    exception.
+
+    The fused SDPA kernels (flash / memory-efficient / the CPU flash kernel) have no double
+    backward and no forward-mode derivative, and MHA's fast path (eval mode without grad) has no
+    forward-mode AD; the math kernel and MHA's slow path compute the same attention with plain
+    differentiable operations (equal to the fused kernels to rounding). Both switches are
+    process-wide while the block runs (other threads see them too).
+    """
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 # ------------------------------------------------------------------------------ module modes

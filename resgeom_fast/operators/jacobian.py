@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resgeom_fast.core.blocks import ScalarBias, ScalarMultiplier
 from resgeom_fast.core.checks import ArgumentValueError, check_choice, check_int, check_type, value_error
-from resgeom_fast.core.modules import capture_inputs
+from resgeom_fast.core.modules import capture_points
 from resgeom_fast.linalg.operator import LinearOperator
 from resgeom_fast.operators._data import module_mode, no_inplace
 from resgeom_fast.operators._precision import check_precision, product_precision
@@ -55,7 +55,9 @@ _CHUNK_BYTES = 256 * 2**20
 
 def block_inputs(model: nn.Module, x: Tensor, blocks: Sequence[BlockInfo]) -> list[Tensor]:
     """The inputs h_{l-1} [N, ...] of ``blocks`` from one eval-mode, no-grad forward pass of x
-    (detached copies, :func:`resgeom_fast.core.modules.capture_inputs`).
+    (detached copies, :func:`resgeom_fast.core.modules.capture_points` at each block's
+    ``input_point``: the block module's input, or for a sublayer block such as a ViT's MLP
+    sublayer the point inside its owner where the model shows the sublayer's input).
 
     The pass stops after the last requested block's input is captured.
     """
@@ -64,7 +66,7 @@ def block_inputs(model: nn.Module, x: Tensor, blocks: Sequence[BlockInfo]) -> li
             raise ArgumentValueError(f"residual_jacobians: block {blocks[i].name!r} was called without a "
                                      f"tensor input")
 
-    with capture_inputs([b.block for b in blocks], stop=True, on_call=first_input_is_a_tensor) as cap, \
+    with capture_points([b.input_point for b in blocks], stop=True, on_call=first_input_is_a_tensor) as cap, \
             torch.no_grad(), module_mode(model, "eval"):
         model(x)
     missing = [blocks[i].name for i in cap.missing()]

@@ -2,6 +2,10 @@
 discovery (counts, kinds, indices), the decomposition block(h) == post(skip(h) + scale * branch(h))
 on every block, and the residual Jacobian operator against dense jacrev / torch.func.jvp.
 
+The ViT kinds list each EncoderBlock / timm Block as two sublayer blocks (attention, MLP): their
+inputs and outputs are captured here at the points of the transformer's own forward (the block's
+input, the input of the norm before the MLP, the block's output), with plain hooks.
+
 Random weights with randomised BatchNorm statistics and ConvNeXt layer scales (timm zero-inits
 the last BN of each block, ConvNeXt's layer scale starts at 1e-6: either would hide the branch),
 float64, eval mode, tiny inputs. Block inputs and outputs are captured here with plain hooks,
@@ -17,10 +21,12 @@ from torch import nn
 
 from resgeom_fast.core.blocks import (
     LayerScaleBranch,
-    ResidualSublayer,
+    MathAttention,
     SelfAttentionBranch,
+    SublayerBlock,
     block_kinds,
     residual_blocks,
+    resolve_blocks,
 )
 from resgeom_fast.core.checks import ArgumentValueError
 from resgeom_fast.operators import residual_jacobians
@@ -28,7 +34,7 @@ from resgeom_fast.operators import residual_jacobians
 tv = pytest.importorskip("torchvision")
 
 NEW_KINDS = ["timm_basic", "timm_bottleneck", "torchvision_inverted_residual", "torchvision_convnext",
-             "torchvision_vit_attention"]
+             "torchvision_vit", "timm_vit"]
 TOL = 1e-12  # float64; a wrong decomposition or Jacobian is off by O(1e-3) or more
 
 
@@ -59,6 +65,9 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "timm_resnet18": _timm("resnet18"),
     "timm_resnet50": _timm("resnet50"),
     "timm_seresnet18_drop_path": _timm("seresnet18", drop_path_rate=0.1),
+    # a tiny timm ViT with layer scale (init_values) so that ls1 / ls2 are part of the branches
+    "timm_vit_tiny": _timm("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=16, num_heads=2,
+                           init_values=0.5, num_classes=3),
 }
 
 
@@ -75,10 +84,12 @@ EXPECTED = {
     "mobilenet_v2": ("torchvision_inverted_residual", [f"features.{i}" for i in (3, 5, 6, 8, 9, 10, 12, 13, 15, 16)]),
     "convnext_tiny": ("torchvision_convnext",
                       [f"features.{2 * s + 1}.{i}" for s, d in enumerate([3, 3, 9, 3]) for i in range(d)]),
-    "vit_tiny": ("torchvision_vit_attention", [f"encoder.layers.encoder_layer_{i}" for i in range(2)]),
+    "vit_tiny": ("torchvision_vit", [f"encoder.layers.encoder_layer_{i}:{s}" for i in range(2)
+                                     for s in ("attention", "mlp")]),
     "timm_resnet18": ("timm_basic", _stage_names([2, 2, 2, 2])),
     "timm_resnet50": ("timm_bottleneck", _stage_names([3, 4, 6, 3])),
     "timm_seresnet18_drop_path": ("timm_basic", _stage_names([2, 2, 2, 2])),
+    "timm_vit_tiny": ("timm_vit", [f"blocks.{i}:{s}" for i in range(2) for s in ("attention", "mlp")]),
 }
 
 
@@ -115,27 +126,47 @@ def built():
     return get
 
 
-def _capture(model: nn.Module, x: torch.Tensor, modules: list[nn.Module]):
-    """Inputs and outputs of ``modules`` in one no-grad forward pass (plain hooks)."""
+def _points(model: nn.Module, info) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
+    """Where the model's forward shows a block's input and output, written out here per kind (not
+    read from the package): a ViT sublayer reads its owner's input / output and the input of the
+    norm before the MLP; every other block its own module's input and output."""
+    owner = model.get_submodule(info.name.split(":")[0])
+    if info.kind in ("torchvision_vit", "timm_vit"):
+        mid = owner.ln_2 if info.kind == "torchvision_vit" else owner.norm2
+        return ((owner, "input"), (mid, "input")) if info.name.endswith(":attention") else \
+            ((mid, "input"), (owner, "output"))
+    return (owner, "input"), (owner, "output")
+
+
+def _capture(model: nn.Module, x: torch.Tensor, infos: list):
+    """Inputs and outputs of the blocks ``infos`` in one no-grad forward pass (plain hooks)."""
     ins: dict[int, torch.Tensor] = {}
     outs: dict[int, torch.Tensor] = {}
     handles = []
-    for i, m in enumerate(modules):
-        handles.append(m.register_forward_pre_hook(lambda mod, a, i=i: ins.setdefault(i, a[0].detach().clone())))
-        handles.append(m.register_forward_hook(lambda mod, a, o, i=i: outs.setdefault(i, o.detach().clone())))
+
+    def hook(store: dict, i: int, where: str, m: nn.Module) -> None:
+        if where == "input":
+            handles.append(m.register_forward_pre_hook(lambda mod, a: store.setdefault(i, a[0].detach().clone())))
+        else:
+            handles.append(m.register_forward_hook(lambda mod, a, o: store.setdefault(i, o.detach().clone())))
+
+    for i, info in enumerate(infos):
+        (mi, wi), (mo, wo) = _points(model, info)
+        hook(ins, i, wi, mi)
+        hook(outs, i, wo, mo)
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return [ins[i] for i in range(len(modules))], [outs[i] for i in range(len(modules))]
+    return [ins[i] for i in range(len(infos))], [outs[i] for i in range(len(infos))]
 
 
 def test_new_kinds_are_registered_after_the_builtin_ones():
     kinds = block_kinds()
     assert kinds[:4] == ["marked", "resgeom", "torchvision_basic", "torchvision_bottleneck"]
-    assert kinds[4:9] == NEW_KINDS
+    assert kinds[4:10] == NEW_KINDS
 
 
 def test_no_blocks_error_lists_the_registered_kinds():
@@ -152,7 +183,15 @@ def test_discovery(built, name):
     kind, names = EXPECTED[name]
     infos = residual_blocks(model)
     assert [(i.name, i.kind, i.index) for i in infos] == [(n, kind, k) for k, n in enumerate(names)]
-    assert all(i.block is model.get_submodule(i.name) for i in infos)
+    for i in infos:
+        owner = model.get_submodule(i.name.split(":")[0])
+        assert i.module is owner
+        if i.sublayer is None:
+            assert i.block is owner and i.input_at is None and i.output_at is None and i.owner is None
+        else:  # a sublayer: its own block module, the same object on every discovery
+            assert isinstance(i.block, SublayerBlock) and i.block is not owner and i.owner is owner
+            assert i.name == f"{i.name.split(':')[0]}:{i.sublayer}"
+    assert all(a.block is b.block for a, b in zip(infos, residual_blocks(model)))
 
 
 def test_branch_structure(built):
@@ -179,17 +218,45 @@ def test_branch_structure(built):
     assert c.branch.layer_scale is c.block.layer_scale and c.branch.body is c.block.block
     assert c.branch.drop is c.block.stochastic_depth
 
-    v = residual_blocks(built("vit_tiny")[0])[1]
-    assert isinstance(v.branch, SelfAttentionBranch) and v.branch.attention is v.block.self_attention
-    assert isinstance(v.post, ResidualSublayer) and v.post.body is v.block.mlp and v.post.norm is v.block.ln_2
+    vit = built("vit_tiny")[0]
+    a, m = residual_blocks(vit)[2:4]
+    enc = vit.encoder.layers[1]
+    assert isinstance(a.branch, SelfAttentionBranch) and a.branch.attention is enc.self_attention
+    assert a.branch.norm is enc.ln_1 and a.branch.dropout is enc.dropout and a.block.branch is a.branch
+    assert list(m.branch._modules) == ["ln_2", "mlp"] and m.branch.ln_2 is enc.ln_2 and m.branch.mlp is enc.mlp
+    for i in (a, m):
+        assert isinstance(i.skip, nn.Identity) and isinstance(i.post, nn.Identity) and i.scale == 1.0
+        assert i.owner is enc
+    assert a.input_point == (enc, "input") and a.output_point == (enc.ln_2, "input")
+    assert m.input_point == (enc.ln_2, "input") and m.output_point == (enc, "output")
+    # the parameters of each sublayer block are exactly the sublayer's; together the EncoderBlock's
+    ids = lambda ms: {id(p) for x in ms for p in x.parameters()}  # noqa: E731
+    assert ids([a.block]) == ids([enc.ln_1, enc.self_attention]) and ids([m.block]) == ids([enc.ln_2, enc.mlp])
+    assert ids([a.block, m.block]) == ids([enc]) and not ids([a.block]) & ids([m.block])
+    # nothing registered on the model: state_dict and modules unchanged
+    assert all(not isinstance(x, SublayerBlock) for x in vit.modules())
+    # a block module holding sublayers selects them all, in order
+    assert [b.index for b in resolve_blocks("t", vit, [enc])] == [2, 3]
+
+    t = residual_blocks(built("timm_vit_tiny")[0])
+    blk = built("timm_vit_tiny")[0].blocks[0]
+    assert list(t[0].branch._modules) == ["norm", "body", "ls"] and isinstance(t[0].branch.body, MathAttention)
+    assert t[0].branch.body.attention is blk.attn and t[0].branch.ls is blk.ls1
+    assert list(t[1].branch._modules) == ["norm", "body", "ls"] and t[1].branch.body is blk.mlp
+    assert t[0].output_point == (blk.norm2, "input") and t[1].output_point == (blk, "output")
 
 
-def test_vit_b_16_has_twelve_attention_sublayers():
+def test_vit_b_16_has_24_sublayers():
+    """12 EncoderBlocks, each an attention and an MLP sublayer (was: 12 attention blocks whose post
+    was the MLP sublayer, before sublayers were blocks of their own)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = tv.models.vit_b_16()
     infos = residual_blocks(model)
-    assert [(i.kind, i.index) for i in infos] == [("torchvision_vit_attention", k) for k in range(12)]
+    assert [(i.kind, i.index, i.sublayer) for i in infos] == [
+        ("torchvision_vit", k, ("attention", "mlp")[k % 2]) for k in range(24)]
+    assert [i.name for i in infos[:2]] == ["encoder.layers.encoder_layer_0:attention",
+                                           "encoder.layers.encoder_layer_0:mlp"]
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
@@ -197,7 +264,7 @@ def test_decomposition_on_every_block(built, name):
     """block(h), as the model computed it, equals post(skip(h) + scale * branch(h))."""
     model, x = built(name)
     infos = residual_blocks(model)
-    hs, outs = _capture(model, x, [i.block for i in infos])
+    hs, outs = _capture(model, x, infos)
     err = 0.0
     with torch.no_grad():
         for info, h, out in zip(infos, hs, outs):
@@ -205,6 +272,8 @@ def test_decomposition_on_every_block(built, name):
             assert ref.shape == out.shape
             err = max(err, (ref - out).abs().max().item())
             assert (ref - info.post(info.skip(h.clone()))).abs().max() > 1e-3  # the branch matters
+            if info.sublayer is not None:  # the sublayer's block module computes the sublayer map
+                err = max(err, (info.block(h.clone()) - out).abs().max().item())
     print(f"{name}: max |block(h) - post(skip(h) + scale branch(h))| = {err:.2e} over {len(infos)} blocks")
     assert err <= TOL
 
@@ -218,8 +287,9 @@ JAC_CASES = {
     "resnext50_32x4d": ([], [-1]),
     "mobilenet_v2": ([-1], [0]),
     "convnext_tiny": ([-1], [0]),
-    "vit_tiny": ([1], []),
+    "vit_tiny": ([0, 1, 3], []),  # attention and MLP sublayers, D = 5 tokens x 16
     "timm_resnet18": ([-1], [0]),
+    "timm_vit_tiny": ([0, 1], []),
 }
 
 
@@ -236,7 +306,7 @@ def test_residual_jacobian_matches_jacrev(built, name):
     errs = []
     for idx, dense in [(i, True) for i in dense_idx] + [(i, False) for i in jvp_idx]:
         info = infos[idx]
-        (h,), _ = _capture(model, x, [info.block])
+        (h,), _ = _capture(model, x, [info])
         for path in ("generic", "auto"):  # auto: the fast path where the branch is recognised
             (op,) = residual_jacobians(model, x, blocks=[idx], path=path)
             assert op.info.block is info.block and torch.equal(op.h, h)
