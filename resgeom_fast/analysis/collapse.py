@@ -78,6 +78,15 @@ residual blocks :func:`resgeom_fast.core.blocks.residual_blocks` discovers): h_0
 forward hooks on the blocks (h_0 = the first block's input, h_l = block l's output), one forward
 pass per batch and pass.
 
+Transformers (the residual sublayers of a torchvision / timm ViT, read by hooks): h_l is the token
+sequence [N, S, W] after sublayer l (h_0 the tokens entering the first encoder block: patch
+embeddings, class token and position embedding), and collapse is measured on one W-vector per
+sample: the class token (``tokens="cls"``, token 0, what the ViT head reads; the default for
+models with a class token: torchvision's ``class_token``, timm's ``cls_token``) or the mean over
+the S tokens (``tokens="mean"``). The choice is recorded in the result (``tokens``). The head
+reads ``ln(h_L)[:, 0]`` (a final LayerNorm) rather than h_L itself, so NC3 is not computed for them
+unless the model has a ``head`` weight matching the width.
+
 Layers of different widths (staged conv ResNets: pooled features have 64, 128, ... channels) are
 fine: every layer is analysed on its own.
 """
@@ -114,6 +123,7 @@ RANK_RULE: str = ("keep singular value s_k of M = [mu_c - mu_G] iff s_k > max(s_
 METRICS: tuple[str, ...] = ("nc1", "etf_error", "equinorm", "ncc_mismatch")
 
 _POOLS = ("auto", "avg", "flatten")
+_TOKENS = ("auto", "cls", "mean")
 
 
 # ----------------------------------------------------------------------------- finiteness
@@ -474,6 +484,8 @@ class CollapseResult(Result):
             later analysed layer (None when the last layer's mismatch is not 0).
         num_classes, num_samples, class_counts: C, N and n_c.
         pool, split: the options used.
+        tokens: how token sequences [N, S, W] became vectors: "cls" (token 0) or "mean" (mean
+            over the tokens); None when the hidden states are not token sequences.
     """
 
     layers: list[int]
@@ -499,6 +511,7 @@ class CollapseResult(Result):
     class_counts: list[int]
     pool: str
     split: str = "train"
+    tokens: Optional[str] = None
 
     _place = {"rank_rule": "feature_dtype"}
 
@@ -535,24 +548,45 @@ def _pool(h: Tensor, pool: str) -> Tensor:
     return h.flatten(2).mean(2)  # global average pooling over every axis after the channels
 
 
+def _has_class_token(model: nn.Module) -> bool:
+    """Whether ``model`` has a class token: torchvision ViT's ``class_token``, timm's ``cls_token``."""
+    return any(isinstance(getattr(model, a, None), Tensor) for a in ("class_token", "cls_token"))
+
+
+def _resolve_tokens(where: str, model: nn.Module, tokens: str) -> Optional[str]:
+    """``tokens`` ("auto" -> "cls" for a model with a class token, else None: 3-D states refused)."""
+    if tokens != "auto":
+        return tokens
+    return "cls" if _has_class_token(model) else None
+
+
 def _forward_hidden(where: str, model: nn.Module, x: Tensor,
-                    blocks: Optional[list[BlockInfo]] = None) -> list[Tensor]:
-    """[h_0, ..., h_L]: ``model(x, return_hidden=True)[1]``, or (``blocks`` given: a model without
-    return_hidden) the block representations from forward hooks."""
+                    blocks: Optional[list[BlockInfo]] = None, tokens: Optional[str] = None
+                    ) -> tuple[list[Tensor], bool]:
+    """([h_0, ..., h_L], whether token sequences were reduced): ``model(x, return_hidden=True)[1]``,
+    or (``blocks`` given: a model without return_hidden) the block representations from forward
+    hooks; token sequences [N, S, W] are reduced to [N, W] by ``tokens`` ("cls": token 0, "mean":
+    the mean over the S tokens)."""
+    reduced = False
     if blocks is not None:
         hs = block_representations(model, x, blocks=blocks)
         for l, h in enumerate(hs):
             if h.dim() == 3:
-                # [N, C, L] (1-D conv) and [N, T, D] (tokens) cannot be told apart from the shape
-                raise ValueError(f"{where}: expected hook-captured hidden states [N, D] or [N, C, H, W], got h_{l} "
-                                 f"of shape {tuple(h.shape)} (token sequences are not supported yet)")
-        return hs
+                if tokens is None:
+                    # [N, C, L] (1-D conv) and [N, S, W] (tokens) cannot be told apart from the shape
+                    raise ValueError(f"{where}: expected hook-captured hidden states [N, D] or [N, C, H, W], got "
+                                     f"h_{l} of shape {tuple(h.shape)}; for a token sequence [N, S, W] pass "
+                                     f"tokens='cls' (token 0) or tokens='mean' (the default 'auto' picks 'cls' only "
+                                     f"for a model with a class_token)")
+                hs[l] = h[:, 0] if tokens == "cls" else h.mean(1)
+                reduced = True
+        return hs, reduced
     out = model(x, return_hidden=True)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], (list, tuple))
             and len(out[1]) >= 1 and all(isinstance(h, Tensor) for h in out[1])):
         raise TypeError(f"{where}: expected model(x, return_hidden=True) to return (logits, [h_0, ..., h_L]), "
                         f"got {type(out).__name__}")
-    return list(out[1])
+    return list(out[1]), reduced
 
 
 def _head_weight(model: nn.Module, hooked: bool = False) -> Optional[Tensor]:
@@ -569,7 +603,8 @@ def _head_weight(model: nn.Module, hooked: bool = False) -> Optional[Tensor]:
 
 
 def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
-             layers: Optional[Sequence[int]] = None, pool: str = "auto", split: str = "train") -> CollapseResult:
+             layers: Optional[Sequence[int]] = None, pool: str = "auto", split: str = "train",
+             tokens: str = "auto") -> CollapseResult:
     """Neural-collapse metrics of every representation h_0..h_L of ``model`` on ``data``.
 
     Two streaming passes over ``data`` in float64 (see the module docstring): nothing of size N x D
@@ -598,6 +633,11 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
             reading of docs/science.md section 5), "flatten" keeps all C*H*W numbers. [N, D] states are used as
             they are.
         split: the Dataset split ("train" or "test").
+        tokens: how a hook-read token sequence [N, S, W] (the sublayers of a ViT) becomes a
+            vector: "cls" the class token (token 0), "mean" the mean over the S tokens, "auto"
+            (default) "cls" for a model with a class token (``class_token`` / ``cls_token``),
+            else such states are refused. Recorded in the result (``tokens``; None when no
+            state was a token sequence).
 
     Returns:
         :class:`CollapseResult`. NC3 is computed at l = L when L is analysed and ``model.head``
@@ -611,6 +651,7 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     check_module(where, "model", model)
     check_choice(where, "pool", pool, _POOLS)
     check_choice(where, "split", split, ("train", "test"))
+    check_choice(where, "tokens", tokens, _TOKENS)
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
@@ -651,14 +692,15 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     check_finite_parameters(where, model)
 
     # eval mode inside; every submodule's own mode restored after (e.g. frozen BatchNorm in a training net)
+    tok = _resolve_tokens(where, model, tokens) if blocks is not None else None
     with module_mode(model, False), torch.no_grad():
-        stats, sel, n_classes, n1, num_hidden, fdtype = _pass1(where, model, data, device, dtype, split,
-                                                               num_classes, layers, pool, blocks)
+        stats, sel, n_classes, n1, num_hidden, fdtype, used_tokens = _pass1(
+            where, model, data, device, dtype, split, num_classes, layers, pool, blocks, tok)
         counts = stats[0].counts
         _check_counts(where, counts)
         for st in stats:
             st.finish_pass1()
-        n2 = _pass2(where, model, data, device, dtype, split, n_classes, sel, pool, stats, blocks)
+        n2 = _pass2(where, model, data, device, dtype, split, n_classes, sel, pool, stats, blocks, tok)
     if n2 != n1:
         raise ValueError(f"{where}: expected the same samples in both passes over data, got {n1} then {n2}")
 
@@ -683,14 +725,16 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     return CollapseResult(
         layers=list(sel), widths=[st.width for st in stats], nc3=per[-1]["nc3"], nc3_note=nc3_note,
         spearman=rho, spearman_note=rho_note, ncc_zero_from=zero_from, num_classes=n_classes, num_samples=n1,
-        class_counts=[int(c) for c in counts.tolist()], pool=pool, split=split, feature_dtype=fdtype, **res,
+        class_counts=[int(c) for c in counts.tolist()], pool=pool, split=split, feature_dtype=fdtype,
+        tokens=tok if used_tokens else None, **res,
     )
 
 
 def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype: torch.dtype, split: str,
            num_classes: Optional[int], layers: Optional[list[int]], pool: str,
-           blocks: Optional[list[BlockInfo]] = None):
+           blocks: Optional[list[BlockInfo]] = None, tokens: Optional[str] = None):
     stats: list[_LayerStats] = []
+    used_tokens = False
     sel: list[int] = []
     c = num_classes if num_classes is not None else 0
     n = num_hidden = 0
@@ -700,7 +744,8 @@ def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
         if y.device != device:
             raise ValueError(f"{where}: expected y on the model's device {device}, got {y.device}")
         check_finite_tensor(where, x, f"the input x of batch {b}")
-        hs = _forward_hidden(where, model, x, blocks)
+        hs, reduced = _forward_hidden(where, model, x, blocks, tokens)
+        used_tokens = used_tokens or reduced
         if b == 0:
             num_hidden = len(hs)
             if layers is not None and layers[-1] >= len(hs):
@@ -723,17 +768,17 @@ def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
         n += x.shape[0]
     if c < 2:
         raise ValueError(f"{where}: expected num_classes >= 2 (inferred from the labels), got {c}")
-    return stats, sel, c, n, num_hidden, ",".join(sorted(fdtypes))
+    return stats, sel, c, n, num_hidden, ",".join(sorted(fdtypes)), used_tokens
 
 
 def _pass2(where: str, model: nn.Module, data: Any, device: torch.device, dtype: torch.dtype, split: str,
            num_classes: int, sel: list[int], pool: str, stats: list[_LayerStats],
-           blocks: Optional[list[BlockInfo]] = None) -> int:
+           blocks: Optional[list[BlockInfo]] = None, tokens: Optional[str] = None) -> int:
     n = 0
     for b, (x, y) in enumerate(batches(where, data, device, dtype, split)):
         y = _check_labels(where, y, x.shape[0], num_classes, name=f"y of batch {b}")
         check_finite_tensor(where, x, f"the input x of batch {b} (second pass)")
-        hs = _forward_hidden(where, model, x, blocks)
+        hs, _ = _forward_hidden(where, model, x, blocks, tokens)
         for st, l in zip(stats, sel):
             hp = _pool(hs[l], pool)
             check_finite_tensor(where, hp, f"the hidden state h_{l} of batch {b} (second pass)")

@@ -14,6 +14,16 @@ have the same shapes, dtype and device.
 - structured (Hessian only): :func:`structured_primal` checks a batch for the R-operator of
   :mod:`resgeom_fast.operators._structured` and computes its primal pass (:class:`NotStructured`
   where it does not apply).
+
+Attention. Every graph build and product here runs under
+:func:`resgeom_fast.core.modules.attention_math`: ``F.scaled_dot_product_attention`` on its math
+kernel and ``nn.MultiheadAttention``'s native fast path off, PyTorch's settings restored after
+each call (also on an exception). The fused SDPA kernels (flash, memory-efficient, the CPU flash
+kernel that a ViT's attention takes by default) have no double backward ("derivative for
+aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented") and no
+forward-mode derivative, so without this the Hessian / GGN of any transformer would fail; the
+math kernel computes the same attention (to rounding) with differentiable operations. Models
+without attention are unaffected. The switches are process-wide while a product runs.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from resgeom_fast.core.modules import attention_math
 from resgeom_fast.operators._data import module_mode
 from resgeom_fast.operators._mean_contract import LossFn, check_loss
 from resgeom_fast.operators._structured import StructuredHVP
@@ -78,15 +89,18 @@ def batched_grad(outputs: Sequence[Optional[Tensor]], inputs: Sequence[Tensor],
 def hessian_graph(fn: str, model: nn.Module, loss_fn: LossFn, params: Sequence[Tensor], x: Tensor,
                   y: Any) -> tuple[Optional[Tensor], ...]:
     """The loss gradient of one batch in every parameter, with its graph (``create_graph=True``).
-    Call under ``torch.enable_grad()`` and the model's mode for the product."""
-    loss = check_loss(fn, loss_fn(model(x), y))
-    return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    Call under ``torch.enable_grad()`` and the model's mode for the product. Attention runs on the
+    math kernel (module docstring) so that the graph can be differentiated again."""
+    with attention_math():
+        loss = check_loss(fn, loss_fn(model(x), y))
+        return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
 
 
 def hessian_graph_product(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor], idx: Sequence[int],
                           vs: Sequence[Tensor], k: int) -> list[Tensor]:
     """H v for the parameters ``idx``: one batched backward of ``<grads, v>`` through the graph."""
-    return batched_grad([grads[i] for i in idx], [params[i] for i in idx], vs, k)
+    with attention_math():
+        return batched_grad([grads[i] for i in idx], [params[i] for i in idx], vs, k)
 
 
 class GGNGraph(NamedTuple):
@@ -103,22 +117,25 @@ class GGNGraph(NamedTuple):
 
 def ggn_graph(fn: str, model: nn.Module, loss_fn: LossFn, params: Sequence[Tensor], x: Tensor,
               y: Any) -> GGNGraph:
-    """:class:`GGNGraph` of one batch. Call under ``torch.enable_grad()`` and the model's mode."""
-    out = model(x)
-    outd = out.detach().requires_grad_(True)
-    loss = check_loss(fn, loss_fn(outd, y))
-    (gout,) = torch.autograd.grad(loss, outd, create_graph=True)
-    u = torch.zeros_like(out, requires_grad=True)
-    jtu = torch.autograd.grad(out, params, u, create_graph=True, allow_unused=True)
-    return GGNGraph(out, outd, gout, u, jtu)
+    """:class:`GGNGraph` of one batch. Call under ``torch.enable_grad()`` and the model's mode.
+    Attention runs on the math kernel (module docstring)."""
+    with attention_math():
+        out = model(x)
+        outd = out.detach().requires_grad_(True)
+        loss = check_loss(fn, loss_fn(outd, y))
+        (gout,) = torch.autograd.grad(loss, outd, create_graph=True)
+        u = torch.zeros_like(out, requires_grad=True)
+        jtu = torch.autograd.grad(out, params, u, create_graph=True, allow_unused=True)
+        return GGNGraph(out, outd, gout, u, jtu)
 
 
 def ggn_graph_product(g: GGNGraph, params: Sequence[Tensor], idx: Sequence[int], vs: Sequence[Tensor],
                       k: int) -> list[Tensor]:
     """G v = J^T H_out J v for the parameters ``idx``: three batched backwards through ``g``."""
-    jv = batched_grad([g.jtu[i] for i in idx], [g.u], vs, k)[0]                 # [k, *out]
-    hjv = batched_grad([g.gout], [g.outd], [jv], k)[0]                         # [k, *out]
-    return batched_grad([g.out], [params[i] for i in idx], [hjv], k)
+    with attention_math():
+        jv = batched_grad([g.jtu[i] for i in idx], [g.u], vs, k)[0]                 # [k, *out]
+        hjv = batched_grad([g.gout], [g.outd], [jv], k)[0]                         # [k, *out]
+        return batched_grad([g.out], [params[i] for i in idx], [hjv], k)
 
 
 # -- forward-over-reverse (torch.func) -------------------------------------------------------------
@@ -133,7 +150,13 @@ def _target_as_primal(y: Any) -> tuple[bool, tuple, tuple]:
 def hessian_func_product(model: nn.Module, loss_fn: LossFn, names: Sequence[str], primals: tuple[Tensor, ...],
                          x: Tensor, y: Any, vs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """H v of one batch for the parameters ``names`` (values ``primals``): ``vmap(jvp(grad(loss)))``.
-    Call in the model's mode for the product."""
+    Call in the model's mode for the product. Attention runs on the math kernel (module docstring)."""
+    with attention_math():
+        return _hessian_func_product(model, loss_fn, names, primals, x, y, vs)
+
+
+def _hessian_func_product(model: nn.Module, loss_fn: LossFn, names: Sequence[str], primals: tuple[Tensor, ...],
+                          x: Tensor, y: Any, vs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     nps = len(primals)
     y_dual, ys, yt = _target_as_primal(y)
 
@@ -148,7 +171,14 @@ def hessian_func_product(model: nn.Module, loss_fn: LossFn, names: Sequence[str]
 def ggn_func_product(model: nn.Module, loss_fn: LossFn, names: Sequence[str], primals: tuple[Tensor, ...],
                      x: Tensor, y: Any, vs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """G v = J^T H_out J v of one batch for the parameters ``names``: jvp for J v, jvp of the loss
-    gradient in the outputs for H_out, vjp for J^T. Call in the model's mode for the product."""
+    gradient in the outputs for H_out, vjp for J^T. Call in the model's mode for the product.
+    Attention runs on the math kernel (module docstring)."""
+    with attention_math():
+        return _ggn_func_product(model, loss_fn, names, primals, x, y, vs)
+
+
+def _ggn_func_product(model: nn.Module, loss_fn: LossFn, names: Sequence[str], primals: tuple[Tensor, ...],
+                      x: Tensor, y: Any, vs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     y_dual, ys, yt = _target_as_primal(y)
 
     def outputs(*ps: Tensor) -> Tensor:

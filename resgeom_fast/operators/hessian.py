@@ -86,6 +86,13 @@ matmuls (TF32 off), PyTorch's settings restored afterwards, even on an exception
 leaves them as the caller set them (faster on tensor cores, ~1e-3 relative error).
 See :mod:`resgeom_fast.operators._precision` for the cost.
 
+Attention (transformers): every graph build and product selects the math kernel of
+scaled-dot-product attention and turns ``nn.MultiheadAttention``'s native fast path off while it
+runs (:func:`resgeom_fast.core.modules.attention_math`; PyTorch's settings restored afterwards),
+because the fused kernels (e.g. the CPU flash kernel a torchvision ViT takes by default) have no
+double backward and no forward-mode derivative. The products are those of the same model
+(attention values equal to rounding); the fused kernel's speed is not used while a product runs.
+
 Host syncs on CUDA: ``"auto"`` synchronises the device around the products it times (while it is
 still measuring candidates); once the method is chosen (or when ``hvp`` names one), a product
 issues no ``torch.cuda.synchronize``.
@@ -164,6 +171,8 @@ def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = No
     Returns:
         a symmetric :class:`HessianOperator` of shape (P, P), dtype and device of the parameters;
         ``matmat(X [P, k]) -> [P, k]`` applies k Hessian-vector products in one pass over the data.
+        Models with attention are differentiated with the math SDPA kernel and MHA's fast path
+        off while products run (module docstring, "Attention").
     """
     names, tensors = select_params("hessian", model, params)
     engine = CurvatureEngine("hessian", HessianOperator, model, loss_fn, data, names, tensors, batchnorm, hvp,
@@ -197,7 +206,9 @@ def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optiona
     """Per-block Hessians (diagonal blocks H_ll of the Hessian) of every residual block, in one call.
 
     The operators share one gradient graph per batch (built once when cached); block l's operator
-    acts on the flattened trainable parameters of block l.
+    acts on the flattened trainable parameters of block l (``BlockInfo.block.parameters()``: for
+    a sublayer block, e.g. a ViT's attention or MLP sublayer, the sublayer's own parameters --
+    ln_1 and self_attention, or ln_2 and mlp).
 
     Args:
         blocks: None (every block found by :func:`resgeom_fast.operators.residual_blocks`), or a
