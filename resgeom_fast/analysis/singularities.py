@@ -15,12 +15,14 @@ reaches the activation through nothing but elementwise, normalisation and permut
 ``nn.Identity``, dropouts, stochastic depth / DropPath / DropBlock (identities in eval mode), the
 Fixup scalars (:class:`~resgeom_fast.core.blocks.ScalarBias` / ``ScalarMultiplier``), BatchNorm
 (also torchvision's FrozenBatchNorm2d), LayerNorm, GroupNorm, InstanceNorm, and torchvision's
-``Permute`` (ConvNeXt's channels-last Linear layers). The link is followed by tensor identity:
-a module's input must be the very tensor object another module returned, not modified in place
-since (its version counter is checked), so a residual sum, a concatenation or any functional op
-in between (``out += identity`` included) breaks it. Its weight is W [n, n_in] (a conv weight
-[C_out, C_in/groups, *kernel] flattened to [C_out, C_in/groups * prod(kernel)]); with
-BatchNorm (or Fixup scalars) in between, W is still that weight layer's weight (our reading).
+``Permute`` (ConvNeXt's channels-last Linear layers); an activation that a normalisation module
+applies inside its own forward (timm's ``BatchNormAct2d``) links through that module. The link
+is followed by tensor identity: a module's input must be the very tensor object another module
+returned, not modified in place since (its version counter is checked), so a residual sum, a
+concatenation or any functional op in between (``out += identity`` included) breaks it. Its
+weight is W [n, n_in] (a conv weight [C_out, C_in/groups, *kernel] flattened to
+[C_out, C_in/groups * prod(kernel)]); with BatchNorm (or Fixup scalars) in between, W is still
+that weight layer's weight (our reading).
 A layer without such a weight (role "post", or an activation after a functional op) has its
 weight metrics None / NaN, ``weight_name`` None and the reason in ``weight_reason``; its
 activation metrics are defined.
@@ -121,6 +123,7 @@ _TRANSPARENT_NAMES = {
     ("timm.layers.drop", "DropPath"), ("timm.layers.drop", "DropBlock2d"),
 }
 _PERMUTE_NAMES = {("torchvision.ops.misc", "Permute")}
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 _ACT_WORDS = "nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU or nn.Hardswish"
 
 # scalar per-layer metrics averaged into the model-level means
@@ -377,6 +380,7 @@ class _Trace:
         self.scopes: list[_ScopeCall] = []
         self.stack: list[int] = []      # running scope calls (indices into scopes)
         self.open: dict[int, list[int]] = {}
+        self.running: list[int] = []    # traced calls still running (events), innermost last
         self.post_open: dict[int, list[int]] = {}
         self.produced: dict[int, tuple[Any, int, int]] = {}
         self.infos = infos
@@ -417,8 +421,16 @@ class _Trace:
             self.post_open.setdefault(key, []).append(len(self.events))
         if _traced(m):
             x = _first_tensor(args)
+            src = self._producer(x)
+            if src is None and self.running:
+                # a child of a normalisation module that applies it inside (timm's BatchNormAct2d:
+                # functional batch norm, then its drop and act children): the norm's call is the link
+                outer = self.events[self.running[-1]].module
+                if isinstance(outer, _NORM_TYPES) and any(c is m for c in outer.children()):
+                    src = self.running[-1]
             self.open.setdefault(key, []).append(len(self.events))
-            self.events.append(_Event(m, self.names.get(key, type(m).__name__), self._producer(x),
+            self.running.append(len(self.events))
+            self.events.append(_Event(m, self.names.get(key, type(m).__name__), src,
                                       tuple(x.shape) if x is not None else None,
                                       self.stack[-1] if self.stack else None))
 
@@ -426,6 +438,8 @@ class _Trace:
         key = id(m)
         if _traced(m) and self.open.get(key):
             idx = self.open[key].pop()
+            if idx in self.running:
+                self.running.remove(idx)
             if isinstance(out, Tensor):
                 self.events[idx].out_ndim = out.dim()
                 self.produced[id(out)] = (weakref.ref(out), out._version, idx)

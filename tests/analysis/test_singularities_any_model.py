@@ -374,6 +374,21 @@ def test_functional_op_or_in_place_change_breaks_the_weight_link() -> None:
     assert r.means["weight_cos_max"] == pytest.approx(r.layers[1].weight_cos_max)   # NaN layers skipped
 
 
+def test_activation_applied_inside_a_normalisation_module_links_through_it() -> None:
+    """timm's BatchNormAct2d runs a functional batch norm, then its drop and act children: the
+    conv before it is the act's incoming weight."""
+    from timm.layers import BatchNormAct2d  # optional dependency
+
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU), nn.AdaptiveAvgPool2d(1),
+                        nn.ReLU()).double()
+    randomise_batchnorm(net, 5)
+    x = torch.randn(6, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r = singularities(net, (x, torch.zeros(6)))
+    assert [(l.name, l.weight_name) for l in r.layers] == [("1.act", "0"), ("3", None)]
+    assert "AdaptiveAvgPool2d" in r.layers[1].weight_reason
+    check_layer_dense(net, r, "1.act", [x], weight="0", unit_dim=1, rel=1e-9)
+
+
 @pytest.mark.parametrize("make, x_shape, posts", [
     (lambda kw: FCResNet(8, 6, 3, 4, **kw), (5, 8), 0),
     (lambda kw: ConvResNet(2, 4, 3, 4, **kw), (5, 2, 6, 6), 0),
