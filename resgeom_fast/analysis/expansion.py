@@ -120,7 +120,7 @@ def _scale_value(info: BlockInfo) -> float:
 
 
 def _check_stack(fn: str, model: nn.Module, infos: Sequence[BlockInfo],
-                 shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+                 shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[int]:
     """Type 1 shapes, identity posts and consecutive blocks (the Taylor expansion in lam of
     :func:`second_order_expansion`; :func:`path_expansion` only needs :func:`_check_consecutive`)."""
     for info, (s_in, s_out) in zip(infos, shapes):
@@ -136,16 +136,26 @@ def _check_stack(fn: str, model: nn.Module, infos: Sequence[BlockInfo],
                 "expansion in lam needs h_l = Q_l h_{l-1} + lam_l F_l(h_{l-1}) with no post-activation (an "
                 "activation after the addition is not a plain residual stack; path_expansion linearises "
                 "post-activations, the Taylor expansion in lam does not)")
-    _check_consecutive(fn, model, infos)
+    return _check_consecutive(fn, model, infos)
 
 
-def _check_consecutive(fn: str, model: nn.Module, infos: Sequence[BlockInfo]) -> None:
-    """The blocks are consecutive residual blocks of ``model`` in its block order."""
-    order = {id(b.block): i for i, b in enumerate(residual_blocks(model))}
-    idx = [order.get(id(info.block)) for info in infos]
-    if any(i is None for i in idx) or any(b != a + 1 for a, b in zip(idx, idx[1:])):
+def _check_consecutive(fn: str, model: nn.Module, infos: Sequence[BlockInfo]) -> list[int]:
+    """The blocks are consecutive residual blocks of ``model`` in its block order; returns their
+    indices in ``residual_blocks(model)`` (by ``BlockInfo.index`` where it names the same block,
+    else by the block module)."""
+    found = residual_blocks(model)
+    order = {id(b.block): i for i, b in enumerate(found)}
+    idx: list[Optional[int]] = []
+    for info in infos:
+        i = info.index
+        if 0 <= i < len(found) and found[i].name == info.name and found[i].block is info.block:
+            idx.append(i)
+        else:
+            idx.append(order.get(id(info.block)))
+    if any(i is None for i in idx) or any(b != a + 1 for a, b in zip(idx, idx[1:])):  # type: ignore[operator]
         raise ValueError(f"{fn}: blocks must be consecutive residual blocks of the model in order, got "
                          f"block indices {idx}")
+    return [int(i) for i in idx]  # type: ignore[arg-type]
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
@@ -173,23 +183,24 @@ def _chain_breaks(infos: Sequence[BlockInfo], hs: Sequence[Tensor], outs: Sequen
     return [i for i in range(len(infos) - 1) if not _close(outs[i], hs[i + 1])]
 
 
-def _runs(infos: Sequence[BlockInfo], breaks: Sequence[int]) -> list[list[int]]:
-    """The maximal runs (as model block indices) between the breaks."""
+def _runs(idx: Sequence[int], breaks: Sequence[int]) -> list[list[int]]:
+    """The maximal runs of the block indices ``idx`` between the breaks."""
     runs: list[list[int]] = [[]]
-    for i, info in enumerate(infos):
-        runs[-1].append(info.index)
+    for i, b in enumerate(idx):
+        runs[-1].append(int(b))
         if i in breaks:
             runs.append([])
     return runs
 
 
-def _check_chain(fn: str, infos: Sequence[BlockInfo], hs: Sequence[Tensor]) -> Tensor:
+def _check_chain(fn: str, infos: Sequence[BlockInfo], hs: Sequence[Tensor], idx: Sequence[int]) -> Tensor:
     """Each block's output on its captured input is the next block's input; returns the last output."""
-    return _chain_outputs(fn, infos, hs)[-1]
+    return _chain_outputs(fn, infos, hs, idx)[-1]
 
 
-def _chain_outputs(fn: str, infos: Sequence[BlockInfo], hs: Sequence[Tensor]) -> list[Tensor]:
-    """block_l(h_{l-1}) of every block, after checking that each is the next block's input.
+def _chain_outputs(fn: str, infos: Sequence[BlockInfo], hs: Sequence[Tensor], idx: Sequence[int]) -> list[Tensor]:
+    """block_l(h_{l-1}) of every block, after checking that each is the next block's input
+    (``idx``: the blocks' indices in the model, for the message).
 
     Every break is found before raising: the error names each pair of blocks that breaks the chain
     and the maximal runs that form plain stacks (pass one as ``blocks=``; :func:`plain_runs`).
@@ -198,7 +209,7 @@ def _chain_outputs(fn: str, infos: Sequence[BlockInfo], hs: Sequence[Tensor]) ->
     breaks = _chain_breaks(infos, hs, outs)
     if breaks:
         pairs = ", ".join(f"{infos[i].name!r} -> {infos[i + 1].name!r}" for i in breaks)
-        runs = _runs(infos, breaks)
+        runs = _runs(idx, breaks)
         raise ValueError(
             f"{fn}: the output of block {infos[breaks[0]].name!r} is not the input of block "
             f"{infos[breaks[0] + 1].name!r}; the expansion needs a plain stack h_l = block_l(h_{{l-1}}) "
@@ -376,10 +387,10 @@ def _path_recursion(fn: str, model: nn.Module, x: Tensor, max_order: Optional[in
     _check_not_hyper(fn, model)
     ops: list[ResidualJacobian] = residual_jacobians(model, x, blocks)
     infos = [op.info for op in ops]
-    _check_consecutive(fn, model, infos)
+    idx = _check_consecutive(fn, model, infos)
     hs = [op.h for op in ops]
     _check_states(fn, infos, hs)
-    outs = _chain_outputs(fn, infos, hs)
+    outs = _chain_outputs(fn, infos, hs, idx)
     zs = _sum_points(fn, infos, hs, outs)
     L = len(ops)
     M = L if max_order is None else check_int(fn, "max_order", max_order, 0, L, hint=" (the number of blocks)")
@@ -560,7 +571,7 @@ def plain_runs(model: nn.Module, x: Tensor) -> list[list[int]]:
     infos = residual_blocks(model)
     hs = block_inputs(model, x, infos)
     _check_states(fn, infos, hs)
-    return _runs(infos, _chain_breaks(infos, hs, _block_outputs(infos, hs)))
+    return _runs(range(len(infos)), _chain_breaks(infos, hs, _block_outputs(infos, hs)))
 
 
 def plot_path_orders(result: Union[PathExpansionResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:
@@ -656,8 +667,8 @@ def second_order_expansion(model: nn.Module, x: Tensor) -> ExpansionResult:
         for info, h in zip(infos, hs):
             with _eval_mode(info.branch):
                 shapes.append((tuple(h.shape[1:]), tuple(info.branch(h[:1]).shape[1:])))
-    _check_stack(fn, model, infos, shapes)
-    hL = _check_chain(fn, infos, hs)
+    idx = _check_stack(fn, model, infos, shapes)
+    hL = _check_chain(fn, infos, hs, idx)
     lams = [_scale_value(i) for i in infos]
     with torch.no_grad():
         u = torch.zeros_like(h0)          # sum_{i<j} lam_i F_i(h_0)
