@@ -141,14 +141,14 @@ def _check_stack(fn: str, model: nn.Module, infos: Sequence[BlockInfo],
 
 def _check_consecutive(fn: str, model: nn.Module, infos: Sequence[BlockInfo]) -> list[int]:
     """The blocks are consecutive residual blocks of ``model`` in its block order; returns their
-    indices in ``residual_blocks(model)`` (by ``BlockInfo.index`` where it names the same block,
-    else by the block module)."""
+    indices in ``residual_blocks(model)`` (by ``BlockInfo.index`` where the block found there has
+    the same name and kind, else by the block module)."""
     found = residual_blocks(model)
     order = {id(b.block): i for i, b in enumerate(found)}
     idx: list[Optional[int]] = []
     for info in infos:
         i = info.index
-        if 0 <= i < len(found) and found[i].name == info.name and found[i].block is info.block:
+        if 0 <= i < len(found) and found[i].name == info.name and found[i].kind == info.kind:
             idx.append(i)
         else:
             idx.append(order.get(id(info.block)))
