@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from resgeom_fast.core import checks
+from resgeom_fast.core import checks, distributed
 from resgeom_fast.linalg.operator import LinearOperator, NonFiniteError, describe_non_finite
 
 
@@ -25,8 +25,14 @@ def check_choice(where: str, name: str, value, allowed: Sequence[str]) -> str:
     return checks.check_choice(where, name, value, allowed)
 
 
-def generator(seed: Optional[int]) -> torch.Generator:
+def generator(seed: Optional[int], op: Optional[LinearOperator] = None) -> torch.Generator:
     """The CPU generator of one call (seeded, or from OS entropy for ``seed=None``).
+
+    Data-parallel operators (``op.distributed`` set: the curvature operators built with
+    ``distributed=``) run every algorithm replicated on every rank, which must draw the same
+    numbers: for ``seed=None`` the seed is then drawn from OS entropy on rank 0 and broadcast
+    (a collective: every rank calls the algorithm, as it must anyway). A given seed is used as
+    it is on every rank.
 
     Every random draw of the call starts from it: on the CPU the probes are drawn from it
     directly; on another device (CUDA) each draw takes one 63-bit seed from it (a host draw, no
@@ -35,6 +41,8 @@ def generator(seed: Optional[int]) -> torch.Generator:
     CUDA streams differ (as they would for any on-device draw).
     """
     g = torch.Generator()
+    if seed is None and getattr(op, "distributed", None) and distributed.is_initialized():
+        seed = distributed.broadcast_object(int(torch.Generator().seed()))   # rank 0's entropy
     if seed is None:
         g.seed()
     else:

@@ -107,7 +107,7 @@ def eigsh(
     check_int(where, "max_steps", max_steps, k)
     check_int(where, "check_every", check_every, 1)
 
-    gen = generator(seed)
+    gen = generator(seed, op)
     b = op.batch_size
     v0 = gaussian((b, n), gen, op.dtype, op.device)
     lz = Lanczos(op, v0, 1, max_steps, where, gen, sync_every=check_every)

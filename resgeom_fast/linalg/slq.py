@@ -140,7 +140,7 @@ def slq_density(
     check_int(where, "num_moments", num_moments, 0)
     if n == 0:
         raise ValueError(f"{where}: expected a non-empty operator, got shape {op.shape}")
-    gen = generator(seed)
+    gen = generator(seed, op)
     b = op.batch_size
     v0 = rademacher((b * probes, n), gen, op.dtype, op.device)
     check_choice(where, "reorth", reorth, REORTH)

@@ -227,7 +227,7 @@ def randomized_svd(
     check_choice(where, "sketch", sketch, SKETCHES)
     if not op.has_transpose:
         raise ValueError(f"{where}: expected an operator with a transpose (rmatmat), got {op!r}")
-    gen = generator(seed)
+    gen = generator(seed, op)
     batch = op.batch_shape
     l = min(k + oversample, r)
     eps = float(torch.finfo(op.dtype).eps)

@@ -66,7 +66,7 @@ def trace(op, probes: int = 100, method: str = "hutch++", seed: Optional[int] = 
     n = op.shape[0]
     check_int(where, "probes", probes, 1)
     check_choice(where, "method", method, METHODS)
-    gen = generator(seed)
+    gen = generator(seed, op)
     s = probes // 3 if method == "hutch++" else 0
     s = min(s, n)
     batch = op.batch_shape

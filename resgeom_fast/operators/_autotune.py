@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from resgeom_fast.core import distributed as dist
 from resgeom_fast.core.checks import check_choice
 from resgeom_fast.operators._data import NonRepeatableDataError
 from resgeom_fast.operators._precision import onednn_matmul
@@ -91,6 +92,9 @@ class AutoTuner:
         dtype, device: of the parameters.
         product: ``product(method, idx, vs, k)`` computes one product by ``method``.
         structured_off: why the structured path does not apply (None: it may).
+        distributed: the products are data-parallel (every rank runs the same tuner): every
+            timing and every verification result is rank 0's, broadcast, so that all ranks
+            decide alike and run the same products (and collectives) in the same order.
 
     Timing reads this module's ``time.perf_counter``, waits with ``torch.cuda.synchronize`` and
     routes float32 matmuls to oneDNN with :func:`~resgeom_fast.operators._precision.onednn_matmul`,
@@ -106,8 +110,9 @@ class AutoTuner:
 
     def __init__(self, fn: str, hvp: str, matmul: str, backends: list[str], deterministic: bool,
                  dtype: torch.dtype, device: torch.device, product: Product, *,
-                 structured_off: Optional[str]) -> None:
+                 structured_off: Optional[str], distributed: bool = False) -> None:
         self.fn, self.hvp, self.matmul, self.deterministic = fn, hvp, matmul, deterministic
+        self.distributed = distributed
         self.backends = ["default"] if deterministic and matmul == "auto" else backends  # the fixed rule
         self.dtype, self.device, self.product = dtype, device, product
         self.timings: dict[Key, dict[str, list[float]]] = {}
@@ -181,7 +186,7 @@ class AutoTuner:
             if method == "forward_over_reverse":
                 try:
                     out = self.product(method, idx, vs, k)
-                except (NonRepeatableDataError, NotStructured):
+                except (NonRepeatableDataError, NotStructured, dist.DivergentRanksError):
                     raise
                 except (RuntimeError, NotImplementedError) as exc:
                     raise ForwardOverReverseFailed(exc) from exc
@@ -190,7 +195,10 @@ class AutoTuner:
         if sync:
             torch.cuda.synchronize(self.device)
         if rec is not None:
-            rec.setdefault(cand, []).append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            # data-parallel: rank 0's clock decides for every rank (its product includes the
+            # all_reduce, so it waited for the slowest rank)
+            rec.setdefault(cand, []).append(dist.broadcast_object(elapsed) if self.distributed else elapsed)
         return out
 
     def _run(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
@@ -220,6 +228,8 @@ class AutoTuner:
             try:
                 out = self._timed(c, idx, vs, k, rec if c in cands else None)
                 diff, why = rel_diff([o[:m] for o in out], ref), ""
+                if self.distributed:        # rank 0's verdict for every rank
+                    diff = dist.broadcast_object(diff)
             except NotStructured as exc:    # found while computing (labels, logits): not verified
                 out, diff, why = None, float("inf"), str(exc)
             checks[c] = diff

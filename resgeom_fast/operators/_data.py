@@ -215,10 +215,16 @@ class Batches:
     loss, hence the curvature with BatchNorm in eval mode, does not depend on the grouping; the
     products then differ at round-off only); ``strict=True`` requires the same batches in the
     same order (BatchNorm with batch statistics, bitwise-deterministic products).
+
+    Data-parallel operators (:mod:`resgeom_fast.operators.curvature`, ``distributed=``) hold one
+    rank's share: ``allow_empty=True`` accepts a share without samples (it yields nothing), and
+    :meth:`set_total` makes the weights ``batch size / total`` use the *global* sample count;
+    ``local_total`` stays this rank's count (what the fingerprint checks compare).
     """
 
     def __init__(self, fn: str, data: Any, dtype: torch.dtype, device: torch.device,
-                 materialise: bool, strict: bool = False, strict_why: str = "") -> None:
+                 materialise: bool, strict: bool = False, strict_why: str = "",
+                 allow_empty: bool = False) -> None:
         # a Dataset becomes its batches (read in order); anything else not a batch or an iterable of
         # batches is refused: "expected data an (x, y) batch or an iterable of (x, y) batches ..."
         data = data_source(fn, data)
@@ -237,6 +243,8 @@ class Batches:
         first: Optional[torch.dtype] = None
         self.first: Optional[Batch] = None
         for b in ([data] if self.single else data):
+            if allow_empty and self.single and b[0].dim() > 0 and b[0].shape[0] == 0:
+                break               # an empty share of one (x, y) batch
             x, y = check_batch(fn, b, dtype, device, first)
             first = x.dtype
             if self.first is None:
@@ -246,9 +254,10 @@ class Batches:
                 kept.append((x, y))
             if self._check:
                 prints.append(_summary(sample_fingerprints(x, y)))
-        if not self.sizes:
+        if not self.sizes and not allow_empty:
             raise ArgumentValueError(f"{fn}: data yielded no batches")
-        self.total = sum(self.sizes)
+        self.local_total = sum(self.sizes)
+        self.total = self.local_total      # the weights' denominator (global: set_total)
         self.kept: Optional[list[Batch]] = kept if materialise else None
         self.dtype, self.device = dtype, device
         self._prints = torch.stack(prints).cpu() if prints else None
@@ -257,6 +266,13 @@ class Batches:
         if self._check:      # a second reading now, so that a changing loader is refused before any work
             for _ in self:
                 pass
+
+    def set_total(self, total: int) -> None:
+        """Weight the batches by ``batch size / total`` (``total``: the samples of every rank)."""
+        if total < self.local_total:
+            raise ArgumentValueError(f"{self._fn}: expected a global sample count >= this rank's "
+                                     f"{self.local_total}, got {total}")
+        self.total = total
 
     def _refuse(self, detail: str) -> None:
         raise NonRepeatableDataError(
@@ -273,8 +289,12 @@ class Batches:
                 yield x.shape[0] / self.total, x, y
             return
         if self.single:
+            if not self.sizes:
+                return
             x, y = check_batch(self._fn, self._data, self.dtype, self.device)
-            yield 1.0, x, y
+            yield x.shape[0] / self.total, x, y
+            return
+        if not self.sizes:          # an empty share: nothing to read or check
             return
         self.passes += 1
         prints: list[Tensor] = []
@@ -293,8 +313,8 @@ class Batches:
                 self._refuse(f"{what} ({self._strict_why} needs the same batches in the same order)")
             yield x.shape[0] / self.total, x, y
         total = torch.stack(prints).sum(0) if prints else None
-        if seen != self.total:
-            self._refuse(f"{seen} samples (pass 1: {self.total})")
+        if seen != self.local_total:
+            self._refuse(f"{seen} samples (pass 1: {self.local_total})")
         if total is None or not _same(total, self._total_print):
             self._refuse("other samples than pass 1")
         if self.strict and len(prints) != len(self.sizes):

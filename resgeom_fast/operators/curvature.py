@@ -28,11 +28,14 @@ from typing import Any, ClassVar, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from torch.utils.data import Dataset, IterableDataset
+
+from resgeom_fast.core import distributed as dist
 from resgeom_fast.core.checks import ArgumentValueError, check_choice, check_type, type_error
+from resgeom_fast.core.modules import data_source
 from resgeom_fast.linalg.operator import LinearOperator
 from resgeom_fast.operators._autotune import AutoTuner, resolve_hvp, verify_tolerance
-from resgeom_fast.core.modules import data_source
-from resgeom_fast.operators._data import Batches, has_batchnorm, is_single_batch, module_mode
+from resgeom_fast.operators._data import Batches, _probe, has_batchnorm, is_single_batch, module_mode
 from resgeom_fast.operators._mean_contract import LossFn, check_loss, check_mean_contract
 from resgeom_fast.operators._precision import check_precision, product_precision, resolve_matmul
 from resgeom_fast.operators._products import (
@@ -47,7 +50,29 @@ from resgeom_fast.operators._products import (
 )
 from resgeom_fast.operators._structured import StructuredHVP, parse_structured, structured_loss
 
-__all__ = ["CurvatureEngine", "CurvatureOperator", "GGNOperator", "HessianOperator"]
+__all__ = ["DISTRIBUTED_MODES", "CurvatureEngine", "CurvatureOperator", "GGNOperator", "HessianOperator"]
+
+DISTRIBUTED_MODES = ("split", "sharded")
+_FINGERPRINT = 1024     # entries per parameter tensor and vector that enter the ranks' vector check
+"""``distributed=`` of the curvature operators (None: one process; see :class:`CurvatureEngine`)."""
+
+
+def _is_map_dataset(data: Any) -> bool:
+    return isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
+
+
+def check_distributed(fn: str, distributed: Optional[str]) -> Optional[str]:
+    """``distributed`` if it is None or one of :data:`DISTRIBUTED_MODES` and, when given, a process
+    group is initialised; else an error naming ``fn``."""
+    if distributed is None:
+        return None
+    check_choice(fn, "distributed", distributed, DISTRIBUTED_MODES)
+    if not dist.is_initialized():
+        raise ArgumentValueError(
+            f"{fn}: expected an initialised torch.distributed process group for distributed={distributed!r} "
+            f"(torch.distributed.init_process_group, e.g. under torchrun), got none; pass distributed=None "
+            f"for a single-process operator")
+    return distributed
 
 
 class CurvatureEngine:
@@ -58,11 +83,37 @@ class CurvatureEngine:
     the mean contract on the first batch, builds and caches the per-batch graphs / primal passes,
     and runs the data loop of every product method (:meth:`_apply_method`), handing the choice of
     method to an :class:`~resgeom_fast.operators._autotune.AutoTuner`.
+
+    Data parallelism (``distributed``; docs/distributed.md): None (default) computes on this
+    process's data alone, also inside an initialised process group. With a process group
+    initialised (torch.distributed), every rank builds the operator with the same model
+    parameters and arguments, and
+
+    - ``"split"``: every rank passes the *same full* data; each takes its share
+      (:func:`resgeom_fast.core.distributed.shard`: a contiguous block of one ``(x, y)`` batch or
+      of a resgeom_fast Dataset's split, indices ``rank::world`` of a map-style torch Dataset,
+      batches ``rank::world`` of a list of batches or a DataLoader);
+    - ``"sharded"``: every rank passes *its own* share (e.g. a DataLoader with a
+      DistributedSampler without padding; an empty list on a rank without data).
+
+    A product is then each rank's local weighted sum (weights ``batch size / global sample
+    count``) followed by ONE all_reduce, so every rank holds the single-process operator's
+    product (equal up to summation order). The same buffer carries, per rank, a failure flag
+    and a fingerprint of the vectors: a local exception is raised on every rank (the lowest
+    failing rank's, :func:`~resgeom_fast.core.distributed.raise_together`), and vectors that
+    differ between ranks raise :class:`~resgeom_fast.core.distributed.DivergentRanksError`
+    everywhere instead of summing products of different vectors. The auto-tuner's timings and
+    verification results are rank 0's (broadcast), so every rank takes the same product method.
+    Construction, ``matmat`` and ``clear_cache`` are collectives: call them on every rank, in
+    the same order. "auto" is not offered: whether the data given are the full data or this
+    rank's share cannot be guessed. Host syncs: one per product (the failure flags are read).
     """
 
     def __init__(self, fn: str, curvature: type[CurvatureOperator], model: nn.Module, loss_fn: LossFn,
                  data: Any, names: list[str], params: list[Tensor], batchnorm: str, hvp: str,
-                 cache: Optional[bool], matmul: str, deterministic: bool, precision: str) -> None:
+                 cache: Optional[bool], matmul: str, deterministic: bool, precision: str,
+                 distributed: Optional[str] = None) -> None:
+        self.distributed = check_distributed(fn, distributed)
         if not callable(loss_fn):
             raise type_error(fn, "loss_fn", "callable", loss_fn)
         check_choice(None, f"{fn}: batchnorm", batchnorm, ("eval", "train"), expected="'eval' or 'train'")
@@ -85,30 +136,87 @@ class CurvatureEngine:
             else:
                 self.structured = StructuredHVP(layers, params, loss=structured_loss(loss_fn) or "ce")
         self.tuner = AutoTuner(fn, self.hvp, matmul, backends, deterministic, self.dtype, self.device,
-                               self._apply_method, structured_off=structured_off)
+                               self._apply_method, structured_off=structured_off,
+                               distributed=self.distributed is not None)
         self._primals: Optional[list[tuple[float, Any]]] = None
         self._forward_checked = False    # the structured logits matched model(x) over a whole pass
-        # one batch (also a resgeom_fast Dataset, read as its whole split) keeps its graphs
-        self.cache = is_single_batch(data_source(fn, data)) if cache is None else bool(cache)
-        strict_why = ("batchnorm='train' (batch statistics)" if batchnorm == "train" and has_batchnorm(model)
-                      else "deterministic=True" if deterministic else "")
-        self.batches = Batches(fn, data, self.dtype, self.device, materialise=self.cache,
-                               strict=bool(strict_why), strict_why=strict_why)
-        if batchnorm == "train" and has_batchnorm(model) and min(self.batches.sizes) < 2:
+        bn_train = batchnorm == "train" and has_batchnorm(model)
+        if self.distributed == "split" and bn_train and (_is_map_dataset(data) or
+                                                         is_single_batch(data_source(fn, data))):
             raise ArgumentValueError(
-                f"{fn}: batchnorm='train' needs batches of at least 2 samples (batch statistics of "
-                f"one sample are degenerate), got a batch of size {min(self.batches.sizes)}"
-            )
+                f"{fn}: distributed='split' with batchnorm='train' needs data as a list of batches or a "
+                f"DataLoader (whole batches go to each rank), got one batch or a Dataset, whose samples would "
+                f"be regrouped (other batch statistics than the single-process operator's)")
         self._graphs: Optional[list[tuple[float, Any]]] = None
-        x0, y0 = self.batches.first
+        self.rank_samples: list[int] = [0]   # samples per rank (data-parallel), else [total]
+        err: Optional[Exception] = None
+        try:
+            local = self._local_share(data)
+            # one batch (also a resgeom_fast Dataset, read as its whole split) keeps its graphs
+            self.cache = is_single_batch(data_source(fn, local)) if cache is None else bool(cache)
+            strict_why = ("batchnorm='train' (batch statistics)" if bn_train
+                          else "deterministic=True" if deterministic else "")
+            self.batches = Batches(fn, local, self.dtype, self.device, materialise=self.cache,
+                                   strict=bool(strict_why), strict_why=strict_why,
+                                   allow_empty=self.distributed is not None)
+            if bn_train and self.batches.sizes and min(self.batches.sizes) < 2:
+                raise ArgumentValueError(
+                    f"{fn}: batchnorm='train' needs batches of at least 2 samples (batch statistics of "
+                    f"one sample are degenerate), got a batch of size {min(self.batches.sizes)}"
+                )
+        except Exception as exc:       # raised on every rank (data-parallel), else as it is
+            err = exc
+        num_batches = self._count(fn, err)
         with product_precision(self.precision):
-            self.loss_reduction = check_mean_contract(fn, model, loss_fn, x0, y0, batchnorm,
-                                                      single_batch=len(self.batches.sizes) == 1)
-            if self._caches_graphs:
-                self._graphs = [self._build(w, x, y) for w, x, y in self.batches]
-            else:  # validate the loss on the first batch
-                with torch.no_grad(), module_mode(model, batchnorm):
-                    check_loss(fn, loss_fn(model(x0), y0))
+            err = None
+            try:
+                self.loss_reduction = "not checked: this rank holds no data"
+                if self.batches.first is not None:
+                    x0, y0 = self.batches.first
+                    self.loss_reduction = check_mean_contract(fn, model, loss_fn, x0, y0, batchnorm,
+                                                              single_batch=num_batches == 1)
+                    if self._caches_graphs:
+                        self._graphs = [self._build(w, x, y) for w, x, y in self.batches]
+                    else:  # validate the loss on the first batch
+                        with torch.no_grad(), module_mode(model, batchnorm):
+                            check_loss(fn, loss_fn(model(x0), y0))
+            except Exception as exc:
+                err = exc
+            if self.distributed is not None:
+                dist.raise_together(fn, err)
+                # the finding of the first rank with data (every rank with data checked its first batch)
+                first = next(r for r, n in enumerate(self.rank_samples) if n > 0)
+                self.loss_reduction = dist.broadcast_object(self.loss_reduction, src=first)
+            elif err is not None:
+                raise err
+
+    def _local_share(self, data: Any) -> Any:
+        """This rank's data: ``data`` itself (one process, ``"sharded"``) or its share (``"split"``)."""
+        if self.distributed != "split":
+            return data
+        # a torch Dataset is split by index (then read in batches); anything else as data_source reads it
+        return dist.shard(data if _is_map_dataset(data) else data_source(self.fn, data))
+
+    def _count(self, fn: str, err: Optional[Exception]) -> int:
+        """Raise a local failure of reading the data on every rank; set the global sample count
+        (and ``rank_samples``); return the global number of batches."""
+        if self.distributed is None:
+            if err is not None:
+                raise err
+            self.rank_samples = [self.batches.total]
+            return len(self.batches.sizes)
+        dist.raise_together(fn, err)
+        world, r = dist.world_size(), dist.rank()
+        counts = torch.zeros(2 * world, dtype=torch.float64, device=self.device)
+        counts[r], counts[world + r] = self.batches.local_total, len(self.batches.sizes)
+        (counts,) = dist.all_reduce_sum([counts])
+        per_rank = [int(c) for c in counts.tolist()]
+        self.rank_samples = per_rank[:world]
+        total, num_batches = sum(per_rank[:world]), sum(per_rank[world:])
+        if total == 0:
+            raise ArgumentValueError(f"{fn}: data yielded no batches on any of the {world} ranks")
+        self.batches.set_total(total)
+        return num_batches
 
     @property
     def _caches_graphs(self) -> bool:
@@ -116,12 +224,21 @@ class CurvatureEngine:
         return self.cache and self.hvp in ("double_backward", "auto")
 
     def clear_cache(self) -> None:
-        """Drop the cached primal passes and graphs; the graphs are rebuilt now when kept."""
+        """Drop the cached primal passes and graphs; the graphs are rebuilt now when kept (a
+        collective when data-parallel: a failure on one rank raises on all)."""
         self._primals = None
-        if self._graphs is not None:
-            self._graphs = None
-            if self._caches_graphs:
-                self._graphs = [self._build(w, x, y) for w, x, y in self.batches]
+        err: Optional[Exception] = None
+        try:
+            if self._graphs is not None:
+                self._graphs = None
+                if self._caches_graphs:
+                    self._graphs = [self._build(w, x, y) for w, x, y in self.batches]
+        except Exception as exc:
+            err = exc
+        if self.distributed is not None:
+            dist.raise_together(self.fn, err)
+        elif err is not None:
+            raise err
 
     def apply(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         """Curvature products restricted to params ``idx``: ``vs[j]`` is [k, *shape of idx[j]].
@@ -134,7 +251,53 @@ class CurvatureEngine:
     # -- the data loop of each method ------------------------------------------------------------
     def _apply_method(self, method: str, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         """The product by ``method`` ("structured", "double_backward", "forward_over_reverse"),
-        weighted over the batches."""
+        weighted over the batches (of every rank, when data-parallel)."""
+        if self.distributed is None:
+            acc = self._local_product(method, idx, vs, k)
+            assert acc is not None
+            return acc
+        err: Optional[Exception] = None
+        acc = None
+        try:
+            acc = self._local_product(method, idx, vs, k)
+        except Exception as exc:       # raised on every rank after the all_reduce
+            err = exc
+        if acc is None:                # no data on this rank, or it failed: it adds zeros
+            acc = [torch.zeros_like(v) for v in vs]
+        return self._all_reduce(acc, vs, k, err)
+
+    def _all_reduce(self, acc: list[Tensor], vs: list[Tensor], k: int, err: Optional[Exception]) -> list[Tensor]:
+        """Sum the ranks' local products in ONE all_reduce; its tail holds per rank a failure flag
+        and a fingerprint of ``vs`` (``probe . v`` per column), compared across ranks afterwards."""
+        world, r = dist.world_size(), dist.rank()
+        fp = torch.zeros(k, dtype=torch.float64, device=self.device)
+        scale = torch.zeros(k, dtype=torch.float64, device=self.device)
+        for j, v in enumerate(vs):
+            flat = v.detach().reshape(k, -1)
+            flat = flat[:, ::max(1, -(-flat.shape[1] // _FINGERPRINT))]   # <= _FINGERPRINT entries a column
+            probe = _probe(flat.shape[1], self.device, 7 + j)
+            fp += (flat @ probe.to(flat.dtype)).double()
+            scale += torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) * probe.norm()   # no host sync
+        tail = torch.zeros(world, k + 1, dtype=torch.float64, device=self.device)
+        tail[r, 0] = 1.0 if err is not None else 0.0
+        tail[r, 1:] = fp
+        *out, tail = dist.all_reduce_sum([*acc, tail], dtype=acc[0].dtype)
+        tol = 1000 * torch.finfo(acc[0].dtype).eps * scale + torch.finfo(torch.float64).tiny
+        off = ((tail[:, 1:] - tail[0, 1:]).abs() > tol).any(dim=1)
+        flags = torch.stack([tail[:, 0] != 0, off]).tolist()              # the one host sync
+        if any(flags[0]):
+            dist.raise_together(self.fn, err)
+        if any(flags[1]):
+            bad = [i for i, f in enumerate(flags[1]) if f]
+            raise dist.DivergentRanksError(
+                f"{self.fn}: expected every rank to apply the operator to the same vectors (a data-parallel "
+                f"operator sums the ranks' products), got other vectors on rank(s) {bad} than on rank 0; replicated "
+                f"algorithms need the same seed on every rank (seed=None draws one on rank 0 only for operators "
+                f"with a `distributed` attribute), and a caller's own vectors must be equal on every rank")
+        return out
+
+    def _local_product(self, method: str, idx: list[int], vs: list[Tensor], k: int) -> Optional[list[Tensor]]:
+        """This process's weighted sum over its batches (None: it holds no batch)."""
         if method == "forward_over_reverse":
             return self._apply_func(idx, vs, k)
         acc: Optional[list[Tensor]] = None
@@ -145,10 +308,9 @@ class CurvatureEngine:
         else:
             for w, graph in self._graphs_iter():
                 acc = accumulate(acc, self.curvature.graph_product(graph, self.params, idx, vs, k), w)
-        assert acc is not None
         return acc
 
-    def _apply_func(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
+    def _apply_func(self, idx: list[int], vs: list[Tensor], k: int) -> Optional[list[Tensor]]:
         names = [self.names[i] for i in idx]
         primals = tuple(self.params[i].detach() for i in idx)
         acc: Optional[list[Tensor]] = None
@@ -156,7 +318,6 @@ class CurvatureEngine:
             with module_mode(self.model, self.batchnorm):
                 res = self.curvature.func_product(self.model, self.loss_fn, names, primals, x, y, vs)
             acc = accumulate(acc, [r.detach() for r in res], w)
-        assert acc is not None
         return acc
 
     def _build(self, w: float, x: Tensor, y: Any) -> tuple[float, Any]:
@@ -198,7 +359,10 @@ class CurvatureOperator(LinearOperator):
     Attributes:
         param_names: names of the chosen parameters, in the order of the vector space.
         param_shapes: their shapes; ``param_offsets[i]`` is where parameter i starts.
-        num_samples: samples of the data the loss is averaged over.
+        num_samples: samples of the data the loss is averaged over (of every rank, when data-parallel).
+        distributed: None (one process) or the data-parallel mode, "split" or "sharded"
+            (:class:`CurvatureEngine`); every rank then holds the same operator.
+        rank_samples: samples held by each rank (data-parallel; ``[num_samples]`` otherwise).
         hvp: the product method ("auto", "structured", "double_backward" or "forward_over_reverse").
         matmul: the matmul backend setting ("auto", "default" or "onednn").
         cached: whether per-batch graphs (and the batches) are kept between calls.
@@ -227,6 +391,8 @@ class CurvatureOperator(LinearOperator):
         self.param_offsets = offsets
         super().__init__((o, o), engine.dtype, engine.device, (), symmetric=True)
         self.num_samples = engine.batches.total
+        self.distributed = engine.distributed
+        self.rank_samples = list(engine.rank_samples)
         self.hvp, self.cached, self.matmul = engine.hvp, engine.cache, engine.matmul
         self.deterministic = engine.deterministic
         self.precision = engine.precision

@@ -1,0 +1,31 @@
+"""One rank of the data-parallel tests: ``python -m tests.distributed._worker RANK WORLD STORE OUTDIR``.
+
+Joins a gloo group through a FileStore (collective timeout ``_cases.TIMEOUT_S``), computes every
+case of :mod:`tests.distributed._cases` and saves the results to ``OUTDIR/rank<RANK>.pt``.
+"""
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tests.distributed._cases import CASES, TIMEOUT_S, checks_of_failures, compute
+
+
+def main(rank: int, world: int, store: str, outdir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        results = {case: compute(case, world, rank, distributed=True) for case in CASES}
+        results["failures"] = {case: checks_of_failures(case, world, rank) for case in ("uneven", "sharded")}
+        torch.save(results, Path(outdir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
