@@ -255,9 +255,7 @@ def _apply_skip(skip: nn.Module, h: Tensor, C: Tensor, in_shape: tuple[int, ...]
             z = C.permute(0, 2, 1).reshape(n * k, *in_shape)
             return skip(z).reshape(n, k, d_out).permute(0, 2, 1)
 
-        t = C.permute(2, 0, 1).reshape(k, n, *in_shape)
-        y = vmap(lambda u: jvp(skip, (h,), (u,))[1])(t)
-        return y.reshape(k, n, d_out).permute(1, 2, 0)
+        return _chunked_jvp(skip, h, C, in_shape, d_out)
 
 
 def _apply_post(post: nn.Module, z: Tensor, C: Tensor, out_shape: tuple[int, ...]) -> Tensor:
@@ -271,9 +269,26 @@ def _apply_post(post: nn.Module, z: Tensor, C: Tensor, out_shape: tuple[int, ...
     if k == 0:
         return C.new_zeros((n, d_out, 0))
     with torch.no_grad(), _eval_mode(post):
-        t = C.permute(2, 0, 1).reshape(k, *z.shape)
-        y = vmap(lambda u: jvp(post, (z,), (u,))[1])(t)
-    return y.reshape(k, n, d_out).permute(1, 2, 0)
+        return _chunked_jvp(post, z, C, tuple(z.shape[1:]), d_out)
+
+
+_JVP_CHUNK_BYTES = 256 * 2**20
+
+
+def _chunked_jvp(module: nn.Module, at: Tensor, C: Tensor, in_shape: tuple[int, ...], d_out: int) -> Tensor:
+    """The JVP of ``module`` at ``at`` [N, *in_shape] on the k columns of C [N, D_in, k] -> [N, d_out, k]
+    (vmap over the columns), a chunk of samples at a time (about 256 MiB of tangents per chunk)."""
+    n, d_in, k = C.shape
+    per = max(d_in, d_out) * k * C.element_size()
+    cs = max(1, min(n, _JVP_CHUNK_BYTES // max(per, 1)))
+    out = C.new_empty((n, d_out, k))
+    for s0 in range(0, n, cs):
+        s1 = min(n, s0 + cs)
+        t = C[s0:s1].permute(2, 0, 1).reshape(k, s1 - s0, *in_shape)
+        a = at[s0:s1]
+        y = vmap(lambda u: jvp(module, (a,), (u,))[1])(t)
+        out[s0:s1] = y.reshape(k, s1 - s0, d_out).permute(1, 2, 0)
+    return out
 
 
 # -- path expansion ----------------------------------------------------------------------------

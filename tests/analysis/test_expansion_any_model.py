@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import jacfwd, jacrev, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from resgeom_fast.analysis import expansion
 from resgeom_fast.analysis.expansion import _path_coefficients, path_expansion, plain_runs
 from resgeom_fast.models import FCResNet, ResidualBlock
 from resgeom_fast.operators import residual_blocks
@@ -190,6 +191,18 @@ def test_staged_resnet_every_order_against_dense(post: str) -> None:
     assert plain_runs(model, x) == [[0, 1, 2, 3]]
     # a run inside the stack, starting at the downsampling block
     check_against_dense(model, x, input_of(model, model.blocks[2], x), blocks=[2, 3])
+
+
+def test_skip_and_post_jvps_chunked_over_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sample per chunk of the skip / post JVPs gives the same coefficients as one chunk."""
+    model = prepare(StagedResNet("conv"))
+    x = images(3, 6)
+    ref, tot, _, _ = _path_coefficients("t", model, x, None, v=None, blocks=None, num_probes=2, seed=0)
+    monkeypatch.setattr(expansion, "_JVP_CHUNK_BYTES", 1)
+    got, tot1, _, _ = _path_coefficients("t", model, x, None, v=None, blocks=None, num_probes=2, seed=0)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(tot, tot1, rtol=1e-13, atol=1e-14)
 
 
 def test_order_zero_is_the_gated_skip_path() -> None:
