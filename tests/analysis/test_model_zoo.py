@@ -21,6 +21,7 @@ check), 32x32 for MobileNetV2 and ConvNeXt (ConvNeXt's last downsampling needs i
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -408,3 +409,34 @@ def test_collapse_matches_numpy_on_hook_features(zoo, name):
         assert res.nc3 is None and res.nc3_note
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert not model.training
+
+
+def test_float32_resnet18_numbers_within_their_own_bounds(zoo):
+    """A float32 copy of resnet18 (what users run): the alignment's singular values and the
+    Hessian's extreme eigenvalues are within the bounds the results state (the randomized SVD's
+    error bound, the Ritz residuals) of the float64 dense truth."""
+    z = ZOO["resnet18"]
+    m64 = zoo("resnet18")
+    m32 = copy.deepcopy(m64).float()
+    x, _ = _images(2, z.size, seed=2)
+    res = residual_alignment(m32, x.float(), k=4, per_stage=True, blocks=[m32.get_submodule(z.dense_block)])
+    st = res.stages[0]
+    block = m64.get_submodule(z.dense_block)
+    (h,), _ = _hook_io(m64, x, [block])
+    branch = z.branch(block)
+    S = torch.stack([torch.linalg.svdvals(torch.func.jacrev(lambda v: branch(v[None])[0])(h[b]).reshape(
+        h[b].numel(), h[b].numel()).detach())[:4] for b in range(2)])
+    got, rel_bound = st.singular_values_mean[0], float(st.svd_max_rel_error_bound[0])
+    assert bool((S[:, -1] > 2e-2 * S[:, 0]).all()) and 0 < rel_bound <= 1e-3
+    assert bool(((got - S.mean(0)).abs() <= rel_bound * got).all()), (got, S.mean(0), rel_bound)
+
+    x6, y6 = _images(6, z.size, seed=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="hessian_spectrum: .* mass fraction", category=UserWarning)
+        r = hessian_spectrum(m32, LOSS, (x6.float(), y6), params=z.hessian_params, k=4, probes=2, steps=20,
+                             trace_probes=60, seed=0)
+    ev = torch.linalg.eigvalsh(_dense_hessian(m64, z.hessian_params, x6, y6))
+    want = torch.cat([ev[:2], ev[-2:]])
+    # a Ritz pair with residual r has an eigenvalue within r; these extreme ones are separated, so it is theirs
+    assert r.converged and bool(((r.eigenvalues - want).abs() <= r.residuals + 1e-6 * float(ev.abs().max())).all())
+    assert abs(r.trace - float(ev.sum())) <= 5 * r.trace_stderr + 1e-5 * abs(float(ev.sum()))
