@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from resgeom_fast.analysis import expansion
 from resgeom_fast.analysis.expansion import _path_coefficients, path_expansion, plain_runs
 from resgeom_fast.models import FCResNet, ResidualBlock
-from resgeom_fast.operators import residual_blocks
+from resgeom_fast.operators import mark_residual_block, residual_blocks
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -340,8 +340,8 @@ def test_convnext_tiny_stage_run_against_dense() -> None:
 
 
 def test_small_vit_blocks_against_dense() -> None:
-    """A small torchvision ViT over all its residual blocks (the token sequence: D = 5 x 16); the
-    blocks' posts (the MLP sublayer while the EncoderBlock is one block) are not elementwise."""
+    """A small torchvision ViT over all its residual blocks (the attention and MLP sublayers of
+    its 2 encoder blocks; the token sequence: D = 5 x 16)."""
     torch.manual_seed(0)
     model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
                                                  hidden_dim=16, mlp_dim=32, num_classes=3)
@@ -349,10 +349,57 @@ def test_small_vit_blocks_against_dense() -> None:
     x = images(2, 32)
     h0 = input_of(model, model.encoder.layers[0], x)                    # [2, 5, 16]
     infos = residual_blocks(model)
-    assert plain_runs(model, x) == [list(range(len(infos)))]
+    assert len(infos) == 4
+    assert plain_runs(model, x) == [[0, 1, 2, 3]]
     check_against_dense(model, x, h0)
     res = path_expansion(model, x)
     assert res.in_shape == res.out_shape == [5, 16]
+
+
+class MLPSublayer(nn.Module):
+    """x -> x + mlp(ln(x)): a post that is a whole residual sublayer."""
+
+    def __init__(self, w: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(w)
+        self.mlp = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(), nn.Linear(2 * w, w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.ln(x))
+
+
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(w)) v of ln(h), written out (no fused kernel)."""
+
+    def __init__(self, w: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(w)
+        self.qkv = nn.Linear(w, 3 * w)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.ln(h)).chunk(3, dim=-1)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+class PreLNBlock(nn.Module):
+    """A user's transformer block declared as one residual block with post = the MLP sublayer."""
+
+    def __init__(self, w: int, lam: float) -> None:
+        super().__init__()
+        self.attn, self.post, self.lam = Attention(w), MLPSublayer(w), lam
+        mark_residual_block(self, branch=self.attn, scale=lam, post=self.post)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.post(h + self.lam * self.attn(h))
+
+
+def test_transformer_blocks_with_a_sublayer_post_against_dense() -> None:
+    """post = x + mlp(ln(x)) (not elementwise, not a mask): every order against dense jacrev."""
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(*[PreLNBlock(6, 0.8) for _ in range(3)]))
+    x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1), dtype=D64)   # [N, S, W]
+    check_against_dense(model, x, x)
+    assert path_expansion(model, x).posts == ["MLPSublayer"] * 3
 
 
 def test_plain_runs_errors() -> None:
