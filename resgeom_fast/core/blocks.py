@@ -6,7 +6,9 @@ A residual block computes ``post(skip(h) + scale * branch(h))``; its residual Ja
 and asks the registered *block kinds*, in order, whether a module is a block; the first that
 matches describes it as a :class:`BlockInfo`. The built-in kinds, in this order:
 
-- ``"marked"``: any module marked with :func:`mark_residual_block` (nothing is registered on it);
+- ``"marked"``: any module marked with :func:`mark_residual_block` (nothing is registered on it),
+  or whose residual sublayers are marked with :func:`mark_residual_sublayers` (a user's pre-LN
+  transformer block: one sublayer block per marked sublayer, as for the ViT kinds below);
 - ``"resgeom"``: a :class:`ResidualBlockBase` (every block of :mod:`resgeom_fast.models`,
   recognised by ``isinstance``), or any module whose class (or instance) sets
   ``resgeom_block = True`` and has the attributes ``branch``, ``skip``, ``scale``, ``post`` (the
@@ -102,7 +104,8 @@ from resgeom_fast.core.modules import attention_math
 
 __all__ = [
     "BlockInfo", "LayerScaleBranch", "MathAttention", "ResidualBlockBase", "ResidualSublayer", "ScalarBias",
-    "ScalarMultiplier", "SelfAttentionBranch", "SublayerBlock", "ZeroSkip", "block_kinds", "mark_residual_block", "register_block_kind",
+    "ScalarMultiplier", "SelfAttentionBranch", "SublayerBlock", "ZeroSkip", "block_kinds", "mark_residual_block",
+    "mark_residual_sublayers", "register_block_kind",
     "residual_blocks", "resolve_blocks", "unregister_block_kind",
 ]
 
@@ -294,6 +297,66 @@ def mark_residual_block(module: nn.Module, branch: nn.Module, skip: Optional[nn.
     return module
 
 
+@dataclass
+class _SublayerMark:
+    sublayers: list[tuple[str, nn.Module]]
+    between: list[nn.Module]
+
+
+def mark_residual_sublayers(module: nn.Module, sublayers: Sequence[tuple[str, nn.Module]],
+                            between: Sequence[nn.Module]) -> nn.Module:
+    """Declare the residual sublayers of ``module`` (a pre-LN transformer block of a user model, or
+    any module computing ``h_1 = h_0 + F_1(h_0), ..., h_n = h_{n-1} + F_n(h_{n-1})`` inside its
+    forward), each a residual block of its own (skip identity, scale 1, post identity), as the
+    built-in ViT kinds list torchvision's ``EncoderBlock`` (module docstring).
+
+    Nothing is registered on the module (its state_dict is unchanged); the mark is a plain
+    attribute read by :func:`residual_blocks`, under the kind "marked".
+
+    Args:
+        module: the block; its first forward input is h_0 and its output h_n.
+        sublayers: ``[(name, branch), ...]`` in forward order; ``branch`` computes F_i(h_{i-1})
+            from h_{i-1} [N, ...] with the module's own layers (e.g. ``nn.Sequential(norm1, attn)``
+            when ``attn`` takes one input; wrap anything else in a small module). Branches are
+            run under :func:`resgeom_fast.core.modules.attention_math` (:class:`MathAttention`),
+            so attention inside them has forward-mode AD and double backward.
+        between: ``len(sublayers) - 1`` modules the forward calls, the i-th first called with
+            h_i as its first positional input (e.g. the norm before the MLP): where the model
+            shows the state between two sublayers.
+
+    Returns:
+        ``module`` itself.
+
+    Raises:
+        ArgumentTypeError: an argument of the wrong type. ArgumentValueError: no sublayer,
+        repeated names, or ``between`` of the wrong length.
+    """
+    fn = "mark_residual_sublayers"
+    check_module(fn, "module", module)
+    if isinstance(sublayers, (str, bytes)) or not isinstance(sublayers, Sequence):
+        raise type_error(fn, "sublayers", "a sequence of (name, branch) tuples", sublayers)
+    subs = []
+    for i, item in enumerate(sublayers):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and item[0]):
+            raise type_error(fn, f"sublayers[{i}]", "a (non-empty name, nn.Module) tuple", item)
+        check_module(fn, f"sublayers[{i}][1]", item[1])
+        subs.append((item[0], item[1]))
+    if not subs:
+        raise ArgumentValueError(f"{fn}: expected sublayers a non-empty sequence, got an empty one")
+    names = [n for n, _ in subs]
+    if len(set(names)) != len(names):
+        raise ArgumentValueError(f"{fn}: expected sublayers with distinct names, got {names}")
+    if isinstance(between, nn.Module) or not isinstance(between, Sequence):
+        raise type_error(fn, "between", "a sequence of nn.Module", between)
+    for i, b in enumerate(between):
+        check_module(fn, f"between[{i}]", b)
+    if len(between) != len(subs) - 1:
+        raise ArgumentValueError(f"{fn}: expected between of length {len(subs) - 1} (one module per boundary "
+                                 f"between sublayers), got {len(between)}")
+    object.__setattr__(module, _MARK, _SublayerMark(subs, list(between)))
+    return module
+
+
 # ------------------------------------------------------------------------------ block kinds
 MatchFn = Callable[[nn.Module], bool]
 DescribeFn = Callable[[str, nn.Module], Union[BlockInfo, Sequence[BlockInfo]]]
@@ -362,8 +425,11 @@ def _is_marked(m: nn.Module) -> bool:
     return m.__dict__.get(_MARK) is not None
 
 
-def _describe_marked(name: str, m: nn.Module) -> BlockInfo:
+def _describe_marked(name: str, m: nn.Module) -> Union[BlockInfo, list[BlockInfo]]:
     mark = m.__dict__[_MARK]
+    if isinstance(mark, _SublayerMark):
+        parts = [(sub, (branch,), lambda b=branch: MathAttention(b)) for sub, branch in mark.sublayers]
+        return _sublayer_infos(name, m, "marked", parts, mark.between)
     return BlockInfo(name, m, mark.branch, mark.skip, mark.scale, mark.post, "marked")
 
 
@@ -562,14 +628,16 @@ def _describe_convnext(name: str, m: nn.Module) -> BlockInfo:
 
 def _sublayer_infos(name: str, m: nn.Module, kind: str, parts: Sequence[tuple[str, Sequence[nn.Module],
                                                                                Callable[[], nn.Module]]],
-                    middle: nn.Module) -> list[BlockInfo]:
-    """The two sublayers of a pre-LN transformer block ``m`` (attention, then MLP): the first
-    reads its input at ``m``'s input and its output at ``middle``'s input (the norm before the
-    MLP), the second from ``middle``'s input to ``m``'s output."""
-    attn, mlp = _sublayer_blocks(m, parts)
-    points = [((m, "input"), (middle, "input")), ((middle, "input"), (m, "output"))]
+                    between: Sequence[nn.Module]) -> list[BlockInfo]:
+    """The residual sublayers of ``m`` in forward order (a pre-LN transformer block: attention,
+    then MLP): sublayer 0 reads its input at ``m``'s input, sublayer i > 0 at the input of
+    ``between[i - 1]`` (the first module the model calls on the state after sublayer i - 1, e.g.
+    the norm before the MLP); the last sublayer's output is ``m``'s output."""
+    blocks = _sublayer_blocks(m, parts)
+    ins = [(m, "input")] + [(b, "input") for b in between]
+    outs = [(b, "input") for b in between] + [(m, "output")]
     return [BlockInfo(f"{name}:{sub}", blk, blk.branch, nn.Identity(), 1.0, nn.Identity(), kind, -1, i_at, o_at, m, sub)
-            for (sub, _, _), blk, (i_at, o_at) in zip(parts, (attn, mlp), points)]
+            for (sub, _, _), blk, i_at, o_at in zip(parts, blocks, ins, outs)]
 
 
 def _describe_vit(name: str, m: nn.Module) -> list[BlockInfo]:
@@ -578,7 +646,7 @@ def _describe_vit(name: str, m: nn.Module) -> list[BlockInfo]:
          lambda: SelfAttentionBranch(m.ln_1, m.self_attention, m.dropout)),
         ("mlp", (m.ln_2, m.mlp), lambda: nn.Sequential(OrderedDict([("ln_2", m.ln_2), ("mlp", m.mlp)]))),
     ]
-    return _sublayer_infos(name, m, "torchvision_vit", parts, m.ln_2)
+    return _sublayer_infos(name, m, "torchvision_vit", parts, [m.ln_2])
 
 
 def _timm_branch(layers: Sequence[tuple[str, Optional[nn.Module]]]) -> nn.Module:
@@ -593,7 +661,7 @@ def _describe_timm_vit(name: str, m: nn.Module) -> list[BlockInfo]:
         ("mlp", (m.norm2, m.mlp, m.ls2, m.drop_path2),
          lambda: _timm_branch([("norm", m.norm2), ("body", m.mlp), ("ls", m.ls2), ("drop_path", m.drop_path2)])),
     ]
-    return _sublayer_infos(name, m, "timm_vit", parts, m.norm2)
+    return _sublayer_infos(name, m, "timm_vit", parts, [m.norm2])
 
 
 register_block_kind("marked", _is_marked, _describe_marked)

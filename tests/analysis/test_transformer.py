@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from resgeom_fast import operators
 from resgeom_fast.analysis import collapse, residual_alignment, trajectory_metrics
 from resgeom_fast.analysis.spectrum import hessian_spectrum
-from resgeom_fast.core.blocks import residual_blocks
+from resgeom_fast.core.blocks import mark_residual_sublayers, residual_blocks
 from resgeom_fast.core.checks import ArgumentValueError
 from resgeom_fast.operators import residual_jacobians
 
@@ -394,3 +394,88 @@ def test_block_hessians_ggn_and_spectrum_of_a_vit_sublayer():
     ev = torch.linalg.eigvalsh(H)
     assert sp.eigenvalues[-1].item() == pytest.approx(ev[-1].item(), rel=1e-6)
     assert sp.eigenvalues[0].item() == pytest.approx(ev[0].item(), rel=1e-6, abs=1e-8 * ev.abs().max().item())
+
+
+# -- a user's pre-LN transformer block, its sublayers marked ------------------------------------------
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention by F.scaled_dot_product_attention (as timm / most user code)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, h: Tensor) -> Tensor:
+        n, s, w = h.shape
+        q, k, v = self.qkv(h).reshape(n, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, s, w))
+
+
+class _PreLN(nn.Module):
+    def __init__(self, width: int = 6, heads: int = 2) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(width), _SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        mark_residual_sublayers(self, [("attention", nn.Sequential(self.norm1, self.attn)),
+                                       ("mlp", nn.Sequential(self.norm2, self.mlp))], between=[self.norm2])
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = h + self.attn(self.norm1(h))
+        return h + self.mlp(self.norm2(h))
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.blocks = nn.Sequential(_PreLN(), _PreLN())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:            # x [N, S = 3, 4]
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+def test_marked_pre_ln_sublayers_jacobians_and_hessian():
+    torch.manual_seed(0)
+    model = _Tiny().double().eval()
+    x = torch.randn(3, 3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    infos = residual_blocks(model)
+    assert [(i.name, i.kind) for i in infos] == [(f"blocks.{b}:{s}", "marked") for b in range(2)
+                                                 for s in ("attention", "mlp")]
+    blk = model.blocks[1]
+    # plain hooks: block 1's input and the norm2 input (the state between its sublayers)
+    got = {}
+    hs = [blk.register_forward_pre_hook(lambda m, a: got.setdefault("in", a[0].detach().clone())),
+          blk.norm2.register_forward_pre_hook(lambda m, a: got.setdefault("mid", a[0].detach().clone()))]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    ops = residual_jacobians(model, x, blocks=[2, 3])
+    assert torch.equal(ops[0].h, got["in"]) and torch.equal(ops[1].h, got["mid"])
+    maps = [lambda z: blk.attn(blk.norm1(z)), lambda z: blk.mlp(blk.norm2(z))]
+    eye = torch.eye(18, dtype=torch.float64)
+    for op, f in zip(ops, maps):
+        with _Math():
+            J = torch.stack([torch.func.jacrev(lambda z: f(z[None])[0])(op.h[b]).reshape(18, 18) for b in range(3)])
+        assert torch.allclose(op.matmat(eye.expand(3, -1, -1)), J, rtol=0, atol=1e-12 * J.abs().max().item())
+    assert _sdpa_calls(model, x) == 2
+    (H_op,) = operators.block_hessians(model, nn.CrossEntropyLoss(), (x, y), blocks=[2], hvp="forward_over_reverse")
+    assert set(H_op.param_names) == {f"blocks.1.{n}" for n in ("norm1.weight", "norm1.bias", "attn.qkv.weight",
+                                                                "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias")}
+    H = _dense_hessian(model, list(H_op.param_names), x, y)
+    got_h = H_op.matmat(torch.eye(H.shape[0], dtype=torch.float64))
+    assert ((got_h - H).abs().max() / H.abs().max()).item() <= 1e-10
+
+
+def test_mark_residual_sublayers_checks_its_arguments():
+    m = _PreLN()
+    with pytest.raises(ArgumentValueError, match=r"mark_residual_sublayers: expected between of length 1"):
+        mark_residual_sublayers(m, [("a", m.attn), ("b", m.mlp)], between=[])
+    with pytest.raises(ArgumentValueError, match="distinct names"):
+        mark_residual_sublayers(m, [("a", m.attn), ("a", m.mlp)], between=[m.norm2])
+    with pytest.raises(TypeError, match=r"mark_residual_sublayers: expected sublayers\[0\]"):
+        mark_residual_sublayers(m, [m.attn], between=[])
