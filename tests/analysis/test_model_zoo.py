@@ -12,7 +12,9 @@ Every analysis is checked against a computation independent of the package:
 - Hessian: the extreme eigenvalues (both ends) and the trace of the Hessian restricted to a small
   parameter subset (the last normalisation layer's weight and the head) against the dense
   ``torch.func.hessian`` of the loss in those parameters; one run over all 11.2M parameters of
-  resnet18 with a few Lanczos steps (finite numbers, honest convergence flags);
+  resnet18 with a few Lanczos steps (finite numbers, honest convergence flags); the per-block
+  operators (``per_block=True``) on a ConvNeXt and a MobileNetV2 block against torch.func products;
+  a float32 resnet18 within its results' own bounds of the float64 truth;
 - collapse: NC1 / ETF / equinorm / NCC / rank per layer and NC3 against numpy on GAP-pooled hook
   features (resnet18 and timm resnet18 are covered by test_collapse_any_model.py).
 
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from resgeom_fast.analysis import collapse, hessian_spectrum, residual_alignment
+from resgeom_fast.operators import block_hessians, residual_blocks
 from tests.analysis._trained import one_thread
 from tests.core.test_block_kinds import _randomise
 
@@ -440,3 +443,30 @@ def test_float32_resnet18_numbers_within_their_own_bounds(zoo):
     # a Ritz pair with residual r has an eigenvalue within r; these extreme ones are separated, so it is theirs
     assert r.converged and bool(((r.eigenvalues - want).abs() <= r.residuals + 1e-6 * float(ev.abs().max())).all())
     assert abs(r.trace - float(ev.sum())) <= 5 * r.trace_stderr + 1e-5 * abs(float(ev.sum()))
+
+
+@pytest.mark.parametrize("name,block", [("convnext_tiny", "features.7.2"), ("mobilenet_v2", "features.16")])
+def test_block_hessian_products_match_torch_func(zoo, name, block):
+    """The per-block operators of ``hessian_spectrum(per_block=True)`` on a discovered block (its
+    own parameters, ConvNeXt's layer scale included): products against torch.func's
+    forward-over-reverse Hessian-vector products in the block's parameters."""
+    model = zoo(name)
+    x, y = _images(2, ZOO[name].size, seed=4)
+    infos = residual_blocks(model)
+    (op,) = block_hessians(model, LOSS, (x, y), [next(i for i in infos if i.name == block)])
+    names = [n for n, _ in model.named_parameters() if n.startswith(block + ".")]
+    assert list(op.param_names) == names
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    sub = tuple(params[n] for n in names)
+
+    def f(*ps: Tensor) -> Tensor:
+        return LOSS(functional_call(model, {**params, **dict(zip(names, ps))}, (x,)), y)
+
+    V = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    HV = op.matmat(V)
+    sizes = [p.numel() for p in sub]
+    for j in range(2):
+        tangents = tuple(t.reshape(p.shape) for t, p in zip(V[:, j].split(sizes), sub))
+        _, hv = torch.func.jvp(lambda *ps: torch.func.grad(f, argnums=tuple(range(len(ps))))(*ps), sub, tangents)
+        ref = torch.cat([t.reshape(-1) for t in hv])
+        assert float((HV[:, j] - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
