@@ -87,7 +87,8 @@ module and name (never imported here). Further kinds are added with :func:`regis
 The module types a fast path may recognise by ``isinstance`` live here too: :class:`ZeroSkip`
 (Q_l = 0), :class:`ScalarBias` and :class:`ScalarMultiplier` (Fixup's scalars).
 
-This module imports only torch and the standard library (the bottom floor of the package).
+This module imports only torch, the standard library and the floor's own ``core.checks`` /
+``core.modules`` (the bottom floor of the package).
 """
 from __future__ import annotations
 
