@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import jacfwd, jacrev, jvp, vmap
 
 from resgeom_fast.core.checks import check_module, check_type
-from resgeom_fast.core.modules import module_mode
+from resgeom_fast.core.modules import attention_math, module_mode
 from resgeom_fast.analysis._common import (
     Result,
     batches,
@@ -277,17 +277,20 @@ _JVP_CHUNK_BYTES = 256 * 2**20
 
 def _chunked_jvp(module: nn.Module, at: Tensor, C: Tensor, in_shape: tuple[int, ...], d_out: int) -> Tensor:
     """The JVP of ``module`` at ``at`` [N, *in_shape] on the k columns of C [N, D_in, k] -> [N, d_out, k]
-    (vmap over the columns), a chunk of samples at a time (about 256 MiB of tangents per chunk)."""
+    (vmap over the columns), a chunk of samples at a time (about 256 MiB of tangents per chunk), with
+    scaled-dot-product attention on its math kernel and MHA's fast path off
+    (:func:`resgeom_fast.core.modules.attention_math`: the fused kernels have no forward-mode AD)."""
     n, d_in, k = C.shape
     per = max(d_in, d_out) * k * C.element_size()
     cs = max(1, min(n, _JVP_CHUNK_BYTES // max(per, 1)))
     out = C.new_empty((n, d_out, k))
-    for s0 in range(0, n, cs):
-        s1 = min(n, s0 + cs)
-        t = C[s0:s1].permute(2, 0, 1).reshape(k, s1 - s0, *in_shape)
-        a = at[s0:s1]
-        y = vmap(lambda u: jvp(module, (a,), (u,))[1])(t)
-        out[s0:s1] = y.reshape(k, s1 - s0, d_out).permute(1, 2, 0)
+    with attention_math():     # forward-mode AD through attention: the math kernel, MHA's slow path
+        for s0 in range(0, n, cs):
+            s1 = min(n, s0 + cs)
+            t = C[s0:s1].permute(2, 0, 1).reshape(k, s1 - s0, *in_shape)
+            a = at[s0:s1]
+            y = vmap(lambda u: jvp(module, (a,), (u,))[1])(t)
+            out[s0:s1] = y.reshape(k, s1 - s0, d_out).permute(1, 2, 0)
     return out
 
 
@@ -423,7 +426,8 @@ def _path_recursion(fn: str, model: nn.Module, x: Tensor, max_order: Optional[in
         q_in = torch.cat([orders[m] for m in kept] + [total], dim=2)
         q_out = _apply_skip(info.skip, op.h, q_in, op.in_shape, z_shape)
         j_in = torch.cat([orders[m] for m in live] + [total], dim=2)
-        j_out = op.matmat(j_in) * lam
+        with attention_math():     # the generic J V is a forward-mode JVP: attention on its math kernel
+            j_out = op.matmat(j_in) * lam
         pre: list[Optional[Tensor]] = [None] * (M + 1)
         for i, m in enumerate(kept):
             pre[m] = q_out[:, :, i * P:(i + 1) * P]
@@ -691,7 +695,8 @@ def second_order_expansion(model: nn.Module, x: Tensor) -> ExpansionResult:
         for lam, info in zip(lams, infos):
             with _eval_mode(info.branch):
                 if lam != 0.0 and bool((u != 0).any()):
-                    second = second + lam * jvp(info.branch, (h0,), (u,))[1]
+                    with attention_math():     # forward-mode AD through attention
+                        second = second + lam * jvp(info.branch, (h0,), (u,))[1]
                 u = u + lam * info.branch(h0)
     n = h0.shape[0]
 

@@ -415,3 +415,38 @@ def test_plain_runs_errors() -> None:
         plain_runs(plain, x.numpy())
     with pytest.raises(ValueError, match="residual_blocks: found no residual blocks"):
         plain_runs(nn.Linear(10, 3).double(), x)
+
+
+class MHABranch(nn.Module):
+    """nn.MultiheadAttention as self-attention (the fused kernel / native fast path by default)."""
+
+    def __init__(self, w: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(w, 2, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attn(h, h, h, need_weights=False)[0]
+
+
+class MHAPost(MHABranch):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+class MHABlock(nn.Module):
+    def __init__(self, w: int) -> None:
+        super().__init__()
+        self.f, self.post = MHABranch(w), MHAPost(w)
+        mark_residual_block(self, branch=self.f, scale=0.5, post=self.post)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.post(h + 0.5 * self.f(h))
+
+
+def test_multihead_attention_branch_and_post_against_dense() -> None:
+    """nn.MultiheadAttention in the branch and in the post: forward-mode AD (no derivative in the
+    fused kernels / MHA's fast path) runs on the math kernel, and matches dense jacrev."""
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(MHABlock(6), MHABlock(6)))
+    x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1), dtype=D64)
+    check_against_dense(model, x, x)
