@@ -349,9 +349,12 @@ class PathExpansionResult(Result):
     _exclude = ("norms",)
 
     def summary(self) -> dict[str, float]:
-        """Mean path order, the most weighted order, the relative tail beyond M and L."""
+        """Mean path order, the most weighted order, the relative tail beyond M and L (NaN where
+        undefined: every probe mapped to 0, see ``note``)."""
         tail_rel = self.tail_norm_mean / self.total_norm_mean if self.total_norm_mean > 0 else float("nan")
-        return {"mean_order": float(self.mean_order), "mode_order": float(int(self.distribution.argmax())),
+        mode = (float(int(self.distribution.argmax())) if bool(torch.isfinite(self.distribution).all())
+                else float("nan"))
+        return {"mean_order": float(self.mean_order), "mode_order": mode,
                 "tail_rel": float(tail_rel), "num_blocks": float(self.num_blocks)}
 
 

@@ -10,6 +10,7 @@ nets (resnet50 family) compare the total with a JVP of the composed blocks.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -227,6 +228,8 @@ def test_dead_probe_is_undefined_not_nan() -> None:
     assert res.num_undefined == 4 and "undefined" in res.note
     assert res.total_norm_mean == 0.0 and res.to_dict()["mean_order"] is None
     assert all(v is None for v in res.to_dict()["distribution"])
+    assert math.isnan(res.summary()["mode_order"]) and math.isnan(res.summary()["mean_order"])
+    json.dumps(res.to_dict(), allow_nan=False)
 
 
 def test_block_that_is_not_its_decomposition_is_refused() -> None:
