@@ -35,6 +35,7 @@ from resgeom_fast.analysis.expansion import (
     geometric_complexity,
     output_norm_vs_depth,
     path_expansion,
+    plain_runs,
     plot_output_norms,
     plot_path_orders,
     remainder_scaling,
@@ -48,7 +49,12 @@ from resgeom_fast.analysis.hamiltonian import (
     plot_layer_spectra,
 )
 from resgeom_fast.analysis.mufm import MUFMResult, mufm, plot_mufm
-from resgeom_fast.analysis.singularities import SingularityResult, plot_singularities, singularities
+from resgeom_fast.analysis.singularities import (
+    SingularityResult,
+    find_activation_layers,
+    plot_singularities,
+    singularities,
+)
 from resgeom_fast.analysis.spectrum import MassFraction, SpectrumResult, hessian_spectrum, plot_density, plot_eigenvalues
 
 __all__ = [
@@ -56,7 +62,8 @@ __all__ = [
     "MassFraction",
     "PathExpansionResult", "SingularityResult", "SpectrumResult", "StageAlignment", "bottleneck_rank",
     "collapse", "collapse_metrics", "depth_scaling", "geometric_complexity", "hamiltonian",
-    "hessian_spectrum", "mufm", "output_norm_vs_depth", "path_expansion", "plot_collapse",
+    "find_activation_layers", "hessian_spectrum", "mufm", "output_norm_vs_depth", "path_expansion", "plain_runs",
+    "plot_collapse",
     "plot_cross_alignment", "plot_density", "plot_eigenvalues", "plot_hamiltonian", "plot_layer_spectra",
     "plot_mufm", "plot_output_norms", "plot_path_orders", "plot_sigma1", "plot_singular_values",
     "plot_singularities", "plot_trajectories", "remainder_scaling", "residual_alignment",

@@ -96,7 +96,7 @@ KEYS: dict[str, Optional[list[str]]] = {
         "sigma_b_condition ill_conditioned nc1_note feature_dtype rank_rule nc3 nc3_note spearman "
         "spearman.nc1 spearman.etf_error spearman.equinorm spearman.ncc_mismatch spearman_note "
         "spearman_note.nc1 spearman_note.etf_error spearman_note.equinorm spearman_note.ncc_mismatch "
-        "ncc_zero_from num_classes num_samples class_counts pool split "
+        "ncc_zero_from num_classes num_samples class_counts pool split tokens "
     ).split(),
     "spectrum": (
         "name dim eigenvalues residuals converged lanczos_steps lambda_max lambda_min trace trace_stderr "
@@ -132,21 +132,26 @@ KEYS: dict[str, Optional[list[str]]] = {
         "blocks.*.fractions.degenerate_rel.note blocks.*.unresolved blocks.*.k_used blocks.*.notes "
     ).split(),
     "singularities": (
-        "eps layers layers.*.name layers.*.weight_name layers.*.role layers.*.block layers.*.kind "
-        "layers.*.n_units layers.*.n_in layers.*.observations layers.*.dead_units layers.*.dead_fraction "
-        "layers.*.weight_norms layers.*.small_weight_fraction layers.*.weight_units_used "
-        "layers.*.weight_cos_max layers.*.weight_cos_mean layers.*.weight_pairs_above layers.*.act_units_used "
-        "layers.*.act_cos_max layers.*.act_cos_mean layers.*.act_pairs_above layers.*.cov_eigenvalues "
-        "layers.*.participation_ratio layers.*.effective_rank layers.*.effective_rank_fraction "
-        "layers.*.small_eig_fraction means means.dead_fraction means.small_weight_fraction "
-        "means.weight_cos_max means.weight_cos_mean means.act_cos_max means.act_cos_mean "
-        "means.participation_ratio means.effective_rank means.effective_rank_fraction "
-        "means.small_eig_fraction total_units total_dead num_samples "
+        "eps dead_tol layers layers.*.name layers.*.module_name layers.*.call layers.*.activation "
+        "layers.*.dead_rule layers.*.weight_name layers.*.weight_reason layers.*.role layers.*.block "
+        "layers.*.kind layers.*.unit_dim layers.*.n_units layers.*.n_in layers.*.observations "
+        "layers.*.dead_units layers.*.dead_fraction layers.*.weight_norms layers.*.small_weight_fraction "
+        "layers.*.weight_units_used layers.*.weight_cos_max layers.*.weight_cos_mean "
+        "layers.*.weight_pairs_above layers.*.act_units_used layers.*.act_cos_max layers.*.act_cos_mean "
+        "layers.*.act_pairs_above layers.*.cov_eigenvalues layers.*.participation_ratio "
+        "layers.*.effective_rank layers.*.effective_rank_fraction layers.*.small_eig_fraction means "
+        "means.dead_fraction means.small_weight_fraction means.weight_cos_max means.weight_cos_mean "
+        "means.act_cos_max means.act_cos_mean means.participation_ratio means.effective_rank "
+        "means.effective_rank_fraction means.small_eig_fraction total_units total_dead post_means "
+        "post_means.dead_fraction post_means.small_weight_fraction post_means.weight_cos_max "
+        "post_means.weight_cos_mean post_means.act_cos_max post_means.act_cos_mean "
+        "post_means.participation_ratio post_means.effective_rank post_means.effective_rank_fraction "
+        "post_means.small_eig_fraction post_total_units post_total_dead num_samples "
     ).split(),
     "path_expansion": (
         "orders norms_mean norms_std distribution distribution_std mean_order mean_order_std total_norm_mean "
         "tail_norm_mean input_norm_mean num_blocks max_order num_samples num_probes seed block_names scales "
-        "skips "
+        "skips posts in_shape out_shape num_undefined note "
     ).split(),
     "second_order_expansion": (
         "delta_norm remainder1 remainder2 first_term_norm second_term_norm delta_mean remainder1_mean "
