@@ -10,12 +10,17 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from resgeom_fast.analysis.collapse import spearman_with_reason
+
 from ..report import fmt, fmt_key, get_path, is_undefined
 
 __all__ = ["CONTRAST_Z", "CONTROL", "EXPECTED_DEGENERACY_ORDER", "RA1_METRICS", "THRESHOLDS", "alignment_stage_reading",
            "collapse_reading", "compare_fraction", "contrast_z", "degeneracy_order_reading", "depth_scaling_text",
            "fraction_text", "list_text", "per_model", "ra1_reading", "rank_text", "sample_stats", "spectrum_reading",
-           "summary_of", "versus_control"]
+           "summary_of", "versus_control",
+           # issue 18
+           "COLLAPSE_RHO", "VERDICTS", "collapse_training_reading", "collapse_training_verdict", "gc_lam_reading",
+           "nc1_decay_decades", "nf_training_reading", "nf_training_verdict", "unimodality_verdict"]
 
 
 def summary_of(block: dict[str, Any]) -> dict[str, float]:
@@ -305,3 +310,158 @@ def collapse_reading(r: dict, models: list[str], root: str) -> str:
         elif verdict.get(CONTROL) is False:
             tail += "; the plain control does not show it"
     return text + tail + ")."
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 18: collapse along training, geometric complexity against the branch scale, deep
+# normalisation-free training. Each reading ends in a verdict: "held", "not held" or
+# "not resolved", with the conditions of the measurement.
+VERDICTS: tuple[str, ...] = ("held", "not held", "not resolved")
+COLLAPSE_RHO = -0.9  # docs/science.md section 5: collapse holds for a net when rho(layer, NC1) < -0.9
+
+
+def nc1_decay_decades(nc1: Any) -> Optional[float]:
+    """log10(NC1(h_L) / NC1(h_0)) of a per-layer NC1 list: the decades by which NC1 falls from the
+    first to the last layer (negative: a decrease); None when either end is undefined or not > 0."""
+    if not isinstance(nc1, list) or len(nc1) < 2:
+        return None
+    a, b = nc1[0], nc1[-1]
+    if is_undefined(a) or is_undefined(b) or not (float(a) > 0 and float(b) > 0):
+        return None
+    return math.log10(float(b) / float(a))
+
+
+def collapse_training_verdict(epochs: list[int], rho: list[Optional[float]],
+                              decades: list[Optional[float]]) -> tuple[str, str]:
+    """(verdict, why) of the claim "NC1 decreases with depth, more strongly as training proceeds".
+
+    ``rho[i]``: Spearman rho(layer, NC1) at ``epochs[i]``; ``decades[i]``: :func:`nc1_decay_decades`.
+    Held when, at the last tracked epoch, rho < -0.9 (:data:`COLLAPSE_RHO`), the decrease over
+    depth is larger (more decades) than at the first tracked epoch, and rho(epoch, decades) < 0
+    over the tracked epochs. Not resolved with fewer than two epochs where both are defined, or
+    when the last epoch's rho is undefined. There is one net (one seed): the ordering over epochs
+    carries no uncertainty.
+    """
+    pts = [(e, r, d) for e, r, d in zip(epochs, rho, decades) if not is_undefined(r) and not is_undefined(d)]
+    if len(pts) < 2:
+        return "not resolved", f"fewer than two tracked epochs with a defined NC1 trend ({len(pts)})"
+    if is_undefined(rho[-1]) or is_undefined(decades[-1]):
+        return "not resolved", f"rho(l, NC1) or the decay is undefined at the last tracked epoch {epochs[-1]}"
+    trend, why = spearman_with_reason([p[0] for p in pts], [p[2] for p in pts])
+    fails = []
+    if not rho[-1] < COLLAPSE_RHO:
+        fails.append(f"rho(l, NC1) at epoch {epochs[-1]} is {fmt(rho[-1])}, not < {COLLAPSE_RHO:g}")
+    if not pts[-1][2] < pts[0][2]:
+        fails.append(f"the decrease over depth did not grow: {fmt(pts[0][2])} decades at epoch {pts[0][0]}, "
+                     f"{fmt(pts[-1][2])} at epoch {pts[-1][0]}")
+    if trend is None:
+        fails.append(f"rho(epoch, decades) undefined ({why})")
+    elif not trend < 0:
+        fails.append(f"rho(epoch, decades) = {fmt(trend)} is not < 0")
+    if fails:
+        return "not held", "; ".join(fails)
+    return "held", (f"rho(l, NC1) {fmt(rho[-1])} < {COLLAPSE_RHO:g} at epoch {epochs[-1]}, the decrease over depth "
+                    f"grew from {fmt(pts[0][2])} to {fmt(pts[-1][2])} decades, rho(epoch, decades) {fmt(trend)}")
+
+
+def collapse_training_reading(along: dict[str, Any], conditions: str) -> str:
+    """The reading of NC1 per layer along training: rho(layer, NC1) and the decades of decrease
+    from h_0 to h_L per tracked epoch, then the verdict of :func:`collapse_training_verdict`.
+    ``along``: ``epochs``, ``spearman_nc1`` (with ``spearman_nc1_reason``), ``nc1_decay_decades``."""
+    epochs = along.get("epochs") or []
+    rho = along.get("spearman_nc1") or []
+    dec = along.get("nc1_decay_decades") or []
+    reasons = along.get("spearman_nc1_reason") or [""] * len(epochs)
+    per = ", ".join(f"epoch {e}: " + (fmt(r) if not is_undefined(r) else f"n/a ({why or 'undefined'})")
+                    for e, r, why in zip(epochs, rho, reasons))
+    decs = ", ".join(f"epoch {e}: {fmt(d)}" for e, d in zip(epochs, dec))
+    verdict, why = collapse_training_verdict(list(epochs), list(rho), list(dec))
+    return (f"NC1 per layer along training ({conditions}): Spearman rho(l, NC1) per epoch {per or 'none tracked'}; "
+            f"log10 NC1(h_L) / NC1(h_0) per epoch {decs or 'none'}. Claim (NC1 decreases with depth, more strongly "
+            f"as training proceeds): {verdict} ({why}; one seed, so the ordering over epochs has no error bar).")
+
+
+def unimodality_verdict(xs: list[float], means: list[Optional[float]], ses: list[Optional[float]],
+                        z: float = CONTRAST_Z) -> tuple[str, str]:
+    """(verdict, why): is y(x) unimodal with an interior maximum, read only where differences exceed
+    ``z`` standard errors (Welch z of two means, :func:`contrast_z`)?
+
+    ``xs`` ascending; undefined means are left out. A resolved valley (a point resolved below a
+    point on each side) is "not held" (two modes); a resolved interior peak (a point resolved above
+    a point on each side) without a resolved valley is "held"; resolved differences without either
+    (monotone: the maximum at an end of the range) are "not held in this range"; otherwise "not
+    resolved" (every difference within the spread). An undefined standard error resolves nothing.
+    """
+    pts = [(x, float(m), math.nan if is_undefined(s) else float(s))
+           for x, m, s in zip(xs, means, ses) if not is_undefined(m)]
+    if len(pts) < 3:
+        return "not resolved", f"fewer than three defined points ({len(pts)})"
+
+    def above(i: int, j: int) -> bool:  # point i resolved above point j
+        zz = contrast_z((pts[i][1], pts[i][2], 2), (pts[j][1], pts[j][2], 2))
+        return not math.isnan(zz) and zz > z
+
+    n = len(pts)
+    for j in range(1, n - 1):
+        lo = [i for i in range(j) if above(i, j)]
+        hi = [k for k in range(j + 1, n) if above(k, j)]
+        if lo and hi:
+            return "not held", (f"two modes: at {fmt(pts[j][0])} it is below {fmt(pts[lo[0]][0])} and "
+                                f"{fmt(pts[hi[0]][0])} by more than {z:g} standard errors")
+    for j in range(1, n - 1):
+        lo = [i for i in range(j) if above(j, i)]
+        hi = [k for k in range(j + 1, n) if above(j, k)]
+        if lo and hi:
+            return "held", (f"interior maximum at {fmt(pts[j][0])}, above {fmt(pts[lo[0]][0])} and "
+                            f"{fmt(pts[hi[0]][0])} by more than {z:g} standard errors, no resolved second mode")
+    resolved = [(i, j) for i in range(n) for j in range(n) if i != j and above(i, j)]
+    if resolved:
+        top = max(range(n), key=lambda i: pts[i][1])
+        return "not held", (f"in this range [{fmt(pts[0][0])}, {fmt(pts[-1][0])}] no resolved interior maximum: the "
+                            f"largest value is at {fmt(pts[top][0])}, resolved differences only between points on "
+                            "one side of it (monotone here; a wider range may show the other side)")
+    return "not resolved", f"every difference is within {z:g} standard errors"
+
+
+def gc_lam_reading(gc: dict[str, Any], conditions: str) -> str:
+    """The reading of geometric complexity against the branch scale lam at the end of training:
+    GC +- its standard error per lam (over seeds, or over test samples with one seed), diverged
+    runs, and the verdict of :func:`unimodality_verdict` on the lams in ascending order.
+    ``gc["final"]``: ``lams``, ``labels``, ``gc_mean``, ``gc_se``, ``spread``, ``diverged``."""
+    f = gc.get("final") or {}
+    lams, labels = f.get("lams") or [], f.get("labels") or []
+    means, ses = f.get("gc_mean") or [], f.get("gc_se") or []
+    div = f.get("diverged") or [0] * len(lams)
+    vals = ", ".join(f"lam = {lab} ({fmt(lam)}): {fmt(m)} +- {fmt(s, 2)}" + (f" [{d} run(s) diverged, left out]"
+                                                                             if d else "")
+                     for lab, lam, m, s, d in zip(labels, lams, means, ses, div))
+    verdict, why = unimodality_verdict(list(lams), list(means), list(ses))
+    return (f"GC at the end of training against lam ({conditions}; +- one standard error over "
+            f"{f.get('spread', 'n/a')}): {vals or 'none'}. Claim (GC unimodal in lam, an interior maximum): "
+            f"{verdict} ({why}).")
+
+
+def nf_training_verdict(nf: dict[str, Any], reference_acc: Optional[float], margin: float = 0.05) -> tuple[str, str]:
+    """(verdict, why) of "a normalisation-free net with scaled branches trains at this depth":
+    held when the loss stayed finite and the test accuracy is within ``margin`` of
+    ``reference_acc`` (the study's shallow BatchNorm residual net) or above it; not held when
+    training diverged or fell short; not resolved without an accuracy to compare."""
+    acc, ref = nf.get("test_acc"), reference_acc
+    if not nf.get("finite", False):
+        return "not held", "the training loss became non-finite (diverged)"
+    if is_undefined(acc) or is_undefined(ref):
+        return "not resolved", "no test accuracy to compare"
+    if float(acc) >= float(ref) - margin:
+        return "held", f"test accuracy {fmt(acc)} within {margin:g} of (or above) the reference {fmt(ref)}"
+    return "not held", f"test accuracy {fmt(acc)} more than {margin:g} below the reference {fmt(ref)}"
+
+
+def nf_training_reading(nf: dict[str, Any], reference_acc: Optional[float], conditions: str) -> str:
+    """Depth, train / test accuracy and wall time of the deep normalisation-free net, and the verdict."""
+    verdict, why = nf_training_verdict(nf, reference_acc)
+    return (f"normalisation-free FCResNet, lam = {nf.get('scale')} (= {fmt(nf.get('lam'))}), no BatchNorm, depth "
+            f"{nf.get('depth')} ({conditions}): train accuracy {fmt(nf.get('train_acc'))}, test accuracy "
+            f"{fmt(nf.get('test_acc'))}, final train loss {fmt(nf.get('train_loss'))}, wall time "
+            f"{fmt(nf.get('wall_s'))} s for {nf.get('epochs')} epochs on {nf.get('device')} (training and evaluation, "
+            f"this machine's load). Claim (trains without normalisation at this depth, test accuracy within 0.05 of "
+            f"the BatchNorm residual net of depth {nf.get('reference_depth')}): {verdict} ({why}).")
