@@ -18,14 +18,21 @@ from typing import Any
 from resgeom_fast.analysis import alignment as alignment_analysis
 from resgeom_fast.analysis import spectrum as spectrum_analysis
 
+from resgeom_fast.analysis.plotting import errorbars, pyplot
+
 from ..figures import bars, heatmaps, lines, new_figure
 from ..report import FigureSpec, fmt, fmt_key, get_path
 from ._readings import (
+    COLLAPSE_RHO,
     CONTROL,
     alignment_stage_reading,
     collapse_reading,
+    collapse_training_reading,
     depth_scaling_text,
     fraction_text,
+    gc_lam_reading,
+    net_conditions,
+    nf_training_reading,
     per_model,
     ra1_reading,
     rank_text,
@@ -39,7 +46,9 @@ from ._readings import (
 collapse_analysis = importlib.import_module("resgeom_fast.analysis.collapse")
 
 __all__ = ["alignment_figures", "collapse_figure", "density_figure", "paths_figure", "singularity_figure",
-           "stage_figures", "training_figure"]
+           "stage_figures", "training_figure",
+           # issue 18
+           "collapse_training_figure", "gc_training_figure", "nf_training_figure"]
 
 
 def training_figure(models: list[str], root: str = "models") -> FigureSpec:
@@ -283,3 +292,76 @@ def stage_figures(al: dict[str, Any]) -> list[FigureSpec]:
 
     return [FigureSpec("ra_singular_values", "Singular values of the residual Jacobians, per stage", sv, read),
             FigureSpec("ra_sigma1", "sigma_1 per block", sig, read)]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 18: collapse along training, GC along training per branch scale, deep normalisation-free
+# training (readings in ._readings: collapse_training_reading, gc_lam_reading, nf_training_reading)
+def collapse_training_figure(model: str = "residual", root: str = "models") -> FigureSpec:
+    """NC1 per layer at every tracked epoch (one line per epoch) and, against the epoch, Spearman
+    rho(layer, NC1) and log10 NC1(h_L) / NC1(h_0), from ``root.model.along_training``."""
+    at = f"{root}.{model}.along_training"
+
+    def build(r: dict) -> Any:
+        fig, axes = new_figure(2)
+        a = get_path(r, at)
+        n = len(a["epochs"])
+        cmap = pyplot().get_cmap("viridis")
+        lines(axes[0], r, [(f"epoch {ep}", f"{at}.layers", f"{at}.nc1_by_layer.{i}") for i, ep in enumerate(a["epochs"])],
+              title=f"{model}: NC1 per layer along training", xlabel="layer l", ylabel="NC1", logy=True,
+              styles=[{"color": cmap(i / max(1, n - 1))} for i in range(n)])
+        lines(axes[1], r, [("Spearman rho(l, NC1)", f"{at}.epochs", f"{at}.spearman_nc1"),
+                           ("log10 NC1(h_L) / NC1(h_0)", f"{at}.epochs", f"{at}.nc1_decay_decades")],
+              title="trend over depth, per epoch", xlabel="epoch", ylabel="value")
+        axes[1].axhline(COLLAPSE_RHO, color="gray", ls=":", lw=0.8)
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        return collapse_training_reading(get_path(r, at), net_conditions(r.get("config", {})))
+
+    return FigureSpec("collapse_along_training", "NC1 per layer along training", build, reading)
+
+
+def gc_training_figure(at: str = "gc_training") -> FigureSpec:
+    """Geometric complexity against the epoch, one line per branch scale lam (mean over seeds), and
+    at the end of training against lam (+- one standard error), from the study's ``at`` entry."""
+    def build(r: dict) -> Any:
+        fig, axes = new_figure(2)
+        g = get_path(r, at)
+        lines(axes[0], r, [(f"lam = {b['label']}", f"{at}.epochs", f"{at}.by_lam.{i}.gc_mean")
+                           for i, b in enumerate(g["by_lam"])],
+              title="GC along training (mean over seeds)", xlabel="epoch", ylabel="GC", logy=True)
+        lines(axes[1], r, [("end of training", f"{at}.final.lams", f"{at}.final.gc_mean")],
+              title="GC at the end of training against lam", xlabel="lam", ylabel="GC", logx=True)
+        errorbars(axes[1], r, f"{at}.final.lams", f"{at}.final.gc_mean", f"{at}.final.gc_se", color="C0")
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        g = get_path(r, at)
+        return gc_lam_reading(g, net_conditions(r.get("config", {}), norm="none", seeds=len(g.get("seeds", []))))
+
+    return FigureSpec("gc_along_training", "Geometric complexity along training, per branch scale", build, reading)
+
+
+def nf_training_figure(at: str = "nf_training", reference: str = "models.residual.train.final.test_acc") -> FigureSpec:
+    """Training loss and test accuracy per epoch of the deep normalisation-free net at ``at``; the
+    reading compares its test accuracy with the one at ``reference``."""
+    def build(r: dict) -> Any:
+        fig, axes = new_figure(2)
+        d = get_path(r, f"{at}.depth")
+        lines(axes[0], r, [(f"depth {d}", f"{at}.train.epoch", f"{at}.train.train_loss")],
+              title="normalisation-free: training loss", xlabel="epoch", ylabel="train loss", logy=True)
+        lines(axes[1], r, [(f"depth {d}: test", f"{at}.train.epoch", f"{at}.train.test_acc"),
+                           (f"depth {d}: train", f"{at}.train.epoch", f"{at}.train.train_acc")],
+              title="normalisation-free: accuracy", xlabel="epoch", ylabel="accuracy")
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        nf = get_path(r, at)
+        return nf_training_reading(nf, get_path(r, reference),
+                                   net_conditions(r.get("config", {}), depth=nf.get("depth"), norm="none"))
+
+    return FigureSpec("nf_deep_training", "Deep normalisation-free training", build, reading)

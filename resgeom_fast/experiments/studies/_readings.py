@@ -20,7 +20,7 @@ __all__ = ["CONTRAST_Z", "CONTROL", "EXPECTED_DEGENERACY_ORDER", "RA1_METRICS", 
            "summary_of", "versus_control",
            # issue 18
            "COLLAPSE_RHO", "VERDICTS", "collapse_training_reading", "collapse_training_verdict", "gc_lam_reading",
-           "nc1_decay_decades", "nf_training_reading", "nf_training_verdict", "unimodality_verdict"]
+           "nc1_decay_decades", "net_conditions", "nf_training_reading", "nf_training_verdict", "unimodality_verdict"]
 
 
 def summary_of(block: dict[str, Any]) -> dict[str, float]:
@@ -465,3 +465,18 @@ def nf_training_reading(nf: dict[str, Any], reference_acc: Optional[float], cond
             f"{fmt(nf.get('wall_s'))} s for {nf.get('epochs')} epochs on {nf.get('device')} (training and evaluation, "
             f"this machine's load). Claim (trains without normalisation at this depth, test accuracy within 0.05 of "
             f"the BatchNorm residual net of depth {nf.get('reference_depth')}): {verdict} ({why}).")
+
+
+def net_conditions(cfg: dict[str, Any], *, depth: Optional[int] = None, norm: Optional[str] = None,
+                   epochs: Optional[int] = None, seeds: Optional[int] = None) -> str:
+    """The conditions of a trained net for a reading: ``"digits, fc width 64, depth 8, norm batch,
+    SGD lr 0.05 (constant), weight decay 0, batch 64, 15 epochs, seed 0"`` (keyword arguments
+    override the configuration's depth / norm / epochs; ``seeds`` names that many seeds)."""
+    seed = cfg.get("seed", 0)
+    seed_text = f"seeds {seed}..{seed + seeds - 1}" if seeds and seeds > 1 else f"seed {seed}"
+    n_train = cfg.get("n_train")
+    return (f"{cfg.get('dataset', 'digits')}{'' if n_train is None else f' (n_train {n_train})'}, "
+            f"{cfg.get('model', 'fc')} width {cfg.get('width')}, depth {cfg.get('depth') if depth is None else depth}, "
+            f"norm {cfg.get('norm', 'batch') if norm is None else norm}, SGD lr {fmt(cfg.get('lr'))} "
+            f"({cfg.get('schedule', 'constant')}), weight decay {fmt(cfg.get('weight_decay', 0.0))}, batch "
+            f"{cfg.get('batch_size')}, {cfg.get('epochs') if epochs is None else epochs} epochs, {seed_text}")
