@@ -376,8 +376,11 @@ def collapse_training_reading(along: dict[str, Any], conditions: str) -> str:
                     for e, r, why in zip(epochs, rho, reasons))
     decs = ", ".join(f"epoch {e}: {fmt(d)}" for e, d in zip(epochs, dec))
     verdict, why = collapse_training_verdict(list(epochs), list(rho), list(dec))
-    return (f"NC1 per layer along training ({conditions}): Spearman rho(l, NC1) per epoch {per or 'none tracked'}; "
-            f"log10 NC1(h_L) / NC1(h_0) per epoch {decs or 'none'}. Claim (NC1 decreases with depth, more strongly "
+    if along.get("not_measured"):
+        why += (f"; not measured at epochs {along['not_measured']} (a stored training step that tracked other "
+                "epochs: rerun with --fresh)")
+    return (f"NC1 per layer along training ({conditions}): Spearman rho(l, NC1) by epoch ({per or 'none tracked'}); "
+            f"log10 NC1(h_L) / NC1(h_0) by epoch ({decs or 'none'}). Claim (NC1 decreases with depth, more strongly "
             f"as training proceeds): {verdict} ({why}; one seed, so the ordering over epochs has no error bar).")
 
 
@@ -443,7 +446,8 @@ def gc_lam_reading(gc: dict[str, Any], conditions: str) -> str:
 
 def nf_training_verdict(nf: dict[str, Any], reference_acc: Optional[float], margin: float = 0.05) -> tuple[str, str]:
     """(verdict, why) of "a normalisation-free net with scaled branches trains at this depth":
-    held when the loss stayed finite and the test accuracy is within ``margin`` of
+    held when the loss stayed finite, the test accuracy is above twice chance (2 / ``num_classes``)
+    and within ``margin`` of
     ``reference_acc`` (the study's shallow BatchNorm residual net) or above it; not held when
     training diverged or fell short; not resolved without an accuracy to compare."""
     acc, ref = nf.get("test_acc"), reference_acc
@@ -451,6 +455,9 @@ def nf_training_verdict(nf: dict[str, Any], reference_acc: Optional[float], marg
         return "not held", "the training loss became non-finite (diverged)"
     if is_undefined(acc) or is_undefined(ref):
         return "not resolved", "no test accuracy to compare"
+    classes = nf.get("num_classes")
+    if classes and float(acc) <= 2.0 / classes:
+        return "not held", f"test accuracy {fmt(acc)} is not above twice chance (2 / {classes} = {fmt(2.0 / classes)})"
     if float(acc) >= float(ref) - margin:
         return "held", f"test accuracy {fmt(acc)} within {margin:g} of (or above) the reference {fmt(ref)}"
     return "not held", f"test accuracy {fmt(acc)} more than {margin:g} below the reference {fmt(ref)}"
