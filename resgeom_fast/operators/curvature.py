@@ -57,6 +57,22 @@ _FINGERPRINT = 1024     # entries per parameter tensor and vector that enter the
 """``distributed=`` of the curvature operators (None: one process; see :class:`CurvatureEngine`)."""
 
 
+def _fingerprint(mats: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per row of the ``[k, n_j]`` matrices: ``sum_j <row, probe_j>`` over at most
+    :data:`_FINGERPRINT` evenly spaced entries of each, and the scale ``sum_j |row| |probe_j|``
+    of its round-off (float64 [k] each, on ``device``; no host sync). Equal inputs give equal
+    fingerprints on every rank."""
+    k = mats[0].shape[0]
+    fp = torch.zeros(k, dtype=torch.float64, device=device)
+    scale = torch.zeros(k, dtype=torch.float64, device=device)
+    for j, flat in enumerate(mats):
+        flat = flat[:, ::max(1, -(-flat.shape[1] // _FINGERPRINT))]
+        probe = _probe(flat.shape[1], device, 7 + j)
+        fp += (flat @ probe.to(flat.dtype)).double()
+        scale += torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) * probe.norm()
+    return fp, scale
+
+
 def _is_map_dataset(data: Any) -> bool:
     return isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
 
@@ -102,7 +118,9 @@ class CurvatureEngine:
     and a fingerprint of the vectors: a local exception is raised on every rank (the lowest
     failing rank's, :func:`~resgeom_fast.core.distributed.raise_together`), and vectors that
     differ between ranks raise :class:`~resgeom_fast.core.distributed.DivergentRanksError`
-    everywhere instead of summing products of different vectors. The auto-tuner's timings and
+    everywhere instead of summing products of different vectors; at construction, parameters
+    that differ from rank 0's (a fingerprint of up to 1024 evenly spaced entries per tensor)
+    raise it too. The auto-tuner's timings and
     verification results are rank 0's (broadcast), so every rank takes the same product method.
     Construction, ``matmat`` and ``clear_cache`` are collectives: call them on every rank, in
     the same order. "auto" is not offered: whether the data given are the full data or this
@@ -207,12 +225,22 @@ class CurvatureEngine:
             return len(self.batches.sizes)
         dist.raise_together(fn, err)
         world, r = dist.world_size(), dist.rank()
-        counts = torch.zeros(2 * world, dtype=torch.float64, device=self.device)
-        counts[r], counts[world + r] = self.batches.local_total, len(self.batches.sizes)
+        # per rank: samples, batches, and a fingerprint of the parameters (which must be equal)
+        counts = torch.zeros(3, world, dtype=torch.float64, device=self.device)
+        counts[0, r], counts[1, r] = self.batches.local_total, len(self.batches.sizes)
+        fp, scale = _fingerprint([p.detach().reshape(1, -1) for p in self.params], self.device)
+        counts[2, r] = fp[0]
         (counts,) = dist.all_reduce_sum([counts])
-        per_rank = [int(c) for c in counts.tolist()]
-        self.rank_samples = per_rank[:world]
-        total, num_batches = sum(per_rank[:world]), sum(per_rank[world:])
+        tol = 1000 * torch.finfo(self.dtype).eps * float(scale[0]) + torch.finfo(torch.float64).tiny
+        rows = counts.tolist()
+        bad = [i for i, f in enumerate(rows[2]) if abs(f - rows[2][0]) > tol]
+        if bad:
+            raise dist.DivergentRanksError(
+                f"{fn}: expected the same model parameters on every rank (a data-parallel operator sums the ranks' "
+                f"products), got other parameters on rank(s) {bad} than on rank 0; load the same checkpoint or "
+                f"seed on every rank")
+        self.rank_samples = [int(c) for c in rows[0]]
+        total, num_batches = sum(self.rank_samples), int(sum(rows[1]))
         if total == 0:
             raise ArgumentValueError(f"{fn}: data yielded no batches on any of the {world} ranks")
         self.batches.set_total(total)
@@ -270,14 +298,7 @@ class CurvatureEngine:
         """Sum the ranks' local products in ONE all_reduce; its tail holds per rank a failure flag
         and a fingerprint of ``vs`` (``probe . v`` per column), compared across ranks afterwards."""
         world, r = dist.world_size(), dist.rank()
-        fp = torch.zeros(k, dtype=torch.float64, device=self.device)
-        scale = torch.zeros(k, dtype=torch.float64, device=self.device)
-        for j, v in enumerate(vs):
-            flat = v.detach().reshape(k, -1)
-            flat = flat[:, ::max(1, -(-flat.shape[1] // _FINGERPRINT))]   # <= _FINGERPRINT entries a column
-            probe = _probe(flat.shape[1], self.device, 7 + j)
-            fp += (flat @ probe.to(flat.dtype)).double()
-            scale += torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) * probe.norm()   # no host sync
+        fp, scale = _fingerprint([v.detach().reshape(k, -1) for v in vs], self.device)
         tail = torch.zeros(world, k + 1, dtype=torch.float64, device=self.device)
         tail[r, 0] = 1.0 if err is not None else 0.0
         tail[r, 1:] = fp

@@ -165,6 +165,16 @@ def checks_of_failures(case: str, world: int, rank: int) -> dict[str, Any]:
     except Exception as exc:
         out["one_rank_fails"] = f"{type(exc).__name__}: {exc}"
     out["after_failure"] = H.matmat(V)
+    # the last rank's model differs: every rank refuses to build the operator
+    other = fc_model()
+    if rank == world - 1:
+        with torch.no_grad():
+            other.head.weight[0, 0] += 1e-3
+    try:
+        operator("hessian", other, data, mode)
+        out["other_params"] = "no error"
+    except Exception as exc:
+        out["other_params"] = f"{type(exc).__name__}: {exc}"
     return out
 
 

@@ -123,3 +123,14 @@ def test_a_failure_on_one_rank_raises_on_every_rank(runs, world, case):
         msg = ranks[r]["failures"][case]["one_rank_fails"]
         assert msg == ("ArgumentValueError: hessian: expected x of dtype torch.float64 (the dtype of the model's "
                        "parameters), got torch.float32"), msg
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", ["uneven", "sharded"])
+def test_other_parameters_on_one_rank_are_refused_on_every_rank(runs, world, case):
+    ranks, _ = runs[world]
+    for r in range(world):
+        msg = ranks[r]["failures"][case]["other_params"]
+        assert msg == (f"DivergentRanksError: hessian: expected the same model parameters on every rank (a "
+                       f"data-parallel operator sums the ranks' products), got other parameters on rank(s) "
+                       f"[{world - 1}] than on rank 0; load the same checkpoint or seed on every rank"), msg
