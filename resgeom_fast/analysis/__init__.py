@@ -15,6 +15,7 @@ plotting path, also the reports'), so every plotted number is a number of that d
   :func:`geometric_complexity`, :func:`output_norm_vs_depth` (expansion.py) (3).
 - :func:`hamiltonian` (hamiltonian.py): COI, kinetic energy, H, H(A, B), bottleneck rank (4).
 - :func:`collapse` (collapse.py), :func:`mufm` (mufm.py): progressive feedforward collapse (5).
+- :func:`ujm` (ujm.py): the Unconstrained Jacobians Model of Residual Alignment (1).
 """
 from resgeom_fast.analysis.alignment import (
     AlignmentResult,
@@ -56,6 +57,7 @@ from resgeom_fast.analysis.singularities import (
     singularities,
 )
 from resgeom_fast.analysis.spectrum import MassFraction, SpectrumResult, hessian_spectrum, plot_density, plot_eigenvalues
+from resgeom_fast.analysis.ujm import UJMResult, plot_ujm, ujm, ujm_objective
 
 __all__ = [
     "AlignmentResult", "CollapseResult", "ExpansionResult", "GCResult", "HamiltonianResult", "MUFMResult",
@@ -68,4 +70,5 @@ __all__ = [
     "plot_mufm", "plot_output_norms", "plot_path_orders", "plot_sigma1", "plot_singular_values",
     "plot_singularities", "plot_trajectories", "remainder_scaling", "residual_alignment",
     "second_order_expansion", "singularities", "trajectory_metrics",
+    "UJMResult", "plot_ujm", "ujm", "ujm_objective",
 ]
