@@ -391,9 +391,9 @@ def unimodality_verdict(xs: list[float], means: list[Optional[float]], ses: list
 
     ``xs`` ascending; undefined means are left out. A resolved valley (a point resolved below a
     point on each side) is "not held" (two modes); a resolved interior peak (a point resolved above
-    a point on each side) without a resolved valley is "held"; resolved differences without either
-    (monotone: the maximum at an end of the range) are "not held in this range"; otherwise "not
-    resolved" (every difference within the spread). An undefined standard error resolves nothing.
+    a point on each side) without a resolved valley is "held"; the largest value at an end of the
+    range, resolved above every interior point, is "not held in this range" (no interior maximum
+    there); anything else is "not resolved". An undefined standard error resolves nothing.
     """
     pts = [(x, float(m), math.nan if is_undefined(s) else float(s))
            for x, m, s in zip(xs, means, ses) if not is_undefined(m)]
@@ -411,19 +411,19 @@ def unimodality_verdict(xs: list[float], means: list[Optional[float]], ses: list
         if lo and hi:
             return "not held", (f"two modes: at {fmt(pts[j][0])} it is below {fmt(pts[lo[0]][0])} and "
                                 f"{fmt(pts[hi[0]][0])} by more than {z:g} standard errors")
-    for j in range(1, n - 1):
+    for j in sorted(range(1, n - 1), key=lambda i: -pts[i][1]):  # the highest resolved interior peak
         lo = [i for i in range(j) if above(j, i)]
         hi = [k for k in range(j + 1, n) if above(j, k)]
         if lo and hi:
             return "held", (f"interior maximum at {fmt(pts[j][0])}, above {fmt(pts[lo[0]][0])} and "
                             f"{fmt(pts[hi[0]][0])} by more than {z:g} standard errors, no resolved second mode")
-    resolved = [(i, j) for i in range(n) for j in range(n) if i != j and above(i, j)]
-    if resolved:
-        top = max(range(n), key=lambda i: pts[i][1])
-        return "not held", (f"in this range [{fmt(pts[0][0])}, {fmt(pts[-1][0])}] no resolved interior maximum: the "
-                            f"largest value is at {fmt(pts[top][0])}, resolved differences only between points on "
-                            "one side of it (monotone here; a wider range may show the other side)")
-    return "not resolved", f"every difference is within {z:g} standard errors"
+    top = max(range(n), key=lambda i: pts[i][1])
+    if top in (0, n - 1) and all(above(top, i) for i in range(1, n - 1)):
+        return "not held", (f"in this range [{fmt(pts[0][0])}, {fmt(pts[-1][0])}] no interior maximum: GC is largest at "
+                            f"the end {fmt(pts[top][0])}, above every interior point by more than {z:g} standard "
+                            "errors (a wider range may show the other side)")
+    return "not resolved", (f"no resolved interior maximum, second mode or end maximum: the differences that decide "
+                            f"them are within {z:g} standard errors")
 
 
 def gc_lam_reading(gc: dict[str, Any], conditions: str) -> str:
