@@ -195,41 +195,53 @@ def collapse_rows(model: str, entry: Mapping[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-_LAYER_TEXT = ("name", "weight_name", "role", "kind", "rule", "activation")
+_LAYER_TEXT = ("name", "module_name", "weight_name", "weight_reason", "role", "kind", "activation", "dead_rule",
+               "dead_units", "weight_norms", "cov_eigenvalues")  # texts and vectors (also when None)
+# a layer's metrics of its incoming weight (None without one: ``weight_reason`` says why)
+_WEIGHT_METRICS = ("n_in", "small_weight_fraction", "weight_units_used", "weight_cos_max", "weight_cos_mean",
+                   "weight_pairs_above")
 
 
 def _layer_reason(layer: Mapping[str, Any], metric: str) -> Optional[str]:
-    """Why a singularities layer's ``metric`` is None / qualified, where the layer says: a
-    ``<metric>_reason`` entry, or the entry for ``metric`` in a ``reasons`` / ``undefined`` /
-    ``notes`` mapping, or a ``note`` / ``reason`` text (for a None value)."""
+    """Why a singularities layer's ``metric`` is None, from the layer's own entries: a
+    ``<metric>_reason``, its ``weight_reason`` for a weight metric, or (module doc of
+    :mod:`resgeom_fast.analysis.singularities`) too few units for a pair cosine / no units."""
     direct = _text(layer.get(f"{metric}_reason"))
     if direct:
         return direct
-    for key in ("reasons", "undefined", "notes"):
-        table = layer.get(key)
-        if isinstance(table, dict) and _text(table.get(metric)):
-            return table[metric]
-    if layer.get(metric) is None:
-        return _text(layer.get("note")) or _text(layer.get("reason"))
+    if layer.get(metric) is not None:
+        return None
+    if metric in _WEIGHT_METRICS:
+        return _text(layer.get("weight_reason")) or (
+            "fewer than 2 incoming weight rows of non-zero norm" if metric.startswith("weight_cos") else None)
+    if metric.startswith("act_cos"):
+        return f"fewer than 2 non-zero activation columns (act_units_used = {layer.get('act_units_used')})"
+    if layer.get("n_units") == 0:
+        return "a layer of no units"
     return None
+
+
+def _means_rows(model: str, prefix: str, means: Mapping[str, Any], empty_reason: str) -> list[dict[str, str]]:
+    return [_row(model, "singularities", "model", f"{prefix}.{k}", v, None if v is not None else (
+        empty_reason if k not in ("small_weight_fraction", "weight_cos_max", "weight_cos_mean")
+        else f"{empty_reason}, or only layers without an incoming weight")) for k, v in means.items() if _is_scalar(v)]
 
 
 def singularities_rows(model: str, entry: Mapping[str, Any]) -> list[dict[str, str]]:
     """Rows of one model's singularities entry (``{"result": SingularityResult.to_dict(),
-    "summary": ...}``): the summary, the model-level ``means`` (``means.<metric>``) and counts,
-    then one row per layer and scalar metric of the layer (its vectors -- dead unit indices, weight
-    norms, covariance eigenvalues -- and texts are not rows; ``layer`` = its name, ``block_index``
-    the residual block holding it)."""
+    "summary": ...}``): the summary, the model-level ``means`` / ``post_means``
+    (``means.<metric>``, ``post_means.<metric>``: over the layers that are not "post" / over the
+    "post" layers) and counts, then one row per layer and scalar metric of the layer (its vectors
+    -- dead unit indices, weight norms, covariance eigenvalues -- and texts are not rows;
+    ``layer`` = its name, ``block_index`` the residual block holding it; a weight metric of a layer
+    without an incoming weight is empty with the layer's ``weight_reason``)."""
     result = entry.get("result") or {}
     rows = _summary_rows(model, "singularities", "model", entry.get("summary") or {})
-    means = result.get("means") or {}
-    reasons = result.get("means_reason") or result.get("reasons") or {}
-    rows += [_row(model, "singularities", "model", f"means.{k}", v,
-                  _text(reasons.get(k)) if isinstance(reasons, dict) else None)
-             for k, v in means.items() if _is_scalar(v)]
-    rows += [_row(model, "singularities", "model", k, result[k]) for k in ("eps", "total_units", "total_dead",
-                                                                           "num_samples") if _is_scalar(result.get(k))
-             and k in result]
+    rows += _means_rows(model, "means", result.get("means") or {}, "no layer that is not post has a value")
+    rows += _means_rows(model, "post_means", result.get("post_means") or {}, "no post layer has a value")
+    rows += [_row(model, "singularities", "model", k, result[k])
+             for k in ("eps", "dead_tol", "total_units", "total_dead", "post_total_units", "post_total_dead",
+                       "num_samples") if k in result and _is_scalar(result[k])]
     for i, layer in enumerate(result.get("layers") or []):
         if not isinstance(layer, dict):
             continue

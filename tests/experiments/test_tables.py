@@ -170,3 +170,84 @@ def test_analyze_writes_csvs_equal_to_results_json(tmp_path):
     assert main(argv[:-3] + ["--analyses", "hessian", "--out", out, "--quiet"]) == 0
     assert not os.path.exists(os.path.join(out, "alignment.csv"))
     assert os.path.isfile(os.path.join(out, "hessian.csv"))
+
+
+def _more_results() -> dict:
+    """Constructed collapse / singularities / expansion entries as analyze stores them."""
+    collapse = {"result": {"layers": [0, 2], "widths": [4, 8], "nc1": [0.5, None], "etf_error": [0.25, None],
+                           "equinorm": [0.1, 0.2], "ncc_mismatch": [0.5, 0.0], "tr_sigma_w": [1.0, 2.0],
+                           "tr_sigma_b": [3.0, 4.0], "rank_sigma_b": [1, 0], "sigma_b_condition": [2.0, None],
+                           "ill_conditioned": [False, True], "nc1_note": ["", "class means coincide"],
+                           "nc3": None, "nc3_note": "no head", "spearman": {"nc1": None},
+                           "spearman_note": {"nc1": "undefined at some layer"}},
+                "summary": {"nc1_first": 0.5, "nc1_last": None, "nc3": None, "spearman_nc1": None,
+                            "ill_conditioned_layers": 1.0},
+                "block_names": ["b0", "b1", "b2"]}
+    branch = {"name": "b0.relu#0", "module_name": "b0.relu", "call": 0, "activation": "ReLU", "dead_rule": "zero",
+              "weight_name": "b0.conv", "weight_reason": None, "role": "branch", "block": 0, "kind": "conv",
+              "n_units": 4, "n_in": 9, "observations": 32, "dead_units": [1], "dead_fraction": 0.25,
+              "weight_norms": [1.0, 2.0, 3.0, 4.0], "small_weight_fraction": 0.0, "weight_cos_max": 0.5,
+              "act_units_used": 1, "act_cos_max": None, "cov_eigenvalues": [2.0, 1.0, 0.0, 0.0],
+              "participation_ratio": 1.8}
+    post = dict(branch, name="b0.relu#1", call=1, role="post", weight_name=None, n_in=None, weight_norms=None,
+                weight_reason="applied after the residual sum: no single incoming weight", small_weight_fraction=None,
+                weight_cos_max=None, act_units_used=4, act_cos_max=0.75, dead_fraction=0.0)
+    sing = {"result": {"eps": 1e-3, "layers": [branch, post], "means": {"dead_fraction": 0.25, "act_cos_max": None},
+                       "post_means": {"weight_cos_max": None, "dead_fraction": 0.0}, "total_units": 4,
+                       "total_dead": 1, "post_total_units": 4, "post_total_dead": 0, "num_samples": 8},
+            "summary": {"dead_fraction_total": 0.25, "mean_act_cos_max": None}}
+    run = {"blocks": ["b1", "b2"], "block_indices": [1, 2],
+           "result": {"orders": [0, 1, 2], "norms_mean": [0.5, 0.25, 0.125], "norms_std": [0.0, 0.0, 0.0],
+                      "distribution": [0.5, 0.3, 0.2], "distribution_std": [0.0, 0.1, 0.1], "mean_order": 0.7,
+                      "mean_order_std": 0.1, "total_norm_mean": 0.6, "tail_norm_mean": 0.0, "input_norm_mean": 1.0,
+                      "num_blocks": 2, "max_order": 2, "num_samples": 3, "num_probes": 1, "num_undefined": 1,
+                      "note": "1 of 3 samples x probes have every c_L^(m) = 0"},
+           "summary": {"mean_order": 0.7, "mode_order": 0.0, "tail_rel": 0.0, "num_blocks": 2.0}}
+    return {"models": {"model": {"collapse": collapse, "singularities": sing,
+                                 "expansion": {"runs": [run], "summary": {"num_runs": 1.0, "run0_mean_order": 0.7}}}}}
+
+
+def test_constructed_collapse_singularities_expansion_rows():
+    tables = analysis_tables(_more_results())
+    assert set(tables) == {"collapse.csv", "singularities.csv", "expansion.csv"}
+    rows = {f: _parse(rows_to_csv(t)) for f, t in tables.items()}
+    for f, rs in rows.items():
+        keys = [(r["scope"], r["stage"], r["layer"], r["metric"]) for r in rs]
+        assert len(set(keys)) == len(keys), f                      # one row per (scope, stage, layer, metric)
+    co = {(r["scope"], r["layer"], r["metric"]): r for r in rows["collapse.csv"]}
+    assert co[("model", "", "nc1_last")]["value"] == "" and co[("model", "", "nc1_last")]["reason"] == \
+        "class means coincide"
+    assert co[("model", "", "nc3")]["reason"] == "no head"
+    assert co[("model", "", "spearman_nc1")]["reason"] == "undefined at some layer"
+    # layer 0 = h_0 (no block), layer 2 = the output of block 1 ("b1")
+    assert (co[("layer", "0", "nc1")]["block"], co[("layer", "0", "nc1")]["block_index"]) == ("", "")
+    assert (co[("layer", "2", "nc1")]["block"], co[("layer", "2", "nc1")]["block_index"]) == ("b1", "1")
+    assert co[("layer", "2", "nc1")]["value"] == "" and co[("layer", "2", "nc1")]["reason"] == "class means coincide"
+    assert co[("layer", "2", "sigma_b_condition")]["reason"] == "class means coincide"
+    assert co[("layer", "2", "equinorm")]["value"] == "0.2" and co[("layer", "2", "equinorm")]["reason"] == ""
+    assert co[("layer", "2", "ill_conditioned")]["value"] == "1" and co[("layer", "0", "rank_sigma_b")]["value"] == "1"
+    assert not any(r["metric"] == "nc1_note" for r in rows["collapse.csv"])
+    si = {(r["scope"], r["layer"], r["metric"]): r for r in rows["singularities.csv"]}
+    assert si[("layer", "b0.relu#1", "weight_cos_max")]["value"] == ""
+    assert si[("layer", "b0.relu#1", "weight_cos_max")]["reason"] == \
+        "applied after the residual sum: no single incoming weight"
+    assert si[("layer", "b0.relu#1", "n_in")]["reason"] == "applied after the residual sum: no single incoming weight"
+    assert si[("layer", "b0.relu#0", "act_cos_max")]["reason"] == \
+        "fewer than 2 non-zero activation columns (act_units_used = 1)"
+    assert si[("layer", "b0.relu#0", "dead_fraction")]["value"] == "0.25"
+    assert si[("layer", "b0.relu#0", "dead_fraction")]["block_index"] == "0"
+    assert si[("layer", "b0.relu#1", "act_cos_max")]["value"] == "0.75"
+    assert si[("model", "", "means.act_cos_max")]["reason"].startswith("no layer that is not post has a value")
+    assert si[("model", "", "post_means.weight_cos_max")]["reason"].startswith("no post layer has a value")
+    assert si[("model", "", "post_total_units")]["value"] == "4"
+    # vectors and texts are not rows
+    assert not any(r["metric"] in ("dead_units", "weight_norms", "cov_eigenvalues", "role", "weight_reason")
+                   for r in rows["singularities.csv"])
+    ex = {(r["scope"], r["stage"], r["metric"]): r for r in rows["expansion.csv"]}
+    assert ex[("model", "", "num_runs")]["value"] == "1.0"
+    assert ("model", "", "run0_mean_order") not in ex                 # the per-run rows hold it
+    assert ex[("run", "0", "norms_mean[2]")]["value"] == "0.125" and ex[("run", "0", "norms_mean[2]")]["block"] == \
+        "b1..b2"
+    assert ex[("run", "0", "mean_order")]["reason"] == "1 of 3 samples x probes have every c_L^(m) = 0"
+    assert ex[("run", "0", "distribution[1]")]["reason"].startswith("1 of 3")
+    assert ex[("run", "0", "norms_mean[0]")]["reason"] == "" and ex[("run", "0", "num_undefined")]["value"] == "1"

@@ -714,8 +714,14 @@ def singularities_figure(root: str = "models.model.singularities") -> FigureSpec
     def reading(r: dict) -> str:
         s = get_path(r, f"{root}.summary") or {}
         layers = get_path(r, f"{root}.result.layers") or []
-        return (f"{len(layers)} layers of units: " + ", ".join(f"{k.replace('_', ' ')} {fmt_key(s, k)}"
-                                                               for k in s if not k.endswith("_reason")) + ".")
+        roles: dict[str, int] = {}
+        for layer in layers:
+            roles[str(layer.get("role"))] = roles.get(str(layer.get("role")), 0) + 1
+        counts = ", ".join(f"{n} {role}" for role, n in roles.items())
+        return (f"{len(layers)} layers of units ({counts}): " + ", ".join(
+            f"{k.replace('_', ' ')} {fmt_key(s, k)}" for k in s if not k.endswith("_reason"))
+            + " (means over the layers that are not post; post = the units after a residual sum; dead = the "
+              "activation's dead rule at every observation: docs/science.md section 2).")
 
     return FigureSpec("singularities", "Singularities per layer", build, reading)
 
@@ -739,7 +745,10 @@ def expansion_figure(runs: int, root: str = "models.model.expansion") -> FigureS
             parts.append(f"run {i} ({len(run['blocks'])} blocks {run['blocks'][0]} .. {run['blocks'][-1]}): mean "
                          f"path order {fmt_key(s, 'mean_order')}, most weighted order {fmt_key(s, 'mode_order')}, "
                          f"relative tail {fmt_key(s, 'tail_rel')}")
-        return "; ".join(parts) + " (order m = paths through m residual branches; docs/science.md section 3)."
+        posts = {p for i in range(runs) for p in get_path(r, f"{root}.runs.{i}.result").get("posts") or []}
+        gated = ("; every path is gated by the post-activations' Jacobians P_l, so order 0 is prod P_l Q_l, not the "
+                 "identity" if posts - {"Identity"} else "")
+        return "; ".join(parts) + f" (order m = paths through m residual branches{gated}; docs/science.md section 3)."
 
     return FigureSpec("path_orders", "Path-order decomposition per run", build, reading)
 
