@@ -11,16 +11,24 @@ the standard library only).
 - :func:`broadcast_object` -- a small picklable value decided on one rank (rank 0), for all.
 - :func:`raise_together` -- turns an exception raised on some ranks into the same exception on
   every rank (one small collective), so a local failure never leaves the other ranks waiting.
+- :class:`RankFailureError` -- what these collectives raise when the collective itself fails (a
+  rank died: its connections closed; a rank hangs: the group's timeout expired), naming the
+  ranks that did not report the failure through the group's store within
+  :data:`REPORT_GRACE_S` seconds.
 
 Every function here is a *collective* when a process group is initialised: every rank of the
 group must call it, in the same order. They use the default group and its timeout (the
 ``timeout=`` given to ``torch.distributed.init_process_group``): a rank that never arrives makes
-the others raise when that timeout expires. Transport is torch.distributed's (gloo on CPUs, NCCL
+the others raise when that timeout expires, a rank that dies makes them raise at once (gloo,
+NCCL with async error handling), both as :class:`RankFailureError`. Transport is torch.distributed's (gloo on CPUs, NCCL
 on GPUs); nothing here opens sockets or files of its own.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import pickle
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
@@ -31,7 +39,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_int
 
-__all__ = ["DivergentRanksError", "all_reduce_sum", "broadcast_object", "is_initialized", "raise_together", "rank",
+__all__ = ["REPORT_GRACE_S", "DivergentRanksError", "RankFailureError", "all_reduce_sum", "broadcast_object", "is_initialized", "raise_together", "rank",
            "shard", "shard_sizes", "world_size"]
 
 
@@ -39,6 +47,61 @@ class DivergentRanksError(RuntimeError):
     """The ranks of a data-parallel operator were asked for products of different vectors (a
     replicated algorithm drew other random numbers on some rank, or the caller passed
     rank-dependent vectors): the summed products would mean nothing, so every rank raises."""
+
+
+class RankFailureError(RuntimeError):
+    """A collective of a data-parallel computation failed: another rank died (its connections
+    closed), hangs or is too slow (the process group's timeout expired), or the backend failed.
+    The message names this rank, the ranks that did not report the failure within
+    :data:`REPORT_GRACE_S` seconds, and torch.distributed's own error (also the ``__cause__``)."""
+
+
+REPORT_GRACE_S = 10.0
+"""Seconds a rank whose collective failed waits for the other ranks to report the same failure
+through the process group's store; those that do not are named in :class:`RankFailureError`."""
+
+# The number of collectives this process has entered through this module: every rank enters the
+# same collectives in the same order, so the count names one collective on every rank (the key
+# under which the ranks report a failure of it). Process-wide, like torch.distributed's default
+# group itself.
+_SEQUENCE = itertools.count()
+
+
+def _failure(fn: str, seq: int, exc: BaseException) -> RankFailureError:
+    """Report the failure of collective ``seq`` in the group's store, wait up to
+    :data:`REPORT_GRACE_S` for the other ranks' reports, and name those that did not report."""
+    r, w = rank(), world_size()
+    head = f"{fn}: a collective failed on rank {r} of {w}"
+    try:
+        store = dist.distributed_c10d._get_default_store()    # the store of init_process_group (c10d)
+        keys = [f"resgeom_fast/failed/{seq}/{q}" for q in range(w)]
+        store.set(keys[r], "1")
+        deadline = time.monotonic() + REPORT_GRACE_S
+        while True:
+            missing = [q for q in range(w) if not store.check([keys[q]])]
+            if not missing or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+    except Exception as store_exc:   # the store itself is gone (e.g. it lived on the dead rank)
+        return RankFailureError(f"{head}; the ranks that failed could not be identified (the group's store: "
+                                f"{type(store_exc).__name__}: {store_exc}); torch.distributed: {exc}")
+    if missing:
+        who = (f"rank(s) {missing} did not report it within {REPORT_GRACE_S:g} s (died, hang, or are still "
+               f"waiting in an earlier step)")
+    else:
+        who = "every rank reported it (a backend or network failure)"
+    return RankFailureError(f"{head}: {who}; torch.distributed: {exc}")
+
+
+@contextlib.contextmanager
+def _collective(fn: str) -> Iterator[None]:
+    """Run one collective; its failure (a RuntimeError of torch.distributed) becomes a
+    :class:`RankFailureError` naming the ranks that did not report it."""
+    seq = next(_SEQUENCE)
+    try:
+        yield
+    except RuntimeError as exc:
+        raise _failure(fn, seq, exc) from exc
 
 
 def is_initialized() -> bool:
@@ -131,14 +194,16 @@ def shard(data: Any, rank: Optional[int] = None, world: Optional[int] = None) ->
                             f"batches, got {type(data).__name__}")
 
 
-def all_reduce_sum(tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = torch.float64) -> list[Tensor]:
+def all_reduce_sum(tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = torch.float64, *,
+                   fn: str = "all_reduce_sum") -> list[Tensor]:
     """The sum over ranks of every tensor of ``tensors``, in ONE all_reduce.
 
     The tensors (any shapes, one device) are flattened into one buffer of ``dtype`` (None: the
     dtype of the first tensor), summed by ``torch.distributed.all_reduce`` and cut back into
     tensors of the original shapes, dtypes and device. Without an initialised process group the
     sum over the one process is returned (copies of the inputs in ``dtype`` precision). Every
-    rank must pass tensors of the same shapes in the same order.
+    rank must pass tensors of the same shapes in the same order. ``fn``: the caller, named by a
+    :class:`RankFailureError`.
 
     Returns:
         new tensors (the inputs are not modified); ``[]`` for an empty list (no collective).
@@ -152,7 +217,8 @@ def all_reduce_sum(tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = tor
     buf_dtype = tensors[0].dtype if dtype is None else dtype
     buf = torch.cat([t.detach().reshape(-1).to(buf_dtype) for t in tensors])
     if is_initialized():
-        dist.all_reduce(buf)
+        with _collective(fn):
+            dist.all_reduce(buf)
     out, o = [], 0
     for t in tensors:
         n = t.numel()
@@ -161,13 +227,15 @@ def all_reduce_sum(tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = tor
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: Any, src: int = 0, *, fn: str = "broadcast_object") -> Any:
     """``obj`` as given on rank ``src`` (default 0), on every rank: a small picklable decision
-    (``torch.distributed.broadcast_object_list``). Without a process group: ``obj``."""
+    (``torch.distributed.broadcast_object_list``). Without a process group: ``obj``. ``fn``: the
+    caller, named by a :class:`RankFailureError`."""
     if not is_initialized():
         return obj
     box = [obj if rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
+    with _collective(fn):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -195,7 +263,8 @@ def raise_together(fn: str, exc: Optional[BaseException]) -> None:
             raise exc
         return
     gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, None if exc is None else _portable(exc))
+    with _collective(fn):
+        dist.all_gather_object(gathered, None if exc is None else _portable(exc))
     failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
     if not failed:
         return

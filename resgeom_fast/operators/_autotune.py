@@ -186,7 +186,7 @@ class AutoTuner:
             if method == "forward_over_reverse":
                 try:
                     out = self.product(method, idx, vs, k)
-                except (NonRepeatableDataError, NotStructured, dist.DivergentRanksError):
+                except (NonRepeatableDataError, NotStructured, dist.DivergentRanksError, dist.RankFailureError):
                     raise
                 except (RuntimeError, NotImplementedError) as exc:
                     raise ForwardOverReverseFailed(exc) from exc
@@ -198,7 +198,8 @@ class AutoTuner:
             elapsed = time.perf_counter() - t0
             # data-parallel: rank 0's clock decides for every rank (its product includes the
             # all_reduce, so it waited for the slowest rank)
-            rec.setdefault(cand, []).append(dist.broadcast_object(elapsed) if self.distributed else elapsed)
+            rec.setdefault(cand, []).append(dist.broadcast_object(elapsed, fn=self.fn) if self.distributed
+                                            else elapsed)
         return out
 
     def _run(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
@@ -229,7 +230,7 @@ class AutoTuner:
                 out = self._timed(c, idx, vs, k, rec if c in cands else None)
                 diff, why = rel_diff([o[:m] for o in out], ref), ""
                 if self.distributed:        # rank 0's verdict for every rank
-                    diff = dist.broadcast_object(diff)
+                    diff = dist.broadcast_object(diff, fn=self.fn)
             except NotStructured as exc:    # found while computing (labels, logits): not verified
                 out, diff, why = None, float("inf"), str(exc)
             checks[c] = diff

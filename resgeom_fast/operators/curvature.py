@@ -204,7 +204,7 @@ class CurvatureEngine:
                 dist.raise_together(fn, err)
                 # the finding of the first rank with data (every rank with data checked its first batch)
                 first = next(r for r, n in enumerate(self.rank_samples) if n > 0)
-                self.loss_reduction = dist.broadcast_object(self.loss_reduction, src=first)
+                self.loss_reduction = dist.broadcast_object(self.loss_reduction, src=first, fn=fn)
             elif err is not None:
                 raise err
 
@@ -230,7 +230,7 @@ class CurvatureEngine:
         counts[0, r], counts[1, r] = self.batches.local_total, len(self.batches.sizes)
         fp, scale = _fingerprint([p.detach().reshape(1, -1) for p in self.params], self.device)
         counts[2, r] = fp[0]
-        (counts,) = dist.all_reduce_sum([counts])
+        (counts,) = dist.all_reduce_sum([counts], fn=fn)
         tol = 1000 * torch.finfo(self.dtype).eps * float(scale[0]) + torch.finfo(torch.float64).tiny
         rows = counts.tolist()
         bad = [i for i, f in enumerate(rows[2]) if abs(f - rows[2][0]) > tol]
@@ -302,7 +302,7 @@ class CurvatureEngine:
         tail = torch.zeros(world, k + 1, dtype=torch.float64, device=self.device)
         tail[r, 0] = 1.0 if err is not None else 0.0
         tail[r, 1:] = fp
-        *out, tail = dist.all_reduce_sum([*acc, tail], dtype=acc[0].dtype)
+        *out, tail = dist.all_reduce_sum([*acc, tail], dtype=acc[0].dtype, fn=self.fn)
         tol = 1000 * torch.finfo(acc[0].dtype).eps * scale + torch.finfo(torch.float64).tiny
         off = ((tail[:, 1:] - tail[0, 1:]).abs() > tol).any(dim=1)
         flags = torch.stack([tail[:, 0] != 0, off]).tolist()              # the one host sync

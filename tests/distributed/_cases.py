@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from resgeom_fast.core import distributed as rdist
 from resgeom_fast.linalg import eigsh, randomized_svd, slq_density, trace
 from resgeom_fast.models import FCResNet
 from resgeom_fast.operators.blocks import resolve_blocks
@@ -176,6 +178,26 @@ def checks_of_failures(case: str, world: int, rank: int) -> dict[str, Any]:
     except Exception as exc:
         out["other_params"] = f"{type(exc).__name__}: {exc}"
     return out
+
+
+def killed_rank(world: int, rank: int, outdir: Path) -> None:
+    """The last rank exits without a word (as a killed process does) once the operator is built;
+    the others' next product must raise a RankFailureError naming it. Each survivor writes the
+    seconds it took and the error to ``outdir/killed_rank<r>.txt``."""
+    rdist.REPORT_GRACE_S = 3.0  # the survivors wait 3 s for the dead rank's report (default 10)
+    _, (mode, given) = case_data("uneven", world, (4,))
+    H = operator("hessian", fc_model(), given, mode)
+    V = _vectors(H.shape[0], 2, 8)
+    H.matmat(V)
+    if rank == world - 1:
+        os._exit(0)             # no clean-up: its connections close as a killed process's do
+    t0 = time.monotonic()
+    try:
+        H.matmat(V)
+        msg = "no error"
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {exc}"
+    (outdir / f"killed_rank{rank}.txt").write_text(f"{time.monotonic() - t0:.3f}\n{msg}")
 
 
 def spawn(world: int, workdir: Path) -> list[dict[str, Any]]:

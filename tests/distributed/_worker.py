@@ -1,7 +1,8 @@
 """One rank of the data-parallel tests: ``python -m tests.distributed._worker RANK WORLD STORE OUTDIR``.
 
 Joins a gloo group through a FileStore (collective timeout ``_cases.TIMEOUT_S``), computes every
-case of :mod:`tests.distributed._cases` and saves the results to ``OUTDIR/rank<RANK>.pt``.
+case of :mod:`tests.distributed._cases` and saves the results to ``OUTDIR/rank<RANK>.pt``; in a
+group of 3, the last rank then exits as if killed (``_cases.killed_rank``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.distributed._cases import CASES, TIMEOUT_S, checks_of_failures, compute
+from tests.distributed._cases import CASES, TIMEOUT_S, checks_of_failures, compute, killed_rank
 
 
 def main(rank: int, world: int, store: str, outdir: str) -> None:
@@ -23,6 +24,8 @@ def main(rank: int, world: int, store: str, outdir: str) -> None:
         results = {case: compute(case, world, rank, distributed=True) for case in CASES}
         results["failures"] = {case: checks_of_failures(case, world, rank) for case in ("uneven", "sharded")}
         torch.save(results, Path(outdir) / f"rank{rank}.pt")
+        if world == 3:
+            killed_rank(world, rank, Path(outdir))      # the last rank exits inside
     finally:
         dist.destroy_process_group()
 

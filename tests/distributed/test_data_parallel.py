@@ -25,9 +25,10 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     out = {}
     for world in WORLDS:
-        ranks = spawn(world, tmp_path_factory.mktemp(f"world{world}"))
+        workdir = tmp_path_factory.mktemp(f"world{world}")
+        ranks = spawn(world, workdir)
         refs = {case: compute(case, world, 0, distributed=False) for case in CASES}
-        out[world] = (ranks, refs)
+        out[world] = (ranks, refs, workdir)
     return out
 
 
@@ -39,7 +40,7 @@ def _aligned(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", CASES)
 def test_equals_single_process(runs, world, case):
-    ranks, refs = runs[world]
+    ranks, refs, _ = runs[world]
     ref = refs[case]
     got = ranks[0][case]
     assert set(got) == set(ref)
@@ -60,7 +61,7 @@ def test_equals_single_process(runs, world, case):
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_every_rank_holds_the_same_result(runs, world):
-    ranks, _ = runs[world]
+    ranks, _, _ = runs[world]
     for case in CASES:
         for key, v in ranks[0][case].items():
             for r in range(1, world):
@@ -75,7 +76,7 @@ def test_every_rank_holds_the_same_result(runs, world):
 def test_auto_tuner_decides_on_rank_0_for_all(runs, world):
     """"auto" timed forward-over-reverse against the double backward (2 vectors): the timings are
     rank 0's on every rank, so every rank chose the same method."""
-    ranks, _ = runs[world]
+    ranks, _, _ = runs[world]
     for case in CASES:
         timings = ranks[0][case]["conv/auto_timings"]
         assert set(timings[2]) == {"forward_over_reverse", "double_backward"}
@@ -89,7 +90,7 @@ def test_auto_tuner_decides_on_rank_0_for_all(runs, world):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", ["uneven", "sharded"])
 def test_seed_none_draws_the_same_numbers_on_every_rank(runs, world, case):
-    ranks, _ = runs[world]
+    ranks, _, _ = runs[world]
     for key in ("seed_none/values", "seed_none/trace"):
         vals = [ranks[r]["failures"][case][key] for r in range(world)]
         assert all(torch.equal(vals[0], v) for v in vals[1:]), key
@@ -98,7 +99,7 @@ def test_seed_none_draws_the_same_numbers_on_every_rank(runs, world, case):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", ["uneven", "sharded"])
 def test_rank_dependent_vectors_raise_on_every_rank(runs, world, case):
-    ranks, refs = runs[world]
+    ranks, refs, _ = runs[world]
     for r in range(world):
         msg = ranks[r]["failures"][case]["divergent"]
         assert msg.startswith("DivergentRanksError: hessian: expected every rank to apply the operator to the same "
@@ -118,7 +119,7 @@ def test_rank_dependent_vectors_raise_on_every_rank(runs, world, case):
 @pytest.mark.parametrize("case", ["uneven", "sharded"])
 def test_a_failure_on_one_rank_raises_on_every_rank(runs, world, case):
     """One rank alone passes float32 inputs: every rank raises its error (no rank waits)."""
-    ranks, _ = runs[world]
+    ranks, _, _ = runs[world]
     for r in range(world):
         msg = ranks[r]["failures"][case]["one_rank_fails"]
         assert msg == ("ArgumentValueError: hessian: expected x of dtype torch.float64 (the dtype of the model's "
@@ -128,9 +129,21 @@ def test_a_failure_on_one_rank_raises_on_every_rank(runs, world, case):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", ["uneven", "sharded"])
 def test_other_parameters_on_one_rank_are_refused_on_every_rank(runs, world, case):
-    ranks, _ = runs[world]
+    ranks, _, _ = runs[world]
     for r in range(world):
         msg = ranks[r]["failures"][case]["other_params"]
         assert msg == (f"DivergentRanksError: hessian: expected the same model parameters on every rank (a "
                        f"data-parallel operator sums the ranks' products), got other parameters on rank(s) "
                        f"[{world - 1}] than on rank 0; load the same checkpoint or seed on every rank"), msg
+
+
+def test_a_killed_rank_ends_every_rank_with_an_error_naming_it(runs):
+    """In the group of 3, rank 2 exits without a word after building an operator; ranks 0 and 1
+    raise RankFailureError naming rank 2 at their next product, and every process has exited
+    (spawn's join, within its timeout)."""
+    *_, workdir = runs[3]
+    for r in (0, 1):
+        seconds, msg = (workdir / f"killed_rank{r}.txt").read_text().split("\n", 1)
+        assert msg.startswith(f"RankFailureError: hessian: a collective failed on rank {r} of 3: rank(s) [2] did "
+                              f"not report it within 3 s (died, hang, or are still waiting in an earlier step); "
+                              f"torch.distributed: "), msg
