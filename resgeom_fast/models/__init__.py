@@ -16,6 +16,7 @@ from .blocks import (
     ScalarBias,
     ScalarMultiplier,
     ScaledIdentity,
+    StochasticDepth,
     ZeroSkip,
     random_orthogonal,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "ScalarMultiplier",
     "ScaledIdentity",
     "StagedResNet",
+    "StochasticDepth",
     "ZeroSkip",
     "random_orthogonal",
     "relu_biases",

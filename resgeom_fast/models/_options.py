@@ -34,6 +34,19 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     return check_int(None, name, value, minimum=minimum, expected=f"an int >= {minimum}")
 
 
+def check_drop_prob(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a real number in [0, 1) (a stochastic-depth drop
+    probability), else raise ArgumentTypeError / ArgumentValueError (both ValueErrors):
+    ``"<name>: expected a float in [0, 1), got <value>"``."""
+    expected = "a float in [0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name}: expected {expected}, got {value!r}")
+    v = float(value)
+    if not (0.0 <= v < 1.0):   # NaN fails too
+        raise ArgumentValueError(f"{name}: expected {expected}, got {value!r}")
+    return v
+
+
 def resolve_scale(scale: ScaleSpec, num_blocks: int) -> Union[float, str]:
     """Turn a ``scale`` option into a python float, or the string ``"skipinit"``.
 

@@ -44,12 +44,15 @@ from torch import Tensor, nn
 # floor (core.blocks); ZeroSkip, ScalarBias and ScalarMultiplier are re-exported here
 from resgeom_fast.core.blocks import ResidualBlockBase, ScalarBias, ScalarMultiplier, ZeroSkip
 
+from ._options import check_drop_prob
+
 __all__ = [
     "ResidualBlock",
     "ZeroSkip",
     "OrthogonalSkip",
     "ScaledIdentity",
     "ScalarBias",
+    "StochasticDepth",
     "ScalarMultiplier",
     "random_orthogonal",
     "fixup_factor",
@@ -114,6 +117,43 @@ class ResidualBlock(ResidualBlockBase):
         if isinstance(self.scale, nn.Parameter):
             return "scale=learnable"
         return f"scale={self.scale:.6g}"
+
+
+class StochasticDepth(nn.Module):
+    """Stochastic depth (Huang et al. 2016) as the last layer of a residual branch.
+
+    Train mode: the whole branch output is kept or dropped, once per forward call (one Bernoulli
+    draw per mini-batch, as in the paper), with drop probability ``p``: ``z * b``, b = 1 with
+    probability 1 - p, else 0, so a dropped branch makes the block exactly its skip
+    (``skip(h) + scale * 0``). The draw comes from the global RNG on z's device (like
+    ``nn.Dropout``; :func:`resgeom_fast.train.train` seeds it). Eval mode: ``(1 - p) z``, the
+    expected branch (Huang et al.'s test-time rescaling; deterministic).
+
+    It sits inside ``branch`` (an ``nn.Sequential``), so the residual-block protocol
+    ``post(skip(h) + scale * branch(h))`` holds in eval mode and the residual Jacobian of the
+    block is that of the branch as the eval-mode net applies it: ``(1 - p) dF/dh``. It holds no
+    parameters or buffers (a net's state dict is the same with and without it).
+
+    Args:
+        p: drop probability in [0, 1).
+
+    Shapes: z any shape -> the same shape.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = check_drop_prob("p", p)
+
+    def forward(self, z: Tensor) -> Tensor:
+        if not self.training:
+            return z * (1.0 - self.p)
+        if self.p == 0.0:
+            return z
+        keep = (torch.rand((), device=z.device) >= self.p).to(z.dtype)   # one draw per call
+        return z * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.6g}"
 
 
 def random_orthogonal(dim: int, generator: Optional[torch.Generator] = None,

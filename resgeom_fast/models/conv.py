@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._options import ScaleSpec, check_positive_int
+from ._options import ScaleSpec, check_drop_prob, check_positive_int
 from .blocks import ScalarBias, ScalarMultiplier
 from .fc import type1_blocks
 from .network import ResidualNetwork, seeded_construction
@@ -46,7 +46,7 @@ class ConvResNet(ResidualNetwork):
     Args:
         in_channels: channels of the input images [N, in_channels, H, W].
         width: channels of every h_l.
-        depth, num_classes, skip, hyper, scale, init, norm, seed: as in :class:`FCResNet`.
+        depth, num_classes, skip, hyper, scale, init, norm, seed, stochastic_depth: as in :class:`FCResNet`.
     """
 
     def __init__(
@@ -62,9 +62,11 @@ class ConvResNet(ResidualNetwork):
         init: str = "kaiming",
         norm: str = "batch",
         seed: int = 0,
+        stochastic_depth: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive_int("in_channels", in_channels)
+        self.stochastic_depth = check_drop_prob("stochastic_depth", stochastic_depth)
         check_positive_int("width", width)
         check_positive_int("depth", depth)
         check_positive_int("num_classes", num_classes)
@@ -77,7 +79,7 @@ class ConvResNet(ResidualNetwork):
             stem.append(nn.ReLU())
             self.stem = nn.Sequential(*stem)
             self.blocks = type1_blocks(lambda: conv_branch(width, norm, fixup=(init == "fixup")),
-                                       skip, width, True, lam, depth, gen)
+                                       skip, width, True, lam, depth, gen, self.stochastic_depth)
             self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
             self.head = nn.Linear(width, num_classes)
             self._initialise(init, gen, norm)

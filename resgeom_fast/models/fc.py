@@ -7,8 +7,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from ._options import ScaleSpec, check_positive_int
-from .blocks import OrthogonalSkip, ResidualBlock, ScalarMultiplier, ZeroSkip
+from ._options import ScaleSpec, check_drop_prob, check_positive_int
+from .blocks import OrthogonalSkip, ResidualBlock, ScalarMultiplier, StochasticDepth, ZeroSkip
 from .network import ResidualNetwork, make_skip_scale, seeded_construction
 
 __all__ = ["FCResNet", "fc_branch", "make_skip", "type1_blocks"]
@@ -24,13 +24,23 @@ def make_skip(skip: str, dim: int, conv: bool, generator: Optional[torch.Generat
 
 
 def type1_blocks(make_branch: Callable[[], nn.Module], skip: str, width: int, conv: bool,
-                 lam: Union[float, str], depth: int, generator: torch.Generator) -> nn.ModuleList:
+                 lam: Union[float, str], depth: int, generator: torch.Generator,
+                 stochastic_depth: float = 0.0) -> nn.ModuleList:
     """``depth`` Type-1 blocks ``Q_l h + lam F_l(h)`` (no post-activation): branches from
     ``make_branch()``, skips from :func:`make_skip`, scales from ``make_skip_scale(lam)``,
-    built in that order per block (the order fixes the random draws)."""
+    built in that order per block (the order fixes the random draws). With
+    ``stochastic_depth`` p > 0 every branch (an ``nn.Sequential``) ends with a
+    :class:`~resgeom_fast.models.blocks.StochasticDepth` (p) (no parameters, no random draws at
+    construction: the weights are those of p = 0)."""
+    def branch() -> nn.Module:
+        b = make_branch()
+        if stochastic_depth > 0:
+            b.append(StochasticDepth(stochastic_depth))
+        return b
+
     return nn.ModuleList(
         ResidualBlock(
-            branch=make_branch(),
+            branch=branch(),
             skip=make_skip(skip, width, conv=conv, generator=generator),
             scale=make_skip_scale(lam),
             post=nn.Identity(),
@@ -75,6 +85,11 @@ class FCResNet(ResidualNetwork):
         init: "kaiming" | "fixup" | "torch" (see :meth:`ResidualNetwork._initialise`).
         norm: "batch" | "none".
         seed: seeds every random choice (weights, orthogonal skips); the global RNG is untouched.
+        stochastic_depth: p in [0, 1), default 0 (off): in train mode each block's branch is
+            dropped (the block is its skip) with probability p, one draw per forward call, and in
+            eval mode scaled by 1 - p (Huang et al. 2016; :class:`~resgeom_fast.models.blocks.
+            StochasticDepth`, the last layer of every branch when p > 0). The state dict is the
+            same for every p, and so are the weights drawn from ``seed``.
 
     Built on the CPU whatever the default device (the seeded CPU generators draw the weights, so
     every device gets the same net): move it with ``.to(device)``.
@@ -95,9 +110,11 @@ class FCResNet(ResidualNetwork):
         init: str = "kaiming",
         norm: str = "batch",
         seed: int = 0,
+        stochastic_depth: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive_int("in_dim", in_dim)
+        self.stochastic_depth = check_drop_prob("stochastic_depth", stochastic_depth)
         check_positive_int("width", width)
         check_positive_int("depth", depth)
         check_positive_int("num_classes", num_classes)
@@ -112,7 +129,7 @@ class FCResNet(ResidualNetwork):
             stem.append(nn.ReLU())
             self.stem = nn.Sequential(*stem)
             self.blocks = type1_blocks(lambda: fc_branch(width, norm, fixup=(init == "fixup")),
-                                       skip, width, False, lam, depth, gen)
+                                       skip, width, False, lam, depth, gen, self.stochastic_depth)
             self.pool = nn.Identity()
             self.head = nn.Linear(width, num_classes)
             self._initialise(init, gen, norm)

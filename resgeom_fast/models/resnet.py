@@ -28,8 +28,8 @@ from torch import nn
 
 from resgeom_fast.core.checks import check_bool
 
-from ._options import ScaleSpec, check_choice, check_positive_int
-from .blocks import OrthogonalSkip, ResidualBlock, ScalarBias, ScalarMultiplier, ZeroSkip
+from ._options import ScaleSpec, check_choice, check_drop_prob, check_positive_int
+from .blocks import OrthogonalSkip, ResidualBlock, ScalarBias, ScalarMultiplier, StochasticDepth, ZeroSkip
 from .network import ResidualNetwork, make_skip_scale, seeded_construction
 
 __all__ = ["StagedResNet", "resnet18", "resnet34", "resnet50"]
@@ -108,6 +108,8 @@ class StagedResNet(ResidualNetwork):
         in_channels: input image channels.
         base_width: width of the first stage (64 as in torchvision; smaller for quick tests).
         skip, hyper, scale, init, norm, seed: as in :class:`FCResNet`; "1/L" uses L = all blocks.
+        stochastic_depth: as in :class:`FCResNet` (p > 0: every branch ends with a child ``drop``,
+            a :class:`StochasticDepth`; the downsampling blocks' branches too, their skips never).
 
     Shapes: x [N, in_channels, H, W] -> logits [N, num_classes].
     """
@@ -127,9 +129,11 @@ class StagedResNet(ResidualNetwork):
         init: str = "kaiming",
         norm: str = "batch",
         seed: int = 0,
+        stochastic_depth: float = 0.0,
     ) -> None:
         super().__init__()
         check_choice("block", block, ("basic", "bottleneck"))
+        self.stochastic_depth = check_drop_prob("stochastic_depth", stochastic_depth)
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_channels", in_channels)
         check_positive_int("base_width", base_width)
@@ -162,6 +166,8 @@ class StagedResNet(ResidualNetwork):
                         branch = basic_branch(cin, cout, stride, norm, fixup)
                     else:
                         branch = bottleneck_branch(cin, planes, stride, norm, fixup)
+                    if self.stochastic_depth > 0:
+                        branch.add_module("drop", StochasticDepth(self.stochastic_depth))
                     blocks.append(ResidualBlock(
                         branch=branch,
                         skip=_staged_skip(skip, cin, cout, stride, norm, gen),
