@@ -22,7 +22,7 @@ This layer imports torch, resgeom_fast.core, resgeom_fast.ops, resgeom_fast.lina
 types of resgeom_fast.models that its fast paths recognise (never a higher layer).
 """
 from resgeom_fast.operators._data import NonRepeatableDataError, fixed_sample
-from resgeom_fast.operators.blocks import BlockInfo, mark_residual_block, residual_blocks
+from resgeom_fast.operators.blocks import BlockInfo, mark_residual_block, mark_residual_sublayers, residual_blocks
 from resgeom_fast.operators.hessian import (
     CurvatureOperator,
     GGNOperator,
@@ -52,6 +52,7 @@ __all__ = [
     "ggn",
     "hessian",
     "mark_residual_block",
+    "mark_residual_sublayers",
     "residual_blocks",
     "residual_jacobians",
 ]

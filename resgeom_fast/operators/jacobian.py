@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resgeom_fast.core.blocks import ScalarBias, ScalarMultiplier
 from resgeom_fast.core.checks import ArgumentValueError, check_choice, check_int, check_type, value_error
-from resgeom_fast.core.modules import capture_points
+from resgeom_fast.core.modules import attention_math, capture_points
 from resgeom_fast.linalg.operator import LinearOperator
 from resgeom_fast.operators._data import module_mode, no_inplace
 from resgeom_fast.operators._precision import check_precision, product_precision
@@ -346,7 +346,9 @@ class ResidualJacobian(LinearOperator):
 
     def _generic(self, h: Tensor, t: Tensor, transpose: bool) -> Tensor:
         branch = self.info.branch
-        with module_mode(branch, "eval"), no_inplace(branch):
+        # attention (nn.MultiheadAttention, F.scaled_dot_product_attention) inside a branch: the
+        # fused kernels and MHA's fast path have no forward-mode AD; the math kernel is exact too
+        with module_mode(branch, "eval"), no_inplace(branch), attention_math():
             if transpose:
                 _, fn = vjp(branch, h)
                 return vmap(lambda u: fn(u)[0])(t)

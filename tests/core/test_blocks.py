@@ -205,5 +205,6 @@ def test_torchvision_kinds():
 
 def test_blockinfo_fields_order():
     assert [f.name for f in dataclasses.fields(BlockInfo)] == [
-        "name", "block", "branch", "skip", "scale", "post", "kind", "index"]
+        "name", "block", "branch", "skip", "scale", "post", "kind", "index", "input_at", "output_at", "owner",
+        "sublayer"]
     assert core_blocks.__all__
