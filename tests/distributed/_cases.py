@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from resgeom_fast.core import distributed as rdist
 from resgeom_fast.linalg import eigsh, randomized_svd, slq_density, trace
@@ -71,19 +72,22 @@ def _batch(n: int, shape: tuple[int, ...], seed: int) -> tuple[Tensor, Tensor]:
 def case_data(case: str, world: int, shape: tuple[int, ...]) -> tuple[Any, Any]:
     """(full data, how workers pass it): ``("split", full)`` or ``("sharded", [share of rank r])``.
 
-    even: one batch of 4 * world samples; uneven: 4 * world + 1 (rank 0 holds one more); empty:
-    world - 1 batches of unequal sizes (the last rank gets none); sharded: the caller's own
-    shares, one batch on each rank but the last, which passes an empty list.
+    even: a map-style TensorDataset of 4 * world samples (split by index, rank::world); uneven:
+    one (x, y) batch of 4 * world + 1 samples (contiguous blocks, rank 0 holds one more); empty:
+    a DataLoader of world - 1 batches, the last one smaller (batches rank::world: the last rank
+    gets none); sharded: the caller's own shares, one batch on each rank but the last, which
+    passes an empty list.
     """
     if case == "even":
-        full = _batch(4 * world, shape, 1)
+        full = TensorDataset(*_batch(4 * world, shape, 1))
         return full, ("split", full)
     if case == "uneven":
         full = _batch(4 * world + 1, shape, 2)
         return full, ("split", full)
-    batches = [_batch(3 + 2 * i, shape, 10 + i) for i in range(world - 1)]
     if case == "empty":
-        return batches, ("split", batches)
+        full = DataLoader(TensorDataset(*_batch(4 * (world - 1) - 1, shape, 3)), batch_size=4, shuffle=False)
+        return full, ("split", full)
+    batches = [_batch(3 + 2 * i, shape, 10 + i) for i in range(world - 1)]
     return batches, ("sharded", [[b] for b in batches] + [[]])
 
 

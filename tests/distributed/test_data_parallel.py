@@ -1,8 +1,8 @@
 """Issue 16: data-parallel curvature operators under torch.distributed (gloo, 2 and 3 processes).
 
 One spawn per world size (module fixture): every rank computes every case of
-:mod:`tests.distributed._cases` (data split evenly, unevenly, with an empty rank, and the
-caller's own shares); the test process computes the same quantities single-process on the full
+:mod:`tests.distributed._cases` (a Dataset split evenly, one batch split unevenly, a DataLoader
+leaving a rank empty, and the caller's own shares with an empty rank); the test process computes the same quantities single-process on the full
 data (float64) as the ground truth. Hessian products by every method, GGN, per-block Hessians,
 a conv net, eigsh at both ends, Hutch++, SLQ nodes and weights and a randomized SVD must agree
 to 1e-10 (relative to the largest entry), and every rank must hold bitwise the same result.
