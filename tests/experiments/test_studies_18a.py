@@ -191,6 +191,12 @@ def test_gc_lam_reading_states_values_spread_and_verdict():
     assert "lam = 1 (1): 2 +- 0.1 [1 run(s) diverged, left out]" in text
     assert text.endswith("held (interior maximum at 0.125, above 0.05 and 1 by more than 2 standard errors, no "
                          "resolved second mode).")
+    gc["final"]["gc_mean"][2] = None
+    text = gc_lam_reading(gc, "digits, depth 8")
+    assert "lam = 1 (1): n/a +- 0.1" in text
+    assert text.endswith("not resolved (fewer than three defined points (2); lam = 1 left out: no run trained "
+                         "(diverged), so the verdict covers only the branch scales that trained at this learning "
+                         "rate).")
 
 
 def test_collapse_training_verdict_on_constructed_trends():

@@ -439,6 +439,10 @@ def gc_lam_reading(gc: dict[str, Any], conditions: str) -> str:
                                                                              if d else "")
                      for lab, lam, m, s, d in zip(labels, lams, means, ses, div))
     verdict, why = unimodality_verdict(list(lams), list(means), list(ses))
+    gone = [lab for lab, m in zip(labels, means) if is_undefined(m)]
+    if gone:
+        why += (f"; lam = {', '.join(gone)} left out: no run trained (diverged), so the verdict covers only the "
+                "branch scales that trained at this learning rate")
     return (f"GC at the end of training against lam ({conditions}; +- one standard error over "
             f"{f.get('spread', 'n/a')}): {vals or 'none'}. Claim (GC unimodal in lam, an interior maximum): "
             f"{verdict} ({why}).")
