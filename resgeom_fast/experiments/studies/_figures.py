@@ -333,8 +333,10 @@ def gc_training_figure(at: str = "gc_training") -> FigureSpec:
                            for i, b in enumerate(g["by_lam"])],
               title="GC along training (mean over seeds)", xlabel="epoch", ylabel="GC", logy=True)
         lines(axes[1], r, [("end of training", f"{at}.final.lams", f"{at}.final.gc_mean")],
-              title="GC at the end of training against lam", xlabel="lam", ylabel="GC", logx=True)
+              title="GC at the end of training against lam (+- 1 s.e.)", xlabel="lam", ylabel="GC", logx=True,
+              logy=True)
         errorbars(axes[1], r, f"{at}.final.lams", f"{at}.final.gc_mean", f"{at}.final.gc_se", color="C0")
+        axes[1].tick_params(axis="both", which="minor", labelbottom=False, labelleft=False)
         fig.tight_layout()
         return fig
 
