@@ -72,6 +72,8 @@ EXTRA_OPTIONS = [
         "UJM's inputs", minimum=2),
     opt("ujm_lam", "float", 0.0, "lam_W = lam_J of the UJM (0: the nets' weight_decay)", minimum=0),
     opt("ujm_steps", "int", 3000, "maximum L-BFGS iterations of the UJM", minimum=1),
+    opt("ujm_tol", "float", 1e-8, "the UJM is converged when its largest gradient entry is <= ujm_tol (the "
+        "reading says when it is not)", minimum=1e-15),
     opt("stochastic_depths", "floats", [0.0, 0.2, 0.5], "drop probabilities p of the stochastic_depth experiment "
         "(0 = the study's residual net)", minimum=0, maximum=0.95),
     opt("class_counts", "ints", [2, 5, 10], "numbers of classes C of the classes experiment (the first C classes "
@@ -155,11 +157,12 @@ def ujm_experiment(runner: Runner, cfg: dict[str, Any], model, ds, device, model
         with torch.no_grad():
             h0 = model.stem(x[:n].to(device)).flatten(1)
         return ujm_analysis.ujm(h0, y[:n].to(device), cfg["depth"], lam_W=lam, lam_J=lam, steps=cfg["ujm_steps"],
-                                num_classes=ds.num_classes, seed=cfg["seed"], progress=runner.progress)
+                                tol=cfg["ujm_tol"], num_classes=ds.num_classes, seed=cfg["seed"],
+                                progress=runner.progress)
 
     u = analysis_step(runner, "ujm", solve)
     u["inputs"] = (f"h_0 = stem(x) of the trained residual net (eval mode) on the first {n} training inputs; "
-                   f"L = {cfg['depth']}, lam_W = lam_J = {lam:g}")
+                   f"L = {cfg['depth']}, lam_W = lam_J = {lam:g}, gradient tolerance {cfg['ujm_tol']:g}")
     cmp: dict[str, Any] = {"groups": ["ujm", *models]}
     cmp["ujm"] = {k: u["summary"].get(k) for k, _ in COMPARED}
     for m, block in models.items():
