@@ -63,6 +63,14 @@ _BLOCK_FIELDS = {
 }
 
 
+# a per-block field left None for the same cause as a stage quantity whose reason ``undefined`` holds
+_SAME_CAUSE = {"rank_le_c": "rank_le_c_fraction"}
+# a per-block field None by the analysis' documented rule (AlignmentResult's docstring), when the
+# stage's ``undefined`` does not say
+_DOCUMENTED = {"gap_ratio_mean": "sigma_(C+1) / sigma_C is undefined when k <= C (raise k)",
+               "gap_ratio_std": "sigma_(C+1) / sigma_C is undefined when k <= C (raise k)"}
+
+
 def format_value(value: Any) -> str:
     """A JSON scalar as CSV text: None -> "", bool -> "1" / "0", int -> str, float -> repr (round trip)."""
     if value is None:
@@ -121,8 +129,8 @@ def alignment_rows(model: str, entry: Mapping[str, Any]) -> list[dict[str, str]]
                 if field not in values:
                     continue
                 per_block = values[field]
-                reason = undefined.get(field)
-                reason = reason if isinstance(reason, str) else None
+                reason = undefined.get(field) or undefined.get(_SAME_CAUSE.get(field, ""))
+                reason = reason if isinstance(reason, str) else _DOCUMENTED.get(field)
                 for b, name in enumerate(names):
                     v = per_block[b] if isinstance(per_block, list) and b < len(per_block) else None
                     where = {"stage": sid, "block_index": b, "block": name}

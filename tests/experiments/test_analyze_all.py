@@ -30,6 +30,7 @@ from resgeom_fast.experiments.studies import analyze as analyze_study
 from resgeom_fast.experiments.tables import COLUMNS, TABLE_FILES
 from tests.experiments._cli import UserModule
 from tests.experiments._cli import one_line_error as _error
+from tests.experiments.test_tables import _lookup as _lookup_alignment_hessian
 
 tv = pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
@@ -123,6 +124,36 @@ def _row(rows, **match) -> dict:
     return found[0]
 
 
+def _lookup(res: dict, row: dict):
+    """The number of results.json a CSV row of any of the five tables stands for."""
+    if row["analysis"] in ("alignment", "hessian"):
+        return _lookup_alignment_hessian(res, row)
+    entry = res["models"][row["model"]][row["analysis"]]
+    metric = row["metric"]
+    if row["analysis"] == "collapse":
+        if row["scope"] == "model":
+            return entry["summary"][metric]
+        return entry["result"][metric][entry["result"]["layers"].index(int(row["layer"]))]
+    if row["analysis"] == "singularities":
+        result = entry["result"]
+        if row["scope"] == "layer":
+            (layer,) = [l for l in result["layers"] if l["name"] == row["layer"]]
+            return layer[metric]
+        group, _, key = metric.partition(".")
+        if key:
+            return result[group][key]
+        return entry["summary"][metric] if metric in entry["summary"] else result[metric]
+    # expansion
+    if row["scope"] == "model":
+        return entry["summary"][metric]
+    run = entry["runs"][int(row["stage"])]
+    assert row["block"] == f"{run['blocks'][0]}..{run['blocks'][-1]}"
+    if metric in run["summary"]:
+        return run["summary"][metric]
+    name, _, m = metric.rstrip("]").partition("[")
+    return run["result"][name][int(m)] if m else run["result"][name]
+
+
 def _ncc_mismatch_last(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, block_type: type) -> float:
     """Independent of the package: the last residual block's output by a plain forward hook, global
     average pooled, nearest class mean (Euclidean) against the label, in float64 numpy."""
@@ -211,11 +242,12 @@ def test_analyze_all_five_on_an_image_folder_and_a_checkpoint(tmp_path, image_fo
     assert float(_row(tables["alignment.csv"], scope="block", stage=0, block_index=1,
                       metric="ra4.sigma1_mean")["value"]) == al["result"]["stages"][0]["ra4"]["sigma1_mean"][1]
     for name, rows in tables.items():
-        for r in rows:
-            if r["value"]:
-                assert math.isfinite(float(r["value"])), (name, r)
-            else:  # an undefined value says why
-                assert r["reason"], (name, r)
+        for r in rows:  # every row is results.json's number; an undefined value says why
+            want = _lookup(res, r)
+            if want is None:
+                assert r["value"] == "" and r["reason"], (name, r)
+            else:
+                assert float(r["value"]) == float(want) and math.isfinite(float(r["value"])), (name, r, want)
     manifest = json.load(open(out / "manifest.json"))
     assert set(TABLE_FILES.values()) <= set(manifest["written"])
 
