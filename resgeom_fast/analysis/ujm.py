@@ -30,7 +30,9 @@ Every row of G sums to 0, so G^T H has rank <= C - 1: at every stationary point 
 Measured at the optimum (float64, a dense SVD J_l = U_l S_l V_l^T of each Jacobian):
 
 - RA3: ``singular_values`` [L, D]; ``numerical_rank_l = #{r : s_r > tau s_1}`` (tau = 1e-2, the
-  trained nets' rule); ``rank_le_c``;
+  trained nets' rule); ``rank_le_c``; ``gap_ratio_l = s_C / s_{C-1}`` (1-based: the first singular
+  value beyond the bound C - 1 over the last within it; ~0 where rank J_l <= C - 1 exactly, which
+  the numerical rank at tau may not show when s_{C-1} < tau s_1);
 - RA2: ``self_alignment_l = mean_{r <= rank_l} |u_{l,r}^T v_{l,r}|`` -- over the numerical rank,
   not over r <= C as for trained nets: beyond the rank the singular vectors of an exactly
   rank-deficient J_l are an arbitrary basis of its null space, so |u^T v| there is no property of
@@ -102,7 +104,8 @@ class UJMResult(Result):
         sigma1: [L]; depth_product: L * mean_l sigma1; sigma1_spread: std_l / mean_l of sigma1
             (population std; 0 = equal top singular values across depth; None when all are 0).
         numerical_rank: [L] (int); rank_le_c: every numerical rank <= C; rank_bound: C - 1, the
-            bound every stationary point obeys.
+            bound every stationary point obeys; gap_ratio: [L] s_C / s_{C-1} (None where C > D or
+            s_{C-1} = 0).
         self_alignment: [L] mean over r <= numerical_rank_l of |u_r^T v_r| (None where rank 0).
         diag_ratio: [L, L] diag ratio of A_ij = U_i^T J_j V_i (top numerical_rank_i vectors of
             J_i; None where rank_i = 0); diag_positive: [L, L] fraction of positive diag A_ij.
@@ -132,6 +135,7 @@ class UJMResult(Result):
     numerical_rank: list[int]
     rank_le_c: bool
     rank_bound: int
+    gap_ratio: list[Optional[float]]
     self_alignment: list[Optional[float]]
     diag_ratio: Tensor
     diag_positive: Tensor
@@ -182,6 +186,7 @@ class UJMResult(Result):
         """
         sa = [v for v in self.self_alignment if v is not None]
         sym = [v for v in self.symmetry if v is not None]
+        gaps = [v for v in self.gap_ratio if v is not None]
         out: dict[str, Any] = {
             "self_alignment": sum(sa) / len(sa) if sa else None,
             "diag_ratio_offdiag": self.diag_ratio_offdiag,
@@ -190,6 +195,7 @@ class UJMResult(Result):
             "max_numerical_rank": float(max(self.numerical_rank)),
             "rank_le_c": self.rank_le_c,
             "rank_bound": float(self.rank_bound),
+            "gap_ratio_max": max(gaps) if gaps else None,
             "depth_product": self.depth_product,
             "sigma1_spread": self.sigma1_spread,
             "linearity": self.linearity,
@@ -211,6 +217,8 @@ class UJMResult(Result):
             reasons.setdefault("self_alignment", _ZERO_J + " in every layer")
         if not sym:
             reasons.setdefault("symmetry_max", "every J_l = 0")
+        if not gaps:
+            reasons.setdefault("gap_ratio_max", self.undefined.get("gap_ratio", "undefined in every layer"))
         for key, why in reasons.items():
             if key in out and out[key] is None:
                 out[f"{key}_reason"] = why
@@ -278,6 +286,16 @@ def _metrics(x: Tensor, y: Tensor, js: list[Tensor], w: Tensor, C: int, tau: flo
         pos[i] = (A.diagonal(dim1=-2, dim2=-1) > 0).double().mean(-1)
     if any(v is None for v in sym):
         und["symmetry"] = "J_l = 0 in some layer: its symmetry ratio is undefined"
+    D = S.shape[1]
+    gaps: list[Optional[float]] = []
+    for i in range(L):
+        if C > D or float(S[i, C - 2]) == 0.0:
+            gaps.append(None)
+        else:
+            gaps.append(float(S[i, C - 1] / S[i, C - 2]))
+    if any(g is None for g in gaps):
+        und["gap_ratio"] = (f"C = {C} > D = {D}: no C-th singular value" if C > D
+                            else "s_{C-1} = 0 in some layer (rank < C - 1)")
     s1 = S[:, 0]
     mean_s1 = float(s1.mean())
     spread = float(s1.std(unbiased=False)) / mean_s1 if mean_s1 > 0 else None
@@ -295,7 +313,7 @@ def _metrics(x: Tensor, y: Tensor, js: list[Tensor], w: Tensor, C: int, tau: flo
     acc = float(((hs[-1] @ w.T).argmax(1) == y).double().mean())
     return {"singular_values": S, "sigma1": s1, "depth_product": float(L * mean_s1), "sigma1_spread": spread,
             "numerical_rank": [int(r) for r in ranks], "rank_le_c": all(r <= C for r in ranks),
-            "rank_bound": C - 1, "self_alignment": self_al, "diag_ratio": dr, "diag_positive": pos,
+            "rank_bound": C - 1, "gap_ratio": gaps, "self_alignment": self_al, "diag_ratio": dr, "diag_positive": pos,
             "symmetry": sym, "train_accuracy": acc, "undefined": und, **ra1_means}
 
 

@@ -120,6 +120,7 @@ def test_known_optimum_collapsed_inputs() -> None:
     assert torch.allclose(r.W, a * torch.stack([-e, e]), atol=1e-7)
     # the metrics of a known optimum: rank 1 = C - 1, aligned, symmetric, equal sigma_1 = j
     assert r.numerical_rank == [1, 1, 1] and r.rank_le_c and r.rank_bound == 1
+    assert all(g < 1e-6 for g in r.gap_ratio)          # s_2 / s_1: rank 1 exactly
     assert all(v == pytest.approx(1.0, abs=1e-9) for v in r.self_alignment)
     assert r.diag_ratio_offdiag == pytest.approx(1.0, abs=1e-12)
     assert r.diag_positive_offdiag == 1.0
@@ -159,6 +160,7 @@ def test_generic_optimum_first_order_conditions_and_rank_bound() -> None:
             P = P @ (eye + r.J[k])
         assert torch.allclose(r.lam_J * r.J[l], -P.T @ r.W.T @ G.T @ hs[l], atol=1e-8)
     assert max(r.numerical_rank) <= C - 1
+    assert r.summary()["gap_ratio_max"] < 1e-6          # s_C / s_{C-1}: rank <= C - 1 exactly
     assert all(int(torch.linalg.matrix_rank(J, rtol=1e-6)) <= C - 1 for J in r.J)
     # the summary's headline numbers are those of the per-layer fields
     s = r.summary()
@@ -191,6 +193,8 @@ def test_metrics_on_constructed_jacobians() -> None:
     assert m["self_alignment"][2] is None and "self_alignment[2]" in m["undefined"]
     assert m["symmetry"][0] == 0.0 and m["symmetry"][1] == pytest.approx(math.sqrt(2)) and m["symmetry"][2] is None
     assert m["sigma1"].tolist() == [2.0, 1.0, 0.0]
+    assert m["gap_ratio"][0] == pytest.approx(0.5) and m["gap_ratio"][1] == 0.0 and m["gap_ratio"][2] is None
+    assert "rank < C - 1" in m["undefined"]["gap_ratio"]
     assert m["depth_product"] == pytest.approx(3.0)
     # A_12 = U_1^T J_2 V_1 (U_1 = V_1 = [e1, e2]): [[0, 1], [0, 0]] -> diag ratio 0
     assert float(m["diag_ratio"][0, 1]) == 0.0
@@ -211,6 +215,7 @@ def test_zero_jacobians_are_undefined_with_reasons() -> None:
     assert s["diag_ratio_offdiag"] is None and s["diag_ratio_offdiag_reason"]
     assert s["sigma1_spread"] is None and s["sigma1_spread_reason"] == "every J_l = 0"
     assert s["symmetry_max"] is None and s["symmetry_max_reason"]
+    assert s["gap_ratio_max"] is None and s["gap_ratio_max_reason"]
     json.dumps(r.to_dict(), allow_nan=False)
 
 

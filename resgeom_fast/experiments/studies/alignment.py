@@ -140,6 +140,9 @@ def _sweep(runs: list[dict[str, Any]], values: list[Any], key: str) -> dict[str,
         out[m] = [summary_of(r["alignment"]).get(m) for r in runs]
     out["max_numerical_rank_capped"] = [bool(summary_of(r["alignment"]).get("max_numerical_rank_capped"))
                                         for r in runs]
+    # where capped, the rank is only known to be >= this (drawn as its own series, never as the rank)
+    out["max_numerical_rank_lower_bound"] = [summary_of(r["alignment"]).get("max_numerical_rank_lower_bound")
+                                             if c else None for r, c in zip(runs, out["max_numerical_rank_capped"])]
     out["test_acc"] = [r["train"]["final"].get("test_acc") for r in runs]
     out["train_acc"] = [r["train"]["final"].get("train_acc") for r in runs]
     out["runs"] = runs
@@ -199,8 +202,10 @@ def classes_experiment(runner: Runner, cfg: dict[str, Any], ds, key, device, res
     out = _sweep(runs, cfg["class_counts"], "num_classes")
     out["rank_le_c_fraction"] = [summary_of(r["alignment"]).get("rank_le_c_fraction") for r in runs]
     out["k"] = [get_path(r, "alignment.result.settings.k") for r in runs]
+    # the mean over blocks of the sample-mean rank; None where a rank is capped at k (a lower bound)
     out["mean_numerical_rank"] = [
-        _mean(get_path(r, "alignment.result.stages.0.ra3.rank_mean")) for r in runs]
+        None if c else _mean(get_path(r, "alignment.result.stages.0.ra3.rank_mean"))
+        for r, c in zip(runs, out["max_numerical_rank_capped"])]
     return out
 
 
@@ -254,7 +259,8 @@ def ujm_figure() -> FigureSpec:
                f"{fmt(res['converged'])} after {res['steps_run']} iterations, gradient norm {fmt(res['grad_norm'])}"
                f"{conv}): self alignment {fmt_key(s, 'self_alignment')}, off-diagonal diag ratio "
                f"{fmt_key(s, 'diag_ratio_offdiag')}, asymmetry ||J - J^T|| / ||J|| at most {fmt_key(s, 'symmetry_max')}, "
-               f"numerical ranks {res['numerical_rank']} (every stationary point has rank <= C - 1 = {C - 1}), "
+               f"numerical ranks (tau = {fmt(res['tau'])}) {res['numerical_rank']}, s_C / s_(C-1) at most "
+               f"{fmt_key(s, 'gap_ratio_max')} (every stationary point has rank <= C - 1 = {C - 1}), "
                f"L * sigma_1 {fmt_key(s, 'depth_product')} with sigma_1 spread across layers "
                f"{fmt_key(s, 'sigma1_spread')}")
         for m in cmp["groups"][1:]:
@@ -288,8 +294,10 @@ def _sweep_panels(r: dict, root: str, xkey: str, xlabel: str, logx: bool) -> Any
     lines(axes[1], r, [(label, f"{root}.{xkey}", f"{root}.{k}") for k, label in SWEEP_METRICS[3:5]]
           + [("test accuracy", f"{root}.{xkey}", f"{root}.test_acc")],
           title="RA2 and test accuracy", xlabel=xlabel, ylabel="value", logx=logx)
-    lines(axes[2], r, [(label, f"{root}.{xkey}", f"{root}.{k}") for k, label in SWEEP_METRICS[5:]],
-          title="RA3, RA4", xlabel=xlabel, ylabel="value", logx=logx)
+    lines(axes[2], r, [(label, f"{root}.{xkey}", f"{root}.{k}") for k, label in SWEEP_METRICS[5:]]
+          + [("rank lower bound (capped at k)", f"{root}.{xkey}", f"{root}.max_numerical_rank_lower_bound")],
+          title="RA3, RA4", xlabel=xlabel, ylabel="value", logx=logx,
+          styles=[{}, {}, {"marker": "^", "ls": "", "color": "C0"}])
     fig.tight_layout()
     return fig
 
@@ -333,9 +341,13 @@ def classes_figure() -> FigureSpec:
         e = "classes"
         lines(axes[0], r, [("max numerical rank (max over blocks)", f"{e}.num_classes", f"{e}.max_numerical_rank"),
                            ("mean numerical rank (mean over blocks)", f"{e}.num_classes", f"{e}.mean_numerical_rank"),
+                           ("max rank lower bound (capped at k)", f"{e}.num_classes",
+                            f"{e}.max_numerical_rank_lower_bound"),
+                           ("k computed triplets", f"{e}.num_classes", f"{e}.k"),
                            ("rank = C", f"{e}.num_classes", f"{e}.num_classes")],
               title="RA3: numerical rank of J_l against C", xlabel="number of classes C", ylabel="rank",
-              styles=[{}, {}, {"ls": "--", "color": "gray", "marker": ""}])
+              styles=[{}, {}, {"marker": "^", "ls": "", "color": "C0"}, {"ls": ":", "color": "gray", "marker": ""},
+                      {"ls": "--", "color": "gray", "marker": ""}])
         lines(axes[1], r, [("fraction of samples with rank <= C", f"{e}.num_classes", f"{e}.rank_le_c_fraction"),
                            ("test accuracy", f"{e}.num_classes", f"{e}.test_acc")],
               title="rank <= C and test accuracy", xlabel="number of classes C", ylabel="fraction")
@@ -347,12 +359,17 @@ def classes_figure() -> FigureSpec:
         parts, held = [], []
         for i, C in enumerate(e["num_classes"]):
             s = summary_of(e["runs"][i]["alignment"])
-            parts.append(f"C = {C}: max rank {rank_text(s, e['k'][i])}, mean rank {fmt(e['mean_numerical_rank'][i])}, "
+            mean = ("n/a (capped)" if e["max_numerical_rank_capped"][i] else fmt(e["mean_numerical_rank"][i]))
+            parts.append(f"C = {C}: max rank {rank_text(s, e['k'][i])}, mean rank {mean}, "
                          f"fraction rank <= C {fmt(e['rank_le_c_fraction'][i])}, test accuracy {fmt(e['test_acc'][i])}")
-            mr = e["max_numerical_rank"][i]
-            if mr is not None and not e["max_numerical_rank_capped"][i]:
-                held.append((C, mr <= C))
-        verdict = ", ".join(f"C = {C}: {'holds' if ok else 'fails'}" for C, ok in held) or "n/a (ranks capped)"
+            mr, lb = e["max_numerical_rank"][i], e["max_numerical_rank_lower_bound"][i]
+            if not e["max_numerical_rank_capped"][i] and mr is not None:
+                held.append(f"C = {C}: {'holds' if mr <= C else 'fails'}")
+            elif lb is not None and lb > C:   # a lower bound above C already decides it
+                held.append(f"C = {C}: fails (rank >= {fmt(lb)})")
+            else:
+                held.append(f"C = {C}: n/a (capped at k; raise k)")
+        verdict = ", ".join(held)
         return ("; ".join(parts) + f". Max rank <= C: {verdict} (residual {_conditions(r['config'])}, the first C "
                 "classes of the same data; tau = 1e-2; k = C + 5 triplets unless set, a rank reaching k is capped).")
 
