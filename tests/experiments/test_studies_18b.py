@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -157,6 +158,15 @@ def test_every_extra_writes_its_figure_numbers_and_reading(tiny_run):
     # a C-class net is trained and aligned on C classes
     c2 = res["classes"]["runs"][0]
     assert c2["name"] == "residual_C2" and c2["alignment"]["result"]["settings"]["num_classes"] == 2
+    # classes_equal_steps (default): the C-class net takes at least the study net's SGD steps
+    y = load_data("digits", n_train=300, seed=0).tensors("train")[1]
+    n2 = int((y < 2).sum())
+    assert res["classes"]["train_samples"] == [n2, 300]
+    full_steps = 300 // 64
+    per_epoch = n2 // 64 if n2 > 64 else 1
+    assert res["classes"]["epochs"] == [math.ceil(full_steps / per_epoch), 1]
+    assert res["classes"]["sgd_steps"][1] == full_steps
+    assert full_steps <= res["classes"]["sgd_steps"][0] < full_steps + max(1, n2 // 64)
 
 
 def test_ujm_entry_equals_a_direct_call_on_the_checkpointed_net(tiny_run):

@@ -78,6 +78,9 @@ EXTRA_OPTIONS = [
         "(0 = the study's residual net)", minimum=0, maximum=0.95),
     opt("class_counts", "ints", [2, 5, 10], "numbers of classes C of the classes experiment (the first C classes "
         "of the data)", minimum=2),
+    opt("classes_equal_steps", "bool", True, "train each C-class net for at least as many SGD steps as the study's "
+        "net (more epochs on the fewer samples of C classes: the same optimisation and weight-decay budget); false: "
+        "the same epochs (fewer steps)"),
     opt("weight_decays", "floats", [5e-4, 5e-3, 5e-2], "SGD weight decays of the weight_decay experiment",
         minimum=0),
 ]
@@ -188,18 +191,39 @@ def stochastic_depth_experiment(runner: Runner, cfg: dict[str, Any], ds, key, de
     return _sweep(runs, cfg["stochastic_depths"], "p")
 
 
+def _batches(n: int, batch_size: int) -> int:
+    """SGD steps per epoch of the trainer (drop_last: full batches only, one batch when n <= batch_size)."""
+    return n // batch_size if n > batch_size else 1
+
+
+def equal_step_epochs(cfg: dict[str, Any], n_full: int, n_c: int) -> int:
+    """The fewest epochs on ``n_c`` samples that take at least as many SGD steps as ``cfg["epochs"]``
+    epochs on ``n_full`` samples."""
+    steps = cfg["epochs"] * _batches(n_full, cfg["batch_size"])
+    return math.ceil(steps / _batches(n_c, cfg["batch_size"]))
+
+
 def classes_experiment(runner: Runner, cfg: dict[str, Any], ds, key, device, residual: dict[str, Any]) -> dict[str, Any]:
-    """Numerical rank of residual nets trained on the first C classes, C in ``class_counts``."""
+    """Numerical rank of residual nets trained on the first C classes, C in ``class_counts``
+    (``classes_equal_steps``: as many SGD steps as the study's net, :func:`equal_step_epochs`)."""
     runs = []
+    n_full = int(ds.tensors("train")[0].shape[0])
     for C in cfg["class_counts"]:
         if C == ds.num_classes:
-            runs.append({**residual, "name": "residual"})
+            runs.append({**residual, "name": "residual", "epochs": cfg["epochs"]})
             continue
         dsc = class_subset(ds, C)
+        tkw = train_kwargs(cfg)
+        if cfg["classes_equal_steps"]:
+            tkw["epochs"] = equal_step_epochs(cfg, n_full, int(dsc.tensors("train")[0].shape[0]))
         name = f"residual_C{C}"
         runs.append({**_run_net(runner, cfg, dsc, {**key, "classes": C}, device, name, net_spec(cfg, dsc, "residual"),
-                                train_kwargs(cfg)), "name": name})
+                                tkw), "name": name, "epochs": tkw["epochs"]})
     out = _sweep(runs, cfg["class_counts"], "num_classes")
+    out["epochs"] = [r["epochs"] for r in runs]
+    out["sgd_steps"] = [r["train"]["final"].get("step") for r in runs]
+    out["train_samples"] = [n_full if r["name"] == "residual" else int((ds.tensors("train")[1] < C).sum())
+                            for r, C in zip(runs, cfg["class_counts"])]
     out["rank_le_c_fraction"] = [summary_of(r["alignment"]).get("rank_le_c_fraction") for r in runs]
     out["k"] = [get_path(r, "alignment.result.settings.k") for r in runs]
     # the mean over blocks of the sample-mean rank; None where a rank is capped at k (a lower bound)
@@ -360,7 +384,8 @@ def classes_figure() -> FigureSpec:
         for i, C in enumerate(e["num_classes"]):
             s = summary_of(e["runs"][i]["alignment"])
             mean = ("n/a (capped)" if e["max_numerical_rank_capped"][i] else fmt(e["mean_numerical_rank"][i]))
-            parts.append(f"C = {C}: max rank {rank_text(s, e['k'][i])}, mean rank {mean}, "
+            parts.append(f"C = {C} ({e['train_samples'][i]} training samples, {e['epochs'][i]} epochs, "
+                         f"{e['sgd_steps'][i]} SGD steps): max rank {rank_text(s, e['k'][i])}, mean rank {mean}, "
                          f"fraction rank <= C {fmt(e['rank_le_c_fraction'][i])}, test accuracy {fmt(e['test_acc'][i])}")
             mr, lb = e["max_numerical_rank"][i], e["max_numerical_rank_lower_bound"][i]
             if not e["max_numerical_rank_capped"][i] and mr is not None:
@@ -370,8 +395,12 @@ def classes_figure() -> FigureSpec:
             else:
                 held.append(f"C = {C}: n/a (capped at k; raise k)")
         verdict = ", ".join(held)
+        budget = ("each C-class net trained for at least the SGD steps of the study's net (more epochs)"
+                  if r["config"]["classes_equal_steps"] else "the same epochs for every C (fewer SGD steps for fewer "
+                  "classes, so less optimisation and weight decay)")
         return ("; ".join(parts) + f". Max rank <= C: {verdict} (residual {_conditions(r['config'])}, the first C "
-                "classes of the same data; tau = 1e-2; k = C + 5 triplets unless set, a rank reaching k is capped).")
+                f"classes of the same data, {budget}; tau = 1e-2; k = C + 5 triplets unless set, a rank reaching k "
+                "is capped).")
 
     return FigureSpec("ra_classes", "RA3: numerical rank against the number of classes", build, reading)
 
