@@ -155,6 +155,9 @@ def test_every_extra_writes_its_figure_numbers_and_reading(tiny_run):
     assert cmp["groups"] == ["ujm", "residual", "plain"]
     assert cmp["residual"]["self_alignment"] == s["self_alignment"]
     assert cmp["ujm"]["depth_product"] == res["ujm"]["summary"]["depth_product"]
+    sc = res["ujm_depth_scaling"]       # the UJM at each of `depths` (the study's depth: its own solve)
+    assert sc["depths"] == [2, 3] and sc["depth_product"][0] == res["ujm"]["summary"]["depth_product"]
+    assert len(sc["depth_product"]) == 2 and sc["relative_spread"] is not None
     # a C-class net is trained and aligned on C classes
     c2 = res["classes"]["runs"][0]
     assert c2["name"] == "residual_C2" and c2["alignment"]["result"]["settings"]["num_classes"] == 2

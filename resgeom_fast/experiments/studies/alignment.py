@@ -158,23 +158,36 @@ def ujm_experiment(runner: Runner, cfg: dict[str, Any], model, ds, device, model
     x, y = ds.tensors("train")
     n = cfg["ujm_samples"]
     lam = cfg["ujm_lam"] if cfg["ujm_lam"] > 0 else cfg["weight_decay"]
+    with torch.no_grad():
+        h0 = model.stem(x[:n].to(device)).flatten(1)
 
-    def solve():
-        with torch.no_grad():
-            h0 = model.stem(x[:n].to(device)).flatten(1)
-        return ujm_analysis.ujm(h0, y[:n].to(device), cfg["depth"], lam_W=lam, lam_J=lam, steps=cfg["ujm_steps"],
+    def solve(L: int):
+        return ujm_analysis.ujm(h0, y[:n].to(device), L, lam_W=lam, lam_J=lam, steps=cfg["ujm_steps"],
                                 tol=cfg["ujm_tol"], num_classes=ds.num_classes, seed=cfg["seed"],
                                 progress=runner.progress)
 
-    u = analysis_step(runner, "ujm", solve)
+    u = analysis_step(runner, "ujm", lambda: solve(cfg["depth"]))
     u["inputs"] = (f"h_0 = stem(x) of the trained residual net (eval mode) on the first {n} training inputs; "
                    f"L = {cfg['depth']}, lam_W = lam_J = {lam:g}, gradient tolerance {cfg['ujm_tol']:g}")
+    # RA4 of the model: the same inputs at each depth of `depths`
+    per = []
+    for L in cfg["depths"]:
+        per.append(u if L == cfg["depth"] else analysis_step(runner, f"ujm_L{L}", lambda L=L: solve(L)))
+    scan = {"depths": list(cfg["depths"]),
+            "sigma1_mean": [_mean(p["result"]["sigma1"]) for p in per],
+            "depth_product": [p["summary"]["depth_product"] for p in per],
+            "sigma1_spread": [p["summary"]["sigma1_spread"] for p in per],
+            "converged": [p["summary"]["converged"] for p in per],
+            "grad_norm": [p["summary"]["grad_norm"] for p in per]}
+    prods = [v for v in scan["depth_product"] if v is not None]
+    mean_p = sum(prods) / len(prods) if prods else 0.0
+    scan["relative_spread"] = (max(prods) - min(prods)) / mean_p if len(prods) >= 2 and mean_p > 0 else None
     cmp: dict[str, Any] = {"groups": ["ujm", *models]}
     cmp["ujm"] = {k: u["summary"].get(k) for k, _ in COMPARED}
     for m, block in models.items():
         s = summary_of(block["alignment"])
         cmp[m] = {k: s.get(k) for k, _ in COMPARED}
-    return {"ujm": u, "ujm_comparison": cmp}
+    return {"ujm": u, "ujm_comparison": cmp, "ujm_depth_scaling": scan}
 
 
 def stochastic_depth_experiment(runner: Runner, cfg: dict[str, Any], ds, key, device,
@@ -262,12 +275,19 @@ def _conditions(cfg: dict[str, Any]) -> str:
 def ujm_figure() -> FigureSpec:
     def build(r: dict) -> Any:
         groups = r["ujm_comparison"]["groups"]
-        fig, axes = new_figure(3, width=4.6)
+        fig, axes = new_figure(4, width=4.4)
         bars(axes[0], r, groups, [(label, f"ujm_comparison.{{g}}.{k}") for k, label in COMPARED[:3]],
              title="RA1-RA2: UJM optimum vs trained nets", ylabel="value")
         bars(axes[1], r, groups, [(label, f"ujm_comparison.{{g}}.{k}") for k, label in COMPARED[3:]],
              title="RA3-RA4: UJM optimum vs trained nets", ylabel="value")
         ujm_analysis.plot_ujm(r, axes[2], at="ujm.result")
+        series = [("UJM optimum", "ujm_depth_scaling.depths", "ujm_depth_scaling.depth_product"),
+                  ("trained residual nets", "depth_scaling.scaling.depths", "depth_scaling.scaling.products")]
+        if get_path(r, "depth_scaling.scaling").get("products_excl_first") is not None:
+            series.append(("trained, without the first block", "depth_scaling.scaling.depths",
+                           "depth_scaling.scaling.products_excl_first"))
+        lines(axes[3], r, series, title="RA4: L * mean sigma_1 against depth", xlabel="depth L",
+              ylabel="L * mean_l sigma_1", logx=True)
         fig.tight_layout()
         return fig
 
@@ -304,6 +324,12 @@ def ujm_figure() -> FigureSpec:
                 near.append(f"{label}: " + ("not separated (distances within 0.05; no error bars)" if abs(gap) < 0.05
                                             else ("residual" if gap > 0 else "plain")))
         tail = (f". Closer to the UJM optimum: {'; '.join(near)}" if near else "")
+        sc = r["ujm_depth_scaling"]
+        unconv = [L for L, c in zip(sc["depths"], sc["converged"]) if not c]
+        tail += (f". RA4 of the UJM (same inputs, depths {sc['depths']}): L * sigma_1 "
+                 f"{[fmt(v) for v in sc['depth_product']]}, relative spread {fmt(sc['relative_spread'])}"
+                 + (f" (NOT converged at L = {unconv})" if unconv else "")
+                 + f"; trained residual nets: {[fmt(v) for v in get_path(r, 'depth_scaling.scaling.products')]}")
         return (txt + tail + f" (trained nets: {_conditions(cfg)}; the UJM's Jacobians are input-independent and "
                 "its self alignment is over r <= rank, the nets' over r <= C; our reading of the model, an "
                 "experiment, not a claim).")
