@@ -475,7 +475,10 @@ def nf_training_reading(nf: dict[str, Any], reference_acc: Optional[float], cond
             f"{fmt(nf.get('test_acc'))}, final train loss {fmt(nf.get('train_loss'))}, wall time "
             f"{fmt(nf.get('wall_s'))} s for {nf.get('epochs')} epochs on {nf.get('device')} (training and evaluation, "
             f"this machine's load). Claim (trains without normalisation at this depth, test accuracy within 0.05 of "
-            f"the BatchNorm residual net of depth {nf.get('reference_depth')}): {verdict} ({why}).")
+            f"the BatchNorm residual net of depth {nf.get('reference_depth')}): {verdict} ({why})"
+            + ("; with lam = 1/L each branch adds O(1/L) and the stack tends to a depth-independent limit (output "
+               "norm at init bounded), so matching a shallow net shows trainability, not a benefit of depth"
+               if nf.get("scale") == "1/L" else "") + ".")
 
 
 def net_conditions(cfg: dict[str, Any], *, depth: Optional[int] = None, norm: Optional[str] = None,
