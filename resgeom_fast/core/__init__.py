@@ -9,7 +9,12 @@
   and the module types the fast paths recognise (ZeroSkip, ScalarBias, ScalarMultiplier).
 - :mod:`resgeom_fast.core.modules` -- forward-hook capture (``capture_outputs`` /
   ``capture_inputs``), ``module_mode`` (restores every submodule's mode) and the one ``data``
-  contract ``as_batches`` (an (x, y) batch, a list of batches, a DataLoader, a Dataset).
+  contract ``as_batches`` (an (x, y) batch, a list of batches, a DataLoader, a Dataset);
+  ``capture_points`` (sublayer blocks' capture points) and ``attention_math`` (math SDPA kernel,
+  MHA fast path off, for forward-mode AD and double backward through attention).
+- :mod:`resgeom_fast.core.distributed` -- process-group helpers of the data-parallel operators:
+  ``shard``, one-collective ``all_reduce_sum``, ``broadcast_object``, ``raise_together``,
+  ``RankFailureError`` (docs/distributed.md).
 """
 from resgeom_fast.core import blocks, checks, io, modules
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, NonFiniteError

@@ -128,7 +128,8 @@ __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "hessian", "gg
 
 def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
             batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None,
-            matmul: str = "auto", deterministic: bool = False, precision: str = "ieee") -> HessianOperator:
+            matmul: str = "auto", deterministic: bool = False, precision: str = "ieee",
+            distributed: Optional[str] = None) -> HessianOperator:
     """The Hessian of the mean loss over ``data`` w.r.t. the chosen parameters, as an operator.
 
     Args:
@@ -167,6 +168,12 @@ def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = No
             A100), but TF32 loses ~3 digits per product, below eigsh's float32 tolerance.
             "tf32" leaves PyTorch's process-wide settings as they are. No effect on the CPU or
             in float64 (:mod:`resgeom_fast.operators._precision`).
+        distributed: None (default: this process's data alone) or, inside an initialised
+            torch.distributed process group, "split" (every rank passes the same full data; each
+            takes its share) or "sharded" (every rank passes its own share, possibly empty); the
+            operator then equals the single-process operator on all the data: each product is the
+            local sum weighted by the global sample count followed by one all_reduce
+            (docs/distributed.md).
 
     Returns:
         a symmetric :class:`HessianOperator` of shape (P, P), dtype and device of the parameters;
@@ -176,13 +183,14 @@ def hessian(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = No
     """
     names, tensors = select_params("hessian", model, params)
     engine = CurvatureEngine("hessian", HessianOperator, model, loss_fn, data, names, tensors, batchnorm, hvp,
-                             cache, matmul, deterministic, precision)
+                             cache, matmul, deterministic, precision, distributed)
     return HessianOperator(engine, list(range(len(names))))
 
 
 def ggn(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, *,
         batchnorm: str = "eval", hvp: str = "auto", cache: Optional[bool] = None,
-        matmul: str = "auto", deterministic: bool = False, precision: str = "ieee") -> GGNOperator:
+        matmul: str = "auto", deterministic: bool = False, precision: str = "ieee",
+        distributed: Optional[str] = None) -> GGNOperator:
     """The generalised Gauss-Newton matrix ``mean over samples of J^T H_loss J``, J = d outputs /
     d params, H_loss the Hessian of ``loss_fn`` in the outputs. Same arguments as :func:`hessian`
     (no structured path: "auto" and ``deterministic`` choose among the autograd methods).
@@ -195,14 +203,15 @@ def ggn(model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None, 
     """
     names, tensors = select_params("ggn", model, params)
     engine = CurvatureEngine("ggn", GGNOperator, model, loss_fn, data, names, tensors, batchnorm, hvp, cache,
-                             matmul, deterministic, precision)
+                             matmul, deterministic, precision, distributed)
     return GGNOperator(engine, list(range(len(names))))
 
 
 def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optional[Sequence[Any]] = None, *,
                    batchnorm: str = "eval", hvp: str = "auto",
                    cache: Optional[bool] = None, matmul: str = "auto",
-                   deterministic: bool = False, precision: str = "ieee") -> list[HessianOperator]:
+                   deterministic: bool = False, precision: str = "ieee",
+                   distributed: Optional[str] = None) -> list[HessianOperator]:
     """Per-block Hessians (diagonal blocks H_ll of the Hessian) of every residual block, in one call.
 
     The operators share one gradient graph per batch (built once when cached); block l's operator
@@ -221,7 +230,7 @@ def block_hessians(model: nn.Module, loss_fn: LossFn, data: Any, blocks: Optiona
     infos = resolve_blocks("block_hessians", model, blocks)
     names, tensors = select_params("block_hessians", model, [b.block for b in infos])
     engine = CurvatureEngine("block_hessians", HessianOperator, model, loss_fn, data, names, tensors, batchnorm,
-                             hvp, cache, matmul, deterministic, precision)
+                             hvp, cache, matmul, deterministic, precision, distributed)
     pos = {id(t): i for i, t in enumerate(tensors)}
     ops = []
     for b in infos:

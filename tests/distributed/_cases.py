@@ -21,9 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from resgeom_fast.core import distributed as rdist
 from resgeom_fast.linalg import eigsh, randomized_svd, slq_density, trace
 from resgeom_fast.models import FCResNet
-from resgeom_fast.operators.blocks import resolve_blocks
-from resgeom_fast.operators._data import select_params
-from resgeom_fast.operators.curvature import CurvatureEngine, CurvatureOperator, GGNOperator, HessianOperator
+from resgeom_fast.operators import block_hessians, ggn, hessian
+from resgeom_fast.operators.curvature import CurvatureOperator, HessianOperator
 from tests.operators._operator_nets import ConvNet, randomise_bn
 
 CE = nn.CrossEntropyLoss()
@@ -34,23 +33,14 @@ TIMEOUT_S = 60          # collectives (init_process_group(timeout=)); the join w
 
 def operator(kind: str, model: nn.Module, data: Any, distributed: Optional[str], hvp: str = "auto",
              params: Any = None) -> CurvatureOperator:
-    """``hessian`` / ``ggn`` as the public constructors build them, with ``distributed`` threaded
-    (operators/hessian.py does not take it yet)."""
-    names, tensors = select_params(kind, model, params)
-    cls = HessianOperator if kind == "hessian" else GGNOperator
-    engine = CurvatureEngine(kind, cls, model, CE, data, names, tensors, "eval", hvp, None, "auto", False, "ieee",
-                             distributed=distributed)
-    return cls(engine, list(range(len(names))))
+    """``hessian`` / ``ggn`` through the public constructors, ``distributed`` passed on."""
+    make = hessian if kind == "hessian" else ggn
+    return make(model, CE, data, params, hvp=hvp, distributed=distributed)
 
 
 def block_operators(model: nn.Module, data: Any, distributed: Optional[str]) -> list[HessianOperator]:
-    """``block_hessians`` with ``distributed`` threaded: one engine, one operator per block."""
-    infos = resolve_blocks("block_hessians", model, None)
-    names, tensors = select_params("block_hessians", model, [b.block for b in infos])
-    engine = CurvatureEngine("block_hessians", HessianOperator, model, CE, data, names, tensors, "eval", "auto", None,
-                             "auto", False, "ieee", distributed=distributed)
-    pos = {id(t): i for i, t in enumerate(tensors)}
-    return [HessianOperator(engine, sorted(pos[id(p)] for p in b.block.parameters())) for b in infos]
+    """``block_hessians`` (one engine, one operator per block), ``distributed`` passed on."""
+    return block_hessians(model, CE, data, distributed=distributed)
 
 
 def fc_model() -> nn.Module:
