@@ -44,8 +44,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 from resgeom_fast.core.io import atomic_write_text, to_jsonable
 
-__all__ = ["COLUMNS", "TABLE_FILES", "alignment_rows", "analysis_tables", "collapse_rows", "expansion_rows",
-           "format_value", "hessian_rows", "rows_to_csv", "singularities_rows", "write_tables"]
+__all__ = ["COLUMNS", "DOCUMENTED_REASONS", "TABLE_FILES", "alignment_rows", "analysis_tables", "collapse_rows",
+           "expansion_rows", "format_value", "hessian_rows", "rows_to_csv", "singularities_rows", "write_tables"]
 
 COLUMNS = ("model", "analysis", "scope", "stage", "block_index", "block", "layer", "metric", "value", "reason")
 
@@ -67,7 +67,7 @@ _BLOCK_FIELDS = {
 _SAME_CAUSE = {"rank_le_c": "rank_le_c_fraction"}
 # a per-block field None by the analysis' documented rule (AlignmentResult's docstring), when the
 # stage's ``undefined`` does not say
-_DOCUMENTED = {"gap_ratio_mean": "sigma_(C+1) / sigma_C is undefined when k <= C (raise k)",
+DOCUMENTED_REASONS = {"gap_ratio_mean": "sigma_(C+1) / sigma_C is undefined when k <= C (raise k)",
                "gap_ratio_std": "sigma_(C+1) / sigma_C is undefined when k <= C (raise k)"}
 
 
@@ -130,7 +130,7 @@ def alignment_rows(model: str, entry: Mapping[str, Any]) -> list[dict[str, str]]
                     continue
                 per_block = values[field]
                 reason = undefined.get(field) or undefined.get(_SAME_CAUSE.get(field, ""))
-                reason = reason if isinstance(reason, str) else _DOCUMENTED.get(field)
+                reason = reason if isinstance(reason, str) else DOCUMENTED_REASONS.get(field)
                 for b, name in enumerate(names):
                     v = per_block[b] if isinstance(per_block, list) and b < len(per_block) else None
                     where = {"stage": sid, "block_index": b, "block": name}

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from resgeom_fast.analysis import alignment as alignment_analysis
 from resgeom_fast.analysis import expansion as expansion_analysis
 from resgeom_fast.analysis import spectrum as spectrum_analysis
-from resgeom_fast.core.blocks import BlockInfo, block_kinds, residual_blocks
+from resgeom_fast.core.blocks import block_kinds, residual_blocks
 from resgeom_fast.core.io import file_sha256
 from resgeom_fast.models.network import seeded_construction
 
@@ -232,22 +232,7 @@ def expansion_runs(net: Any, x: torch.Tensor, selected: Optional[list[int]] = No
     (:func:`resgeom_fast.analysis.expansion.plain_runs`) as lists of block indices, restricted to
     ``selected`` (``--blocks``; a run then splits where it skips a block, and runs with no
     selected block drop out)."""
-    infos = residual_blocks(net)
-    by_id = {id(i.block): i.index for i in infos}
-    by_name = {i.name: i.index for i in infos}
-    runs = []
-    for run in expansion_analysis.plain_runs(net, x):
-        idx = []
-        for b in run:
-            if isinstance(b, int) and not isinstance(b, bool):
-                idx.append(b)
-            elif isinstance(b, str):
-                idx.append(by_name[b])
-            elif isinstance(b, BlockInfo):
-                idx.append(by_name[b.name])
-            else:  # a block module
-                idx.append(by_id[id(b)])
-        runs.append(sorted(idx))
+    runs = [sorted(int(b) for b in run) for run in expansion_analysis.plain_runs(net, x)]
     if selected is None:
         return runs
     keep = set(selected)
@@ -660,17 +645,16 @@ def _one_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:400]
 
 
-def _result_step(runner: Runner, analysis: str, cfg: dict[str, Any], fn: Any, *, one_line: bool) -> dict[str, Any]:
+def _result_step(runner: Runner, analysis: str, cfg: dict[str, Any], fn: Any) -> dict[str, Any]:
     """Step ``analysis``: ``{"result": r.to_dict(), "summary": r.summary()}`` of ``r = fn()`` (or
-    ``fn()``'s own dict when it returns one). With ``one_line``, the ValueError / TypeError by which an
-    analysis refuses the model or the data becomes a one-line UsageError naming it (finished steps
-    are kept)."""
+    ``fn()``'s own dict when it returns one). The ValueError / TypeError by which an analysis
+    refuses the model or the data (no layers of units, no plain run, no stage among the selected
+    blocks, a NaN in the model, ...) becomes a one-line UsageError naming the analysis (the
+    finished steps are kept); any other exception is the command's unexpected failure."""
     def run() -> dict[str, Any]:
         try:
             r = fn()
         except (ValueError, TypeError) as err:
-            if not one_line:
-                raise
             raise UsageError(f"--analyses {analysis}: {type(err).__name__}: {_one_line(err)} (finished steps are "
                              f"kept: run again without {analysis} in --analyses)") from None
         return r if isinstance(r, dict) else {"result": r.to_dict(), "summary": r.summary()}
@@ -758,8 +742,9 @@ def run_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any], mod
     """The analyses of ``cfg["analyses"]`` as steps of ``runner`` (``alignment``, ``hessian``,
     ``collapse``, ``singularities``, ``expansion``; each keyed on :func:`step_deps`), then the
     report (results.json with ``provenance`` = the runner's key parts, figures, report.md) and its
-    CSV tables (:func:`write_analysis_tables`). A collapse, singularities or expansion step that
-    cannot analyse the model (no layers, no plain run, ...) is a one-line UsageError naming it."""
+    CSV tables (:func:`write_analysis_tables`). A step whose analysis refuses the model or the data
+    (no layers of units, no plain run, no stage among the selected blocks, ...) is a one-line
+    UsageError naming it (:func:`_result_step`)."""
     n_align, n_hess, kk, p, q = cfg["samples"], cfg["batch"], cfg["k"], cfg["oversample"], cfg["power_iters"]
     nv, m, tp, sd, C, chosen, which = (cfg["probes"], cfg["steps"], cfg["trace_probes"], cfg["seed"],
                                        cfg["num_classes"], cfg["params"], cfg["analyses"])
@@ -776,7 +761,7 @@ def run_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any], mod
                                                          oversample=p, power_iters=q, seed=sd,
                                                          deterministic=cfg["deterministic"])
 
-        entry["alignment"] = al = _result_step(runner, "alignment", cfg, run_align, one_line=False)
+        entry["alignment"] = al = _result_step(runner, "alignment", cfg, run_align)
         summaries["model"]["alignment"] = al["summary"]
         figures += stage_figures(al)
     if "hessian" in which:
@@ -789,7 +774,7 @@ def run_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any], mod
                                                       trace_probes=tp, seed=sd, progress=progress,
                                                       deterministic=cfg["deterministic"])
 
-        entry["spectrum"] = hs = _result_step(runner, "hessian", cfg, run_hess, one_line=False)
+        entry["spectrum"] = hs = _result_step(runner, "hessian", cfg, run_hess)
         summaries["model"]["spectrum"] = hs["summary"]
         figures.append(density_figure(["model"]))
     if "collapse" in which:
@@ -801,17 +786,16 @@ def run_steps(runner: Runner, net: Any, x: Any, y: Any, cfg: dict[str, Any], mod
             return {"result": r.to_dict(), "summary": r.summary(),
                     "block_names": [i.name for i in residual_blocks(net, required=False)]}
 
-        entry["collapse"] = co = _result_step(runner, "collapse", cfg, run_collapse, one_line=True)
+        entry["collapse"] = co = _result_step(runner, "collapse", cfg, run_collapse)
         summaries["model"]["collapse"] = co["summary"]
         figures.append(collapse_figure(["model"]))
     if "singularities" in which:
         entry["singularities"] = si = _result_step(runner, "singularities", cfg, lambda: (
-            singularities_analysis.singularities(net, (xs, ys))), one_line=True)
+            singularities_analysis.singularities(net, (xs, ys))))
         summaries["model"]["singularities"] = si["summary"]
         figures.append(singularities_figure())
     if "expansion" in which:
-        entry["expansion"] = ex = _result_step(runner, "expansion", cfg, lambda: _expansion(net, xs, sel, sd),
-                                               one_line=True)
+        entry["expansion"] = ex = _result_step(runner, "expansion", cfg, lambda: _expansion(net, xs, sel, sd))
         summaries["model"]["expansion"] = ex["summary"]
         figures.append(expansion_figure(len(ex["runs"])))
     write_analysis_tables(runner, results)
