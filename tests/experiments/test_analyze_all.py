@@ -171,6 +171,7 @@ def _ncc_mismatch_last(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return float(np.mean(pred != labels))
 
 
+@pytest.mark.slow  # 15-30 s each on the 2-core CI machine (report figures included)
 @pytest.mark.parametrize("family", ["torchvision", "timm"])
 def test_analyze_all_five_on_an_image_folder_and_a_checkpoint(tmp_path, image_folder, family):
     if family == "timm" and timm is None:
