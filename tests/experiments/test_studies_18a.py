@@ -109,7 +109,7 @@ def test_gc_along_training_and_deep_nf_training_equal_direct_calls(tmp_path):
                                 "nf_depth=32"])
     res = json.load(open(rep.results_path))
     g = res["gc_training"]
-    assert g["epochs"] == [0, 1, 2] and g["seeds"] == [0, 1]
+    assert g["epochs"] == [0, 1, 2] and g["seeds"] == [0, 1] and g["norm"] == "none"
     assert [b["label"] for b in g["by_lam"]] == ["1", "1/L", "0.05"] and g["dropped_lams"] == ["0.5"]
     assert g["final"]["labels"] == ["0.05", "1/L", "1"] and g["final"]["lams"] == [0.05, 0.5, 1.0]
     _figures_hold_their_numbers(rep, res, ["gc_along_training", "nf_deep_training"])

@@ -342,7 +342,8 @@ def gc_training_figure(at: str = "gc_training") -> FigureSpec:
 
     def reading(r: dict) -> str:
         g = get_path(r, at)
-        return gc_lam_reading(g, net_conditions(r.get("config", {}), norm="none", seeds=len(g.get("seeds", []))))
+        return gc_lam_reading(g, net_conditions(r.get("config", {}), norm=g.get("norm", "none"),
+                                                seeds=len(g.get("seeds", []))))
 
     return FigureSpec("gc_along_training", "Geometric complexity along training, per branch scale", build, reading)
 

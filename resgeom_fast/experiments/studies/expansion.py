@@ -137,9 +137,9 @@ def aggregate_gc(label: str, lam: float, seeds: list[int], epochs: list[int],
 
 
 def gc_training_step(runner: Runner, cfg: dict[str, Any], ds, key, device) -> dict[str, Any]:
-    """Normalisation-free nets of the study's width and depth, one per (lam of ``gc_lams``, seed
-    ``seed .. seed + gc_seeds - 1``: weights and shuffling; the data split stays that of ``seed``),
-    trained as the study's nets; GC on ``gc_samples`` test inputs at :func:`gc_epochs` (epoch 0 on the
+    """Nets of the study's width and depth with normalisation ``gc_norm`` (default none), one per
+    (lam of ``gc_lams``, seed ``seed .. seed + gc_seeds - 1``: weights and shuffling; the data split
+    stays that of ``seed``), trained as the study's nets; GC on ``gc_samples`` test inputs at :func:`gc_epochs` (epoch 0 on the
     initial net, built again from its seed; the others through the trainer's callbacks)."""
     labels, dropped = distinct_lams(parse_gc_lams(cfg["gc_lams"]), cfg["depth"])
     if dropped:
@@ -156,7 +156,7 @@ def gc_training_step(runner: Runner, cfg: dict[str, Any], ds, key, device) -> di
     for i, label in enumerate(labels):
         per_seed, finals = [], []
         for seed in seeds:
-            spec = {**net_spec(cfg, ds, "residual"), "norm": "none", "scale": lam_scale(label), "seed": seed}
+            spec = {**net_spec(cfg, ds, "residual"), "norm": cfg["gc_norm"], "scale": lam_scale(label), "seed": seed}
             name = f"gc_lam{i}_s{seed}"
             init = runner.step(f"{name}_init", lambda spec=spec: gc_record(build_model(spec).to(device), (xg, yg)),
                                deps={"model": spec, "data": key, "gc_samples": cfg["gc_samples"]})
@@ -179,7 +179,7 @@ def gc_training_step(runner: Runner, cfg: dict[str, Any], ds, key, device) -> di
              "diverged": [sum(by_lam[j]["diverged"]) for j in order],
              "spread": (f"the {len(seeds)} seeds" if len(seeds) >= 2 else
                         f"the {cfg['gc_samples']} test samples (one seed)"), "epoch": epochs[-1]}
-    return {"epochs": epochs, "seeds": seeds, "norm": "none", "by_lam": by_lam, "final": final,
+    return {"epochs": epochs, "seeds": seeds, "norm": cfg["gc_norm"], "by_lam": by_lam, "final": final,
             "dropped_lams": dropped}
 
 
@@ -307,10 +307,12 @@ STUDY = register(Study("expansion", "Residual expansion: remainder ~ lam^3, outp
                            opt("path_samples", "int", 128, "test inputs of the path expansion", minimum=1),
                            opt("gc_samples", "int", 256, "test inputs of the geometric complexity", minimum=1),
                            opt("gc_lams", "str", "1,1/sqrt(L),1/L,0.5,0.2,0.05,0.02",
-                               "branch scales of the normalisation-free nets whose GC is tracked along training "
+                               "branch scales of the nets (normalisation gc_norm) whose GC is tracked along training "
                                "(comma list of 1, 1/sqrt(L), 1/L and numbers > 0; at least three distinct)"),
                            opt("gc_seeds", "int", 3, "seeds per branch scale (weights and shuffling; the spread "
                                "of GC over them decides what the GC-vs-lam reading resolves)", minimum=1),
+                           opt("gc_norm", "str", "none", "normalisation inside the branches of the GC-vs-lam nets",
+                               ("none", "batch")),
                            opt("gc_every", "int", 5, "measure GC every this many epochs (and at 0 and the last)",
                                minimum=1),
                            opt("nf_depth", "int", 256, "depth of the deep normalisation-free net (0: not trained)",
