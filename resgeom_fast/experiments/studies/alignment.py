@@ -37,7 +37,7 @@ from ..figures import bars, lines, new_figure
 from ..report import FigureSpec, fmt, fmt_key, get_path
 from ..runner import Runner
 from ._figures import alignment_figures, training_figure
-from ._readings import rank_text, summary_of
+from ._readings import list_text, rank_text, summary_of
 from ._registry import Study, StudyOutput, register
 from ._shared import (
     ALIGN_OPTIONS,
@@ -326,10 +326,11 @@ def ujm_figure() -> FigureSpec:
         tail = (f". Closer to the UJM optimum: {'; '.join(near)}" if near else "")
         sc = r["ujm_depth_scaling"]
         unconv = [L for L, c in zip(sc["depths"], sc["converged"]) if not c]
-        tail += (f". RA4 of the UJM (same inputs, depths {sc['depths']}): L * sigma_1 "
-                 f"{[fmt(v) for v in sc['depth_product']]}, relative spread {fmt(sc['relative_spread'])}"
+        tail += (f". RA4 of the UJM (same inputs, depths {sc['depths']}): L * sigma_1 {list_text(sc['depth_product'])}, "
+                 f"relative spread (max - min) / mean {fmt(sc['relative_spread'])}"
                  + (f" (NOT converged at L = {unconv})" if unconv else "")
-                 + f"; trained residual nets: {[fmt(v) for v in get_path(r, 'depth_scaling.scaling.products')]}")
+                 + f"; trained residual nets: {list_text(get_path(r, 'depth_scaling.scaling.products'))}, relative "
+                   f"spread {fmt(get_path(r, 'depth_scaling.scaling.relative_spread'))}")
         return (txt + tail + f" (trained nets: {_conditions(cfg)}; the UJM's Jacobians are input-independent and "
                 "its self alignment is over r <= rank, the nets' over r <= C; our reading of the model, an "
                 "experiment, not a claim).")
