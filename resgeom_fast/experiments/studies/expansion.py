@@ -1,6 +1,8 @@
 """``resgeom run expansion``: the remainder after the second-order terms of the residual
 expansion against lam (~ lam^3), output norms at init against depth, path-order distributions and
-geometric complexity of trained nets."""
+geometric complexity of trained nets; geometric complexity along training for branch scales
+``gc_lams`` over ``gc_seeds`` seeds (read: is GC at the end of training unimodal in lam?) and a
+deep normalisation-free net (``nf_depth`` blocks, lam = ``nf_scale``)."""
 from __future__ import annotations
 
 import math
