@@ -241,3 +241,18 @@ def test_extras_parsing():
 def test_bad_extras_refused_before_work(sets, msg):
     with pytest.raises(UsageError, match=msg):
         _resolve(NET + sets)
+
+
+def test_sweep_trend_reads_ra1_changes_against_their_standard_errors():
+    from resgeom_fast.experiments.studies.alignment import _trend
+
+    e = {"x": [0.05, 0.0005], "linearity": [0.9, 0.5], "linearity_se": [0.01, 0.01], "linearity_n": [64, 64],
+         "test_acc": [0.98, 0.97]}
+    # sorted by x: 0.5 at 0.0005 -> 0.9 at 0.05, z = 0.4 / sqrt(2) / 0.01
+    assert _trend(e, "linearity", "x") == ("linearity 0.5 at 5.00e-04 -> 0.9 at 0.05 (28.3 standard errors over "
+                                           "the test inputs)")
+    e["linearity_se"] = [0.5, 0.5]
+    assert "within 2 standard errors over the test inputs: no change read" in _trend(e, "linearity", "x")
+    assert _trend(e, "test_acc", "x") == "test_acc 0.97 at 5.00e-04 -> 0.98 at 0.05"     # no error bar: no verdict
+    e["linearity"] = [None, 0.5]
+    assert _trend(e, "linearity", "x") == "linearity: n/a (fewer than two defined values)"

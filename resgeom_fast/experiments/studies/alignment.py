@@ -37,7 +37,7 @@ from ..figures import bars, lines, new_figure
 from ..report import FigureSpec, fmt, fmt_key, get_path
 from ..runner import Runner
 from ._figures import alignment_figures, training_figure
-from ._readings import list_text, rank_text, summary_of
+from ._readings import CONTRAST_Z, contrast_z, list_text, rank_text, sample_stats, summary_of
 from ._registry import Study, StudyOutput, register
 from ._shared import (
     ALIGN_OPTIONS,
@@ -88,8 +88,10 @@ EXTRA_OPTIONS = [
 # the headline metrics of the sweeps: (key in the alignment summary, label)
 SWEEP_METRICS = (("linearity", "linearity (RA1)"), ("equispacing", "equispacing (RA1)"),
                  ("step_cosine", "step cosine (RA1)"), ("self_alignment", "self alignment (RA2)"),
-                 ("diag_ratio_offdiag", "diag ratio off-diag (RA2)"), ("max_numerical_rank", "max numerical rank (RA3)"),
+                 ("diag_ratio_offdiag", "diag ratio off-diag (RA2)"),
+                 ("max_numerical_rank", "max numerical rank (RA3)"),
                  ("depth_product", "L * mean sigma_1 (RA4)"))
+RA1_KEYS = ("linearity", "equispacing", "step_cosine")
 COMPARED = (("self_alignment", "self alignment"), ("diag_ratio_offdiag", "diag ratio off-diag"),
             ("linearity", "linearity"), ("max_numerical_rank", "max numerical rank"),
             ("depth_product", "L * mean sigma_1"))
@@ -141,6 +143,10 @@ def _sweep(runs: list[dict[str, Any]], values: list[Any], key: str) -> dict[str,
     out: dict[str, Any] = {key: list(values)}
     for m, _ in SWEEP_METRICS:
         out[m] = [summary_of(r["alignment"]).get(m) for r in runs]
+    for m in RA1_KEYS:   # the per-input RA1 values: the standard error of each mean, and n
+        stats = [sample_stats(get_path(r, f"alignment.result.stages.0.ra1.{m}")) for r in runs]
+        out[f"{m}_se"] = [None if st is None else st[1] for st in stats]
+        out[f"{m}_n"] = [None if st is None else st[2] for st in stats]
     out["max_numerical_rank_capped"] = [bool(summary_of(r["alignment"]).get("max_numerical_rank_capped"))
                                         for r in runs]
     # where capped, the rank is only known to be >= this (drawn as its own series, never as the rank)
@@ -216,7 +222,8 @@ def equal_step_epochs(cfg: dict[str, Any], n_full: int, n_c: int) -> int:
     return math.ceil(steps / _batches(n_c, cfg["batch_size"]))
 
 
-def classes_experiment(runner: Runner, cfg: dict[str, Any], ds, key, device, residual: dict[str, Any]) -> dict[str, Any]:
+def classes_experiment(runner: Runner, cfg: dict[str, Any], ds, key, device,
+                       residual: dict[str, Any]) -> dict[str, Any]:
     """Numerical rank of residual nets trained on the first C classes, C in ``class_counts``
     (``classes_equal_steps``: as many SGD steps as the study's net, :func:`equal_step_epochs`)."""
     runs = []
@@ -302,7 +309,8 @@ def ujm_figure() -> FigureSpec:
         txt = (f"UJM optimum ({r['ujm']['inputs']}; D = {res['width']}, C = {C}; L-BFGS converged "
                f"{fmt(res['converged'])} after {res['steps_run']} iterations, gradient norm {fmt(res['grad_norm'])}"
                f"{conv}): self alignment {fmt_key(s, 'self_alignment')}, off-diagonal diag ratio "
-               f"{fmt_key(s, 'diag_ratio_offdiag')}, asymmetry ||J - J^T|| / ||J|| at most {fmt_key(s, 'symmetry_max')}, "
+               f"{fmt_key(s, 'diag_ratio_offdiag')}, asymmetry ||J - J^T|| / ||J|| at most "
+               f"{fmt_key(s, 'symmetry_max')}, "
                f"numerical ranks (tau = {fmt(res['tau'])}) {res['numerical_rank']}, s_C / s_(C-1) at most "
                f"{fmt_key(s, 'gap_ratio_max')} (every stationary point has rank <= C - 1 = {C - 1}), "
                f"L * sigma_1 {fmt_key(s, 'depth_product')} with sigma_1 spread across layers "
@@ -326,7 +334,8 @@ def ujm_figure() -> FigureSpec:
         tail = (f". Closer to the UJM optimum: {'; '.join(near)}" if near else "")
         sc = r["ujm_depth_scaling"]
         unconv = [L for L, c in zip(sc["depths"], sc["converged"]) if not c]
-        tail += (f". RA4 of the UJM (same inputs, depths {sc['depths']}): L * sigma_1 {list_text(sc['depth_product'])}, "
+        tail += (f". RA4 of the UJM (same inputs, depths {sc['depths']}): L * sigma_1 "
+                 f"{list_text(sc['depth_product'])}, "
                  f"relative spread (max - min) / mean {fmt(sc['relative_spread'])}"
                  + (f" (NOT converged at L = {unconv})" if unconv else "")
                  + f"; trained residual nets: {list_text(get_path(r, 'depth_scaling.scaling.products'))}, relative "
@@ -365,22 +374,37 @@ def _sweep_values(e: dict, xkey: str, xname: str) -> str:
 
 
 def _trend(e: dict, key: str, xkey: str) -> str:
-    """How ``key`` moves from the smallest to the largest x (by value, not by position)."""
-    pts = sorted((x, v) for x, v in zip(e[xkey], e[key]) if v is not None)
+    """How ``key`` moves from the smallest to the largest x (by value, not by position); for an
+    RA1 metric with per-input standard errors, whether the change exceeds CONTRAST_Z of them
+    (Welch z over the test inputs; the runs' own seed-to-seed spread is not included)."""
+    pts = sorted((x, v, i) for i, (x, v) in enumerate(zip(e[xkey], e[key])) if v is not None)
     if len(pts) < 2:
         return f"{key}: n/a (fewer than two defined values)"
-    (x0, v0), (x1, v1) = pts[0], pts[-1]
-    return f"{key} {fmt(v0)} at {fmt(x0)} -> {fmt(v1)} at {fmt(x1)}"
+    (x0, v0, i0), (x1, v1, i1) = pts[0], pts[-1]
+    txt = f"{key} {fmt(v0)} at {fmt(x0)} -> {fmt(v1)} at {fmt(x1)}"
+    se = e.get(f"{key}_se")
+    if se is None or se[i0] is None or se[i1] is None:
+        return txt
+    z = contrast_z((v1, se[i1], e[f"{key}_n"][i1]), (v0, se[i0], e[f"{key}_n"][i0]))
+    if math.isnan(z):
+        return txt + " (no standard error)"
+    if abs(z) < CONTRAST_Z:
+        return txt + f" (within {CONTRAST_Z:g} standard errors over the test inputs: no change read)"
+    return txt + (" (beyond any spread over the test inputs)" if math.isinf(z)
+                  else f" ({abs(z):.1f} standard errors over the test inputs)")
 
 
 def stochastic_depth_figure() -> FigureSpec:
     def reading(r: dict) -> str:
         e = r["stochastic_depth"]
         return (_sweep_values(e, "p", "p") + f". From the smallest to the largest p: {_trend(e, 'linearity', 'p')}, "
-                f"{_trend(e, 'self_alignment', 'p')}, {_trend(e, 'diag_ratio_offdiag', 'p')} (residual {_conditions(r['config'])}; "
+                f"{_trend(e, 'equispacing', 'p')}, {_trend(e, 'step_cosine', 'p')}, "
+                f"{_trend(e, 'self_alignment', 'p')}, {_trend(e, 'diag_ratio_offdiag', 'p')} (residual "
+                f"{_conditions(r['config'])}; "
                 "each branch dropped with probability p per mini-batch in training, measured in eval mode where "
-                "the branch is scaled by 1 - p, so J_l and L * sigma_1 include that factor; one seed: differences "
-                "between p carry no error bar).")
+                "the branch is scaled by 1 - p, so J_l and L * sigma_1 include that factor; one net per p (one "
+                "seed): RA1 changes are read against the spread over the test inputs only, RA2 / RA3 changes carry no "
+                "error bar).")
 
     return FigureSpec("ra_stochastic_depth", "RA against stochastic depth",
                       lambda r: _sweep_panels(r, "stochastic_depth", "p", "drop probability p", False), reading)
@@ -436,9 +460,12 @@ def weight_decay_figure() -> FigureSpec:
     def reading(r: dict) -> str:
         e = r["weight_decay"]
         return (_sweep_values(e, "weight_decay", "weight decay") + f". From the smallest to the largest weight decay: "
-                f"{_trend(e, 'linearity', 'weight_decay')}, {_trend(e, 'test_acc', 'weight_decay')} (residual "
-                f"{_conditions(r['config'])}, with the weight decay of each point instead; RA on held-out inputs; the reference "
-                "observation on digits: linearity 0.998 at 5e-2 and 0.59 at 5e-4 at equal test accuracy; one seed).")
+                f"{_trend(e, 'linearity', 'weight_decay')}, {_trend(e, 'equispacing', 'weight_decay')}, "
+                f"{_trend(e, 'step_cosine', 'weight_decay')}, {_trend(e, 'self_alignment', 'weight_decay')}, "
+                f"{_trend(e, 'test_acc', 'weight_decay')} (residual {_conditions(r['config'])}, with the weight "
+                "decay of each point instead; RA on held-out inputs; the reference observation on digits: linearity "
+                "0.998 at 5e-2 and 0.59 at 5e-4 at equal test accuracy; one net per weight decay (one seed): RA1 "
+                "changes are read against the spread over the test inputs only).")
 
     return FigureSpec("ra_weight_decay", "RA1-RA3 against weight decay (held-out inputs)",
                       lambda r: _sweep_panels(r, "weight_decay", "weight_decay", "SGD weight decay", True), reading)
@@ -456,7 +483,8 @@ def run_alignment(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
     for arch in ("residual", "plain"):
         model, curves = train_net(runner, cfg, ds, key, arch, device)
         nets[arch] = model
-        models[arch] = {"train": curves, "alignment": alignment_step(runner, cfg, model, ds, device, f"{arch}_alignment")}
+        models[arch] = {"train": curves,
+                        "alignment": alignment_step(runner, cfg, model, ds, device, f"{arch}_alignment")}
     results = {"study": "alignment", "config": cfg, "models": models,
                "depth_scaling": depth_scaling_step(runner, cfg, ds, key, device)}
     names = ["residual", "plain"]
