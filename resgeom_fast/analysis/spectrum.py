@@ -138,8 +138,10 @@ class Spectrum(Result):
         residuals: [k] float64, true residual norms ``||H x - lambda x||`` of the Ritz pairs.
         converged: every wanted Ritz pair met eigsh's relative tolerance.
         lanczos_steps: Lanczos steps eigsh took.
-        trace: estimate of tr(H); trace_stderr: its standard error (NaN with a single probe,
-            0-ish when Hutch++'s sketch spans the whole space); trace_method: the method used.
+        trace: estimate of tr(H); trace_stderr: its error, ``sqrt(probe stderr^2 + rounding^2)``
+            (:class:`~resgeom_fast.linalg.TraceResult`: the probes' standard error and a
+            floating-point rounding floor, which dominates when Hutch++'s sketch spans the whole
+            space; NaN with a single probe); trace_method: the method used.
         nodes: [probes, m] float64 SLQ Gauss nodes (Ritz values) per probe.
         weights: [probes, m] float64 Gauss weights per probe (each row sums to 1).
         grid: [g] float64 points of the density; density: [g] the SLQ density (mean over probes);
@@ -437,7 +439,7 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
             fr[key] = _undefined(key, slq, "undefined: lambda_max = 0, so the relative threshold eps * lambda_max is 0")
     return Spectrum(
         name=name, dim=n, eigenvalues=evals, residuals=resid, converged=bool(eg.converged.all()),
-        lanczos_steps=int(eg.steps), trace=float(tr.estimate), trace_stderr=float(tr.stderr),
+        lanczos_steps=int(eg.steps), trace=float(tr.estimate), trace_stderr=float(tr.total_error),
         trace_method=tr.method, nodes=nodes, weights=weights, grid=slq.grid.detach().double().cpu(),
         density=slq.density.detach().double().cpu(), density_std=slq.density_std.detach().double().cpu(),
         moments=slq.moments.detach().double().cpu(), moments_std=slq.moments_std.detach().double().cpu(),

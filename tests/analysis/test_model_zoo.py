@@ -317,7 +317,7 @@ def test_hessian_spectrum_on_a_parameter_subset_matches_dense(zoo, name):
     z_score = abs(r.trace - tr) / r.trace_stderr if r.trace_stderr > 0 else 0.0
     print(f"{name}: P = {r.dim}, lambda = [{float(ev[0]):.3e}, {float(ev[-1]):.3e}], trace {r.trace:.6f} vs "
           f"dense {tr:.6f} ({z_score:.2f} stderr), {r.lanczos_steps} Lanczos steps")
-    assert abs(r.trace - tr) <= 5 * r.trace_stderr + 1e-8 * abs(tr)
+    assert abs(r.trace - tr) <= 5 * r.trace_stderr   # probe stderr and the rounding floor
     if name == "resnet18":  # fc.weight in the subset: a genuinely indefinite Hessian, both ends non-trivial
         assert ev[0] < -1e-5 * scale  # (-0.11 against lambda_max 113: far above rounding)
 

@@ -77,3 +77,20 @@ def test_non_finite_dense_matrix_is_named(bad):
         where = "on the Hutch\\+\\+ sketch" if method == "hutch++" else "on the Hutchinson probes"
         with pytest.raises(NonFiniteError, match=f"trace: the operator returned non-finite values \\(NaN or inf\\) {where}"):
             trace(op, probes=6, method=method)
+
+
+def test_rounding_floor_covers_the_error_when_the_sketch_captures_everything():
+    # rank 4 < the 10 sketch columns: the Hutchinson part is ~0, so stderr alone (~1e-8 of the
+    # float32 error seen before the floor existed) would claim far more accuracy than float32 has
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(40, 4, dtype=torch.float64, generator=g)
+    A64 = B @ B.T + 1e-3 * torch.eye(40, dtype=torch.float64)[:, :1] @ torch.eye(40, dtype=torch.float64)[:1]
+    true = float(torch.trace(A64))
+    for dt in (torch.float32, torch.float64):
+        r = trace(A64.to(dt), probes=30, seed=0)
+        err = abs(float(r.estimate) - true)
+        eps = torch.finfo(dt).eps
+        assert r.rounding is not None and float(r.rounding) > 0
+        assert err <= float(r.total_error), (dt, err, float(r.stderr), float(r.rounding))
+        assert float(r.total_error) <= 1e3 * eps * abs(true)        # a floor, not a blanket
+        assert r.to_dict()["rounding"] == float(r.rounding)
