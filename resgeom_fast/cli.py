@@ -111,7 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    steps=args.steps, trace_probes=args.trace_probes, analyses=args.analyses,
                                    device=args.device, seed=args.seed, out=args.out, fresh=args.fresh,
                                    progress=not args.quiet, params=args.params, deterministic=args.deterministic,
-                                   image_size=args.image_size, normalize=args.normalize)
+                                   image_size=args.image_size, normalize=args.normalize,
+                                   blocks=args.blocks, loss=args.loss, eigs=args.eigs)
         print(f"report: {rep.report_path}")
         return 0
     except UsageError as err:
