@@ -119,7 +119,8 @@ def test_expansion_study_output_norms_panel(tmp_path, calls):
     out = str(tmp_path / "expansion")
     rep = run_study("expansion", out=out, progress=False,
                     sets=["n_train=300", "width=8", "depth=2", "epochs=1", "norm_depths=2,4", "norm_width=16",
-                          "path_samples=8", "gc_samples=8", "lams=0.2,0.1"])
+                          "path_samples=8", "gc_samples=8", "lams=0.2,0.1", "gc_lams=1,1/L,0.05",
+                          "gc_seeds=1", "nf_depth=16"])
     assert [c[:2] for c in calls] == [("plot_output_norms", "output_norms")]
     res = json.load(open(rep.results_path))
     for spec in rep.specs:

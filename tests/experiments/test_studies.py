@@ -18,7 +18,8 @@ TINY = {
                       "archs=plain,residual,hyper"],
     "singularities": NET,
     "collapse": NET + ["collapse_every=1", "mufm_samples=100", "mufm_steps=5"],
-    "expansion": NET + ["norm_depths=2,4", "norm_width=16", "path_samples=8", "gc_samples=8", "lams=0.2,0.1"],
+    "expansion": NET + ["norm_depths=2,4", "norm_width=16", "path_samples=8", "gc_samples=8", "lams=0.2,0.1",
+                  "gc_lams=1,1/L,0.05", "gc_seeds=1", "nf_depth=16"],
     "leaky": ["n=60", "width=32", "depth=6", "lts=1,2", "adam_steps=20", "continue_steps=10", "lbfgs_steps=5"],
 }
 
