@@ -278,7 +278,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     """A model of this package from a JSON-friendly spec (``kind`` plus constructor arguments).
 
     kinds: "fc" (:class:`FCResNet`: in_dim, width, depth, num_classes, skip, hyper, norm, scale,
-    seed), "conv" (:class:`ConvResNet`: in_channels instead of in_dim), "leaky"
+    seed, stochastic_depth), "conv" (:class:`ConvResNet`: in_channels instead of in_dim), "leaky"
     (:class:`LeakyResNet`: in_dim, width, depth, out_dim, leak, steps, lam, seed); an optional
     "dtype" ("float32" / "float64") casts the model.
     """
