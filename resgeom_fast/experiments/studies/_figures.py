@@ -31,11 +31,13 @@ from ._readings import (
     depth_scaling_text,
     fraction_text,
     gc_lam_reading,
+    leaky_steps_reading,
     net_conditions,
     nf_training_reading,
     per_model,
     ra1_reading,
     rank_text,
+    seed_order_reading,
     spectrum_reading,
     summary_of,
 )
@@ -48,7 +50,8 @@ collapse_analysis = importlib.import_module("resgeom_fast.analysis.collapse")
 __all__ = ["alignment_figures", "collapse_figure", "density_figure", "paths_figure", "singularity_figure",
            "stage_figures", "training_figure",
            # issue 18
-           "collapse_training_figure", "gc_training_figure", "nf_training_figure"]
+           "collapse_training_figure", "gc_training_figure", "nf_training_figure",
+           "leaky_steps_figure", "seed_bars_figure"]
 
 
 def training_figure(models: list[str], root: str = "models") -> FigureSpec:
@@ -368,3 +371,70 @@ def nf_training_figure(at: str = "nf_training", reference: str = "models.residua
                                    net_conditions(r.get("config", {}), depth=nf.get("depth"), norm="none"))
 
     return FigureSpec("nf_deep_training", "Deep normalisation-free training", build, reading)
+
+
+# =============================================================================== issue 18, part C
+def leaky_steps_figure(conditions: str, at: str = "step_comparison") -> FigureSpec:
+    """Adaptive against equidistant steps: the steps rho_l per layer (layer placement) of every
+    teacher and scheme, and the test losses as bars (teachers x schemes)."""
+
+    def build(r: dict) -> Any:
+        cmp = get_path(r, at)
+        fig, axes = new_figure(2)
+        series, styles = [], []
+        for i, t in enumerate(cmp["teachers"]):
+            for scheme in cmp["schemes"]:
+                series.append((f"{'-'.join(str(d) for d in cmp[t]['dims'])} {scheme}", f"{at}.{t}.{scheme}.layer",
+                               f"{at}.{t}.{scheme}.rho"))
+                styles.append({"color": f"C{i}", "ls": "--" if scheme == "equidistant" else "-"})
+        lines(axes[0], r, series, title=f"layer placement: steps rho_l at Lt = {cmp['lt']:g}", xlabel="layer l",
+              ylabel="rho_l (small: layers dense)", marker=".", styles=styles)
+        bars(axes[1], r, cmp["teachers"], [(s, f"{at}.{{g}}.{s}.test_data_loss") for s in cmp["schemes"]],
+             title="test loss (1/N)||Y - f(X)||^2", ylabel="test loss",
+             ticklabels=["-".join(str(d) for d in cmp[t]["dims"]) for t in cmp["teachers"]])
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        return leaky_steps_reading(get_path(r, at), conditions)
+
+    return FigureSpec("leaky_adaptive_steps", "Adaptive against equidistant steps", build, reading)
+
+
+def seed_bars_figure(name: str, title: str, at: str, metrics: list[tuple[str, str]],
+                     pairs: list[tuple[str, str]], conditions: str) -> FigureSpec:
+    """One panel per norm setting of ``get_path(r, at)`` (``{"norms", "groups", <norm>: {<group>:
+    {"per_seed", "mean", "se"}}}``): the mean over seeds of every metric (label, key) as tagged bars
+    per group, with +- one standard error bars; the reading orders the groups along ``pairs`` per
+    norm and metric (:func:`seed_order_reading`)."""
+
+    def build(r: dict) -> Any:
+        blk = get_path(r, at)
+        norms, groups = blk["norms"], blk["groups"]
+        fig, axes = new_figure(len(norms))
+        n = len(metrics)
+        width = 0.8 / max(n, 1)
+        for ax, norm in zip(axes, norms):
+            bars(ax, r, groups, [(lab, f"{at}.{norm}.{{g}}.mean.{key}") for lab, key in metrics],
+                 title=f"{title}, norm={norm} (mean +- s.e. over {len(blk['seeds'])} seeds)", ylabel="fraction")
+            for j, (_, key) in enumerate(metrics):
+                xs = [i + (j - (n - 1) / 2) * width for i in range(len(groups))]
+                ys = [blk[norm][g]["mean"][key] for g in groups]
+                es = [blk[norm][g]["se"][key] for g in groups]
+                ys = [math.nan if v is None else v for v in ys]
+                es = [0.0 if e is None or not math.isfinite(e) else e for e in es]
+                ax.errorbar(xs, ys, yerr=es, fmt="none", capsize=2, color="k", lw=0.8)
+            ax.tick_params(axis="x", labelrotation=30)
+        fig.tight_layout()
+        return fig
+
+    def reading(r: dict) -> str:
+        blk = get_path(r, at)
+        parts = []
+        for norm in blk["norms"]:
+            for lab, key in metrics:
+                parts.append(seed_order_reading(blk[norm], blk["groups"], key, f"{lab}, norm={norm}", pairs,
+                                                f"{conditions}, norm {norm}, seeds {blk['seeds']}"))
+        return ". ".join(parts) + "."
+
+    return FigureSpec(name, title, build, reading)

@@ -494,3 +494,77 @@ def net_conditions(cfg: dict[str, Any], *, depth: Optional[int] = None, norm: Op
             f"norm {cfg.get('norm', 'batch') if norm is None else norm}, SGD lr {fmt(cfg.get('lr'))} "
             f"({cfg.get('schedule', 'constant')}), weight decay {fmt(cfg.get('weight_decay', 0.0))}, batch "
             f"{cfg.get('batch_size')}, {cfg.get('epochs') if epochs is None else epochs} epochs, {seed_text}")
+
+
+# =============================================================================== issue 18, part C
+LEAKY_MATCH_RTOL = 0.05  # adaptive "matches" equidistant when its test loss is within 5 % (one net per point)
+
+
+def leaky_steps_reading(cmp: dict[str, Any], conditions: str) -> str:
+    """Adaptive against equidistant steps per teacher: the end-to-middle step ratio of the adaptive
+    steps (< 1: more layers near the ends) and the two test losses, with a verdict per claim (one net
+    per scheme and teacher: no seed spread, so "matches" means within LEAKY_MATCH_RTOL)."""
+    parts = []
+    for t in cmp["teachers"]:
+        b = cmp[t]
+        eq, ad = b["equidistant"], b["adaptive"]
+        ratio = ad.get("end_step_ratio")
+        if is_undefined(ratio):
+            ends = "end-to-middle step ratio n/a (fewer than 4 layers)"
+        else:
+            ends = (f"adaptive end-to-middle step ratio {fmt(ratio)} ("
+                    + ("more layers near the ends: holds" if ratio < 1 else "not more layers near the ends") + ")")
+        le, la = eq.get("test_data_loss"), ad.get("test_data_loss")
+        if is_undefined(le) or is_undefined(la):
+            loss = "test loss n/a"
+        else:
+            rel = (la - le) / abs(le) if le else math.inf
+            verdict = ("adaptive beats equidistant" if rel < -LEAKY_MATCH_RTOL else
+                       "adaptive matches equidistant" if rel <= LEAKY_MATCH_RTOL else "adaptive worse than equidistant")
+            loss = (f"test loss equidistant {fmt(le)}, adaptive {fmt(la)} ({rel:+.1%}: {verdict}, "
+                    f"match = within {LEAKY_MATCH_RTOL:.0%})")
+        parts.append(f"teacher {'-'.join(str(d) for d in b['dims'])}: {ends}; {loss}")
+    return ("; ".join(parts) + f". At Lt = {fmt(cmp['lt'])} after the continuation ({conditions}); one net per "
+            "scheme and teacher, so no seed spread. Claim (Jacot & Kaiser): adaptive steps place more layers near "
+            "the ends and match or beat equidistant steps.")
+
+
+def seed_stats(values: Any) -> Any:
+    """:func:`sample_stats` of per-seed values, or the reason it is undefined (a string)."""
+    st = sample_stats(values)
+    return "no finite value" if st is None else st
+
+
+def seed_order_reading(block: dict[str, Any], groups: list[str], metric: str, label: str,
+                       pairs: list[tuple[str, str]], conditions: str) -> str:
+    """Mean +- standard error over seeds of ``metric`` per group (``block[g]["per_seed"][metric]``)
+    and, per expected pair (hi, lo) meaning "hi >= lo", whether it holds, is reversed (both beyond
+    CONTRAST_Z standard errors of the difference) or is not resolved."""
+    stats = {g: seed_stats(block[g]["per_seed"][metric]) for g in groups}
+    for g in groups:
+        why = (block[g].get("reasons") or {}).get(metric)
+        if isinstance(stats[g], str) and why:
+            stats[g] = f"{stats[g]}; {why}"
+
+    def val(g: str) -> str:
+        st = stats[g]
+        return f"n/a ({st})" if isinstance(st, str) else f"{fmt(st[0])} +- {fmt(st[1], 2)}"
+
+    verdicts = []
+    for hi, lo in pairs:
+        if hi not in stats or lo not in stats:
+            continue
+        if isinstance(stats[hi], str) or isinstance(stats[lo], str):
+            verdicts.append(f"{hi} >= {lo} not compared (n/a)")
+            continue
+        z = contrast_z(stats[hi], stats[lo])
+        if math.isnan(z):
+            verdicts.append(f"{hi} >= {lo} not resolved (one seed: no spread)")
+        elif abs(z) < CONTRAST_Z:
+            verdicts.append(f"{hi} >= {lo} not resolved (|z| {abs(z):.1f} < {CONTRAST_Z:g})")
+        else:
+            by = "beyond any spread" if math.isinf(z) else f"z {z:+.1f}"
+            verdicts.append(f"{hi} >= {lo} {'holds' if z > 0 else 'is reversed'} ({by})")
+    return (f"{label} ({conditions}): " + ", ".join(f"{g} {val(g)}" for g in groups)
+            + (f"; {'; '.join(verdicts)}" if verdicts else "")
+            + f" (mean +- standard error over seeds; an order is read only beyond {CONTRAST_Z:g} standard errors)")

@@ -21,6 +21,7 @@ from ..report import FigureSpec, fmt, tag
 from ..runner import Runner
 from ._registry import Study, StudyOutput, register
 from ._shared import DETERMINISTIC_OPTION, SEED_MAX, opt
+from ._figures import leaky_steps_figure
 from ._validation import memory_limit
 
 __all__ = ["LEAKY_OPTIONS", "STUDY", "run_leaky", "validate_leaky"]
@@ -39,7 +40,8 @@ LEAKY_OPTIONS = [
     opt("lts", "floats", [2.0, 4.0, 8.0, 12.0],
         "effective depths Lt (the nets' leaks) in continuation order: each stage starts from the previous "
         "stage's weights; every Lt > 0 and max_l rho_l * Lt < 1", minimum=0),
-    opt("steps", "str", "equidistant", "step scheme", ("equidistant", "irregular")),
+    opt("steps", "str", "equidistant", "step scheme (adaptive: rho updated by LeakyResNet.adapt_steps every "
+        "adapt_every Adam steps, frozen during L-BFGS)", ("equidistant", "irregular", "adaptive")),
     opt("lam", "float", 5e-3, "weight decay lam of the loss (lam / (2 Lt)) sum_l rho_l ||W_l||^2", minimum=0),
     opt("adam_steps", "int", 800, "full-batch Adam steps of the first stage (from the default init)", minimum=0),
     opt("adam_lr", "float", 5e-3, "Adam learning rate of the first stage (cosine to 0)", minimum=0),
@@ -48,6 +50,11 @@ LEAKY_OPTIONS = [
     opt("lbfgs_steps", "int", 200, "L-BFGS iterations closing every stage (strong Wolfe, max_eval 1.25x)",
         minimum=0),
     opt("lbfgs_history", "int", 50, "L-BFGS history size", minimum=1),
+    opt("compare_teachers", "str", "",
+        "teachers of the adaptive vs equidistant comparison, '-'-joined widths in a comma list (e.g. "
+        "'30-3-30,30-6-3-30'; empty: no comparison); each trained with both schemes by the same Lt continuation",
+        ),
+    opt("adapt_every", "int", 10, "Adam steps between adaptive step updates", minimum=1),
     opt("gamma0", "float", 1e-3, "relative ridge gamma_0 of the Hamiltonian analysis", minimum=0),
     opt("dtype", "str", "float64", "floating dtype of data and nets", ("float32", "float64")),
     Option("seed", "int", 0, "seed of the teacher data and of the first stage's weights", minimum=0, maximum=SEED_MAX),
@@ -60,8 +67,9 @@ def _lt_name(lt: float) -> str:
     return f"Lt_{lt:g}".replace(".", "p")
 
 
-def _leaky_adam(model, x, y, steps: int, lr: float, trace: dict[str, list]) -> None:
-    """Full-batch Adam on ``model.loss`` with a cosine schedule to 0; appends to ``trace``."""
+def _leaky_adam(model, x, y, steps: int, lr: float, trace: dict[str, list], adapt_every: int = 0) -> None:
+    """Full-batch Adam on ``model.loss`` with a cosine schedule to 0; appends to ``trace``. A model
+    with adaptive steps gets ``model.adapt_steps(x)`` after every ``adapt_every``-th step of the stage."""
     if steps == 0:
         return
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -73,6 +81,8 @@ def _leaky_adam(model, x, y, steps: int, lr: float, trace: dict[str, list]) -> N
         loss.backward()
         opt.step()
         sched.step()
+        if adapt_every and getattr(model, "steps", None) == "adaptive" and (len(trace["iteration"]) + 1) % adapt_every == 0:
+            model.adapt_steps(x)
         trace["iteration"].append(len(trace["iteration"]) + 1)
         trace["loss"].append(loss.item())
         trace["data_loss"].append(data.item())
@@ -114,19 +124,41 @@ def _leaky_final(model, x, y, xt, yt) -> dict[str, float]:
             "test_data_loss": test}
 
 
-def _leaky_stages(runner: Runner, cfg: dict[str, Any], x, y, xt, yt, key: dict[str, Any], device: torch.device):
-    """The continuation in Lt: one step ``train_<Lt name>`` per Lt (result: loss trace and final
-    numbers; checkpoint ``model.pt`` with the weights). Yields (name, lt, model, step result)."""
+def _cap_steps(rho: torch.Tensor, cap: float) -> torch.Tensor:
+    """Steps [L] (positive, sum 1) with every rho_l <= cap: the capped layers are set to ``cap`` and
+    the rest rescaled to keep the sum 1 (repeated until no layer exceeds it; needs L * cap > 1)."""
+    rho = rho.double().clone()
+    fixed = torch.zeros_like(rho, dtype=torch.bool)
+    for _ in range(len(rho)):
+        over = (rho > cap) & ~fixed
+        if not bool(over.any()):
+            break
+        fixed |= over
+        rho[fixed] = cap
+        free = ~fixed
+        rho[free] = rho[free] * (1.0 - cap * int(fixed.sum())) / float(rho[free].sum())
+    return rho
+
+
+def _leaky_stages(runner: Runner, cfg: dict[str, Any], x, y, xt, yt, key: dict[str, Any], device: torch.device,
+                  prefix: str = ""):
+    """The continuation in Lt: one step ``train_<prefix><Lt name>`` per Lt (result: loss trace and
+    final numbers, the steps rho; checkpoint ``model.pt`` with the weights). Yields (name, lt, model,
+    step result, deps). Adaptive steps are capped at rho_l * Lt <= the model's max_step before the
+    next (larger) Lt starts from them."""
     dims = cfg["teacher_dims"]
     spec = {"in_dim": dims[0], "width": cfg["width"], "depth": cfg["depth"], "out_dim": dims[-1],
             "steps": cfg["steps"], "lam": cfg["lam"], "seed": cfg["seed"], "dtype": cfg["dtype"]}
+    adapt_every = cfg.get("adapt_every", 10) if cfg["steps"] == "adaptive" else 0
+    if adapt_every:
+        spec["adapt_every"] = adapt_every
     schedule = {k: cfg[k] for k in ("adam_steps", "adam_lr", "continue_steps", "continue_lr", "lbfgs_steps",
                                     "lbfgs_history")}
     dtype = getattr(torch, cfg["dtype"])
     prev = None
     prev_name = None
     for i, lt in enumerate(cfg["lts"]):
-        name = _lt_name(lt)
+        name = prefix + _lt_name(lt)
         # a stage depends on every earlier stage (it starts from their result)
         # (the first stage does not use the continue_* options)
         sched = schedule if i else {k: v for k, v in schedule.items() if not k.startswith("continue_")}
@@ -144,6 +176,8 @@ def _leaky_stages(runner: Runner, cfg: dict[str, Any], x, y, xt, yt, key: dict[s
                 model = LeakyResNet(dims[0], cfg["width"], cfg["depth"], dims[-1], float(lt), cfg["steps"],
                                     lam=cfg["lam"], seed=cfg["seed"]).to(device=device, dtype=dtype)
             else:
+                if prev.steps == "adaptive" and float(prev.rho.max()) * float(lt) > prev.max_step:
+                    prev.set_rho(_cap_steps(prev.rho.double().cpu(), prev.max_step / float(lt)))
                 model = prev.with_leak(float(lt))
         start, start_name = model, prev_name
 
@@ -151,13 +185,14 @@ def _leaky_stages(runner: Runner, cfg: dict[str, Any], x, y, xt, yt, key: dict[s
             m = start.train()
             trace: dict[str, Any] = {"iteration": [], "loss": [], "data_loss": [], "adam_end": 0}
             if start_name is None:
-                _leaky_adam(m, x, y, cfg["adam_steps"], cfg["adam_lr"], trace)
+                _leaky_adam(m, x, y, cfg["adam_steps"], cfg["adam_lr"], trace, adapt_every)
             else:
-                _leaky_adam(m, x, y, cfg["continue_steps"], cfg["continue_lr"], trace)
+                _leaky_adam(m, x, y, cfg["continue_steps"], cfg["continue_lr"], trace, adapt_every)
             _leaky_lbfgs(m, x, y, cfg["lbfgs_steps"], cfg["lbfgs_history"], trace)
             atomic_save(m.state_dict(), ckpt)
             return {"checkpoint_sha256": file_sha256(ckpt), "leak": float(lt), "init": "default" if start_name is None else f"weights of {start_name}",
-                    "trace": trace, "final": _leaky_final(m, x, y, xt, yt)}
+                    "trace": trace, "final": _leaky_final(m, x, y, xt, yt),
+                    "rho": [float(v) for v in m.rho.double().cpu()]}
 
         out = runner.step(step, fn, deps=deps)
         model.eval()
@@ -184,6 +219,67 @@ def _leaky_analysis(runner: Runner, name: str, model, x, y, gamma0: float, deps:
         return {"result": r.to_dict(), "summary": summary, "centred": centred}
 
     return runner.step(f"{name}_hamiltonian", run, deps={**deps, "gamma0": gamma0})
+
+
+SCHEMES = ("equidistant", "adaptive")
+
+
+def parse_teachers(text: str) -> list[tuple[int, ...]]:
+    """The teachers of ``compare_teachers``: ``"30-3-30,30-6-3-30"`` -> [(30, 3, 30), (30, 6, 3, 30)]
+    (empty text: none); a UsageError for anything else."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            dims = tuple(int(v) for v in item.split("-"))
+        except ValueError:
+            dims = ()
+        if len(dims) < 2 or min(dims) < 1:
+            raise UsageError(f"compare_teachers: expected '-'-joined positive widths (at least two) in a comma list, "
+                             f"e.g. '30-3-30,30-6-3-30', got {text!r}")
+        out.append(dims)
+    return out
+
+
+def end_step_ratio(rho: list[float]) -> float:
+    """Mean step of the first and last quarter of the layers over the mean step of the middle half
+    (1 for equidistant steps; < 1: more layers, i.e. smaller steps, near the ends). NaN for L < 4."""
+    n = len(rho)
+    q = n // 4
+    if q == 0:
+        return math.nan
+    ends = rho[:q] + rho[n - q:]
+    mid = rho[q:n - q]
+    return (sum(ends) / len(ends)) / (sum(mid) / len(mid))
+
+
+def _step_comparison(runner: Runner, cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Both step schemes (equidistant, adaptive) on every teacher of ``compare_teachers``, each by the
+    study's Lt continuation (steps ``train_cmp_<teacher>_<scheme>_<Lt>``); the last stage's steps rho,
+    end_step_ratio and losses per teacher and scheme."""
+    dtype = getattr(torch, cfg["dtype"])
+    out: dict[str, Any] = {"teachers": [], "schemes": list(SCHEMES), "lt": float(cfg["lts"][-1])}
+    for dims in parse_teachers(cfg["compare_teachers"]):
+        tname = "t" + "_".join(str(d) for d in dims)
+        ds = teacher(dims, n=cfg["n"], seed=cfg["seed"], dtype=dtype)
+        key = {"teacher": list(dims), "n": cfg["n"], "seed": cfg["seed"], "dtype": cfg["dtype"]}
+        x, y = (t.to(device) for t in ds.tensors("train"))
+        xt, yt = (t.to(device) for t in ds.tensors("test"))
+        block: dict[str, Any] = {"dims": list(dims)}
+        for scheme in SCHEMES:
+            c = {**cfg, "teacher_dims": list(dims), "steps": scheme}
+            last = None
+            for _name, _lt, _model, res, _deps in _leaky_stages(runner, c, x, y, xt, yt, key, device,
+                                                               prefix=f"cmp_{tname}_{scheme}_"):
+                last = res
+            rho = last["rho"]
+            block[scheme] = {"rho": rho, "layer": list(range(1, len(rho) + 1)),
+                             "position": [float(v) for v in torch.tensor(rho, dtype=torch.float64).cumsum(0)],
+                             "end_step_ratio": end_step_ratio(rho), **last["final"]}
+        out["teachers"].append(tname)
+        out[tname] = block
+    return out
 
 
 def run_leaky(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
@@ -318,6 +414,12 @@ def run_leaky(runner: Runner, cfg: dict[str, Any]) -> StudyOutput:
     figures = [FigureSpec("leaky_kstar", "-(2/Lt) H against Lt and across layers", k_build, k_read),
                FigureSpec("leaky_spectra", "Middle-layer singular values", sv_build, sv_read),
                FigureSpec("training", "Training per Lt stage", tr_build, tr_read)]
+    if parse_teachers(cfg["compare_teachers"]):
+        results["step_comparison"] = _step_comparison(runner, cfg, device)
+        conditions = (f"width {cfg['width']}, L = {cfg['depth']}, lam = {cfg['lam']:g}, n = {cfg['n']}, continuation "
+                      f"Lt = {[f'{v:g}' for v in cfg['lts']]}, adaptive update every {cfg['adapt_every']} Adam steps, "
+                      f"seed {cfg['seed']}")
+        figures.append(leaky_steps_figure(conditions))
     summaries = {n: {"hamiltonian": runs[n]["hamiltonian"]["summary"], "train": runs[n]["train"]["final"]}
                  for n in names}
     return StudyOutput(results, figures, summaries,
@@ -350,6 +452,16 @@ def validate_leaky(cfg: dict[str, Any]) -> None:
     if bad:
         raise UsageError(f"lts: expected every Lt > 0 with Lt * max_l rho_l < 1 (rho_max = {rho_max:.4g} for "
                          f"depth {cfg['depth']}), got {bad}")
+    if cfg["steps"] == "adaptive" or parse_teachers(cfg.get("compare_teachers", "")):
+        # adaptive steps start equidistant and must be able to keep rho_l * Lt <= 0.95 (LeakyResNet's max_step)
+        bad = [lt for lt in cfg["lts"] if lt > 0.95 * cfg["depth"]]
+        if bad:
+            raise UsageError(f"lts: expected every Lt <= 0.95 * depth = {0.95 * cfg['depth']:g} for adaptive steps, "
+                             f"got {bad}")
+    for dims_ in parse_teachers(cfg.get("compare_teachers", "")):
+        if max(dims_[0], dims_[-1]) > cfg["width"]:
+            raise UsageError(f"width: expected >= the input and output widths of every compared teacher "
+                             f"{list(dims_)}, got {cfg['width']}")
     if len(set(cfg["lts"])) != len(cfg["lts"]):
         raise UsageError(f"lts: expected distinct values, got {cfg['lts']}")
 
