@@ -64,6 +64,8 @@ from torch import Tensor, nn
 from resgeom_fast.core.checks import check_module, check_type
 from resgeom_fast import linalg, operators
 from resgeom_fast._progress import progress as progress_bar
+# the memory plans (a private linalg module until linalg/__init__ exports them)
+from resgeom_fast.linalg._memory import check_memory_limit, fmt_bytes, plan_eigsh, plan_slq
 from resgeom_fast.analysis._common import Result, check_choice, check_float, check_int
 from resgeom_fast.analysis.plotting import (
     as_result_dict, band, figure_axes, get_path, join, lines, scatter_column, vlines,
@@ -399,7 +401,8 @@ def _shrink(bar: Any, by: int) -> None:
 
 def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, steps: int, trace_probes: int,
               trace_method: str, eps: float, abs_eps: float, max_bracket: float, sigma0: float,
-              grid_points: int, seed: int, eig_steps: Optional[int], reorth: str, bar: Any) -> Spectrum:
+              grid_points: int, seed: int, eig_steps: Optional[int], reorth: str, bar: Any,
+              memory_limit: Optional[int] = None) -> Spectrum:
     n = op.shape[0]
     kk = min(k, n)
     notes = []
@@ -412,7 +415,7 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
     bar.set_postfix_str(f"{name}: extreme eigenvalues")
     before = cop.products
     eg = linalg.eigsh(cop, k=kk, which="both", seed=seed,
-                      max_steps=None if eig_steps is None else max(eig_steps, kk + 1))
+                      max_steps=None if eig_steps is None else max(eig_steps, kk + 1), memory_limit=memory_limit)
     _shrink(bar, _eig_budget(n, kk, eig_steps) + kk - (cop.products - before))
     evals = eg.eigenvalues.detach().double().cpu()
     order = torch.argsort(evals)
@@ -422,7 +425,12 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
     tr = linalg.trace(cop, probes=trace_probes, method=trace_method, seed=seed)
     bar.set_postfix_str(f"{name}: SLQ density")
     slq = linalg.slq_density(cop, probes=probes, steps=min(steps, n), grid_size=grid_points, sigma0=sigma0,
-                             num_moments=4, seed=seed, reorth=reorth)
+                             num_moments=4, seed=seed, reorth=reorth, memory_limit=memory_limit)
+    mem = slq.memory
+    if mem is not None and (mem.groups > 1 or mem.accuracy_note):
+        notes.append(f"memory: SLQ ran with {mem.choice} ({fmt_bytes(mem.bytes_needed)} planned against "
+                     f"{fmt_bytes(mem.bytes_available or 0)}, {mem.source})"
+                     + (f"; {mem.accuracy_note}" if mem.accuracy_note else ""))
     nodes, weights = slq.nodes.detach().double().cpu(), slq.weights.detach().double().cpu()
     lam_max = float(evals[-1])
     if not lam_max > 0:
@@ -478,6 +486,7 @@ def hessian_spectrum(
     progress: bool = False,
     eig_steps: Optional[int] = None,
     reorth: str = "full",
+    memory_limit: Optional[int] = None,
 ) -> SpectrumResult:
     """Extreme eigenvalues, trace, SLQ density and degeneracy of the Hessian of a mean loss.
 
@@ -515,7 +524,16 @@ def hessian_spectrum(
             eigenvalues (default: eigsh's, min(P, 300)); ``converged`` tells whether they sufficed.
         reorth: "full" (docs/science.md section 2) or "local" SLQ reorthogonalisation
             (:func:`resgeom_fast.linalg.slq_density`; "local" stores no basis; its ghost nodes
-            make the quadrature brackets approximate).
+            make the quadrature brackets approximate), or "auto": "full" when one probe's basis
+            fits in memory, else "local" (stated in ``notes``).
+        memory_limit: bytes the Lanczos runs may allocate (default: the free memory of the
+            model's device). Both Lanczos bases (eigsh's, up to 300 vectors of length P, and SLQ's,
+            probes x steps vectors) are planned before any product is applied: SLQ runs its probes
+            in sequential groups when all of them do not fit (the same quadrature; ``notes`` says
+            so); when nothing fits, :class:`~resgeom_fast.linalg._memory.InsufficientMemoryError`
+            names the bytes needed and available and the settings that would fit (fewer steps or
+            probes, ``params=``, ``reorth``, ``memory_limit``). The trace's sketch (Hutch++,
+            ``trace_probes`` vectors) and the model's own activations are not planned.
 
     Returns:
         a :class:`SpectrumResult` (tensors float64 on the CPU); shapes in :class:`Spectrum`.
@@ -543,7 +561,8 @@ def hessian_spectrum(
     check_choice(_WHERE, "trace_method", trace_method, ("hutch++", "hutchinson"))
     check_choice(_WHERE, "batchnorm", batchnorm, ("eval", "train"))
     check_choice(_WHERE, "operator", operator, ("hessian", "ggn"))
-    check_choice(_WHERE, "reorth", reorth, ("full", "local"))
+    check_choice(_WHERE, "reorth", reorth, ("full", "local", "auto"))
+    memory_limit = check_memory_limit(_WHERE, memory_limit)
     check_type(_WHERE, "hvp", hvp, str, "a str")
     if eig_steps is not None:
         check_int(_WHERE, "eig_steps", eig_steps, 2)
@@ -578,11 +597,17 @@ def hessian_spectrum(
             raise type(exc)(f"{_WHERE}: {exc}") from exc
         blocks_ops = [(b.name, o) for b, o in zip(infos, ops)]
 
+    for _, o in [("all", op)] + blocks_ops:   # plan the Lanczos memory before any product is applied
+        kk = min(k, o.shape[0])
+        plan_eigsh(o.shape[0], o.batch_size, _eig_budget(o.shape[0], kk, eig_steps), kk, o.dtype, o.device,
+                   memory_limit, _WHERE)
+        plan_slq(o.shape[0], o.batch_size, probes, min(steps, o.shape[0]), o.dtype, o.device, reorth,
+                 memory_limit, _WHERE)
     total = sum(_budget(o.shape[0], k, probes, steps, trace_probes, eig_steps)
                 for o in [op] + [o for _, o in blocks_ops])
     kw = dict(k=k, probes=probes, steps=steps, trace_probes=trace_probes, trace_method=trace_method, eps=eps,
               abs_eps=abs_eps, max_bracket=max_bracket, sigma0=sigma0, grid_points=grid_points, seed=seed,
-              eig_steps=eig_steps, reorth=reorth)
+              eig_steps=eig_steps, reorth=reorth, memory_limit=memory_limit)
     with progress_bar(total, _WHERE, enabled=progress, unit="products") as bar:
         cop = _Counted(op, bar)
         counted = [_Counted(bop, bar) for _, bop in blocks_ops]

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from resgeom_fast.linalg._memory import RITZ_CHUNK_BYTES, MemoryPlan, check_memory_limit, plan_eigsh
 from resgeom_fast.linalg._util import apply_block, check_choice, check_int, gaussian, generator
 from resgeom_fast.linalg.lanczos import Lanczos
 from resgeom_fast.linalg.operator import aslinearoperator
@@ -25,6 +26,8 @@ class EigshResult:
         residuals: [*batch, k] true residual norms ||A x - theta x|| (one extra matmat).
         converged: [*batch] bool, every wanted Ritz estimate below tol * ||A||.
         steps: Lanczos steps taken (shared by all problems).
+        memory: the memory plan checked before the basis was allocated
+            (:class:`~resgeom_fast.linalg._memory.MemoryPlan`).
     """
 
     eigenvalues: Tensor
@@ -32,6 +35,7 @@ class EigshResult:
     residuals: Tensor
     converged: Tensor
     steps: int
+    memory: Optional[MemoryPlan] = None
 
     def to_dict(self) -> dict:
         return {
@@ -39,6 +43,7 @@ class EigshResult:
             "residuals": self.residuals.tolist(),
             "converged": self.converged.tolist(),
             "steps": self.steps,
+            "memory": None if self.memory is None else self.memory.to_dict(),
         }
 
 
@@ -53,6 +58,21 @@ def _wanted(s: int, k: int, which: str) -> Tensor:
     return torch.cat([torch.arange(0, lo, device=cpu), torch.arange(s - hi, s, device=cpu)])
 
 
+def _ritz_vectors(V: Tensor, s: int, S: Tensor, dtype: torch.dtype) -> Tensor:
+    """``X[p] = V[p, :s]^T S[p]`` ([P, n, k] in ``dtype``) for the basis ``V [P, slots, n]`` and
+    ``S [P, s, k]`` float64, accumulated in float64 over chunks of columns of n, each chunk's
+    float64 copy at most :data:`RITZ_CHUNK_BYTES` (a float64 copy of the whole basis would
+    be twice the float32 basis: 79 GiB for resnet50)."""
+    P, _, n = V.shape
+    k = S.shape[-1]
+    X = torch.empty(P, n, k, dtype=dtype, device=V.device)
+    width = max(1, RITZ_CHUNK_BYTES // max(1, P * s * 8))
+    for c in range(0, n, width):
+        part = V[:, :s, c : c + width].double()
+        X[:, c : c + width] = torch.einsum("psn,psk->pnk", part, S).to(dtype)
+    return X
+
+
 def eigsh(
     op,
     k: int = 6,
@@ -61,6 +81,7 @@ def eigsh(
     max_steps: Optional[int] = None,
     seed: Optional[int] = 0,
     check_every: int = 10,
+    memory_limit: Optional[int] = None,
 ) -> EigshResult:
     """k extreme eigenpairs of a symmetric operator, per problem of a batched operator.
 
@@ -80,6 +101,12 @@ def eigsh(
             generator seeded from this seed: reproducible per device, see
             :func:`resgeom_fast.linalg._util.generator`).
         check_every: steps between convergence checks.
+        memory_limit: bytes the run may allocate (default: the free memory of the operator's
+            device, see :mod:`resgeom_fast.linalg._memory`). The basis of ``max_steps`` vectors
+            per problem is planned before it is allocated; when it does not fit,
+            :class:`~resgeom_fast.linalg._memory.InsufficientMemoryError` names the bytes needed,
+            the bytes available and the settings that would fit. The Ritz vectors are built in
+            float64 chunks over n (no float64 copy of the basis).
 
     Host syncs: the Lanczos steps between two checks run without one (see
     :class:`~resgeom_fast.linalg.lanczos.Lanczos`); each check copies T (2 s numbers per problem)
@@ -106,6 +133,8 @@ def eigsh(
         max_steps = min(n, max(300, 20 * k))
     check_int(where, "max_steps", max_steps, k)
     check_int(where, "check_every", check_every, 1)
+    memory_limit = check_memory_limit(where, memory_limit)
+    plan = plan_eigsh(n, op.batch_size, max_steps, k, op.dtype, op.device, memory_limit, where)
 
     gen = generator(seed, op)
     b = op.batch_size
@@ -130,8 +159,7 @@ def eigsh(
     evals = theta[:, idx].to(op.device)
     conv = conv.to(op.device)
     Sw = S[:, :, idx].to(op.device)
-    X = torch.einsum("psn,psk->pnk", lz.V[:, :s].double(), Sw).to(op.dtype)
-    X = X.reshape(*op.batch_shape, n, k)
+    X = _ritz_vectors(lz.V, s, Sw, op.dtype).reshape(*op.batch_shape, n, k)
     AX = apply_block(op, X, where, "when computing residuals")
     lam = evals.reshape(*op.batch_shape, 1, k)
     resid = torch.linalg.vector_norm((AX.double() - X.double() * lam), dim=-2)
@@ -143,4 +171,5 @@ def eigsh(
         residuals=resid.to(op.dtype),
         converged=conv.reshape(op.batch_shape),
         steps=s,
+        memory=plan,
     )

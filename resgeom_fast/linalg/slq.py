@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from resgeom_fast import ops
+from resgeom_fast.linalg._memory import MemoryPlan, check_memory_limit, plan_slq
 from resgeom_fast.linalg._util import check_choice, check_int, generator, rademacher
 from resgeom_fast.linalg.lanczos import REORTH, Lanczos
 from resgeom_fast.linalg.operator import NonFiniteError, aslinearoperator
@@ -34,6 +35,9 @@ class SLQResult:
         exhausted: [*batch, probes] bool, the probe's Krylov space was exhausted (a breakdown,
             or m = n): its quadrature *is* its spectral measure (up to rounding), not only a
             Gauss rule of it (what :func:`interval_mass` uses to close its brackets).
+        memory: the memory plan checked before any basis was allocated: the probes' grouping,
+            the reorthogonalisation run and, where it changes the accuracy, why
+            (:class:`~resgeom_fast.linalg._memory.MemoryPlan`).
     """
 
     nodes: Tensor
@@ -49,6 +53,7 @@ class SLQResult:
     alpha: Optional[Tensor] = None
     beta: Optional[Tensor] = None
     exhausted: Optional[Tensor] = None
+    memory: Optional[MemoryPlan] = None
 
     def quadrature(self, steps: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
         """The Gauss rule of the first ``steps`` Lanczos steps of every probe (what a run with
@@ -92,6 +97,7 @@ class SLQResult:
             "dim": self.dim,
             "steps": self.steps,
             "exhausted": None if self.exhausted is None else self.exhausted.tolist(),
+            "memory": None if self.memory is None else self.memory.to_dict(),
         }
 
 
@@ -106,6 +112,7 @@ def slq_density(
     num_moments: int = 4,
     seed: Optional[int] = 0,
     reorth: str = "full",
+    memory_limit: Optional[int] = None,
 ) -> SLQResult:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -123,7 +130,16 @@ def slq_density(
     runs the plain three-term recurrence (see :class:`~resgeom_fast.linalg.lanczos.Lanczos`):
     O(n) memory per probe and no basis traffic, at the price of spurious copies of converged
     nodes (their weights split, the quadrature stays consistent). Use it when the basis does not
-    fit in memory or its traffic dominates (cheap operators, huge n).
+    fit in memory or its traffic dominates (cheap operators, huge n). ``reorth="auto"``: "full"
+    when one probe's basis fits in memory, else "local" (stated in ``memory.accuracy_note``).
+
+    Memory (``memory_limit``: bytes the run may use; default the free memory of the operator's
+    device, :mod:`resgeom_fast.linalg._memory`): planned before any basis is allocated. When the
+    basis of all probes does not fit, the probes run in sequential groups, each with its own basis
+    (the same quadrature: the probes are independent; only the rounding of the batched products
+    differs); when nothing fits, :class:`~resgeom_fast.linalg._memory.InsufficientMemoryError`
+    names the bytes needed and available and the settings that would fit. ``memory`` records
+    the plan.
 
     The Rademacher probes are drawn on the operator's device (on CUDA from a device generator
     seeded from ``seed``: reproducible per device). Host syncs: one per 10 Lanczos steps (see
@@ -143,10 +159,26 @@ def slq_density(
     gen = generator(seed, op)
     b = op.batch_size
     v0 = rademacher((b * probes, n), gen, op.dtype, op.device)
-    check_choice(where, "reorth", reorth, REORTH)
-    lz = Lanczos(op, v0, probes, steps, where, gen, reorth=reorth)
-    m = lz.advance(steps)
-    d, e = lz.tridiagonal()
+    check_choice(where, "reorth", reorth, REORTH + ("auto",))
+    memory_limit = check_memory_limit(where, memory_limit)
+    plan = plan_slq(n, b, probes, steps, op.dtype, op.device, reorth, memory_limit, where)
+    if plan.groups == 1:
+        lz = Lanczos(op, v0, probes, steps, where, gen, reorth=plan.reorth)
+        m = lz.advance(steps)
+        d, e = lz.tridiagonal()
+    else:   # sequential groups of probes, each with its own basis (freed before the next)
+        v0 = v0.reshape(b, probes, n)
+        ds, es = [], []
+        for g0 in range(0, probes, plan.group):
+            g = min(plan.group, probes - g0)
+            lz = Lanczos(op, v0[:, g0 : g0 + g].reshape(b * g, n), g, steps, where, gen, reorth=plan.reorth)
+            m = lz.advance(steps)
+            dg, eg = lz.tridiagonal()
+            ds.append(dg.reshape(b, g, m))
+            es.append(eg.reshape(b, g, max(m - 1, 0)))
+            del lz
+        d = torch.cat(ds, 1).reshape(b * probes, m)
+        e = torch.cat(es, 1).reshape(b * probes, max(m - 1, 0))
     nodes, weights = ops.tridiag_eigh(d, e)  # [P, m] float64
     # exhausted Krylov space: a breakdown (Lanczos sets the coupling to exactly 0) or m = n
     exhausted = (e == 0).any(-1) if m > 1 else torch.zeros(d.shape[0], dtype=torch.bool, device=d.device)
@@ -185,6 +217,7 @@ def slq_density(
         alpha=d.reshape(*op.batch_shape, probes, m),
         beta=e.reshape(*op.batch_shape, probes, max(m - 1, 0)),
         exhausted=exhausted.reshape(*op.batch_shape, probes),
+        memory=plan,
     )
 
 

@@ -1,0 +1,248 @@
+"""Memory plans of the Lanczos algorithms: the bytes a run will allocate, checked before it does.
+
+A Lanczos basis with full reorthogonalisation holds ``steps`` vectors of length n per problem:
+for a resnet18 Hessian (n = 11.7M parameters) SLQ's defaults (10 probes x 100 steps, float32)
+need 47 GB and eigsh's 300 steps 14 GB. :func:`plan_eigsh` and :func:`plan_slq` count the bytes
+of the algorithm's own buffers (the basis, the working vectors, the start vectors, the float64
+chunks of the Ritz vectors, the returned vectors) from the dimension, steps, probes, dtype and
+reorthogonalisation mode, compare them with the memory available on the operator's device, and
+choose among the options the code has:
+
+- eigsh: the full basis of ``max_steps`` vectors (no other option: its Ritz vectors need it);
+- SLQ, ``reorth="full"``: all probes advancing together, or the probes in sequential groups of
+  ``g`` (each group keeps only its own basis; the probes are independent, so the quadrature is
+  the same: only the rounding of the batched products differs -- no accuracy change);
+- SLQ, ``reorth="auto"``: "full" as above when one probe's basis fits, else ``"local"`` (the
+  three-term recurrence, two vectors per probe): its ghost nodes make the quadrature brackets
+  approximate -- an accuracy change, stated in the plan's ``accuracy_note``.
+
+When nothing fits the plan raises :class:`InsufficientMemoryError` naming the bytes needed, the
+bytes available and the settings that would fit. What is available: ``memory_limit`` when given
+(bytes, exact), else on CUDA ``torch.cuda.mem_get_info`` (free bytes) and on the CPU
+``MemAvailable`` of /proc/meminfo (``os.sysconf`` otherwise), lowered to the cgroup's
+``memory.max - memory.current`` where one is set; of a detected amount only ``_USABLE`` (90 %) is
+planned for, since the operator (a model's activations and gradients) needs memory of its own
+that the plan cannot count.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+#: the share of a detected (not user-given) amount of free memory a plan may use
+_USABLE = 0.9
+#: bytes of one float64 chunk of the Ritz vectors (eigsh builds them chunk by chunk over n)
+RITZ_CHUNK_BYTES = 32 * 2**20
+
+
+class InsufficientMemoryError(MemoryError):
+    """A memory plan found no option that fits (the message names the numbers and the options)."""
+
+
+@dataclass
+class MemoryPlan:
+    """What a Lanczos run allocates and what was chosen to fit.
+
+    Attributes:
+        where: the algorithm ("eigsh", "slq_density").
+        choice: the option run, in words (e.g. "full reorthogonalisation, probes in 4 groups of 3").
+        reorth: "full" or "local", the reorthogonalisation run.
+        group: probes per problem advancing together (SLQ; eigsh: 1).
+        groups: sequential groups of probes (1 = all at once).
+        basis_bytes: bytes of the Lanczos basis allocated at once (``[b * group, slots, n]``).
+        bytes_needed: peak bytes of the algorithm's own buffers under this choice.
+        bytes_available: the bytes planned against (``memory_limit``, or the usable share of the
+            detected free memory); None when unknown (nothing is then refused).
+        source: where ``bytes_available`` came from.
+        accuracy_note: None when the choice computes what the requested settings compute; else
+            how its accuracy differs (e.g. "local" reorthogonalisation's ghost nodes).
+    """
+
+    where: str
+    choice: str
+    reorth: str
+    group: int
+    groups: int
+    basis_bytes: int
+    bytes_needed: int
+    bytes_available: Optional[int]
+    source: str
+    accuracy_note: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fmt_bytes(n: float) -> str:
+    """``n`` bytes in the largest binary unit under 1024 (e.g. "43.6 GiB")."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _cgroup_free() -> Optional[int]:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            raw = f.read().strip()
+        if raw == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            return max(0, int(raw) - int(f.read().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def available_bytes(device, memory_limit: Optional[int] = None) -> tuple[Optional[int], str]:
+    """``(bytes a plan may use, where the number came from)`` on ``device`` (see module doc)."""
+    if memory_limit is not None:
+        return int(memory_limit), "memory_limit"
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * _USABLE), f"{_USABLE:.0%} of torch.cuda.mem_get_info free bytes"
+    if device.type != "cpu":
+        return None, f"unknown for device {device.type!r} (not checked)"
+    free, source = None, ""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free, source = int(line.split()[1]) * 1024, "/proc/meminfo MemAvailable"
+                    break
+    except OSError:
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            source = "os.sysconf available pages"
+        except (ValueError, OSError, AttributeError):
+            return None, "unknown (no /proc/meminfo nor os.sysconf; not checked)"
+    cg = _cgroup_free()
+    if cg is not None and cg < free:
+        free, source = cg, "cgroup memory.max - memory.current"
+    return int(free * _USABLE), f"{_USABLE:.0%} of {source}"
+
+
+def check_memory_limit(where: str, memory_limit) -> Optional[int]:
+    """``memory_limit`` validated: None or a positive int (bytes)."""
+    if memory_limit is None:
+        return None
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0:
+        raise ValueError(f"{where}: expected memory_limit a positive int (bytes) or None, got {memory_limit!r}")
+    return memory_limit
+
+
+def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str) -> tuple[int, int]:
+    """``(basis bytes, total bytes)`` of one :class:`~resgeom_fast.linalg.lanczos.Lanczos` run on
+    ``problems`` vectors: the basis ``[problems, slots, n]`` (slots = steps for "full", 2 for
+    "local"), the saved product ``[problems, n]`` ("local": also a copy of the two rows), and
+    three working vectors per problem (the operator's output, the reorthogonalised vector and the
+    operator's input copy); T's float64 scalars (``2 * problems * steps``)."""
+    steps = min(steps, n)
+    slots = steps if reorth == "full" else min(2, steps)
+    basis = problems * slots * n * itemsize
+    saved = problems * n * itemsize * (1 if reorth == "full" else 1 + slots)
+    work = 3 * problems * n * itemsize
+    return basis, basis + saved + work + 2 * problems * steps * 8
+
+
+def _refuse(where: str, what: str, needed: int, avail: int, source: str, options: list[str]) -> None:
+    raise InsufficientMemoryError(
+        f"{where}: {what} needs {needed} bytes ({fmt_bytes(needed)}), but {avail} bytes "
+        f"({fmt_bytes(avail)}) are available ({source}); options that would fit: " + "; ".join(options))
+
+
+def plan_eigsh(n: int, batch: int, max_steps: int, k: int, dtype: torch.dtype, device,
+               memory_limit: Optional[int] = None, where: str = "eigsh") -> MemoryPlan:
+    """The memory plan of :func:`~resgeom_fast.linalg.eigsh` (full basis of ``max_steps``
+    vectors per problem, the Ritz vectors built in float64 chunks of :data:`RITZ_CHUNK_BYTES`,
+    the returned vectors and their residual products ``[b, n, k]``); raises
+    :class:`InsufficientMemoryError` when it does not fit."""
+    item = torch.empty((), dtype=dtype).element_size()
+    steps = min(max_steps, n)
+    basis, total = lanczos_bytes(n, batch, steps, item, "full")
+    start = batch * n * item                                    # the start vector v0
+    ritz = batch * n * k * (2 * item + 3 * 8)                   # X, A X and the float64 residual temps
+    chunk = min(RITZ_CHUNK_BYTES, batch * steps * n * 8)
+    needed = total + start + ritz + chunk
+    avail, source = available_bytes(device, memory_limit)
+    plan = MemoryPlan(where=where, choice=f"full reorthogonalisation, basis of {steps} vectors", reorth="full",
+                      group=1, groups=1, basis_bytes=basis, bytes_needed=needed, bytes_available=avail,
+                      source=source)
+    if avail is not None and needed > avail:
+        per_step = batch * n * item
+        fixed = needed - basis
+        fit = (avail - fixed) // per_step if avail > fixed else 0
+        options = []
+        if fit > k:
+            options.append(f"max_steps <= {fit} (fewer steps: the wanted pairs may not converge; check `converged`)")
+        options.append(f"memory_limit >= {needed} if that much memory is in fact free")
+        options.append("fewer parameters (params=) or a smaller batch of problems")
+        _refuse(where, f"the Lanczos basis of {steps} steps x {batch} problem(s) x n = {n} ({dtype})",
+                needed, avail, source, options)
+    return plan
+
+
+def plan_slq(n: int, batch: int, probes: int, steps: int, dtype: torch.dtype, device, reorth: str,
+             memory_limit: Optional[int] = None, where: str = "slq_density") -> MemoryPlan:
+    """The memory plan of :func:`~resgeom_fast.linalg.slq_density`: the largest group of probes
+    whose basis fits (all of them when possible), "local" for ``reorth="auto"`` when one probe's
+    full basis does not fit; raises :class:`InsufficientMemoryError` when nothing fits."""
+    item = torch.empty((), dtype=dtype).element_size()
+    m = min(steps, n)
+    start = batch * probes * n * item                           # all probes' start vectors, drawn at once
+    avail, source = available_bytes(device, memory_limit)
+
+    def full_plan(g: int) -> MemoryPlan:
+        basis, total = lanczos_bytes(n, batch * g, m, item, "full")
+        groups = -(-probes // g)
+        choice = ("full reorthogonalisation, all probes together" if groups == 1 else
+                  f"full reorthogonalisation, probes in {groups} sequential groups of <= {g} (same quadrature)")
+        return MemoryPlan(where=where, choice=choice, reorth="full", group=g, groups=groups, basis_bytes=basis,
+                          bytes_needed=total + start, bytes_available=avail, source=source)
+
+    def local_plan(note: Optional[str]) -> MemoryPlan:
+        basis, total = lanczos_bytes(n, batch * probes, m, item, "local")
+        return MemoryPlan(where=where, choice="local (three-term) reorthogonalisation, all probes together",
+                          reorth="local", group=probes, groups=1, basis_bytes=basis, bytes_needed=total + start,
+                          bytes_available=avail, source=source, accuracy_note=note)
+
+    if reorth == "local":
+        plan = local_plan(None)
+        if avail is not None and plan.bytes_needed > avail:
+            _refuse(where, f"local Lanczos on {batch * probes} probe vector(s) of n = {n} ({dtype})",
+                    plan.bytes_needed, avail, source,
+                    [f"memory_limit >= {plan.bytes_needed} if that much memory is in fact free",
+                     "fewer probes", "fewer parameters (params=)"])
+        return plan
+    if avail is None:
+        return full_plan(probes)
+    for g in range(probes, 0, -1):
+        if full_plan(g).bytes_needed <= avail:
+            # the fewest groups for this size, then the smallest even group for it (same passes)
+            groups = -(-probes // g)
+            return full_plan(-(-probes // groups))
+    one = full_plan(1)
+    if reorth == "auto":
+        loc = local_plan("reorth='auto' chose 'local' (the three-term recurrence): one probe's full basis "
+                         f"needs {fmt_bytes(one.bytes_needed)} of {fmt_bytes(avail)} available; its ghost copies "
+                         "of converged nodes make the quadrature brackets approximate")
+        if loc.bytes_needed <= avail:
+            return loc
+    per_step = batch * n * item
+    fixed = one.bytes_needed - one.basis_bytes
+    fit = (avail - fixed) // per_step if avail > fixed else 0
+    options = []
+    if fit >= 1:
+        options.append(f"steps <= {fit} (one probe at a time)")
+    options.append("reorth='local' (two vectors per probe; approximate brackets)")
+    options.append(f"memory_limit >= {one.bytes_needed} if that much memory is in fact free")
+    options.append("fewer parameters (params=)")
+    _refuse(where, f"the Lanczos basis of {m} steps for one probe ({batch} problem(s), n = {n}, {dtype})",
+            one.bytes_needed, avail, source, options)
+    raise AssertionError("unreachable")
