@@ -97,7 +97,9 @@ from resgeom_fast.analysis._common import (
 from resgeom_fast.analysis.plotting import (
     as_result_dict, errorbars, figure_axes, get_path, heatmaps, join, lines, pca_trajectories, pyplot, spectra_per_block,
 )
-from resgeom_fast.linalg import randomized_svd
+from resgeom_fast.core import distributed as rdist
+from resgeom_fast.analysis._distributed import check_mode, gather_objects, portable, raise_first, sync_failure
+from resgeom_fast.linalg import LinearOperator, randomized_svd
 from resgeom_fast.linalg.svd import DEFAULT_MAX_ITERS, DEFAULT_TOL
 from resgeom_fast.operators import ResidualJacobian, residual_blocks, residual_jacobians
 
@@ -585,6 +587,132 @@ def _last_outputs(model: nn.Module, x: Tensor, blocks: list[BlockInfo]) -> list[
     return list(cap.values)
 
 
+class _GatheredJacobian(LinearOperator):
+    """The residual Jacobians of one block at ALL samples of a sample-parallel run (batch_shape
+    [N], N the global count), this rank computing the rows of its own samples.
+
+    A product ``X [N, D_in, k]`` applies the local :class:`ResidualJacobian` to this rank's rows
+    ``[offset, offset + n)`` and writes zeros elsewhere; ONE all_reduce (which also carries a
+    failure flag) then sums the ranks' blocks: every row is one rank's product plus zeros (exact),
+    so every rank holds the whole product, bitwise the same on every rank, and an algorithm run
+    replicated on it (the randomized SVD, the cross products) gives the same result everywhere.
+
+    Attributes (as a ResidualJacobian's): info, h (the gathered block inputs [N, *in_shape]),
+    in_shape, out_shape, path; local (this rank's operator; None on a rank without samples).
+    """
+
+    def __init__(self, local: Optional[ResidualJacobian], template: ResidualJacobian, h: Tensor, offset: int,
+                 n: int) -> None:
+        super().__init__(template.shape, h.dtype, h.device, (h.shape[0],), symmetric=False)
+        self.local, self.info, self.h = local, template.info, h
+        self.in_shape, self.out_shape, self.path = template.in_shape, template.out_shape, template.path
+        self.offset, self.n = offset, n
+
+    def _apply(self, X: Tensor, transpose: bool) -> Tensor:
+        d_out = self.shape[1] if transpose else self.shape[0]
+        Y = X.new_zeros((X.shape[0], d_out, X.shape[-1]))
+        exc: Optional[BaseException] = None
+        if self.local is not None and self.n:
+            try:
+                part = X[self.offset:self.offset + self.n]
+                Y[self.offset:self.offset + self.n] = (self.local.rmatmat(part) if transpose
+                                                       else self.local.matmat(part))
+            except Exception as e:  # shared below: every rank raises it
+                exc = e
+        flag = torch.tensor([float(exc is not None)], dtype=Y.dtype, device=Y.device)
+        flag, Y = rdist.all_reduce_sum([flag, Y], dtype=None, fn="residual_alignment")
+        sync_failure("residual_alignment", bool(flag[0] > 0), exc)
+        return Y
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self._apply(X, transpose=False)
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        return self._apply(U, transpose=True)
+
+
+def _local_rows(where: str, mode: str, x: Tensor, y: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """This rank's samples: a contiguous block of ``x`` (``"split"``, :func:`shard_sizes`) or ``x``."""
+    if mode != "split":
+        return x, y
+    sizes = rdist.shard_sizes(int(x.shape[0]), rdist.world_size())
+    a = sum(sizes[:rdist.rank()])
+    b = a + sizes[rdist.rank()]
+    return x[a:b], (y[a:b] if y is not None else None)
+
+
+def _sample_parallel(where: str, model: nn.Module, x: Tensor, y: Optional[Tensor], blocks: Optional[Sequence[Any]],
+                     jac_kwargs: dict[str, Any]) -> tuple[list[ResidualJacobian], Any, Optional[Tensor], int]:
+    """Sample-parallel residual Jacobians (docs/distributed.md): this rank's operators on its own
+    samples, the global sample count and offsets, the gathered block inputs and labels.
+
+    Returns ``(ops, last_fn, labels, N)``: ``ops`` of :class:`_GatheredJacobian` (batch [N]),
+    ``last_fn(infos)`` the gathered block outputs [N, ...] of the given blocks (a collective),
+    ``labels`` the gathered int64 CPU labels (None when not given) and N. A collective."""
+    exc: Optional[BaseException] = None
+    n_loc, probe = int(x.shape[0]), None
+    if n_loc:
+        probe = x[:1].detach().cpu()
+    infos = gather_objects(where, (None, n_loc, probe, y is not None))
+    counts = [i[1] for i in infos]
+    N = sum(counts)
+    if N == 0:
+        raise ValueError(f"{where}: expected x with at least one sample on some rank, got none on any of the "
+                         f"{len(counts)} ranks")
+    if len({i[3] for i in infos}) > 1:
+        raise ValueError(f"{where}: expected y given on every rank or on none, got it on ranks "
+                         f"{[r for r, i in enumerate(infos) if i[3]]} only")
+    offset = sum(counts[:rdist.rank()])
+    first = next(i[2] for i in infos if i[2] is not None).to(x.device)
+    template_x = x if n_loc else first
+    local: Optional[list[ResidualJacobian]] = None
+    templates: list[ResidualJacobian] = []
+    try:
+        templates = residual_jacobians(model, template_x, blocks, **jac_kwargs)
+        local = templates if n_loc else None
+    except Exception as e:  # shared below: every rank raises it
+        exc = e
+    gathered = gather_objects(where, portable(exc))
+    raise_first(where, gathered, exc)
+    parts: list[Tensor] = []
+    for J in templates:
+        H = J.h.new_zeros((N, *J.in_shape))
+        if local is not None:
+            H[offset:offset + n_loc] = J.h
+        parts.append(H)
+    lab = None
+    if infos[0][3]:
+        lab = torch.zeros(N, dtype=torch.int64)
+        if n_loc:
+            lab[offset:offset + n_loc] = y.detach().to("cpu", torch.int64)
+        parts.append(lab)
+    summed = rdist.all_reduce_sum(parts, fn=where)
+    labels = summed[-1] if lab is not None else None
+    ops = [_GatheredJacobian(J if local is not None else None, J, H, offset, n_loc)
+           for J, H in zip(templates, summed)]
+
+    def last_fn(block_infos: list[BlockInfo]) -> list[Tensor]:
+        err: Optional[BaseException] = None
+        outs: list[Tensor] = []
+        if n_loc:
+            try:
+                outs = _last_outputs(model, x, block_infos)
+            except Exception as e:  # shared below: every rank raises it
+                err = e
+        out_shape = {id(J.info): J.out_shape for J in ops}
+        shapes = [(N, *out_shape[id(b)]) for b in block_infos]
+        full = [x.new_zeros(s) for s in shapes]
+        if n_loc and err is None:
+            for F, o in zip(full, outs):
+                F[offset:offset + n_loc] = o
+        flag = torch.tensor([float(err is not None)], dtype=torch.float64)
+        red = rdist.all_reduce_sum([flag] + full, fn=where)
+        sync_failure(where, bool(red[0][0] > 0), err)
+        return red[1:]
+
+    return ops, last_fn, labels, N
+
+
 def _default_pairs(L: int) -> list[tuple[int, int]]:
     cand = [(0, 1), (0, L - 1), (L // 2, L // 2 + 1), (L - 1, 0), (L - 1, L - 2), (0, 0)]
     out: list[tuple[int, int]] = []
@@ -734,6 +862,7 @@ def residual_alignment(
     seed: int = 0,
     deterministic: bool = False,
     progress: bool = False,
+    distributed: Optional[str] = None,
 ) -> AlignmentResult:
     """Residual Alignment RA1-RA4 of ``model`` at the inputs ``x`` (docs/science.md section 1).
 
@@ -774,6 +903,17 @@ def residual_alignment(
             one machine and thread count).
         progress: show a progress bar that ticks once per analysed block (SVD and cross
             alignment done), with the block's power iterations (plain lines off a TTY).
+        distributed: None (one process), or sample-parallel in an initialised torch.distributed
+            group (docs/distributed.md): ``"split"`` every rank passes the same full ``x`` (and
+            ``y``) and computes the Jacobian products of its contiguous block of samples
+            (:func:`resgeom_fast.core.distributed.shard_sizes`); ``"sharded"`` every rank passes
+            its own samples (possibly none: x [0, ...]; the global order is rank 0's samples,
+            then rank 1's, ...). Each product of the randomized SVD and of the cross alignment is
+            computed on each rank's samples and gathered to EVERY rank by one all_reduce (zeros
+            outside a rank's rows: exact); the block inputs / outputs and labels are gathered
+            once. Every rank then runs the same SVD iterations and computes the metrics, equal
+            to the single-process result. A collective: every rank calls it with the same
+            model and arguments.
 
     Returns:
         an :class:`AlignmentResult` (float64 CPU tensors), one :class:`StageAlignment` per stage.
@@ -786,11 +926,12 @@ def residual_alignment(
     check_module(where, "model", model)
     check_type(where, "x", x, Tensor, "a torch.Tensor [N, ...]")
     device, dtype = model_device_dtype(where, model)
+    mode = check_mode(where, distributed)
     if x.device != device:
         raise ValueError(f"{where}: expected x on the model's device {device}, got {x.device}")
     if not x.is_floating_point() or x.dtype != dtype:
         raise ValueError(f"{where}: expected x of dtype {dtype} (the model's), got {x.dtype}")
-    if x.dim() < 1 or x.shape[0] < 1:
+    if x.dim() < 1 or (x.shape[0] < 1 and mode != "sharded"):
         raise ValueError(f"{where}: expected x with a non-empty batch dimension [N, ...], got {tuple(x.shape)}")
     N = x.shape[0]
     labels: Optional[Tensor] = None
@@ -832,14 +973,19 @@ def residual_alignment(
                              "no `head`, `fc` or `classifier` and no nn.Linear outside its residual blocks): pass "
                              "num_classes (C is never inferred from the labels of a batch)")
         C = got
-    if labels is not None and int(labels.max()) >= C:
+    if labels is not None and labels.numel() and int(labels.max()) >= C:
         raise ValueError(f"{where}: expected y class labels in [0, {C}) (num_classes C = {C} from the {c_source}), "
                          f"got max {int(labels.max())}")
 
     jac_kwargs: dict[str, Any] = {"path": path, "chunk_size": chunk_size}
     if "deterministic" in inspect.signature(residual_jacobians).parameters:
         jac_kwargs["deterministic"] = deterministic
-    ops = residual_jacobians(model, x, blocks, **jac_kwargs)
+    if mode is None:
+        ops = residual_jacobians(model, x, blocks, **jac_kwargs)
+    else:
+        x_loc, y_loc = _local_rows(where, mode, x, y)
+        ops, last_fn, gathered_labels, N = _sample_parallel(where, model, x_loc, y_loc, blocks, jac_kwargs)
+        labels = gathered_labels if labels is not None else None
     all_ids = {id(b.block): i for i, b in enumerate(residual_blocks(model))}
     idx = [all_ids.get(id(J.info.block), -1) for J in ops]
 
@@ -873,7 +1019,8 @@ def residual_alignment(
         check_int(where, "k", k, 1, d_min,
                   hint=f" (the block dimension D = {d_min} of stage {dims.index(d_min)} is the limit)")
 
-    last = _last_outputs(model, x, [ops[g[-1]].info for g in groups])
+    last_blocks = [ops[g[-1]].info for g in groups]
+    last = _last_outputs(model, x, last_blocks) if mode is None else last_fn(last_blocks)
     for J in ops:
         if not bool(torch.isfinite(J.h).all()):
             raise ValueError(f"{where}: the input of block {J.info.name!r} has non-finite values (NaN or inf) at x; "

@@ -89,6 +89,14 @@ unless the model has a ``head`` weight matching the width.
 
 Layers of different widths (staged conv ResNets: pooled features have 64, 128, ... channels) are
 fine: every layer is analysed on its own.
+
+Data parallel (``distributed="split" | "sharded"``, docs/distributed.md): every rank streams its
+share of the samples through both passes; after pass 1 one ``all_gather_object`` shares each
+rank's layer layout (layers, widths, feature eps, inferred C; an empty rank has none and takes the
+first rank's) and any local failure, then ONE ``all_reduce`` sums the float64 class sums, counts
+and sum ||h||^2 of every layer; after pass 2 ONE ``all_reduce`` sums the NC1 sums of squares,
+Tr(Sigma_W), the NCC mismatches, the sample count and a failure flag. Every rank then holds the
+single-process statistics (up to the order of the float64 sums) and computes the same result.
 """
 from __future__ import annotations
 
@@ -103,9 +111,11 @@ from torch import Tensor, nn
 from resgeom_fast.core.blocks import BlockInfo, block_kinds, residual_blocks
 from resgeom_fast.core.checks import check_module, check_type
 from resgeom_fast.core.modules import module_mode
+from resgeom_fast.core.distributed import all_reduce_sum, world_size
 from ._common import (
     Result, batches, check_choice, check_finite_parameters, check_finite_tensor, check_int, model_device_dtype,
 )
+from ._distributed import check_mode, gather_objects, local_batches, portable, raise_first, sync_failure
 from ._hidden import block_representations
 from .plotting import as_result_dict, figure_axes, get_path, join, lines, point
 
@@ -604,7 +614,7 @@ def _head_weight(model: nn.Module, hooked: bool = False) -> Optional[Tensor]:
 
 def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
              layers: Optional[Sequence[int]] = None, pool: str = "auto", split: str = "train",
-             tokens: str = "auto") -> CollapseResult:
+             tokens: str = "auto", distributed: Optional[str] = None) -> CollapseResult:
     """Neural-collapse metrics of every representation h_0..h_L of ``model`` on ``data``.
 
     Two streaming passes over ``data`` in float64 (see the module docstring): nothing of size N x D
@@ -638,6 +648,11 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
             (default) "cls" for a model with a class token (``class_token`` / ``cls_token``),
             else such states are refused. Recorded in the result (``tokens``; None when no
             state was a token sequence).
+        distributed: None (one process), or data-parallel in an initialised torch.distributed
+            group (docs/distributed.md): ``"split"`` every rank passes the same full ``data`` and
+            streams its share (:func:`resgeom_fast.core.distributed.shard`), ``"sharded"`` every
+            rank passes its own share (possibly no batch at all). A collective: every rank calls
+            it with the same model and arguments, and every rank gets the single-process result.
 
     Returns:
         :class:`CollapseResult`. NC3 is computed at l = L when L is analysed and ``model.head``
@@ -652,6 +667,7 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     check_choice(where, "pool", pool, _POOLS)
     check_choice(where, "split", split, ("train", "test"))
     check_choice(where, "tokens", tokens, _TOKENS)
+    mode = check_mode(where, distributed)
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
@@ -694,13 +710,25 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     # eval mode inside; every submodule's own mode restored after (e.g. frozen BatchNorm in a training net)
     tok = _resolve_tokens(where, model, tokens) if blocks is not None else None
     with module_mode(model, False), torch.no_grad():
-        stats, sel, n_classes, n1, num_hidden, fdtype, used_tokens = _pass1(
-            where, model, data, device, dtype, split, num_classes, layers, pool, blocks, tok)
+        if mode is None:
+            stats, sel, n_classes, n1, num_hidden, fdtype, used_tokens = _pass1(
+                where, model, batches(where, data, device, dtype, split), device, num_classes, layers, pool,
+                blocks, tok)
+        else:
+            stats, sel, n_classes, n1, num_hidden, fdtype, used_tokens = _pass1_distributed(
+                where, model, data, mode, device, dtype, split, num_classes, layers, pool, blocks, tok)
+        if n_classes < 2:
+            raise ValueError(f"{where}: expected num_classes >= 2 (inferred from the labels), got {n_classes}")
         counts = stats[0].counts
         _check_counts(where, counts)
         for st in stats:
             st.finish_pass1()
-        n2 = _pass2(where, model, data, device, dtype, split, n_classes, sel, pool, stats, blocks, tok)
+        if mode is None:
+            n2 = _pass2(where, model, batches(where, data, device, dtype, split), n_classes, sel, pool, stats,
+                        blocks, tok)
+        else:
+            n2 = _pass2_distributed(where, model, data, mode, device, dtype, split, n_classes, sel, pool, stats,
+                                    blocks, tok)
     if n2 != n1:
         raise ValueError(f"{where}: expected the same samples in both passes over data, got {n1} then {n2}")
 
@@ -730,16 +758,19 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
     )
 
 
-def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype: torch.dtype, split: str,
+def _pass1(where: str, model: nn.Module, source: Iterable[tuple[Tensor, Tensor]], device: torch.device,
            num_classes: Optional[int], layers: Optional[list[int]], pool: str,
            blocks: Optional[list[BlockInfo]] = None, tokens: Optional[str] = None):
+    """Pass 1 over the validated batches ``source``: per-layer statistics, the analysed layers,
+    C (given or inferred, may be < 2: the caller checks), the sample count, L + 1, the feature
+    dtypes and whether token sequences were reduced. No batch: empty ``stats`` and ``sel``."""
     stats: list[_LayerStats] = []
     used_tokens = False
     sel: list[int] = []
     c = num_classes if num_classes is not None else 0
     n = num_hidden = 0
     fdtypes: set[str] = set()
-    for b, (x, y) in enumerate(batches(where, data, device, dtype, split)):
+    for b, (x, y) in enumerate(source):
         y = _check_labels(where, y, x.shape[0], num_classes, name=f"y of batch {b}")
         if y.device != device:
             raise ValueError(f"{where}: expected y on the model's device {device}, got {y.device}")
@@ -766,16 +797,14 @@ def _pass1(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
             fdtypes.add(str(hp.dtype).replace("torch.", ""))
             st.add1(hp.to(torch.float64), y)
         n += x.shape[0]
-    if c < 2:
-        raise ValueError(f"{where}: expected num_classes >= 2 (inferred from the labels), got {c}")
     return stats, sel, c, n, num_hidden, ",".join(sorted(fdtypes)), used_tokens
 
 
-def _pass2(where: str, model: nn.Module, data: Any, device: torch.device, dtype: torch.dtype, split: str,
+def _pass2(where: str, model: nn.Module, source: Iterable[tuple[Tensor, Tensor]],
            num_classes: int, sel: list[int], pool: str, stats: list[_LayerStats],
            blocks: Optional[list[BlockInfo]] = None, tokens: Optional[str] = None) -> int:
     n = 0
-    for b, (x, y) in enumerate(batches(where, data, device, dtype, split)):
+    for b, (x, y) in enumerate(source):
         y = _check_labels(where, y, x.shape[0], num_classes, name=f"y of batch {b}")
         check_finite_tensor(where, x, f"the input x of batch {b} (second pass)")
         hs, _ = _forward_hidden(where, model, x, blocks, tokens)
@@ -785,6 +814,64 @@ def _pass2(where: str, model: nn.Module, data: Any, device: torch.device, dtype:
             st.add2(hp.to(torch.float64), y)
         n += x.shape[0]
     return n
+
+
+def _pass1_distributed(where: str, model: nn.Module, data: Any, mode: str, device: torch.device,
+                       dtype: torch.dtype, split: str, num_classes: Optional[int], layers: Optional[list[int]],
+                       pool: str, blocks: Optional[list[BlockInfo]], tokens: Optional[str]):
+    """Pass 1 on this rank's share, then the layout of the first rank with data and the summed
+    statistics on every rank (one all_gather_object, one all_reduce). Returns as :func:`_pass1`."""
+    exc: Optional[BaseException] = None
+    local = None
+    try:
+        local = _pass1(where, model, local_batches(where, data, mode, device, dtype, split), device, num_classes,
+                       layers, pool, blocks, tokens)
+    except Exception as e:  # shared below: every rank raises it
+        exc = e
+    meta = None
+    if local is not None and local[3] > 0:
+        st_, sel_, c_, _, nh_, fd_, used_ = local
+        meta = (sel_, nh_, [s.width for s in st_], [s.eps for s in st_], c_, fd_, used_)
+    infos = gather_objects(where, (portable(exc), meta))
+    raise_first(where, [i[0] for i in infos], exc)
+    metas = [m for _, m in infos if m is not None]
+    if not metas:
+        raise ValueError(f"{where}: expected data with at least one sample on some rank, got none on any of the "
+                         f"{world_size()} ranks")
+    sel, num_hidden, widths = metas[0][0], metas[0][1], metas[0][2]
+    eps = [max(m[3][i] for m in metas) for i in range(len(widths))]
+    c = num_classes if num_classes is not None else max(m[4] for m in metas)
+    fdtype = ",".join(sorted({d for m in metas for d in m[5].split(",") if d}))
+    used_tokens = any(m[6] for m in metas)
+    stats = local[0] if meta is not None else [_LayerStats(w, max(c, 1), device, e) for w, e in zip(widths, eps)]
+    for st, e in zip(stats, eps):
+        st.grow(max(c, 1))
+        st.eps = e
+    summed = all_reduce_sum([t for st in stats for t in (st.sums, st.counts, st.sq)], fn=where)
+    for i, st in enumerate(stats):
+        st.sums, st.counts, st.sq = summed[3 * i:3 * i + 3]
+    return stats, sel, c, int(stats[0].counts.sum()), num_hidden, fdtype, used_tokens
+
+
+def _pass2_distributed(where: str, model: nn.Module, data: Any, mode: str, device: torch.device,
+                       dtype: torch.dtype, split: str, num_classes: int, sel: list[int], pool: str,
+                       stats: list[_LayerStats], blocks: Optional[list[BlockInfo]], tokens: Optional[str]) -> int:
+    """Pass 2 on this rank's share, then the summed pass-2 statistics and sample count on every
+    rank (one all_reduce, which also carries a failure flag). Returns the global sample count."""
+    exc: Optional[BaseException] = None
+    n = 0
+    try:
+        n = _pass2(where, model, local_batches(where, data, mode, device, dtype, split), num_classes, sel, pool,
+                   stats, blocks, tokens)
+    except Exception as e:  # shared below: every rank raises it
+        exc = e
+    head = torch.tensor([float(exc is not None), float(n)], dtype=torch.float64, device=device)
+    parts = [head] + [t for st in stats for t in (st.w_sq, st.sw_trace, st.mismatches)]
+    summed = all_reduce_sum(parts, fn=where)
+    sync_failure(where, bool(summed[0][0] > 0), exc)
+    for i, st in enumerate(stats):
+        st.w_sq, st.sw_trace, st.mismatches = summed[1 + 3 * i:4 + 3 * i]
+    return int(summed[0][1])
 
 
 # ----------------------------------------------------------------------------- plot

@@ -83,6 +83,14 @@ on the model's device (observation count, column sums, Gram ``Z^T Z``, per-unit 
 observations where the unit is not dead by its rule); activations are never held beyond one
 call. The model runs under ``torch.no_grad`` in eval mode (BatchNorm uses running statistics);
 every module's mode is restored afterwards.
+
+Data parallel (``distributed="split" | "sharded"``, docs/distributed.md): every rank streams its
+share of the samples. The layers are discovered on every rank on the same probe: the first sample
+of the first non-empty batch of the lowest rank holding data (one ``all_gather_object``, which
+also shares a failure of reading the first batch), so a rank without data still knows the layers
+and takes part. After the stream ONE ``all_reduce`` sums every layer's float64 observation count,
+column sums, Gram matrix and live counts (and a failure flag): every rank then holds the
+single-process statistics (up to the order of the float64 sums) and computes the same result.
 """
 from __future__ import annotations
 
@@ -100,6 +108,9 @@ from resgeom_fast.core.modules import module_mode
 from resgeom_fast.linalg import NonFiniteError
 from resgeom_fast.analysis._common import Result, batches, check_float, model_device_dtype
 from resgeom_fast.analysis._common import check_finite_parameters, check_finite_tensor
+from resgeom_fast.analysis._distributed import check_mode, gather_objects, local_batches, portable, raise_first
+from resgeom_fast.analysis._distributed import sync_failure
+from resgeom_fast.core.distributed import all_reduce_sum, world_size
 from resgeom_fast.analysis.plotting import as_result_dict, bars, join, lines, new_figure
 
 __all__ = [
@@ -830,7 +841,8 @@ class _Watch:
 
 
 def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
-                  layers: Optional[Sequence[Union[int, str]]] = None, dead_tol: float = 1e-6) -> SingularityResult:
+                  layers: Optional[Sequence[Union[int, str]]] = None, dead_tol: float = 1e-6,
+                  distributed: Optional[str] = None) -> SingularityResult:
     """Elimination, overlap and linear-dependence singularities of every layer of units.
 
     Args:
@@ -847,6 +859,13 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
         dead_tol: in [0, 1): the dead-unit tolerance of GELU / SiLU / LeakyReLU / Hardswish
             layers (|output| and |derivative| <= dead_tol at every observation). ReLU and ReLU6
             layers use exact rules (module doc).
+        distributed: None (one process), or data-parallel in an initialised torch.distributed
+            group (docs/distributed.md): ``"split"`` every rank passes the same full ``data`` and
+            streams its share (:func:`resgeom_fast.core.distributed.shard`), ``"sharded"`` every
+            rank passes its own share (possibly no batch). The layers are found on one probe
+            sample shared by the lowest rank with data (module doc). A collective: every rank
+            calls it with the same model and arguments, and every rank gets the single-process
+            result.
 
     Returns:
         a :class:`SingularityResult` (tensors on the CPU, float64 / int64).
@@ -867,6 +886,10 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
         raise ValueError(f"{_WHERE}: expected dead_tol < 1, got {dead_tol!r}")
     device, dtype = model_device_dtype(_WHERE, model)
     check_finite_parameters(_WHERE, model)
+    mode = check_mode(_WHERE, distributed)
+    if mode is not None:
+        chosen, stats, n_samples = _stream_distributed(model, data, mode, device, dtype, layers, dead_tol)
+        return _result(chosen, stats, n_samples, eps, dead_tol)
     chosen: list[ActivationLayer] = []
     stats: list[_Stats] = []
     expected: dict[int, int] = {}
@@ -902,6 +925,11 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
             watch.remove()
     if n_samples == 0:
         raise ValueError(f"{_WHERE}: expected data with at least one sample, got only empty batches")
+    return _result(chosen, stats, n_samples, eps, dead_tol)
+
+
+def _result(chosen: list[ActivationLayer], stats: list[_Stats], n_samples: int, eps: float,
+            dead_tol: float) -> SingularityResult:
     results = [_layer_metrics(l, st, eps, dead_tol) for l, st in zip(chosen, stats)]
     main = [r for r in results if r.role != "post"]
     post = [r for r in results if r.role == "post"]
@@ -911,6 +939,81 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
         post_total_units=sum(r.n_units for r in post), post_total_dead=sum(int(r.dead_units.numel()) for r in post),
         num_samples=n_samples,
     )
+
+
+def _run_batch(model: nn.Module, x: Tensor, i: int, watch: _Watch, expected: dict[int, int],
+               chosen: list[ActivationLayer]) -> None:
+    """One measured forward pass; every watched module must run as often as on the probe."""
+    watch.reset(i)
+    model(x)
+    for m in watch.modules:
+        if watch.calls[id(m)] != expected[id(m)]:
+            name = next(l.module_name for l in chosen if l.module is m)
+            raise ValueError(f"{_WHERE}: expected {type(m).__name__} {name!r} to run {expected[id(m)]} "
+                             f"time(s) per forward pass as on the first batch, it ran "
+                             f"{watch.calls[id(m)]} times on batch {i}")
+
+
+def _stream_distributed(model: nn.Module, data: Any, mode: str, device: torch.device, dtype: torch.dtype,
+                        layers: Optional[Sequence[Union[int, str]]], dead_tol: float
+                        ) -> tuple[list[ActivationLayer], list[_Stats], int]:
+    """This rank's share streamed, the layers found on the shared probe, the statistics summed
+    over the ranks (module doc): ``(chosen layers, their summed stats, global sample count)``."""
+    exc: Optional[BaseException] = None
+    probe: Optional[Tensor] = None
+    source = local_batches(_WHERE, data, mode, device, dtype)
+    first: Optional[tuple[int, Tensor]] = None
+    try:
+        for i, (x, _y) in enumerate(source):
+            check_finite_tensor(_WHERE, x, f"the inputs x of batch {i}")
+            if int(x.shape[0]) > 0:
+                first = (i, x)
+                probe = x[:1].detach().cpu()
+                break
+    except Exception as e:  # shared below: every rank raises it
+        exc = e
+    infos = gather_objects(_WHERE, (portable(exc), probe))
+    raise_first(_WHERE, [e for e, _ in infos], exc)
+    probes = [p for _, p in infos if p is not None]
+    if not probes:
+        raise ValueError(f"{_WHERE}: expected data with at least one sample on some rank, got none on any of the "
+                         f"{world_size()} ranks")
+    watch: Optional[_Watch] = None
+    n_samples = 0
+    with module_mode(model, False), torch.no_grad():
+        found = _discover(model, probes[0].to(device))
+        if not found:
+            raise ValueError(f"{_WHERE}: found no {_ACT_WORDS} module called in the forward pass of "
+                             f"{type(model).__name__}; there are no layers of units to analyse")
+        chosen = _select(found, layers)   # the same on every rank: raises on every rank alike
+        expected: dict[int, int] = {}
+        for lay in found:
+            expected[id(lay.module)] = expected.get(id(lay.module), 0) + 1
+        stats = [_Stats(l, device) for l in chosen]
+        watch = _Watch(chosen, stats, dead_tol)
+        try:
+            if first is not None:
+                _run_batch(model, first[1], first[0], watch, expected, chosen)
+                n_samples += int(first[1].shape[0])
+                for i, (x, _y) in enumerate(source, start=first[0] + 1):
+                    check_finite_tensor(_WHERE, x, f"the inputs x of batch {i}")
+                    if int(x.shape[0]) == 0:
+                        continue
+                    _run_batch(model, x, i, watch, expected, chosen)
+                    n_samples += int(x.shape[0])
+        except Exception as e:  # shared below: every rank raises it
+            exc = e
+        finally:
+            watch.remove()
+    head = torch.tensor([float(exc is not None), float(n_samples)], dtype=torch.float64, device=device)
+    parts = [head] + [t for st in stats for t in (torch.tensor(float(st.count), dtype=torch.float64, device=device),
+                                                  st.sum, st.gram, st.live)]
+    summed = all_reduce_sum(parts, fn=_WHERE)
+    sync_failure(_WHERE, bool(summed[0][0] > 0), exc)
+    for i, st in enumerate(stats):
+        cnt, st.sum, st.gram, st.live = summed[1 + 4 * i:5 + 4 * i]
+        st.count = int(cnt)
+    return chosen, stats, int(summed[0][1])
 
 
 def plot_singularities(result: Union[SingularityResult, dict[str, Any]], ax: Any = None, *, at: str = "") -> Any:

@@ -194,13 +194,14 @@ def killed_rank(world: int, rank: int, outdir: Path) -> None:
     (outdir / f"killed_rank{rank}.txt").write_text(f"{time.monotonic() - t0:.3f}\n{msg}")
 
 
-def spawn(world: int, workdir: Path) -> list[dict[str, Any]]:
-    """Run the workers of ``world`` ranks (gloo, a FileStore in ``workdir``); return each rank's
+def spawn(world: int, workdir: Path, task: str = "operators") -> list[dict[str, Any]]:
+    """Run the workers of ``world`` ranks (gloo, a FileStore in ``workdir``) on ``task``
+    ("operators" or "analyses", see :mod:`tests.distributed._worker`); return each rank's
     results. Fails (naming the rank and its stderr) when a worker fails or outlives the timeout."""
     store = workdir / "store"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed._worker", str(r), str(world), str(store),
-                               str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               str(workdir), task], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
     logs = []
     try:

@@ -1,0 +1,95 @@
+"""Data-parallel plumbing of the streaming analyses (collapse, singularities) and of the
+sample-parallel residual alignment (docs/distributed.md, issue 16).
+
+- :func:`check_mode` -- ``distributed=`` of an analysis: None, ``"split"`` (every rank passes the
+  full data; the rank's share is taken with :func:`resgeom_fast.core.distributed.shard`) or
+  ``"sharded"`` (every rank passes its own share, possibly empty).
+- :func:`local_batches` -- this rank's validated ``(x, y)`` batches (possibly none).
+- :func:`gather_objects` -- one small picklable value per rank, on every rank (one collective).
+- :func:`sync_failure` -- after a local step whose failure flag travelled in an all_reduce, raise
+  the failing rank's exception on every rank.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor
+
+from resgeom_fast.core import distributed as rdist
+# the module's collective guard (failures become RankFailureError naming the silent ranks); no
+# public all_gather_object exists in core.distributed yet
+from resgeom_fast.core.distributed import _collective
+from resgeom_fast.core.modules import data_source, is_batch
+from resgeom_fast.operators.curvature import _is_map_dataset, check_distributed
+
+from ._common import batches
+
+__all__ = ["check_mode", "gather_objects", "local_batches", "sync_failure"]
+
+
+def check_mode(where: str, distributed: Optional[str]) -> Optional[str]:
+    """``distributed`` if None, or ``"split"`` / ``"sharded"`` with an initialised process group."""
+    return check_distributed(where, distributed)
+
+
+def local_share(where: str, data: Any, distributed: str, split: str = "train") -> Any:
+    """This rank's share of ``data``: ``data`` itself (``"sharded"``) or its shard (``"split"``: a
+    torch map-style Dataset by index ``rank::world``, anything else read by
+    :func:`~resgeom_fast.core.modules.data_source` -- one ``(x, y)`` batch or a resgeom_fast
+    Dataset's split in contiguous blocks, a list of batches / DataLoader by batch ``rank::world``)."""
+    if distributed != "split":
+        return data
+    return rdist.shard(data if _is_map_dataset(data) else data_source(where, data, split=split))
+
+
+def local_batches(where: str, data: Any, distributed: str, device: Optional[torch.device] = None,
+                  dtype: Optional[torch.dtype] = None, split: str = "train") -> Iterator[tuple[Tensor, Any]]:
+    """The validated ``(x, y)`` batches of this rank's share (none for an empty share; batches
+    with no rows are skipped). Each batch is checked as :func:`~resgeom_fast.analysis._common.batches`
+    checks it (device, dtype, rows of y)."""
+    share = local_share(where, data, distributed, split)
+    src = data_source(where, share, split=split)
+    for raw in ([src] if is_batch(src) else src):
+        if is_batch(raw) and raw[0].dim() >= 1 and raw[0].shape[0] == 0:
+            continue
+        yield from batches(where, raw, device, dtype)
+
+
+def gather_objects(where: str, obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order, on every rank (``all_gather_object``, one collective);
+    ``[obj]`` without a process group. ``where`` names the caller in a RankFailureError."""
+    if not rdist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * rdist.world_size()
+    with _collective(where):
+        tdist.all_gather_object(out, obj)
+    return out
+
+
+def raise_first(where: str, errors: list[Optional[BaseException]], mine: Optional[BaseException]) -> None:
+    """Raise the lowest failing rank's exception (gathered with :func:`gather_objects`) on every
+    rank: the failing rank re-raises its own; the others a copy noted ``"raised on rank r"``."""
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    r, e = failed[0]
+    if r == rdist.rank() and mine is not None:
+        raise mine
+    e.add_note(f"{where}: raised on rank {r} of {rdist.world_size()}")
+    raise e
+
+
+def portable(exc: Optional[BaseException]) -> Optional[BaseException]:
+    """``exc`` if it pickles (to travel in :func:`gather_objects`), else a RuntimeError with its text."""
+    return None if exc is None else rdist._portable(exc)
+
+
+def sync_failure(where: str, failed_anywhere: bool, exc: Optional[BaseException]) -> None:
+    """After an all_reduce that carried every rank's failure flag: when some rank failed, share the
+    exceptions (one more collective, on the failure path only) and raise on every rank."""
+    if failed_anywhere:
+        rdist.raise_together(where, exc)
+        # a flag without an exception cannot happen; be loud rather than continue on partial sums
+        raise RuntimeError(f"{where}: a rank reported a failure but raised no exception")
