@@ -123,3 +123,36 @@ def differences(got: Any, ref: Any, tol: float, path: str = "") -> list[str]:
             return [f"{path}: {got!r} != {ref!r} (differs by {abs(got - ref):.2e})"]
         return []
     return [] if got == ref else [f"{path}: {got!r:.300} != {ref!r:.300}"]
+
+
+def analysis_failures(world: int, rank: int) -> dict[str, Any]:
+    """What only the workers check: a NaN in one rank's share makes EVERY rank raise (no rank
+    left waiting in a collective), and the group still works afterwards. The last rank with data
+    (collapse, singularities) or rank 0 (alignment) holds the NaN."""
+    out: dict[str, Any] = {}
+    model = fc_model()
+    _, (_, given) = analysis_data("sharded", world, (4,))
+    data = given[rank]
+    bad = data
+    if rank == world - 2:
+        x, y = data[0]
+        x = x.clone()
+        x[0, 0] = float("nan")
+        bad = [(x, y)]
+    for name, fn in (("collapse", collapse), ("singularities", singularities)):
+        try:
+            fn(model, bad, distributed="sharded")
+            out[name] = "no error"
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    x, _, _ = _alignment_x("sharded", world, rank, (4,), True)
+    if rank == 0:
+        x = x.clone()
+        x[0, 0] = float("nan")
+    try:
+        residual_alignment(align_model(), x, k=2, distributed="sharded")
+        out["alignment"] = "no error"
+    except Exception as exc:
+        out["alignment"] = f"{type(exc).__name__}: {exc}"
+    out["after"] = collapse(model, data, distributed="sharded").num_samples
+    return out

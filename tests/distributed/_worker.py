@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.distributed._analysis_cases import compute_analyses
+from tests.distributed._analysis_cases import analysis_failures, compute_analyses
 from tests.distributed._cases import CASES, TIMEOUT_S, checks_of_failures, compute, killed_rank
 
 
@@ -28,6 +28,7 @@ def main(rank: int, world: int, store: str, outdir: str, task: str = "operators"
     if task == "analyses":
         try:
             results = {case: compute_analyses(case, world, rank, distributed=True) for case in CASES}
+            results["failures"] = analysis_failures(world, rank)
             torch.save(results, Path(outdir) / f"rank{rank}.pt")
         finally:
             dist.destroy_process_group()

@@ -70,6 +70,20 @@ def test_every_rank_holds_the_same_result(runs, world):
         assert [ranks[r][case]["collectives_done_on"] for r in range(world)] == list(range(world))
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_failure_on_one_rank_raises_on_every_rank(runs, world):
+    """A NaN in one rank's samples: every rank raises (the failing rank its own error, the others
+    a copy), none is left waiting in a collective, and the group works afterwards."""
+    ranks, refs = runs[world]
+    for r in range(world):
+        f = ranks[r]["failures"]
+        assert f["collapse"].startswith("NonFiniteError: collapse: expected finite the input x of batch 0"), f
+        assert f["singularities"].startswith("NonFiniteError: singularities: expected finite the inputs x"), f
+        assert f["alignment"].startswith("ValueError: residual_alignment: the input of block"), f
+        assert "non-finite" in f["alignment"]
+        assert f["after"] == refs["sharded"]["fc/collapse"]["num_samples"]
+
+
 def test_distributed_needs_a_process_group():
     x = torch.randn(4, 4, dtype=torch.float64)
     y = torch.arange(4) % 3
