@@ -16,8 +16,10 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as tdist
 from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler
 
 from resgeom_fast.core import distributed as rdist
+from resgeom_fast.core.checks import ArgumentValueError
 # the module's collective guard (failures become RankFailureError naming the silent ranks); no
 # public all_gather_object exists in core.distributed yet
 from resgeom_fast.core.distributed import _collective
@@ -41,6 +43,12 @@ def local_share(where: str, data: Any, distributed: str, split: str = "train") -
     Dataset's split in contiguous blocks, a list of batches / DataLoader by batch ``rank::world``)."""
     if distributed != "split":
         return data
+    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
+        # each rank would take batches rank::world of its own permutation: samples counted twice
+        # or never whenever the ranks' random states differ
+        raise ArgumentValueError(f"{where}: expected data that every rank reads in the same order for "
+                                 f"distributed='split', got a shuffling DataLoader; pass its Dataset, a loader "
+                                 f"with shuffle=False, or each rank's own share with distributed='sharded'")
     return rdist.shard(data if _is_map_dataset(data) else data_source(where, data, split=split))
 
 

@@ -154,5 +154,11 @@ def analysis_failures(world: int, rank: int) -> dict[str, Any]:
         out["alignment"] = "no error"
     except Exception as exc:
         out["alignment"] = f"{type(exc).__name__}: {exc}"
+    x, y = analysis_data("uneven", world, (4,))[0]
+    try:
+        collapse(model, DataLoader(TensorDataset(x, y), batch_size=2, shuffle=True), distributed="split")
+        out["shuffled"] = "no error"
+    except Exception as exc:
+        out["shuffled"] = f"{type(exc).__name__}: {exc}"
     out["after"] = collapse(model, data, distributed="sharded").num_samples
     return out

@@ -81,6 +81,8 @@ def test_a_failure_on_one_rank_raises_on_every_rank(runs, world):
         assert f["singularities"].startswith("NonFiniteError: singularities: expected finite the inputs x"), f
         assert f["alignment"].startswith("ValueError: residual_alignment: the input of block"), f
         assert "non-finite" in f["alignment"]
+        assert f["shuffled"].startswith("ArgumentValueError: collapse: expected data that every rank reads in the "
+                                        "same order for distributed='split', got a shuffling DataLoader"), f
         assert f["after"] == refs["sharded"]["fc/collapse"]["num_samples"]
 
 
