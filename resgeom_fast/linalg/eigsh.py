@@ -160,6 +160,7 @@ def eigsh(
     conv = conv.to(op.device)
     Sw = S[:, :, idx].to(op.device)
     X = _ritz_vectors(lz.V, s, Sw, op.dtype).reshape(*op.batch_shape, n, k)
+    del lz   # the basis is no longer needed: free it before the residual products
     AX = apply_block(op, X, where, "when computing residuals")
     lam = evals.reshape(*op.batch_shape, 1, k)
     resid = torch.linalg.vector_norm((AX.double() - X.double() * lam), dim=-2)
