@@ -60,9 +60,11 @@ Readings of the science chosen here (the paper leaves them open; docs/science.md
   ``first_block_ratio`` = sigma_1(J_1) / mean_{l >= 2} sigma_1(J_l).
 - num_classes C: the argument, else the classifier's out_features (see
   :func:`residual_alignment`); never the labels of the batch.
-- "The diagonal of A_ij should be positive": ``diag_positive[i, j]`` is the fraction of the k
+- "The diagonal of A_ij should be positive": ``diag_positive[i, j]`` is the fraction of the
   diagonal entries over all samples that are > 0 (each entry u_{i,r}^T J_j v_{i,r} is invariant
-  under the sign ambiguity of a singular pair).
+  under the sign ambiguity of a singular pair), counted over the resolved triplets of block i
+  only (s_{i,r} > tau * s_{i,1}, the rank's rule): a rounding-level singular pair has arbitrary
+  vectors, so its sign would be noise (NaN when block i has no resolved triplet).
 - Heatmaps: ``cross_abs_mean`` is the mean over samples of |A_ij| (the off-diagonal entries
   change sign with the singular vectors' signs, so a signed mean would cancel), stored for a few
   pairs (``cross_pairs``); ``cross_diag_mean`` is the signed sample mean of diag(A_ij).
@@ -290,7 +292,8 @@ class StageAlignment(Result):
             |u_r^T v_r| per sample); self_alignment_r = min(C, k);
         self_alignment_per_r: [L, k] sample mean of |u_r^T v_r| for every r <= k.
         diag_ratio_mean, diag_ratio_std: [L, L], entry (i, j) = over samples of diag_ratio(A_ij).
-        diag_positive: [L, L] fraction of positive diagonal entries of A_ij (over r <= k and samples).
+        diag_positive: [L, L] fraction of positive diagonal entries of A_ij (over samples and the
+            resolved r <= k of block i: s_{i,r} > tau * s_{i,1}).
         cross_pairs: [(i, j), ...] stage-local block pairs whose matrices are stored;
         cross_abs_mean: [P, k, k] mean over samples of |A_ij|; cross_diag_mean: [P, k] mean of diag A_ij.
         rank_mean, rank_std: [L] numerical rank; rank_min, rank_max: [L] (int64) -- lower bounds
@@ -773,7 +776,11 @@ def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_
         A = _cross_row(svd.U, svd.V, ops).cpu()                           # [L, N, k, k]
         del svd
         dr[i] = diag_ratio(A)
-        pos[i] = (A.diagonal(dim1=-2, dim2=-1) > 0).double().mean((-2, -1))
+        # only the resolved triplets of block i (s_r > tau s_1, as for the rank): a rounding-level
+        # singular pair has arbitrary vectors, and the sign of u_r^T J_j v_r would be noise
+        res_n = int(resolved.sum())
+        pos[i] = (((A.diagonal(dim1=-2, dim2=-1) > 0) & resolved).sum((-2, -1)).double() / res_n if res_n
+                  else torch.full((L,), math.nan, dtype=torch.float64))
         for p, (a, b) in enumerate(pairs):
             if a == i:
                 cross_abs[p] = A[b].abs().mean(0)
