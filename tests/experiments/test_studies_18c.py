@@ -24,8 +24,11 @@ from resgeom_fast.experiments.common import build_model, load_data
 from resgeom_fast.experiments.config import UsageError
 from resgeom_fast.experiments.report import check_figure
 from resgeom_fast.experiments.studies._readings import leaky_steps_reading, seed_order_reading
-from resgeom_fast.experiments.studies._shared import net_spec
+from resgeom_fast.experiments.output import open_runner
+from resgeom_fast.experiments.studies._shared import net_spec, study_data
+from resgeom_fast.experiments.studies.hessian import seed_grid
 from resgeom_fast.experiments.studies.leaky import _cap_steps, end_step_ratio, parse_teachers
+from resgeom_fast.experiments.studies.singularities import STUDY as SINGULARITIES
 from resgeom_fast.models import LeakyResNet
 from resgeom_fast.train import load_checkpoint
 
@@ -214,3 +217,24 @@ def test_hessian_over_seeds_writes_figure_and_matches_direct_calls(tmp_path):
             assert blk["none"][arch]["per_seed"][key][seed] == s[key]
     reading = _check_spec(rep, res, "hessian_mass_seeds", 2 * 2)  # groups x thresholds
     assert "norm=none" in reading and "plain >= residual" in reading and "n/a" not in reading
+
+
+def test_seed_grid_records_a_diverged_net_as_undefined_with_its_reason(tmp_path):
+    cfg = {o.name: o.default for o in SINGULARITIES.options}
+    cfg.update(n_train=300, width=8, depth=2, epochs=1, lr=1e6, norm="none")  # lr 1e6: the weights become NaN
+    ds, key = study_data(cfg)
+    called = []
+
+    def analyse(net, c, model):
+        called.append(net)
+        return {"summary": {"dead_fraction_total": 0.5}}
+
+    runner = open_runner(str(tmp_path / "g"), cfg, study="singularities", fresh=False, progress=False)
+    out = seed_grid(runner, cfg, ds, key, torch.device("cpu"), [("plain", "plain", False)], [0, 1], ["none"],
+                    analyse, ["dead_fraction_total"])
+    blk = out["none"]["plain"]
+    assert called == [] and blk["diverged"] == [0, 1]
+    assert blk["per_seed"]["dead_fraction_total"] == [None, None] and blk["mean"]["dead_fraction_total"] is None
+    assert blk["reasons"]["dead_fraction_total"] == "seed 0: training diverged (non-finite weights)"
+    r = seed_order_reading(out["none"], ["plain"], "dead_fraction_total", "dead", [], "c")
+    assert "plain n/a (no finite value; seed 0: training diverged (non-finite weights)) (2 of 2 seeds diverged" in r

@@ -548,7 +548,9 @@ def seed_order_reading(block: dict[str, Any], groups: list[str], metric: str, la
 
     def val(g: str) -> str:
         st = stats[g]
-        return f"n/a ({st})" if isinstance(st, str) else f"{fmt(st[0])} +- {fmt(st[1], 2)}"
+        div = block[g].get("diverged") or []
+        note = f" ({len(div)} of {len(block[g]['per_seed'][metric])} seeds diverged, excluded)" if div else ""
+        return (f"n/a ({st})" if isinstance(st, str) else f"{fmt(st[0])} +- {fmt(st[1], 2)}") + note
 
     verdicts = []
     for hi, lo in pairs:

@@ -87,9 +87,10 @@ def seed_grid(runner: Runner, cfg: dict[str, Any], ds, key: dict[str, Any], devi
     """One net per (norm, group, seed): group (name, arch, biasreg), trained as step
     ``train_<name>_<norm>_s<seed>`` with ``cfg``'s training options, ``norm`` and ``seed`` (the data
     ``ds`` stay fixed), then ``analyse(step_name, cfg_of_the_net, model)`` -> an analysis step's result
-    whose ``summary`` holds ``metrics``. Returns ``{"seeds", "norms", "groups", <norm>: {<name>:
+    whose ``summary`` holds ``metrics`` (not called for a net with non-finite weights: its metrics are
+    None and its seed is listed under ``diverged``). Returns ``{"seeds", "norms", "groups", <norm>: {<name>:
     {"per_seed": {metric: [...], "test_acc": [...]}, "mean": {...}, "se": {...}, "reasons": {metric: the first
-    undefined seed's reason or None}}}}`` (mean and standard error over the seeds' finite values; None when
+    undefined seed's reason or None}, "diverged": [seeds whose training diverged]}}}`` (mean and standard error over the seeds' finite values; None when
     undefined, with one seed the standard error is None)."""
     out: dict[str, Any] = {"seeds": list(seeds), "norms": list(norms), "groups": [g[0] for g in groups]}
     for norm in norms:
@@ -97,6 +98,7 @@ def seed_grid(runner: Runner, cfg: dict[str, Any], ds, key: dict[str, Any], devi
         for name, arch, biasreg in groups:
             per: dict[str, list] = {m: [] for m in metrics + ["test_acc"]}
             reasons: dict[str, Any] = {m: None for m in metrics}
+            diverged: list[int] = []
             for seed in seeds:
                 c = {**cfg, "seed": seed, "norm": norm}
                 regs = (BiasReg(beta=cfg.get("biasreg_beta", 1e-3), b0=cfg.get("biasreg_b0", 0.1)),) if biasreg \
@@ -104,7 +106,13 @@ def seed_grid(runner: Runner, cfg: dict[str, Any], ds, key: dict[str, Any], devi
                 net = f"{name}_{norm}_s{seed}"
                 model, tr = train_step(runner, net, net_spec(c, ds, arch), ds, key, train_kwargs(c), device,
                                        regularizers=regs)
-                summ = analyse(net, c, model)["summary"]
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    # a diverged net has no metric: None with the reason, counted, never analysed
+                    diverged.append(seed)
+                    summ = {m: None for m in metrics}
+                    summ.update({f"{m}_reason": "training diverged (non-finite weights)" for m in metrics})
+                else:
+                    summ = analyse(net, c, model)["summary"]
                 for m in metrics:
                     per[m].append(summ.get(m))
                     if summ.get(m) is None and reasons[m] is None:
@@ -115,7 +123,7 @@ def seed_grid(runner: Runner, cfg: dict[str, Any], ds, key: dict[str, Any], devi
                 st = sample_stats(vals)
                 mean[m] = None if st is None else st[0]
                 se[m] = None if st is None or math.isnan(st[1]) else st[1]
-            out[norm][name] = {"per_seed": per, "mean": mean, "se": se, "reasons": reasons}
+            out[norm][name] = {"per_seed": per, "mean": mean, "se": se, "reasons": reasons, "diverged": diverged}
     return out
 
 
