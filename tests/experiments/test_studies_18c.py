@@ -69,6 +69,7 @@ def test_leaky_comparison_writes_figure_numbers_and_reading(leaky_run):
         assert sum(ad["rho"]) == pytest.approx(1.0, abs=1e-9) and max(ad["rho"]) * 2 <= 0.95 + 1e-9
         assert ad["rho"] != pytest.approx(eq["rho"])  # the adaptive updates ran
         assert ad["position"][-1] == pytest.approx(1.0, abs=1e-9)
+        assert ad["capped_layers"] == sum(v * 2 >= 0.95 - 1e-9 for v in ad["rho"]) and eq["capped_layers"] == 0
     reading = _check_spec(rep, res, "leaky_adaptive_steps", 4 + 4)  # 4 step lines, 4 loss bars
     assert "teacher 30-3-30" in reading and "teacher 30-6-3-30" in reading and "no seed spread" in reading
 

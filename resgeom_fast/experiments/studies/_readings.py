@@ -514,6 +514,9 @@ def leaky_steps_reading(cmp: dict[str, Any], conditions: str) -> str:
         else:
             ends = (f"adaptive end-to-middle step ratio {fmt(ratio)} ("
                     + ("more layers near the ends: holds" if ratio < 1 else "not more layers near the ends") + ")")
+            if ad.get("capped_layers"):
+                ends += (f", {ad['capped_layers']} of {len(ad.get('rho', []))} adaptive steps held at the cap "
+                         "rho_l Lt = 0.95")
         le, la = eq.get("test_data_loss"), ad.get("test_data_loss")
         if is_undefined(le) or is_undefined(la):
             loss = "test loss n/a"

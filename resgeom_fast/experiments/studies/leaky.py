@@ -276,7 +276,9 @@ def _step_comparison(runner: Runner, cfg: dict[str, Any], device: torch.device) 
             rho = last["rho"]
             block[scheme] = {"rho": rho, "layer": list(range(1, len(rho) + 1)),
                              "position": [float(v) for v in torch.tensor(rho, dtype=torch.float64).cumsum(0)],
-                             "end_step_ratio": end_step_ratio(rho), **last["final"]}
+                             "end_step_ratio": end_step_ratio(rho),
+                             # layers held at the cap rho_l * Lt = max_step (0.95) by the adaptive update
+                             "capped_layers": sum(v * out["lt"] >= 0.95 - 1e-9 for v in rho), **last["final"]}
         out["teachers"].append(tname)
         out[tname] = block
     return out
