@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as tdist
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -22,9 +21,8 @@ from resgeom_fast.core import distributed as rdist
 from resgeom_fast.core.checks import ArgumentValueError
 # the module's collective guard (failures become RankFailureError naming the silent ranks); no
 # public all_gather_object exists in core.distributed yet
-from resgeom_fast.core.distributed import _collective
-from resgeom_fast.core.modules import data_source, is_batch
-from resgeom_fast.operators.curvature import _is_map_dataset, check_distributed
+from resgeom_fast.core.modules import data_source, is_batch, is_map_dataset
+from resgeom_fast.operators.curvature import check_distributed
 
 from ._common import batches
 
@@ -49,7 +47,7 @@ def local_share(where: str, data: Any, distributed: str, split: str = "train") -
         raise ArgumentValueError(f"{where}: expected data that every rank reads in the same order for "
                                  f"distributed='split', got a shuffling DataLoader; pass its Dataset, a loader "
                                  f"with shuffle=False, or each rank's own share with distributed='sharded'")
-    return rdist.shard(data if _is_map_dataset(data) else data_source(where, data, split=split))
+    return rdist.shard(data if is_map_dataset(data) else data_source(where, data, split=split))
 
 
 def local_batches(where: str, data: Any, distributed: str, device: Optional[torch.device] = None,
@@ -68,12 +66,7 @@ def local_batches(where: str, data: Any, distributed: str, device: Optional[torc
 def gather_objects(where: str, obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order, on every rank (``all_gather_object``, one collective);
     ``[obj]`` without a process group. ``where`` names the caller in a RankFailureError."""
-    if not rdist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * rdist.world_size()
-    with _collective(where):
-        tdist.all_gather_object(out, obj)
-    return out
+    return rdist.all_gather_object(obj, fn=where)
 
 
 def raise_first(where: str, errors: list[Optional[BaseException]], mine: Optional[BaseException]) -> None:
@@ -91,7 +84,7 @@ def raise_first(where: str, errors: list[Optional[BaseException]], mine: Optiona
 
 def portable(exc: Optional[BaseException]) -> Optional[BaseException]:
     """``exc`` if it pickles (to travel in :func:`gather_objects`), else a RuntimeError with its text."""
-    return None if exc is None else rdist._portable(exc)
+    return None if exc is None else rdist.portable(exc)
 
 
 def sync_failure(where: str, failed_anywhere: bool, exc: Optional[BaseException]) -> None:

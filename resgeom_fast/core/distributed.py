@@ -39,8 +39,9 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_int
 
-__all__ = ["REPORT_GRACE_S", "DivergentRanksError", "RankFailureError", "all_reduce_sum", "broadcast_object", "is_initialized", "raise_together", "rank",
-           "shard", "shard_sizes", "world_size"]
+__all__ = ["REPORT_GRACE_S", "DivergentRanksError", "RankFailureError", "all_gather_object", "all_reduce_sum",
+           "broadcast_object", "is_initialized", "portable", "raise_together", "rank", "shard", "shard_sizes",
+           "world_size"]
 
 
 class DivergentRanksError(RuntimeError):
@@ -239,7 +240,18 @@ def broadcast_object(obj: Any, src: int = 0, *, fn: str = "broadcast_object") ->
     return box[0]
 
 
-def _portable(exc: BaseException) -> BaseException:
+def all_gather_object(obj: Any, *, fn: str = "all_gather_object") -> list[Any]:
+    """``obj`` of every rank, in rank order, on every rank (one ``all_gather_object``);
+    ``[obj]`` without a process group. ``fn``: the caller, named by a :class:`RankFailureError`."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    with _collective(fn):
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def portable(exc: BaseException) -> BaseException:
     """``exc`` if it survives pickling, else a RuntimeError carrying its type and message."""
     try:
         pickle.loads(pickle.dumps(exc))
@@ -264,7 +276,7 @@ def raise_together(fn: str, exc: Optional[BaseException]) -> None:
         return
     gathered: list[Any] = [None] * world_size()
     with _collective(fn):
-        dist.all_gather_object(gathered, None if exc is None else _portable(exc))
+        dist.all_gather_object(gathered, None if exc is None else portable(exc))
     failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
     if not failed:
         return

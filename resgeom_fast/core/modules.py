@@ -43,7 +43,7 @@ from resgeom_fast.core.checks import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "POINTS", "Capture", "StopForward", "as_batches", "attention_math", "capture_inputs",
-    "capture_outputs", "capture_points", "data_source", "is_batch", "module_mode",
+    "capture_outputs", "capture_points", "data_source", "is_batch", "is_map_dataset", "module_mode",
 ]
 
 POINTS = ("input", "output")
@@ -290,7 +290,8 @@ def _is_package_dataset(data: Any) -> bool:
     return hasattr(data, "tensors") and hasattr(data, "x_train")
 
 
-def _is_map_dataset(data: Any) -> bool:
+def is_map_dataset(data: Any) -> bool:
+    """Whether ``data`` is a map-style torch Dataset with a length (read by index, not iterated)."""
     return (isinstance(data, TorchDataset) and not isinstance(data, IterableDataset)
             and hasattr(data, "__len__"))
 
@@ -333,7 +334,7 @@ def data_source(fn: str, data: Any, *, batch_size: Optional[int] = None,
     if is_batch(data):
         x, y = data
         return tuple(data) if batch_size is None else _chunks(x, y, batch_size)
-    if _is_map_dataset(data):
+    if is_map_dataset(data):
         return DataLoader(data, batch_size=batch_size or DEFAULT_BATCH_SIZE, shuffle=False)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Tensor)):
         return data

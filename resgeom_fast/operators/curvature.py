@@ -28,11 +28,10 @@ from typing import Any, ClassVar, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from torch.utils.data import Dataset, IterableDataset
 
 from resgeom_fast.core import distributed as dist
 from resgeom_fast.core.checks import ArgumentValueError, check_choice, check_type, type_error
-from resgeom_fast.core.modules import data_source
+from resgeom_fast.core.modules import data_source, is_map_dataset
 from resgeom_fast.linalg.operator import LinearOperator
 from resgeom_fast.operators._autotune import AutoTuner, resolve_hvp, verify_tolerance
 from resgeom_fast.operators._data import Batches, _probe, has_batchnorm, is_single_batch, module_mode
@@ -71,10 +70,6 @@ def _fingerprint(mats: Sequence[Tensor], device: torch.device) -> tuple[Tensor, 
         fp += (flat @ probe.to(flat.dtype)).double()
         scale += torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) * probe.norm()
     return fp, scale
-
-
-def _is_map_dataset(data: Any) -> bool:
-    return isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
 
 
 def check_distributed(fn: str, distributed: Optional[str]) -> Optional[str]:
@@ -159,7 +154,7 @@ class CurvatureEngine:
         self._primals: Optional[list[tuple[float, Any]]] = None
         self._forward_checked = False    # the structured logits matched model(x) over a whole pass
         bn_train = batchnorm == "train" and has_batchnorm(model)
-        if self.distributed == "split" and bn_train and (_is_map_dataset(data) or
+        if self.distributed == "split" and bn_train and (is_map_dataset(data) or
                                                          is_single_batch(data_source(fn, data))):
             raise ArgumentValueError(
                 f"{fn}: distributed='split' with batchnorm='train' needs data as a list of batches or a "
@@ -213,7 +208,7 @@ class CurvatureEngine:
         if self.distributed != "split":
             return data
         # a torch Dataset is split by index (then read in batches); anything else as data_source reads it
-        return dist.shard(data if _is_map_dataset(data) else data_source(self.fn, data))
+        return dist.shard(data if is_map_dataset(data) else data_source(self.fn, data))
 
     def _count(self, fn: str, err: Optional[Exception]) -> int:
         """Raise a local failure of reading the data on every rank; set the global sample count
