@@ -172,6 +172,7 @@ def test_singularities_over_seeds_writes_figure_and_matches_direct_calls(tmp_pat
     res = json.load(open(rep.results_path))
     blk = res["over_seeds"]
     assert blk["norms"] == ["batch", "none"] and blk["seeds"] == [0, 1]
+    assert blk["lr"] == {"batch": 0.05, "none": 0.002}  # norm=none nets train with seed_none_lr
     assert blk["groups"] == ["plain", "residual", "plain_biasreg", "residual_biasreg"]
     for norm in blk["norms"]:
         for name, arch in (("plain", "plain"), ("residual_biasreg", "residual")):
@@ -222,7 +223,7 @@ def test_hessian_over_seeds_writes_figure_and_matches_direct_calls(tmp_path):
 
 def test_seed_grid_records_a_diverged_net_as_undefined_with_its_reason(tmp_path):
     cfg = {o.name: o.default for o in SINGULARITIES.options}
-    cfg.update(n_train=300, width=8, depth=2, epochs=1, lr=1e6, norm="none")  # lr 1e6: the weights become NaN
+    cfg.update(n_train=300, width=8, depth=2, epochs=1, seed_none_lr=1e6)  # lr 1e6: the weights become NaN
     ds, key = study_data(cfg)
     called = []
 

@@ -434,7 +434,8 @@ def seed_bars_figure(name: str, title: str, at: str, metrics: list[tuple[str, st
         for norm in blk["norms"]:
             for lab, key in metrics:
                 parts.append(seed_order_reading(blk[norm], blk["groups"], key, f"{lab}, norm={norm}", pairs,
-                                                f"{conditions}, norm {norm}, seeds {blk['seeds']}"))
+                                                f"{conditions}, norm {norm}, lr {fmt((blk.get('lr') or {}).get(norm))}, "
+                                                f"seeds {blk['seeds']}"))
         return ". ".join(parts) + "."
 
     return FigureSpec(name, title, build, reading)

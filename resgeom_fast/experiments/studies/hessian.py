@@ -17,7 +17,7 @@ from resgeom_fast.models import BiasReg
 from ..common import resolve_device, train_step
 from ..config import UsageError
 from ..figures import bars, new_figure
-from ..report import FigureSpec
+from ..report import FigureSpec, fmt
 from ..runner import Runner
 from ._figures import density_figure, seed_bars_figure, training_figure
 from ._readings import degeneracy_order_reading, net_conditions, sample_stats
@@ -47,6 +47,8 @@ SEED_OPTIONS = [
     opt("seed_archs", "str", "plain,residual,hyper,orthogonal",
         f"comma list of architectures of the comparison over seeds among {', '.join(ARCH_CHOICES)}"),
     opt("seed_norms", "str", "batch,none", "comma list of normalisations of the comparison over seeds (batch, none)"),
+    opt("seed_none_lr", "float", 0.002, "learning rate of the comparison's norm=none nets (the norm=batch nets use "
+        "lr; at lr 0.05 every depth-8 fc net without normalisation diverged on digits)", minimum=0),
 ]
 HESSIAN_MASS_METRICS = [("near-zero mass |lambda| < eps lambda_max", "degenerate_fraction_rel"),
                         ("near-zero mass |lambda| < abs_eps", "degenerate_fraction_abs")]
@@ -74,10 +76,10 @@ def parse_seed_list(cfg: dict[str, Any]) -> tuple[list[int], list[str], list[str
 
 
 def grid_conditions(cfg: dict[str, Any]) -> str:
-    """The conditions of the comparison over seeds: :func:`net_conditions` without the norm and the
-    seed (the readings name both), and the data's seed."""
+    """The conditions of the comparison over seeds: :func:`net_conditions` without the norm, the
+    learning rate and the seed (the readings name them per norm), and the data's seed."""
     text = net_conditions(cfg).rsplit(", seed", 1)[0]
-    text = text.replace(f", norm {cfg.get('norm', 'batch')}", "")
+    text = text.replace(f", norm {cfg.get('norm', 'batch')}", "").replace(f"SGD lr {fmt(cfg.get('lr'))}", "SGD")
     return f"{text}, data of seed {cfg['seed']}"
 
 
@@ -85,22 +87,24 @@ def seed_grid(runner: Runner, cfg: dict[str, Any], ds, key: dict[str, Any], devi
               groups: list[tuple[str, str, bool]], seeds: list[int], norms: list[str],
               analyse: Callable[[str, dict[str, Any], Any], dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
     """One net per (norm, group, seed): group (name, arch, biasreg), trained as step
-    ``train_<name>_<norm>_s<seed>`` with ``cfg``'s training options, ``norm`` and ``seed`` (the data
+    ``train_<name>_<norm>_s<seed>`` with ``cfg``'s training options (lr ``seed_none_lr`` for norm=none), ``norm`` and ``seed`` (the data
     ``ds`` stay fixed), then ``analyse(step_name, cfg_of_the_net, model)`` -> an analysis step's result
     whose ``summary`` holds ``metrics`` (not called for a net with non-finite weights: its metrics are
     None and its seed is listed under ``diverged``). Returns ``{"seeds", "norms", "groups", <norm>: {<name>:
     {"per_seed": {metric: [...], "test_acc": [...]}, "mean": {...}, "se": {...}, "reasons": {metric: the first
     undefined seed's reason or None}, "diverged": [seeds whose training diverged]}}}`` (mean and standard error over the seeds' finite values; None when
     undefined, with one seed the standard error is None)."""
-    out: dict[str, Any] = {"seeds": list(seeds), "norms": list(norms), "groups": [g[0] for g in groups]}
+    out: dict[str, Any] = {"seeds": list(seeds), "norms": list(norms), "groups": [g[0] for g in groups], "lr": {}}
     for norm in norms:
+        lr = cfg.get("seed_none_lr", cfg["lr"]) if norm == "none" else cfg["lr"]
+        out["lr"][norm] = lr
         out[norm] = {}
         for name, arch, biasreg in groups:
             per: dict[str, list] = {m: [] for m in metrics + ["test_acc"]}
             reasons: dict[str, Any] = {m: None for m in metrics}
             diverged: list[int] = []
             for seed in seeds:
-                c = {**cfg, "seed": seed, "norm": norm}
+                c = {**cfg, "seed": seed, "norm": norm, "lr": lr}
                 regs = (BiasReg(beta=cfg.get("biasreg_beta", 1e-3), b0=cfg.get("biasreg_b0", 0.1)),) if biasreg \
                     else ()
                 net = f"{name}_{norm}_s{seed}"
