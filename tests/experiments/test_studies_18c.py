@@ -145,6 +145,10 @@ def test_seed_order_reading_resolves_only_beyond_two_standard_errors():
     blk = _block({"plain": [0.1, 0.11, 0.12], "residual": [0.5, 0.51, 0.49]})
     r = seed_order_reading(blk, ["plain", "residual"], "m", "dead", [("plain", "residual")], "cond")
     assert "plain >= residual is reversed" in r
+    # equal with no spread (e.g. no dead unit on any seed): no order
+    blk = _block({"plain": [0.0, 0.0], "residual": [0.0, 0.0]})
+    r = seed_order_reading(blk, ["plain", "residual"], "m", "dead", [("plain", "residual")], "cond")
+    assert "plain = residual on every seed (no spread), so no order" in r
     # one seed: no spread, never resolved
     blk = _block({"plain": [0.9], "residual": [0.1]})
     r = seed_order_reading(blk, ["plain", "residual"], "m", "dead", [("plain", "residual")], "cond")

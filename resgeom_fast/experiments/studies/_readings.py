@@ -563,7 +563,9 @@ def seed_order_reading(block: dict[str, Any], groups: list[str], metric: str, la
             verdicts.append(f"{hi} >= {lo} not compared (n/a)")
             continue
         z = contrast_z(stats[hi], stats[lo])
-        if math.isnan(z):
+        if stats[hi][0] == stats[lo][0] and stats[hi][1] == 0 and stats[lo][1] == 0:
+            verdicts.append(f"{hi} = {lo} on every seed (no spread), so no order")
+        elif math.isnan(z):
             verdicts.append(f"{hi} >= {lo} not resolved (one seed: no spread)")
         elif abs(z) < CONTRAST_Z:
             verdicts.append(f"{hi} >= {lo} not resolved (|z| {abs(z):.1f} < {CONTRAST_Z:g})")
