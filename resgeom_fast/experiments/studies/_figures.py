@@ -416,7 +416,8 @@ def seed_bars_figure(name: str, title: str, at: str, metrics: list[tuple[str, st
         width = 0.8 / max(n, 1)
         for ax, norm in zip(axes, norms):
             bars(ax, r, groups, [(lab, f"{at}.{norm}.{{g}}.mean.{key}") for lab, key in metrics],
-                 title=f"{title}, norm={norm} (mean +- s.e. over {len(blk['seeds'])} seeds)", ylabel="fraction")
+                 title=f"{title}, norm={norm}, lr {fmt((blk.get('lr') or {}).get(norm))}\n(mean +- s.e. over the "
+                 f"seeds with a value, of {len(blk['seeds'])}; diverged seeds excluded)", ylabel="fraction")
             for j, (_, key) in enumerate(metrics):
                 xs = [i + (j - (n - 1) / 2) * width for i in range(len(groups))]
                 ys = [blk[norm][g]["mean"][key] for g in groups]
