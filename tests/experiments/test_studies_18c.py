@@ -158,6 +158,11 @@ def test_seed_order_reading_resolves_only_beyond_two_standard_errors():
     blk["plain"]["reasons"]["m"] = "seed 0: unresolved at steps=6"
     r = seed_order_reading(blk, ["plain", "residual"], "m", "dead", [("plain", "residual")], "cond")
     assert "plain n/a (no finite value; seed 0: unresolved at steps=6)" in r and "not compared (n/a)" in r
+    # a mean over some of the seeds says how many were left out and why
+    blk = _block({"plain": [0.5, None, 0.6], "residual": [0.1, 0.2, 0.1]})
+    blk["plain"]["diverged"] = []
+    r = seed_order_reading(blk, ["plain", "residual"], "m", "dead", [("plain", "residual")], "cond")
+    assert "plain 0.55 +- 0.05 (1 of 3 seeds without a value, excluded: 1 undefined)" in r
 
 
 # ------------------------------------------------------------------------------ singularities over seeds
@@ -244,4 +249,5 @@ def test_seed_grid_records_a_diverged_net_as_undefined_with_its_reason(tmp_path)
     assert blk["per_seed"]["dead_fraction_total"] == [None, None] and blk["mean"]["dead_fraction_total"] is None
     assert blk["reasons"]["dead_fraction_total"] == "seed 0: training diverged (non-finite weights)"
     r = seed_order_reading(out["none"], ["plain"], "dead_fraction_total", "dead", [], "c")
-    assert "plain n/a (no finite value; seed 0: training diverged (non-finite weights)) (2 of 2 seeds diverged" in r
+    assert ("plain n/a (no finite value; seed 0: training diverged (non-finite weights)) (2 of 2 seeds without a "
+            "value, excluded: 2 diverged)") in r

@@ -551,8 +551,11 @@ def seed_order_reading(block: dict[str, Any], groups: list[str], metric: str, la
 
     def val(g: str) -> str:
         st = stats[g]
-        div = block[g].get("diverged") or []
-        note = f" ({len(div)} of {len(block[g]['per_seed'][metric])} seeds diverged, excluded)" if div else ""
+        vals = block[g]["per_seed"][metric]
+        div = len(block[g].get("diverged") or [])
+        missing = sum(v is None or not math.isfinite(float(v)) for v in vals)
+        kinds = ([f"{div} diverged"] if div else []) + ([f"{missing - div} undefined"] if missing > div else [])
+        note = f" ({missing} of {len(vals)} seeds without a value, excluded: {', '.join(kinds)})" if missing else ""
         return (f"n/a ({st})" if isinstance(st, str) else f"{fmt(st[0])} +- {fmt(st[1], 2)}") + note
 
     verdicts = []
