@@ -175,6 +175,7 @@ def _load_net(rep, res: dict, name: str, arch: str, norm: str, seed: int):
     return model.eval(), ds
 
 
+@pytest.mark.slow  # 16 tiny nets: ~12 s idle, ~30 s on the loaded 2-core machine
 def test_singularities_over_seeds_writes_figure_and_matches_direct_calls(tmp_path):
     rep = run_study("singularities", out=str(tmp_path / "s"),
                     sets=NET + ["archs=plain", "seeds=0,1", "seed_archs=plain,residual"], progress=False)
@@ -208,6 +209,7 @@ def test_singularities_rejects_bad_seed_options(tmp_path):
 
 
 # ------------------------------------------------------------------------------ hessian over seeds
+@pytest.mark.slow  # 6 full-Lanczos spectra: ~20 s idle, ~60 s on the loaded 2-core machine
 def test_hessian_over_seeds_writes_figure_and_matches_direct_calls(tmp_path):
     # width 3, depth 2, no norm: P = 283 parameters and Lanczos runs all 283 steps, so the near-zero
     # mass is resolved (a few seconds per spectrum); both norms are exercised by the singularities test
