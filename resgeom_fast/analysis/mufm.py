@@ -30,12 +30,11 @@ from torch import Tensor
 import torch.nn.functional as F
 
 from resgeom_fast.core.checks import check_type
-from resgeom_fast.linalg import NonFiniteError
 
-from resgeom_fast._progress import progress as progress_bar
 
 from ._common import Result, check_float, check_int
 from ._common import check_finite_tensor
+from ._lbfgs import lbfgs
 from .collapse import METRICS, collapse_metrics, finish_metric_axes, layer_spearman
 from .plotting import as_result_dict, figure_axes, join, lines
 
@@ -188,40 +187,11 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
     w = (0.01 * torch.randn(num_classes, d, generator=gen, dtype=torch.float64)).to(x.device).requires_grad_(True)
     hs = [x.clone().requires_grad_(True) for _ in range(depth)]
     params = hs + [w]
-    opt = torch.optim.LBFGS(params, lr=lr, max_iter=1, max_eval=26, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=tol, tolerance_change=0.0)
-    state = opt.state[params[0]]
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = mufm_objective(x, y, hs, w, lam_W, lam_H)
-        loss.backward()
-        return loss
-
-    bar = progress_bar(steps, "mufm", enabled=progress, unit="iterations")
-    # every step() evaluates f at the current point first and returns it; it takes no iteration
-    # (state["n_iter"] unchanged) when the largest gradient entry is <= tol
-    history: list[float] = []
-    steps_run, converged = 0, False
-    while True:
-        history.append(float(opt.step(closure).detach()))
-        if not math.isfinite(history[-1]):
-            bar.close()
-            raise NonFiniteError(f"{where}: the objective became {history[-1]} after {steps_run} L-BFGS "
-                                 f"iterations (lam_W={lam_W}, lam_H={lam_H}, lr={lr}); no result was produced")
-        if state.get("n_iter", 0) == steps_run:
-            converged = True
-            break
-        steps_run += 1
-        bar.set_postfix_str(f"loss={history[-1]:.6g}")  # before update: a plain line shows this step's loss
-        bar.update(1)
-        if steps_run >= steps or (len(history) > 2 and history[-1] == history[-2] == history[-3]):
-            break  # budget spent, or no progress possible in float64
-    bar.close()
-    final = closure()
-    grad = torch.cat([p.grad.flatten() for p in params])
+    run = lbfgs(where, lambda: mufm_objective(x, y, hs, w, lam_W, lam_H), params, steps=steps, tol=tol, lr=lr,
+                name="mufm", progress=progress, describe=f"lam_W={lam_W}, lam_H={lam_H}, lr={lr}")
+    history, steps_run, converged, grad = run.history, run.steps_run, run.stopped_at_tol, run.grad
     if not converged:
-        history.append(float(final.detach()))
+        history.append(run.final)
         converged = float(grad.abs().max()) <= tol
     grad_norm = float(grad.norm())
 

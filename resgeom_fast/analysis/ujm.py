@@ -55,11 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from resgeom_fast._progress import progress as progress_bar
 from resgeom_fast.core.checks import check_type
-from resgeom_fast.linalg import NonFiniteError
 
 from ._common import Result, check_finite_tensor, check_float, check_int
+from ._lbfgs import lbfgs
 from .alignment import diag_ratio, numerical_rank, trajectory_metrics
 from .plotting import as_result_dict, figure_axes, join, lines
 
@@ -357,39 +356,11 @@ def ujm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_J: float =
     w = (0.01 * torch.randn(C, d, generator=gen, dtype=torch.float64)).to(x.device).requires_grad_(True)
     js = [torch.zeros(d, d, dtype=torch.float64, device=x.device, requires_grad=True) for _ in range(depth)]
     params = js + [w]
-    opt = torch.optim.LBFGS(params, lr=lr, max_iter=1, max_eval=26, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=tol, tolerance_change=0.0)
-    state = opt.state[params[0]]
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = ujm_objective(x, y, js, w, lam_W, lam_J)
-        loss.backward()
-        return loss
-
-    bar = progress_bar(steps, "ujm", enabled=progress, unit="iterations")
-    # every step() evaluates f at the current point first and returns it; it takes no iteration
-    # (state["n_iter"] unchanged) when the largest gradient entry is <= tol
-    history: list[float] = []
-    steps_run = 0
-    while True:
-        history.append(float(opt.step(closure).detach()))
-        if not math.isfinite(history[-1]):
-            bar.close()
-            raise NonFiniteError(f"{where}: the objective became {history[-1]} after {steps_run} L-BFGS "
-                                 f"iterations (lam_W={lam_W}, lam_J={lam_J}, lr={lr}); no result was produced")
-        if state.get("n_iter", 0) == steps_run:
-            break
-        steps_run += 1
-        bar.set_postfix_str(f"loss={history[-1]:.6g}")
-        bar.update(1)
-        if steps_run >= steps or (len(history) > 2 and history[-1] == history[-2] == history[-3]):
-            break  # budget spent, or no progress possible in float64
-    bar.close()
-    final = closure()
-    if float(final.detach()) != history[-1]:
-        history.append(float(final.detach()))
-    grad = torch.cat([p.grad.flatten() for p in params])
+    run = lbfgs(where, lambda: ujm_objective(x, y, js, w, lam_W, lam_J), params, steps=steps, tol=tol, lr=lr,
+                name="ujm", progress=progress, describe=f"lam_W={lam_W}, lam_J={lam_J}, lr={lr}")
+    history, steps_run, grad = run.history, run.steps_run, run.grad
+    if run.final != history[-1]:
+        history.append(run.final)
     grad_max = float(grad.abs().max())
     jd = [j.detach().cpu() for j in js]
     wd = w.detach().cpu()

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from resgeom_fast import operators
 from resgeom_fast.analysis import collapse, residual_alignment, trajectory_metrics
@@ -33,6 +32,7 @@ from resgeom_fast.analysis.spectrum import hessian_spectrum
 from resgeom_fast.core.blocks import mark_residual_sublayers, residual_blocks
 from resgeom_fast.core.checks import ArgumentValueError
 from resgeom_fast.operators import residual_jacobians
+from tests.analysis._vit import _Math, _stream
 
 tv = pytest.importorskip("torchvision")
 
@@ -70,20 +70,6 @@ def _images(n: int, seed: int = 1, classes: int = C) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-class _Math:
-    """torch's math SDPA kernel and MHA's slow path, for the reference derivatives."""
-
-    def __enter__(self) -> None:
-        self.was = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        self.k = sdpa_kernel(SDPBackend.MATH)
-        self.k.__enter__()
-
-    def __exit__(self, *a) -> None:
-        self.k.__exit__(*a)
-        torch.backends.mha.set_fastpath_enabled(self.was)
-
-
 def _branch_maps(enc: nn.Module) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """The two residual branches of a torchvision EncoderBlock, written from its forward:
     attention h -> dropout(attn(ln_1(h))), MLP x -> mlp(ln_2(x)); h [n, S, W]."""
@@ -94,24 +80,6 @@ def _branch_maps(enc: nn.Module) -> tuple[Callable[[Tensor], Tensor], Callable[[
     def mlp(x: Tensor) -> Tensor:
         return enc.mlp(enc.ln_2(x))
     return attn, mlp
-
-
-def _stream(model: nn.Module, x: Tensor, encs: list[nn.Module], mids: list[nn.Module]) -> list[Tensor]:
-    """h_0 (the first encoder block's input), then after each sublayer: the input of the norm
-    before the MLP (attention done) and the block's output (MLP done). Plain hooks."""
-    got: list[Tensor] = []
-    hs = [encs[0].register_forward_pre_hook(lambda m, a: got.append(a[0].detach().clone()))]
-    for enc, mid in zip(encs, mids):
-        hs.append(mid.register_forward_pre_hook(lambda m, a: got.append(a[0].detach().clone())))
-        hs.append(enc.register_forward_hook(lambda m, a, o: got.append(o.detach().clone())))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hs:
-            h.remove()
-    assert len(got) == 2 * len(encs) + 1
-    return got
 
 
 @pytest.fixture(scope="module")

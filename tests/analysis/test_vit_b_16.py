@@ -24,9 +24,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from resgeom_fast.analysis import collapse, hessian_spectrum, path_expansion, singularities
+from tests.analysis._vit import _Math, _stream
 
 tv = pytest.importorskip("torchvision")
 
@@ -56,43 +56,12 @@ def _data(seed: int = 1) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _stream(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """h_0 .. h_24: the first encoder block's input, then after each attention (ln_2's input) and
-    each MLP (the block's output), by plain hooks."""
-    encs = list(model.encoder.layers)
-    got: list[Tensor] = []
-    hs = [encs[0].register_forward_pre_hook(lambda m, a: got.append(a[0].detach().clone()))]
-    for enc in encs:
-        hs.append(enc.ln_2.register_forward_pre_hook(lambda m, a: got.append(a[0].detach().clone())))
-        hs.append(enc.register_forward_hook(lambda m, a, o: got.append(o.detach().clone())))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hs:
-            h.remove()
-    assert len(got) == 25
-    return got
-
-
-class _Math:
-    def __enter__(self) -> None:
-        self.was = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        self.k = sdpa_kernel(SDPBackend.MATH)
-        self.k.__enter__()
-
-    def __exit__(self, *a) -> None:
-        self.k.__exit__(*a)
-        torch.backends.mha.set_fastpath_enabled(self.was)
-
-
 def test_collapse_of_the_class_token_matches_numpy(vit):
     x, y = _data()
     r = collapse(vit, (x, y), num_classes=C)          # tokens="auto": the class token (vit has class_token)
     assert r.tokens == "cls" and r.layers == list(range(25)) and r.widths == [768] * 25
     yy = y.numpy()
-    for l, h in enumerate(_stream(vit, x)):
+    for l, h in enumerate(_stream(vit, x, list(vit.encoder.layers), [e.ln_2 for e in vit.encoder.layers])):
         H = h[:, 0].numpy()                           # the class token [N, 768]
         mu = np.stack([H[yy == c].mean(0) for c in range(C)])
         muG = H.mean(0)
@@ -152,7 +121,7 @@ def test_singularities_of_the_last_mlp_gelu_match_numpy(vit):
 def test_path_expansion_over_four_sublayers_matches_jvp(vit):
     x, _ = _data()
     x = x[:2]
-    hs = _stream(vit, x)
+    hs = _stream(vit, x, list(vit.encoder.layers), [e.ln_2 for e in vit.encoder.layers])
     g = torch.Generator().manual_seed(5)
     v = torch.randn(2, 5, 768, generator=g, dtype=torch.float64)
     r = path_expansion(vit, x, v=v, blocks=[0, 1, 2, 3])
@@ -190,7 +159,7 @@ def test_hessian_spectrum_of_the_tail_parameters_matches_dense(vit):
         warnings.filterwarnings("ignore", message="hessian_spectrum: .* mass fraction", category=UserWarning)
         r = hessian_spectrum(vit, F.cross_entropy, (x, y), params=names, k=4, probes=2, steps=30, trace_probes=30,
                              seed=0)
-    h24 = _stream(vit, x)[-1]
+    h24 = _stream(vit, x, list(vit.encoder.layers), [e.ln_2 for e in vit.encoder.layers])[-1]
     params = dict(vit.named_parameters())
     p0 = torch.cat([params[n].detach().reshape(-1) for n in names])
     sizes = [params[n].numel() for n in names]
