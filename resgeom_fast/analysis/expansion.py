@@ -114,6 +114,19 @@ def _check_not_hyper(fn: str, model: nn.Module) -> None:
             "that the residual expansion decomposes; use a model with hyper=False")
 
 
+def _stack_inputs(fn: str, model: nn.Module, x: Any) -> tuple[list[BlockInfo], list[Tensor]]:
+    """Checked x (floating point, the model's device / dtype), not hyper-residual; every block and
+    its captured, finite input."""
+    _check_x(fn, model, x)
+    if not x.is_floating_point():
+        raise ValueError(f"{fn}: expected floating-point x, got {x.dtype}")
+    _check_not_hyper(fn, model)
+    infos = residual_blocks(model)
+    hs = block_inputs(model, x, infos)
+    _check_states(fn, infos, hs)
+    return infos, hs
+
+
 def _scale_value(info: BlockInfo) -> float:
     s = info.scale
     return float(s.detach()) if isinstance(s, Tensor) else float(s)
@@ -586,13 +599,7 @@ def plain_runs(model: nn.Module, x: Tensor) -> list[list[int]]:
         parameter / buffer / x or the block whose input overflowed.
     """
     fn = "plain_runs"
-    _check_x(fn, model, x)
-    if not x.is_floating_point():
-        raise ValueError(f"{fn}: expected floating-point x, got {x.dtype}")
-    _check_not_hyper(fn, model)
-    infos = residual_blocks(model)
-    hs = block_inputs(model, x, infos)
-    _check_states(fn, infos, hs)
+    infos, hs = _stack_inputs(fn, model, x)
     return _runs(range(len(infos)), _chain_breaks(infos, hs, _block_outputs(infos, hs)))
 
 
@@ -671,13 +678,7 @@ def second_order_expansion(model: nn.Module, x: Tensor) -> ExpansionResult:
             (the block input or expansion term named).
     """
     fn = "second_order_expansion"
-    _check_x(fn, model, x)
-    if not x.is_floating_point():
-        raise ValueError(f"{fn}: expected floating-point x, got {x.dtype}")
-    _check_not_hyper(fn, model)
-    infos = residual_blocks(model)
-    hs = block_inputs(model, x, infos)
-    _check_states(fn, infos, hs)
+    infos, hs = _stack_inputs(fn, model, x)
     for info in infos:
         if not isinstance(info.skip, nn.Identity):
             raise ValueError(f"{fn}: block {info.name!r} has skip {type(info.skip).__name__}; the Taylor "

@@ -911,15 +911,8 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
                         expected[id(lay.module)] = expected.get(id(lay.module), 0) + 1
                     stats = [_Stats(l, device) for l in chosen]
                     watch = _Watch(chosen, stats, dead_tol)
-                watch.reset(i)
-                model(x)
+                _run_batch(model, x, i, watch, expected, chosen)
                 n_samples += int(x.shape[0])
-                for m in watch.modules:
-                    if watch.calls[id(m)] != expected[id(m)]:
-                        name = next(l.module_name for l in chosen if l.module is m)
-                        raise ValueError(f"{_WHERE}: expected {type(m).__name__} {name!r} to run {expected[id(m)]} "
-                                         f"time(s) per forward pass as on the first batch, it ran "
-                                         f"{watch.calls[id(m)]} times on batch {i}")
     finally:
         if watch is not None:
             watch.remove()
