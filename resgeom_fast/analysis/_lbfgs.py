@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -12,7 +12,9 @@ from torch import Tensor
 from resgeom_fast._progress import progress as progress_bar
 from resgeom_fast.linalg import NonFiniteError
 
-__all__ = ["LBFGSRun", "lbfgs"]
+from ._common import check_finite_tensor, check_int
+
+__all__ = ["LBFGSRun", "check_features_labels", "lbfgs"]
 
 
 @dataclass
@@ -78,3 +80,36 @@ def lbfgs(where: str, objective: Callable[[], Tensor], params: Sequence[Tensor],
     final = closure()
     grad = torch.cat([p.grad.flatten() for p in params])
     return LBFGSRun(history, steps_run, at_tol, float(final.detach()), grad)
+
+
+def check_features_labels(where: str, X: Any, Y: Any, num_classes: Optional[int]) -> int:
+    """The checks of :func:`~resgeom_fast.analysis.mufm` / :func:`~resgeom_fast.analysis.ujm` on the
+    features X [N, D] (floating, finite) and integer labels Y [N] (every class of C present);
+    returns C (``num_classes``, or max(Y) + 1)."""
+    if not isinstance(X, Tensor) or not X.is_floating_point():
+        raise TypeError(f"{where}: expected X a floating Tensor [N, D], got "
+                        f"{type(X).__name__ if not isinstance(X, Tensor) else X.dtype}")
+    if X.dim() != 2 or X.shape[0] < 2 or X.shape[1] < 1:
+        raise ValueError(f"{where}: expected X of shape [N, D] with N >= 2, D >= 1, got {tuple(X.shape)}")
+    if not isinstance(Y, Tensor) or Y.is_floating_point() or Y.dtype == torch.bool or Y.is_complex():
+        raise TypeError(f"{where}: expected Y a Tensor of integer class labels [N], got "
+                        f"{type(Y).__name__ if not isinstance(Y, Tensor) else Y.dtype}")
+    if Y.shape != (X.shape[0],):
+        raise ValueError(f"{where}: expected Y of shape [{X.shape[0]}], got {tuple(Y.shape)}")
+    if Y.device != X.device:
+        raise ValueError(f"{where}: expected Y on X's device {X.device}, got {Y.device}")
+    if int(Y.min()) < 0:
+        raise ValueError(f"{where}: expected Y >= 0, got {int(Y.min())}")
+    if num_classes is None:
+        num_classes = int(Y.max()) + 1
+        check_int(where, "num_classes", num_classes, 2, hint=" (inferred as max(Y) + 1)")
+    else:
+        check_int(where, "num_classes", num_classes, 2)
+    if int(Y.max()) >= num_classes:
+        raise ValueError(f"{where}: expected Y in [0, {num_classes - 1}], got {int(Y.max())}")
+    counts = torch.bincount(Y.long(), minlength=num_classes)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"{where}: expected at least one sample of every class, got none of class(es) {empty}")
+    check_finite_tensor(where, X.detach(), "X")
+    return num_classes

@@ -33,8 +33,7 @@ from resgeom_fast.core.checks import check_type
 
 
 from ._common import Result, check_float, check_int
-from ._common import check_finite_tensor
-from ._lbfgs import lbfgs
+from ._lbfgs import check_features_labels, lbfgs
 from .collapse import METRICS, collapse_metrics, finish_metric_axes, layer_spearman
 from .plotting import as_result_dict, figure_axes, join, lines
 
@@ -145,18 +144,7 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
         :class:`MUFMResult` (metrics of X = H_0 and of H_1..H_L, loss history, final gradient norm).
     """
     where = "mufm"
-    if not isinstance(X, Tensor) or not X.is_floating_point():
-        raise TypeError(f"{where}: expected X a floating Tensor [N, D], got "
-                        f"{type(X).__name__ if not isinstance(X, Tensor) else X.dtype}")
-    if X.dim() != 2 or X.shape[0] < 2 or X.shape[1] < 1:
-        raise ValueError(f"{where}: expected X of shape [N, D] with N >= 2, D >= 1, got {tuple(X.shape)}")
-    if not isinstance(Y, Tensor) or Y.is_floating_point() or Y.dtype == torch.bool or Y.is_complex():
-        raise TypeError(f"{where}: expected Y a Tensor of integer class labels [N], got "
-                        f"{type(Y).__name__ if not isinstance(Y, Tensor) else Y.dtype}")
-    if Y.shape != (X.shape[0],):
-        raise ValueError(f"{where}: expected Y of shape [{X.shape[0]}], got {tuple(Y.shape)}")
-    if Y.device != X.device:
-        raise ValueError(f"{where}: expected Y on X's device {X.device}, got {Y.device}")
+    num_classes = check_features_labels(where, X, Y, num_classes)
     check_int(where, "depth", depth, 1)
     lam_W = check_float(where, "lam_W", lam_W, 0.0, open_lo=True)
     lam_H = check_float(where, "lam_H", lam_H, 0.0, open_lo=True)
@@ -165,20 +153,6 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
     tol = check_float(where, "tol", tol, 0.0, open_lo=True)
     check_int(where, "seed", seed, 0)
     check_type(where, "progress", progress, bool, "a bool")
-    if int(Y.min()) < 0:
-        raise ValueError(f"{where}: expected Y >= 0, got {int(Y.min())}")
-    if num_classes is None:
-        num_classes = int(Y.max()) + 1
-        check_int(where, "num_classes", num_classes, 2, hint=" (inferred as max(Y) + 1)")
-    else:
-        check_int(where, "num_classes", num_classes, 2)
-    if int(Y.max()) >= num_classes:
-        raise ValueError(f"{where}: expected Y in [0, {num_classes - 1}], got {int(Y.max())}")
-    counts = torch.bincount(Y.long(), minlength=num_classes)
-    empty = torch.nonzero(counts == 0).flatten().tolist()
-    if empty:
-        raise ValueError(f"{where}: expected at least one sample of every class, got none of class(es) {empty}")
-    check_finite_tensor(where, X.detach(), "X")
 
     x = X.detach().to(torch.float64)
     y = Y.long()
