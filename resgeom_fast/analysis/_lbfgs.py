@@ -12,9 +12,11 @@ from torch import Tensor
 from resgeom_fast._progress import progress as progress_bar
 from resgeom_fast.linalg import NonFiniteError
 
-from ._common import check_finite_tensor, check_int
+from resgeom_fast.core.checks import check_type
 
-__all__ = ["LBFGSRun", "check_features_labels", "lbfgs"]
+from ._common import check_finite_tensor, check_float, check_int
+
+__all__ = ["LBFGSRun", "check_features_labels", "check_solver", "lbfgs", "start_point"]
 
 
 @dataclass
@@ -113,3 +115,23 @@ def check_features_labels(where: str, X: Any, Y: Any, num_classes: Optional[int]
         raise ValueError(f"{where}: expected at least one sample of every class, got none of class(es) {empty}")
     check_finite_tensor(where, X.detach(), "X")
     return num_classes
+
+
+def check_solver(where: str, steps: Any, lr: Any, tol: Any, seed: Any, progress: Any) -> tuple[float, float]:
+    """The solver settings shared by mufm and ujm (steps, seed ints; lr, tol > 0; progress a
+    bool); returns (lr, tol) as floats."""
+    check_int(where, "steps", steps, 1)
+    lr = check_float(where, "lr", lr, 0.0, open_lo=True)
+    tol = check_float(where, "tol", tol, 0.0, open_lo=True)
+    check_int(where, "seed", seed, 0)
+    check_type(where, "progress", progress, bool, "a bool")
+    return lr, tol
+
+
+def start_point(X: Tensor, Y: Tensor, num_classes: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x = X in float64, y = Y as int64, and the classifier's starting point W [C, D] ~ N(0, 0.01^2)
+    drawn in float64 from ``seed`` (on the CPU, then moved: the same W on every device)."""
+    x = X.detach().to(torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    w = (0.01 * torch.randn(num_classes, x.shape[1], generator=gen, dtype=torch.float64)).to(x.device)
+    return x, Y.long(), w.requires_grad_(True)

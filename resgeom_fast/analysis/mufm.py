@@ -25,15 +25,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from resgeom_fast.core.checks import check_type
 
 
 from ._common import Result, check_float, check_int
-from ._lbfgs import check_features_labels, lbfgs
+from ._lbfgs import check_features_labels, check_solver, lbfgs, start_point
 from .collapse import METRICS, collapse_metrics, finish_metric_axes, layer_spearman
 from .plotting import as_result_dict, figure_axes, join, lines
 
@@ -148,17 +146,10 @@ def mufm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_H: float 
     check_int(where, "depth", depth, 1)
     lam_W = check_float(where, "lam_W", lam_W, 0.0, open_lo=True)
     lam_H = check_float(where, "lam_H", lam_H, 0.0, open_lo=True)
-    check_int(where, "steps", steps, 1)
-    lr = check_float(where, "lr", lr, 0.0, open_lo=True)
-    tol = check_float(where, "tol", tol, 0.0, open_lo=True)
-    check_int(where, "seed", seed, 0)
-    check_type(where, "progress", progress, bool, "a bool")
+    lr, tol = check_solver(where, steps, lr, tol, seed, progress)
 
-    x = X.detach().to(torch.float64)
-    y = Y.long()
+    x, y, w = start_point(X, Y, num_classes, seed)
     n, d = x.shape
-    gen = torch.Generator().manual_seed(seed)
-    w = (0.01 * torch.randn(num_classes, d, generator=gen, dtype=torch.float64)).to(x.device).requires_grad_(True)
     hs = [x.clone().requires_grad_(True) for _ in range(depth)]
     params = hs + [w]
     run = lbfgs(where, lambda: mufm_objective(x, y, hs, w, lam_W, lam_H), params, steps=steps, tol=tol, lr=lr,

@@ -55,10 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from resgeom_fast.core.checks import check_type
 
 from ._common import Result, check_float, check_int
-from ._lbfgs import check_features_labels, lbfgs
+from ._lbfgs import check_features_labels, check_solver, lbfgs, start_point
 from .alignment import diag_ratio, numerical_rank, trajectory_metrics
 from .plotting import as_result_dict, figure_axes, join, lines
 
@@ -311,18 +310,11 @@ def ujm(X: Tensor, Y: Tensor, depth: int, *, lam_W: float = 5e-3, lam_J: float =
     check_int(where, "depth", depth, 1)
     lam_W = check_float(where, "lam_W", lam_W, 0.0, open_lo=True)
     lam_J = check_float(where, "lam_J", lam_J, 0.0, open_lo=True)
-    check_int(where, "steps", steps, 1)
-    lr = check_float(where, "lr", lr, 0.0, open_lo=True)
     tau = check_float(where, "tau", tau, 0.0, 1.0, open_lo=True)
-    tol = check_float(where, "tol", tol, 0.0, open_lo=True)
-    check_int(where, "seed", seed, 0)
-    check_type(where, "progress", progress, bool, "a bool")
+    lr, tol = check_solver(where, steps, lr, tol, seed, progress)
 
-    x = X.detach().to(torch.float64)
-    y = Y.long()
+    x, y, w = start_point(X, Y, C, seed)
     n, d = x.shape
-    gen = torch.Generator().manual_seed(seed)
-    w = (0.01 * torch.randn(C, d, generator=gen, dtype=torch.float64)).to(x.device).requires_grad_(True)
     js = [torch.zeros(d, d, dtype=torch.float64, device=x.device, requires_grad=True) for _ in range(depth)]
     params = js + [w]
     run = lbfgs(where, lambda: ujm_objective(x, y, js, w, lam_W, lam_J), params, steps=steps, tol=tol, lr=lr,
