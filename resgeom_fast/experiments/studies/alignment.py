@@ -394,12 +394,16 @@ def _trend(e: dict, key: str, xkey: str) -> str:
                   else f" ({abs(z):.1f} standard errors over the test inputs)")
 
 
+def _trends(e: dict, xkey: str, keys: tuple[str, ...]) -> str:
+    """:func:`_trend` of each of ``keys`` against ``xkey``, comma-separated."""
+    return ", ".join(_trend(e, k, xkey) for k in keys)
+
+
 def stochastic_depth_figure() -> FigureSpec:
     def reading(r: dict) -> str:
         e = r["stochastic_depth"]
-        return (_sweep_values(e, "p", "p") + f". From the smallest to the largest p: {_trend(e, 'linearity', 'p')}, "
-                f"{_trend(e, 'equispacing', 'p')}, {_trend(e, 'step_cosine', 'p')}, "
-                f"{_trend(e, 'self_alignment', 'p')}, {_trend(e, 'diag_ratio_offdiag', 'p')} (residual "
+        trends = _trends(e, "p", ("linearity", "equispacing", "step_cosine", "self_alignment", "diag_ratio_offdiag"))
+        return (_sweep_values(e, "p", "p") + f". From the smallest to the largest p: {trends} (residual "
                 f"{_conditions(r['config'])}; "
                 "each branch dropped with probability p per mini-batch in training, measured in eval mode where "
                 "the branch is scaled by 1 - p, so J_l and L * sigma_1 include that factor; one net per p (one "
@@ -460,9 +464,8 @@ def weight_decay_figure() -> FigureSpec:
     def reading(r: dict) -> str:
         e = r["weight_decay"]
         return (_sweep_values(e, "weight_decay", "weight decay") + f". From the smallest to the largest weight decay: "
-                f"{_trend(e, 'linearity', 'weight_decay')}, {_trend(e, 'equispacing', 'weight_decay')}, "
-                f"{_trend(e, 'step_cosine', 'weight_decay')}, {_trend(e, 'self_alignment', 'weight_decay')}, "
-                f"{_trend(e, 'test_acc', 'weight_decay')} (residual {_conditions(r['config'])}, with the weight "
+                f"{_trends(e, 'weight_decay', ('linearity', 'equispacing', 'step_cosine', 'self_alignment', 'test_acc'))}"
+                f" (residual {_conditions(r['config'])}, with the weight "
                 "decay of each point instead; RA on held-out inputs; the reference observation on digits: linearity "
                 "0.998 at 5e-2 and 0.59 at 5e-4 at equal test accuracy; one net per weight decay (one seed): RA1 "
                 "changes are read against the spread over the test inputs only).")
