@@ -23,6 +23,7 @@ from resgeom_fast.analysis import expansion
 from resgeom_fast.analysis.expansion import _path_coefficients, path_expansion, plain_runs
 from resgeom_fast.models import FCResNet, ResidualBlock
 from resgeom_fast.operators import mark_residual_block, residual_blocks
+from tests.helpers import randomise_batchnorm
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -49,13 +50,7 @@ def prepare(model: nn.Module, seed: int = 0) -> nn.Module:
     for m in model.modules():
         if hasattr(m, "inplace"):
             m.inplace = False
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=gen, dtype=D64))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen, dtype=D64))
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen, dtype=D64))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen, dtype=D64))
-    return model
+    return randomise_batchnorm(model, gen, mean=0.3, dtype=D64)
 
 
 def images(n: int, size: int, seed: int = 1, channels: int = 3) -> torch.Tensor:

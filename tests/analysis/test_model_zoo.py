@@ -38,7 +38,7 @@ from torch.func import functional_call
 from resgeom_fast.analysis import collapse, hessian_spectrum, residual_alignment
 from resgeom_fast.operators import block_hessians, residual_blocks
 from tests.analysis._trained import one_thread
-from tests.core.test_block_kinds import _randomise
+from tests.helpers import randomise_batchnorm
 
 tv = pytest.importorskip("torchvision")
 
@@ -172,7 +172,7 @@ def zoo():
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 model = ZOO[name].build()
-            _randomise(model, torch.Generator().manual_seed(0))
+            randomise_batchnorm(model, torch.Generator().manual_seed(0), layer_scale=True)
             cache[name] = model.double().eval()
         return cache[name]
     return get

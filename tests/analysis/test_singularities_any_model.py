@@ -19,6 +19,7 @@ from resgeom_fast.analysis.singularities import find_activation_layers, find_rel
 from resgeom_fast.core.blocks import ResidualSublayer, residual_blocks
 from resgeom_fast.models import ConvResNet, FCResNet, StagedResNet
 from tests.analysis._trained import one_thread
+from tests.helpers import randomise_batchnorm
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -140,18 +141,9 @@ def check_layer_dense(model: nn.Module, result: Any, name: str, batches: list[to
 
 
 # ----------------------------------------------------------------------------- models
-def randomise_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    """Random running statistics and affine parameters in every BatchNorm (eval mode)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.2 * torch.randn(c, generator=g))
-    return model.eval()
+def randomise_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Random running statistics and affine parameters in every BatchNorm; eval mode."""
+    return randomise_batchnorm(model, torch.Generator().manual_seed(seed), var=1.5).eval()
 
 
 def images(n: int, size: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -181,7 +173,7 @@ def test_basic_block_resnets_branch_and_post_units(factory: str) -> None:
     torch.manual_seed(0)
     model = (torchvision.models.resnet18(num_classes=5) if factory == "tv_resnet18"
              else timm.create_model("resnet18", num_classes=5))
-    model = randomise_batchnorm(model.double(), 1)
+    model = randomise_bn(model.double(), 1)
     b0 = model.layer1[0]
     set_(b0.bn1.bias, slice(0, 3), -1e3)            # branch units 0-2 dead
     set_(b0.bn2.bias, slice(0, 2), -1e4)            # post units 0, 1 dead (skip input is a bounded ReLU output)
@@ -215,7 +207,7 @@ def test_bottleneck_resnets(arch: str) -> None:
     """Bottlenecks: the shared ``relu`` runs three times (two branch layers, then the post).
     float32 activations, float64 statistics: relative agreement 1e-6."""
     torch.manual_seed(0)
-    model = randomise_batchnorm(getattr(torchvision.models, arch)(num_classes=5), 2)
+    model = randomise_bn(getattr(torchvision.models, arch)(num_classes=5), 2)
     width = {"resnet50": 64, "wide_resnet50_2": 128, "resnext50_32x4d": 128}[arch]
     set_(model.layer1[0].bn2.bias, slice(0, 2), -1e3)
     xs = images(4, 32, torch.float32)
@@ -241,7 +233,7 @@ def test_mobilenet_v2_relu6_saturated_and_zero_units_dead() -> None:
     9 weights per unit). Inverted residuals without their skip are no blocks: before the first
     residual block their layers are "stem", after it "other"."""
     torch.manual_seed(0)
-    model = randomise_batchnorm(torchvision.models.mobilenet_v2(num_classes=5).double(), 3)
+    model = randomise_bn(torchvision.models.mobilenet_v2(num_classes=5).double(), 3)
     bn = model.features[3].conv[0][1]
     set_(bn.bias, 0, 1e3)                            # saturated at 6 everywhere: dead (derivative 0)
     set_(bn.bias, 1, -1e3)                           # zero everywhere: dead
@@ -381,7 +373,7 @@ def test_activation_applied_inside_a_normalisation_module_links_through_it() -> 
 
     net = nn.Sequential(nn.Conv2d(2, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU), nn.AdaptiveAvgPool2d(1),
                         nn.ReLU()).double()
-    randomise_batchnorm(net, 5)
+    randomise_bn(net, 5)
     x = torch.randn(6, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     r = singularities(net, (x, torch.zeros(6)))
     assert [(l.name, l.weight_name) for l in r.layers] == [("1.act", "0"), ("3", None)]

@@ -30,6 +30,7 @@ from resgeom_fast.core.blocks import (
 )
 from resgeom_fast.core.checks import ArgumentValueError
 from resgeom_fast.operators import residual_jacobians
+from tests.helpers import randomise_batchnorm
 
 tv = pytest.importorskip("torchvision")
 
@@ -93,20 +94,6 @@ EXPECTED = {
 }
 
 
-def _randomise(model: nn.Module, gen: torch.Generator) -> None:
-    """BN running statistics and affine parameters, ConvNeXt layer scales: random, O(1)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-            if type(m).__name__ == "CNBlock":
-                m.layer_scale.copy_(0.2 + torch.rand(m.layer_scale.shape, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def built():
     """name -> (model in float64 eval mode, a tiny input batch [2, 3, 32, 32]); built once."""
@@ -118,7 +105,7 @@ def built():
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 model = BUILDERS[name]()
-            _randomise(model, gen)
+            randomise_batchnorm(model, gen, layer_scale=True)
             model = model.double().eval()
             x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
             cache[name] = (model, x)

@@ -30,6 +30,7 @@ from resgeom_fast.experiments.tables import COLUMNS, TABLE_FILES
 from tests.experiments._cli import UserModule
 from tests.experiments._cli import one_line_error as _error
 from tests.experiments.test_tables import _lookup as _lookup_alignment_hessian
+from tests.helpers import randomise_batchnorm
 
 tv = pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
@@ -64,19 +65,6 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def _randomise_bn(model: torch.nn.Module, seed: int) -> None:
-    """Random BatchNorm statistics and affine parameters (a fresh net's are 0 / 1: every block
-    would look alike)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            m.weight.data.copy_(0.5 + 0.5 * torch.rand(n, generator=g))
-            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
-
-
 def _checkpoint(path, family: str):
     """A state dict of a randomly initialised resnet18 with 4 classes (weights unlike --seed's)."""
     torch.manual_seed(1234)
@@ -84,7 +72,7 @@ def _checkpoint(path, family: str):
         model = tv.models.resnet18(weights=None, num_classes=len(CLASSES))
     else:
         model = timm.create_model("resnet18", pretrained=False, num_classes=len(CLASSES))
-    _randomise_bn(model, 5)
+    randomise_batchnorm(model, torch.Generator().manual_seed(5), mean=0.1, weight=0.5, bias=0.1)
     torch.save(model.state_dict(), path)
     return model.eval()
 
