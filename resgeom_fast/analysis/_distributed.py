@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
 from resgeom_fast.core import distributed as rdist
+from resgeom_fast.core.distributed import raise_first
 from resgeom_fast.core.checks import ArgumentValueError
 # the module's collective guard (failures become RankFailureError naming the silent ranks); no
 # public all_gather_object exists in core.distributed yet
@@ -26,7 +27,7 @@ from resgeom_fast.operators.curvature import check_distributed
 
 from ._common import batches
 
-__all__ = ["check_mode", "gather_objects", "local_batches", "sync_failure"]
+__all__ = ["check_mode", "gather_objects", "local_batches", "portable", "raise_first", "sync_failure"]
 
 
 def check_mode(where: str, distributed: Optional[str]) -> Optional[str]:
@@ -67,19 +68,6 @@ def gather_objects(where: str, obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order, on every rank (``all_gather_object``, one collective);
     ``[obj]`` without a process group. ``where`` names the caller in a RankFailureError."""
     return rdist.all_gather_object(obj, fn=where)
-
-
-def raise_first(where: str, errors: list[Optional[BaseException]], mine: Optional[BaseException]) -> None:
-    """Raise the lowest failing rank's exception (gathered with :func:`gather_objects`) on every
-    rank: the failing rank re-raises its own; the others a copy noted ``"raised on rank r"``."""
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if not failed:
-        return
-    r, e = failed[0]
-    if r == rdist.rank() and mine is not None:
-        raise mine
-    e.add_note(f"{where}: raised on rank {r} of {rdist.world_size()}")
-    raise e
 
 
 def portable(exc: Optional[BaseException]) -> Optional[BaseException]:

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_int
 
 __all__ = ["REPORT_GRACE_S", "DivergentRanksError", "RankFailureError", "all_gather_object", "all_reduce_sum",
-           "broadcast_object", "is_initialized", "portable", "raise_together", "rank", "shard", "shard_sizes",
+           "broadcast_object", "is_initialized", "portable", "raise_first", "raise_together", "rank", "shard", "shard_sizes",
            "world_size"]
 
 
@@ -274,14 +274,19 @@ def raise_together(fn: str, exc: Optional[BaseException]) -> None:
         if exc is not None:
             raise exc
         return
-    gathered: list[Any] = [None] * world_size()
-    with _collective(fn):
-        dist.all_gather_object(gathered, None if exc is None else portable(exc))
-    failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
+    raise_first(fn, all_gather_object(None if exc is None else portable(exc), fn=fn), exc)
+
+
+def raise_first(fn: str, errors: Sequence[Optional[BaseException]], mine: Optional[BaseException]) -> None:
+    """Given every rank's exception (or None), in rank order, as gathered by
+    :func:`all_gather_object`: raise the lowest failing rank's on this rank -- that rank re-raises
+    its own ``mine``, the others the gathered copy noted ``"<fn>: raised on rank r of world"``;
+    return when no rank failed."""
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if not failed:
         return
     r, e = failed[0]
-    if r == rank() and exc is not None:
-        raise exc
+    if r == rank() and mine is not None:
+        raise mine
     e.add_note(f"{fn}: raised on rank {r} of {world_size()}")
     raise e
