@@ -103,7 +103,10 @@ def available_bytes(device, memory_limit: Optional[int] = None) -> tuple[Optiona
         return int(memory_limit), "memory_limit"
     device = torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+        except RuntimeError as e:  # no driver behind the device (e.g. a simulated one): nothing to read
+            return None, f"unknown (torch.cuda.mem_get_info failed: {str(e).splitlines()[0][:120]}; not checked)"
         return int(free * _USABLE), f"{_USABLE:.0%} of torch.cuda.mem_get_info free bytes"
     if device.type != "cpu":
         return None, f"unknown for device {device.type!r} (not checked)"
@@ -163,7 +166,7 @@ def plan_eigsh(n: int, batch: int, max_steps: int, k: int, dtype: torch.dtype, d
     vectors per problem, the Ritz vectors built in float64 chunks of :data:`RITZ_CHUNK_BYTES`,
     the returned vectors and their residual products ``[b, n, k]``); raises
     :class:`InsufficientMemoryError` when it does not fit."""
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     steps = min(max_steps, n)
     basis, total = lanczos_bytes(n, batch, steps, item, "full")
     start = batch * n * item                                    # the start vector v0
@@ -193,7 +196,7 @@ def plan_slq(n: int, batch: int, probes: int, steps: int, dtype: torch.dtype, de
     """The memory plan of :func:`~resgeom_fast.linalg.slq_density`: the largest group of probes
     whose basis fits (all of them when possible), "local" for ``reorth="auto"`` when one probe's
     full basis does not fit; raises :class:`InsufficientMemoryError` when nothing fits."""
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     m = min(steps, n)
     start = batch * probes * n * item                           # all probes' start vectors, drawn at once
     avail, source = available_bytes(device, memory_limit)

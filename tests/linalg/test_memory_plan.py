@@ -234,3 +234,18 @@ def test_eigsh_peak_memory_is_within_1_5x_of_the_float32_basis():
     assert m["peak"] <= 1.5 * basis, f"peak growth {m['peak'] / 1e6:.0f} MB for a {basis / 1e6:.0f} MB float32 basis"
     assert m["peak"] <= m["needed"] * 1.05, m          # the plan's count bounds the measured peak
     assert abs(m["top"] - 2.0) < 1e-2
+
+
+# ------------------------------------------------------------------------- no readable free memory
+def test_cuda_free_memory_unreadable_plans_unchecked_and_says_so(monkeypatch):
+    """A cuda device whose free memory cannot be read (no driver behind it, as under the simulated
+    device of tests/device) plans with bytes_available None and names why, instead of failing."""
+    def no_driver(device=None):
+        raise RuntimeError("Found no NVIDIA driver on your system.")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_driver)
+    avail, source = _memory.available_bytes("cuda")
+    assert avail is None and "mem_get_info failed" in source and "no NVIDIA driver" in source
+    p = plan_eigsh(10**6, 1, 50, 4, torch.float32, "cuda")
+    assert p.bytes_available is None and p.bytes_needed > 0
+    assert _memory.available_bytes("cuda", memory_limit=123) == (123, "memory_limit")
