@@ -84,6 +84,39 @@ def test_cpu_cuda_parity(dtype):
     torch.testing.assert_close(got.cpu(), masked_scale(v, mask, scale), **tol(dtype))
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,c,s", [(300, 250, 2, 3),    # 75000 slabs: more than gridDim.y
+                                     (3, 7, 5, 7),        # odd sizes, c = e / S by IntDivider
+                                     (2, 2, 3, 40000),    # slabs longer than the x grid
+                                     (1, 2, 1, 257)])     # one channel, a partial block
+def test_cuda_grid_covers_every_element(dtype, n, k, c, s):
+    """The 2-D grid (slabs on y, elements of a slab on x, one 32-bit division per element) writes
+    every element, bit for bit the CPU kernel's product."""
+    v, mask, scale = _case(n, k, c, s, dtype, "cpu", seed=1)
+    got = masked_scale(v.cuda(), mask.cuda(), scale.cuda()).cpu()
+    torch.testing.assert_close(got, masked_scale(v, mask, scale), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
+def test_cuda_int64_slab_path():
+    """C * S > 2^31 - 1 takes the int64 instance of the kernel; checked on slices at the start,
+    around 2^31 and at the end (needs ~20 GB of GPU memory, else skipped)."""
+    c, s = 2, 2**30 + 3  # c * s = 2^31 + 6 elements per slab
+    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    v = torch.randn(1, 1, c, s, device="cuda", generator=gen)
+    mask = torch.rand(1, c, s, device="cuda", generator=gen) > 0.5
+    scale = torch.tensor([1.5, -3.0], device="cuda")
+    out = masked_scale(v, mask, scale)
+    for ci, lo in [(0, 0), (0, s - 1000), (1, 0), (1, 2**31 - s - 500), (1, s - 1000)]:
+        want = v[0, 0, ci, lo : lo + 1000] * scale[ci] * mask[0, ci, lo : lo + 1000]
+        torch.testing.assert_close(out[0, 0, ci, lo : lo + 1000], want, rtol=0, atol=0)
+    del v, mask, out
+    torch.cuda.empty_cache()
+
+
 # 5. one raises per check
 def test_errors():
     v, mask, scale = _case(2, 3, 4, 5, torch.float64, "cpu")
