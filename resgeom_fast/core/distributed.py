@@ -9,6 +9,11 @@ the standard library only).
 - :func:`all_reduce_sum` -- the sum over ranks of a list of tensors in ONE collective (flattened
   into one buffer, float64 by default, unflattened).
 - :func:`broadcast_object` -- a small picklable value decided on one rank (rank 0), for all.
+- :func:`gather_shares` -- every rank's share (rows along one dimension) of tensors, concatenated
+  in rank order on every rank in ONE all_reduce that also carries a failure flag per rank.
+- :func:`fingerprint` / :func:`check_same_parameters` -- a cheap fingerprint of tensors (up to
+  :data:`FINGERPRINT_ENTRIES` evenly spaced entries each) and the collective check that every
+  rank holds rank 0's parameters (:class:`DivergentRanksError` on every rank otherwise).
 - :func:`raise_together` -- turns an exception raised on some ranks into the same exception on
   every rank (one small collective), so a local failure never leaves the other ranks waiting.
 - :class:`RankFailureError` -- what these collectives raise when the collective itself fails (a
@@ -39,8 +44,9 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_int
 
-__all__ = ["REPORT_GRACE_S", "DivergentRanksError", "RankFailureError", "all_gather_object", "all_reduce_sum",
-           "broadcast_object", "is_initialized", "portable", "raise_first", "raise_together", "rank", "shard", "shard_sizes",
+__all__ = ["FINGERPRINT_ENTRIES", "REPORT_GRACE_S", "DivergentRanksError", "RankFailureError", "all_gather_object",
+           "all_reduce_sum", "broadcast_object", "check_same_parameters", "fingerprint", "gather_shares",
+           "is_initialized", "portable", "raise_first", "raise_together", "rank", "shard", "shard_sizes",
            "world_size"]
 
 
@@ -290,3 +296,123 @@ def raise_first(fn: str, errors: Sequence[Optional[BaseException]], mine: Option
         raise mine
     e.add_note(f"{fn}: raised on rank {r} of {world_size()}")
     raise e
+
+
+def gather_shares(fn: str, shares: Sequence[Tensor], sizes: Sequence[int], dim: int = 0,
+                  exc: Optional[BaseException] = None) -> list[Tensor]:
+    """Collective: the concatenation along ``dim`` of every rank's share of each tensor, on every
+    rank, in ONE all_reduce (float64 buffer, zeros outside a rank's rows: every entry is one
+    rank's value plus zeros, so the gather is exact for float32 / float64 / integer / bool values
+    that float64 holds exactly).
+
+    Args:
+        fn: the caller, named by the errors.
+        shares: this rank's tensors; ``shares[i].shape[dim] == sizes[rank]`` and the other
+            dimensions, the dtypes and the devices the same on every rank. A rank whose local step
+            failed passes zeros of its share's shapes and the exception as ``exc``.
+        sizes: the rows of every rank along ``dim`` (the same list on every rank; 0 for a rank
+            without a share).
+        dim: the dimension the shares are cut along (negative counts from the end).
+        exc: the exception of this rank's local step, or None. The buffer carries one failure
+            flag per rank; when any rank failed, the lowest failing rank's exception is raised on
+            every rank (:func:`raise_together`, one more collective on the failure path only).
+
+    Returns:
+        the full tensors (``shape[dim] == sum(sizes)``) in the shares' dtypes and device. Without
+        a process group: ``shares`` themselves (``exc`` raised if given).
+    """
+    shares = list(shares)
+    if not is_initialized():
+        if exc is not None:
+            raise exc
+        return shares
+    r, w = rank(), world_size()
+    if len(sizes) != w:
+        raise ArgumentValueError(f"{fn}: expected sizes of the {w} ranks, got {len(sizes)} sizes")
+    offset, total = sum(sizes[:r]), sum(sizes)
+    full: list[Tensor] = []
+    for i, t in enumerate(shares):
+        d = dim % t.dim()
+        if exc is None and t.shape[d] != sizes[r]:
+            raise ArgumentValueError(f"{fn}: expected shares[{i}] with {sizes[r]} rows along dim {dim} (this rank's "
+                                     f"size), got shape {tuple(t.shape)}")
+        shape = list(t.shape)
+        shape[d] = total
+        buf = t.new_zeros(shape)
+        if exc is None and sizes[r]:
+            buf.narrow(d, offset, sizes[r]).copy_(t)
+        full.append(buf)
+    device = shares[0].device if shares else torch.device("cpu")
+    flags = torch.zeros(w, dtype=torch.float64, device=device)
+    flags[r] = 1.0 if exc is not None else 0.0
+    *out, flags = all_reduce_sum([*full, flags], fn=fn)
+    if bool((flags != 0).any()):
+        raise_together(fn, exc)
+        raise RuntimeError(f"{fn}: a rank reported a failure but raised no exception")
+    return out
+
+
+#: entries per tensor that enter :func:`fingerprint` (evenly spaced)
+FINGERPRINT_ENTRIES = 1024
+_FP_PROBES: dict[tuple[int, str, int], Tensor] = {}
+
+
+def _fp_probe(d: int, device: torch.device, salt: int) -> Tensor:
+    """A fixed pseudo-random float64 vector of length d (the same in every process)."""
+    key = (d, str(device), salt)
+    if key not in _FP_PROBES:
+        g = torch.Generator().manual_seed(0x5EED + salt)
+        _FP_PROBES[key] = torch.randn(d, generator=g, dtype=torch.float64).to(device)
+    return _FP_PROBES[key]
+
+
+def fingerprint(mats: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per row of the ``[k, n_j]`` matrices ``mats``: ``sum_j <row, probe_j>`` over at most
+    :data:`FINGERPRINT_ENTRIES` evenly spaced entries of each (probe_j a fixed float64 Gaussian
+    vector, the same in every process), and the scale ``sum_j |row| |probe_j|`` of its round-off:
+    float64 [k] each, on ``device``; no host sync. Equal inputs give equal fingerprints on every
+    rank. (The numbers of the operators' own parameter and vector checks,
+    ``operators/curvature.py``.)"""
+    k = mats[0].shape[0]
+    fp = torch.zeros(k, dtype=torch.float64, device=device)
+    scale = torch.zeros(k, dtype=torch.float64, device=device)
+    for j, flat in enumerate(mats):
+        flat = flat[:, ::max(1, -(-flat.shape[1] // FINGERPRINT_ENTRIES))]
+        probe = _fp_probe(flat.shape[1], device, 7 + j)
+        fp += (flat @ probe.to(flat.dtype)).double()
+        scale += torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) * probe.norm()
+    return fp, scale
+
+
+def check_same_parameters(fn: str, tensors: Iterable[Tensor]) -> None:
+    """Collective: raise :class:`DivergentRanksError` on EVERY rank when some rank's ``tensors``
+    (a model's parameters, in the same order on every rank) differ from rank 0's.
+
+    Compares a :func:`fingerprint` of every tensor (up to :data:`FINGERPRINT_ENTRIES` evenly
+    spaced entries each: a check against a rank that loaded another checkpoint or seed, not a
+    proof of equality), plus the number of tensors and entries, in ONE all_reduce; ranks whose
+    fingerprint is off rank 0's by more than 1000 ulps of the fingerprint's scale are named.
+    Without a process group (or a world of 1): nothing to compare.
+    """
+    tensors = [t.detach() for t in tensors]
+    if not is_initialized() or world_size() == 1:
+        return
+    w, r = world_size(), rank()
+    device = tensors[0].device if tensors else torch.device("cpu")
+    row = torch.zeros(4, w, dtype=torch.float64, device=device)
+    if tensors:
+        fp, scale = fingerprint([t.reshape(1, -1) for t in tensors if t.numel()] or [tensors[0].new_zeros(1, 1)], device)
+        row[0, r] = fp[0]
+        eps = max(torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0 for t in tensors)
+        row[3, r] = 1000 * eps * scale[0]
+    row[1, r] = len(tensors)
+    row[2, r] = sum(t.numel() for t in tensors)
+    (row,) = all_reduce_sum([row], fn=fn)
+    vals = row.tolist()
+    tol = max(vals[3][0], torch.finfo(torch.float64).tiny)     # rank 0's: the same decision on every rank
+    bad = [q for q in range(w) if abs(vals[0][q] - vals[0][0]) > tol or vals[1][q] != vals[1][0]
+           or vals[2][q] != vals[2][0]]
+    if bad:
+        raise DivergentRanksError(
+            f"{fn}: expected the same model parameters on every rank (the ranks' results are combined), got "
+            f"other parameters on rank(s) {bad} than on rank 0; load the same checkpoint or seed on every rank")

@@ -192,26 +192,40 @@ def plan_eigsh(n: int, batch: int, max_steps: int, k: int, dtype: torch.dtype, d
 
 
 def plan_slq(n: int, batch: int, probes: int, steps: int, dtype: torch.dtype, device, reorth: str,
-             memory_limit: Optional[int] = None, where: str = "slq_density") -> MemoryPlan:
+             memory_limit: Optional[int] = None, where: str = "slq_density", *, drawn: int = 0,
+             share: Optional[tuple[int, int]] = None) -> MemoryPlan:
     """The memory plan of :func:`~resgeom_fast.linalg.slq_density`: the largest group of probes
     whose basis fits (all of them when possible), "local" for ``reorth="auto"`` when one probe's
-    full basis does not fit; raises :class:`InsufficientMemoryError` when nothing fits."""
+    full basis does not fit; raises :class:`InsufficientMemoryError` when nothing fits.
+
+    Probe-parallel runs (``distributed="probes"``) plan this rank's share: ``probes`` is the
+    share (0 for a rank without probes), ``share = (this rank's probes, all probes)`` names it in
+    the choice, and ``drawn`` adds the bytes of the int8 draw of all probes (1 byte per entry,
+    freed once the share is converted)."""
     item = dtype.itemsize
     m = min(steps, n)
-    start = batch * probes * n * item                           # all probes' start vectors, drawn at once
+    start = batch * probes * n * item + drawn                   # the probes' start vectors, drawn at once
     avail, source = available_bytes(device, memory_limit)
+    of = "" if share is None else f" (this rank's {share[0]} of {share[1]} probes, distributed='probes')"
+    if probes == 0:
+        if avail is not None and start > avail:
+            _refuse(where, f"the draw of all {share[1] if share else 0} probes (int8, n = {n})", start, avail,
+                    source, [f"memory_limit >= {start} if that much memory is in fact free", "fewer probes"])
+        return MemoryPlan(where=where, choice="no probe on this rank" + of, reorth=reorth if reorth != "auto"
+                          else "full", group=0, groups=0, basis_bytes=0, bytes_needed=start, bytes_available=avail,
+                          source=source)
 
     def full_plan(g: int) -> MemoryPlan:
         basis, total = lanczos_bytes(n, batch * g, m, item, "full")
         groups = -(-probes // g)
         choice = ("full reorthogonalisation, all probes together" if groups == 1 else
-                  f"full reorthogonalisation, probes in {groups} sequential groups of <= {g} (same quadrature)")
+                  f"full reorthogonalisation, probes in {groups} sequential groups of <= {g} (same quadrature)") + of
         return MemoryPlan(where=where, choice=choice, reorth="full", group=g, groups=groups, basis_bytes=basis,
                           bytes_needed=total + start, bytes_available=avail, source=source)
 
     def local_plan(note: Optional[str]) -> MemoryPlan:
         basis, total = lanczos_bytes(n, batch * probes, m, item, "local")
-        return MemoryPlan(where=where, choice="local (three-term) reorthogonalisation, all probes together",
+        return MemoryPlan(where=where, choice="local (three-term) reorthogonalisation, all probes together" + of,
                           reorth="local", group=probes, groups=1, basis_bytes=basis, bytes_needed=total + start,
                           bytes_available=avail, source=source, accuracy_note=note)
 
@@ -248,4 +262,71 @@ def plan_slq(n: int, batch: int, probes: int, steps: int, dtype: torch.dtype, de
     options.append("fewer parameters (params=)")
     _refuse(where, f"the Lanczos basis of {m} steps for one probe ({batch} problem(s), n = {n}, {dtype})",
             one.bytes_needed, avail, source, options)
+    raise AssertionError("unreachable")
+
+
+#: float64 working copies of the sketch that the orthonormalisation (CholeskyQR3 in float64) holds
+ORTH_F64_COPIES = 2
+
+
+def plan_trace(n: int, batch: int, sketch: int, sketch_share: int, probes_share: int, dtype: torch.dtype, device,
+               memory_limit: Optional[int] = None, where: str = "trace", *, hutchinson: int = 0,
+               share: Optional[tuple[int, int]] = None) -> MemoryPlan:
+    """The memory plan of :func:`~resgeom_fast.linalg.trace` (Hutchinson / Hutch++), made before
+    any probe is drawn.
+
+    Hutch++ holds its sketch basis Q ``[b, n, sketch]`` (every rank: the range is orthonormalised
+    whole) and, while it is orthonormalised, the sketch products Y (``dtype``) and
+    :data:`ORTH_F64_COPIES` float64 working copies of them; the products (this rank's
+    ``sketch_share`` columns of A S and of A Q, its ``probes_share`` Hutchinson probes) run in
+    column chunks of ``c`` vectors: the chunk, its deflation temporaries and its products,
+    ``4 c`` vectors on top of Q. The signs of all probes are drawn as int8 (1 byte per entry;
+    ``hutchinson`` the number of Hutchinson probes of all ranks). The largest chunk that fits is
+    chosen (all columns at once when possible; chunks change only the rounding of the batched
+    products). Raises :class:`InsufficientMemoryError` naming the numbers and the options when
+    even one column at a time does not fit, or when the sketch itself does not.
+
+    Returns:
+        a :class:`MemoryPlan` with ``group`` = the chunk width c (0 when this rank has no column)
+        and ``groups`` = the chunks of this rank's widest stage.
+    """
+    item = dtype.itemsize
+    vec = batch * n * item
+    draws = batch * n * (sketch + hutchinson)
+    orth = 2 * sketch * vec + ORTH_F64_COPIES * batch * n * sketch * 8 if sketch else 0
+    widest = max(sketch_share, probes_share)
+    avail, source = available_bytes(device, memory_limit)
+    of = "" if share is None else f" (this rank's {share[0]} of {share[1]} probes, distributed='probes')"
+
+    def needed(c: int) -> int:
+        return max(orth, (sketch + 4 * c) * vec) + draws
+
+    def plan(c: int) -> MemoryPlan:
+        groups = -(-widest // c) if c else 0
+        what = ("no column on this rank" if not c else "all columns at once" if groups <= 1 else
+                f"columns in {groups} sequential chunks of <= {c} (same estimate)")
+        head = f"Hutch++ sketch of {sketch} vectors, " if sketch else "Hutchinson, "
+        return MemoryPlan(where=where, choice=head + what + of, reorth="none", group=c, groups=groups,
+                          basis_bytes=sketch * vec, bytes_needed=needed(c), bytes_available=avail, source=source)
+
+    if widest == 0 or avail is None:
+        return plan(widest)
+    for c in range(widest, 0, -1):
+        if needed(c) <= avail:
+            groups = -(-widest // c)
+            return plan(-(-widest // groups))       # the smallest chunk for the fewest chunks
+    options = []
+    if sketch and orth + draws > avail:
+        what = f"the Hutch++ sketch of {sketch} vectors ({batch} problem(s), n = {n}, {dtype}) and its orthonormalisation"
+        fit = int((avail - draws) // (2 * vec + ORTH_F64_COPIES * batch * n * 8)) if avail > draws else 0
+        if fit >= 1:
+            options.append(f"probes <= {3 * fit + 2} (a sketch of <= {fit} vectors)")
+        options.append("method='hutchinson' (no sketch)")
+    else:
+        what = f"one column at a time next to the {sketch}-vector sketch ({batch} problem(s), n = {n}, {dtype})"
+        if sketch:
+            options.append("method='hutchinson' or fewer probes (a smaller sketch)")
+    options.append(f"memory_limit >= {needed(1)} if that much memory is in fact free")
+    options.append("fewer parameters (params=)")
+    _refuse(where, what, needed(1), avail, source, options)
     raise AssertionError("unreachable")

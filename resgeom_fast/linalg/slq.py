@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 from resgeom_fast import ops
+from resgeom_fast.core.distributed import gather_shares, raise_together
 from resgeom_fast.linalg._memory import MemoryPlan, check_memory_limit, plan_slq
+from resgeom_fast.linalg._probes import agreed_seed, check_probe_mode, check_same_operator, probe_share, rademacher_share
 from resgeom_fast.linalg._util import check_choice, check_int, generator, rademacher
 from resgeom_fast.linalg.lanczos import REORTH, Lanczos
 from resgeom_fast.linalg.operator import NonFiniteError, aslinearoperator
@@ -101,6 +103,26 @@ class SLQResult:
         }
 
 
+def _run_probes(op, v0: Tensor, steps: int, gen: torch.Generator, plan: MemoryPlan,
+                where: str) -> tuple[Tensor, Tensor]:
+    """Lanczos on the start vectors ``v0`` [b, p, n] (p >= 1) under ``plan`` (all at once, or in
+    its sequential groups, each with its own basis): the tridiagonals ``(alpha [b, p, m],
+    beta [b, p, m - 1])`` float64."""
+    b, p, n = v0.shape
+    ds, es = [], []
+    for g0 in range(0, p, plan.group):
+        g = min(plan.group, p - g0)
+        lz = Lanczos(op, v0[:, g0 : g0 + g].reshape(b * g, n), g, steps, where, gen, reorth=plan.reorth)
+        m = lz.advance(steps)
+        dg, eg = lz.tridiagonal()
+        ds.append(dg.reshape(b, g, m))
+        es.append(eg.reshape(b, g, max(m - 1, 0)))
+        del lz
+    if len(ds) == 1:
+        return ds[0], es[0]
+    return torch.cat(ds, 1), torch.cat(es, 1)
+
+
 def slq_density(
     op,
     probes: int = 10,
@@ -113,6 +135,7 @@ def slq_density(
     seed: Optional[int] = 0,
     reorth: str = "full",
     memory_limit: Optional[int] = None,
+    distributed: Optional[str] = None,
 ) -> SLQResult:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -144,6 +167,23 @@ def slq_density(
     The Rademacher probes are drawn on the operator's device (on CUDA from a device generator
     seeded from ``seed``: reproducible per device). Host syncs: one per 10 Lanczos steps (see
     :class:`~resgeom_fast.linalg.lanczos.Lanczos`) and one for the node range.
+
+    Distributed (docs/distributed.md): ``distributed=None`` (default) runs on this process; with a
+    data-parallel operator (``op.distributed`` set) every rank runs the same probes (replicated)
+    and stores the basis of all of them. ``distributed="probes"`` (an initialised process group,
+    a single-process operator on the full data on every rank): every rank draws all probes from
+    ``seed`` as one process does (``seed=None``: rank 0's, broadcast), keeps its contiguous share
+    (the first ``probes % world`` ranks one more; a rank may have none), runs Lanczos on it and
+    ONE all_reduce gathers the tridiagonals (exactly: zeros outside a rank's rows), so every rank
+    returns the single-process result (nodes and weights equal up to the rounding of the batched
+    products). Per rank it stores only its share's basis, ``[b * share, steps, n]`` ("full"), and
+    the memory plan (``memory``, this rank's) is made for that share. Before the probes, one
+    product of a fixed vector is compared across ranks (a rank with another operator raises
+    :class:`~resgeom_fast.core.distributed.DivergentRanksError` everywhere), and a failure on one
+    rank (:class:`~resgeom_fast.linalg._memory.InsufficientMemoryError`, a non-finite product) is
+    raised on every rank. Limit: a probe whose Krylov space is exhausted restarts from a random
+    vector drawn from its rank's generator, so the nodes after such a breakdown (weight 0; only
+    with steps near n or exact invariant subspaces) differ from one process's.
     """
     where = "slq_density"
     op = aslinearoperator(op, where=where)
@@ -156,29 +196,40 @@ def slq_density(
     check_int(where, "num_moments", num_moments, 0)
     if n == 0:
         raise ValueError(f"{where}: expected a non-empty operator, got shape {op.shape}")
-    gen = generator(seed, op)
-    b = op.batch_size
-    v0 = rademacher((b * probes, n), gen, op.dtype, op.device)
     check_choice(where, "reorth", reorth, REORTH + ("auto",))
     memory_limit = check_memory_limit(where, memory_limit)
-    plan = plan_slq(n, b, probes, steps, op.dtype, op.device, reorth, memory_limit, where)
-    if plan.groups == 1:
-        lz = Lanczos(op, v0, probes, steps, where, gen, reorth=plan.reorth)
-        m = lz.advance(steps)
-        d, e = lz.tridiagonal()
-    else:   # sequential groups of probes, each with its own basis (freed before the next)
-        v0 = v0.reshape(b, probes, n)
-        ds, es = [], []
-        for g0 in range(0, probes, plan.group):
-            g = min(plan.group, probes - g0)
-            lz = Lanczos(op, v0[:, g0 : g0 + g].reshape(b * g, n), g, steps, where, gen, reorth=plan.reorth)
-            m = lz.advance(steps)
-            dg, eg = lz.tridiagonal()
-            ds.append(dg.reshape(b, g, m))
-            es.append(eg.reshape(b, g, max(m - 1, 0)))
-            del lz
-        d = torch.cat(ds, 1).reshape(b * probes, m)
-        e = torch.cat(es, 1).reshape(b * probes, max(m - 1, 0))
+    b = op.batch_size
+    m = min(steps, n)
+    if not check_probe_mode(where, distributed, op):
+        gen = generator(seed, op)
+        v0 = rademacher((b * probes, n), gen, op.dtype, op.device)
+        plan = plan_slq(n, b, probes, steps, op.dtype, op.device, reorth, memory_limit, where)
+        d, e = _run_probes(op, v0.reshape(b, probes, n), steps, gen, plan, where)
+    else:
+        gen = generator(agreed_seed(where, seed))
+        offset, mine, sizes = probe_share(probes)
+        check_same_operator(where, op)
+        exc: Optional[BaseException] = None
+        d = torch.zeros(b, mine, m, dtype=torch.float64, device=op.device)
+        e = torch.zeros(b, mine, max(m - 1, 0), dtype=torch.float64, device=op.device)
+        plan = None
+        try:
+            plan = plan_slq(n, b, mine, steps, op.dtype, op.device, reorth, memory_limit, where,
+                            drawn=b * probes * n, share=(mine, probes))
+        except Exception as err:
+            exc = err
+        raise_together(where, exc)       # a rank whose plan fails stops every rank before any product
+        try:
+            v0 = rademacher_share((b, probes, n), 1, offset, mine, gen, op.dtype, op.device)
+            if mine:
+                d, e = _run_probes(op, v0, steps, gen, plan, where)
+            del v0
+        except Exception as err:  # raised on every rank by the gather
+            exc = err
+        d, e = gather_shares(where, [d.reshape(b, mine, m), e.reshape(b, mine, max(m - 1, 0))], sizes, dim=1,
+                             exc=exc)
+    d = d.reshape(b * probes, m)
+    e = e.reshape(b * probes, max(m - 1, 0))
     nodes, weights = ops.tridiag_eigh(d, e)  # [P, m] float64
     # exhausted Krylov space: a breakdown (Lanczos sets the coupling to exactly 0) or m = n
     exhausted = (e == 0).any(-1) if m > 1 else torch.zeros(d.shape[0], dtype=torch.bool, device=d.device)
