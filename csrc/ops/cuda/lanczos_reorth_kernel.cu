@@ -7,7 +7,8 @@
 //           h2 = V w1 on the same chunk;                             reduce -> h2, coeffs = h1 + h2
 //   pass 3: w_orth = w1 - V^T h2, per-chunk partials of ||w_orth||^2; reduce -> norm
 // Every reduction is deterministic: partials are written per block and summed in a fixed order
-// (no floating-point atomics).
+// (no floating-point atomics); the cross-chunk reductions are block-parallel tree reductions
+// (column_sum_kernel below), not one thread per output.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,8 +18,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "ops/lanczos_reorth.h"
 
@@ -159,38 +162,114 @@ __global__ void pass3_kernel(const scalar_t* __restrict__ V, int64_t sb, int64_t
   }
 }
 
-// h[p, i] = sum_c part[p, c, i] in chunk order; with h_prev, also coeffs = h_prev + h.
-// One thread per (p, i), grid-stride over b * j.
-__global__ void reduce_partials_kernel(const double* __restrict__ part, int64_t b, int64_t nch,
-                                       int64_t j, double* __restrict__ h,
-                                       const double* __restrict__ h_prev,
-                                       double* __restrict__ coeffs) {
-  const int64_t total = b * j;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t p = idx / j, i = idx % j;
-    double s = 0.0;
-    for (int64_t c = 0; c < nch; ++c) s += part[(p * nch + c) * j + i];
-    h[idx] = s;
-    if (h_prev != nullptr) coeffs[idx] = h_prev[idx] + s;
+// Cross-chunk reductions: column sums of part [b, rows, j] over its rows (the per-chunk partials),
+// as block-parallel tree reductions in a fixed order (no atomics).
+//
+// A block is a tile of tx x ty threads (tx * ty = kThreads, tx = min(32, next power of two >= j))
+// and owns tx columns i and one segment of seg = ty * kRowsPerThread rows of one problem. Thread
+// (x, y) adds the rows s * seg + y + u * ty, u = 0 .. kRowsPerThread - 1, in that order (a warp
+// reads whole rows: coalesced); the ty sums of a column are then added by a pairwise tree in
+// shared memory (y + off into y for off = ty/2, ty/4, .., 1). The segment sums go to a
+// [b, segs, j] buffer and the same kernel runs again on it until one segment is left; that last
+// launch applies the epilogue. The grouping depends only on (rows, j), so results are bitwise
+// reproducible run to run (they differ from the CPU's sequential order by rounding only).
+constexpr int kRowsPerThread = 16;
+
+enum class Epilogue : int { kSegment = 0, kSum = 1, kSumPlusPrev = 2, kSqrt = 3 };
+
+struct ReducePlan {
+  int tx, ty;       // block shape
+  int64_t seg;      // rows per block
+  int64_t tiles;    // column tiles: ceil(j / tx)
+};
+
+ReducePlan reduce_plan(int64_t j) {
+  int tx = 1;
+  while (tx < 32 && tx < j) tx *= 2;
+  const int ty = kThreads / tx;
+  return {tx, ty, static_cast<int64_t>(ty) * kRowsPerThread, (j + tx - 1) / tx};
+}
+
+// in [b, rows, j] -> out [b, ceil(rows / seg), j] (segment sums), or, when rows <= seg, the
+// epilogue on the single segment: out[p, i] = sum (kSum), prev[p, i] + sum into out2 as well as
+// sum into out (kSumPlusPrev), or out[p] = sqrt(sum) (kSqrt, j == 1).
+__global__ void column_sum_kernel(const double* __restrict__ in, int64_t b, int64_t rows,
+                                  int64_t j, int64_t seg, int64_t tiles, int64_t nseg,
+                                  Epilogue epi, double* __restrict__ out,
+                                  const double* __restrict__ prev, double* __restrict__ out2) {
+  __shared__ double sm[kThreads];
+  const int x = threadIdx.x, y = threadIdx.y, tx = blockDim.x, ty = blockDim.y;
+  const int64_t nblocks = b * nseg * tiles;
+  for (int64_t blk = blockIdx.x; blk < nblocks; blk += gridDim.x) {  // uniform over the block
+    const int64_t tile = blk % tiles, s = (blk / tiles) % nseg, p = blk / (tiles * nseg);
+    const int64_t i = tile * tx + x;
+    double acc = 0.0;
+    if (i < j) {
+      const double* col = in + p * rows * j + i;
+      const int64_t r0 = s * seg + y;
+#pragma unroll
+      for (int u = 0; u < kRowsPerThread; ++u) {
+        const int64_t r = r0 + static_cast<int64_t>(u) * ty;
+        if (r < rows) acc += col[r * j];
+      }
+    }
+    sm[y * tx + x] = acc;
+    __syncthreads();
+    for (int off = ty / 2; off > 0; off /= 2) {
+      if (y < off) sm[y * tx + x] += sm[(y + off) * tx + x];
+      __syncthreads();
+    }
+    if (y == 0 && i < j) {
+      const double total = sm[x];
+      switch (epi) {
+        case Epilogue::kSegment: out[(p * nseg + s) * j + i] = total; break;
+        case Epilogue::kSum: out[p * j + i] = total; break;
+        case Epilogue::kSumPlusPrev:
+          out[p * j + i] = total;
+          out2[p * j + i] = prev[p * j + i] + total;
+          break;
+        case Epilogue::kSqrt: out[p] = sqrt(total); break;
+      }
+    }
+    __syncthreads();  // sm is reused by the next block of the grid-stride loop
   }
 }
 
-// norm[p] = sqrt(sum_c npart[p, c]) in chunk order. One thread per problem.
-__global__ void norm_kernel(const double* __restrict__ npart, int64_t b, int64_t nch,
-                            double* __restrict__ norm) {
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < b;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double s = 0.0;
-    for (int64_t c = 0; c < nch; ++c) s += npart[p * nch + c];
-    norm[p] = sqrt(s);
+// Column sums of part [b, rows, j] with the epilogue `epi` (see column_sum_kernel), through as
+// many segment stages as needed; bufA / bufB hold at least b * stage_rows(1) * j and
+// b * stage_rows(2) * j doubles (reduce_scratch).
+void column_sums(const double* part, int64_t b, int64_t rows, int64_t j, Epilogue epi,
+                 double* out, const double* prev, double* out2, double* bufA, double* bufB,
+                 cudaStream_t stream) {
+  const ReducePlan plan = reduce_plan(j);
+  const dim3 block(plan.tx, plan.ty);
+  const double* in = part;
+  double* bufs[2] = {bufA, bufB};
+  int next = 0;
+  while (true) {
+    const int64_t nseg = (rows + plan.seg - 1) / plan.seg;
+    const bool last = nseg <= 1;
+    const int64_t nblocks = b * std::max<int64_t>(nseg, 1) * plan.tiles;
+    const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(nblocks, 1 << 20));
+    double* dst = last ? out : bufs[next];
+    column_sum_kernel<<<grid, block, 0, stream>>>(in, b, rows, j, plan.seg, plan.tiles,
+                                                  std::max<int64_t>(nseg, 1),
+                                                  last ? epi : Epilogue::kSegment, dst, prev,
+                                                  out2);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (last) return;
+    in = dst;
+    rows = nseg;
+    next ^= 1;
   }
 }
 
-// Blocks for a grid-stride launch over `total` items (total > 0).
-unsigned int grid_for(int64_t total, int threads) {
-  const int64_t blocks = (total + threads - 1) / threads;
-  return static_cast<unsigned int>(std::min<int64_t>(blocks, 1 << 20));
+// Sizes (in rows) of the two ping-pong buffers column_sums needs for `rows` rows and j columns.
+std::pair<int64_t, int64_t> reduce_scratch(int64_t rows, int64_t j) {
+  const int64_t seg = reduce_plan(j).seg;
+  const int64_t s1 = (rows + seg - 1) / seg;
+  const int64_t s2 = (s1 + seg - 1) / seg;
+  return {s1 > 1 ? s1 : 0, s2 > 1 ? s2 : 0};
 }
 
 }  // namespace
@@ -218,6 +297,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth_cuda(const at::Ten
   auto part = at::empty({b, nch, j}, dopt);
   auto w1 = at::empty({b, n}, dopt);
   auto npart = at::empty({b, nch}, dopt);
+  // Ping-pong buffers of the multi-stage reductions (empty when one stage suffices).
+  const auto hs = reduce_scratch(nch, j), ns = reduce_scratch(nch, 1);
+  auto bufA = at::empty({b * std::max(hs.first * j, ns.first)}, dopt);
+  auto bufB = at::empty({b * std::max(hs.second * j, ns.second)}, dopt);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(wc.scalar_type(), "lanczos_reorth_cuda", [&] {
@@ -229,6 +312,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth_cuda(const at::Ten
     double* h2p = h2.data_ptr<double>();
     double* partp = part.data_ptr<double>();
     double* cp = coeffs.data_ptr<double>();
+    double* ap = bufA.data_ptr<double>();
+    double* bp = bufB.data_ptr<double>();
     const unsigned int blocks = static_cast<unsigned int>(b * nch);
 
     // Pass 1: h1 = V w.
@@ -236,31 +321,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth_cuda(const at::Ten
       pass1_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(wp, vp, sb, sj, j, n, nch, partp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (j > 0) {
-      reduce_partials_kernel<<<grid_for(b * j, kThreads), kThreads, 0, stream>>>(
-          partp, b, nch, j, h1p, nullptr, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    if (j > 0) column_sums(partp, b, nch, j, Epilogue::kSum, h1p, nullptr, nullptr, ap, bp, stream);
     // Pass 2: w1 = w - V^T h1 and the partials of h2 = V w1.
     if (blocks > 0) {
       pass2_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(wp, vp, sb, sj, j, n, nch, h1p,
                                                                w1.data_ptr<double>(), partp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (j > 0) {
-      reduce_partials_kernel<<<grid_for(b * j, kThreads), kThreads, 0, stream>>>(
-          partp, b, nch, j, h2p, h1p, cp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    if (j > 0) column_sums(partp, b, nch, j, Epilogue::kSumPlusPrev, h2p, h1p, cp, ap, bp, stream);
     // Pass 3: w_orth = w1 - V^T h2 and the partials of its squared norm.
     if (blocks > 0) {
       pass3_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           vp, sb, sj, j, n, nch, h2p, w1.data_ptr<double>(), op, npart.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    norm_kernel<<<grid_for(b, kThreads), kThreads, 0, stream>>>(npart.data_ptr<double>(), b, nch,
-                                                                norm.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    column_sums(npart.data_ptr<double>(), b, nch, 1, Epilogue::kSqrt, norm.data_ptr<double>(),
+                nullptr, nullptr, ap, bp, stream);
   });
   return {out, coeffs, norm};
 }
