@@ -5,7 +5,8 @@
 // each pass computes the Gram matrices G = X^T X (cuBLAS batched GEMM through at::bmm; only the
 // upper triangle and the diagonal are read afterwards), replaces exactly zero columns by the same
 // splitmix64 values as the CPU (then recomputes G), factors G (+ shift) = R^T R with one thread
-// block per problem, and solves X <- X R^{-1} with one thread per row. Per-problem state (passes
+// block per problem, and solves X <- X R^{-1} by tiles of rows staged in shared memory (coalesced
+// loads and stores, one thread per row; solve_tiles_kernel). Per-problem state (passes
 // left, active this pass) lives on the device; the host reads back two counters per pass (any
 // column refilled, any problem still active) to decide whether to recompute G and whether to
 // stop, so the number of passes matches the CPU kernel problem by problem.
@@ -172,7 +173,9 @@ __global__ void cholesky_kernel(const double* __restrict__ G, double* __restrict
   }
 }
 
-// One thread per row (p, t) of active problems: x <- x R^{-1} (forward substitution).
+// One thread per row (p, t) of active problems: x <- x R^{-1} (forward substitution). Used only
+// when a tile of 32 rows does not fit in shared memory (k > kMaxTileStride); its loads are
+// strided by k (uncoalesced).
 __global__ void solve_rows_kernel(double* __restrict__ X, const double* __restrict__ R, int64_t b,
                                   int64_t n, int64_t k, const uint8_t* __restrict__ act) {
   const int64_t total = b * n;
@@ -187,6 +190,59 @@ __global__ void solve_rows_kernel(double* __restrict__ X, const double* __restri
       for (int64_t a = 0; a < c; ++a) s -= x[a] * Rp[a * k + c];
       x[c] = s / Rp[c * k + c];
     }
+  }
+}
+
+// Tiled solve x <- x R^{-1}: a block owns a tile of `tile` consecutive rows of one problem (one
+// thread per row). The tile is a contiguous run of tile * k doubles of X: it is loaded into
+// shared memory and stored back by the whole block with consecutive threads on consecutive
+// addresses (coalesced), at a row stride ks = k | 1 (odd, so the per-row accesses of a warp hit
+// distinct banks). Each thread then runs the forward substitution of its row in shared memory in
+// the CPU kernel's order (s = x_c - sum_{a < c} x_a R[a, c] in increasing a, then / R[c, c]);
+// R is read through the read-only cache, every thread of a warp at the same address (broadcast).
+constexpr int64_t kTileBytes = 48 * 1024;                    // static shared-memory limit
+constexpr int64_t kMaxTileStride = kTileBytes / (32 * 8);    // 192: 32 rows still fit
+
+struct SolvePlan {
+  int64_t ks;     // row stride in shared memory (odd)
+  int64_t tile;   // rows per block (a multiple of 32, <= 256), 0: use solve_rows_kernel
+};
+
+SolvePlan solve_plan(int64_t k) {
+  const int64_t ks = k | 1;
+  if (ks > kMaxTileStride) return {ks, 0};
+  const int64_t rows = kTileBytes / (ks * 8);
+  return {ks, std::min<int64_t>(256, rows / 32 * 32)};
+}
+
+__global__ void solve_tiles_kernel(double* __restrict__ X, const double* __restrict__ R, int64_t b,
+                                   int64_t n, int64_t k, int64_t ks, int64_t tile,
+                                   const uint8_t* __restrict__ act) {
+  extern __shared__ double xs[];  // [tile, ks]
+  const int64_t tiles = (n + tile - 1) / tile;
+  const int64_t nblocks = b * tiles;
+  const unsigned int tid = threadIdx.x, nthr = blockDim.x;  // nthr == tile
+  const unsigned int uk = static_cast<unsigned int>(k), uks = static_cast<unsigned int>(ks);
+  for (int64_t blk = blockIdx.x; blk < nblocks; blk += gridDim.x) {  // uniform over the block
+    const int64_t p = blk / tiles, t0 = (blk % tiles) * tile;
+    if (!act[p]) continue;
+    const unsigned int rows = static_cast<unsigned int>(n - t0 < tile ? n - t0 : tile);
+    const unsigned int len = rows * uk;  // <= 6144
+    double* Xt = X + (p * n + t0) * k;
+    for (unsigned int e = tid; e < len; e += nthr) xs[(e / uk) * uks + e % uk] = Xt[e];
+    __syncthreads();
+    if (tid < rows) {
+      const double* Rp = R + p * k * k;
+      double* x = xs + tid * uks;
+      for (unsigned int c = 0; c < uk; ++c) {
+        double s = x[c];
+        for (unsigned int a = 0; a < c; ++a) s -= x[a] * __ldg(Rp + a * uk + c);
+        x[c] = s / __ldg(Rp + c * uk + c);
+      }
+    }
+    __syncthreads();
+    for (unsigned int e = tid; e < len; e += nthr) Xt[e] = xs[(e / uk) * uks + e % uk];
+    __syncthreads();  // xs is reused by the next tile of the grid-stride loop
   }
 }
 
@@ -261,6 +317,10 @@ at::Tensor orthonormalize_cuda(const at::Tensor& x) {
   uint8_t* flagp = colflag.data_ptr<uint8_t>();
   int* cnt = counters.data_ptr<int>();
   auto Xt = X.transpose(1, 2);
+  const SolvePlan plan = solve_plan(k);
+  const unsigned int solve_grid = plan.tile > 0
+      ? static_cast<unsigned int>(std::min<int64_t>(b * ((n + plan.tile - 1) / plan.tile), 1 << 20))
+      : 0u;
 
   for (int pass = 0; pass < kMaxPasses; ++pass) {
     auto G = at::bmm(Xt, X).contiguous();  // [b, k, k]
@@ -277,7 +337,13 @@ at::Tensor orthonormalize_cuda(const at::Tensor& x) {
     cholesky_kernel<<<static_cast<unsigned int>(b), chol_threads, 0, stream>>>(
         G.data_ptr<double>(), Rp, k, leftp, actp, shift_factor, pass, cnt + 2 * pass + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    solve_rows_kernel<<<grid_for(b * n, kThreads), kThreads, 0, stream>>>(Xp, Rp, b, n, k, actp);
+    if (plan.tile > 0) {
+      solve_tiles_kernel<<<solve_grid, static_cast<unsigned int>(plan.tile),
+                           static_cast<size_t>(plan.tile * plan.ks) * sizeof(double), stream>>>(
+          Xp, Rp, b, n, k, plan.ks, plan.tile, actp);
+    } else {
+      solve_rows_kernel<<<grid_for(b * n, kThreads), kThreads, 0, stream>>>(Xp, Rp, b, n, k, actp);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // Every problem does at least three passes; from then on stop once none has passes left.
     if (pass >= 2 && read_counter(cnt + 2 * pass + 1, stream) == 0) break;
