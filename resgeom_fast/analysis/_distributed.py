@@ -6,6 +6,8 @@ sample-parallel residual alignment (docs/distributed.md, issue 16).
   ``"sharded"`` (every rank passes its own share, possibly empty).
 - :func:`local_batches` -- this rank's validated ``(x, y)`` batches (possibly none).
 - :func:`gather_objects` -- one small picklable value per rank, on every rank (one collective).
+- :func:`check_model` -- the model's parameters and floating buffers equal to rank 0's on every
+  rank (:class:`~resgeom_fast.core.distributed.DivergentRanksError` on every rank otherwise).
 - :func:`sync_failure` -- after a local step whose failure flag travelled in an all_reduce, raise
   the failing rank's exception on every rank.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from resgeom_fast.core import distributed as rdist
@@ -27,12 +29,23 @@ from resgeom_fast.operators.curvature import check_distributed
 
 from ._common import batches
 
-__all__ = ["check_mode", "gather_objects", "local_batches", "portable", "raise_first", "sync_failure"]
+__all__ = ["check_mode", "check_model", "gather_objects", "local_batches", "portable", "raise_first", "sync_failure"]
 
 
 def check_mode(where: str, distributed: Optional[str]) -> Optional[str]:
     """``distributed`` if None, or ``"split"`` / ``"sharded"`` with an initialised process group."""
     return check_distributed(where, distributed)
+
+
+def check_model(where: str, model: nn.Module) -> None:
+    """Collective: raise :class:`~resgeom_fast.core.distributed.DivergentRanksError` on every rank
+    when the model's parameters or floating-point buffers (BatchNorm statistics) on some rank
+    differ from rank 0's (:func:`resgeom_fast.core.distributed.check_same_parameters`: a
+    fingerprint of up to 1024 evenly spaced entries per tensor, the check the curvature operators
+    make at construction). The ranks' statistics are combined: a rank with another model would
+    change the result silently."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    rdist.check_same_parameters(where, tensors)
 
 
 def local_share(where: str, data: Any, distributed: str, split: str = "train") -> Any:

@@ -100,7 +100,7 @@ from resgeom_fast.analysis.plotting import (
     as_result_dict, errorbars, figure_axes, get_path, heatmaps, join, lines, pca_trajectories, pyplot, spectra_per_block,
 )
 from resgeom_fast.core import distributed as rdist
-from resgeom_fast.analysis._distributed import check_mode, gather_objects, portable, raise_first, sync_failure
+from resgeom_fast.analysis._distributed import check_mode, check_model, gather_objects, portable, raise_first, sync_failure
 from resgeom_fast.linalg import LinearOperator, randomized_svd
 from resgeom_fast.linalg.svd import DEFAULT_MAX_ITERS, DEFAULT_TOL
 from resgeom_fast.operators import ResidualJacobian, residual_blocks, residual_jacobians
@@ -991,6 +991,7 @@ def residual_alignment(
         ops = residual_jacobians(model, x, blocks, **jac_kwargs)
     else:
         x_loc, y_loc = _local_rows(where, mode, x, y)
+        check_model(where, model)     # a collective: the ranks' products are combined
         ops, last_fn, gathered_labels, N = _sample_parallel(where, model, x_loc, y_loc, blocks, jac_kwargs)
         labels = gathered_labels if labels is not None else None
     all_ids = {id(b.block): i for i, b in enumerate(residual_blocks(model))}

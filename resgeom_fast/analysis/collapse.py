@@ -115,7 +115,7 @@ from resgeom_fast.core.distributed import all_reduce_sum, world_size
 from ._common import (
     Result, batches, check_choice, check_finite_parameters, check_finite_tensor, check_int, model_device_dtype,
 )
-from ._distributed import check_mode, gather_objects, local_batches, portable, raise_first, sync_failure
+from ._distributed import check_mode, check_model, gather_objects, local_batches, portable, raise_first, sync_failure
 from ._hidden import block_representations
 from .plotting import as_result_dict, figure_axes, get_path, join, lines, point
 
@@ -706,6 +706,8 @@ def collapse(model: nn.Module, data: Any, *, num_classes: Optional[int] = None,
                         f"DataLoader), got a one-shot iterator {type(data).__name__}")
     device, dtype = model_device_dtype(where, model)
     check_finite_parameters(where, model)
+    if mode is not None:
+        check_model(where, model)     # a collective: the ranks' sums are combined
 
     # eval mode inside; every submodule's own mode restored after (e.g. frozen BatchNorm in a training net)
     tok = _resolve_tokens(where, model, tokens) if blocks is not None else None

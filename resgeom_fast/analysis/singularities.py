@@ -108,7 +108,7 @@ from resgeom_fast.core.modules import module_mode
 from resgeom_fast.linalg import NonFiniteError
 from resgeom_fast.analysis._common import Result, batches, check_float, model_device_dtype
 from resgeom_fast.analysis._common import check_finite_parameters, check_finite_tensor
-from resgeom_fast.analysis._distributed import check_mode, gather_objects, local_batches, portable, raise_first
+from resgeom_fast.analysis._distributed import check_mode, check_model, gather_objects, local_batches, portable, raise_first
 from resgeom_fast.analysis._distributed import sync_failure
 from resgeom_fast.core.distributed import all_reduce_sum, world_size
 from resgeom_fast.analysis.plotting import as_result_dict, bars, join, lines, new_figure
@@ -888,6 +888,7 @@ def singularities(model: nn.Module, data: Any, *, eps: float = 1e-3,
     check_finite_parameters(_WHERE, model)
     mode = check_mode(_WHERE, distributed)
     if mode is not None:
+        check_model(_WHERE, model)    # a collective: the ranks' sums are combined
         chosen, stats, n_samples = _stream_distributed(model, data, mode, device, dtype, layers, dead_tol)
         return _result(chosen, stats, n_samples, eps, dead_tol)
     chosen: list[ActivationLayer] = []

@@ -61,11 +61,12 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from resgeom_fast.core.checks import check_module, check_type
+from resgeom_fast.core import distributed as rdist
+from resgeom_fast.core.checks import ArgumentValueError, check_module, check_type
 from resgeom_fast import linalg, operators
 from resgeom_fast._progress import progress as progress_bar
 # the memory plans (a private linalg module until linalg/__init__ exports them)
-from resgeom_fast.linalg._memory import check_memory_limit, fmt_bytes, plan_eigsh, plan_slq
+from resgeom_fast.linalg._memory import check_memory_limit, fmt_bytes, plan_eigsh, plan_slq, plan_trace
 from resgeom_fast.analysis._common import Result, check_choice, check_float, check_int
 from resgeom_fast.analysis.plotting import (
     as_result_dict, band, figure_axes, get_path, join, lines, scatter_column, vlines,
@@ -75,6 +76,8 @@ __all__ = ["K_MAX", "MassFraction", "Spectrum", "SpectrumResult", "hessian_spect
            "plot_eigenvalues"]
 
 _WHERE = "hessian_spectrum"
+#: ``distributed=`` of :func:`hessian_spectrum` (None: one process)
+DISTRIBUTED = ("split", "sharded", "probes")
 #: the most extreme eigenvalues :func:`hessian_spectrum` computes (eigsh keeps a Lanczos basis of
 #: up to max(300, 20 k) vectors of length P)
 K_MAX = 500
@@ -402,7 +405,7 @@ def _shrink(bar: Any, by: int) -> None:
 def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, steps: int, trace_probes: int,
               trace_method: str, eps: float, abs_eps: float, max_bracket: float, sigma0: float,
               grid_points: int, seed: int, eig_steps: Optional[int], reorth: str, bar: Any,
-              memory_limit: Optional[int] = None) -> Spectrum:
+              memory_limit: Optional[int] = None, probes_mode: bool = False) -> Spectrum:
     n = op.shape[0]
     kk = min(k, n)
     notes = []
@@ -414,18 +417,32 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
     cop = op if isinstance(op, _Counted) else _Counted(op, bar)
     bar.set_postfix_str(f"{name}: extreme eigenvalues")
     before = cop.products
-    eg = linalg.eigsh(cop, k=kk, which="both", seed=seed,
-                      max_steps=None if eig_steps is None else max(eig_steps, kk + 1), memory_limit=memory_limit)
+    exc: Optional[BaseException] = None
+    extreme: Any = None
+    try:
+        eg = linalg.eigsh(cop, k=kk, which="both", seed=seed,
+                          max_steps=None if eig_steps is None else max(eig_steps, kk + 1), memory_limit=memory_limit)
+        evals = eg.eigenvalues.detach().double().cpu()
+        order = torch.argsort(evals)
+        extreme = (evals[order], eg.residuals.detach().double().cpu()[order], bool(eg.converged.all()),
+                   int(eg.steps))
+    except Exception as err:
+        if not probes_mode:
+            raise
+        exc = err
+    if probes_mode:
+        # eigsh ran replicated on every rank's own operator: rank 0's result for all (an auto-tuned
+        # operator may pick another product method on another rank: rounding-level differences)
+        rdist.raise_together(_WHERE, exc)
+        extreme = rdist.broadcast_object(extreme, fn=_WHERE)
+    evals, resid, eig_converged, eig_steps_done = extreme
     _shrink(bar, _eig_budget(n, kk, eig_steps) + kk - (cop.products - before))
-    evals = eg.eigenvalues.detach().double().cpu()
-    order = torch.argsort(evals)
-    evals = evals[order]
-    resid = eg.residuals.detach().double().cpu()[order]
+    dist_kw: dict[str, Any] = {"distributed": "probes"} if probes_mode else {}
     bar.set_postfix_str(f"{name}: trace")
-    tr = linalg.trace(cop, probes=trace_probes, method=trace_method, seed=seed)
+    tr = linalg.trace(cop, probes=trace_probes, method=trace_method, seed=seed, memory_limit=memory_limit, **dist_kw)
     bar.set_postfix_str(f"{name}: SLQ density")
     slq = linalg.slq_density(cop, probes=probes, steps=min(steps, n), grid_size=grid_points, sigma0=sigma0,
-                             num_moments=4, seed=seed, reorth=reorth, memory_limit=memory_limit)
+                             num_moments=4, seed=seed, reorth=reorth, memory_limit=memory_limit, **dist_kw)
     mem = slq.memory
     if mem is not None and (mem.groups > 1 or mem.accuracy_note):
         notes.append(f"memory: SLQ ran with {mem.choice} ({fmt_bytes(mem.bytes_needed)} planned against "
@@ -446,8 +463,8 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
         else:  # lambda_max = 0 (a zero operator): no relative threshold
             fr[key] = _undefined(key, slq, "undefined: lambda_max = 0, so the relative threshold eps * lambda_max is 0")
     return Spectrum(
-        name=name, dim=n, eigenvalues=evals, residuals=resid, converged=bool(eg.converged.all()),
-        lanczos_steps=int(eg.steps), trace=float(tr.estimate), trace_stderr=float(tr.total_error),
+        name=name, dim=n, eigenvalues=evals, residuals=resid, converged=eig_converged,
+        lanczos_steps=eig_steps_done, trace=float(tr.estimate), trace_stderr=float(tr.total_error),
         trace_method=tr.method, nodes=nodes, weights=weights, grid=slq.grid.detach().double().cpu(),
         density=slq.density.detach().double().cpu(), density_std=slq.density_std.detach().double().cpu(),
         moments=slq.moments.detach().double().cpu(), moments_std=slq.moments_std.detach().double().cpu(),
@@ -459,6 +476,21 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
         abs_threshold=float(abs_eps), degeneracy_fraction_abs=fr["degenerate_abs"].value,
         degeneracy_abs_stderr=fr["degenerate_abs"].stderr, fractions=fr, k_used=kk, notes=notes,
     )
+
+
+def _plan(o: linalg.LinearOperator, k: int, probes: int, steps: int, trace_probes: int, trace_method: str,
+          eig_steps: Optional[int], reorth: str, memory_limit: Optional[int], probes_mode: bool) -> None:
+    """The memory plans of one operator's eigsh, trace and SLQ (this rank's probes when
+    ``probes_mode``), made before any product; raises InsufficientMemoryError."""
+    n, b = o.shape[0], o.batch_size
+    share = (lambda c: rdist.shard_sizes(c, rdist.world_size())[rdist.rank()]) if probes_mode else (lambda c: c)
+    kk = min(k, n)
+    plan_eigsh(n, b, _eig_budget(n, kk, eig_steps), kk, o.dtype, o.device, memory_limit, _WHERE)
+    plan_slq(n, b, share(probes), min(steps, n), o.dtype, o.device, reorth, memory_limit, _WHERE,
+             drawn=b * probes * n if probes_mode else 0)
+    sk = min(trace_probes // 3 if trace_method == "hutch++" else 0, n)
+    plan_trace(n, b, sk, share(sk), share(trace_probes - 2 * sk), o.dtype, o.device, memory_limit, _WHERE,
+               hutchinson=trace_probes - 2 * sk)
 
 
 def hessian_spectrum(
@@ -487,6 +519,7 @@ def hessian_spectrum(
     eig_steps: Optional[int] = None,
     reorth: str = "full",
     memory_limit: Optional[int] = None,
+    distributed: Optional[str] = None,
 ) -> SpectrumResult:
     """Extreme eigenvalues, trace, SLQ density and degeneracy of the Hessian of a mean loss.
 
@@ -533,7 +566,20 @@ def hessian_spectrum(
             so); when nothing fits, :class:`~resgeom_fast.linalg._memory.InsufficientMemoryError`
             names the bytes needed and available and the settings that would fit (fewer steps or
             probes, ``params=``, ``reorth``, ``memory_limit``). The trace's sketch (Hutch++,
-            ``trace_probes`` vectors) and the model's own activations are not planned.
+            ``trace_probes // 3`` vectors) and its column chunks are planned too
+            (:func:`~resgeom_fast.linalg._memory.plan_trace`); the model's own activations are not.
+        distributed: None (one process), or in an initialised torch.distributed group
+            (docs/distributed.md; a collective: every rank calls it with the same model and
+            arguments, and every rank returns the same result): ``"split"`` / ``"sharded"``: the
+            operators are data-parallel (each rank its share of the data: the full data on every
+            rank, or this rank's own share; one all_reduce per product) and eigsh, the trace and
+            SLQ run replicated on every rank (each stores the whole Lanczos bases); ``"probes"``:
+            every rank builds the single-process operators on the same full ``data`` and the trace
+            and SLQ probes are split across the ranks (:func:`resgeom_fast.linalg.slq_density`,
+            :func:`resgeom_fast.linalg.trace` with ``distributed="probes"``: each rank stores only
+            its probes' basis), the extreme eigenvalues are computed on every rank and rank 0's are
+            taken. The numbers equal one process's up to the rounding of the batched products;
+            ``products`` then counts the products of all ranks together.
 
     Returns:
         a :class:`SpectrumResult` (tensors float64 on the CPU); shapes in :class:`Spectrum`.
@@ -563,6 +609,13 @@ def hessian_spectrum(
     check_choice(_WHERE, "operator", operator, ("hessian", "ggn"))
     check_choice(_WHERE, "reorth", reorth, ("full", "local", "auto"))
     memory_limit = check_memory_limit(_WHERE, memory_limit)
+    if distributed is not None:
+        check_choice(_WHERE, "distributed", distributed, DISTRIBUTED)
+        if not rdist.is_initialized():
+            raise ArgumentValueError(
+                f"{_WHERE}: expected an initialised torch.distributed process group for distributed={distributed!r} "
+                f"(torch.distributed.init_process_group, e.g. under torchrun), got none; pass distributed=None")
+    probes_mode = distributed == "probes"
     check_type(_WHERE, "hvp", hvp, str, "a str")
     if eig_steps is not None:
         check_int(_WHERE, "eig_steps", eig_steps, 2)
@@ -574,7 +627,12 @@ def hessian_spectrum(
     op_kw: dict[str, Any] = dict(batchnorm=batchnorm, hvp=hvp)
     if deterministic:
         op_kw["deterministic"] = True
+    if distributed in ("split", "sharded"):
+        op_kw["distributed"] = distributed
     build = operators.hessian if operator == "hessian" else operators.ggn
+    if probes_mode:   # every rank's own operator: the same model on every rank (a collective)
+        rdist.check_same_parameters(_WHERE, [t for t in list(model.parameters()) + list(model.buffers())
+                                             if t.is_floating_point()])
     try:
         op = build(model, loss_fn, data, params, **op_kw)
     except (ValueError, TypeError) as exc:  # name this function in the message
@@ -597,17 +655,22 @@ def hessian_spectrum(
             raise type(exc)(f"{_WHERE}: {exc}") from exc
         blocks_ops = [(b.name, o) for b, o in zip(infos, ops)]
 
-    for _, o in [("all", op)] + blocks_ops:   # plan the Lanczos memory before any product is applied
-        kk = min(k, o.shape[0])
-        plan_eigsh(o.shape[0], o.batch_size, _eig_budget(o.shape[0], kk, eig_steps), kk, o.dtype, o.device,
-                   memory_limit, _WHERE)
-        plan_slq(o.shape[0], o.batch_size, probes, min(steps, o.shape[0]), o.dtype, o.device, reorth,
-                 memory_limit, _WHERE)
+    # plan the memory before any product is applied (a rank whose plan fails stops every rank)
+    plan_exc: Optional[BaseException] = None
+    try:
+        for _, o in [("all", op)] + blocks_ops:
+            _plan(o, k, probes, steps, trace_probes, trace_method, eig_steps, reorth, memory_limit, probes_mode)
+    except Exception as err:
+        if distributed is None:
+            raise
+        plan_exc = err
+    if distributed is not None:
+        rdist.raise_together(_WHERE, plan_exc)
     total = sum(_budget(o.shape[0], k, probes, steps, trace_probes, eig_steps)
                 for o in [op] + [o for _, o in blocks_ops])
     kw = dict(k=k, probes=probes, steps=steps, trace_probes=trace_probes, trace_method=trace_method, eps=eps,
               abs_eps=abs_eps, max_bracket=max_bracket, sigma0=sigma0, grid_points=grid_points, seed=seed,
-              eig_steps=eig_steps, reorth=reorth, memory_limit=memory_limit)
+              eig_steps=eig_steps, reorth=reorth, memory_limit=memory_limit, probes_mode=probes_mode)
     with progress_bar(total, _WHERE, enabled=progress, unit="products") as bar:
         cop = _Counted(op, bar)
         counted = [_Counted(bop, bar) for _, bop in blocks_ops]
@@ -624,6 +687,9 @@ def hessian_spectrum(
     choice = getattr(op, "hvp_choice", None)
     if callable(choice):
         hvp_methods = {str(w): choice(w) for w in sorted(cop.widths)}
+    if probes_mode:   # the work of all ranks; rank 0's product methods (every rank returns the same result)
+        products = int(sum(rdist.all_gather_object(products, fn=_WHERE)))
+        hvp_methods = rdist.broadcast_object(hvp_methods, fn=_WHERE)
     unresolved = [f"{s.name}: {n} in [{s.fractions[n].quadrature_lower:.3f}, {s.fractions[n].quadrature_upper:.3f}]"
                   for s in [full] + block_specs for n in s.unresolved]
     if unresolved:

@@ -2,7 +2,8 @@
 
 TASK "operators" (default) runs the operator cases below; "analyses" computes every case of
 :mod:`tests.distributed._analysis_cases` (collapse, singularities, alignment) and saves them to
-``OUTDIR/rank<RANK>.pt``.
+``OUTDIR/rank<RANK>.pt``; "probes" the probe-parallel cases of
+:mod:`tests.distributed._probe_cases` (and the analyses' parameter check).
 
 Joins a gloo group through a FileStore (collective timeout ``_cases.TIMEOUT_S``), computes every
 case of :mod:`tests.distributed._cases` and saves the results to ``OUTDIR/rank<RANK>.pt``; in a
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed._analysis_cases import analysis_failures, compute_analyses
+from tests.distributed._probe_cases import compute_probes, probe_failures
 from tests.distributed._cases import CASES, TIMEOUT_S, checks_of_failures, compute, killed_rank
 
 
@@ -25,6 +27,13 @@ def main(rank: int, world: int, store: str, outdir: str, task: str = "operators"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))
+    if task == "probes":
+        try:
+            results = {"probes": compute_probes(parallel=True), "failures": probe_failures(world, rank)}
+            torch.save(results, Path(outdir) / f"rank{rank}.pt")
+        finally:
+            dist.destroy_process_group()
+        return
     if task == "analyses":
         try:
             results = {case: compute_analyses(case, world, rank, distributed=True) for case in CASES}
