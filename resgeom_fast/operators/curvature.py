@@ -12,8 +12,10 @@ Each curvature supplies only its per-batch product, in three forms (the function
 - :meth:`~CurvatureOperator.batch_graph` / :meth:`~CurvatureOperator.graph_product`: the double
   backward (a gradient graph built once per batch, k vectors as one batched backward);
 - :meth:`~CurvatureOperator.func_product`: forward-over-reverse with torch.func;
-- :meth:`~CurvatureOperator.structured_layers`: the layers of the structured R-operator, or why
-  there are none (the base class: none).
+- :meth:`~CurvatureOperator.structured_engine`: the structured (autograd-free) R-operator, or why
+  there is none (the base class: none): :class:`~resgeom_fast.operators._structured.StructuredHVP`
+  on this package's FC ResNets, else :class:`~resgeom_fast.operators._structured_conv.GraphHVP` over
+  the torch.fx trace of the model (:mod:`resgeom_fast.operators._graph`).
 
 :class:`HessianOperator` and :class:`GGNOperator` are the two curvatures; the public constructors
 :func:`~resgeom_fast.operators.hessian.hessian`, :func:`~resgeom_fast.operators.hessian.ggn` and
@@ -47,7 +49,9 @@ from resgeom_fast.operators._products import (
     hessian_graph_product,
     structured_primal,
 )
+from resgeom_fast.operators._graph import trace_graph
 from resgeom_fast.operators._structured import StructuredHVP, parse_structured, structured_loss
+from resgeom_fast.operators._structured_conv import GraphHVP, graph_primal
 
 __all__ = ["DISTRIBUTED_MODES", "CurvatureEngine", "CurvatureOperator", "GGNOperator", "HessianOperator"]
 
@@ -138,16 +142,16 @@ class CurvatureEngine:
         self.deterministic = check_type(fn, "deterministic", deterministic, bool, "a bool")
         self.matmul = matmul
         backends = resolve_matmul(fn, matmul, self.dtype, self.device)
-        self.structured: Optional[StructuredHVP] = None
+        self.structured: Optional[Union[StructuredHVP, GraphHVP]] = None
         structured_off: Optional[str] = None  # why the structured path is not used
         if self.hvp in ("auto", "structured"):
-            layers, why = curvature.structured_layers(model, params, loss_fn, batchnorm)
-            if layers is None:
+            structured, why = curvature.structured_engine(model, params, loss_fn, batchnorm)
+            if structured is None:
                 if self.hvp == "structured":
                     raise ArgumentValueError(f"{fn}: hvp='structured' does not apply: {why}; use hvp='auto'")
                 structured_off = why
             else:
-                self.structured = StructuredHVP(layers, params, loss=structured_loss(loss_fn) or "ce")
+                self.structured = structured
         self.tuner = AutoTuner(fn, self.hvp, matmul, backends, deterministic, self.dtype, self.device,
                                self._apply_method, structured_off=structured_off,
                                distributed=self.distributed is not None)
@@ -364,6 +368,9 @@ class CurvatureEngine:
     def _primal(self, x: Tensor, y: Any) -> Any:
         assert self.structured is not None
         # every batch of a whole pass already matched model(x): no forward check
+        if isinstance(self.structured, GraphHVP):
+            return graph_primal(self.structured, self.model, self.batchnorm, x, y,
+                                check_forward=not self._forward_checked, tol=verify_tolerance(self.dtype))
         return structured_primal(self.structured, self.model, self.batchnorm, x, y,
                                  check_forward=not self._forward_checked, tol=verify_tolerance(self.dtype))
 
@@ -417,10 +424,32 @@ class CurvatureOperator(LinearOperator):
 
     # -- the per-batch product each curvature supplies -------------------------------------------
     @classmethod
-    def structured_layers(cls, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn,
-                          batchnorm: str) -> tuple[Optional[list], str]:
-        """The layers of the structured path for this curvature, or (None, why not)."""
+    def structured_engine(cls, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn,
+                          batchnorm: str) -> tuple[Optional[Union[StructuredHVP, GraphHVP]], str]:
+        """The structured (autograd-free) product engine for this curvature, or (None, why not)."""
         return None, f"the {cls.name} has no structured path"
+
+    @classmethod
+    def _graph_engine(cls, curvature: str, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn,
+                      batchnorm: str) -> tuple[Optional[GraphHVP], str]:
+        loss = structured_loss(loss_fn)
+        if loss is None:
+            return None, ("the loss is not nn.CrossEntropyLoss() / F.cross_entropy (mean, no class weights, "
+                          "no label smoothing) or nn.MSELoss() / F.mse_loss (mean)")
+        graph, why = trace_graph(model, params, batchnorm)
+        if graph is None:
+            return None, why
+        return GraphHVP(graph, params, loss=loss, curvature=curvature), ""
+
+    def structured_flops(self, k: int) -> Optional[int]:
+        """Convolution / GEMM floating-point operations of one structured product of ``k``
+        vectors over the operator's data (None: the structured path is not in use, or the FC
+        engine, which does not count them; counted after the first structured product, which
+        sets the spatial sizes). See :meth:`~resgeom_fast.operators._structured_conv.GraphHVP.flops`."""
+        eng = self._engine.structured
+        if not isinstance(eng, GraphHVP) or eng.macs is None or self.structured_off is not None:
+            return None
+        return eng.flops(self.num_samples, k)
 
     @staticmethod
     def batch_graph(fn: str, model: nn.Module, loss_fn: LossFn, params: Sequence[Tensor], x: Tensor,
@@ -546,15 +575,20 @@ class CurvatureOperator(LinearOperator):
 
 
 class HessianOperator(CurvatureOperator):
-    """The Hessian of the mean loss (a :class:`CurvatureOperator`): the only curvature with the
-    structured path (:mod:`resgeom_fast.operators._structured`)."""
+    """The Hessian of the mean loss (a :class:`CurvatureOperator`); structured path: the FC engine
+    (:mod:`resgeom_fast.operators._structured`) on this package's FC ResNets, else the traced graph's
+    (:mod:`resgeom_fast.operators._structured_conv`)."""
 
     name: ClassVar[str] = "Hessian"
 
     @classmethod
-    def structured_layers(cls, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn,
-                          batchnorm: str) -> tuple[Optional[list], str]:
-        return parse_structured(model, params, loss_fn, batchnorm)
+    def structured_engine(cls, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn,
+                          batchnorm: str) -> tuple[Optional[Union[StructuredHVP, GraphHVP]], str]:
+        """This package's FC ResNets: the FC engine; any other model: the traced graph's."""
+        layers, why = parse_structured(model, params, loss_fn, batchnorm)
+        if layers is not None:
+            return StructuredHVP(layers, params, loss=structured_loss(loss_fn) or "ce"), ""
+        return cls._graph_engine("hessian", model, params, loss_fn, batchnorm)
 
     batch_graph = staticmethod(hessian_graph)
     graph_product = staticmethod(hessian_graph_product)
@@ -565,6 +599,12 @@ class GGNOperator(CurvatureOperator):
     """The generalised Gauss-Newton matrix ``G = mean_b J_b^T H_out,b J_b`` (a :class:`CurvatureOperator`)."""
 
     name: ClassVar[str] = "GGN"
+
+    @classmethod
+    def structured_engine(cls, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn,
+                          batchnorm: str) -> tuple[Optional[Union[StructuredHVP, GraphHVP]], str]:
+        """The traced graph's GGN engine (tangent forward, output Hessian, plain backward)."""
+        return cls._graph_engine("ggn", model, params, loss_fn, batchnorm)
 
     batch_graph = staticmethod(ggn_graph)
     graph_product = staticmethod(ggn_graph_product)

@@ -1,0 +1,668 @@
+"""Exact Hessian and GGN products over a traced graph (conv ResNets and users' own models) without autograd.
+
+The R-operator of :mod:`resgeom_fast.operators._structured` carried over to the graphs that
+:mod:`resgeom_fast.operators._graph` recognises (Linear / Conv2d with eval-mode BatchNorm folded
+in, BatchNorm, ReLU, residual adds, scalar multiples, max / average pooling, reshapes): one primal
+forward and backward per batch (cached), then for k vectors V at once a tangent forward pass
+(R h) and a tangent backward pass (R g). Tangents are laid out sample-major, ``[N, k, C, H, W]``,
+so that every convolution of a layer is ONE call over all k vectors:
+
+- ``Rx W_s``: the tangents as an ``[N k, C, H, W]`` batch through ``conv(., W_s)``;
+- ``x M``: the input against the k tangent weights stacked along output channels
+  (``conv(x, [M_1; ...; M_k])`` is ``[N, k O, H', W']``, i.e. ``[N, k, O, H', W']`` -- no copy);
+- ``R gx = conv^T(Rg, W_s) + conv^T(g, M)`` (the latter with M stacked along input channels) and
+  the parameter terms ``corr(Rg, x)`` / ``corr(g, Rx)`` as single weight gradients with stacked
+  channels (``aten.convolution_backward``).
+
+Layer rules (x input, y output, g = dL/dy; an affine layer ``y = s (conv(x, W) + b - mu) + beta``,
+``s = gamma c``, ``c = 1/sqrt(var + eps)``; s = 1, mu = beta = 0 without BatchNorm):
+
+- ``Ry = conv(Rx, W_s) + conv(x, M_W) + M_b`` with ``M_W = s V_W + (c V_gamma) W``,
+  ``M_b = s V_b + c V_gamma (b - mu) + V_beta``;
+- ``R gx = conv^T(Rg, W_s) + conv^T(g, M_W)``;
+- with ``RT = corr(Rg, x)``, ``GR = corr(g, Rx)``, ``G = corr(g, x)`` (per output channel) and
+  ``RT_b = sum Rg``, ``G_b = sum g``: ``R gW = s (RT + GR) + c V_gamma G``,
+  ``R gb = s RT_b + c V_gamma G_b``, ``R g_beta = RT_b``,
+  ``R g_gamma = c (<RT, W> + RT_b (b - mu) + <GR, W> + <G, V_W> + G_b V_b)``;
+- BatchNorm alone, ReLU (``mask``), add, scale, pooling (max pooling routes by the primal's
+  indices), reshape: as in :mod:`resgeom_fast.operators._structured`; the linear ones apply
+  themselves (or their adjoint) to the tangents;
+- the loss: mean cross-entropy ``R g = (p Ro - p <p, Ro>) / N`` or mean squared error
+  ``R g = 2 Ro / (N d)`` at the logits.
+
+The GGN ``J^T H_out J`` uses the same passes without the terms of the primal gradient g (the
+tangent forward is J V; the tangent backward of ``H_out J V`` is then a plain backward).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from resgeom_fast.operators._data import module_mode
+from resgeom_fast.operators._graph import GNode, TracedGraph
+from resgeom_fast.operators._products import NotStructured, rel_diff
+
+__all__ = ["GraphHVP", "graph_primal"]
+
+# tangent elements kept per chunk of samples (k x samples x the kept tangents per sample); the
+# sample chunk of a pass is chosen so that the kept tangents stay under this (float32: 1 GiB)
+TANGENT_BUDGET = 1 << 28
+
+
+def _vec(v: Tensor, ndim: int) -> Tensor:
+    """A per-channel vector [..., C] viewed to broadcast over ``ndim - 2`` spatial axes."""
+    return v.reshape(*v.shape, *([1] * (ndim - 2)))
+
+
+def _fwd(L: GNode, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+    if L.layer == "conv":
+        return F.conv2d(x, W, b, L.stride, L.padding, L.dilation)
+    return F.linear(x, W, b)
+
+
+def _bwd_in(L: GNode, g: Tensor, W: Tensor, in_shape: Sequence[int]) -> Tensor:
+    """conv^T(g, W) / g W: the gradient of the layer's input ([B, C, ...] of ``in_shape``)."""
+    if L.layer == "conv":
+        return torch.ops.aten.convolution_backward(
+            g, g.new_empty(1).expand(in_shape), W, None, L.stride, L.padding, L.dilation, False, [0, 0], 1,
+            [True, False, False])[0]
+    return torch.mm(g, W)
+
+
+def _bwd_w(L: GNode, g: Tensor, x: Tensor, w_shape: Sequence[int]) -> Tensor:
+    """corr(g, x) / g^T x: the weight gradient of shape ``w_shape``."""
+    if L.layer == "conv":
+        return torch.ops.aten.convolution_backward(
+            g, x, g.new_empty(1).expand(w_shape), None, L.stride, L.padding, L.dilation, False, [0, 0], 1,
+            [False, True, False])[1]
+    return torch.mm(g.t(), x)
+
+
+def _sum_but(t: Tensor, keep: int) -> Tensor:
+    """Sum over axis 0 and every axis after ``keep`` (the spatial axes): [N, *kept, ...] -> kept."""
+    dims = [0, *range(keep + 1, t.dim())]
+    return t.sum(dims)
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _acc(d: dict, i: Any, t: Optional[Tensor]) -> None:
+    if t is None:
+        return
+    d[i] = t if d.get(i) is None else d[i] + t
+
+
+class _GPrimal:
+    """Per-batch cache: ``acts[i]`` what node i's rules need from the forward pass, ``grads[i]``
+    dL/d(output of node i) (affine / BatchNorm nodes; Hessian only), ``consts[i]`` the folded
+    weights of affine node i; ``p`` softmax of the logits, ``n`` samples of the batch."""
+
+    def __init__(self) -> None:
+        self.acts: dict[int, Any] = {}
+        self.grads: dict[int, Tensor] = {}
+        self.consts: dict[int, tuple] = {}
+        self.shapes: dict[int, tuple[int, ...]] = {}     # per-sample shape of every traced node
+        self.gx: dict[int, tuple[Tensor, Tensor]] = {}   # affine: (G, G_b) over these samples (lazy)
+        self.p: Optional[Tensor] = None
+        self.logits: Optional[Tensor] = None
+        self.n = 0
+        self._chunks: dict[int, list[_GPrimal]] = {}
+
+    def chunks(self, size: int) -> list[_GPrimal]:
+        """Views of this cache on consecutive blocks of ``size`` samples (``n`` stays the batch's)."""
+        if size >= self.n:
+            return [self]
+        if size not in self._chunks:
+            parts = []
+            for s0 in range(0, self.n, size):
+                sl = slice(s0, s0 + size)
+                c = _GPrimal()
+                c.n, c.consts, c.shapes = self.n, self.consts, self.shapes
+                c.p = None if self.p is None else self.p[sl]
+                c.acts = {i: (a[sl] if isinstance(a, Tensor) else a) for i, a in self.acts.items()}
+                c.grads = {i: g[sl] for i, g in self.grads.items()}
+                parts.append(c)
+            self._chunks[size] = parts
+        return self._chunks[size]
+
+
+class GraphHVP:
+    """Exact Hessian (``curvature="hessian"``) or GGN (``"ggn"``) products of a traced graph
+    (module doc); ``params`` the operator's parameters, ``loss`` "ce" or "mse".
+
+    ``chunk``: samples per block of the tangent passes (None: as many as keep the stored tangents
+    under :data:`TANGENT_BUDGET` elements)."""
+
+    def __init__(self, graph: TracedGraph, params: Sequence[Tensor], loss: str = "ce",
+                 curvature: str = "hessian", chunk: Optional[int] = None) -> None:
+        if loss not in ("ce", "mse"):
+            raise ValueError(f"GraphHVP: expected loss 'ce' or 'mse', got {loss!r}")
+        if curvature not in ("hessian", "ggn"):
+            raise ValueError(f"GraphHVP: expected curvature 'hessian' or 'ggn', got {curvature!r}")
+        self.graph, self.params, self.loss, self.curvature = graph, list(params), loss, curvature
+        self.chunk = chunk
+        nodes = graph.nodes
+        self.nodes = nodes
+        # upstream[i]: a chosen parameter acts on node i's output (else its tangent is 0)
+        up: list[bool] = []
+        for n in nodes:
+            own = any(j is not None for j in (n.iw, n.ib, n.ig, n.ibeta))
+            up.append(own or any(up[a] for a in n.args))
+        self.upstream = up
+        # last reader of every node in the forward order (tangents are freed after it), and the
+        # tangents the backward reads (inputs of affine / BatchNorm nodes, Hessian only)
+        self.last_use = {a: i for i, n in enumerate(nodes) for a in n.args}
+        self.keep = set()
+        if curvature == "hessian":
+            self.keep = {n.args[0] for n in nodes if n.kind in ("affine", "bn")}
+        self.macs: Optional[dict[int, int]] = None      # per-sample multiply-adds of affine nodes
+
+    # -- primal ---------------------------------------------------------------------------------
+    def primal(self, model: nn.Module, x: Tensor, y: Tensor) -> _GPrimal:
+        """The cached forward (and, for the Hessian, backward) pass of one batch."""
+        st = _GPrimal()
+        with torch.no_grad():
+            logits = self._forward(model, x, st)
+            if logits.dim() != 2:
+                raise NotStructured(f"the model's output is not [N, classes] logits (got shape {tuple(logits.shape)})")
+            n = logits.shape[0]
+            if self.loss == "mse":
+                p = None
+                g = (logits - y).mul_(2.0 / logits.numel())
+            else:
+                p = torch.softmax(logits, dim=1)
+                g = p.clone()
+                g[torch.arange(n, device=g.device), y] -= 1
+                g /= n
+            if self.curvature == "hessian":
+                self._backward(g, st)
+        st.p, st.logits, st.n = p, logits, n
+        return st
+
+    def _fx_value(self, node: fx.Node, vals: list, model: nn.Module) -> Any:
+        """Evaluate one fx node on the values computed so far (constants, reshapes, shifts)."""
+        fi = self.graph.fx_index
+
+        def look(a: Any) -> Any:
+            return vals[fi[a]]
+
+        args = fx.node.map_arg(node.args, look)
+        kwargs = fx.node.map_arg(node.kwargs, look)
+        if node.op == "get_attr":
+            obj: Any = model
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            return obj.detach() if isinstance(obj, Tensor) else obj
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        return model.get_submodule(str(node.target))(*args, **kwargs)
+
+    def _forward(self, model: nn.Module, x: Tensor, st: _GPrimal) -> Tensor:
+        vals: list[Any] = [None] * len(self.nodes)
+        N = x.shape[0]
+        macs: dict[int, int] = {}
+        for i, L in enumerate(self.nodes):
+            k = L.kind
+            a = vals[L.args[0]] if L.args else None
+            if k == "input":
+                h = x
+            elif k == "const":
+                h = self._fx_value(L.fx, vals, model)
+            elif k == "affine":
+                if L.layer == "linear" and a.dim() != 2:
+                    raise NotStructured(f"node {L.name!r}: a Linear on a {a.dim()}-D input (only [N, features])")
+                W = (L.W if L.W is not None else vals[L.w_node]).detach()
+                b = L.b if L.w_node is None else (None if L.b_node is None else vals[L.b_node])
+                b = None if b is None else b.detach()
+                if L.bn is None:
+                    Ws, beff, sc, c, shift = W, b, None, None, None
+                else:
+                    bn = L.bn
+                    c = torch.rsqrt(bn.running_var.to(a.dtype) + bn.eps)
+                    gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(c)
+                    sc = gamma * c
+                    shift = -bn.running_mean.to(a.dtype) if b is None else b - bn.running_mean.to(a.dtype)
+                    Ws = W * _vec(sc, W.dim() + 1)
+                    beff = sc * shift
+                    if bn.bias is not None:
+                        beff = beff + bn.bias.detach()
+                st.consts[i] = (W, Ws, sc, c, shift)
+                st.acts[i] = a
+                h = _fwd(L, a, Ws, beff)
+                macs[i] = int(W.numel() * (h[0].numel() // W.shape[0]))
+            elif k == "bn":
+                bn = L.bn
+                c = _vec(torch.rsqrt(bn.running_var.to(a.dtype) + bn.eps), a.dim())
+                gamma = (_vec(bn.weight.detach(), a.dim()) if bn.weight is not None else torch.ones_like(c))
+                xhat = (a - _vec(bn.running_mean.to(a.dtype), a.dim())) * c
+                st.acts[i] = (xhat, c, gamma)
+                h = xhat * gamma
+                if bn.bias is not None:
+                    h = h + _vec(bn.bias.detach(), a.dim())
+            elif k == "relu":
+                mask = a > 0
+                st.acts[i] = mask
+                h = a * mask
+            elif k == "add":
+                b2 = vals[L.args[1]]
+                if a.shape != b2.shape:
+                    raise NotStructured(f"node {L.name!r} adds tensors of shapes {tuple(a.shape)} and "
+                                        f"{tuple(b2.shape)} (broadcasting is not covered)")
+                h = a + b2
+            elif k == "shift":
+                h = self._fx_value(L.fx, vals, model)
+                if not isinstance(h, Tensor) or h.shape != a.shape:
+                    raise NotStructured(f"node {L.name!r} adds a constant that changes the shape")
+            elif k == "scale":
+                h = a * L.factor
+            elif k == "identity":
+                h = a
+            elif k == "reshape":
+                h = self._fx_value(L.fx, vals, model)
+                if h.dim() == 0 or h.shape[0] != N:
+                    raise NotStructured(f"node {L.name!r} reshapes across samples (to {tuple(h.shape)})")
+            elif k == "maxpool":
+                p = L.pool
+                h, idx = F.max_pool2d(a, p["kernel_size"], p["stride"], p["padding"], p["dilation"],
+                                      ceil_mode=p["ceil_mode"], return_indices=True)
+                st.acts[i] = idx.flatten(2)
+            elif k == "avgpool":
+                p = L.pool
+                h = F.avg_pool2d(a, p["kernel_size"], p["stride"], p["padding"], p["ceil_mode"],
+                                 p["count_include_pad"], p["divisor_override"])
+            elif k == "adaptive_avgpool":
+                h = F.adaptive_avg_pool2d(a, L.pool["output_size"])
+            else:   # pragma: no cover -- the graph holds only the kinds above
+                raise AssertionError(k)
+            vals[i] = h
+            if k != "const":
+                if not isinstance(h, Tensor) or h.dim() == 0 or h.shape[0] != N:
+                    raise NotStructured(f"node {L.name!r} does not keep the batch axis")
+                st.shapes[i] = tuple(h.shape[1:])
+        self.macs = macs
+        return vals[self.graph.out]
+
+    def _backward(self, g: Tensor, st: _GPrimal) -> None:
+        """Primal backward: dL/d(output) of every affine / BatchNorm node into ``st.grads``."""
+        G: dict[int, Tensor] = {self.graph.out: g}
+        for i in range(len(self.nodes) - 1, -1, -1):
+            g = G.pop(i, None)
+            L = self.nodes[i]
+            if g is None or not L.args:
+                continue
+            k = L.kind
+            a = L.args[0]
+            N = g.shape[0]
+            if k == "affine":
+                st.grads[i] = g
+                if self.upstream[a]:
+                    _acc(G, a, _bwd_in(L, g, st.consts[i][1], (N, *st.shapes[a])))
+            elif k == "bn":
+                st.grads[i] = g
+                _, c, gamma = st.acts[i]
+                _acc(G, a, g * (gamma * c))
+            elif k == "add":
+                _acc(G, a, g)
+                _acc(G, L.args[1], g)
+            else:
+                _acc(G, a, self._linear_back(i, L, g, st, None))
+
+    def _linear_back(self, i: int, L: GNode, g: Tensor, st: _GPrimal, k: Optional[int]) -> Tensor:
+        """The adjoint of the parameter-free linear / piecewise-linear nodes, applied to a
+        gradient [N, ...] (``k`` None) or to tangents [N, k, ...]."""
+        kind = L.kind
+        a = L.args[0]
+        N = g.shape[0]
+        lead = (N,) if k is None else (N, k)
+        if kind == "relu":
+            m = st.acts[i]
+            return g * (m if k is None else m.unsqueeze(1))
+        if kind == "scale":
+            return g * L.factor
+        if kind in ("identity", "shift"):
+            return g
+        if kind == "reshape":
+            return g.reshape(*lead, *st.shapes[a])
+        C, H, W = st.shapes[a]
+        if kind == "maxpool":
+            idx = st.acts[i]                                      # [N, C, H'W']
+            if k is not None:
+                idx = idx.unsqueeze(1).expand(N, k, *idx.shape[1:])
+            out = g.new_zeros((*lead, C, H * W))
+            return out.scatter_add_(-1, idx, g.flatten(-2)).view(*lead, C, H, W)
+        flat = g.reshape(-1, *g.shape[-3:])
+        like = g.new_empty(1).expand(flat.shape[0], C, H, W)
+        if kind == "avgpool":
+            p = L.pool
+            r = torch.ops.aten.avg_pool2d_backward(flat, like, _two(p["kernel_size"]), _two(p["stride"]),
+                                                   _two(p["padding"]), p["ceil_mode"], p["count_include_pad"],
+                                                   p["divisor_override"])
+        else:
+            r = torch.ops.aten._adaptive_avg_pool2d_backward(flat.contiguous(), like)
+        return r.view(*lead, C, H, W)
+
+    # -- products -------------------------------------------------------------------------------
+    def apply(self, st: _GPrimal, idx: Sequence[int], vs: Sequence[Tensor], k: int) -> list[Tensor]:
+        """Products restricted to params ``idx`` (``vs[j]`` [k, *shape of param idx[j]])."""
+        V: dict[int, Tensor] = dict(zip(idx, vs))
+        out: dict[int, Tensor] = {}
+        want = set(idx)
+        with torch.no_grad():
+            for part in st.chunks(max(1, self._chunk(st, k))):
+                tang = self._rfwd(V, part, k)
+                Ro = tang.pop(self.graph.out, None)
+                if Ro is None:
+                    continue
+                if self.loss == "mse":
+                    Rg = Ro * (2.0 / (part.n * Ro.shape[-1]))
+                else:
+                    p = part.p.unsqueeze(1)                               # [n, 1, C]
+                    pRo = p * Ro
+                    Rg = pRo.sub_(p * pRo.sum(-1, keepdim=True)).div_(part.n)
+                self._rbwd(Rg, V, part, tang, want, out, k)
+        res = []
+        for i in idx:
+            r = out.get(i)
+            p = self.params[i]
+            res.append(torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if r is None else r)
+        return res
+
+    def _chunk(self, st: _GPrimal, k: int) -> int:
+        if self.chunk is not None:
+            return self.chunk
+        per = sum(_numel(st.shapes[a]) for a in self.keep if a in st.shapes)
+        per = max(per, max((_numel(s) for s in st.shapes.values()), default=1))
+        return max(1, TANGENT_BUDGET // max(1, k * per))
+
+    @staticmethod
+    def _tangent_weights(L: GNode, V: dict[int, Tensor], consts: tuple, k: int
+                         ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``M_W`` [k, O, C, ...] and ``M_b`` [k, O] (module doc); None where absent."""
+        W, Ws, sc, c, shift = consts
+        MW = Mb = None
+        if L.iw is not None and L.iw in V:
+            MW = V[L.iw] if sc is None else V[L.iw] * _vec(sc, W.dim() + 1)
+        Vg = V.get(L.ig) if L.ig is not None else None
+        if Vg is not None:
+            t = _vec(Vg * c, W.dim() + 1) * W
+            MW = t if MW is None else MW + t
+            Mb = Vg * c * shift
+        if L.ib is not None and L.ib in V:
+            Mb = _add(Mb, V[L.ib] if sc is None else V[L.ib] * sc)
+        if L.ibeta is not None and L.ibeta in V:
+            Mb = _add(Mb, V[L.ibeta])
+        return MW, Mb
+
+    def _rfwd(self, V: dict[int, Tensor], st: _GPrimal, k: int) -> dict[int, Optional[Tensor]]:
+        """Tangent forward: R h [N, k, ...] of the kept nodes (and the logits); ``("M", i)`` the
+        tangent weights of affine node i."""
+        T: dict[Any, Optional[Tensor]] = {}
+        last, keep, out_i = self.last_use, self.keep, self.graph.out
+        for i, L in enumerate(self.nodes):
+            kind = L.kind
+            if not self.upstream[i] or kind == "const":
+                continue
+            a = L.args[0] if L.args else None
+            Rx = T.get(a) if a is not None else None
+            r: Optional[Tensor] = None
+            if kind == "affine":
+                x = st.acts[i]
+                N = x.shape[0]
+                consts = st.consts[i]
+                Ws = consts[1]
+                O = Ws.shape[0]
+                if Rx is not None:
+                    r = _fwd(L, Rx.reshape(N * k, *Rx.shape[2:]), Ws, None)
+                    r = r.view(N, k, O, *r.shape[2:])
+                MW, Mb = self._tangent_weights(L, V, consts, k)
+                T[("M", i)] = MW
+                if MW is not None:
+                    t = _fwd(L, x, MW.reshape(k * O, *MW.shape[2:]), None if Mb is None else Mb.reshape(-1))
+                    t = t.view(N, k, O, *t.shape[2:])
+                    r = t if r is None else r.add_(t)
+                elif Mb is not None:
+                    mb = _vec(Mb, len(st.shapes[i]) + 1).unsqueeze(0)     # [1, k, O, 1, ...]
+                    r = mb.expand(N, k, *st.shapes[i]).clone() if r is None else r.add_(mb)
+            elif kind == "bn":
+                xhat, c, gamma = st.acts[i]
+                r = None if Rx is None else Rx * (gamma * c).unsqueeze(0)
+                if L.ig is not None and L.ig in V:
+                    t = xhat.unsqueeze(1) * _vec(V[L.ig], xhat.dim() + 1).unsqueeze(0)
+                    r = t if r is None else r.add_(t)
+                if L.ib is not None and L.ib in V:
+                    t = _vec(V[L.ib], xhat.dim() + 1).unsqueeze(0)
+                    r = t.expand(xhat.shape[0], k, *xhat.shape[1:]).clone() if r is None else r.add_(t)
+            elif kind == "add":
+                r = _add(Rx, T.get(L.args[1]))
+            elif Rx is not None:
+                r = self._linear_fwd(i, L, Rx, st, k)
+            T[i] = r
+            # free tangents no later node (nor the backward) reads
+            for j in L.args:
+                if last.get(j) == i and j not in keep and j != out_i:
+                    T.pop(j, None)
+        return T
+
+    def _linear_fwd(self, i: int, L: GNode, Rx: Tensor, st: _GPrimal, k: int) -> Tensor:
+        kind = L.kind
+        N = Rx.shape[0]
+        if kind == "relu":
+            return Rx * st.acts[i].unsqueeze(1)
+        if kind == "scale":
+            return Rx * L.factor
+        if kind in ("identity", "shift"):
+            return Rx
+        if kind == "reshape":
+            return Rx.reshape(N, k, *st.shapes[i])
+        C, H, W = Rx.shape[2:]
+        if kind == "maxpool":
+            idx = st.acts[i]
+            idx = idx.unsqueeze(1).expand(N, k, *idx.shape[1:])
+            return Rx.reshape(N, k, C, H * W).gather(-1, idx).view(N, k, *st.shapes[i])
+        flat = Rx.reshape(N * k, C, H, W)
+        if kind == "avgpool":
+            p = L.pool
+            r = F.avg_pool2d(flat, p["kernel_size"], p["stride"], p["padding"], p["ceil_mode"],
+                             p["count_include_pad"], p["divisor_override"])
+        else:
+            r = F.adaptive_avg_pool2d(flat, L.pool["output_size"])
+        return r.view(N, k, *st.shapes[i])
+
+    def _rbwd(self, Rg: Tensor, V: dict[int, Tensor], st: _GPrimal, T: dict, want: set[int],
+              out: dict[int, Tensor], k: int) -> None:
+        hess = self.curvature == "hessian"
+        RG: dict[int, Optional[Tensor]] = {self.graph.out: Rg}
+        for i in range(len(self.nodes) - 1, -1, -1):
+            L = self.nodes[i]
+            if not self.upstream[i] or L.kind in ("const", "input"):
+                continue
+            rg = RG.pop(i, None)
+            a = L.args[0]
+            kind = L.kind
+            g = st.grads.get(i) if hess else None
+            if kind == "affine":
+                self._rbwd_params(i, L, rg, T.get(a) if hess else None, g, V, st, T, want, out, k)
+                if self.upstream[a]:
+                    x = st.acts[i]
+                    N = x.shape[0]
+                    Ws = st.consts[i][1]
+                    r = None
+                    if rg is not None:
+                        r = _bwd_in(L, rg.reshape(N * k, *rg.shape[2:]), Ws, (N * k, *x.shape[1:]))
+                        r = r.view(N, k, *x.shape[1:])
+                    MW = T.get(("M", i))
+                    if g is not None and MW is not None:
+                        O, C = MW.shape[1], MW.shape[2]
+                        Mst = MW.transpose(0, 1).reshape(O, k * C, *MW.shape[3:])
+                        t = _bwd_in(L, g, Mst, (N, k * C, *x.shape[2:])).view(N, k, *x.shape[1:])
+                        r = t if r is None else r.add_(t)
+                    _acc(RG, a, r)
+            elif kind == "bn":
+                xhat, c, gamma = st.acts[i]
+                Rx = T.get(a) if hess else None
+                nd = xhat.dim() + 1
+                if L.ig is not None and L.ig in want:
+                    r = None if rg is None else _sum_but(rg * xhat.unsqueeze(1), 2)
+                    if Rx is not None and g is not None:
+                        t = _sum_but(Rx * (g * c).unsqueeze(1), 2)
+                        r = t if r is None else r.add_(t)
+                    if r is not None:
+                        _acc(out, L.ig, r)
+                if L.ib is not None and L.ib in want and rg is not None:
+                    _acc(out, L.ib, _sum_but(rg, 2))
+                if self.upstream[a]:
+                    r = None if rg is None else rg * (gamma * c).unsqueeze(0)
+                    if g is not None and L.ig is not None and L.ig in V:
+                        t = (g * c).unsqueeze(1) * _vec(V[L.ig], nd).unsqueeze(0)
+                        r = t if r is None else r.add_(t)
+                    _acc(RG, a, r)
+            elif kind == "add":
+                for j in L.args:
+                    if self.upstream[j]:
+                        _acc(RG, j, rg)
+            elif rg is not None and self.upstream[a]:
+                _acc(RG, a, self._linear_back(i, L, rg, st, k))
+
+    def _rbwd_params(self, i: int, L: GNode, Rg: Optional[Tensor], Rx: Optional[Tensor], g: Optional[Tensor],
+                     V: dict[int, Tensor], st: _GPrimal, T: dict, want: set[int], out: dict[int, Tensor],
+                     k: int) -> None:
+        """R of the parameter gradients of affine node i (module doc): two stacked weight
+        gradients (RT, GR) and small reductions."""
+        wanted = [j for j in (L.iw, L.ib, L.ig, L.ibeta) if j is not None and j in want]
+        if not wanted:
+            return
+        W, Ws, sc, c, shift = st.consts[i]
+        x = st.acts[i]
+        N = x.shape[0]
+        O, C = W.shape[0], W.shape[1]
+        ksz = tuple(W.shape[2:])
+        nd = W.dim()
+        RT = RTb = GR = None
+        if Rg is not None:
+            RT = _bwd_w(L, Rg.reshape(N, k * O, *Rg.shape[3:]), x, (k * O, C, *ksz)).view(k, O, C, *ksz)
+            RTb = _sum_but(Rg, 2)                                        # [k, O]
+        if g is not None and Rx is not None and (L.iw in want or L.ig in want):
+            GR = _bwd_w(L, g, Rx.reshape(N, k * C, *Rx.shape[3:]), (O, k * C, *ksz))
+            GR = GR.view(O, k, C, *ksz).transpose(0, 1)
+        Vg = V.get(L.ig) if L.ig is not None else None
+        G = Gb = None
+        if g is not None and sc is not None and (Vg is not None or L.ig in want):
+            if i not in st.gx:
+                st.gx[i] = (_bwd_w(L, g, x, tuple(W.shape)), _sum_but(g, 1))
+            G, Gb = st.gx[i]
+        if L.iw in want:
+            r = None if RT is None else RT
+            if GR is not None:
+                r = GR.contiguous() if r is None else r + GR
+            if r is not None and sc is not None:
+                r = r * _vec(sc, nd + 1)
+            if Vg is not None and G is not None:
+                t = _vec(Vg * c, nd + 1) * G
+                r = t if r is None else r + t
+            if r is not None:
+                _acc(out, L.iw, r)
+        if L.ib is not None and L.ib in want:
+            r = None if RTb is None else (RTb * sc if sc is not None else RTb)
+            if Vg is not None and Gb is not None:
+                r = _add(r, Vg * c * Gb)
+            _acc(out, L.ib, r)
+        if L.ibeta is not None and L.ibeta in want and RTb is not None:
+            _acc(out, L.ibeta, RTb)
+        if L.ig is not None and L.ig in want:
+            red = tuple(range(2, nd + 1))
+            r = None if RT is None else (RT * W).sum(red) + RTb * shift
+            if GR is not None:
+                r = _add(r, (GR * W).sum(red))
+            if G is not None:
+                Vw = V.get(L.iw) if L.iw is not None else None
+                Vb = V.get(L.ib) if L.ib is not None else None
+                if Vw is not None:
+                    r = _add(r, (Vw * G).sum(red))
+                if Vb is not None:
+                    r = _add(r, Vb * Gb)
+            if r is not None:
+                _acc(out, L.ig, r * c)
+
+    # -- cost -----------------------------------------------------------------------------------
+    def flops(self, n: int, k: int) -> int:
+        """Convolution / GEMM floating-point operations (2 per multiply-add) of one product of k
+        vectors over n samples, every parameter chosen as the operator's (the per-sample costs
+        come from the last primal pass; RuntimeError before the first). Counts, per affine
+        layer: the tangent forward ``conv(Rx, W_s)`` (when its input has a tangent) and
+        ``conv(x, M)``; the backward ``corr(Rg, x)``, ``conv^T(Rg, W_s)`` (input tangent needed)
+        and, for the Hessian, ``corr(g, Rx)`` and ``conv^T(g, M)``."""
+        if self.macs is None:
+            raise RuntimeError("GraphHVP.flops: no primal pass has run yet (the spatial sizes are not known)")
+        total = 0
+        for i, m in self.macs.items():
+            L = self.nodes[i]
+            a_up = self.upstream[L.args[0]]
+            has_m = L.iw is not None or L.ig is not None                  # conv(x, M) / conv^T(g, M)
+            has_v = has_m or L.ib is not None or L.ibeta is not None
+            calls = int(a_up) + int(has_m)                               # forward
+            calls += int(has_v) + int(a_up)                              # corr(Rg, x), conv^T(Rg, W_s)
+            if self.curvature == "hessian":
+                calls += 2 * int(a_up and has_m)                         # corr(g, Rx), conv^T(g, M)
+            total += 2 * m * calls
+        return total * n * k
+
+
+def _two(v: Any) -> list[int]:
+    if v is None:
+        return []
+    return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def graph_primal(engine: GraphHVP, model: nn.Module, batchnorm: str, x: Tensor, y: Any, *,
+                 check_forward: bool, tol: float) -> _GPrimal:
+    """The primal pass of ``engine`` on one batch after checking the labels (class indices [N]
+    for cross-entropy, float targets of the logits' shape and x's dtype for MSE); with
+    ``check_forward`` its logits are compared with ``model(x)`` (relative difference <= ``tol``).
+
+    Raises:
+        NotStructured: the labels do not fit, a node's shapes are not covered, or the traced
+            graph does not reproduce model(x).
+    """
+    if engine.loss == "ce" and not (isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point()
+                                    and not y.is_complex()):
+        raise NotStructured("the labels are not a 1-D tensor of class indices")
+    if engine.loss == "mse" and not (isinstance(y, Tensor) and y.dtype == x.dtype):
+        raise NotStructured("the targets are not a float tensor of the inputs' dtype")
+    st = engine.primal(model, x, y) if engine.loss == "ce" else _mse_primal(engine, model, x, y)
+    if not check_forward:
+        return st
+    with torch.no_grad(), module_mode(model, batchnorm):
+        logits = model(x)
+    if not (isinstance(logits, Tensor) and logits.shape == st.logits.shape
+            and rel_diff([st.logits], [logits]) <= tol):
+        raise NotStructured("the traced graph does not reproduce model(x)")
+    return st
+
+
+def _mse_primal(engine: GraphHVP, model: nn.Module, x: Tensor, y: Tensor) -> _GPrimal:
+    try:
+        st = engine.primal(model, x, y)
+    except RuntimeError as exc:
+        raise NotStructured(f"the targets do not fit the outputs ({exc})") from exc
+    if tuple(y.shape) != tuple(st.logits.shape):
+        raise NotStructured(f"the targets are not a float tensor {list(st.logits.shape)} (the outputs' shape)")
+    return st
