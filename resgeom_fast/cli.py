@@ -14,26 +14,148 @@ exits with code 2; an interrupted run exits with 130. Any other exception (a bug
 inside an analysis) also prints one line, ``resgeom: error: unexpected <Exception>: <message>
 (traceback written to <file>)``, and exits with code 1; the traceback goes to ``OUT/error.log``
 when OUT is a resgeom report folder, else to a new file in the temporary folder.
+
+Several processes. ``torchrun --nproc-per-node=N -m resgeom_fast demo|run|analyze ...`` (or the
+``resgeom`` command under ``srun`` with several tasks) runs one command on N processes: each
+joins the torch.distributed process group (gloo on CPUs; ``cpu:gloo,cuda:nccl`` where CUDA is
+visible, each process on the GPU of its LOCAL_RANK) with a collective timeout of
+``--dist-timeout`` seconds, rank 0 alone writes the report folder, its lock and the checkpoints
+(:mod:`~resgeom_fast.experiments.runner`), every rank resumes from the steps rank 0 finds, and
+only rank 0 shows progress and prints the report's path. A rank that dies or hangs makes the
+others exit with ``resgeom: error: ...`` naming it (code 1), within the timeout; SIGTERM (the
+launcher stopping the job) is handled like Ctrl-C. The group is destroyed at exit. docs/distributed.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import math
 import os
+import re
+import signal
 import sys
 import tempfile
 import traceback
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+import torch
+import torch.distributed as dist
+
+from resgeom_fast.core.distributed import RankFailureError
 from resgeom_fast.experiments import commands
 from resgeom_fast.experiments.config import UsageError
 from resgeom_fast.experiments.studies import COMMANDS, STUDIES
 
-__all__ = ["main", "build_parser"]
+__all__ = ["DIST_TIMEOUT_S", "Launch", "build_parser", "launch_from_env", "main"]
 
 EXIT_UNEXPECTED = 1
+EXIT_RANK_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+DIST_TIMEOUT_S = 1800.0
+"""Default ``--dist-timeout``: seconds a collective waits for the other ranks (torch's gloo default)."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a launcher stopping the job): handled like Ctrl-C."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process was launched as one of several: rank, world size, local rank (the GPU
+    index on its node), the rendezvous address and port, and the launcher ("torchrun" when RANK /
+    WORLD_SIZE are set, as by torchrun or any launcher that sets them, or "srun")."""
+
+    rank: int
+    world: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise UsageError(f"environment: expected {name} an integer, got {env[name]!r}") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[03-05,9],cpu1"`` -> ``"gpu03"``."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise UsageError(f"environment: cannot read the first host of SLURM's node list {nodelist!r}; set MASTER_ADDR")
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix if ranges is None else prefix + re.split(r"[-,]", ranges)[0]
+
+
+def launch_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[Launch]:
+    """The :class:`Launch` of this process when a launcher started several (None: one process).
+
+    torchrun (and launchers like it) set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+    Under ``srun`` without torchrun the ranks come from SLURM_PROCID, SLURM_STEP_NUM_TASKS (set by
+    srun for its tasks, not in a batch script itself) and SLURM_LOCALID; MASTER_ADDR defaults to
+    the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) and MASTER_PORT to
+    ``10000 + SLURM_JOB_ID % 20000``. A world of 1 is one process (None).
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _env_int(env, "WORLD_SIZE")
+        if world <= 1:
+            return None
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in env:
+                raise UsageError(f"environment: RANK and WORLD_SIZE are set but not {name} (launch with torchrun, or "
+                                 "set MASTER_ADDR and MASTER_PORT)")
+        return Launch(_env_int(env, "RANK"), world, int(env.get("LOCAL_RANK", "0") or 0), env["MASTER_ADDR"],
+                      _env_int(env, "MASTER_PORT"), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        world = _env_int(env, "SLURM_STEP_NUM_TASKS")
+        if world <= 1:
+            return None
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+        addr = env.get("MASTER_ADDR") or (first_host(nodes) if nodes else "")
+        if not addr:
+            raise UsageError("environment: under srun with several tasks but no MASTER_ADDR nor SLURM node list")
+        if env.get("MASTER_PORT"):
+            port = _env_int(env, "MASTER_PORT")
+        else:
+            port = 10000 + (int(env["SLURM_JOB_ID"]) % 20000 if env.get("SLURM_JOB_ID", "").isdigit() else 0)
+        return Launch(_env_int(env, "SLURM_PROCID"), world, int(env.get("SLURM_LOCALID", "0") or 0), addr, port,
+                      "srun")
+    return None
+
+
+def _join_group(launch: Launch, timeout_s: float) -> None:
+    """Join the default process group (env:// rendezvous at MASTER_ADDR:MASTER_PORT); a
+    UsageError-like one line when that fails within the timeout."""
+    os.environ.update({"RANK": str(launch.rank), "WORLD_SIZE": str(launch.world),
+                       "LOCAL_RANK": str(launch.local_rank), "MASTER_ADDR": launch.master_addr,
+                       "MASTER_PORT": str(launch.master_port)})
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
+    try:
+        dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as err:  # noqa: BLE001 - the rendezvous failed: one line naming the address
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RankFailureError(f"rank {launch.rank} of {launch.world} could not join the process group at "
+                               f"{launch.master_addr}:{launch.master_port} ({launch.launcher}) within "
+                               f"{timeout_s:g} s: {type(err).__name__}: {first}") from err
+
+
+def _dist_timeout(value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        t = math.nan
+    if not math.isfinite(t) or t <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return t
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--deterministic", action="store_true",
                         help="fix every method choice of the analyses (no 'auto' choice by timing): the same command "
                              "gives the same numbers; recorded in the configuration and the report")
+    common.add_argument("--dist-timeout", type=_dist_timeout, default=DIST_TIMEOUT_S, metavar="SECONDS",
+                        help="under torchrun / srun: seconds a collective waits for the other ranks before the job "
+                             f"fails naming them (default {DIST_TIMEOUT_S:g}); set it above the longest step's "
+                             "imbalance between ranks")
 
     demo = COMMANDS["demo"]
     demo.add_arguments(sub.add_parser(demo.name, parents=[common], help=demo.help))
@@ -82,54 +208,109 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    """Entry point; returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted, 143
+    stopped by SIGTERM under a launcher)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     out_hint: Optional[str] = None
+    launch: Optional[Launch] = None
+    joined = False
+    old_term: Any = None
     try:
+        launch = launch_from_env()
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
         if args.command == "bench":
+            if launch is not None:
+                raise UsageError("bench: run it in one process, not under torchrun or srun")
             return commands.bench(quick=args.quick, json_path=args.json, benchmarks_dir=args.benchmarks)
+        if args.command == "run" and args.list_options:
+            if launch is None or launch.rank == 0:
+                print(commands.describe_options(args.study))
+            return 0
         out_hint = getattr(args, "out", None)
+        if args.command == "run" and out_hint is None:
+            out_hint = f"reports/{args.study}"
+        if launch is not None:
+            old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+            _join_group(launch, args.dist_timeout)
+            joined = True
+        progress = not args.quiet and (launch is None or launch.rank == 0)
         if args.command == "demo":
             rep = commands.demo(out=args.out, size=args.size, device=args.device, seed=args.seed,
-                                fresh=args.fresh, progress=not args.quiet, deterministic=args.deterministic)
+                                fresh=args.fresh, progress=progress, deterministic=args.deterministic)
         elif args.command == "run":
-            if args.list_options:
-                print(commands.describe_options(args.study))
-                return 0
-            out_hint = f"reports/{args.study}" if args.out is None else args.out
             rep = commands.run_study(args.study, config_path=args.config, out=out_hint, sets=args.sets,
-                                     fresh=args.fresh, progress=not args.quiet, deterministic=args.deterministic)
+                                     fresh=args.fresh, progress=progress, deterministic=args.deterministic)
         else:
             rep = commands.analyze(model=args.model, checkpoint=args.checkpoint, data=args.data,
                                    num_classes=args.num_classes, samples=args.samples, batch=args.batch, k=args.k,
                                    power_iters=args.power_iters, oversample=args.oversample, probes=args.probes,
                                    steps=args.steps, trace_probes=args.trace_probes, analyses=args.analyses,
                                    device=args.device, seed=args.seed, out=args.out, fresh=args.fresh,
-                                   progress=not args.quiet, params=args.params, deterministic=args.deterministic,
+                                   progress=progress, params=args.params, deterministic=args.deterministic,
                                    image_size=args.image_size, normalize=args.normalize,
                                    blocks=args.blocks, loss=args.loss, eigs=args.eigs)
-        print(f"report: {rep.report_path}")
+        if launch is None or launch.rank == 0:
+            print(f"report: {rep.report_path}")
         return 0
     except UsageError as err:
-        msg = str(err).replace("\n", " ")
-        print(f"resgeom: error: {msg}", file=sys.stderr)
+        # before joining, every rank has the same error; after, a rank other than 0 prints its own
+        if launch is None or launch.rank == 0 or (joined and not _copied(err, launch)):
+            msg = str(err).replace("\n", " ")
+            print(f"resgeom: error{_who(launch)}: {msg}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        where = f" in {out_hint}" if out_hint else ""
-        print(f"\nresgeom: interrupted; finished steps are kept{where}: run the same command again to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        if launch is None or launch.rank == 0:
+            where = f" in {out_hint}" if out_hint else ""
+            what = ("stopped (SIGTERM: the launcher ended the job, e.g. another rank failed)"
+                    if isinstance(err, _Terminated) else "interrupted")
+            print(f"\nresgeom: {what}; finished steps are kept{where}: run the same command again to resume",
+                  file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(err, _Terminated) else EXIT_INTERRUPTED
+    except RankFailureError as err:
+        if not _copied(err, launch):
+            first = (str(err).strip().splitlines() or [""])[0]
+            where = f"; finished steps are kept in {out_hint}: run the same command again to resume" if out_hint else ""
+            print(f"resgeom: error{_who(launch)}: {first}{where}", file=sys.stderr)
+        return EXIT_RANK_FAILURE
     except Exception as err:  # noqa: BLE001 - the backstop: one line, the traceback in a file
-        where = _write_traceback(err, out_hint, argv)
+        if _copied(err, launch):
+            return EXIT_UNEXPECTED
+        where = _write_traceback(err, out_hint if launch is None or launch.rank == 0 else None, argv)
         first = (str(err).strip().splitlines() or [""])[0]
-        print(f"resgeom: error: unexpected {type(err).__name__}: {first} (traceback written to {where})",
-              file=sys.stderr)
+        print(f"resgeom: error{_who(launch)}: unexpected {type(err).__name__}: {first} (traceback written to "
+              f"{where})", file=sys.stderr)
         return EXIT_UNEXPECTED
+    finally:
+        if joined and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a broken group: the process ends anyway
+                pass
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _who(launch: Optional[Launch]) -> str:
+    """``" (rank r of w)"`` on a rank other than 0 of several processes, else ``""``."""
+    return "" if launch is None or launch.rank == 0 else f" (rank {launch.rank} of {launch.world})"
+
+
+def _copied(err: BaseException, launch: Optional[Launch]) -> bool:
+    """Whether ``err`` is, on a rank other than 0, a copy of another rank's error (noted
+    ``"...: raised on rank r of w"`` by :func:`~resgeom_fast.core.distributed.raise_together`):
+    that rank (or rank 0) prints it; this one stays quiet."""
+    if launch is None or launch.rank == 0:
+        return False
+    return any(re.search(r"raised on rank \d+ of \d+", str(n)) and f"rank {launch.rank} of" not in str(n)
+               for n in getattr(err, "__notes__", ()))
 
 
 def _write_traceback(err: BaseException, out: Optional[str], argv: Sequence[str]) -> str:

@@ -38,30 +38,50 @@ in a script or a test); it is released when the last one is closed or collected,
 else, e.g. a user's own ``checkpoints/*.pt``; a folder without a resgeom manifest loses nothing)
 and recomputes every step. Temporary files of :func:`~resgeom_fast.core.io.atomic_file`
 left in OUT by a killed run are removed when a run starts.
+
+Under torch.distributed (the ``resgeom`` command launched by torchrun or srun, or any initialised
+process group of more than one process; ``distributed=False`` opts out) every rank creates its
+Runner with the same configuration and calls the same steps in the same order, and rank 0 alone
+touches OUT: it holds the lock, writes the manifest, the step files and the checkpoints, and
+decides for every step whether it is loaded or computed (ONE broadcast): a loaded step hands rank
+0's stored result to every rank; a computed step runs ``fn`` on every rank (the analyses' own
+collectives split the work when they are given ``distributed=``), a failure on any rank is
+raised on every rank, and rank 0's result is broadcast, so every rank returns the same result.
+:meth:`Runner.on_rank0` runs work on rank 0 alone (training: the others wait without a
+collective timeout, then take what rank 0 broadcasts). The other ranks' ``out`` is a private
+temporary folder, removed when they close: whatever the code around the steps writes there
+(their copy of the report) never reaches OUT. Their messages and progress bars are off.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import pickle
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Mapping, Optional, TextIO
+from typing import Any, Callable, Mapping, Optional, TextIO, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from resgeom_fast import _version
 from resgeom_fast._progress import write_line
-from resgeom_fast.core.checks import value_error
+from resgeom_fast.core import distributed as rdist
+from resgeom_fast.core.checks import check_bool, value_error
 from resgeom_fast.core.io import atomic_write_json, is_temp_name, json_checksum, temp_owner_pid, to_jsonable
 from resgeom_fast.train.checkpoint import CHECKPOINT_NAME
 
 from .config import UsageError, config_hash
 
-__all__ = ["LOCK_NAME", "MANIFEST_NAME", "Runner", "STEP_FORMAT"]
+__all__ = ["LOCK_NAME", "MANIFEST_NAME", "RANK0_POLL_S", "Runner", "STEP_FORMAT"]
+
+T = TypeVar("T")
 
 STEP_FORMAT = "resgeom-step-2"
 MANIFEST_FORMAT = "resgeom-manifest-2"
@@ -69,6 +89,8 @@ MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".resgeom.lock"
 # files a trainer / study writes into a checkpoint folder handed out by Runner.checkpoint_dir
 CHECKPOINT_FILES = (CHECKPOINT_NAME, "log.jsonl", "model.pt")
+RANK0_POLL_S = 0.2
+"""Seconds between two looks of a waiting rank at the group's store (:meth:`Runner.on_rank0`)."""
 
 
 def _short(value: Any) -> str:
@@ -220,10 +242,21 @@ class Runner:
         key_parts: what every step depends on besides the configuration, ``{label: value}``
             (e.g. ``{"checkpoint sha256": "ab12..."}``); the versions of resgeom_fast and torch
             are added. They enter every step's key and are named when a step is loaded.
+        distributed: None (default): work as one run of several processes when a torch.distributed
+            process group of more than one process is initialised (module docstring); False:
+            this process works alone on ``out`` even inside a group (e.g. one folder per rank).
+            Creating a distributed Runner is a collective: rank 0 opens the folder, and every
+            rank raises when that fails or when the ranks' configurations or key parts differ.
 
     Attributes:
-        computed, loaded: names of the steps computed / loaded from disk in this run.
+        computed, loaded: names of the steps computed / loaded from disk in this run (on every
+            rank: rank 0's decisions).
         key_parts: the key parts (with the versions).
+        rank, world: this process's rank and the number of processes (0 and 1 when alone).
+        distributed: whether the Runner works with the other ranks of the group.
+        is_writer: whether this process writes the folder (rank 0, or alone).
+        folder: the report folder ``out`` as given (absolute) on every rank; :attr:`out` is where
+            this process writes: the folder on rank 0, a private temporary folder on the others.
 
     A Runner holds the folder's lock until :meth:`close` (or the end of a ``with`` block, or
     its collection, or the process's exit).
@@ -231,27 +264,52 @@ class Runner:
 
     def __init__(self, out: str, config: Mapping[str, Any], *, study: str, fresh: bool = False,
                  progress: bool = True, log: Optional[TextIO] = sys.stderr,
-                 key_parts: Optional[Mapping[str, Any]] = None) -> None:
+                 key_parts: Optional[Mapping[str, Any]] = None, distributed: Optional[bool] = None) -> None:
         out = os.fspath(out)
         if not isinstance(out, str) or not out.strip():
             raise value_error("Runner", "out", "a folder path", f"{out!r} (pass '.' for the current folder)")
-        self.out = os.path.abspath(out)
+        if distributed is not None:
+            check_bool("Runner", "distributed", distributed)
+        self.folder = os.path.abspath(out)
+        self.out = self.folder
         self.config = dict(config)
         self.study = study
         self.fresh = bool(fresh)
-        self.progress = progress
-        self._log = log
+        self.distributed = rdist.world_size() > 1 and distributed is not False
+        self.rank, self.world = (rdist.rank(), rdist.world_size()) if self.distributed else (0, 1)
+        self.is_writer = self.rank == 0
+        self.progress = progress and self.is_writer
+        self._log = log if self.is_writer else None
         self.computed: list[str] = []
         self.loaded: list[str] = []
         self.hash = config_hash(self.config)
         self.key_parts: dict[str, Any] = {**dict(key_parts or {}), "resgeom_fast": _version.__version__,
                                           "torch": torch.__version__}
+        self._written: set[str] = set()
+        self._finalizer = weakref.finalize(self, _nothing)   # replaced once there is something to release
+        self._alone = False         # True while rank 0 runs on_rank0 work: its steps are its own
+        self._token = ""            # names this run's keys in the group's store (the same on every rank)
+        self._waits = 0             # on_rank0 calls so far (the same count on every rank)
+        if not self.distributed:
+            self._open_folder()
+            return
+        err: Optional[BaseException] = None
+        if self.is_writer:
+            try:
+                self._open_folder()
+            except Exception as exc:  # noqa: BLE001 - raised on every rank by _agree
+                err = exc
+        else:
+            self._open_scratch()
+        self._agree(err)
+
+    def _open_folder(self) -> None:
+        """Take the folder's lock, read its manifest, clean up, write the manifest (the writer)."""
         os.makedirs(self.out, exist_ok=True)
         _acquire(self.out, self.message)
         self._finalizer = weakref.finalize(self, _release, self.out)
         try:
             old = self._read_manifest()
-            self._written: set[str] = set()
             if old is not None and isinstance(old.get("written"), list):
                 self._written = {p for p in old["written"] if isinstance(p, str)}
             self._remove_stale_temp_files(legacy=old is not None)
@@ -264,9 +322,38 @@ class Runner:
             self.close()
             raise
 
+    def _open_scratch(self) -> None:
+        """A rank other than 0: its ``out`` is a private temporary folder, removed at close."""
+        self.out = tempfile.mkdtemp(prefix=f"resgeom-rank{self.rank}-")
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.out, True)
+
+    def _agree(self, err: Optional[BaseException]) -> None:
+        """Collective (ONE all_gather_object): every rank raises rank 0's failure to open the
+        folder, or a UsageError when the ranks' configurations or key parts differ; else the
+        ranks share rank 0's run token."""
+        mine = (rdist.portable(err) if err is not None else None, uuid.uuid4().hex, self.hash, self.key_parts)
+        try:
+            gathered = rdist.all_gather_object(mine, fn="Runner")
+            rdist.raise_first("Runner", [g[0] for g in gathered], err)
+            self._token = gathered[0][1]
+            differ = []
+            for r, (_, _, h, parts) in enumerate(gathered):
+                if h != gathered[0][2]:
+                    differ.append(f"rank {r}: configuration hash {h[:12]} (rank 0: {gathered[0][2][:12]})")
+                elif parts != gathered[0][3]:
+                    differ.append(f"rank {r}: {_key_diff(gathered[0][3], parts)}")
+            if differ:
+                raise UsageError(f"--out {self.folder}: the ranks of this run differ from rank 0 in what the steps "
+                                 f"depend on ({'; '.join(differ[:4])}): give every rank the same command, "
+                                 "configuration and files")
+        except BaseException:
+            self.close()
+            raise
+
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Release the folder's lock (idempotent)."""
+        """Release the folder's lock (idempotent); on a rank other than 0, remove its private
+        temporary folder."""
         self._finalizer()
 
     def __enter__(self) -> "Runner":
@@ -299,6 +386,8 @@ class Runner:
         return old
 
     def _write_manifest(self) -> None:
+        if not self.is_writer:
+            return
         atomic_write_json(os.path.join(self.out, MANIFEST_NAME), {
             "format": MANIFEST_FORMAT, "study": self.study, "config": self.config, "config_hash": self.hash,
             "key": self.key_parts, "written": sorted(self._written)})
@@ -415,13 +504,15 @@ class Runner:
         return config_hash(parts), parts
 
     def is_done(self, name: str, deps: Optional[Mapping[str, Any]] = None) -> bool:
-        """Whether ``name`` finished earlier with the same key (and passes its checksum)."""
+        """Whether ``name`` finished earlier with the same key (and passes its checksum). On a rank
+        other than 0 (which does not read the folder): False."""
         stored = self._read(name, quiet=True)
         return stored is not None and stored.get("hash") == self.step_key(deps)[0]
 
     def stored(self, name: str, deps: Optional[Mapping[str, Any]] = None) -> Any:
         """The stored result of ``name`` when it finished earlier with the same key and passes its
-        checksum (as :meth:`step` would load it), else None. Nothing is computed."""
+        checksum (as :meth:`step` would load it), else None. Nothing is computed. On a rank other
+        than 0 (which does not read the folder): None; :meth:`step` gives every rank rank 0's."""
         stored = self._read(name, quiet=True)
         return stored["result"] if stored is not None and stored.get("hash") == self.step_key(deps)[0] else None
 
@@ -434,7 +525,7 @@ class Runner:
 
     def _read(self, name: str, quiet: bool = False) -> Optional[dict[str, Any]]:
         path = self.step_path(name)
-        if (self.fresh and name not in self.computed) or not os.path.isfile(path):
+        if not self.is_writer or (self.fresh and name not in self.computed) or not os.path.isfile(path):
             return None
         say = (lambda text: None) if quiet else self.message
         try:
@@ -465,29 +556,116 @@ class Runner:
         default the whole configuration, plus :attr:`key_parts`) and passes its checksum, else
         ``fn()`` converted to JSON-friendly data and written atomically to ``steps/<name>.json``.
         Either way the JSON-friendly form is returned.
+
+        Distributed (module docstring): a collective. Rank 0 decides load or compute (ONE
+        broadcast); a computed step runs ``fn`` on every rank, raises on every rank when it failed
+        on any (ONE all_gather_object), and returns rank 0's result on every rank (ONE broadcast,
+        which also carries a failure to write the step file). Inside :meth:`on_rank0` work, rank
+        0's steps are its own (no collective).
         """
+        if not self.distributed or self._alone:
+            return self._step_alone(name, fn, deps)
         key, parts = self.step_key(deps)
-        stored = self._read(name)
-        if stored is not None:
-            if stored.get("hash") == key:
-                self.loaded.append(name)
-                self.message(f"step {name}: finished earlier, loaded from steps/{name}.json "
-                             f"(keyed on {describe_key(parts)})")
-                return stored["result"]
-            old = stored.get("key") if isinstance(stored.get("key"), dict) else {}
-            self.message(f"step {name}: what it depends on changed since it was stored ({_key_diff(old, parts)}), "
-                         "recomputing")
-        self.message(f"step {name}: running")
+        stored = self._load(name, key, parts) if self.is_writer else None
+        decision = rdist.broadcast_object(None if stored is None else (stored[0],), fn=f"step {name}")
+        if decision is not None:
+            self.loaded.append(name)
+            return decision[0]
+        self.message(f"step {name}: running on {self.world} ranks")
         t0 = time.perf_counter()
-        result = to_jsonable(fn())
-        seconds = time.perf_counter() - t0
+        err: Optional[BaseException] = None
+        result: Any = None
+        try:
+            result = to_jsonable(fn())
+        except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+            err = exc
+        rdist.raise_together(f"step {name}", err)
+        werr: Optional[BaseException] = None
+        if self.is_writer:
+            try:
+                self._store(name, key, parts, result, time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+                werr = exc
+        shared = rdist.broadcast_object((rdist.portable(werr) if werr is not None else None, result)
+                                        if self.is_writer else None, fn=f"step {name}")
+        if werr is not None:
+            raise werr
+        if shared[0] is not None:
+            shared[0].add_note(f"step {name}: raised on rank 0 of {self.world} (writing the step file)")
+            raise shared[0]
+        self.computed.append(name)
+        return result if self.is_writer else shared[1]
+
+    def _load(self, name: str, key: str, parts: Mapping[str, Any]) -> Optional[tuple[Any]]:
+        """``(result,)`` of step ``name`` stored with ``key`` (with the message), else None (with
+        a message naming what changed when a stored result has another key)."""
+        stored = self._read(name)
+        if stored is None:
+            return None
+        if stored.get("hash") == key:
+            self.loaded.append(name)
+            self.message(f"step {name}: finished earlier, loaded from steps/{name}.json "
+                         f"(keyed on {describe_key(parts)})")
+            return (stored["result"],)
+        old = stored.get("key") if isinstance(stored.get("key"), dict) else {}
+        self.message(f"step {name}: what it depends on changed since it was stored ({_key_diff(old, parts)}), "
+                     "recomputing")
+        return None
+
+    def _store(self, name: str, key: str, parts: Mapping[str, Any], result: Any, seconds: float) -> None:
+        """Write step ``name``'s file (atomically), recorded in the manifest first."""
         path = self.step_path(name)
         self.record_written(path)
         atomic_write_json(path, {"format": STEP_FORMAT, "name": name, "hash": key, "key": parts,
                                  "seconds": seconds, "checksum": json_checksum(result), "result": result})
-        self.computed.append(name)
         self.message(f"step {name}: done in {seconds:.1f} s")
+
+    def _step_alone(self, name: str, fn: Callable[[], Any], deps: Optional[Mapping[str, Any]]) -> Any:
+        """:meth:`step` of a process working alone (or rank 0 inside :meth:`on_rank0`)."""
+        key, parts = self.step_key(deps)
+        stored = self._load(name, key, parts)
+        if stored is not None:
+            return stored[0]
+        self.message(f"step {name}: running")
+        t0 = time.perf_counter()
+        result = to_jsonable(fn())
+        self._store(name, key, parts, result, time.perf_counter() - t0)
+        self.computed.append(name)
         return result
+
+    def on_rank0(self, what: str, fn: Callable[[], T]) -> Optional[T]:
+        """Run ``fn`` on rank 0 alone; the other ranks wait for it to finish and return None.
+
+        For work the other ranks need not repeat (training a net with its checkpoints): rank 0's
+        steps inside ``fn`` are its own (no collective); afterwards the caller shares what the
+        others need (e.g. the weights, through :func:`resgeom_fast.core.distributed.broadcast_object`).
+        The others wait in the group's store, not in a collective, so long work does not hit the
+        group's timeout; they raise when ``fn`` raised on rank 0 (a copy, noted
+        ``"<what>: raised on rank 0 of world"``) and a :class:`RankFailureError` when the store
+        cannot be reached (under srun, the store lives on rank 0: rank 0 died). Every rank must
+        call it, in the same order as the other collectives. Without distribution: ``fn()``.
+        """
+        if not self.distributed or self._alone:
+            return fn()
+        self._waits += 1
+        key = f"resgeom_fast/runner/{self._token}/rank0/{self._waits}"
+        if self.is_writer:
+            self._alone = True
+            try:
+                result = fn()
+            except BaseException as exc:
+                _post(key, rdist.portable(exc if isinstance(exc, Exception)
+                                          else RuntimeError(f"{what}: {type(exc).__name__} on rank 0")))
+                raise
+            finally:
+                self._alone = False
+            _post(key, None)
+            return result
+        err = _wait_for_rank0(what, key, self.rank, self.world)
+        if err is not None:
+            err.add_note(f"{what}: raised on rank 0 of {self.world}")
+            raise err
+        return None
 
     def checkpoint_dir(self, name: str, deps: Mapping[str, Any]) -> str:
         """``OUT/checkpoints/<name>-<hash of deps>`` (created): a trainer's ``checkpoint_dir``.
@@ -501,6 +679,39 @@ class Runner:
         mine = [os.path.join(path, f) for f in CHECKPOINT_FILES]
         self.record_written(*[p for p in mine if not os.path.lexists(p) or self._rel(p) in self._written])
         return path
+
+
+def _nothing() -> None:
+    """What closing a Runner does before it holds anything."""
+
+
+def _store_of_group() -> Any:
+    """The key-value store of the default process group (the one of ``init_process_group``)."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def _post(key: str, err: Optional[BaseException]) -> None:
+    """Rank 0: say in the group's store that its :meth:`Runner.on_rank0` work ended (``err``: how
+    it failed). A store that cannot be reached is not reported here: the next collective fails."""
+    try:
+        _store_of_group().set(key, pickle.dumps(err))
+    except Exception:  # noqa: BLE001 - the store is gone; the other ranks find out themselves
+        pass
+
+
+def _wait_for_rank0(what: str, key: str, rank: int, world: int) -> Optional[BaseException]:
+    """A rank other than 0: wait until rank 0 posts ``key``; return its failure (or None)."""
+    while True:
+        try:
+            store = _store_of_group()
+            if store.check([key]):
+                return pickle.loads(store.get(key))
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be reached: rank 0 is gone
+            raise rdist.RankFailureError(
+                f"{what}: rank {rank} of {world} lost the group's store while waiting for rank 0 (under srun or "
+                f"MASTER_ADDR/MASTER_PORT the store lives on rank 0: rank 0 died or was stopped); "
+                f"torch.distributed: {type(exc).__name__}: {exc}") from exc
+        time.sleep(RANK0_POLL_S)
 
 
 def _check_name(name: str) -> None:

@@ -8,6 +8,11 @@
 
 Each step runs through the :class:`~resgeom_fast.experiments.runner.Runner` and returns the
 step's JSON-friendly result (``{"result": ..., "summary": ...}`` for an analysis).
+
+Under torch.distributed (a distributed Runner, :mod:`~resgeom_fast.experiments.runner`):
+:func:`train_net` trains on rank 0 alone (with its checkpoints) and broadcasts the weights, and
+the alignment steps split their samples over the ranks (:func:`dist_kwargs`: ``"split"``); the
+other analyses run replicated on every rank with the same data and seeds.
 """
 from __future__ import annotations
 
@@ -22,14 +27,16 @@ import torch.nn.functional as F
 from resgeom_fast.analysis import alignment as alignment_analysis
 from resgeom_fast.analysis import spectrum as spectrum_analysis
 from resgeom_fast.analysis.spectrum import K_MAX as SPECTRUM_K_MAX
+from resgeom_fast.core import distributed as rdist
 from resgeom_fast.models import BiasReg
 
-from ..common import DATASETS_HELP, load_data, train_step
+from ..common import DATASETS_HELP, build_model, load_data, train_step
 from ..config import Option, UsageError
 from ..runner import Runner
 
 __all__ = ["ALIGN_OPTIONS", "ARCHS", "ARCH_CHOICES", "DETERMINISTIC_OPTION", "HESSIAN_OPTIONS", "SEED_MAX",
-           "alignment_step", "analysis_step", "arch_option", "depth_scaling_step", "net_options", "net_spec",
+           "alignment_step", "analysis_step", "arch_option", "depth_scaling_step", "dist_kwargs", "net_options",
+           "net_spec",
            "opt", "parse_archs", "spectrum_step", "split_inputs", "study_data", "train_curves", "train_kwargs",
            "train_net"]
 
@@ -136,9 +143,28 @@ def train_net(runner: Runner, cfg: dict[str, Any], ds, key, arch: str, device: t
     if arch == "plain_biasreg":
         regs = (BiasReg(beta=cfg.get("biasreg_beta", 1e-3), b0=cfg.get("biasreg_b0", 0.1)),)
     name = name or (arch if depth is None else f"{arch}_L{depth}")
-    model, out = train_step(runner, name, net_spec(cfg, ds, arch, depth), ds, key, train_kwargs(cfg), device,
-                            regularizers=regs, callbacks=callbacks)
+    spec = net_spec(cfg, ds, arch, depth)
+    if not runner.distributed:
+        model, out = train_step(runner, name, spec, ds, key, train_kwargs(cfg), device, regularizers=regs,
+                                callbacks=callbacks)
+        return model, train_curves(out)
+    # rank 0 trains (or loads its checkpoint); the others build the same net and take its weights
+    trained = runner.on_rank0(f"train_{name}", lambda: train_step(
+        runner, name, spec, ds, key, train_kwargs(cfg), device, regularizers=regs, callbacks=callbacks))
+    model = trained[0] if trained is not None else build_model(spec).to(device).eval()
+    state, out = rdist.broadcast_object(
+        ({k: v.detach().cpu() for k, v in model.state_dict().items()}, trained[1]) if trained is not None else None,
+        fn=f"train_{name}")
+    if trained is None:
+        model.load_state_dict(state)
     return model, train_curves(out)
+
+
+def dist_kwargs(runner: Runner) -> dict[str, Any]:
+    """The keyword arguments of an analysis that splits its data over the ranks:
+    ``{"distributed": "split"}`` (every rank passes the same full data, the analysis takes its
+    share) when ``runner`` is distributed, else ``{}`` (the single-process call)."""
+    return {"distributed": "split"} if runner.distributed else {}
 
 
 def train_curves(train_out: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +196,7 @@ def alignment_step(runner: Runner, cfg: dict, model, ds, device, name: str) -> d
     x, y = split_inputs(ds, "test", cfg["align_samples"], device)
     return analysis_step(runner, name, lambda: alignment_analysis.residual_alignment(
         model, x, cfg.get("k"), y, oversample=cfg["oversample"], power_iters=cfg["power_iters"], seed=cfg["seed"],
-        deterministic=bool(cfg.get("deterministic", False))))
+        deterministic=bool(cfg.get("deterministic", False)), **dist_kwargs(runner)))
 
 
 def spectrum_step(runner: Runner, cfg: dict, model, ds, device, name: str) -> dict[str, Any]:
@@ -194,7 +220,8 @@ def depth_scaling_step(runner: Runner, cfg: dict, ds, key, device) -> dict[str, 
             model, _ = train_net(runner, cfg, ds, key, "residual", device, depth=L)
             r = alignment_analysis.residual_alignment(model, x, cfg.get("k"), y, oversample=cfg["oversample"],
                                                       power_iters=cfg["power_iters"], seed=cfg["seed"],
-                                                      deterministic=bool(cfg.get("deterministic", False)))
+                                                      deterministic=bool(cfg.get("deterministic", False)),
+                                                      **dist_kwargs(runner))
             results.append(r)
             per.append({"depth": L, "sigma1_mean": r.stages[0].sigma1_mean, "summary": r.summary()})
         return {"scaling": alignment_analysis.depth_scaling(results), "per_depth": per}
