@@ -323,7 +323,8 @@ def plan_trace(n: int, batch: int, sketch: int, sketch_share: int, probes_share:
             options.append(f"probes <= {3 * fit + 2} (a sketch of <= {fit} vectors)")
         options.append("method='hutchinson' (no sketch)")
     else:
-        what = f"one column at a time next to the {sketch}-vector sketch ({batch} problem(s), n = {n}, {dtype})"
+        what = (f"one column at a time next to the {sketch}-vector sketch" if sketch else
+                "one Hutchinson column at a time") + f" ({batch} problem(s), n = {n}, {dtype})"
         if sketch:
             options.append("method='hutchinson' or fewer probes (a smaller sketch)")
     options.append(f"memory_limit >= {needed(1)} if that much memory is in fact free")

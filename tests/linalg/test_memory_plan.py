@@ -249,3 +249,59 @@ def test_cuda_free_memory_unreadable_plans_unchecked_and_says_so(monkeypatch):
     p = plan_eigsh(10**6, 1, 50, 4, torch.float32, "cuda")
     assert p.bytes_available is None and p.bytes_needed > 0
     assert _memory.available_bytes("cuda", memory_limit=123) == (123, "memory_limit")
+
+
+# ------------------------------------------------------------------------------ the trace (Hutch++)
+def _recording(A: torch.Tensor) -> tuple[linalg.CallableOperator, list[int]]:
+    """A symmetric operator applying ``A`` that records the width of every product."""
+    widths: list[int] = []
+
+    def mm(X: torch.Tensor) -> torch.Tensor:
+        widths.append(int(X.shape[-1]))
+        return A @ X
+
+    return linalg.CallableOperator(mm, A.shape, A.dtype, symmetric=True), widths
+
+
+def test_trace_refuses_with_the_numbers_before_any_product():
+    n = 40
+    op, widths = _recording(_sym(n))
+    # Hutch++ 30: a sketch of 10 vectors (basis, products and 2 float64 copies: 12800 bytes), the
+    # int8 signs of 10 sketch + 10 probe columns (800 bytes): nothing fits under 13000
+    need = _memory.plan_trace(n, 1, 10, 10, 10, torch.float64, "cpu", 10**9, hutchinson=10)
+    with pytest.raises(InsufficientMemoryError) as exc:
+        linalg.trace(op, probes=30, memory_limit=13000)
+    msg = str(exc.value)
+    assert msg.startswith("trace: the Hutch++ sketch of 10 vectors")
+    assert "needs 13600 bytes" in msg and "but 13000 bytes" in msg and "method='hutchinson'" in msg
+    assert "probes <= " in msg and "memory_limit >= 13600" in msg
+    assert widths == []                                   # planned before any product
+    assert need.bytes_needed == (10 + 4 * 10) * n * 8 + 20 * n and need.groups == 1 and need.group == 10
+    # Hutchinson: one column (and 3 temporaries) and the int8 signs of 10 probes: 1680 bytes
+    with pytest.raises(InsufficientMemoryError, match=r"^trace: one Hutchinson column at a time .* needs 1680 bytes"):
+        linalg.trace(op, probes=10, method="hutchinson", memory_limit=1000)
+    assert widths == []
+    for bad in (0, -5, 1.5, True, "1GB"):
+        with pytest.raises(ValueError, match=r"trace: expected memory_limit a positive int"):
+            linalg.trace(op, probes=6, memory_limit=bad)
+
+
+def test_trace_runs_in_column_chunks_to_fit_with_the_same_estimate():
+    n = 40
+    A = _sym(n)
+    op, widths = _recording(A)
+    # 14000 bytes: the sketch fits, all 10 columns at once (16800) do not, 7 do -> 2 chunks of 5
+    r = linalg.trace(op, probes=30, seed=3, memory_limit=14000)
+    plan = r.memory
+    assert (plan.group, plan.groups) == (5, 2) and "2 sequential chunks of <= 5" in plan.choice
+    assert plan.bytes_needed <= 14000 and plan.bytes_available == 14000 and plan.basis_bytes == 10 * n * 8
+    assert max(widths) == 5 and sum(widths) == 30          # every product within the plan's chunk
+    whole_op, whole_widths = _recording(A)
+    whole = linalg.trace(whole_op, probes=30, seed=3)
+    assert whole.memory.groups == 1 and whole_widths == [10, 10, 10]
+    # the columns are independent: the same estimate up to float64 rounding
+    torch.testing.assert_close(r.estimate, whole.estimate, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.stderr, whole.stderr, rtol=1e-10, atol=0)
+    # and the estimator is right: within 4 standard errors of tr(A)
+    assert abs(float(r.estimate) - float(torch.trace(A))) < 4 * float(r.total_error) + 1e-12
+    assert json.loads(json.dumps(r.to_dict()))["memory"]["group"] == 5
