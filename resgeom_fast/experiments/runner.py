@@ -603,7 +603,6 @@ class Runner:
         if stored is None:
             return None
         if stored.get("hash") == key:
-            self.loaded.append(name)
             self.message(f"step {name}: finished earlier, loaded from steps/{name}.json "
                          f"(keyed on {describe_key(parts)})")
             return (stored["result"],)
@@ -625,6 +624,7 @@ class Runner:
         key, parts = self.step_key(deps)
         stored = self._load(name, key, parts)
         if stored is not None:
+            self.loaded.append(name)
             return stored[0]
         self.message(f"step {name}: running")
         t0 = time.perf_counter()
