@@ -95,6 +95,41 @@ def test_cpu_cuda_parity(dtype):
     torch.testing.assert_close(wg.cpu(), wc, **tol(dtype))
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
+@pytest.mark.parametrize("b,m", [(32, 100),     # the host path (b <= 32): the CPU kernel's bits
+                                 (33, 100),     # one warp per problem, shared-memory scratch
+                                 (1000, 37),    # many blocks, m not a multiple of 32
+                                 (40, 1),       # a single element (no sweep)
+                                 (33, 2049)])   # 3 m doubles > 48 KB: global scratch
+def test_cuda_paths(b, m):
+    """Both CUDA paths (host for small batches, warp per problem otherwise) against the CPU
+    kernel and the float64 reference; split problems (offdiag exactly 0: five 1 x 1 blocks, two
+    halves) exercise the deflation scan."""
+    d, e = _random(b, m, torch.float64, "cpu", seed=4)
+    if m > 8:
+        e[0, :5] = 0.0                  # five decoupled 1 x 1 blocks, then the rest
+        e[1, m // 2] = 0.0              # two decoupled halves
+    ng, wg = tridiag_eigh(d.cuda(), e.cuda())
+    nc, wc = tridiag_eigh(d, e)
+    if b <= 32:
+        assert torch.equal(ng.cpu(), nc) and torch.equal(wg.cpu(), wc)
+    torch.testing.assert_close(ng.cpu(), nc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(wg.cpu(), wc, rtol=1e-10, atol=1e-12)
+    rn, rw = ref.tridiag_eigh(d, e)
+    torch.testing.assert_close(ng.cpu(), rn, **tol(torch.float64))
+    torch.testing.assert_close(wg.cpu(), rw, **tol(torch.float64))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
+@pytest.mark.parametrize("b", [5, 40])
+def test_cuda_non_finite_names_the_problem(b):
+    """Both CUDA paths raise the CPU kernel's error, naming the first bad problem."""
+    d, e = _random(b, 12, torch.float64, "cpu")
+    e[b - 2, 3] = float("inf")
+    with pytest.raises(RuntimeError, match=f"expected finite diag and offdiag.*problem {b - 2}"):
+        tridiag_eigh(d.cuda(), e.cuda())
+
+
 # 5. one raises per check
 def test_errors():
     d, e = _random(2, 5, torch.float64, "cpu")
