@@ -11,16 +11,22 @@ the stored block inputs ``J.h``); the modules' settings are restored afterwards.
 Two paths give identical results:
 
 - ``"generic"``: torch.func ``vmap(jvp)`` / ``vmap(vjp)`` through any branch;
-- ``"fast"``: the branch is linearised once: for ``nn.Sequential`` branches of Linear / Conv2d /
+- ``"fast"``: the branch is linearised once: for branches that are a chain of Linear / Conv2d /
   BatchNorm / ReLU layers (FC Linear-ReLU-Linear, torchvision and resgeom BasicBlock and
-  Bottleneck branches, with or without BatchNorm), ReLU masks and BatchNorm factors are captured
+  Bottleneck branches, with or without BatchNorm), read from the ``nn.Sequential`` itself or, for
+  any other branch module (a user's block marked with ``mark_residual_block(block, branch=...)``),
+  from a torch.fx trace of its forward (layer modules, ReLU as a module, function or method; the
+  chain is then checked against the branch at sample 0: its output and one J^T u against
+  autograd, and refused with the difference otherwise), ReLU masks and BatchNorm factors are captured
   at the block input, a BatchNorm not followed by a ReLU is folded into the weights of the layer
   before it, and J V / J^T U become plain GEMMs, convolutions and transposed convolutions with the
   masking and scaling done by the fused op :func:`resgeom_fast.ops.masked_scale`. When the probe
   block is shared by every sample (``X`` expanded along the batch, e.g. a common random sketch),
   the first linear layer is applied once for all samples.
 
-``"auto"`` takes the fast path where the branch is recognised, the generic one elsewhere.
+``"auto"`` takes the fast path where the branch is recognised, the generic one elsewhere; the
+operator's ``reason`` then says why (e.g. "branch MyBranch: call_function tanh (the fast path
+linearises layer modules and ReLU only)"), and ``fast_source`` how a fast branch was read.
 
 Precision on CUDA (``precision=``): with ``"ieee"`` (the default) the forward pass that captures
 the block inputs, the linearisation and every J V / J^T U run with IEEE float32 convolutions and
@@ -89,13 +95,15 @@ def _scalar_module(m: nn.Module) -> Optional[str]:
     return None
 
 
-def _layers(branch: nn.Module) -> Optional[list[nn.Module]]:
-    if not isinstance(branch, nn.Sequential):
+def _sequential_layers(branch: nn.Module) -> Optional[list[nn.Module]]:
+    """The layers of an ``nn.Sequential`` branch (nested Sequentials flattened), else None (also
+    for a Sequential subclass with a forward of its own: it is read from a trace instead)."""
+    if not isinstance(branch, nn.Sequential) or type(branch).forward is not nn.Sequential.forward:
         return None
     out = []
     for m in branch:
         if isinstance(m, nn.Sequential):
-            inner = _layers(m)
+            inner = _sequential_layers(m)
             if inner is None:
                 return None
             out += inner
@@ -104,11 +112,93 @@ def _layers(branch: nn.Module) -> Optional[list[nn.Module]]:
     return out
 
 
+class _LayerTracer(torch.fx.Tracer):
+    """torch.fx tracer keeping torch.nn layers (the default) and Fixup's scalar modules as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _scalar_module(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_RELU_METHODS = ("relu", "relu_")
+
+
+def _node_text(n: torch.fx.Node) -> str:
+    target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", repr(n.target))
+    return f"{n.op} {target}"
+
+
+def _traced_layers(branch: nn.Module) -> tuple[Optional[list[nn.Module]], Optional[str]]:
+    """The layers of a branch whose forward is a chain ``h -> layer_m(... layer_1(h))``, read from a
+    torch.fx trace: (layers, None), or (None, the reason it is not such a chain).
+
+    Each node must take the previous node's result as its only tensor input and be used once; the
+    nodes may be torch.nn layer modules (``call_module``, kept as they are) or a ReLU written as a
+    function / method (``F.relu``, ``torch.relu``, ``x.relu()``, in place or not: an ``nn.ReLU``).
+    Which layer types the fast path supports is then checked as for ``nn.Sequential`` branches.
+    """
+    name = type(branch).__name__
+    try:
+        graph = _LayerTracer().trace(branch)
+    except Exception as exc:  # noqa: BLE001 -- any tracing failure is a reason, not an error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return None, f"branch {name} is not an nn.Sequential and torch.fx cannot trace it ({type(exc).__name__}: {first})"
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return None, f"branch {name}'s forward takes {len(inputs)} inputs (expected one tensor)"
+    prev, layers = inputs[0], []
+    for n in nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            if n.args[0] is not prev:
+                return None, f"branch {name}'s output is not the result of its last layer"
+            return layers, None
+        if n.op == "get_attr":
+            return None, f"branch {name} reads the tensor {n.target!r} outside a layer module ({_node_text(n)})"
+        args = list(n.args) + list(n.kwargs.values())
+        nodes_in = list(n.all_input_nodes)
+        if len(prev.users) != 1:
+            return None, (f"branch {name} is not a chain of layers: {prev.name!r} is used by "
+                          f"{[_node_text(u) for u in prev.users]}")
+        relu = (n.op == "call_function" and n.target in _RELU_FUNCTIONS) or \
+            (n.op == "call_method" and n.target in _RELU_METHODS)
+        if n.op != "call_module" and not relu:
+            return None, f"branch {name}: {_node_text(n)} (the fast path linearises layer modules and ReLU only)"
+        if nodes_in != [prev] or not args or args[0] is not prev:
+            return None, (f"branch {name} is not a chain of layers: {_node_text(n)} reads "
+                          f"{[a.name for a in nodes_in]}")
+        if n.op == "call_module":
+            if len(n.args) != 1 or n.kwargs:
+                return None, f"branch {name} calls {n.target!r} with extra arguments"
+            layers.append(branch.get_submodule(str(n.target)))
+        else:
+            layers.append(nn.ReLU())
+        prev = n
+    return None, f"branch {name}'s trace has no output"
+
+
+def _branch_layers(branch: nn.Module) -> tuple[Optional[list[nn.Module]], Optional[str], str]:
+    """(layers, None, source) of a branch the fast path can read as a chain of layers, source
+    "sequential" (an ``nn.Sequential``) or "fx" (a torch.fx trace of its forward); else
+    (None, reason, source)."""
+    layers = _sequential_layers(branch)
+    if layers is not None:
+        return layers, None, "sequential"
+    layers, reason = _traced_layers(branch)
+    return layers, reason, "fx"
+
+
 def _unsupported(branch: nn.Module) -> Optional[str]:
     """None when the fast path handles ``branch``, else the reason."""
-    layers = _layers(branch)
+    layers, reason, _ = _branch_layers(branch)
     if layers is None:
-        return f"branch {type(branch).__name__} is not an nn.Sequential"
+        return reason
+    return _unsupported_layers(layers)
+
+
+def _unsupported_layers(layers: list[nn.Module]) -> Optional[str]:
     n_lin = 0
     for m in layers:
         if isinstance(m, nn.Linear):
@@ -192,9 +282,7 @@ class _NotLinearisable(ValueError):
 class _Program:
     """Branch as D_m L_m ... D_1 L_1 D_0, captured at the block inputs h [N, ...]."""
 
-    def __init__(self, branch: nn.Module, h: Tensor, chunk: int) -> None:
-        layers = _layers(branch)
-        assert layers is not None
+    def __init__(self, layers: list[nn.Module], h: Tensor, chunk: int) -> None:
         self.lins: list[_Lin] = []
         self.diags: list[_Diag] = [_Diag(tuple(h.shape[1:]))]
         shape = tuple(h.shape[1:])
@@ -225,6 +313,7 @@ class _Program:
                 z = z2
                 shape = tuple(z.shape[1:])
         self.in_shape, self.out_shape = tuple(h.shape[1:]), shape
+        self.first_out = z   # the chain of layers on h[:1], compared with the branch's own output
         # 2) masks at the ReLUs, chunk by chunk
         mask_parts: dict[int, list[Tensor]] = {}
         with torch.no_grad():
@@ -273,6 +362,16 @@ class _Program:
         return self.diags[0].apply(z, n, k, sl)
 
 
+def _rel_diffs(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[float]:
+    """||a - b|| / ||b|| in float64 for each pair (0 when both are zero, inf when only b is); one
+    host read for all of them."""
+    nums = [(a.detach().double() - b.detach().double()).norm() for a, b in pairs]
+    dens = [b.detach().double().norm() for _, b in pairs]
+    vals = torch.stack(nums + dens).tolist()
+    k = len(pairs)
+    return [n / d if d > 0 else (0.0 if n == 0 else math.inf) for n, d in zip(vals[:k], vals[k:])]
+
+
 # -- the operator -------------------------------------------------------------------------------
 class ResidualJacobian(LinearOperator):
     """Batched residual-branch Jacobians of one block: member b is J_l(x_b), shape (D_out, D_in).
@@ -284,12 +383,17 @@ class ResidualJacobian(LinearOperator):
         info: the :class:`BlockInfo`. h: the block inputs [N, *in_shape]. in_shape, out_shape:
         per-sample shapes. path: "generic" or "fast". chunk_size: samples per chunk (None: auto,
         about 256 MiB of probe intermediates per chunk). precision: "ieee" (IEEE float32 forced on
-        CUDA while products run) or "tf32" (PyTorch's settings as they are).
+        CUDA while products run) or "tf32" (PyTorch's settings as they are). fast_source: how the
+        fast path read the branch, "sequential" (an ``nn.Sequential``) or "fx" (a torch.fx trace of
+        its forward); None on the generic path. reason: why the generic path was taken (None on the
+        fast path, and when path="generic" was asked for).
     """
 
     def __init__(self, info: BlockInfo, h: Tensor, path: str, chunk_size: Optional[int],
-                 precision: str = "ieee") -> None:
+                 precision: str = "ieee", reason: Optional[str] = None) -> None:
         self.info, self.h, self.path, self.chunk_size = info, h, path, chunk_size
+        self.reason: Optional[str] = reason
+        self.fast_source: Optional[str] = None
         self.precision = check_precision("ResidualJacobian", precision)
         with product_precision(self.precision):
             self._setup(info, h, path)
@@ -305,7 +409,39 @@ class ResidualJacobian(LinearOperator):
         self._program: Optional[_Program] = None
         if path == "fast":
             with module_mode(info.branch, "eval"), no_inplace(info.branch):
-                self._program = _Program(info.branch, h, self._chunk(1))
+                layers, reason, source = _branch_layers(info.branch)
+                if layers is None:
+                    raise _NotLinearisable(reason)
+                self._program = _Program(layers, h, self._chunk(1))
+                self.fast_source = source
+                if source == "fx":
+                    self._verify(out)
+                self._program.first_out = None
+
+    def _verify(self, out: Tensor) -> None:
+        """For a branch read from a torch.fx trace: the linearised program reproduces the branch (one
+        host read; ``nn.Sequential`` branches are their layers by construction): its layers' output on h[:1] equals the
+        branch's (a trace that missed an operation fails here), and J^T u for one random u of
+        sample 0 equals autograd's vector-Jacobian product of the branch (one backward of one
+        sample), both to a relative ``1e3 * eps`` of the dtype; raises :class:`_NotLinearisable`
+        otherwise."""
+        prog, h0 = self._program, self.h[:1]
+        tol = 1e3 * torch.finfo(self.dtype).eps
+        gen = torch.Generator(device=self.h.device).manual_seed(0)
+        u = torch.randn((1, *self.out_shape), generator=gen, dtype=self.dtype, device=self.h.device)
+        with torch.no_grad():
+            got = prog.apply_t(u, 1, 1, slice(0, 1))
+        with torch.enable_grad(), module_mode(self.info.branch, "eval"), no_inplace(self.info.branch):
+            hg = h0.detach().clone().requires_grad_(True)
+            ref = torch.autograd.grad(self.info.branch(hg), hg, u)[0]
+        d_out, d_jt = _rel_diffs([(prog.first_out, out), (got, ref)])   # one host read
+        prog.first_out = None
+        if not d_out <= tol:
+            raise _NotLinearisable(f"the layers read from the branch give an output {d_out:.2e} (relative) away from "
+                                   f"the branch's own")
+        if not d_jt <= tol:
+            raise _NotLinearisable(f"the linearised branch's J^T u is {d_jt:.2e} (relative) away from autograd's at "
+                                   f"sample 0")
 
     def _chunk(self, k: int) -> int:
         if self.chunk_size is not None:
@@ -406,16 +542,18 @@ def residual_jacobians(model: nn.Module, x: Tensor, blocks: Optional[Sequence[An
         hs = block_inputs(model, x, infos)
     ops = []
     for info, h in zip(infos, hs):
-        reason = _unsupported(info.branch)
+        reason = _unsupported(info.branch) if path != "generic" else None
         if path == "fast" and reason is not None:
             raise ArgumentValueError(f"residual_jacobians: path='fast' does not support block {info.name!r}: {reason}; "
-                             "use path='generic' or 'auto'")
-        p = "fast" if (path != "generic" and reason is None) else "generic"
+                                     "use path='generic' or 'auto'")
+        if path == "generic" or reason is not None:
+            ops.append(ResidualJacobian(info, h, "generic", chunk_size, precision, reason=reason))
+            continue
         try:
-            ops.append(ResidualJacobian(info, h, p, chunk_size, precision))
+            ops.append(ResidualJacobian(info, h, "fast", chunk_size, precision))
         except _NotLinearisable as exc:
             if path == "fast":
                 raise ArgumentValueError(f"residual_jacobians: path='fast' does not support block {info.name!r}: {exc}; "
-                                 "use path='generic' or 'auto'") from None
-            ops.append(ResidualJacobian(info, h, "generic", chunk_size, precision))
+                                         "use path='generic' or 'auto'") from None
+            ops.append(ResidualJacobian(info, h, "generic", chunk_size, precision, reason=str(exc)))
     return ops
