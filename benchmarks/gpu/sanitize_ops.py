@@ -47,10 +47,18 @@ def cases(device: torch.device, dtype: torch.dtype, n: int) -> list[tuple[str, C
     # lanczos_reorth: 3 problems, 7 orthonormal basis rows of length n
     basis = torch.linalg.qr(r(3, n, 7)).Q.transpose(1, 2).contiguous()
     w = r(3, n)
-    # orthonormalize: 2 blocks [n, 9]
+    # lanczos_reorth with 137 chunks of 1024 (more than one segment of 128): the two-stage
+    # cross-chunk reduction, and 33 basis rows (a partial column tile)
+    basis2 = torch.linalg.qr(r(1, 140_003, 33)).Q.transpose(1, 2).contiguous()
+    w2 = r(1, 140_003)
+    # orthonormalize: 2 blocks [n, 9] (256-row tiles), 1 block [n, 40] (even k: row stride 41)
     x = r(2, n, 9)
-    # tridiag_eigh: 10 problems of 30 steps (an SLQ run)
+    x2 = r(1, n, 40)
+    # tridiag_eigh: 10 problems of 30 steps (an SLQ run: the host path), 40 problems of 16 steps
+    # (one warp per problem; couplings >= 0.5: no localised, nearly degenerate eigenvector pairs
+    # whose float32 weights would be ill conditioned against the float64 reference)
     d, e = r(10, 30), r(10, 29).abs()
+    d2, e2 = r(40, 16), r(40, 15).abs() + 0.5
     # density_smooth
     nodes, weights, grid = r(3, 20), r(3, 20).abs(), torch.linspace(-3, 3, 501, dtype=torch.float64)
     # masked_scale, forward and backward
@@ -69,8 +77,12 @@ def cases(device: torch.device, dtype: torch.dtype, n: int) -> list[tuple[str, C
 
     return [
         ("lanczos_reorth", lambda: ops.lanczos_reorth(on(w), on(basis)), lambda: ref.lanczos_reorth(w, basis)),
+        ("lanczos_reorth_stages", lambda: ops.lanczos_reorth(on(w2), on(basis2)),
+         lambda: ref.lanczos_reorth(w2, basis2)),
         ("orthonormalize", lambda: ops.orthonormalize(on(x)), lambda: ref.orthonormalize(x)),
+        ("orthonormalize_k40", lambda: ops.orthonormalize(on(x2)), lambda: ref.orthonormalize(x2)),
         ("tridiag_eigh", lambda: ops.tridiag_eigh(on(d), on(e)), lambda: ref.tridiag_eigh(d, e)),
+        ("tridiag_eigh_warps", lambda: ops.tridiag_eigh(on(d2), on(e2)), lambda: ref.tridiag_eigh(d2, e2)),
         ("density_smooth", lambda: ops.density_smooth(on(nodes), on(weights), on(grid), 0.2),
          lambda: ref.density_smooth(nodes, weights, grid, 0.2)),
         ("masked_scale", lambda: ops.masked_scale(on(v), on(mask), on(scale)), lambda: ref.masked_scale(v, mask, scale)),
