@@ -644,14 +644,33 @@ def _local_rows(where: str, mode: str, x: Tensor, y: Optional[Tensor]) -> tuple[
     return x[a:b], (y[a:b] if y is not None else None)
 
 
-def _sample_parallel(where: str, model: nn.Module, x: Tensor, y: Optional[Tensor], blocks: Optional[Sequence[Any]],
-                     jac_kwargs: dict[str, Any]) -> tuple[list[ResidualJacobian], Any, Optional[Tensor], int]:
-    """Sample-parallel residual Jacobians (docs/distributed.md): this rank's operators on its own
-    samples, the global sample count and offsets, the gathered block inputs and labels.
+class _Rows:
+    """This rank's rows ``[offset, offset + n)`` of the N samples of a sample-parallel run, and the
+    gather of per-sample results (``counts``: every rank's rows)."""
 
-    Returns ``(ops, last_fn, labels, N)``: ``ops`` of :class:`_GatheredJacobian` (batch [N]),
-    ``last_fn(infos)`` the gathered block outputs [N, ...] of the given blocks (a collective),
-    ``labels`` the gathered int64 CPU labels (None when not given) and N. A collective."""
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = counts
+        self.offset, self.n, self.N = sum(counts[:rdist.rank()]), counts[rdist.rank()], sum(counts)
+
+    def gather(self, parts: list[Tensor], exc: Optional[BaseException] = None) -> list[Tensor]:
+        """Every rank's rows (dim 0) of each tensor, concatenated in rank order on every rank (ONE
+        all_reduce with the ranks' failure flags; exact)."""
+        return rdist.gather_shares("residual_alignment", parts, self.counts, dim=0, exc=exc)
+
+
+def _sample_parallel(where: str, model: nn.Module, x: Tensor, y: Optional[Tensor], blocks: Optional[Sequence[Any]],
+                     jac_kwargs: dict[str, Any], gather: bool = True
+                     ) -> tuple[list[ResidualJacobian], Any, Optional[Tensor], _Rows]:
+    """Sample-parallel residual Jacobians (docs/distributed.md): this rank's operators on its own
+    samples, the global sample count and offsets, the gathered labels, and (``gather``) the
+    gathered block inputs.
+
+    Returns ``(ops, last_fn, labels, rows)``: with ``gather``, ``ops`` of
+    :class:`_GatheredJacobian` (batch [N]) and ``last_fn(infos)`` the gathered block outputs
+    [N, ...] of the given blocks (a collective); without, this rank's own
+    :class:`ResidualJacobian` s (on an empty rank: those of the shared probe sample, for their
+    shapes only) and ``last_fn(infos)`` this rank's block outputs [n, ...]. ``labels``: the
+    gathered int64 CPU labels (None when not given); ``rows``: this rank's rows. A collective."""
     exc: Optional[BaseException] = None
     n_loc, probe = int(x.shape[0]), None
     if n_loc:
@@ -677,6 +696,19 @@ def _sample_parallel(where: str, model: nn.Module, x: Tensor, y: Optional[Tensor
         exc = e
     gathered = gather_objects(where, portable(exc))
     raise_first(where, gathered, exc)
+    rows = _Rows(counts)
+    if not gather:
+        lab = None
+        if infos[0][3]:
+            (lab,) = rows.gather([y.detach().to("cpu", torch.int64) if n_loc else torch.zeros(0, dtype=torch.int64)])
+
+        def local_last(block_infos: list[BlockInfo]) -> list[Tensor]:
+            if n_loc:
+                return _last_outputs(model, x, block_infos)
+            out_shape = {id(J.info): J.out_shape for J in templates}
+            return [x.new_zeros((0, *out_shape[id(b)])) for b in block_infos]
+
+        return templates, local_last, lab, rows
     parts: list[Tensor] = []
     for J in templates:
         H = J.h.new_zeros((N, *J.in_shape))
@@ -713,7 +745,7 @@ def _sample_parallel(where: str, model: nn.Module, x: Tensor, y: Optional[Tensor
         sync_failure(where, bool(red[0][0] > 0), err)
         return red[1:]
 
-    return ops, last_fn, labels, N
+    return ops, last_fn, labels, rows
 
 
 def _default_pairs(L: int) -> list[tuple[int, int]]:
@@ -734,12 +766,59 @@ def _cross_row(U: Tensor, V: Tensor, ops: list[ResidualJacobian]) -> Tensor:
     return torch.stack(rows)
 
 
+def _block_svd(i: int, J: ResidualJacobian, ops: list[ResidualJacobian], k: int, oversample: int,
+               power_iters: Union[int, str], seed: int, tol: float, max_iters: int, rows: Optional[_Rows]
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+    """Block i's randomized SVD and its cross row: ``(S [N, k], self-alignment |u_r . v_r| [N, k],
+    converged [N], rel_error_bound [N, k], error_bound [N, k], A [L, N, k, k], iterations)``,
+    float64 CPU. ``rows`` (sample-local mode, fixed power iterations): this rank's samples only,
+    the per-sample results gathered (ONE all_reduce that also carries a failure); an empty rank
+    runs nothing and contributes no rows."""
+    L = len(ops)
+    exc: Optional[BaseException] = None
+    out: Optional[tuple[Tensor, ...]] = None
+    its = power_iters if isinstance(power_iters, int) else 0
+    if rows is None or rows.n:
+        try:
+            with warnings.catch_warnings():   # one warning for the whole analysis instead (residual_alignment)
+                warnings.filterwarnings("ignore", message="randomized_svd: power_iters='auto' stopped",
+                                        category=RuntimeWarning)
+                svd = randomized_svd(J, k, oversample=oversample, power_iters=power_iters, seed=seed,
+                                     tol=tol, max_iters=max_iters)
+            its = int(svd.iterations)
+            out = (svd.S.double().cpu(), (svd.U.double() * svd.V.double()).sum(-2).abs().cpu(),
+                   svd.converged.cpu(), svd.rel_error_bound.double().cpu(), svd.error_bound.double().cpu(),
+                   _cross_row(svd.U, svd.V, ops).cpu().transpose(0, 1))           # [N, L, k, k]
+            del svd
+        except Exception as e:  # sample-local mode: raised on every rank by the gather
+            if rows is None:
+                raise
+            exc = e
+    if rows is not None:
+        if out is None:
+            f64 = dict(dtype=torch.float64)
+            out = (torch.zeros(rows.n, k, **f64), torch.zeros(rows.n, k, **f64), torch.zeros(rows.n, dtype=torch.bool),
+                   torch.zeros(rows.n, k, **f64), torch.zeros(rows.n, k, **f64), torch.zeros(rows.n, L, k, k, **f64))
+        out = tuple(rows.gather(list(out), exc))
+    assert out is not None
+    S, selfr, converged, rel_bound, err_bound, A = out
+    return S, selfr, converged, rel_bound, err_bound, A.transpose(0, 1), its
+
+
 def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_out: Tensor, k: int,
            C: int, oversample: int, power_iters: Union[int, str], tol: float, max_iters: int, tau: float,
-           seed: int, offset: int, bar: Any) -> StageAlignment:
+           seed: int, offset: int, bar: Any, rows: Optional[_Rows] = None) -> StageAlignment:
+    """One stage's metrics. ``rows`` (sample-local mode of a sample-parallel run): ``ops`` are
+    this rank's own Jacobians (its ``rows.n`` samples; none on an empty rank) and ``last_out``
+    its rows; the trajectories and the per-sample SVD results are gathered for the metrics."""
     L = len(ops)
-    N = ops[0].batch_shape[0]
-    traj = torch.stack([J.h for J in ops] + [last_out], dim=1)           # [N, L+1, *shape]
+    if rows is not None and not rows.n:   # an empty rank: its ops hold the probe sample, for the shapes only
+        traj = last_out.new_zeros((0, L + 1, *last_out.shape[1:]))
+    else:
+        traj = torch.stack([J.h for J in ops] + [last_out], dim=1)       # [N, L+1, *shape] (or this rank's rows)
+    if rows is not None:
+        (traj,) = rows.gather([traj])
+    N = traj.shape[0]
     ra1 = trajectory_metrics(traj)
     pca, explained = trajectory_pca(traj)
     del traj
@@ -758,23 +837,17 @@ def _stage(stage_no: int, ops: list[ResidualJacobian], indices: list[int], last_
     rel_max = torch.empty(L, dtype=torch.float64, device=host)
     abs_max = torch.empty(L, dtype=torch.float64, device=host)
     for i, J in enumerate(ops):
-        with warnings.catch_warnings():   # one warning for the whole analysis instead (residual_alignment)
-            warnings.filterwarnings("ignore", message="randomized_svd: power_iters='auto' stopped",
-                                    category=RuntimeWarning)
-            svd = randomized_svd(J, k, oversample=oversample, power_iters=power_iters, seed=seed + offset + i,
-                                 tol=tol, max_iters=max_iters)
-        S = svd.S.double().cpu()
+        S, selfr, converged, rel_bound, err_bound, A, its = _block_svd(
+            i, J, ops, k, oversample, power_iters, seed + offset + i, tol, max_iters, rows)
         S_all[i] = S
-        self_r[i] = (svd.U.double() * svd.V.double()).sum(-2).abs().cpu()
-        iters.append(int(svd.iterations))
-        conv[i] = svd.converged.double().mean()
+        self_r[i] = selfr
+        iters.append(its)
+        conv[i] = converged.double().mean()
         s1 = S[..., :1]
         resolved = S > tau * s1
-        rel = torch.where(resolved, svd.rel_error_bound, torch.zeros_like(svd.rel_error_bound))
+        rel = torch.where(resolved, rel_bound, torch.zeros_like(rel_bound))
         rel_max[i] = float(rel.max()) if bool(resolved.any()) else math.nan
-        abs_max[i] = float((svd.error_bound / s1).max()) if bool((s1 > 0).all()) else math.nan
-        A = _cross_row(svd.U, svd.V, ops).cpu()                           # [L, N, k, k]
-        del svd
+        abs_max[i] = float((err_bound / s1).max()) if bool((s1 > 0).all()) else math.nan
         dr[i] = diag_ratio(A)
         # only the resolved triplets of block i (s_r > tau s_1, as for the rank): a rounding-level
         # singular pair has arbitrary vectors, and the sign of u_r^T J_j v_r would be noise
@@ -915,12 +988,20 @@ def residual_alignment(
             ``y``) and computes the Jacobian products of its contiguous block of samples
             (:func:`resgeom_fast.core.distributed.shard_sizes`); ``"sharded"`` every rank passes
             its own samples (possibly none: x [0, ...]; the global order is rank 0's samples,
-            then rank 1's, ...). Each product of the randomized SVD and of the cross alignment is
-            computed on each rank's samples and gathered to EVERY rank by one all_reduce (zeros
-            outside a rank's rows: exact); the block inputs / outputs and labels are gathered
-            once. Every rank then runs the same SVD iterations and computes the metrics, equal
-            to the single-process result. A collective: every rank calls it with the same
-            model and arguments.
+            then rank 1's, ...). With fixed ``power_iters`` (an int) every sample's SVD is
+            independent of the others (one shared sketch), so each rank runs the randomized SVDs
+            and the cross products of its OWN samples only (it holds its samples' block inputs
+            and SVD blocks [n, D, k + p]); the per-sample results (singular values, bounds, the
+            cross rows [L, n, k, k]), the stage's trajectories and the labels are gathered to
+            every rank for the metrics (one all_reduce each). With the adaptive default
+            (``power_iters=None``) the iterations stop when EVERY sample has converged, a decision
+            randomized_svd takes on its whole batch: each product of the randomized SVD and of
+            the cross alignment is then computed on each rank's samples and gathered to EVERY
+            rank by one all_reduce (zeros outside a rank's rows: exact), the block inputs /
+            outputs are gathered once, and every rank runs the same SVD iterations on all N
+            samples. Either way every rank computes the metrics, equal to the single-process
+            result. A collective: every rank calls it with the same model (its parameters are
+            compared with rank 0's: DivergentRanksError on every rank) and arguments.
 
     Returns:
         an :class:`AlignmentResult` (float64 CPU tensors), one :class:`StageAlignment` per stage.
@@ -984,6 +1065,10 @@ def residual_alignment(
         raise ValueError(f"{where}: expected y class labels in [0, {C}) (num_classes C = {C} from the {c_source}), "
                          f"got max {int(labels.max())}")
 
+    # fixed power iterations: every sample's SVD is independent of the others (shared sketch), so
+    # each rank keeps its own samples; "auto" stops when EVERY sample converged (a global decision
+    # randomized_svd takes inside), so its products are gathered and the SVD runs on all N
+    sample_local = mode is not None and power_iters != "auto"
     jac_kwargs: dict[str, Any] = {"path": path, "chunk_size": chunk_size}
     if "deterministic" in inspect.signature(residual_jacobians).parameters:
         jac_kwargs["deterministic"] = deterministic
@@ -992,7 +1077,9 @@ def residual_alignment(
     else:
         x_loc, y_loc = _local_rows(where, mode, x, y)
         check_model(where, model)     # a collective: the ranks' products are combined
-        ops, last_fn, gathered_labels, N = _sample_parallel(where, model, x_loc, y_loc, blocks, jac_kwargs)
+        ops, last_fn, gathered_labels, rows = _sample_parallel(where, model, x_loc, y_loc, blocks, jac_kwargs,
+                                                               gather=not sample_local)
+        N = rows.N
         labels = gathered_labels if labels is not None else None
     all_ids = {id(b.block): i for i, b in enumerate(residual_blocks(model))}
     idx = [all_ids.get(id(J.info.block), -1) for J in ops]
@@ -1028,19 +1115,27 @@ def residual_alignment(
                   hint=f" (the block dimension D = {d_min} of stage {dims.index(d_min)} is the limit)")
 
     last_blocks = [ops[g[-1]].info for g in groups]
-    last = _last_outputs(model, x, last_blocks) if mode is None else last_fn(last_blocks)
-    for J in ops:
-        if not bool(torch.isfinite(J.h).all()):
-            raise ValueError(f"{where}: the input of block {J.info.name!r} has non-finite values (NaN or inf) at x; "
-                             "check the model (diverged training?) and the data")
-    for g, h in zip(groups, last):
-        if not bool(torch.isfinite(h).all()):
-            raise ValueError(f"{where}: the output of block {ops[g[-1]].info.name!r} has non-finite values "
-                             "(NaN or inf) at x; check the model (diverged training?) and the data")
+    local_exc: Optional[BaseException] = None
+    try:
+        last = _last_outputs(model, x, last_blocks) if mode is None else last_fn(last_blocks)
+        for J in ops:
+            if not bool(torch.isfinite(J.h).all()):
+                raise ValueError(f"{where}: the input of block {J.info.name!r} has non-finite values (NaN or inf) at "
+                                 "x; check the model (diverged training?) and the data")
+        for g, h in zip(groups, last):
+            if not bool(torch.isfinite(h).all()):
+                raise ValueError(f"{where}: the output of block {ops[g[-1]].info.name!r} has non-finite values "
+                                 "(NaN or inf) at x; check the model (diverged training?) and the data")
+    except Exception as e:
+        if not sample_local:
+            raise
+        local_exc = e
+    if sample_local:   # each rank checked its own samples: a failure on one rank raises on every rank
+        rdist.raise_together(where, local_exc)
     with _progress_bar(sum(len(g) for g in groups), where, enabled=progress, unit="blocks") as bar:
         stages = [
             _stage(s, [ops[b] for b in g], [idx[b] for b in g], last[s], k, C, oversample, power_iters, tol,
-                   max_iters, tau, seed, g[0], bar)
+                   max_iters, tau, seed, g[0], bar, rows if sample_local else None)
             for s, g in enumerate(groups)
         ]
     res = AlignmentResult(stages=stages, labels=labels, num_classes=C, k=k, oversample=oversample,

@@ -443,14 +443,19 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
     bar.set_postfix_str(f"{name}: SLQ density")
     slq = linalg.slq_density(cop, probes=probes, steps=min(steps, n), grid_size=grid_points, sigma0=sigma0,
                              num_moments=4, seed=seed, reorth=reorth, memory_limit=memory_limit, **dist_kw)
+    mem_notes: list[str] = []
     if tr.memory is not None and tr.memory.groups > 1:
-        notes.append(f"memory: the trace ran with {tr.memory.choice} ({fmt_bytes(tr.memory.bytes_needed)} planned "
+        mem_notes.append(f"memory: the trace ran with {tr.memory.choice} ({fmt_bytes(tr.memory.bytes_needed)} planned "
                      f"against {fmt_bytes(tr.memory.bytes_available or 0)}, {tr.memory.source})")
     mem = slq.memory
     if mem is not None and (mem.groups > 1 or mem.accuracy_note):
-        notes.append(f"memory: SLQ ran with {mem.choice} ({fmt_bytes(mem.bytes_needed)} planned against "
-                     f"{fmt_bytes(mem.bytes_available or 0)}, {mem.source})"
-                     + (f"; {mem.accuracy_note}" if mem.accuracy_note else ""))
+        mem_notes.append(f"memory: SLQ ran with {mem.choice} ({fmt_bytes(mem.bytes_needed)} planned against "
+                         f"{fmt_bytes(mem.bytes_available or 0)}, {mem.source})"
+                         + (f"; {mem.accuracy_note}" if mem.accuracy_note else ""))
+    if probes_mode:   # each rank planned its own share: every rank's notes, named, on every rank
+        mem_notes = [f"rank {r}: {m}" for r, ms in enumerate(rdist.all_gather_object(mem_notes, fn=_WHERE))
+                     for m in ms]
+    notes.extend(mem_notes)
     nodes, weights = slq.nodes.detach().double().cpu(), slq.weights.detach().double().cpu()
     lam_max = float(evals[-1])
     if not lam_max > 0:

@@ -14,13 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from resgeom_fast.analysis import alignment as alignment_mod
 from resgeom_fast.analysis.alignment import residual_alignment
 from resgeom_fast.analysis.collapse import collapse
 from resgeom_fast.analysis.singularities import singularities
 from resgeom_fast.analysis.spectrum import hessian_spectrum
 from resgeom_fast.core import distributed as rdist
 from resgeom_fast.linalg import DenseOperator, slq_density, trace
-from tests.distributed._cases import CE, fc_model, operator
+from tests.distributed._analysis_cases import _alignment_x, align_model, conv_model
+from tests.distributed._cases import CASES, CE, fc_model, operator
 
 #: (probes, steps) of the SLQ cases: 4 probes (3 ranks: 2, 1, 1), 2 probes (3 ranks: one without)
 SLQ_CASES = ((4, 12), (2, 9))
@@ -56,6 +58,44 @@ def _trace(out: dict[str, Any], key: str, res: Any) -> None:
     out[f"{key}/method"] = res.method
 
 
+class SVDBatches:
+    """Records the batch of every operator the alignment's randomized SVD runs on (the samples
+    a rank holds in its SVD blocks [n, D, k + p])."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.real = alignment_mod.randomized_svd
+
+    def __enter__(self) -> "SVDBatches":
+        def recording(op, *a, **kw):
+            self.sizes.append(int(op.batch_shape[0]))
+            return self.real(op, *a, **kw)
+
+        alignment_mod.randomized_svd = recording
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        alignment_mod.randomized_svd = self.real
+
+
+def compute_alignment_local(world: int, rank: int, parallel: bool) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """residual_alignment with fixed power iterations (the sample-local mode of a distributed run:
+    each rank's SVDs on its own samples) for every case of tests.distributed._analysis_cases,
+    the FC net and the conv net per stage; and the batch of every SVD (per case)."""
+    out: dict[str, Any] = {}
+    batches: dict[str, list[int]] = {}
+    for case in CASES:
+        for net, model, shape in (("fc", align_model(), (4,)), ("conv", conv_model(), (1, 6, 6))):
+            x, y, amode = _alignment_x(case, world, rank, shape, parallel)
+            with SVDBatches() as rec:
+                res = residual_alignment(model, x, k=2, y=y, per_stage=(net == "conv"), seed=3, power_iters=8,
+                                         distributed=amode)
+            out[f"{case}/{net}/alignment_local"] = res.to_dict()
+            out[f"{case}/{net}/alignment_local/accuracy"] = res.accuracy()
+            batches[f"{case}/{net}"] = rec.sizes
+    return out, batches
+
+
 def compute_probes(parallel: bool) -> dict[str, Any]:
     """Every probe-parallel quantity, in a group (``parallel``) or in one process."""
     kw: dict[str, Any] = {"distributed": "probes"} if parallel else {}
@@ -81,7 +121,7 @@ def compute_probes(parallel: bool) -> dict[str, Any]:
                             hvp="double_backward", seed=2, max_bracket=1.0, **kw)
     d = spec.to_dict()
     for f in ("eigenvalues", "residuals", "trace", "trace_stderr", "nodes", "weights", "density", "grid", "sigma",
-              "degeneracy_fraction", "negative_fraction", "lanczos_steps", "converged"):
+              "degeneracy_fraction", "negative_fraction", "lanczos_steps", "converged", "notes"):
         out[f"spectrum/{f}"] = d[f]
     out["spectrum/products"] = spec.products
     return out

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed._analysis_cases import analysis_failures, compute_analyses
-from tests.distributed._probe_cases import compute_probes, probe_failures
+from tests.distributed._probe_cases import compute_alignment_local, compute_probes, probe_failures
 from tests.distributed._cases import CASES, TIMEOUT_S, checks_of_failures, compute, killed_rank
 
 
@@ -29,7 +29,9 @@ def main(rank: int, world: int, store: str, outdir: str, task: str = "operators"
                             timeout=timedelta(seconds=TIMEOUT_S))
     if task == "probes":
         try:
-            results = {"probes": compute_probes(parallel=True), "failures": probe_failures(world, rank)}
+            local, svd_batches = compute_alignment_local(world, rank, parallel=True)
+            results = {"probes": compute_probes(parallel=True), "failures": probe_failures(world, rank),
+                       "alignment_local": local, "svd_batches": svd_batches}
             torch.save(results, Path(outdir) / f"rank{rank}.pt")
         finally:
             dist.destroy_process_group()

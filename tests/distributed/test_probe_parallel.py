@@ -18,7 +18,7 @@ from resgeom_fast.core.checks import ArgumentValueError
 from resgeom_fast.linalg import slq_density, trace
 from tests.distributed._analysis_cases import differences
 from tests.distributed._cases import spawn
-from tests.distributed._probe_cases import compute_probes
+from tests.distributed._probe_cases import compute_alignment_local, compute_probes
 
 WORLDS = (2, 3)
 TOL = 1e-10
@@ -31,6 +31,13 @@ def runs(tmp_path_factory):
     for world in WORLDS:
         out[world] = spawn(world, tmp_path_factory.mktemp(f"probes{world}"), task="probes")
     return out, compute_probes(parallel=False)
+
+
+@pytest.fixture(scope="module")
+def local_refs(runs):
+    """The single-process alignment (fixed power iterations) on each world's data, and the SVD
+    batches it ran on (all samples at once)."""
+    return {world: compute_alignment_local(world, 0, parallel=False) for world in WORLDS}
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -109,3 +116,36 @@ def test_probes_needs_a_process_group_and_a_known_mode():
         trace(A, probes=3, distributed="probes")
     with pytest.raises(ValueError, match="distributed"):
         trace(A, probes=3, distributed="split")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_alignment_sample_local_equals_single_process(runs, local_refs, world):
+    """Fixed power iterations: each rank runs the randomized SVDs of its own samples only (the SVD
+    batches are its share: contiguous blocks of x, 1 + r samples when sharded, none on an empty
+    rank) and the per-sample results are gathered for the metrics: every number equals one
+    process's to 1e-10, bitwise the same on every rank."""
+    ranks, _ = runs
+    ref, ref_batches = local_refs[world]
+    got = ranks[world]
+    for r in range(world):
+        for key, value in ref.items():
+            diff = differences(got[r]["alignment_local"][key], value, TOL, key)
+            assert not diff, f"world {world}, rank {r}: " + "; ".join(diff[:5])
+            assert differences(got[r]["alignment_local"][key], got[0]["alignment_local"][key], 0.0, key) == []
+    for key, sizes in ref_batches.items():
+        case, net = key.split("/")
+        n_all = sizes[0]
+        assert n_all >= world - 1 and len(set(sizes)) == 1
+        if case == "sharded":
+            share = [1 + q for q in range(world - 1)] + [0]
+        else:
+            share = [n_all // world + (1 if q < n_all % world else 0) for q in range(world)]
+        for r in range(world):
+            mine = got[r]["svd_batches"][key]
+            assert mine == ([share[r]] * len(sizes) if share[r] else []), (key, r, mine, share)
+    # the ground truth is non-trivial: every sample analysed, fixed iterations, positive sigma_1
+    for case in ("even", "sharded"):
+        d = ref[f"{case}/fc/alignment_local"]
+        assert d["settings"]["power_iters"] == 8 and d["settings"]["n_samples"] >= world - 1
+        assert ref[f"{case}/fc/alignment_local/accuracy"]["all_converged"]
+        assert d["summary"]["depth_product"] > 0 and d["summary"]["linearity"] > 0
