@@ -21,7 +21,7 @@ joins the torch.distributed process group (gloo on CPUs; ``cpu:gloo,cuda:nccl`` 
 visible, each process on the GPU of its LOCAL_RANK) with a collective timeout of
 ``--dist-timeout`` seconds, rank 0 alone writes the report folder, its lock and the checkpoints
 (:mod:`~resgeom_fast.experiments.runner`), every rank resumes from the steps rank 0 finds, and
-only rank 0 shows progress and prints the report's path. A rank that dies or hangs makes the
+only rank 0 shows progress and warnings and prints the report's path. A rank that dies or hangs makes the
 others exit with ``resgeom: error: ...`` naming it (code 1), within the timeout; SIGTERM (the
 launcher stopping the job) is handled like Ctrl-C. The group is destroyed at exit. docs/distributed.md.
 """
@@ -37,6 +37,7 @@ import signal
 import sys
 import tempfile
 import traceback
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -237,6 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             old_term = signal.signal(signal.SIGTERM, _on_sigterm)
             _join_group(launch, args.dist_timeout)
             joined = True
+            if launch.rank != 0:
+                # rank 0 computes the same steps (or its share of them) and warns; its results are the report's
+                warnings.simplefilter("ignore")
         progress = not args.quiet and (launch is None or launch.rank == 0)
         if args.command == "demo":
             rep = commands.demo(out=args.out, size=args.size, device=args.device, seed=args.seed,
@@ -263,6 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"resgeom: error{_who(launch)}: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as err:
+        if launch is not None:   # Ctrl-C reaches the launcher too, which then sends SIGTERM: finish the way out
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if launch is None or launch.rank == 0:
             where = f" in {out_hint}" if out_hint else ""
             what = ("stopped (SIGTERM: the launcher ended the job, e.g. another rank failed)"
@@ -295,6 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # once: a second one must not interrupt the way out
     raise _Terminated()
 
 
