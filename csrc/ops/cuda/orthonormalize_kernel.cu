@@ -12,6 +12,7 @@
 // stop, so the number of passes matches the CPU kernel problem by problem.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <ATen/ops/all.h>
 #include <ATen/ops/amax.h>
 #include <ATen/ops/amin.h>
@@ -28,6 +29,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -246,20 +248,50 @@ __global__ void solve_tiles_kernel(double* __restrict__ X, const double* __restr
   }
 }
 
-// One thread per entry (p, t, c): X = (x * f1) * f2 in float64, with the power-of-two factors of
-// column (p, c) from its largest absolute entry (the CPU kernel's scale_columns, bit for bit).
-template <typename scalar_t>
+// One thread per column (p, c): the power-of-two factors f1, f2 of the column from its largest
+// absolute entry (the CPU kernel's scale_columns), into f [b, k, 2].
+__global__ void column_factors_kernel(const double* __restrict__ colmax, int64_t bk,
+                                      double* __restrict__ f) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < bk;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    column_scale_factors(colmax[i], f + 2 * i, f + 2 * i + 1);
+}
+
+// X = (x * f1) * f2 in float64 (the CPU kernel's scale_columns, bit for bit). Problems on
+// blockIdx.y (stride gridDim.y), the n * k entries of a problem on x (grid-stride); the column of
+// entry e is e mod k by ATen's 32-bit IntDivider when n * k <= 2^31 - 1 (index_t = uint32_t),
+// else by int64 division (index_t = int64_t).
+template <typename scalar_t, typename index_t>
 __global__ void scale_columns_kernel(const scalar_t* __restrict__ x, double* __restrict__ X,
-                                     const double* __restrict__ colmax, int64_t b, int64_t n,
-                                     int64_t k) {
-  const int64_t total = b * n * k;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = idx % k, p = idx / (n * k);
-    double f1, f2;
-    column_scale_factors(colmax[p * k + c], &f1, &f2);
-    X[idx] = static_cast<double>(x[idx]) * f1 * f2;
+                                     const double* __restrict__ f, int64_t b, index_t nk,
+                                     at::cuda::detail::IntDivider<index_t> by_k) {
+  const index_t e0 = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const index_t estep = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = blockIdx.y; p < b; p += gridDim.y) {
+    const scalar_t* xp = x + p * static_cast<int64_t>(nk);
+    double* Xp = X + p * static_cast<int64_t>(nk);
+    const double* fp = f + 2 * p * static_cast<int64_t>(by_k.divisor);
+    for (index_t e = e0; e < nk; e += estep) {
+      const index_t c = by_k.mod(e);
+      Xp[e] = static_cast<double>(xp[e]) * fp[2 * c] * fp[2 * c + 1];
+    }
   }
+}
+
+template <typename scalar_t, typename index_t>
+void launch_scale_columns(const at::Tensor& xc, at::Tensor& X, const at::Tensor& f,
+                          cudaStream_t stream) {
+  const int64_t b = xc.size(0), nk = xc.size(1) * xc.size(2);
+  const int64_t grid_y = std::min<int64_t>(b, 65535);
+  const int64_t want_x = std::max<int64_t>(1, ((int64_t{1} << 16) + grid_y - 1) / grid_y);
+  // grid_x * kThreads <= 2^31 keeps the 32-bit entry stride from wrapping.
+  const int64_t grid_x =
+      std::min<int64_t>({(nk + kThreads - 1) / kThreads, want_x, (int64_t{1} << 31) / kThreads});
+  const dim3 grid(static_cast<unsigned int>(grid_x), static_cast<unsigned int>(grid_y));
+  scale_columns_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
+      xc.data_ptr<scalar_t>(), X.data_ptr<double>(), f.data_ptr<double>(), b,
+      static_cast<index_t>(nk), at::cuda::detail::IntDivider<index_t>(static_cast<index_t>(xc.size(2))));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 int read_counter(const int* dev, cudaStream_t stream) {
@@ -293,11 +325,17 @@ at::Tensor orthonormalize_cuda(const at::Tensor& x) {
   auto X = at::empty({b, n, k}, xc.options().dtype(at::kDouble));
   {
     cudaStream_t s0 = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "orthonormalize_scale_columns", [&] {
-      scale_columns_kernel<scalar_t><<<grid_for(b * n * k, kThreads), kThreads, 0, s0>>>(
-          xc.data_ptr<scalar_t>(), X.data_ptr<double>(), colmax.data_ptr<double>(), b, n, k);
-    });
+    auto factors = at::empty({b, k, 2}, X.options());
+    column_factors_kernel<<<grid_for(b * k, kThreads), kThreads, 0, s0>>>(
+        colmax.data_ptr<double>(), b * k, factors.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "orthonormalize_scale_columns", [&] {
+      if (n * k <= std::numeric_limits<int32_t>::max()) {
+        launch_scale_columns<scalar_t, uint32_t>(xc, X, factors, s0);
+      } else {
+        launch_scale_columns<scalar_t, int64_t>(xc, X, factors, s0);
+      }
+    });
   }
   auto iopt = xc.options().dtype(at::kInt);
   auto bopt = xc.options().dtype(at::kByte);
