@@ -115,9 +115,10 @@ def test_cuda_paths(b, m):
         assert torch.equal(ng.cpu(), nc) and torch.equal(wg.cpu(), wc)
     torch.testing.assert_close(ng.cpu(), nc, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(wg.cpu(), wc, rtol=1e-10, atol=1e-12)
-    rn, rw = ref.tridiag_eigh(d, e)
-    torch.testing.assert_close(ng.cpu(), rn, **tol(torch.float64))
-    torch.testing.assert_close(wg.cpu(), rw, **tol(torch.float64))
+    if m <= 100:  # dense eigh of 33 matrices of 2049^2 would take a minute on the host
+        rn, rw = ref.tridiag_eigh(d, e)
+        torch.testing.assert_close(ng.cpu(), rn, **tol(torch.float64))
+        torch.testing.assert_close(wg.cpu(), rw, **tol(torch.float64))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
