@@ -25,15 +25,18 @@ Hessian). Timings are never asserted.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import resgeom_fast  # noqa: F401 -- loads the compiled ops
 from resgeom_fast import linalg
-from resgeom_fast.operators import hessian, residual_blocks, residual_jacobians
+from resgeom_fast.operators import ggn, hessian, residual_blocks, residual_jacobians
 
 torch.manual_seed(0)
 CE = nn.CrossEntropyLoss()
@@ -383,7 +386,482 @@ def _interleaved_slq(rounds: int = 2) -> dict:
             "threads": torch.get_num_threads(), "seconds": res}
 
 
-if __name__ == "__main__":  # python benchmarks/bench_operators.py: the interleaved SLQ comparison
+if __name__ == "__main__" and len(sys.argv) == 1:  # python benchmarks/bench_operators.py: interleaved SLQ
     import json
 
     print(json.dumps(_interleaved_slq()))
+
+
+# ================================================================================================
+# Conv rows (issue 15): CIFAR ResNet-20, torchvision resnet18, a user-written FC ResNet, and the
+# residual-Jacobian SVDs of a ResNet-20 block and resnet50's first Bottleneck at 224x224.
+#
+# One run, every method of a group timed once per round with the rounds outermost (the tests
+# are collected round by round), torch.set_num_threads(CONV_THREADS). Accuracy beside time in
+# extra_info. Sizes: RESGEOM_BENCH_CONV=full (the issue's: ResNet-20 on 128 images, resnet18 on
+# 64, SLQ 10 x 100) or "reduced" (the default: what a shared 2-core machine runs in ~30 minutes;
+# the sizes used are recorded in every row's extra_info). Run:
+#
+#     RESGEOM_BENCH_CONV=reduced python -m pytest benchmarks/bench_operators.py -k conv \
+#         --benchmark-only --benchmark-group-by=group --benchmark-json=OUT.json
+#
+# and summarise with python benchmarks/bench_operators.py --conv-table OUT.json.
+# ================================================================================================
+CONV_THREADS = int(os.environ.get("RESGEOM_BENCH_THREADS", "1"))
+CONV_SIZES = {
+    "full": {"resnet20_n": 128, "resnet18_n": 64, "fc_n": 512, "slq": (10, 100), "slq_fc": (10, 100),
+             "top5_models": ("resnet20", "resnet18", "user_fc"), "slq_models": ("resnet20", "resnet18", "user_fc"),
+             "rounds": 3, "jac_r20_n": 16, "jac_r50_n": 4},
+    "reduced": {"resnet20_n": 32, "resnet18_n": 8, "fc_n": 512, "slq": (2, 20), "slq_fc": (10, 100),
+                "top5_models": ("resnet20", "user_fc"), "slq_models": ("resnet20", "user_fc"),
+                "rounds": 2, "jac_r20_n": 16, "jac_r50_n": 4},
+    "smoke": {"resnet20_n": 4, "resnet18_n": 2, "fc_n": 64, "slq": (1, 5), "slq_fc": (1, 5),
+              "top5_models": ("resnet20", "user_fc"), "slq_models": ("resnet20", "user_fc"),
+              "rounds": 1, "jac_r20_n": 2, "jac_r50_n": 1},
+}
+CONV_MODE = os.environ.get("RESGEOM_BENCH_CONV", "reduced")
+CS = CONV_SIZES[CONV_MODE]
+ROUNDS = list(range(CS["rounds"]))
+K10 = 10
+
+
+class UserFCBlock(nn.Module):
+    """h + W2 relu(W1 h + b1) + b2, written by a user (no resgeom_fast class, no mark)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, h):
+        return h + self.fc2(F.relu(self.fc1(h)))
+
+
+class UserFCResNet(nn.Module):
+    """A user's FC ResNet: Linear(64, 128), 8 UserFCBlocks of width 128, Linear(128, 10); no BN."""
+
+    def __init__(self, width: int = 128, depth: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, width)
+        self.body = nn.Sequential(*[UserFCBlock(width) for _ in range(depth)])
+        self.out = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.out(self.body(self.inp(x)))
+
+
+def _conv_model(name: str, dtype=torch.float32):
+    """(model in eval mode, x, y): BN running statistics from three train-mode passes over x."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    if name == "user_fc":
+        m = UserFCResNet()
+        x, y = _data()
+        x, y = x[:CS["fc_n"]], y[:CS["fc_n"]]
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)   # a few steps: not the Hessian at initialisation
+        for _ in range(30):
+            opt.zero_grad()
+            CE(m(x), y).backward()
+            opt.step()
+        return m.eval().to(dtype), x.to(dtype), y
+    if name == "resnet20":
+        from resgeom_fast.models.resnet import StagedResNet
+
+        m = StagedResNet("basic", (3, 3, 3), 10, base_width=16, seed=0)
+        n = CS["resnet20_n"]
+    elif name == "resnet18":
+        import torchvision  # optional benchmark dependency
+
+        m = torchvision.models.resnet18(num_classes=10)
+        n = CS["resnet18_n"]
+    else:
+        raise ValueError(name)
+    # CIFAR-sized synthetic images (no data set download on the benchmark machine), random labels
+    x = torch.randn(n, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(x)
+    return m.eval().to(dtype), x.to(dtype), y
+
+
+_CONV_CACHE: dict = {}
+
+
+def _cached(key, make):
+    if key not in _CONV_CACHE:
+        _CONV_CACHE[key] = make()
+    return _CONV_CACHE[key]
+
+
+def _P(m) -> int:
+    return sum(p.numel() for p in _params(m))
+
+
+def _probe(m, k: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(_P(m), k, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+
+
+def _ref_products(name: str, kind: str):
+    """float64 torch.func reference of 10 Hessian ("hvp") or GGN ("ggn") products of the model."""
+    def make():
+        m, x, y = _conv_model(name, torch.float64)
+        names = [n for n, p in m.named_parameters() if p.requires_grad]
+        prim = tuple(p.detach() for p in _params(m))
+        V = _probe(m, K10, torch.float64)
+        vs = [v.reshape(K10, *p.shape) for v, p in zip(V.t().split([p.numel() for p in prim], 1), prim)]
+
+        def out(*q):
+            return torch.func.functional_call(m, dict(zip(names, q)), (x,))
+
+        cols = []
+        for j in range(K10):
+            t = tuple(v[j] for v in vs)
+            if kind == "hvp":
+                g = torch.func.grad(lambda *q: CE(out(*q), y), argnums=tuple(range(len(prim))))
+                r = torch.func.jvp(g, prim, t)[1]
+            else:
+                o, jv = torch.func.jvp(out, prim, t)
+                p = o.softmax(-1)
+                hjv = (p * jv - p * (p * jv).sum(-1, keepdim=True)) / o.shape[0]   # CE's Hessian in the logits
+                r = torch.func.vjp(out, *prim)[1](hjv)
+            cols.append(torch.cat([c.reshape(-1) for c in r]))
+        return torch.stack(cols, 1)
+    return _cached(("ref", name, kind), make)
+
+
+def _rel_err(got, ref) -> float:
+    got = torch.as_tensor(got).double().reshape(ref.shape)
+    return float((got - ref).norm() / ref.norm())
+
+
+def _conv_info(benchmark, name, impl, **kw):
+    m, x, _ = _cached(("model", name), lambda: _conv_model(name))
+    _info(benchmark, impl=impl, model=name, n_images=int(x.shape[0]), P=_P(m), sizes=CONV_MODE,
+          threads=torch.get_num_threads(), **kw)
+
+
+def _product_fn(name: str, impl: str, kind: str):
+    """(callable returning [P, 10], what ours chose) for one method of the 10-product rows."""
+    m, x, y = _cached(("model", name), lambda: _conv_model(name))
+    ps = _params(m)
+    V = _probe(m, K10)
+    if impl == "ours_auto":
+        op = (hessian if kind == "hvp" else ggn)(m, CE, (x, y))
+        return (lambda: op.matmat(V)), op
+    if impl == "pyhessian":
+        from pyhessian import hessian as PH
+        from pyhessian.utils import hessian_vector_product
+
+        m.zero_grad(set_to_none=True)   # PyHessian sums into p.grad
+        ph = PH(m, CE, data=(x, y), cuda=False)
+        cols = [[c.reshape(p.shape) for c, p in zip(V[:, j].split([q.numel() for q in ps]), ps)] for j in range(K10)]
+
+        def run():
+            out = [hessian_vector_product(ph.gradsH, ph.params, c) for c in cols]
+            return torch.stack([torch.cat([t.reshape(-1) for t in o]) for o in out], 1)
+        return run, None
+    if impl == "curvlinops":
+        from curvlinops import GGNLinearOperator, HessianLinearOperator
+
+        cls = HessianLinearOperator if kind == "hvp" else GGNLinearOperator
+        op = cls(m, CE, ps, [(x, y)], check_deterministic=False)
+        return (lambda: op @ V), None
+    if impl == "hessian_eigenthings":
+        import hessian_eigenthings as he
+
+        op = he.HessianOperator(m, [(x, y)], he.supervised_loss(CE))
+        return (lambda: torch.stack([torch.as_tensor(op.matvec(V[:, j])) for j in range(K10)], 1)), None
+    raise ValueError(impl)
+
+
+def _choice(op) -> dict:
+    if op is None:
+        return {}
+    return {"ours_choice": op.hvp_choice(K10), "ours_method": op.hvp_method,
+            "ours_timings": {c: [round(t, 4) for t in ts] for c, ts in op.hvp_timings.get(K10, {}).items()}}
+
+
+CONV_MODELS = ["resnet20", "resnet18", "user_fc"]
+IMPLS_K10 = ["ours_auto", "pyhessian", "curvlinops", "hessian_eigenthings"]
+
+
+@pytest.mark.parametrize("impl", IMPLS_K10)
+@pytest.mark.parametrize("name", CONV_MODELS)
+@pytest.mark.parametrize("rnd", ROUNDS)
+def test_conv_hvp_k10(benchmark, rnd, name, impl):
+    torch.set_num_threads(CONV_THREADS)
+    benchmark.group = f"conv_{name}_hvp_k10"
+    try:
+        fn, op = _cached(("hvp", name, impl), lambda: _product_fn(name, impl, "hvp"))
+    except ImportError as exc:
+        pytest.skip(f"{impl} not installed: {exc}")
+    if rnd == 0:
+        fn()   # warm-up; "auto" measures its candidates here
+    out = benchmark.pedantic(fn, rounds=1, iterations=1)
+    _conv_info(benchmark, name, impl, round=rnd, rel_error=_rel_err(out, _ref_products(name, "hvp")), **_choice(op))
+
+
+@pytest.mark.parametrize("impl", ["ours_auto", "curvlinops"])
+@pytest.mark.parametrize("name", CONV_MODELS)
+@pytest.mark.parametrize("rnd", ROUNDS)
+def test_conv_ggn_k10(benchmark, rnd, name, impl):
+    torch.set_num_threads(CONV_THREADS)
+    benchmark.group = f"conv_{name}_ggn_k10"
+    try:
+        fn, op = _cached(("ggn", name, impl), lambda: _product_fn(name, impl, "ggn"))
+    except ImportError as exc:
+        pytest.skip(f"{impl} not installed: {exc}")
+    if rnd == 0:
+        fn()
+    out = benchmark.pedantic(fn, rounds=1, iterations=1)
+    _conv_info(benchmark, name, impl, round=rnd, rel_error=_rel_err(out, _ref_products(name, "ggn")), **_choice(op))
+
+
+def _ref_top5(name: str) -> torch.Tensor:
+    """Reference top-5: float64 Lanczos to tol 1e-8 (FC) / float32 to 1e-6 (conv nets: a float64
+    run of several hundred products does not fit this session)."""
+    def make():
+        dtype = torch.float64 if name == "user_fc" else torch.float32
+        m, x, y = _conv_model(name, dtype)
+        tol = 1e-8 if dtype == torch.float64 else 1e-6
+        return linalg.eigsh(hessian(m, CE, (x, y)), k=5, which="LA", tol=tol, max_steps=300,
+                            seed=321).eigenvalues.double().sort(descending=True).values
+    return _cached(("ref_top5", name), make)
+
+
+@pytest.mark.parametrize("impl", ["ours_auto", "pyhessian", "curvlinops_scipy", "hessian_eigenthings"])
+@pytest.mark.parametrize("name", list(CS["top5_models"]))
+@pytest.mark.parametrize("rnd", ROUNDS[:1])
+def test_conv_top5(benchmark, rnd, name, impl):
+    torch.set_num_threads(CONV_THREADS)
+    benchmark.group = f"conv_{name}_top5"
+    m, x, y = _cached(("model", name), lambda: _conv_model(name))
+    ps = _params(m)
+    chosen: dict = {}
+    if impl == "ours_auto":
+        def run():
+            H = hessian(m, CE, (x, y))
+            ev = linalg.eigsh(H, k=5, which="LA", tol=1e-4, seed=0).eigenvalues
+            chosen.update(_choice(H))
+            return ev
+    elif impl == "pyhessian":
+        from pyhessian import hessian as PH
+
+        def run():
+            m.zero_grad(set_to_none=True)
+            ev, _ = PH(m, CE, data=(x, y), cuda=False).eigenvalues(maxIter=100, tol=1e-4, top_n=5)
+            return torch.tensor(ev)
+    elif impl == "curvlinops_scipy":
+        from curvlinops import HessianLinearOperator
+        from scipy.sparse.linalg import eigsh as sp_eigsh
+
+        def run():
+            H = HessianLinearOperator(m, CE, ps, [(x, y)], check_deterministic=False).to_scipy()
+            return torch.tensor(sp_eigsh(H, k=5, which="LA", tol=1e-4, return_eigenvectors=False))
+    else:
+        import hessian_eigenthings as he
+
+        def run():
+            H = he.HessianOperator(m, [(x, y)], he.supervised_loss(CE))
+            return torch.as_tensor(he.lanczos(H, k=5, which="LA", tol=1e-4, seed=0).eigenvalues)
+    ev = benchmark.pedantic(run, rounds=1, iterations=1)
+    got = torch.as_tensor(ev).double().sort(descending=True).values
+    ref = _ref_top5(name)
+    _conv_info(benchmark, name, impl, round=rnd, eigenvalues=got.tolist(), reference=ref.tolist(),
+               max_rel_error=float(((got - ref).abs() / ref.abs()).max()), **chosen)
+
+
+@pytest.mark.parametrize("impl", ["ours_auto", "pyhessian", "curvlinops", "hessian_eigenthings"])
+@pytest.mark.parametrize("name", list(CS["slq_models"]))
+@pytest.mark.parametrize("rnd", ROUNDS[:1])
+def test_conv_slq(benchmark, rnd, name, impl):
+    torch.set_num_threads(CONV_THREADS)
+    benchmark.group = f"conv_{name}_slq"
+    m, x, y = _cached(("model", name), lambda: _conv_model(name))
+    ps = _params(m)
+    probes, steps = CS["slq_fc"] if name == "user_fc" else CS["slq"]
+    chosen: dict = {}
+    if impl == "ours_auto":
+        def run():
+            H = hessian(m, CE, (x, y))
+            r = linalg.slq_density(H, probes=probes, steps=steps, seed=0)
+            chosen.update(_choice(H))
+            return r.nodes, r.weights
+    elif impl == "pyhessian":
+        from pyhessian import hessian as PH
+
+        _patch_pyhessian_eig()
+
+        def run():
+            m.zero_grad(set_to_none=True)
+            ev, w = PH(m, CE, data=(x, y), cuda=False).density(iter=steps, n_v=probes)
+            return torch.tensor(ev), torch.tensor(w)
+    elif impl == "curvlinops":
+        from curvlinops import HessianLinearOperator
+        from curvlinops.papyan2020traces.spectrum import fast_lanczos
+
+        def run():
+            H = HessianLinearOperator(m, CE, ps, [(x, y)], check_deterministic=False)
+            nodes, weights = [], []
+            for _ in range(probes):
+                ev, evecs = fast_lanczos(H, steps)
+                nodes.append(torch.as_tensor(ev))
+                weights.append(torch.as_tensor(evecs)[0] ** 2)
+            return torch.stack(nodes), torch.stack(weights)
+    else:
+        import hessian_eigenthings as he
+
+        def run():
+            H = he.HessianOperator(m, [(x, y)], he.supervised_loss(CE))
+            r = he.spectral_density(H, num_runs=probes, lanczos_steps=steps, num_grid_points=1000, seed=0)
+            return r.raw_eigenvalues, r.raw_weights
+    nodes, weights = benchmark.pedantic(run, rounds=1, iterations=1)
+    nodes, weights = torch.as_tensor(nodes).double(), torch.as_tensor(weights).double()
+    lam_max = float(nodes.max())
+    ref = float(_ref_top5(name)[0])
+    _conv_info(benchmark, name, impl, round=rnd, probes=probes, steps=steps, lambda_max=lam_max,
+               lambda_max_reference=ref, lambda_max_rel_error=abs(lam_max - ref) / abs(ref), **chosen)
+
+
+# -- residual-Jacobian top-10 SVDs of conv blocks ------------------------------------------------
+def _jac_case(case: str):
+    """(model, x, block index) of a Jacobian row: a ResNet-20 block (stage 1, 16 channels at 32x32)
+    or resnet50's first Bottleneck at 224x224 (torchvision, random weights, BN eval)."""
+    def make():
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
+        if case == "resnet20_block":
+            from resgeom_fast.models.resnet import StagedResNet
+
+            m = StagedResNet("basic", (3, 3, 3), 10, base_width=16, seed=0).eval()
+            x = torch.randn(CS["jac_r20_n"], 3, 32, 32, generator=gen)
+            return m, x, 1
+        import torchvision  # optional benchmark dependency
+
+        m = torchvision.models.resnet50().eval()
+        x = torch.randn(CS["jac_r50_n"], 3, 224, 224, generator=gen)
+        return m, x, 0
+    return _cached(("jac", case), make)
+
+
+def _textbook_rsvd(branch: nn.Module, h: torch.Tensor, k: int = 10, l: int = 20, q: int = 2, seed: int = 0):
+    """Plain torch.func (vmap of jvp / vjp over one sample's probe block) and a textbook
+    randomized SVD (Halko et al.: Gaussian Omega, q power iterations with torch.linalg.qr, SVD of
+    B = Q^T A), one sample at a time, the same l and q as ours. Returns S [N, k], U [N, m, k],
+    V [N, n, k]."""
+    N, s_in = h.shape[0], tuple(h.shape[1:])
+    n = math.prod(s_in)
+    omega = torch.randn(n, l, generator=torch.Generator().manual_seed(seed))
+    Ss, Us, Vs = [], [], []
+    for b in range(N):
+        hb = h[b:b + 1]
+        out_b, pull = torch.func.vjp(branch, hb)
+        s_out = tuple(out_b.shape)
+
+        def A(X):   # [n, c] -> [m, c]
+            return torch.func.vmap(lambda v: torch.func.jvp(branch, (hb,), (v.reshape(1, *s_in),))[1].reshape(-1),
+                                   in_dims=1, out_dims=1)(X)
+
+        def At(Y):  # [m, c] -> [n, c]
+            return torch.func.vmap(lambda u: pull(u.reshape(s_out))[0].reshape(-1), in_dims=1, out_dims=1)(Y)
+        Q = torch.linalg.qr(A(omega)).Q
+        for _ in range(q):
+            Z = torch.linalg.qr(At(Q)).Q
+            Q = torch.linalg.qr(A(Z)).Q
+        Bt = At(Q)                                   # B^T = A^T Q  [n, l]
+        P, S, Wh = torch.linalg.svd(Bt, full_matrices=False)
+        Ss.append(S[:k])
+        Us.append((Q @ Wh.t())[:, :k])
+        Vs.append(P[:, :k])
+    return torch.stack(Ss), torch.stack(Us), torch.stack(Vs)
+
+
+def _residual_rel_bound(op, S, U, V) -> float:
+    """max_i r_i / (sqrt(2) s_i), r_i = sqrt(||A v_i - s_i u_i||^2 + ||A^T u_i - s_i v_i||^2),
+    the a-posteriori bound of linalg.randomized_svd, computed the same way for every method."""
+    S, U, V = S.float(), U.float().contiguous(), V.float().contiguous()
+    r1 = (op.matmat(V) - U * S.unsqueeze(1)).double().norm(dim=1)
+    r2 = (op.rmatmat(U) - V * S.unsqueeze(1)).double().norm(dim=1)
+    return float(((r1.square() + r2.square()).sqrt() / math.sqrt(2) / S.double()).max())
+
+
+@pytest.mark.parametrize("impl", ["ours_auto", "torch_func_textbook_rsvd"])
+@pytest.mark.parametrize("case", ["resnet20_block", "resnet50_bottleneck1"])
+@pytest.mark.parametrize("rnd", ROUNDS)
+def test_conv_jacobian_svd(benchmark, rnd, case, impl):
+    torch.set_num_threads(CONV_THREADS)
+    benchmark.group = f"conv_jac_svd_{case}"
+    m, x, idx = _jac_case(case)
+    chosen: dict = {}
+    if impl == "ours_auto":
+        def run():
+            op = residual_jacobians(m, x, blocks=[idx])[0]
+            r = linalg.randomized_svd(op, k=10, seed=0)
+            chosen.update(path=op.path, fast_source=op.fast_source, reason=op.reason,
+                          ours_rel_error_bound=r.max_rel_error_bound)
+            return r.S, r.U, r.V
+    else:
+        def run():
+            op = residual_jacobians(m, x, blocks=[idx], path="generic")[0]   # only to capture h
+            with _EvalMode(op.info.branch):
+                return _textbook_rsvd(op.info.branch, op.h)
+    S, U, V = benchmark.pedantic(run, rounds=1, iterations=1)
+    fast = _cached(("jac_op", case), lambda: residual_jacobians(m, x, blocks=[idx])[0])
+    ref = _cached(("jac_ref", case), lambda: linalg.randomized_svd(fast, k=10, power_iters=8, seed=99).S.double())
+    _conv_info_jac(benchmark, case, impl, round=rnd, samples=int(x.shape[0]), shape=list(fast.shape),
+                   rel_error_vs_reference=float(((S.double() - ref).abs() / ref).max()),
+                   residual_rel_bound=_residual_rel_bound(fast, S, U, V), **chosen)
+
+
+def _conv_info_jac(benchmark, case, impl, **kw):
+    _info(benchmark, impl=impl, model=case, sizes=CONV_MODE, threads=torch.get_num_threads(),
+          reference="ours, power_iters=8, another sketch (seed 99)", **kw)
+
+
+class _EvalMode:
+    """Eval mode for the branch while the textbook method runs (as ours does), restored after."""
+
+    def __init__(self, m: nn.Module) -> None:
+        self.m, self.modes = m, [(x, x.training) for x in m.modules()]
+
+    def __enter__(self):
+        self.m.eval()
+
+    def __exit__(self, *exc):
+        for x, t in self.modes:
+            x.training = t
+
+
+def conv_table(path: str) -> str:
+    """Markdown table of a conv run's JSON: per group and method the median time over rounds, the
+    ratio to ours, the accuracy, and what ours chose."""
+    import json
+    import statistics
+
+    data = json.load(open(path))
+    rows: dict = {}
+    for b in data["benchmarks"]:
+        if not b["group"] or not b["group"].startswith("conv_"):
+            continue
+        e = b["extra_info"]
+        rows.setdefault(b["group"], {}).setdefault(e["impl"], []).append((b["stats"]["min"], e))
+    lines = ["| group | method | time (s, median of rounds) | rounds | ours faster by | accuracy | ours chose |",
+             "|---|---|---|---|---|---|---|"]
+    for g, impls in rows.items():
+        ours = statistics.median(t for t, _ in impls.get("ours_auto", [(math.nan, {})]))
+        for impl, recs in impls.items():
+            t = statistics.median(r[0] for r in recs)
+            e = recs[-1][1]
+            acc = {k: v for k, v in e.items() if k in ("rel_error", "max_rel_error", "lambda_max_rel_error",
+                                                        "rel_error_vs_reference", "residual_rel_bound")}
+            acc_s = ", ".join(f"{k}={v:.2e}" for k, v in acc.items())
+            ch = e.get("ours_choice") or e.get("ours_method") or e.get("path") or ""
+            if e.get("fast_source"):
+                ch += f" ({e['fast_source']})"
+            lines.append(f"| {g} | {impl} | {t:.3f} | {len(recs)} | {t / ours:.2f}x | {acc_s} | {ch} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--conv-table":
+    print(conv_table(sys.argv[2]))
