@@ -1,0 +1,338 @@
+"""The structured Hessian / GGN products over a traced graph (conv ResNets, users' own models)
+against the double backward and dense float64 Hessians, and every refusal with its reason."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resgeom_fast.models import ConvResNet, StagedResNet
+from resgeom_fast.operators import ggn, hessian
+from resgeom_fast.operators._graph import trace_graph
+from tests.operators._operator_nets import ConvNet, dense_hessian, randomise_bn, rel
+
+CE = nn.CrossEntropyLoss()
+MSE = nn.MSELoss()
+torchvision = pytest.importorskip("torchvision")
+from torchvision.models.resnet import BasicBlock, Bottleneck  # noqa: E402
+
+
+def _down(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class TVNet(nn.Module):
+    """torchvision's BasicBlock and Bottleneck, both downsampling, between a resnet stem
+    (conv 3x3, BN, ReLU, max pool 3x3 stride 2) and a global-pool linear head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(2, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = BasicBlock(4, 6, stride=2, downsample=_down(4, 6, 2))
+        self.layer2 = Bottleneck(6, 2, stride=2, downsample=_down(6, 8, 2))     # 2 * expansion 4 = 8
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8, 3)
+        randomise_bn(self, torch.Generator().manual_seed(seed + 1))
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class UserFC(nn.Module):
+    """A user's FC ResNet h + W2 relu(W1 h + b1) + b2 (no stem / blocks names)."""
+
+    def __init__(self, d: int = 5, width: int = 6, depth: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.inp = nn.Linear(d, width)
+        self.w1 = nn.ModuleList([nn.Linear(width, width) for _ in range(depth)])
+        self.w2 = nn.ModuleList([nn.Linear(width, width) for _ in range(depth)])
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for a, b in zip(self.w1, self.w2):
+            h = h + b(F.relu(a(h)))
+        return self.out(h)
+
+
+class Functional(nn.Module):
+    """Functional spellings: F.relu / torch.relu / Tensor.relu, ``out += identity``, scalar
+    multiples and divisions, standalone BatchNorm (pre-activation, after an add), a dilated
+    stride-2 conv with padding='same' elsewhere, average pooling, dropout (eval), view with
+    x.size(0), a conv without bias followed by an affine-free BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.c0 = nn.Conv2d(2, 4, 3, padding="same", dilation=2)
+        self.bn_pre = nn.BatchNorm2d(4)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4, affine=False)
+        self.c2 = nn.Conv2d(4, 5, 3, stride=2, padding=1, dilation=1)
+        self.skip = nn.Conv2d(4, 5, 1, stride=2)
+        self.pool = nn.AvgPool2d(2, count_include_pad=False, ceil_mode=True)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(5 * 2 * 2, 3)
+        randomise_bn(self, torch.Generator().manual_seed(14))
+
+    def forward(self, x):
+        h = torch.relu(self.c0(x))
+        identity = h
+        out = self.c1(F.relu(self.bn_pre(h)))
+        out = self.bn1(out)
+        out += identity
+        out = 0.5 * out.relu()
+        out = self.c2(out) + self.skip(out) / 2.0
+        out = self.pool(F.relu(out))
+        out = self.drop(out)
+        return self.fc(out.view(out.size(0), -1))
+
+
+def _convres():
+    m = ConvResNet(2, 4, 2, 3, seed=0).double().eval()
+    randomise_bn(m, torch.Generator().manual_seed(2))
+    return m
+
+
+def _staged():
+    m = StagedResNet("bottleneck", (1, 1), 3, in_channels=2, base_width=2, seed=0).double().eval()
+    randomise_bn(m, torch.Generator().manual_seed(2))
+    return m
+
+
+MODELS = {
+    "torchvision_blocks": (lambda: TVNet().double().eval(), (2, 8, 8)),
+    "convresnet": (_convres, (2, 6, 6)),
+    "stagedresnet": (_staged, (2, 6, 6)),
+    "user_fc": (lambda: UserFC().double(), (5,)),
+    "functional": (lambda: Functional().double().eval(), (2, 7, 7)),
+    "duck_conv": (lambda: ConvNet().double().eval(), (1, 6, 6)),
+}
+
+
+def _batch(shape, n=5, classes=3, mse=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    y = (torch.randn(n, classes, generator=g, dtype=torch.float64) if mse
+         else torch.randint(0, classes, (n,), generator=g))
+    return x, y
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("case", list(MODELS))
+def test_hessian_equals_double_backward(case, loss):
+    build, shape = MODELS[case]
+    model = build()
+    x, y = _batch(shape, mse=loss == "mse")
+    loss_fn = MSE if loss == "mse" else CE
+    H = hessian(model, loss_fn, (x, y), hvp="structured")
+    ref = hessian(model, loss_fn, (x, y), hvp="double_backward")
+    assert H.structured_off is None and H.hvp_method == "structured"
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for k in (1, 5):
+        assert rel(H.matmat(V[:, :k]), ref.matmat(V[:, :k])) < 1e-10
+    assert H.verification[5]["structured"] < 1e-10
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("case", list(MODELS))
+def test_ggn_equals_double_backward(case, loss):
+    build, shape = MODELS[case]
+    model = build()
+    x, y = _batch(shape, mse=loss == "mse")
+    loss_fn = MSE if loss == "mse" else CE
+    G = ggn(model, loss_fn, (x, y), hvp="structured")
+    ref = ggn(model, loss_fn, (x, y), hvp="double_backward")
+    assert G.structured_off is None
+    V = torch.randn(G.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for k in (1, 5):
+        assert rel(G.matmat(V[:, :k]), ref.matmat(V[:, :k])) < 1e-10
+
+
+@pytest.mark.parametrize("case", ["torchvision_blocks", "user_fc", "functional"])
+def test_equals_dense_hessian(case):
+    """Against the dense float64 Hessian of torch.func, a parameter subset included."""
+    build, shape = MODELS[case]
+    model = build()
+    x, y = _batch(shape)
+    dense = dense_hessian(model, CE, x, y)
+    H = hessian(model, CE, (x, y), hvp="structured")
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert rel(H.matmat(V), dense @ V) < 1e-10
+    names = [n for n, _ in model.named_parameters()]
+    sub = names[1::2]
+    Hs = hessian(model, CE, (x, y), params=sub, hvp="structured")
+    dense_s = dense_hessian(model, CE, x, y, names=sub)
+    Vs = torch.randn(Hs.shape[0], 3, dtype=torch.float64)
+    assert rel(Hs.matmat(Vs), dense_s @ Vs) < 1e-10
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_tangent_passes_in_sample_blocks(chunk):
+    model = TVNet().double().eval()
+    x, y = _batch((2, 8, 8))
+    ref = hessian(model, CE, (x, y), hvp="double_backward")
+    H = hessian(model, CE, (x, y), hvp="structured")
+    H._engine.structured.chunk = chunk
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
+
+
+def test_dataloader_and_float32():
+    model = _convres()
+    x, y = _batch((2, 6, 6), n=8)
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    H = hessian(model, CE, batches, hvp="structured")
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    assert rel(H.matmat(V), hessian(model, CE, (x, y), hvp="double_backward").matmat(V)) < 1e-10
+    m32 = _convres().float()
+    H32 = hessian(m32, CE, (x.float(), y), hvp="structured")
+    ref = hessian(model, CE, (x, y), hvp="double_backward")
+    assert rel(H32.matmat(V.float()).double(), ref.matmat(V)) < 1e-4
+
+
+def test_torchvision_resnet18_recognised():
+    """The whole torchvision resnet18 (eval) is recognised, and its structured product equals the
+    double backward on a tiny batch."""
+    model = torchvision.models.resnet18(num_classes=3).double().eval()
+    randomise_bn(model, torch.Generator().manual_seed(0))
+    graph, why = trace_graph(model, list(model.parameters()), "eval")
+    assert graph is not None, why
+    assert sum(n.kind == "affine" and n.bn is not None for n in graph.nodes) == 20      # 20 conv+BN folded
+    x, y = _batch((3, 16, 16), n=2)
+    params = ["layer4.1.conv2.weight", "layer4.1.bn2.weight", "layer1.0.conv1.weight", "fc.weight"]
+    H = hessian(model, CE, (x, y), params=params, hvp="structured")
+    ref = hessian(model, CE, (x, y), params=params, hvp="double_backward")
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
+
+
+def test_flops_count_of_a_constructed_net():
+    """conv 3->4 (3x3, pad 1) on 5x5, ReLU, flatten, Linear 100->3: per sample and vector the conv
+    runs conv(x, M) and corr(Rg, x) (its input has no tangent), the Linear all six products."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(100, 3)).double()
+    x, y = _batch((3, 5, 5), n=4)
+    H = hessian(model, CE, (x, y), hvp="structured")
+    assert H.structured_flops(7) is None          # no product yet: the spatial sizes are not known
+    H.matmat(torch.randn(H.shape[0], 7, dtype=torch.float64))
+    conv, lin = 4 * 3 * 9 * 25, 3 * 100
+    assert H.structured_flops(7) == 2 * 4 * 7 * (2 * conv + 6 * lin)
+    G = ggn(model, CE, (x, y), hvp="structured")
+    G.matmat(torch.randn(G.shape[0], 2, dtype=torch.float64))
+    assert G.structured_flops(7) == 2 * 4 * 7 * (2 * conv + 4 * lin)
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 4, 3, groups=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+class Gelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 4, 3)
+        self.layer1 = nn.Sequential(nn.GELU())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layer1(self.c(x)), 1), 1))
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:          # data-dependent control flow: fx cannot trace it
+            x = -x
+        return self.fc(x.flatten(1))
+
+
+class InplaceReused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 2, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = self.c(x)
+        r = self.act(h)
+        return self.fc((r + h).flatten(1))     # h was overwritten by the in-place ReLU
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x):
+        o = self.fc(x.flatten(1))
+        return o, o
+
+
+class Functional_W(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 72))
+
+    def forward(self, x):
+        return F.linear(x.flatten(1), self.w)
+
+
+class NoStats(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3, track_running_stats=False)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.c(x)).flatten(1))
+
+
+@pytest.mark.parametrize("build,why", [
+    (Grouped, "node 'c' (Conv2d) has groups=2 (only groups=1 is covered)"),
+    (Gelu, "node 'layer1.0' (GELU) is not covered"),
+    (Branchy, "torch.fx could not trace the model"),
+    (InplaceReused, "node 'act' (ReLU) modifies 'c' in place, which is read again later"),
+    (TwoOutputs, "the model's output is not one tensor computed from the input"),
+    (Functional_W, "node 'w' (get_attr w) reads a chosen parameter functionally"),
+    (NoStats, "node 'bn' (BatchNorm2d) has no running statistics"),
+])
+def test_refusals_name_the_node(build, why):
+    model = build().double().eval()
+    x, y = _batch((2, 6, 6), n=3)
+    for op in (hessian, ggn):
+        with pytest.raises(ValueError, match=f"hvp='structured' does not apply: {re.escape(why)}"):
+            op(model, CE, (x, y), hvp="structured")
+    if build is not TwoOutputs:
+        H = hessian(model, CE, (x, y))
+        assert why in H.structured_off
+        if build is not InplaceReused:        # the double backward itself needs no in-place-free model
+            ref = hessian(model, CE, (x, y), hvp="double_backward")
+            V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+            assert rel(H.matmat(V), ref.matmat(V)) < 1e-12
+
+
+def test_train_batchnorm_is_refused():
+    model = TVNet().double()
+    x, y = _batch((2, 8, 8))
+    with pytest.raises(ValueError, match=re.escape("batchnorm='train' (batch statistics couple the samples)")):
+        hessian(model, CE, (x, y), batchnorm="train", hvp="structured")
