@@ -39,6 +39,7 @@ import argparse
 import copy
 import functools
 import importlib
+import importlib.metadata
 import json
 import math
 import statistics
@@ -239,6 +240,15 @@ def peer_available(name: str) -> Optional[str]:
     return None
 
 
+def peer_version(name: str) -> str:
+    """The installed distribution's version of a peer package, or "(version unknown)"."""
+    dist = {"curvlinops": "curvlinops-for-pytorch"}.get(name, name)
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
 # -- benchmarks ---------------------------------------------------------------------------------
 def bench_hvp(name: str, cfg: dict, device: torch.device, size: str) -> list[dict]:
     model = make_resnet(cfg["arch"], cfg["classes"], device)
@@ -269,8 +279,9 @@ def bench_hvp(name: str, cfg: dict, device: torch.device, size: str) -> list[dic
         try:
             fn = peer_hvp(peer, model, names, x, y, V)
             Y, t, tmin = timed(fn, device, reps)
+            how = "hessian_vector_product, one column at a time" if peer == "pyhessian" else "HessianLinearOperator @ V"
             rows.append(row(name, peer, desc, seconds=t, seconds_min=tmin, repeats=reps, accuracy=rel_diff(Y, truth),
-                            accuracy_metric=metric))
+                            accuracy_metric=metric, note=f"{peer} {peer_version(peer)}: {how}"))
         except Exception as exc:  # a peer's failure is recorded, never fatal
             rows.append(row(name, peer, desc, status="error", note=f"{exc.__class__.__name__}: {exc}"[:300]))
     return rows
