@@ -3,13 +3,18 @@
 Each function below mirrors, name for name, the host-side plan or the index arithmetic of a kernel
 in csrc/ops/cuda/ (change them together). The checks are exact integer ones: every element is
 visited exactly once, scratch buffers are large enough for every stage, shared-memory tiles fit,
-and 32-bit index arithmetic cannot wrap. The CUDA-marked tests in the op test files check the
-kernels themselves on a GPU.
+and 32-bit index arithmetic cannot wrap; and the warp-per-problem control flow of tridiag_eigh
+(ballot scan, rescan after a sweep) reproduces the CPU kernel. The CUDA-marked tests in the op
+test files check the kernels themselves on a GPU.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+
+from resgeom_fast.ops import tridiag_eigh
 
 # -- lanczos_reorth_kernel.cu: column_sums / reduce_plan / reduce_scratch ------------------------
 K_THREADS = 256
@@ -136,3 +141,79 @@ def test_masked_scale_grid_limits(slabs, cs):
     assert 1 <= grid_y <= K_MAX_GRID_Y and 1 <= grid_x <= 2**31 - 1
     assert grid_x * K_THREADS <= 2**31 and (cs - 1) + grid_x * K_THREADS < 2**32
     assert grid_y == slabs or grid_y == K_MAX_GRID_Y
+
+
+# -- tridiag_eigh_kernel.cu: warp_tql_first_row / ql_sweep (one warp per problem) --------------
+def ql_sweep(d: list, e: list, z: list, l: int, mm: int) -> None:
+    g = (d[l + 1] - d[l]) / (2.0 * e[l])
+    r = math.hypot(g, 1.0)
+    g = d[mm] - d[l] + e[l] / (g + math.copysign(r, g))
+    sn, c, p = 1.0, 1.0, 0.0
+    i = mm - 1
+    while i >= l:
+        f = sn * e[i]
+        bb = c * e[i]
+        r = math.hypot(f, g)
+        e[i + 1] = r
+        if r == 0.0:
+            d[i + 1] -= p
+            e[mm] = 0.0
+            break
+        sn, c = f / r, g / r
+        g = d[i + 1] - p
+        r = (d[i] - g) * sn + 2.0 * c * bb
+        p = sn * r
+        d[i + 1] = g + p
+        g = c * r - bb
+        f = z[i + 1]
+        z[i + 1] = sn * z[i] + c * f
+        z[i] = c * z[i] - sn * f
+        i -= 1
+    if r == 0.0 and i >= l:
+        return
+    d[l] -= p
+    e[l] = g
+    e[mm] = 0.0
+
+
+def warp_tql_first_row(d: list, e: list, z: list, m: int, max_sweeps: int = 60) -> bool:
+    for l in range(m):
+        it = 0
+        while True:
+            mm = m - 1
+            for base in range(l, m - 1, 32):  # one __ballot_sync over 32 lanes, first set bit
+                hits = [idx < m - 1 and abs(e[idx]) + (abs(d[idx]) + abs(d[idx + 1])) == abs(d[idx]) + abs(d[idx + 1])
+                        for idx in range(base, base + 32)]
+                if any(hits):
+                    mm = base + hits.index(True)
+                    break
+            if mm == l:
+                break
+            if it == max_sweeps:
+                return False
+            it += 1
+            ql_sweep(d, e, z, l, mm)
+    return True
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 33, 70])
+def test_tridiag_warp_algorithm_matches_the_cpu_kernel(m):
+    """The warp kernel's control flow (ballot scan for each sweep's end, lane 0 sweeping, the CPU
+    kernel's `continue` as a rescan) gives the CPU kernel's nodes and weights, also for problems
+    split by exact zeros."""
+    g = torch.Generator().manual_seed(m)
+    d = torch.randn(6, m, generator=g, dtype=torch.float64)
+    e = torch.rand(6, max(m - 1, 0), generator=g, dtype=torch.float64) + 0.1
+    if m > 8:
+        e[0, :5] = 0.0
+        e[1, m // 2] = 0.0
+        e[2, -1] = 1e-300
+    want_n, want_w = tridiag_eigh(d, e)
+    for p in range(6):
+        dd, ee, zz = d[p].tolist(), e[p].tolist() + [0.0], [1.0] + [0.0] * (m - 1)
+        assert warp_tql_first_row(dd, ee, zz, m)
+        order = sorted(range(m), key=lambda i: dd[i])  # the insertion sort is stable
+        torch.testing.assert_close(torch.tensor([dd[i] for i in order], dtype=torch.float64), want_n[p],
+                                   rtol=0, atol=1e-13)
+        torch.testing.assert_close(torch.tensor([zz[i] ** 2 for i in order], dtype=torch.float64), want_w[p],
+                                   rtol=0, atol=1e-13)
