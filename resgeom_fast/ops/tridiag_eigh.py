@@ -16,7 +16,9 @@ def tridiag_eigh(diag: Tensor, offdiag: Tensor) -> tuple[Tensor, Tensor]:
         ``(nodes [b, m], weights [b, m])`` in the input dtype: eigenvalues in ascending order and
         the squared first components of the unit eigenvectors (they sum to 1 per problem), i.e.
         the nodes and weights of the Gauss quadrature rule of T. Computed in float64 by implicit
-        QL. Raises RuntimeError on non-finite input.
+        QL. On CUDA, batches of at most 32 problems are solved by the CPU kernel on host copies
+        (the same numbers, bit for bit), larger ones by one warp per problem. Raises RuntimeError
+        on non-finite input.
     """
     return torch.ops.resgeom_fast.tridiag_eigh.default(diag, offdiag)
 
