@@ -279,6 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RankFailureError as err:
         if not _copied(err, launch):
             first = (str(err).strip().splitlines() or [""])[0]
+            if launch is not None and launch.rank != 0 and launch.launcher == "srun" and "could not be identified" in first:
+                first = first.replace("could not be identified", "could not be identified (without torchrun the store "
+                                      "lives on rank 0: rank 0 died or was stopped)", 1)
             where = f"; finished steps are kept in {out_hint}: run the same command again to resume" if out_hint else ""
             print(f"resgeom: error{_who(launch)}: {first}{where}", file=sys.stderr)
         return EXIT_RANK_FAILURE
