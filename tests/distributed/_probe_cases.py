@@ -119,11 +119,19 @@ def compute_probes(parallel: bool) -> dict[str, Any]:
     # hessian_spectrum with the probes split (eigsh replicated, rank 0's taken)
     spec = hessian_spectrum(fc_model(), CE, _data(), k=2, probes=3, steps=8, trace_probes=7, grid_points=20,
                             hvp="double_backward", seed=2, max_bracket=1.0, **kw)
+    fields = ("eigenvalues", "residuals", "trace", "trace_stderr", "nodes", "weights", "density", "grid", "sigma",
+              "degeneracy_fraction", "negative_fraction", "lanczos_steps", "converged", "notes")
     d = spec.to_dict()
-    for f in ("eigenvalues", "residuals", "trace", "trace_stderr", "nodes", "weights", "density", "grid", "sigma",
-              "degeneracy_fraction", "negative_fraction", "lanczos_steps", "converged", "notes"):
+    for f in fields:
         out[f"spectrum/{f}"] = d[f]
     out["spectrum/products"] = spec.products
+    # the same with data-parallel operators (each rank half of the samples; everything replicated)
+    split = hessian_spectrum(fc_model(), CE, _data(), k=2, probes=3, steps=8, trace_probes=7, grid_points=20,
+                             hvp="double_backward", seed=2, max_bracket=1.0,
+                             **({"distributed": "split"} if parallel else {}))
+    d = split.to_dict()
+    for f in fields + ("num_samples", "products"):
+        out[f"spectrum_split/{f}"] = d[f]
     return out
 
 
