@@ -2,7 +2,7 @@
 the single-process probes on its own full operator, one gather per stage) and the analyses'
 parameter check across ranks, under gloo with 2 and 3 processes.
 
-One spawn per world size (module fixture). Every rank computes
+One spawn per world size (module fixture; about 70 s on 2 shared cores: the tests are marked slow). Every rank computes
 :func:`tests.distributed._probe_cases.compute_probes` with the probes split; the test process
 computes the same single-process (the ground truth, same seeds). SLQ nodes, weights, density and
 moments and the trace estimates must agree to 1e-10 (float64) for even and uneven splits and
@@ -40,6 +40,7 @@ def local_refs(runs):
     return {world: compute_alignment_local(world, 0, parallel=False) for world in WORLDS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_equals_single_process(runs, world):
     ranks, ref = runs
@@ -60,6 +61,7 @@ def test_equals_single_process(runs, world):
     assert ref["hessian/hutchinson2/method"] == "hutchinson"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_every_rank_holds_the_same_result(runs, world):
     ranks, _ = runs
@@ -71,6 +73,7 @@ def test_every_rank_holds_the_same_result(runs, world):
         assert torch.equal(got[r]["failures"]["seed_none/trace"], got[0]["failures"]["seed_none/trace"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_products_count_every_rank(runs, world):
     """hessian_spectrum's products with the probes split: all ranks' products (eigsh on every
@@ -81,6 +84,7 @@ def test_products_count_every_rank(runs, world):
     assert all(ranks[world][r]["probes"]["spectrum/products"] == got for r in range(world))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_failures_raise_on_every_rank(runs, world):
     ranks, ref = runs
@@ -118,6 +122,7 @@ def test_probes_needs_a_process_group_and_a_known_mode():
         trace(A, probes=3, distributed="split")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_alignment_sample_local_equals_single_process(runs, local_refs, world):
     """Fixed power iterations: each rank runs the randomized SVDs of its own samples only (the SVD
