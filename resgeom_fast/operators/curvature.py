@@ -588,7 +588,11 @@ class HessianOperator(CurvatureOperator):
         layers, why = parse_structured(model, params, loss_fn, batchnorm)
         if layers is not None:
             return StructuredHVP(layers, params, loss=structured_loss(loss_fn) or "ce"), ""
-        return cls._graph_engine("hessian", model, params, loss_fn, batchnorm)
+        engine, why_graph = cls._graph_engine("hessian", model, params, loss_fn, batchnorm)
+        if engine is None and why != why_graph and not why.startswith("the model has no "):
+            # a stem/blocks/pool/head network the FC engine refused: both reasons
+            why_graph = f"{why}; the traced graph: {why_graph}"
+        return engine, why_graph
 
     batch_graph = staticmethod(hessian_graph)
     graph_product = staticmethod(hessian_graph_product)
