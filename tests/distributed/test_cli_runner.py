@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from resgeom_fast.experiments.config import UsageError
 from resgeom_fast.experiments.runner import Runner
+from resgeom_fast.experiments.studies._shared import share_weights
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -76,6 +77,13 @@ def _worker(rank: int, world: int, store: str, workdir: str) -> None:
         with Runner(os.path.join(workdir, f"own{rank}"), {"a": rank}, study="t", log=None,
                     distributed=False) as run:
             seen["own"] = [run.distributed, run.step("s", compute("own", rank))]
+            seen["share_alone"] = share_weights(run, torch.nn.Linear(2, 2), "alone", {"r": rank})
+        with Runner(folder, {"a": 1}, study="t", log=None) as run:
+            torch.manual_seed(rank)      # every rank its own weights and buffers
+            net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+            net[1].running_mean.normal_()
+            extra = share_weights(run, net, "share", {"from": rank})
+            seen["shared"] = [extra, [v.double().sum().item() for v in net.state_dict().values()]]
         seen["calls"] = calls
         with open(os.path.join(workdir, f"rank{rank}.json"), "w") as fh:
             json.dump(seen, fh)
@@ -155,6 +163,17 @@ def test_distributed_false_works_alone(ranks):
     for r, s in enumerate(seen):
         assert s["own"] == [False, r]
         assert (workdir / f"own{r}" / "steps" / "s.json").is_file()
+        assert s["share_alone"] == {"r": r}
+
+
+def test_share_weights_gives_every_rank_rank0s(ranks):
+    _, seen = ranks
+    assert seen[0]["shared"] == seen[1]["shared"]          # bitwise the same parameters and buffers
+    assert seen[1]["shared"][0] == {"from": 0}
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    net[1].running_mean.normal_()
+    assert seen[0]["shared"][1] == [v.double().sum().item() for v in net.state_dict().values()]
 
 
 if __name__ == "__main__":

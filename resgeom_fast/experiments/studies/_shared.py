@@ -36,8 +36,7 @@ from ..runner import Runner
 
 __all__ = ["ALIGN_OPTIONS", "ARCHS", "ARCH_CHOICES", "DETERMINISTIC_OPTION", "HESSIAN_OPTIONS", "SEED_MAX",
            "alignment_step", "analysis_step", "arch_option", "depth_scaling_step", "dist_kwargs", "net_options",
-           "net_spec",
-           "opt", "parse_archs", "spectrum_step", "split_inputs", "study_data", "train_curves", "train_kwargs",
+           "net_spec", "opt", "parse_archs", "share_weights", "spectrum_step", "split_inputs", "study_data", "train_curves", "train_kwargs",
            "train_net"]
 
 # =============================================================================== options
@@ -152,12 +151,23 @@ def train_net(runner: Runner, cfg: dict[str, Any], ds, key, arch: str, device: t
     trained = runner.on_rank0(f"train_{name}", lambda: train_step(
         runner, name, spec, ds, key, train_kwargs(cfg), device, regularizers=regs, callbacks=callbacks))
     model = trained[0] if trained is not None else build_model(spec).to(device).eval()
-    state, out = rdist.broadcast_object(
-        ({k: v.detach().cpu() for k, v in model.state_dict().items()}, trained[1]) if trained is not None else None,
-        fn=f"train_{name}")
-    if trained is None:
-        model.load_state_dict(state)
+    out = share_weights(runner, model, f"train_{name}", trained[1] if trained is not None else None)
     return model, train_curves(out)
+
+
+def share_weights(runner: Runner, model: torch.nn.Module, what: str, extra: Any = None) -> Any:
+    """Collective (ONE broadcast) when ``runner`` is distributed: every rank's ``model`` takes
+    rank 0's parameters and buffers (in place), and rank 0's ``extra`` is returned on every rank.
+    Alone: ``extra``. A data-parallel analysis combines the ranks' partial results, so they must
+    come from the same weights, however each rank got its model (a study that trains on every
+    rank, a rank that skipped a step rank 0 loaded)."""
+    if not runner.distributed:
+        return extra
+    payload = ({k: v.detach().cpu() for k, v in model.state_dict().items()}, extra) if runner.is_writer else None
+    state, extra = rdist.broadcast_object(payload, fn=what)
+    if not runner.is_writer:
+        model.load_state_dict(state)
+    return extra
 
 
 def dist_kwargs(runner: Runner) -> dict[str, Any]:
@@ -192,11 +202,17 @@ def split_inputs(ds, split: str, n: int, device: torch.device):
 
 
 def alignment_step(runner: Runner, cfg: dict, model, ds, device, name: str) -> dict[str, Any]:
-    """Step ``name``: residual_alignment of ``model`` on the first ``align_samples`` test inputs."""
+    """Step ``name``: residual_alignment of ``model`` on the first ``align_samples`` test inputs
+    (distributed: sample-parallel, on rank 0's weights, :func:`share_weights`)."""
     x, y = split_inputs(ds, "test", cfg["align_samples"], device)
-    return analysis_step(runner, name, lambda: alignment_analysis.residual_alignment(
-        model, x, cfg.get("k"), y, oversample=cfg["oversample"], power_iters=cfg["power_iters"], seed=cfg["seed"],
-        deterministic=bool(cfg.get("deterministic", False)), **dist_kwargs(runner)))
+
+    def run():
+        share_weights(runner, model, name)
+        return alignment_analysis.residual_alignment(
+            model, x, cfg.get("k"), y, oversample=cfg["oversample"], power_iters=cfg["power_iters"], seed=cfg["seed"],
+            deterministic=bool(cfg.get("deterministic", False)), **dist_kwargs(runner))
+
+    return analysis_step(runner, name, run)
 
 
 def spectrum_step(runner: Runner, cfg: dict, model, ds, device, name: str) -> dict[str, Any]:
