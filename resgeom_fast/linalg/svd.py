@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -137,6 +137,7 @@ def randomized_svd(
     *,
     tol: float = DEFAULT_TOL,
     max_iters: int = DEFAULT_MAX_ITERS,
+    stop: Optional[Callable[[Tensor], bool]] = None,
 ) -> SVDResult:
     """Top-k singular triplets of each problem of a (batched) operator, with error bounds.
 
@@ -200,6 +201,18 @@ def randomized_svd(
             the level ``converged`` refers to in both modes.
         max_iters: cap on the iterations of "auto" (>= 0, default 50); "block_krylov" also
             stops when its basis fills min(m, n) columns.
+        stop: None (default: stop when every problem met ``tol``), or a callable that takes that
+            decision instead in the adaptive mode (``power_iters="auto"``; not called with an
+            int). It is called once per check -- after every iteration and the initial sketch,
+            also at the last one, before the ``max_iters`` (and, for "block_krylov", the
+            full-basis) cap is applied -- with ``conv``: a bool tensor [*batch] on the
+            operator's device, whether each problem of this call meets ``tol`` now; it returns
+            True to stop (the cap stops regardless). Number of calls ("subspace"): iterations +
+            1, at most ``max_iters`` + 1. A sample-parallel caller whose ranks hold different
+            problems passes a stop that combines the ranks' flags (one all_reduce per call), so
+            every rank iterates the same number of times as one process on all the problems
+            (:func:`resgeom_fast.analysis.residual_alignment`). The warning of an unconverged
+            result still refers to this call's problems.
 
     Returns:
         :class:`SVDResult` with U, S, V in the operator's dtype and the float64 accuracy fields.
@@ -227,6 +240,13 @@ def randomized_svd(
     check_choice(where, "sketch", sketch, SKETCHES)
     if not op.has_transpose:
         raise ValueError(f"{where}: expected an operator with a transpose (rmatmat), got {op!r}")
+    if stop is not None and not callable(stop):
+        raise TypeError(f"{where}: expected stop a callable (conv [*batch] bool tensor -> bool) or None, got "
+                        f"{type(stop).__name__}")
+
+    def done(conv: Tensor) -> bool:
+        return bool(conv.all()) if stop is None else bool(stop(conv))
+
     gen = generator(seed, op)
     batch = op.batch_shape
     l = min(k + oversample, r)
@@ -269,7 +289,7 @@ def randomized_svd(
             Y = apply_block(op, P.to(op.dtype).contiguous(), where, "in a power iteration")   # A V: [*, m, l]
             matvecs += 2 * l
             _, _, _, conv, _ = _bounds(Y[..., :k], U, S, resid_T, eps, dim, tol)
-            if bool(conv.all()) or iters >= max_iters:
+            if done(conv) or iters >= max_iters:
                 return finish(P, S, U, resid_T, Y[..., :k])
             Q = _orth(Y)
             iters += 1
@@ -285,7 +305,7 @@ def randomized_svd(
             AV = apply_block(op, P[..., :k].to(op.dtype).contiguous(), where, "in the residual check")
             matvecs += Qk.shape[-1] + k
             _, _, _, conv, _ = _bounds(AV, U, S, resid_T, eps, dim, tol)
-            if iters >= steps or cols >= r or bool(conv.all()):
+            if (adaptive and done(conv)) or iters >= steps or cols >= r:
                 return finish(P, S, U, resid_T, AV)
         Z = apply_block(op, blocks[-1], where, "in a Krylov step", transpose=True)
         Y = _orth(apply_block(op, Z, where, "in a Krylov step"))
