@@ -766,25 +766,75 @@ def _cross_row(U: Tensor, V: Tensor, ops: list[ResidualJacobian]) -> Tensor:
     return torch.stack(rows)
 
 
+class _RankStop:
+    """The adaptive stop of a sample-local randomized SVD (``randomized_svd(..., stop=)``): every
+    rank holds other samples, yet all ranks must iterate as one process on all N samples does --
+    until EVERY sample converged (or ``max_iters``). Each call is ONE all_reduce (float64, on the
+    operator's device) of two flags per rank: "some problem of mine has not converged" and "I
+    failed"; the sums give MIN over ranks of "all mine converged" and MAX of "failed", and the
+    call returns True (stop) when every rank's problems converged or some rank failed. Every rank
+    thus sees the same answer and runs the same iterations (the problems are independent: shared
+    sketch, per-problem orthonormalisation), so each sample's result equals the single-process one.
+
+    Collective-count discipline: the SVD calls it once per check (iterations + 1 times, at most
+    ``max_iters + 1``, the same cap on every rank). A rank that runs no SVD (no samples) or whose
+    SVD raised calls :meth:`finish`, which keeps calling the same all_reduce (contributing
+    "converged", and "failed" if it failed) until the answer is stop or the cap is reached -- and
+    not at all once an answer was already stop (``done``): the other ranks then left their loops.
+    """
+
+    def __init__(self, device: torch.device, max_iters: int) -> None:
+        self.device, self.cap = device, max_iters + 1
+        self.calls, self.done, self.failed = 0, False, False
+
+    def __call__(self, conv: Tensor) -> bool:
+        if self.done or self.calls >= self.cap:   # an invariant: a call past the end would hang the others
+            raise RuntimeError("residual_alignment: the sample-local SVD stop was called after its last check")
+        mine = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.failed:
+            mine[1] = 1.0
+        else:
+            mine[0] = (~conv.all()).to(torch.float64)
+        (red,) = rdist.all_reduce_sum([mine], fn="residual_alignment")
+        not_converged, failed = red.tolist()      # one host transfer (the check's sync, as bool(conv.all()))
+        self.calls += 1
+        self.done = not_converged == 0 or failed > 0
+        return self.done
+
+    def finish(self, failed: bool) -> None:
+        """After this rank's SVD (or none): join the other ranks' remaining checks."""
+        self.failed = failed
+        while not self.done and self.calls < self.cap:
+            self(torch.ones(0, dtype=torch.bool, device=self.device))
+
+    @property
+    def iterations(self) -> int:
+        """The iterations every rank ran ("subspace": one check per iteration, plus the first)."""
+        return self.calls - 1
+
+
 def _block_svd(i: int, J: ResidualJacobian, ops: list[ResidualJacobian], k: int, oversample: int,
                power_iters: Union[int, str], seed: int, tol: float, max_iters: int, rows: Optional[_Rows]
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int]:
     """Block i's randomized SVD and its cross row: ``(S [N, k], self-alignment |u_r . v_r| [N, k],
     converged [N], rel_error_bound [N, k], error_bound [N, k], A [L, N, k, k], iterations)``,
-    float64 CPU. ``rows`` (sample-local mode, fixed power iterations): this rank's samples only,
-    the per-sample results gathered (ONE all_reduce that also carries a failure); an empty rank
-    runs nothing and contributes no rows."""
+    float64 CPU. ``rows`` (sample-local mode): this rank's samples only, the per-sample results
+    gathered (ONE all_reduce that also carries a failure); an empty rank runs no SVD and
+    contributes no rows. Adaptive (``power_iters="auto"``) in sample-local mode: a
+    :class:`_RankStop` makes every rank iterate as one process on all N samples (one all_reduce
+    per check; an empty or failed rank joins the remaining checks)."""
     L = len(ops)
     exc: Optional[BaseException] = None
     out: Optional[tuple[Tensor, ...]] = None
     its = power_iters if isinstance(power_iters, int) else 0
+    stop = _RankStop(J.h.device, max_iters) if rows is not None and power_iters == "auto" else None
     if rows is None or rows.n:
         try:
             with warnings.catch_warnings():   # one warning for the whole analysis instead (residual_alignment)
                 warnings.filterwarnings("ignore", message="randomized_svd: power_iters='auto' stopped",
                                         category=RuntimeWarning)
                 svd = randomized_svd(J, k, oversample=oversample, power_iters=power_iters, seed=seed,
-                                     tol=tol, max_iters=max_iters)
+                                     tol=tol, max_iters=max_iters, stop=stop)
             its = int(svd.iterations)
             out = (svd.S.double().cpu(), (svd.U.double() * svd.V.double()).sum(-2).abs().cpu(),
                    svd.converged.cpu(), svd.rel_error_bound.double().cpu(), svd.error_bound.double().cpu(),
@@ -794,6 +844,9 @@ def _block_svd(i: int, J: ResidualJacobian, ops: list[ResidualJacobian], k: int,
             if rows is None:
                 raise
             exc = e
+    if stop is not None:
+        stop.finish(exc is not None)     # a rank without samples, or whose SVD raised, joins the others' checks
+        its = stop.iterations
     if rows is not None:
         if out is None:
             f64 = dict(dtype=torch.float64)
@@ -988,19 +1041,17 @@ def residual_alignment(
             ``y``) and computes the Jacobian products of its contiguous block of samples
             (:func:`resgeom_fast.core.distributed.shard_sizes`); ``"sharded"`` every rank passes
             its own samples (possibly none: x [0, ...]; the global order is rank 0's samples,
-            then rank 1's, ...). With fixed ``power_iters`` (an int) every sample's SVD is
-            independent of the others (one shared sketch), so each rank runs the randomized SVDs
-            and the cross products of its OWN samples only (it holds its samples' block inputs
-            and SVD blocks [n, D, k + p]); the per-sample results (singular values, bounds, the
-            cross rows [L, n, k, k]), the stage's trajectories and the labels are gathered to
-            every rank for the metrics (one all_reduce each). With the adaptive default
-            (``power_iters=None``) the iterations stop when EVERY sample has converged, a decision
-            randomized_svd takes on its whole batch: each product of the randomized SVD and of
-            the cross alignment is then computed on each rank's samples and gathered to EVERY
-            rank by one all_reduce (zeros outside a rank's rows: exact), the block inputs /
-            outputs are gathered once, and every rank runs the same SVD iterations on all N
-            samples. Either way every rank computes the metrics, equal to the single-process
-            result. A collective: every rank calls it with the same model (its parameters are
+            then rank 1's, ...). Every sample's SVD is independent of the others (one shared
+            sketch), so each rank runs the randomized SVDs and the cross products of its OWN
+            samples only (it holds its samples' block inputs and SVD blocks [n, D, k + p]); the
+            per-sample results (singular values, bounds, the cross rows [L, n, k, k]), the
+            stage's trajectories and the labels are gathered to every rank for the metrics (one
+            all_reduce each). With the adaptive default (``power_iters=None``) the iterations
+            stop when EVERY sample of all ranks has converged (or after ``max_iters``): each
+            check of the randomized SVD is one all_reduce of the ranks' "all mine converged" and
+            "I failed" flags (``randomized_svd(stop=)``), so every rank runs the same iterations
+            as one process on all N samples. Either way every rank computes the metrics, equal
+            to the single-process result. A collective: every rank calls it with the same model (its parameters are
             compared with rank 0's: DivergentRanksError on every rank) and arguments.
 
     Returns:
@@ -1065,10 +1116,11 @@ def residual_alignment(
         raise ValueError(f"{where}: expected y class labels in [0, {C}) (num_classes C = {C} from the {c_source}), "
                          f"got max {int(labels.max())}")
 
-    # fixed power iterations: every sample's SVD is independent of the others (shared sketch), so
-    # each rank keeps its own samples; "auto" stops when EVERY sample converged (a global decision
-    # randomized_svd takes inside), so its products are gathered and the SVD runs on all N
-    sample_local = mode is not None and power_iters != "auto"
+    # every sample's SVD is independent of the others (shared sketch, per-problem orthonormalisation),
+    # so each rank keeps its own samples in both modes; "auto" stops when EVERY sample converged, a
+    # global decision that _RankStop takes with one all_reduce per check, so every rank runs the
+    # iterations of one process on all N samples
+    sample_local = mode is not None
     jac_kwargs: dict[str, Any] = {"path": path, "chunk_size": chunk_size}
     if "deterministic" in inspect.signature(residual_jacobians).parameters:
         jac_kwargs["deterministic"] = deterministic
