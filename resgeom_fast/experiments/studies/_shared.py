@@ -11,8 +11,9 @@ step's JSON-friendly result (``{"result": ..., "summary": ...}`` for an analysis
 
 Under torch.distributed (a distributed Runner, :mod:`~resgeom_fast.experiments.runner`):
 :func:`train_net` trains on rank 0 alone (with its checkpoints) and broadcasts the weights, and
-the alignment steps split their samples over the ranks (:func:`dist_kwargs`: ``"split"``); the
-other analyses run replicated on every rank with the same data and seeds.
+the alignment and spectrum steps split their samples over the ranks (:func:`dist_kwargs`:
+``"split"``) on rank 0's weights (:func:`share_weights`); the other analyses run replicated on
+every rank with the same data and seeds.
 """
 from __future__ import annotations
 
@@ -216,14 +217,20 @@ def alignment_step(runner: Runner, cfg: dict, model, ds, device, name: str) -> d
 
 
 def spectrum_step(runner: Runner, cfg: dict, model, ds, device, name: str) -> dict[str, Any]:
-    """Step ``name``: hessian_spectrum of the cross-entropy of ``model`` on ``hessian_samples`` training samples."""
+    """Step ``name``: hessian_spectrum of the cross-entropy of ``model`` on ``hessian_samples``
+    training samples (distributed: data-parallel Hessian products, on rank 0's weights)."""
     x, y = split_inputs(ds, "train", cfg["hessian_samples"], device)
     dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps = min(cfg["lanczos_steps"], dim)
-    return analysis_step(runner, name, lambda: spectrum_analysis.hessian_spectrum(
-        model, F.cross_entropy, (x, y), k=min(cfg["eigs"], dim), probes=cfg["probes"], steps=steps,
-        trace_probes=cfg["trace_probes"], seed=cfg["seed"], progress=runner.progress,
-        deterministic=bool(cfg.get("deterministic", False))))
+
+    def run():
+        share_weights(runner, model, name)
+        return spectrum_analysis.hessian_spectrum(
+            model, F.cross_entropy, (x, y), k=min(cfg["eigs"], dim), probes=cfg["probes"], steps=steps,
+            trace_probes=cfg["trace_probes"], seed=cfg["seed"], progress=runner.progress,
+            deterministic=bool(cfg.get("deterministic", False)), **dist_kwargs(runner))
+
+    return analysis_step(runner, name, run)
 
 
 def depth_scaling_step(runner: Runner, cfg: dict, ds, key, device) -> dict[str, Any]:
