@@ -100,8 +100,8 @@ from resgeom_fast.analysis.plotting import (
     as_result_dict, errorbars, figure_axes, get_path, heatmaps, join, lines, pca_trajectories, pyplot, spectra_per_block,
 )
 from resgeom_fast.core import distributed as rdist
-from resgeom_fast.analysis._distributed import check_mode, check_model, gather_objects, portable, raise_first, sync_failure
-from resgeom_fast.linalg import LinearOperator, randomized_svd
+from resgeom_fast.analysis._distributed import check_mode, check_model, gather_objects, portable, raise_first
+from resgeom_fast.linalg import randomized_svd
 from resgeom_fast.linalg.svd import DEFAULT_MAX_ITERS, DEFAULT_TOL
 from resgeom_fast.operators import ResidualJacobian, residual_blocks, residual_jacobians
 
@@ -590,50 +590,6 @@ def _last_outputs(model: nn.Module, x: Tensor, blocks: list[BlockInfo]) -> list[
     return list(cap.values)
 
 
-class _GatheredJacobian(LinearOperator):
-    """The residual Jacobians of one block at ALL samples of a sample-parallel run (batch_shape
-    [N], N the global count), this rank computing the rows of its own samples.
-
-    A product ``X [N, D_in, k]`` applies the local :class:`ResidualJacobian` to this rank's rows
-    ``[offset, offset + n)`` and writes zeros elsewhere; ONE all_reduce (which also carries a
-    failure flag) then sums the ranks' blocks: every row is one rank's product plus zeros (exact),
-    so every rank holds the whole product, bitwise the same on every rank, and an algorithm run
-    replicated on it (the randomized SVD, the cross products) gives the same result everywhere.
-
-    Attributes (as a ResidualJacobian's): info, h (the gathered block inputs [N, *in_shape]),
-    in_shape, out_shape, path; local (this rank's operator; None on a rank without samples).
-    """
-
-    def __init__(self, local: Optional[ResidualJacobian], template: ResidualJacobian, h: Tensor, offset: int,
-                 n: int) -> None:
-        super().__init__(template.shape, h.dtype, h.device, (h.shape[0],), symmetric=False)
-        self.local, self.info, self.h = local, template.info, h
-        self.in_shape, self.out_shape, self.path = template.in_shape, template.out_shape, template.path
-        self.offset, self.n = offset, n
-
-    def _apply(self, X: Tensor, transpose: bool) -> Tensor:
-        d_out = self.shape[1] if transpose else self.shape[0]
-        Y = X.new_zeros((X.shape[0], d_out, X.shape[-1]))
-        exc: Optional[BaseException] = None
-        if self.local is not None and self.n:
-            try:
-                part = X[self.offset:self.offset + self.n]
-                Y[self.offset:self.offset + self.n] = (self.local.rmatmat(part) if transpose
-                                                       else self.local.matmat(part))
-            except Exception as e:  # shared below: every rank raises it
-                exc = e
-        flag = torch.tensor([float(exc is not None)], dtype=Y.dtype, device=Y.device)
-        flag, Y = rdist.all_reduce_sum([flag, Y], dtype=None, fn="residual_alignment")
-        sync_failure("residual_alignment", bool(flag[0] > 0), exc)
-        return Y
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        return self._apply(X, transpose=False)
-
-    def _rmatmat(self, U: Tensor) -> Tensor:
-        return self._apply(U, transpose=True)
-
-
 def _local_rows(where: str, mode: str, x: Tensor, y: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """This rank's samples: a contiguous block of ``x`` (``"split"``, :func:`shard_sizes`) or ``x``."""
     if mode != "split":
@@ -659,18 +615,14 @@ class _Rows:
 
 
 def _sample_parallel(where: str, model: nn.Module, x: Tensor, y: Optional[Tensor], blocks: Optional[Sequence[Any]],
-                     jac_kwargs: dict[str, Any], gather: bool = True
-                     ) -> tuple[list[ResidualJacobian], Any, Optional[Tensor], _Rows]:
+                     jac_kwargs: dict[str, Any]) -> tuple[list[ResidualJacobian], Any, Optional[Tensor], _Rows]:
     """Sample-parallel residual Jacobians (docs/distributed.md): this rank's operators on its own
-    samples, the global sample count and offsets, the gathered labels, and (``gather``) the
-    gathered block inputs.
+    samples, the global sample count and offsets, and the gathered labels.
 
-    Returns ``(ops, last_fn, labels, rows)``: with ``gather``, ``ops`` of
-    :class:`_GatheredJacobian` (batch [N]) and ``last_fn(infos)`` the gathered block outputs
-    [N, ...] of the given blocks (a collective); without, this rank's own
-    :class:`ResidualJacobian` s (on an empty rank: those of the shared probe sample, for their
-    shapes only) and ``last_fn(infos)`` this rank's block outputs [n, ...]. ``labels``: the
-    gathered int64 CPU labels (None when not given); ``rows``: this rank's rows. A collective."""
+    Returns ``(ops, last_fn, labels, rows)``: ``ops`` this rank's own :class:`ResidualJacobian` s
+    (on an empty rank: those of the shared probe sample, for their shapes only),
+    ``last_fn(infos)`` this rank's block outputs [n, ...] of the given blocks, ``labels`` the
+    gathered int64 CPU labels (None when not given), ``rows`` this rank's rows. A collective."""
     exc: Optional[BaseException] = None
     n_loc, probe = int(x.shape[0]), None
     if n_loc:
@@ -684,68 +636,27 @@ def _sample_parallel(where: str, model: nn.Module, x: Tensor, y: Optional[Tensor
     if len({i[3] for i in infos}) > 1:
         raise ValueError(f"{where}: expected y given on every rank or on none, got it on ranks "
                          f"{[r for r, i in enumerate(infos) if i[3]]} only")
-    offset = sum(counts[:rdist.rank()])
     first = next(i[2] for i in infos if i[2] is not None).to(x.device)
     template_x = x if n_loc else first
-    local: Optional[list[ResidualJacobian]] = None
     templates: list[ResidualJacobian] = []
     try:
         templates = residual_jacobians(model, template_x, blocks, **jac_kwargs)
-        local = templates if n_loc else None
     except Exception as e:  # shared below: every rank raises it
         exc = e
     gathered = gather_objects(where, portable(exc))
     raise_first(where, gathered, exc)
     rows = _Rows(counts)
-    if not gather:
-        lab = None
-        if infos[0][3]:
-            (lab,) = rows.gather([y.detach().to("cpu", torch.int64) if n_loc else torch.zeros(0, dtype=torch.int64)])
-
-        def local_last(block_infos: list[BlockInfo]) -> list[Tensor]:
-            if n_loc:
-                return _last_outputs(model, x, block_infos)
-            out_shape = {id(J.info): J.out_shape for J in templates}
-            return [x.new_zeros((0, *out_shape[id(b)])) for b in block_infos]
-
-        return templates, local_last, lab, rows
-    parts: list[Tensor] = []
-    for J in templates:
-        H = J.h.new_zeros((N, *J.in_shape))
-        if local is not None:
-            H[offset:offset + n_loc] = J.h
-        parts.append(H)
     lab = None
     if infos[0][3]:
-        lab = torch.zeros(N, dtype=torch.int64)
-        if n_loc:
-            lab[offset:offset + n_loc] = y.detach().to("cpu", torch.int64)
-        parts.append(lab)
-    summed = rdist.all_reduce_sum(parts, fn=where)
-    labels = summed[-1] if lab is not None else None
-    ops = [_GatheredJacobian(J if local is not None else None, J, H, offset, n_loc)
-           for J, H in zip(templates, summed)]
+        (lab,) = rows.gather([y.detach().to("cpu", torch.int64) if n_loc else torch.zeros(0, dtype=torch.int64)])
 
-    def last_fn(block_infos: list[BlockInfo]) -> list[Tensor]:
-        err: Optional[BaseException] = None
-        outs: list[Tensor] = []
+    def local_last(block_infos: list[BlockInfo]) -> list[Tensor]:
         if n_loc:
-            try:
-                outs = _last_outputs(model, x, block_infos)
-            except Exception as e:  # shared below: every rank raises it
-                err = e
-        out_shape = {id(J.info): J.out_shape for J in ops}
-        shapes = [(N, *out_shape[id(b)]) for b in block_infos]
-        full = [x.new_zeros(s) for s in shapes]
-        if n_loc and err is None:
-            for F, o in zip(full, outs):
-                F[offset:offset + n_loc] = o
-        flag = torch.tensor([float(err is not None)], dtype=torch.float64)
-        red = rdist.all_reduce_sum([flag] + full, fn=where)
-        sync_failure(where, bool(red[0][0] > 0), err)
-        return red[1:]
+            return _last_outputs(model, x, block_infos)
+        out_shape = {id(J.info): J.out_shape for J in templates}
+        return [x.new_zeros((0, *out_shape[id(b)])) for b in block_infos]
 
-    return ops, last_fn, labels, rows
+    return templates, local_last, lab, rows
 
 
 def _default_pairs(L: int) -> list[tuple[int, int]]:
@@ -1129,8 +1040,7 @@ def residual_alignment(
     else:
         x_loc, y_loc = _local_rows(where, mode, x, y)
         check_model(where, model)     # a collective: the ranks' products are combined
-        ops, last_fn, gathered_labels, rows = _sample_parallel(where, model, x_loc, y_loc, blocks, jac_kwargs,
-                                                               gather=not sample_local)
+        ops, last_fn, gathered_labels, rows = _sample_parallel(where, model, x_loc, y_loc, blocks, jac_kwargs)
         N = rows.N
         labels = gathered_labels if labels is not None else None
     all_ids = {id(b.block): i for i, b in enumerate(residual_blocks(model))}
