@@ -156,7 +156,7 @@ class _GPrimal:
                 c = _GPrimal()
                 c.n, c.consts, c.shapes = self.n, self.consts, self.shapes
                 c.p = None if self.p is None else self.p[sl]
-                c.acts = {i: (a[sl] if isinstance(a, Tensor) else a) for i, a in self.acts.items()}
+                c.acts = {i: (a[sl] if isinstance(a, Tensor) else (a[0][sl], *a[1:])) for i, a in self.acts.items()}
                 c.grads = {i: g[sl] for i, g in self.grads.items()}
                 parts.append(c)
             self._chunks[size] = parts
