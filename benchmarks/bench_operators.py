@@ -578,8 +578,10 @@ def _product_fn(name: str, impl: str, kind: str):
 def _choice(op) -> dict:
     if op is None:
         return {}
-    return {"ours_choice": op.hvp_choice(K10), "ours_method": op.hvp_method,
-            "ours_timings": {c: [round(t, 4) for t in ts] for c, ts in op.hvp_timings.get(K10, {}).items()}}
+    timings = op.hvp_timings
+    k = K10 if K10 in timings or not timings else max(timings)   # SLQ / Lanczos: passes of `probes` vectors
+    return {"ours_choice": op.hvp_choice(k), "ours_method": op.hvp_method, "ours_k": k,
+            "ours_timings": {c: [round(t, 4) for t in ts] for c, ts in timings.get(k, {}).items()}}
 
 
 CONV_MODELS = ["resnet20", "resnet18", "user_fc"]
