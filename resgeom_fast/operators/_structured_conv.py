@@ -197,6 +197,7 @@ class GraphHVP:
         if curvature == "hessian":
             self.keep = {n.args[0] for n in nodes if n.kind in ("affine", "bn")}
         self.macs: Optional[dict[int, int]] = None      # per-sample multiply-adds of affine nodes
+        self.has_conv = any(n.kind == "affine" and n.layer == "conv" for n in nodes)
 
     # -- primal ---------------------------------------------------------------------------------
     def primal(self, model: nn.Module, x: Tensor, y: Tensor) -> _GPrimal:

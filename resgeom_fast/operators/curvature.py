@@ -154,7 +154,8 @@ class CurvatureEngine:
                 self.structured = structured
         self.tuner = AutoTuner(fn, self.hvp, matmul, backends, deterministic, self.dtype, self.device,
                                self._apply_method, structured_off=structured_off,
-                               distributed=self.distributed is not None)
+                               distributed=self.distributed is not None,
+                               time_structured=isinstance(self.structured, GraphHVP) and self.structured.has_conv)
         self._primals: Optional[list[tuple[float, Any]]] = None
         self._forward_checked = False    # the structured logits matched model(x) over a whole pass
         bn_train = batchnorm == "train" and has_batchnorm(model)

@@ -210,6 +210,25 @@ def test_float32_masks_are_the_models():
     assert rel(out, hessian(model, CE, (x, y), hvp="double_backward", matmul="default").matmat(V)) < 1e-5
 
 
+def test_auto_measures_the_conv_structured_path_against_the_double_backward():
+    """On conv nets "auto" times the structured path against the double backward (either can win:
+    the weight-sized work of the structured path dominates on wide nets with small images), and
+    every product it returns is exact; deterministic=True takes the structured path outright."""
+    model = _convres()
+    x, y = _batch((2, 6, 6))
+    ref = hessian(model, CE, (x, y), hvp="double_backward")
+    H = hessian(model, CE, (x, y))
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    for _ in range(5):
+        assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
+    t = H.hvp_timings[3]
+    assert sorted(t) == ["double_backward", "structured"] and all(len(v) == 2 for v in t.values())
+    assert H.hvp_choice(3) == min(t, key=lambda m: min(t[m])) and H.hvp_method is None
+    assert H.verification[3]["structured"] < 1e-10
+    Hd = hessian(model, CE, (x, y), deterministic=True)
+    assert Hd.hvp_method == "structured" and rel(Hd.matmat(V), ref.matmat(V)) < 1e-10
+
+
 def test_dataloader_and_float32():
     model = _convres()
     x, y = _batch((2, 6, 6), n=8)
