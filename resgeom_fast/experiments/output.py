@@ -55,7 +55,11 @@ def open_runner(out: str, config: Mapping[str, Any], *, study: str, fresh: bool,
 
 def write_study_report(runner: Runner, title: str, results: Any, figures: Sequence[FigureSpec], **kw: Any) -> Report:
     """:func:`write_report` into the runner's folder; every file it writes is recorded in the
-    manifest first (so ``--fresh`` may delete them later, and nothing else)."""
+    manifest first (so ``--fresh`` may delete them later, and nothing else). A rank other than 0
+    of a multi-process run writes nothing: it returns the paths rank 0 writes (figures not drawn)."""
+    if not runner.is_writer:
+        return Report(runner.folder, os.path.join(runner.folder, "results.json"),
+                      os.path.join(runner.folder, "report.md"), [], list(figures))
     runner.record_written(*[os.path.join(runner.out, f) for f in ("results.json", "report.md")],
                           *[os.path.join(runner.out, "figures", f"{spec.name}.png") for spec in figures])
     rep = write_report(runner.out, title, results, figures, progress=runner.progress, **kw)

@@ -810,7 +810,10 @@ def write_analysis_tables(runner: Runner, results: dict[str, Any]) -> list[str]:
     """The CSV tables of ``results`` (:mod:`resgeom_fast.experiments.tables`: alignment.csv,
     hessian.csv) written atomically next to results.json, recorded in the manifest first; a table
     of an analysis not in this run that an earlier run wrote there is removed (it would describe
-    other results than results.json). The paths written."""
+    other results than results.json). The paths written (none on a rank other than 0 of a
+    multi-process run: rank 0 alone writes the folder)."""
+    if not runner.is_writer:
+        return []
     planned = {fname: os.path.join(runner.out, fname) for fname in tables.TABLE_FILES.values()}
     present = {fname for fname in tables.analysis_tables(results)}
     runner.record_written(*[planned[f] for f in present])
