@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_int
 
 __all__ = ["FINGERPRINT_ENTRIES", "REPORT_GRACE_S", "DivergentRanksError", "RankFailureError", "all_gather_object",
-           "all_reduce_sum", "broadcast_object", "check_same_parameters", "fingerprint", "gather_shares",
+           "all_reduce_sum", "broadcast_object", "comm_device", "check_same_parameters", "fingerprint", "gather_shares",
            "is_initialized", "portable", "raise_first", "raise_together", "rank", "shard", "shard_sizes",
            "world_size"]
 
@@ -201,6 +201,15 @@ def shard(data: Any, rank: Optional[int] = None, world: Optional[int] = None) ->
                             f"batches, got {type(data).__name__}")
 
 
+def comm_device(device: torch.device) -> torch.device:
+    """The device a collective of the initialised group runs a buffer of ``device`` on: the
+    current CUDA device for a CPU buffer under a pure NCCL group (it reduces CUDA tensors only),
+    else ``device`` itself (gloo; "cpu:gloo,cuda:nccl" routes each device to its backend)."""
+    if torch.device(device).type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
 def all_reduce_sum(tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = torch.float64, *,
                    fn: str = "all_reduce_sum") -> list[Tensor]:
     """The sum over ranks of every tensor of ``tensors``, in ONE all_reduce.
@@ -209,8 +218,9 @@ def all_reduce_sum(tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = tor
     dtype of the first tensor), summed by ``torch.distributed.all_reduce`` and cut back into
     tensors of the original shapes, dtypes and device. Without an initialised process group the
     sum over the one process is returned (copies of the inputs in ``dtype`` precision). Every
-    rank must pass tensors of the same shapes in the same order. ``fn``: the caller, named by a
-    :class:`RankFailureError`.
+    rank must pass tensors of the same shapes in the same order. Under a pure NCCL group
+    (``init_process_group("nccl")``) a CPU buffer goes through the current CUDA device and back
+    (:func:`comm_device`). ``fn``: the caller, named by a :class:`RankFailureError`.
 
     Returns:
         new tensors (the inputs are not modified); ``[]`` for an empty list (no collective).
@@ -224,8 +234,11 @@ def all_reduce_sum(tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = tor
     buf_dtype = tensors[0].dtype if dtype is None else dtype
     buf = torch.cat([t.detach().reshape(-1).to(buf_dtype) for t in tensors])
     if is_initialized():
+        home = buf.device
+        buf = buf.to(comm_device(home))
         with _collective(fn):
             dist.all_reduce(buf)
+        buf = buf.to(home)
     out, o = [], 0
     for t in tensors:
         n = t.numel()

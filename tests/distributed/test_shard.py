@@ -114,3 +114,15 @@ def test_seed_none_without_a_group_still_draws_fresh_numbers():
     b = torch.randn(4, generator=generator(None, Op()))
     assert not torch.equal(a, b)
     assert torch.equal(torch.randn(4, generator=generator(3, Op())), torch.randn(4, generator=generator(3)))
+
+
+def test_comm_device_routes_cpu_buffers_through_cuda_under_pure_nccl(monkeypatch):
+    """A pure NCCL group reduces CUDA tensors only: the CPU buffers of the analyses' gathers go
+    through the current CUDA device; gloo and the mixed "cpu:gloo,cuda:nccl" keep them on the CPU."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for backend, want in (("nccl", torch.device("cuda", 3)), ("gloo", torch.device("cpu")),
+                          ("cpu:gloo,cuda:nccl", torch.device("cpu"))):
+        monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None, b=backend: b)
+        assert dist.comm_device(torch.device("cpu")) == want, backend
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    assert dist.comm_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
