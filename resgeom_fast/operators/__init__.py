@@ -14,8 +14,10 @@ Modules: ``hessian`` (the public constructors and their documentation), ``curvat
 operator classes: :class:`CurvatureOperator` owns the data loop, :class:`HessianOperator` /
 :class:`GGNOperator` supply their batch products), ``_products`` (the product methods),
 ``_autotune`` (the auto-tuner and verifier), ``_mean_contract`` (the loss contract),
-``_precision`` (TF32 and oneDNN switches), ``_structured`` (the autograd-free Hessian of FC
-ResNets), ``jacobian`` (residual-branch Jacobians), ``blocks`` / ``_data`` (block discovery, the
+``_precision`` (TF32 and oneDNN switches), ``_structured`` (the autograd-free Hessian of this
+package's FC ResNets), ``_graph`` (structure recognition from a torch.fx trace) and
+``_structured_conv`` (the autograd-free Hessian and GGN over the traced graph: conv ResNets and
+users' own models), ``jacobian`` (residual-branch Jacobians), ``blocks`` / ``_data`` (block discovery, the
 data contract).
 
 This layer imports torch, resgeom_fast.core, resgeom_fast.ops, resgeom_fast.linalg and the module

@@ -11,9 +11,10 @@ have the same shapes, dtype and device.
   vectors through it as one batched backward (:func:`batched_grad`).
 - forward-over-reverse: :func:`hessian_func_product` / :func:`ggn_func_product`,
   ``vmap(jvp(grad(loss)))`` with torch.func, recomputed per call.
-- structured (Hessian only): :func:`structured_primal` checks a batch for the R-operator of
+- structured: :func:`structured_primal` checks a batch for the FC R-operator of
   :mod:`resgeom_fast.operators._structured` and computes its primal pass (:class:`NotStructured`
-  where it does not apply).
+  where it does not apply); the traced-graph engine (Hessian and GGN) has its own,
+  :func:`resgeom_fast.operators._structured_conv.graph_primal`.
 
 Attention. Every graph build and product here runs under
 :func:`resgeom_fast.core.modules.attention_math`: ``F.scaled_dot_product_attention`` on its math

@@ -111,7 +111,7 @@ def compute(case: str, world: int, rank: int, distributed: bool) -> dict[str, An
         for i, B in enumerate(block_operators(model, data, dmode)):
             out[f"{net}/block{i}"] = B.matmat(_vectors(B.shape[0], 2, 2 + i))
         if net == "conv":
-            # "auto" times forward-over-reverse against the double backward for 2 vectors
+            # "auto" times the structured conv path against the double backward for 2 vectors
             H = operator("hessian", model, data, dmode)
             V = _vectors(H.shape[0], 2, 5)
             out["conv/auto"] = torch.stack([H.matmat(V) for _ in range(5)])
