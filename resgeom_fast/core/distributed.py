@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_int
 
 __all__ = ["FINGERPRINT_ENTRIES", "REPORT_GRACE_S", "DivergentRanksError", "RankFailureError", "all_gather_object",
-           "all_reduce_sum", "broadcast_object", "comm_device", "check_same_parameters", "fingerprint", "gather_shares",
+           "all_reduce_sum", "broadcast_object", "comm_device", "check_same_parameters", "fingerprint", "fixed_probe", "gather_shares",
            "is_initialized", "portable", "raise_first", "raise_together", "rank", "shard", "shard_sizes",
            "world_size"]
 
@@ -370,7 +370,7 @@ FINGERPRINT_ENTRIES = 1024
 _FP_PROBES: dict[tuple[int, str, int], Tensor] = {}
 
 
-def _fp_probe(d: int, device: torch.device, salt: int) -> Tensor:
+def fixed_probe(d: int, device: torch.device, salt: int) -> Tensor:
     """A fixed pseudo-random float64 vector of length d (the same in every process)."""
     key = (d, str(device), salt)
     if key not in _FP_PROBES:
@@ -384,14 +384,13 @@ def fingerprint(mats: Sequence[Tensor], device: torch.device) -> tuple[Tensor, T
     :data:`FINGERPRINT_ENTRIES` evenly spaced entries of each (probe_j a fixed float64 Gaussian
     vector, the same in every process), and the scale ``sum_j |row| |probe_j|`` of its round-off:
     float64 [k] each, on ``device``; no host sync. Equal inputs give equal fingerprints on every
-    rank. (The numbers of the operators' own parameter and vector checks,
-    ``operators/curvature.py``.)"""
+    rank. (Also the operators' own parameter and vector checks, ``operators/curvature.py``.)"""
     k = mats[0].shape[0]
     fp = torch.zeros(k, dtype=torch.float64, device=device)
     scale = torch.zeros(k, dtype=torch.float64, device=device)
     for j, flat in enumerate(mats):
         flat = flat[:, ::max(1, -(-flat.shape[1] // FINGERPRINT_ENTRIES))]
-        probe = _fp_probe(flat.shape[1], device, 7 + j)
+        probe = fixed_probe(flat.shape[1], device, 7 + j)
         fp += (flat @ probe.to(flat.dtype)).double()
         scale += torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) * probe.norm()
     return fp, scale

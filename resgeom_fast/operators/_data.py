@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, check_int, type_error
 from resgeom_fast.core.modules import data_source, is_batch
 from resgeom_fast.core.modules import module_mode as core_module_mode
+from resgeom_fast.core.distributed import fixed_probe
 
 Batch = tuple[Tensor, Any]
 ParamSpec = Union[None, str, nn.Module, Tensor, Sequence[Union[str, nn.Module, Tensor]]]
@@ -150,16 +151,7 @@ def no_inplace(module: nn.Module) -> Iterator[None]:
 # Relative tolerance of the sample fingerprints: passes over the same samples give the same
 # float64 sums up to summation order (~1e-16 relative per term); other samples differ at O(1).
 _PRINT_TOL = 1e-9
-_PROBES: dict[tuple[int, str, int], Tensor] = {}
-
-
-def _probe(d: int, device: torch.device, salt: int) -> Tensor:
-    """A fixed pseudo-random float64 vector of length d (the same in every process)."""
-    key = (d, str(device), salt)
-    if key not in _PROBES:
-        g = torch.Generator().manual_seed(0x5EED + salt)
-        _PROBES[key] = torch.randn(d, generator=g, dtype=torch.float64).to(device)
-    return _PROBES[key]
+_probe = fixed_probe   # a fixed float64 vector of length d, the same in every process (core.distributed)
 
 
 def sample_fingerprints(x: Tensor, y: Any) -> Tensor:

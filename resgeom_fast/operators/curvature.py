@@ -36,7 +36,7 @@ from resgeom_fast.core.checks import ArgumentValueError, check_choice, check_typ
 from resgeom_fast.core.modules import data_source, is_map_dataset
 from resgeom_fast.linalg.operator import LinearOperator
 from resgeom_fast.operators._autotune import AutoTuner, resolve_hvp, verify_tolerance
-from resgeom_fast.operators._data import Batches, _probe, has_batchnorm, is_single_batch, module_mode
+from resgeom_fast.operators._data import Batches, has_batchnorm, is_single_batch, module_mode
 from resgeom_fast.operators._mean_contract import LossFn, check_loss, check_mean_contract
 from resgeom_fast.operators._precision import check_precision, product_precision, resolve_matmul
 from resgeom_fast.operators._products import (
@@ -56,24 +56,7 @@ from resgeom_fast.operators._structured_conv import GraphHVP, graph_primal
 __all__ = ["DISTRIBUTED_MODES", "CurvatureEngine", "CurvatureOperator", "GGNOperator", "HessianOperator"]
 
 DISTRIBUTED_MODES = ("split", "sharded")
-_FINGERPRINT = 1024     # entries per parameter tensor and vector that enter the ranks' vector check
 """``distributed=`` of the curvature operators (None: one process; see :class:`CurvatureEngine`)."""
-
-
-def _fingerprint(mats: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per row of the ``[k, n_j]`` matrices: ``sum_j <row, probe_j>`` over at most
-    :data:`_FINGERPRINT` evenly spaced entries of each, and the scale ``sum_j |row| |probe_j|``
-    of its round-off (float64 [k] each, on ``device``; no host sync). Equal inputs give equal
-    fingerprints on every rank."""
-    k = mats[0].shape[0]
-    fp = torch.zeros(k, dtype=torch.float64, device=device)
-    scale = torch.zeros(k, dtype=torch.float64, device=device)
-    for j, flat in enumerate(mats):
-        flat = flat[:, ::max(1, -(-flat.shape[1] // _FINGERPRINT))]
-        probe = _probe(flat.shape[1], device, 7 + j)
-        fp += (flat @ probe.to(flat.dtype)).double()
-        scale += torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) * probe.norm()
-    return fp, scale
 
 
 def check_distributed(fn: str, distributed: Optional[str]) -> Optional[str]:
@@ -228,7 +211,7 @@ class CurvatureEngine:
         # per rank: samples, batches, and a fingerprint of the parameters (which must be equal)
         counts = torch.zeros(3, world, dtype=torch.float64, device=self.device)
         counts[0, r], counts[1, r] = self.batches.local_total, len(self.batches.sizes)
-        fp, scale = _fingerprint([p.detach().reshape(1, -1) for p in self.params], self.device)
+        fp, scale = dist.fingerprint([p.detach().reshape(1, -1) for p in self.params], self.device)
         counts[2, r] = fp[0]
         (counts,) = dist.all_reduce_sum([counts], fn=fn)
         tol = 1000 * torch.finfo(self.dtype).eps * float(scale[0]) + torch.finfo(torch.float64).tiny
@@ -298,7 +281,7 @@ class CurvatureEngine:
         """Sum the ranks' local products in ONE all_reduce; its tail holds per rank a failure flag
         and a fingerprint of ``vs`` (``probe . v`` per column), compared across ranks afterwards."""
         world, r = dist.world_size(), dist.rank()
-        fp, scale = _fingerprint([v.detach().reshape(k, -1) for v in vs], self.device)
+        fp, scale = dist.fingerprint([v.detach().reshape(k, -1) for v in vs], self.device)
         tail = torch.zeros(world, k + 1, dtype=torch.float64, device=self.device)
         tail[r, 0] = 1.0 if err is not None else 0.0
         tail[r, 1:] = fp

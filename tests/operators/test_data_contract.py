@@ -67,7 +67,9 @@ def test_change_after_construction_refused_on_the_pass():
     v = torch.randn(H.shape[0], 2, dtype=torch.float64)
     H.matmat(v)
     batches[1] = (x[10:] + 1e-3, y[10:])                     # a small change of one batch
-    with pytest.raises(NonRepeatableDataError, match="pass 4 yielded other samples"):
+    # the very next product's pass refuses it (its number counts the auto-tuner's passes too:
+    # 5 since FCNet also has the structured path to time, issue 15)
+    with pytest.raises(NonRepeatableDataError, match=r"pass \d+ yielded other samples than pass 1"):
         H.matmat(v)
 
 
