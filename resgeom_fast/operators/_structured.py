@@ -52,7 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from resgeom_fast.core.blocks import ZeroSkip
 from resgeom_fast.models.blocks import OrthogonalSkip, ScaledIdentity
 
-__all__ = ["StructuredHVP", "parse_structured", "structured_loss"]
+__all__ = ["StructuredHVP", "output_gradient", "output_tangent_gradient", "parse_structured", "structured_loss"]
 
 
 class _Linear:
@@ -193,6 +193,30 @@ def parse_structured(model: nn.Module, params: Sequence[Tensor], loss_fn: Any,
         return None, f"{len(missing)} chosen parameters are not in a recognised layer"
     return layers, None
 
+
+
+def output_gradient(logits: Tensor, y: Any, loss: str) -> tuple[Optional[Tensor], Tensor]:
+    """``(p, g)`` at the logits [N, C] of a batch: g = dL/dlogits of the mean loss ("ce": p the
+    softmax, g = (p - onehot(y)) / N; "mse": p None, g = 2 (o - t) / (N d), ``y`` the targets)."""
+    n = logits.shape[0]
+    if loss == "mse":
+        return None, (logits - y).mul_(2.0 / logits.numel())
+    p = torch.softmax(logits, dim=1)
+    g = p.clone()
+    g[torch.arange(n, device=g.device), y] -= 1
+    return p, g.div_(n)
+
+
+def output_tangent_gradient(Ro: Tensor, p: Optional[Tensor], n: int, loss: str) -> Tensor:
+    """R g from the logits' tangents ``Ro`` [n, k, C] of n samples (the output Hessian times Ro):
+    "mse": 2 Ro / (n d); "ce": R of (p - onehot)/n, (p * Ro - p <p, Ro>) / n per sample and vector
+    (``p`` [n, C] the softmax)."""
+    if loss == "mse":
+        return Ro * (2.0 / (n * Ro.shape[-1]))
+    assert p is not None
+    q = p.unsqueeze(1)                                            # [n, 1, C]
+    pRo = q * Ro
+    return pRo.sub_(q * pRo.sum(-1, keepdim=True)).div_(n)
 
 def _collect(layers: list, known: set[int]) -> None:
     for L in layers:
@@ -371,14 +395,7 @@ class StructuredHVP:
         with torch.no_grad():
             logits = _forward(self.layers, x, st)
             n = logits.shape[0]
-            if self.loss == "mse":
-                p = None
-                g = (logits - y).mul_(2.0 / logits.numel())
-            else:
-                p = torch.softmax(logits, dim=1)
-                g = p.clone()
-                g[torch.arange(n, device=g.device), y] -= 1
-                g /= n
+            p, g = output_gradient(logits, y, self.loss)
             _backward(self.layers, g, st)
         st.p, st.logits, st.n = p, logits, n
         return st
@@ -396,14 +413,7 @@ class StructuredHVP:
             for part in st.chunks(max(1, self.chunk)):
                 tang: dict[int, Optional[Tensor]] = {}
                 Ro = self._rfwd(self.layers, None, V, part, tang, k)
-                if Ro is None:
-                    Rg = None
-                elif self.loss == "mse":  # R of 2 (o - t) / (n d)
-                    Rg = Ro * (2.0 / (part.n * Ro.shape[-1]))
-                else:  # R of (p - onehot)/n: (p * Ro - p <p, Ro>) / n, per sample and vector
-                    p = part.p.unsqueeze(1)                             # [n, 1, C]
-                    pRo = p * Ro
-                    Rg = pRo.sub_(p * pRo.sum(-1, keepdim=True)).div_(part.n)
+                Rg = None if Ro is None else output_tangent_gradient(Ro, part.p, part.n, self.loss)
                 self._rbwd(self.layers, Rg, V, part, tang, want, out, k)
         res = []
         for i in idx:

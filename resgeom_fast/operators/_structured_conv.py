@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from resgeom_fast.operators._data import module_mode
 from resgeom_fast.operators._graph import GNode, TracedGraph
 from resgeom_fast.operators._products import NotStructured, rel_diff
+from resgeom_fast.operators._structured import output_gradient, output_tangent_gradient
 
 __all__ = ["GraphHVP", "graph_primal"]
 
@@ -208,14 +209,7 @@ class GraphHVP:
             if logits.dim() != 2:
                 raise NotStructured(f"the model's output is not [N, classes] logits (got shape {tuple(logits.shape)})")
             n = logits.shape[0]
-            if self.loss == "mse":
-                p = None
-                g = (logits - y).mul_(2.0 / logits.numel())
-            else:
-                p = torch.softmax(logits, dim=1)
-                g = p.clone()
-                g[torch.arange(n, device=g.device), y] -= 1
-                g /= n
+            p, g = output_gradient(logits, y, self.loss)
             if self.curvature == "hessian":
                 self._backward(g, st)
         st.p, st.logits, st.n = p, logits, n
@@ -409,12 +403,7 @@ class GraphHVP:
                 Ro = tang.pop(self.graph.out, None)
                 if Ro is None:
                     continue
-                if self.loss == "mse":
-                    Rg = Ro * (2.0 / (part.n * Ro.shape[-1]))
-                else:
-                    p = part.p.unsqueeze(1)                               # [n, 1, C]
-                    pRo = p * Ro
-                    Rg = pRo.sub_(p * pRo.sum(-1, keepdim=True)).div_(part.n)
+                Rg = output_tangent_gradient(Ro, part.p, part.n, self.loss)
                 self._rbwd(Rg, V, part, tang, want, out, k)
         res = []
         for i in idx:
