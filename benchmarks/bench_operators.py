@@ -160,15 +160,9 @@ def test_hvp(benchmark, setup, impl, k):
 
 
 # -- top-5 eigenvalues --------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["ours", "pyhessian", "curvlinops_scipy", "hessian_eigenthings"])
-def test_top5(benchmark, setup, truth, impl):
-    m, x, y = setup
-    benchmark.group = "top5"
-    ps = _params(m)
-    if impl == "ours":
-        def run():
-            return linalg.eigsh(hessian(m, CE, (x, y)), k=5, which="LA", tol=1e-4, seed=0).eigenvalues
-    elif impl == "pyhessian":
+def _peer_top5(impl: str, m, ps, x, y):
+    """The peer ``impl``'s top-5 eigenvalue call on the batch (x, y) (optional extras)."""
+    if impl == "pyhessian":
         from pyhessian import hessian as PH
 
         def run():
@@ -188,6 +182,19 @@ def test_top5(benchmark, setup, truth, impl):
         def run():
             H = he.HessianOperator(m, [(x, y)], he.supervised_loss(CE))
             return torch.as_tensor(he.lanczos(H, k=5, which="LA", tol=1e-4, seed=0).eigenvalues)
+    return run
+
+
+@pytest.mark.parametrize("impl", ["ours", "pyhessian", "curvlinops_scipy", "hessian_eigenthings"])
+def test_top5(benchmark, setup, truth, impl):
+    m, x, y = setup
+    benchmark.group = "top5"
+    ps = _params(m)
+    if impl == "ours":
+        def run():
+            return linalg.eigsh(hessian(m, CE, (x, y)), k=5, which="LA", tol=1e-4, seed=0).eigenvalues
+    else:
+        run = _peer_top5(impl, m, ps, x, y)
     ev = benchmark.pedantic(run, rounds=1, iterations=1)
     got = torch.as_tensor(ev).double().sort(descending=True).values
     err = ((got - truth["top5"]).abs() / truth["top5"].abs()).max().item()
@@ -647,26 +654,8 @@ def test_conv_top5(benchmark, rnd, name, impl):
             ev = linalg.eigsh(H, k=5, which="LA", tol=1e-4, seed=0).eigenvalues
             chosen.update(_choice(H))
             return ev
-    elif impl == "pyhessian":
-        from pyhessian import hessian as PH
-
-        def run():
-            m.zero_grad(set_to_none=True)
-            ev, _ = PH(m, CE, data=(x, y), cuda=False).eigenvalues(maxIter=100, tol=1e-4, top_n=5)
-            return torch.tensor(ev)
-    elif impl == "curvlinops_scipy":
-        from curvlinops import HessianLinearOperator
-        from scipy.sparse.linalg import eigsh as sp_eigsh
-
-        def run():
-            H = HessianLinearOperator(m, CE, ps, [(x, y)], check_deterministic=False).to_scipy()
-            return torch.tensor(sp_eigsh(H, k=5, which="LA", tol=1e-4, return_eigenvectors=False))
     else:
-        import hessian_eigenthings as he
-
-        def run():
-            H = he.HessianOperator(m, [(x, y)], he.supervised_loss(CE))
-            return torch.as_tensor(he.lanczos(H, k=5, which="LA", tol=1e-4, seed=0).eigenvalues)
+        run = _peer_top5(impl, m, ps, x, y)
     ev = benchmark.pedantic(run, rounds=1, iterations=1)
     got = torch.as_tensor(ev).double().sort(descending=True).values
     ref = _ref_top5(name)
