@@ -194,6 +194,21 @@ def _ggn_func_product(model: nn.Module, loss_fn: LossFn, names: Sequence[str], p
 
 
 # -- structured (the R-operator of _structured.py) -----------------------------------------------
+def is_class_labels(y: Any) -> bool:
+    """Whether ``y`` is a 1-D tensor of class indices (integer, not complex)."""
+    return isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point() and not y.is_complex()
+
+
+def check_primal_logits(model: nn.Module, batchnorm: str, x: Tensor, logits: Tensor, tol: float, what: str,
+                        why: str = "") -> None:
+    """Raise :class:`NotStructured` ("``what`` model(x)``why``") unless the cached primal
+    ``logits`` equal ``model(x)`` (in the ``batchnorm`` mode) to relative ``tol``."""
+    with torch.no_grad(), module_mode(model, batchnorm):
+        ref = model(x)
+    if not (isinstance(ref, Tensor) and ref.shape == logits.shape and rel_diff([logits], [ref]) <= tol):
+        raise NotStructured(f"{what} model(x){why}")
+
+
 def structured_primal(structured: StructuredHVP, model: nn.Module, batchnorm: str, x: Tensor, y: Any, *,
                       check_forward: bool, tol: float) -> Any:
     """The primal pass of the structured path on one batch (``structured.primal``), after checking
@@ -208,15 +223,10 @@ def structured_primal(structured: StructuredHVP, model: nn.Module, batchnorm: st
         if not (isinstance(y, Tensor) and tuple(y.shape) == (x.shape[0], d) and y.dtype == x.dtype):
             raise NotStructured(f"the targets are not a float tensor [N, {d}] (the outputs' shape) of the "
                                 f"inputs' dtype")
-    elif not (isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point() and not y.is_complex()):
+    elif not is_class_labels(y):
         raise NotStructured("the labels are not a 1-D tensor of class indices")
     st = structured.primal(x, y)
-    if not check_forward:
-        return st
-    with torch.no_grad(), module_mode(model, batchnorm):
-        logits = model(x)
-    if not (isinstance(logits, Tensor) and logits.shape == st.logits.shape
-            and rel_diff([st.logits], [logits]) <= tol):
-        raise NotStructured("the recognised layers do not reproduce model(x) (the model's forward "
-                            "is not the stem/blocks/head composition)")
+    if check_forward:
+        check_primal_logits(model, batchnorm, x, st.logits, tol, "the recognised layers do not reproduce",
+                            " (the model's forward is not the stem/blocks/head composition)")
     return st

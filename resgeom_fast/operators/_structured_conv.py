@@ -42,9 +42,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resgeom_fast.operators._data import module_mode
 from resgeom_fast.operators._graph import GNode, TracedGraph
-from resgeom_fast.operators._products import NotStructured, rel_diff
+from resgeom_fast.operators._products import NotStructured, check_primal_logits, is_class_labels
 from resgeom_fast.operators._structured import output_gradient, output_tangent_gradient
 
 __all__ = ["GraphHVP", "graph_primal"]
@@ -678,19 +677,13 @@ def graph_primal(engine: GraphHVP, model: nn.Module, batchnorm: str, x: Tensor, 
         NotStructured: the labels do not fit, a node's shapes are not covered, or the traced
             graph does not reproduce model(x).
     """
-    if engine.loss == "ce" and not (isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point()
-                                    and not y.is_complex()):
+    if engine.loss == "ce" and not is_class_labels(y):
         raise NotStructured("the labels are not a 1-D tensor of class indices")
     if engine.loss == "mse" and not (isinstance(y, Tensor) and y.dtype == x.dtype):
         raise NotStructured("the targets are not a float tensor of the inputs' dtype")
     st = engine.primal(model, x, y) if engine.loss == "ce" else _mse_primal(engine, model, x, y)
-    if not check_forward:
-        return st
-    with torch.no_grad(), module_mode(model, batchnorm):
-        logits = model(x)
-    if not (isinstance(logits, Tensor) and logits.shape == st.logits.shape
-            and rel_diff([st.logits], [logits]) <= tol):
-        raise NotStructured("the traced graph does not reproduce model(x)")
+    if check_forward:
+        check_primal_logits(model, batchnorm, x, st.logits, tol, "the traced graph does not reproduce")
     return st
 
 
