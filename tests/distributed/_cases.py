@@ -194,14 +194,18 @@ def killed_rank(world: int, rank: int, outdir: Path) -> None:
     (outdir / f"killed_rank{rank}.txt").write_text(f"{time.monotonic() - t0:.3f}\n{msg}")
 
 
-def spawn(world: int, workdir: Path, task: str = "operators") -> list[dict[str, Any]]:
-    """Run the workers of ``world`` ranks (gloo, a FileStore in ``workdir``) on ``task``
-    ("operators" or "analyses", see :mod:`tests.distributed._worker`); return each rank's
-    results. Fails (naming the rank and its stderr) when a worker fails or outlives the timeout."""
+def spawn(world: int, workdir: Path, task: Optional[str] = "operators",
+          module: str = "tests.distributed._worker") -> list[dict[str, Any]]:
+    """Run the workers of ``world`` ranks (gloo, a FileStore in ``workdir``): ``python -m module
+    rank world store workdir [task]`` (``task`` "operators", "analyses", ... of
+    :mod:`tests.distributed._worker`; None: no task argument, for a test module that is its own
+    worker); return each rank's ``rank{r}.pt``. Fails (naming the rank and its stderr) when a
+    worker fails or outlives the timeout."""
     store = workdir / "store"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed._worker", str(r), str(world), str(store),
-                               str(workdir), task], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs = [subprocess.Popen([sys.executable, "-m", module, str(r), str(world), str(store), str(workdir),
+                               *([task] if task is not None else [])],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
     logs = []
     try:

@@ -22,8 +22,6 @@ One spawn per world size (module fixture; the workers are this module run as
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import warnings
 from datetime import timedelta
@@ -37,7 +35,7 @@ import torch.distributed as dist
 from resgeom_fast.analysis import alignment as alignment_mod
 from resgeom_fast.analysis.alignment import residual_alignment
 from tests.distributed._analysis_cases import _alignment_x, align_model, differences
-from tests.distributed._cases import CASES, REPO, TIMEOUT_S, conv_model
+from tests.distributed._cases import CASES, TIMEOUT_S, conv_model, spawn
 
 WORLDS = (2, 3)
 TOL = 1e-10
@@ -152,24 +150,7 @@ def main(rank: int, world: int, store: str, outdir: str) -> None:
 
 
 def _spawn(world: int, workdir: Path) -> list[dict[str, Any]]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.test_alignment_adaptive_local", str(r),
-                               str(world), str(workdir / "store"), str(workdir)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=TIMEOUT_S * 3)
-            logs.append(out.decode(errors="replace"))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, p in enumerate(procs):
-        if p.returncode != 0:
-            raise AssertionError(f"worker {r} of {world} exited with {p.returncode}:\n{logs[r][-4000:]}")
-    return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return spawn(world, workdir, task=None, module="tests.distributed.test_alignment_adaptive_local")
 
 
 @pytest.fixture(scope="module")
