@@ -59,9 +59,12 @@ def rel_diff(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
 
 
 def accumulate(acc: Optional[list[Tensor]], res: Sequence[Tensor], w: float) -> list[Tensor]:
-    """``acc += w * res`` per parameter (the batch weight of a DataLoader's mean loss)."""
+    """``acc += w * res`` per parameter (the batch weight of a DataLoader's mean loss). The
+    engines' results are fresh tensors: the first is kept as it is when ``w`` is 1 (a copy of
+    every parameter's k products costs as much as a layer's convolutions on resnet18), and later
+    ones are added into it in place."""
     if acc is None:
-        return [w * r for r in res]
+        return [r if w == 1.0 else w * r for r in res]
     for a, r in zip(acc, res):
         a.add_(r, alpha=w)
     return acc

@@ -35,6 +35,7 @@ tangent forward is J V; the tangent backward of ``H_out J V`` is then a plain ba
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import torch
@@ -58,8 +59,40 @@ def _vec(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(*v.shape, *([1] * (ndim - 2)))
 
 
+def _pointwise(L: GNode, ksize: Sequence[int], spatial: Sequence[int]) -> bool:
+    """A conv that is a plain GEMM over [N, C]: a 1x1 kernel on 1x1 inputs without padding (a
+    3x3 conv at 1x1 becomes one once cropped to its live tap). oneDNN runs these 10-15x slower
+    than ``torch.mm`` on the benchmark CPU (resnet18's last stage on CIFAR-sized images)."""
+    return (L.layer == "conv" and tuple(ksize) == (1, 1) and tuple(spatial) == (1, 1)
+            and tuple(L.padding) == (0, 0))
+
+
+# output positions per sample up to which a conv's weight gradient runs as im2col + one GEMM:
+# at 2x2 outputs 2.4x faster than oneDNN's weight gradient on the benchmark CPU (one thread,
+# resnet18's third stage, k = 10 stacked channels), at 4x4 2.3x slower
+SMALL_OUTPUT = 4
+# the forward and input-gradient convs run as im2col / col2im + one GEMM when they have at most
+# this many output positions per sample and no more rows (samples x positions) than output (or
+# gradient) channels: the k stacked tangent weights of resnet18's third and fourth stages, 1.6-2.7x
+# faster than oneDNN there; oneDNN wins on the [N k] tangent batches (1.3-6x)
+SMALL_GEMM = 16
+
+
+def _im2col_wins(L: GNode, rows: int, positions: int, channels: int) -> bool:
+    return L.layer == "conv" and positions <= SMALL_GEMM and rows * positions <= channels
+
+
 def _fwd(L: GNode, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
     if L.layer == "conv":
+        N, O = x.shape[0], W.shape[0]
+        if _pointwise(L, W.shape[2:], x.shape[2:]):
+            return F.linear(x.reshape(N, -1), W.reshape(O, -1), b).view(N, O, 1, 1)
+        out_hw = [(x.shape[2 + d] + 2 * L.padding[d] - L.dilation[d] * (W.shape[2 + d] - 1) - 1) // L.stride[d] + 1
+                  for d in range(2)]
+        if _im2col_wins(L, N, out_hw[0] * out_hw[1], O):
+            cols = F.unfold(x, tuple(W.shape[2:]), L.dilation, L.padding, L.stride)      # [N, C kh kw, L]
+            out = torch.einsum("oc,ncl->nol", W.reshape(O, -1), cols).view(N, O, *out_hw)
+            return out if b is None else out + _vec(b, 4)
         return F.conv2d(x, W, b, L.stride, L.padding, L.dilation)
     return F.linear(x, W, b)
 
@@ -68,6 +101,12 @@ def _bwd_in(L: GNode, g: Tensor, W: Tensor, in_shape: Sequence[int], cl: bool = 
     """conv^T(g, W) / g W: the gradient of the layer's input ([B, C, ...] of ``in_shape``;
     channels_last with ``cl``: the input's layout tells the kernel which one to produce)."""
     if L.layer == "conv":
+        N, O = g.shape[0], g.shape[1]
+        if _pointwise(L, W.shape[2:], in_shape[2:]):
+            return torch.mm(g.reshape(N, -1), W.reshape(O, -1)).view(*in_shape)
+        if _im2col_wins(L, N, g.shape[2] * g.shape[3], O):
+            cols = torch.einsum("oc,nol->ncl", W.reshape(O, -1), g.reshape(N, O, -1))      # [N, C kh kw, L]
+            return F.fold(cols, tuple(in_shape[2:]), tuple(W.shape[2:]), L.dilation, L.padding, L.stride)
         like = (torch.empty(in_shape, dtype=g.dtype, device=g.device, memory_format=torch.channels_last) if cl
                 else g.new_empty(1).expand(in_shape))
         return torch.ops.aten.convolution_backward(
@@ -80,6 +119,14 @@ def _bwd_w(L: GNode, g: Tensor, x: Tensor, w_shape: Sequence[int]) -> tuple[Tens
     """corr(g, x) / g^T x: the weight gradient of shape ``w_shape``, and the bias gradient (g
     summed over samples and positions, [w_shape[0]]) from the same kernel call."""
     if L.layer == "conv":
+        N = g.shape[0]
+        if _pointwise(L, w_shape[2:], x.shape[2:]):
+            g2 = g.reshape(N, -1)
+            return torch.mm(g2.t(), x.reshape(N, -1)).view(*w_shape), g2.sum(0)
+        if g.shape[2] * g.shape[3] <= SMALL_OUTPUT:
+            cols = F.unfold(x, tuple(w_shape[2:]), L.dilation, L.padding, L.stride)     # [N, C kh kw, L]
+            g3 = g.reshape(N, g.shape[1], -1)
+            return torch.einsum("nol,ncl->oc", g3, cols).view(*w_shape), g3.sum((0, 2))
         _, gw, gb = torch.ops.aten.convolution_backward(
             g, x, g.new_empty(1).expand(w_shape), [w_shape[0]], L.stride, L.padding, L.dilation, False, [0, 0],
             1, [False, True, True])
@@ -109,10 +156,61 @@ def _bl(t: Optional[Tensor], cl: bool) -> Optional[Tensor]:
     return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
+def _live_taps(size: int, k: int, pad: int, stride: int, dil: int) -> Optional[tuple[int, int, int]]:
+    """The kernel taps of one spatial axis that ever read the input (not only its zero padding):
+    ``(t0, t1, pad')`` when they are a proper sub-range ``t0..t1`` of the ``k`` taps and the
+    convolution by taps ``t0..t1`` with symmetric padding ``pad'`` produces the same output
+    positions from the same input positions; None when every tap is live or no such crop exists."""
+    out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    if out < 1:
+        return None
+    live = [t for t in range(k) if any(0 <= o * stride - pad + t * dil < size for o in range(out))]
+    if not live or len(live) == k or live != list(range(live[0], live[-1] + 1)):
+        return None
+    t0, t1 = live[0], live[-1]
+    pad2 = pad - t0 * dil
+    if pad2 < 0 or (size + 2 * pad2 - dil * (t1 - t0) - 1) // stride + 1 != out:
+        return None
+    return t0, t1, pad2
+
+
+def _conv_crop(L: GNode, spatial: Sequence[int], ksize: Sequence[int]) -> Optional[tuple[GNode, tuple[slice, ...]]]:
+    """An exact smaller convolution for a conv node on inputs of ``spatial`` size: the node with
+    the padding of the cropped kernel, and the kernel slices (every axis; None when no tap reads
+    only padding). A tap that reads only zero padding contributes nothing to the output, so its
+    weights' gradient and Hessian rows and columns are exactly zero: at small spatial sizes
+    (resnet18's last stage at 1x1 on CIFAR-sized images: 1 of 9 taps live) the tangent passes run
+    on the live taps alone."""
+    if L.layer != "conv" or len(spatial) != 2:
+        return None
+    crops = [_live_taps(int(spatial[d]), int(ksize[d]), int(L.padding[d]), int(L.stride[d]), int(L.dilation[d]))
+             for d in range(2)]
+    if crops[0] is None and crops[1] is None:
+        return None
+    sl, pad = [], []
+    for d in range(2):
+        if crops[d] is None:
+            sl.append(slice(0, int(ksize[d])))
+            pad.append(int(L.padding[d]))
+        else:
+            t0, t1, p2 = crops[d]
+            sl.append(slice(t0, t1 + 1))
+            pad.append(p2)
+    return dataclasses.replace(L, padding=tuple(pad)), (slice(None), slice(None), *sl)
+
+
 def _sum_but(t: Tensor, keep: int) -> Tensor:
     """Sum over axis 0 and every axis after ``keep`` (the spatial axes): [N, *kept, ...] -> kept."""
     dims = [0, *range(keep + 1, t.dim())]
     return t.sum(dims)
+
+
+def _uncrop(r: Tensor, crop: tuple[slice, ...], shape: Sequence[int]) -> Tensor:
+    """Products of a cropped conv's live taps [k, O, C, h, w] in the full kernel [k, *shape]
+    (zero at the taps that read only padding: their Hessian rows are exactly zero)."""
+    full = r.new_zeros((r.shape[0], *shape))
+    full[(slice(None), *crop)] = r
+    return full
 
 
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
@@ -140,6 +238,11 @@ class _GPrimal:
         self.consts: dict[int, tuple] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}     # per-sample shape of every traced node
         self.gx: dict[int, tuple[Tensor, Tensor]] = {}   # affine: (G, G_b) over these samples (lazy)
+        # conv nodes whose kernel has taps that read only padding at this batch's spatial size:
+        # the node with the cropped kernel's padding, and the kernel slices (``_conv_crop``);
+        # their consts hold the cropped weights
+        self.geo: dict[int, GNode] = {}
+        self.crop: dict[int, tuple[slice, ...]] = {}
         self.p: Optional[Tensor] = None
         self.logits: Optional[Tensor] = None
         self.n = 0
@@ -154,7 +257,7 @@ class _GPrimal:
             for s0 in range(0, self.n, size):
                 sl = slice(s0, s0 + size)
                 c = _GPrimal()
-                c.n, c.consts, c.shapes = self.n, self.consts, self.shapes
+                c.n, c.consts, c.shapes, c.geo, c.crop = self.n, self.consts, self.shapes, self.geo, self.crop
                 c.p = None if self.p is None else self.p[sl]
                 c.acts = {i: (a[sl] if isinstance(a, Tensor) else (a[0][sl], *a[1:])) for i, a in self.acts.items()}
                 c.grads = {i: g[sl] for i, g in self.grads.items()}
@@ -266,8 +369,13 @@ class GraphHVP:
                     beff = sc * shift
                     if bn.bias is not None:
                         beff = beff + bn.bias.detach()
-                Ws = _cl(Ws, self.cl)
-                st.consts[i] = (W, Ws, sc, c, shift)
+                Wt = W
+                cr = _conv_crop(L, a.shape[2:], W.shape[2:]) if L.layer == "conv" else None
+                if cr is not None:
+                    st.geo[i], st.crop[i] = cr
+                    Wt, Ws = W[cr[1]].contiguous(), Ws[cr[1]]
+                Ws = _cl(Ws.contiguous(), self.cl)
+                st.consts[i] = (Wt, Ws, sc, c, shift)
                 st.acts[i] = _cl(a, self.cl and L.layer == "conv")
                 # the model's own operations (the BatchNorm unfolded, the model's layout): the
                 # ReLU masks and pooling indices are then the model's, also for units within
@@ -278,7 +386,7 @@ class GraphHVP:
                     h = F.batch_norm(h, L.bn.running_mean, L.bn.running_var,
                                      None if L.bn.weight is None else L.bn.weight.detach(),
                                      None if L.bn.bias is None else L.bn.bias.detach(), False, 0.0, L.bn.eps)
-                macs[i] = int(W.numel() * (h[0].numel() // W.shape[0]))
+                macs[i] = int(Wt.numel() * (h[0].numel() // W.shape[0]))
             elif k == "bn":
                 bn = L.bn
                 c = _vec(torch.rsqrt(bn.running_var.to(a.dtype) + bn.eps), a.dim())
@@ -345,7 +453,7 @@ class GraphHVP:
             if k == "affine":
                 st.grads[i] = _cl(g, self.cl)
                 if self.upstream[a]:
-                    _acc(G, a, _bwd_in(L, g, st.consts[i][1], (N, *st.shapes[a]), self.cl))
+                    _acc(G, a, _bwd_in(st.geo.get(i, L), g, st.consts[i][1], (N, *st.shapes[a]), self.cl))
             elif k == "bn":
                 st.grads[i] = _cl(g, self.cl)
                 _, c, gamma = st.acts[i]
@@ -419,13 +527,15 @@ class GraphHVP:
         return max(1, TANGENT_BUDGET // max(1, k * per))
 
     @staticmethod
-    def _tangent_weights(L: GNode, V: dict[int, Tensor], consts: tuple, k: int
-                         ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """``M_W`` [k, O, C, ...] and ``M_b`` [k, O] (module doc); None where absent."""
+    def _tangent_weights(L: GNode, V: dict[int, Tensor], consts: tuple, k: int,
+                         crop: Optional[tuple[slice, ...]] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``M_W`` [k, O, C, ...] and ``M_b`` [k, O] (module doc); None where absent. ``crop``:
+        the live kernel taps of a cropped conv (the weights in ``consts`` are cropped already)."""
         W, Ws, sc, c, shift = consts
         MW = Mb = None
         if L.iw is not None and L.iw in V:
-            MW = V[L.iw] if sc is None else V[L.iw] * _vec(sc, W.dim() + 1)
+            Vw = V[L.iw] if crop is None else V[L.iw][(slice(None), *crop)]
+            MW = Vw if sc is None else Vw * _vec(sc, W.dim() + 1)
         Vg = V.get(L.ig) if L.ig is not None else None
         if Vg is not None:
             t = _vec(Vg * c, W.dim() + 1) * W
@@ -455,14 +565,15 @@ class GraphHVP:
                 consts = st.consts[i]
                 Ws = consts[1]
                 O = Ws.shape[0]
+                Lg = st.geo.get(i, L)
                 if Rx is not None:
                     Rx = _bl(Rx, self.cl)
-                    r = _fwd(L, Rx.reshape(N * k, *Rx.shape[2:]), Ws, None)
+                    r = _fwd(Lg, Rx.reshape(N * k, *Rx.shape[2:]), Ws, None)
                     r = r.view(N, k, O, *r.shape[2:])
-                MW, Mb = self._tangent_weights(L, V, consts, k)
+                MW, Mb = self._tangent_weights(L, V, consts, k, st.crop.get(i))
                 T[("M", i)] = MW
                 if MW is not None:
-                    t = _fwd(L, x, _cl(MW.reshape(k * O, *MW.shape[2:]), self.cl),
+                    t = _fwd(Lg, x, _cl(MW.reshape(k * O, *MW.shape[2:]), self.cl),
                              None if Mb is None else Mb.reshape(-1))
                     t = t.unflatten(1, (k, O))
                     r = _bl(t, self.cl) if r is None else r.add_(t)
@@ -533,15 +644,16 @@ class GraphHVP:
                     x = st.acts[i]
                     N = x.shape[0]
                     Ws = st.consts[i][1]
+                    Lg = st.geo.get(i, L)
                     r = None
                     if rg is not None:
-                        r = _bwd_in(L, rg.reshape(N * k, *rg.shape[2:]), Ws, (N * k, *x.shape[1:]), self.cl)
+                        r = _bwd_in(Lg, rg.reshape(N * k, *rg.shape[2:]), Ws, (N * k, *x.shape[1:]), self.cl)
                         r = r.view(N, k, *x.shape[1:])
                     MW = T.get(("M", i))
                     if g is not None and MW is not None:
                         O, C = MW.shape[1], MW.shape[2]
                         Mst = _cl(MW.transpose(0, 1).reshape(O, k * C, *MW.shape[3:]), self.cl)
-                        t = _bwd_in(L, g, Mst, (N, k * C, *x.shape[2:]), self.cl).unflatten(1, (k, C))
+                        t = _bwd_in(Lg, g, Mst, (N, k * C, *x.shape[2:]), self.cl).unflatten(1, (k, C))
                         r = t if r is None else r.add_(t)
                     _acc(RG, a, r)
             elif kind == "bn":
@@ -579,6 +691,8 @@ class GraphHVP:
         if not wanted:
             return
         W, Ws, sc, c, shift = st.consts[i]
+        crop = st.crop.get(i)
+        L = st.geo.get(i, L)
         x = st.acts[i]
         O, C = W.shape[0], W.shape[1]
         ksz = tuple(W.shape[2:])
@@ -607,7 +721,7 @@ class GraphHVP:
                 t = _vec(Vg * c, nd + 1) * G
                 r = t if r is None else r + t
             if r is not None:
-                _acc(out, L.iw, r)
+                _acc(out, L.iw, r if crop is None else _uncrop(r, crop, self.params[L.iw].shape))
         if L.ib is not None and L.ib in want:
             r = None if RTb is None else (RTb * sc if sc is not None else RTb)
             if Vg is not None and Gb is not None:
@@ -623,6 +737,8 @@ class GraphHVP:
             if G is not None:
                 Vw = V.get(L.iw) if L.iw is not None else None
                 Vb = V.get(L.ib) if L.ib is not None else None
+                if Vw is not None and crop is not None:
+                    Vw = Vw[(slice(None), *crop)]
                 if Vw is not None:
                     r = _add(r, (Vw * G).sum(red))
                 if Vb is not None:

@@ -1,0 +1,177 @@
+"""The conv structured products at small spatial sizes (resnet18's last stages on CIFAR-sized
+images): kernels cropped to their live taps, 1x1 convs on 1x1 inputs as GEMMs, and im2col GEMMs
+for convs with few output positions -- exact against full convolutions, the double backward and
+the dense float64 Hessian."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resgeom_fast.operators import ggn, hessian
+from resgeom_fast.operators import _structured_conv as SC
+from resgeom_fast.operators._graph import trace_graph
+from tests.operators._operator_nets import dense_hessian, randomise_bn, rel
+
+CE = nn.CrossEntropyLoss()
+
+
+def test_live_taps_constructed_cases():
+    # 3x3 pad 1 on a 1x1 input: only the centre tap reads the input
+    assert SC._live_taps(1, 3, 1, 1, 1) == (1, 1, 0)
+    # 3x3 stride 2 pad 1 from 2 to 1 position: taps 1..2
+    assert SC._live_taps(2, 3, 1, 2, 1) == (1, 2, 0)
+    # every tap live: no crop
+    assert SC._live_taps(2, 3, 1, 1, 1) is None
+    assert SC._live_taps(32, 7, 3, 2, 1) is None
+    # dilation 2, pad 2 on 2 positions: only the middle tap
+    assert SC._live_taps(2, 3, 2, 1, 2) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("size,k,pad,stride,dil", [
+    c for c in itertools.product([1, 2, 3, 5], [1, 2, 3, 5], [0, 1, 2, 3], [1, 2, 3], [1, 2])
+    if (c[0] + 2 * c[2] - c[4] * (c[1] - 1) - 1) // c[3] + 1 >= 1])
+def test_cropped_conv_equals_the_full_conv(size, k, pad, stride, dil):
+    """Whenever a crop is returned, the convolution by the live taps with the new padding gives
+    the full convolution's output exactly (float64, every geometry of a grid)."""
+    crop = SC._live_taps(size, k, pad, stride, dil)
+    if crop is None:
+        return
+    t0, t1, pad2 = crop
+    g = torch.Generator().manual_seed(size * 1000 + k * 100 + pad * 10 + stride)
+    x = torch.randn(2, 3, size, size + 1, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 3, k, 1, generator=g, dtype=torch.float64)
+    full = F.conv2d(x, W, None, (stride, 1), (pad, 0), (dil, 1))
+    cut = F.conv2d(x, W[:, :, t0:t1 + 1], None, (stride, 1), (pad2, 0), (dil, 1))
+    assert cut.shape == full.shape
+    assert torch.equal(cut, full) or (cut - full).abs().max() < 1e-13
+
+
+class SmallNet(nn.Module):
+    """A resnet-like tail at small spatial sizes: conv 3x3 on 4x4, a stride-2 block into 2x2, a
+    stride-2 block into 1x1 (3x3 convs at 1x1: one live tap; a 1x1 downsample at 1x1: a GEMM),
+    BatchNorm everywhere, global pool, linear head."""
+
+    def __init__(self, c: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.stem = nn.Sequential(nn.Conv2d(2, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.b1 = nn.ModuleDict({"c1": nn.Conv2d(c, c, 3, 2, 1, bias=False), "n1": nn.BatchNorm2d(c),
+                                 "c2": nn.Conv2d(c, c, 3, 1, 1, bias=False), "n2": nn.BatchNorm2d(c),
+                                 "d": nn.Conv2d(c, c, 1, 2, bias=False), "nd": nn.BatchNorm2d(c)})
+        self.b2 = nn.ModuleDict({"c1": nn.Conv2d(c, 2 * c, 3, 2, 1, bias=False), "n1": nn.BatchNorm2d(2 * c),
+                                 "c2": nn.Conv2d(2 * c, 2 * c, 3, 1, 1), "n2": nn.BatchNorm2d(2 * c),
+                                 "d": nn.Conv2d(c, 2 * c, 1, 2, bias=False), "nd": nn.BatchNorm2d(2 * c)})
+        self.tail = nn.Conv2d(2 * c, 2 * c, 3, 1, 1)          # 1x1 input, bias, no BN
+        self.fc = nn.Linear(2 * c, 3)
+        randomise_bn(self, torch.Generator().manual_seed(6))
+
+    @staticmethod
+    def _block(b, x):
+        out = F.relu(b["n1"](b["c1"](x)))
+        out = b["n2"](b["c2"](out))
+        return F.relu(out + b["nd"](b["d"](x)))
+
+    def forward(self, x):
+        h = self._block(self.b2, self._block(self.b1, self.stem(x)))
+        h = F.relu(self.tail(h))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def _data(n=4, size=4):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(n, 2, size, size, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g))
+
+
+def test_small_spatial_net_crops_and_equals_double_backward_and_dense():
+    model = SmallNet().double().eval()
+    x, y = _data()
+    graph, why = trace_graph(model, list(model.parameters()), "eval")
+    assert graph is not None, why
+    eng = SC.GraphHVP(graph, list(model.parameters()))
+    st = eng.primal(model, x, y)
+    names = {graph.nodes[i].name: sl for i, sl in st.crop.items()}
+    # b2.c1 (2x2 -> 1x1, stride 2): taps 1..2; b2.c2 and tail (3x3 on 1x1): the centre tap
+    assert names.get("b2_c1") == (slice(None), slice(None), slice(1, 3), slice(1, 3)), names
+    assert names.get("b2_c2") == (slice(None), slice(None), slice(1, 2), slice(1, 2)), names
+    assert names.get("tail") == (slice(None), slice(None), slice(1, 2), slice(1, 2)), names
+    assert "stem_0" not in names and "b1_c2" not in names             # every tap live at 4x4 / 2x2
+
+    for curv, ctor in (("hessian", hessian), ("ggn", ggn)):
+        H = ctor(model, CE, (x, y), hvp="structured")
+        ref = ctor(model, CE, (x, y), hvp="double_backward")
+        assert H.hvp_method == "structured"
+        V = torch.randn(H.shape[0], 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        for k in (1, 6):
+            assert rel(H.matmat(V[:, :k]), ref.matmat(V[:, :k])) < 1e-10, curv
+    H = hessian(model, CE, (x, y), hvp="structured")
+    dense = dense_hessian(model, CE, x, y)
+    V = torch.randn(H.shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    HV = H.matmat(V)
+    assert rel(HV, dense @ V) < 1e-10
+    # the products at the taps that read only padding are exactly zero (their Hessian rows are)
+    off = 0
+    for name, p in model.named_parameters():
+        if name == "tail.weight":
+            block = HV[off:off + p.numel()].reshape(*p.shape, 4)
+            dead = torch.ones(p.shape[2:], dtype=torch.bool)
+            dead[1, 1] = False
+            assert (block[:, :, dead] == 0).all()
+            assert block[:, :, 1, 1].abs().max() > 0
+        off += p.numel()
+
+
+def test_small_spatial_float32_resnet18_tail_matches_double_backward():
+    """torchvision resnet18 on 16x16 images (its last stage at 1x1: every 3x3 conv there cropped
+    to one tap, the downsample a GEMM), the last stage's and the head's parameters, float32:
+    within float32 round-off of the double backward."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    randomise_bn(model, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 16, 16, generator=g)
+    y = torch.randint(0, 3, (3,), generator=g)
+    params = [n for n, _ in model.named_parameters() if n.startswith(("layer4", "fc"))]
+    H = hessian(model, CE, (x, y), params=params, hvp="structured")
+    ref = hessian(model, CE, (x, y), params=params, hvp="double_backward")
+    V = torch.randn(H.shape[0], 3, generator=g)
+    assert rel(H.matmat(V), ref.matmat(V)) < 1e-4
+
+
+def test_flops_count_the_live_taps():
+    """A 3x3 conv (pad 1) on 1x1 inputs runs only its centre tap: per sample and vector
+    conv(x, M) and corr(Rg, x) at 3 x 4 multiply-adds; the Linear all six products."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 1, 1, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    H = hessian(model, CE, (x, y), hvp="structured")
+    ref = hessian(model, CE, (x, y), hvp="double_backward")
+    V = torch.randn(H.shape[0], 7, dtype=torch.float64, generator=g)
+    assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
+    assert H.structured_flops(7) == 2 * 5 * 7 * (2 * 12 + 6 * 12)
+
+
+@pytest.mark.parametrize("stride,pad,size", [(1, 1, 2), (2, 1, 3), (1, 0, 3), (2, 2, 2)])
+def test_im2col_paths_equal_onednn(stride, pad, size):
+    """The im2col / col2im GEMMs (few output positions, many channels) and the GEMM weight
+    gradient give oneDNN's forward, input gradient and weight gradient."""
+    g = torch.Generator().manual_seed(stride * 10 + pad)
+    L = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=(stride, stride), padding=(pad, pad))
+    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64)
+    W = torch.randn(40, 3, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(40, generator=g, dtype=torch.float64)
+    out = SC._fwd(L, x, W, b)
+    assert SC._im2col_wins(L, 2, out.shape[2] * out.shape[3], 40)
+    assert rel(out, F.conv2d(x, W, b, stride, pad)) < 1e-14
+    gout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    gx = SC._bwd_in(L, gout, W, x.shape)
+    gx_ref, gw_ref, gb_ref = torch.ops.aten.convolution_backward(
+        gout, x, W, [40], [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True, True, True])
+    assert rel(gx, gx_ref) < 1e-14
+    gw, gb = SC._bwd_w(L, gout, x, W.shape)
+    assert rel(gw, gw_ref) < 1e-14 and rel(gb, gb_ref) < 1e-14
