@@ -475,7 +475,7 @@ class GraphHVP:
             m = st.acts[i]
             return g * (m if k is None else m.unsqueeze(1))
         if kind == "scale":
-            return g * L.factor
+            return g if L.factor == 1.0 else g * L.factor      # a residual scale of 1: no pass
         if kind in ("identity", "shift"):
             return g
         if kind == "reshape":
@@ -606,7 +606,7 @@ class GraphHVP:
         if kind == "relu":
             return Rx * st.acts[i].unsqueeze(1)
         if kind == "scale":
-            return Rx * L.factor
+            return Rx if L.factor == 1.0 else Rx * L.factor
         if kind in ("identity", "shift"):
             return Rx
         if kind == "reshape":
