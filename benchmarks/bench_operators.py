@@ -406,7 +406,7 @@ if __name__ == "__main__" and len(sys.argv) == 1:  # python benchmarks/bench_ope
 # One run, every method of a group timed once per round with the rounds outermost (the tests
 # are collected round by round), torch.set_num_threads(CONV_THREADS). Accuracy beside time in
 # extra_info. Sizes: RESGEOM_BENCH_CONV=full (the issue's: ResNet-20 on 128 images, resnet18 on
-# 64, SLQ 10 x 100) or "reduced" (the default: what a shared 2-core machine runs in ~30 minutes;
+# 64, SLQ 10 x 100), "slq" (SLQ 10 x 100 with ResNet-20 on 32 images) or "reduced" (the default: what a shared 2-core machine runs in ~30 minutes;
 # the sizes used are recorded in every row's extra_info). Run:
 #
 #     RESGEOM_BENCH_CONV=reduced python -m pytest benchmarks/bench_operators.py -k conv \
@@ -422,6 +422,11 @@ CONV_SIZES = {
     "reduced": {"resnet20_n": 32, "resnet18_n": 8, "fc_n": 512, "slq": (2, 20), "slq_fc": (10, 100),
                 "top5_models": ("resnet20", "user_fc"), "slq_models": ("resnet20", "user_fc"),
                 "rounds": 2, "jac_r20_n": 16, "jac_r50_n": 4},
+    # the SLQ 10 x 100 rows of all three models in one run a session can afford (resnet18 and the
+    # FC net at the sizes, ResNet-20 on 32 images: at 128 its four methods take ~95 min)
+    "slq": {"resnet20_n": 32, "resnet18_n": 64, "fc_n": 512, "slq": (10, 100), "slq_fc": (10, 100),
+            "top5_models": ("resnet20", "resnet18", "user_fc"), "slq_models": ("resnet20", "resnet18", "user_fc"),
+            "rounds": 1, "jac_r20_n": 16, "jac_r50_n": 4},
     "smoke": {"resnet20_n": 4, "resnet18_n": 2, "fc_n": 64, "slq": (1, 5), "slq_fc": (1, 5),
               "top5_models": ("resnet20", "user_fc"), "slq_models": ("resnet20", "user_fc"),
               "rounds": 1, "jac_r20_n": 2, "jac_r50_n": 1},
