@@ -248,3 +248,129 @@ def test_verification_refuses_a_trace_that_misses_a_layer(monkeypatch):
     with pytest.raises(ValueError, match="path='fast' does not support block 'blocks.0': the layers read"):
         residual_jacobians(net, x, path="fast")
     assert rel(ops[0].to_dense(), _jacrev(ops[0].info.branch, ops[0].h)) < 1e-10
+
+
+# -- the probe layouts of the fast path ---------------------------------------------------------
+class PreActBranch(nn.Module):
+    """bn-relu first (a mask and a scale at the block input), a grouped dilated 3x3 conv, a 1x1
+    stride-2 conv (not a GEMM: it subsamples) and a 1x1 stride-1 conv after a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 1, stride=2, bias=False)
+        self.conv3 = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        x = self.conv1(F.relu(self.bn0(x)))
+        x = self.conv2(torch.relu(self.bn1(x)))
+        return self.bn3(self.conv3(x.relu()))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = PreActBranch()
+        self.down = nn.Conv2d(4, 6, 1, stride=2, bias=False)
+        mark_residual_block(self, branch=self.f, skip=self.down)
+
+    def forward(self, x):
+        return self.f(x) + self.down(x)
+
+
+def _layout_net(kind: str) -> nn.Module:
+    """Tiny float64 nets (random BatchNorm statistics, eval mode) whose blocks cover the layout
+    logic: torchvision Bottleneck / BasicBlock with stride 2 and a downsampling shortcut (odd
+    7x7 inputs: output_padding of the transposed convs), the user blocks of this file (ReLU as a
+    module, function, method, in place), a pre-activation branch (grouped, dilated, strided 1x1)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck   # optional dependency (skip below)
+
+    torch.manual_seed(0)
+    if kind == "tv_bottleneck_s2":
+        blocks = nn.Sequential(Bottleneck(4, 2, stride=2, downsample=nn.Sequential(
+            nn.Conv2d(4, 8, 1, 2, bias=False), nn.BatchNorm2d(8))))
+        net = Net(blocks, 4, 8)
+    elif kind == "tv_basic_s2":
+        net = Net(nn.Sequential(BasicBlock(4, 6, stride=2, downsample=nn.Sequential(
+            nn.Conv2d(4, 6, 1, 2, bias=False), nn.BatchNorm2d(6)))), 4, 6)
+    elif kind == "preact":
+        net = Net(nn.Sequential(PreActBlock()), 4, 6)
+    else:
+        return _net(kind)
+    net = net.double()
+    randomise_bn(net, torch.Generator().manual_seed(1))
+    return net.eval()
+
+
+def _plans(op) -> dict[str, list[str]]:
+    """Mode plans to force on a fast operator: its own, every layer "k", every conv "cl", and
+    alternating "cl" / "k" on the convs (a permuting copy between every two layers)."""
+    lins = op._program.lins
+    return {"default": list(op._program.modes),
+            "all_k": ["k"] * len(lins),
+            "all_cl": ["cl" if L.conv else "k" for L in lins],
+            "alternating": ["cl" if L.conv and i % 2 == 0 else "k" for i, L in enumerate(lins)]}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kind", ["tv_bottleneck_s2", "tv_basic_s2", "preact", "basic", "basic_downsample",
+                                  "bottleneck"])
+def test_every_layout_and_mode_plan_equals_jacrev(kind, channels_last):
+    """Both probe layouts ("k_inner", "nchw") and every plan of layer modes give J V, J^T U, the
+    shared-sketch J Omega and the chunked products of jacrev's Jacobian (float64, 1e-10), with
+    channels_last block inputs too, and never write to the probe blocks they are given."""
+    pytest.importorskip("torchvision")
+    net = _layout_net(kind)
+    x = torch.randn(3, 1, 7, 7, dtype=torch.float64)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(2)
+    for op in residual_jacobians(net, x, path="fast"):
+        assert op.path == "fast" and op.layout == "k_inner"
+        if channels_last:
+            assert op.h.is_contiguous(memory_format=torch.channels_last) and not op.h.is_contiguous()
+        dense = _jacrev(op.info.branch, op.h)
+        (m, n), N = op.shape, x.shape[0]
+        V = torch.randn(N, n, 4, generator=gen, dtype=torch.float64)
+        U = torch.randn(N, m, 4, generator=gen, dtype=torch.float64)
+        omega = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        Vt = torch.randn(N, 4, n, generator=gen, dtype=torch.float64).transpose(1, 2)   # not contiguous
+        inputs = [t.clone() for t in (V, U, omega, Vt)]
+        for layout in ("k_inner", "nchw"):
+            for name, plan in _plans(op).items():
+                op.layout, op._program.modes = layout, plan
+                for chunk in (None, 2):
+                    op.chunk_size = chunk
+                    where = f"{kind} {layout} {name} chunk={chunk}"
+                    assert rel(op.matmat(V), dense @ V) < 1e-10, where
+                    assert rel(op.rmatmat(U), dense.transpose(1, 2) @ U) < 1e-10, where
+                    assert rel(op.matmat_shared(omega), dense @ omega) < 1e-10, where
+                    assert rel(op.matmat(Vt), dense @ Vt) < 1e-10, where
+                assert rel(op.to_dense(), dense) < 1e-10, where
+        for before, after in zip(inputs, (V, U, omega, Vt)):
+            assert torch.equal(before, after)
+
+
+def test_default_mode_plans():
+    """On the CPU the fast path keeps the operator's [N, D, k] block ("k_inner"): a Bottleneck runs
+    its 1x1 convs as GEMMs and its lone 3x3 conv as a conv3d ("k" throughout, no copy); a
+    BasicBlock's two 3x3 convs run as channels_last conv2d ("cl")."""
+    pytest.importorskip("torchvision")
+    x = torch.randn(2, 1, 7, 7, dtype=torch.float64)
+    (bott,) = residual_jacobians(_layout_net("tv_bottleneck_s2"), x, path="fast")
+    (basic,) = residual_jacobians(_layout_net("tv_basic_s2"), x, path="fast")
+    (pre,) = residual_jacobians(_layout_net("preact"), x, path="fast")
+    assert bott.layout == basic.layout == pre.layout == "k_inner"
+    assert bott._program.modes == ["k", "k", "k"]
+    assert basic._program.modes == ["cl", "cl"]
+    assert pre._program.modes == ["cl", "cl", "k"]   # a run of two convs (3x3, strided 1x1), then a GEMM
+    assert [L.pointwise for L in pre._program.lins] == [False, False, True]
+    gen = residual_jacobians(_layout_net("tv_basic_s2"), x, path="generic")[0]
+    assert gen.layout is None
+    # other devices: channels_last conv2d for every spatial conv, GEMMs for the 1x1 stride-1 ones
+    assert jacobian._plan(bott._program.lins, torch.device("cuda")) == ["k", "cl", "k"]
+    assert jacobian._plan(pre._program.lins, torch.device("cuda")) == ["cl", "cl", "k"]
