@@ -498,25 +498,34 @@ def _to_mode(z: Tensor, mode: str, to: str) -> Tensor:
     return z if mode == to else _swap_outer_inner(z).contiguous()
 
 
+_CL_MAX_CHANNELS = 32
+
+
 def _plan(lins: list[_Lin], device: torch.device) -> list[str]:
-    """The mode of each linear layer. On the CPU (measured there with oneDNN, one thread): "k"
-    (the k_inner layout itself) for Linear layers and 1x1 stride-1 convolutions (a GEMM on
-    [n, C, H W k]: no copy, as fast as a channels_last conv), and for a lone spatial convolution
-    between such layers (conv3d on [n, C, H, W, k]: e.g. 1.4x the time of a channels_last conv2d
-    at 64 channels, 56x56, less than the two permuting copies it saves); "cl" (channels_last
-    conv2d on [n k, C, H, W], entered and left with one permuting copy) for a run of >= 2 spatial
-    convolutions, where the copies are shared (e.g. a BasicBlock branch). On other devices
-    (not measured): "cl" for every spatial convolution (cuDNN's channels_last conv2d; a copy in
-    device memory is cheap there), "k" for the GEMMs."""
-    modes = ["k"] * len(lins)
+    """The mode of each linear layer. On the CPU (measured there with oneDNN, one thread, k = 20,
+    benchmarks/results/bench_operators_conv_cpu_20261202_jacobian_v2.md): "k" (the k_inner layout
+    itself) for Linear layers and 1x1 stride-1 convolutions (a GEMM on [n, C, H W k]: no copy, as
+    fast as a channels_last conv) and for spatial convolutions with more than
+    ``_CL_MAX_CHANNELS`` channels (conv3d on [n, C, H, W, k]: ~1.4x the time of a channels_last
+    conv2d at 64 channels, 56x56, less than the two permuting copies it saves: a resnet50
+    Bottleneck 0.38 s vs 0.56 s per J V of 4 x 20 columns, a resnet18 BasicBlock 0.55 s vs 0.74 s);
+    "cl" (channels_last conv2d on [n k, C, H, W], entered and left with one permuting copy) for a
+    run of >= 2 spatial convolutions of <= ``_CL_MAX_CHANNELS`` channels, where oneDNN's conv3d
+    is 2-3x slower than its conv2d and the copies are shared (a ResNet-20 BasicBlock at 16
+    channels: 52 ms vs 64 ms per J V of 16 x 20 columns; at 32 and 64 channels on 16x16 and 8x8
+    the two are within the noise). On other devices (not measured): "cl" for every spatial
+    convolution (cuDNN's channels_last conv2d; a copy in device memory is cheap there), "k" for
+    the GEMMs."""
     if device.type != "cpu":
         return ["cl" if L.conv and not L.pointwise else "k" for L in lins]
+    modes = ["k"] * len(lins)
     i = 0
     while i < len(lins):
         j = i
         while j < len(lins) and lins[j].conv and not lins[j].pointwise:
             j += 1
-        if j - i >= 2:
+        narrow = all(max(L.weight.shape[0], L.in_shape[0]) <= _CL_MAX_CHANNELS for L in lins[i:j])
+        if j - i >= 2 and narrow:
             modes[i:j] = ["cl"] * (j - i)
         i = max(j, i + 1)
     return modes

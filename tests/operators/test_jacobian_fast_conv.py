@@ -371,6 +371,14 @@ def test_default_mode_plans():
     assert [L.pointwise for L in pre._program.lins] == [False, False, True]
     gen = residual_jacobians(_layout_net("tv_basic_s2"), x, path="generic")[0]
     assert gen.layout is None
+    # a BasicBlock wider than _CL_MAX_CHANNELS: conv3d ("k"), the permuting copies would cost more
+    from torchvision.models.resnet import BasicBlock   # optional dependency (skipped above)
+
+    torch.manual_seed(0)
+    wide = Net(nn.Sequential(BasicBlock(33, 33)), 33, 33).double().eval()
+    (w,) = residual_jacobians(wide, torch.randn(2, 1, 3, 3, dtype=torch.float64), path="fast")
+    assert jacobian._CL_MAX_CHANNELS == 32 and w._program.modes == ["k", "k"]
+    assert rel(w.to_dense(), _jacrev(w.info.branch, w.h)) < 1e-10
     # other devices: channels_last conv2d for every spatial conv, GEMMs for the 1x1 stride-1 ones
     assert jacobian._plan(bott._program.lins, torch.device("cuda")) == ["k", "cl", "k"]
     assert jacobian._plan(pre._program.lins, torch.device("cuda")) == ["cl", "cl", "k"]
