@@ -829,6 +829,79 @@ class _EvalMode:
             x.training = t
 
 
+def conv_jacobian_products(cases=("resnet20_block", "resnet50_bottleneck1"), k: int = 20, rounds: int = 3) -> str:
+    """Markdown table of one product of each Jacobian row's operator at the SVD's block width k:
+    ours J V (a block per sample; a sketch shared by the samples), ours J^T U, the convolutions
+    they perform alone (Conv2d / conv_transpose2d on [N k, C, H, W] in NCHW and in channels_last,
+    the layouts Conv2d can take), and torch.func's vmap(jvp) / vmap(vjp) per sample as the
+    textbook row applies them. Methods interleaved round by round (one thread); min over rounds.
+    Run: ``python benchmarks/bench_operators.py --conv-jac-products``."""
+    import torch.nn.functional as F
+
+    torch.set_num_threads(CONV_THREADS)
+
+    def convs(op, transpose, fmt):
+        N, calls = op.h.shape[0], []
+        for L in op._program.lins:
+            z = torch.randn(N * k, *(L.out_shape if transpose else L.in_shape)).contiguous(memory_format=fmt)
+            w = L.weight.contiguous(memory_format=fmt)
+            if transpose:
+                calls.append(lambda z=z, L=L, w=w: F.conv_transpose2d(z, w, None, L.stride, L.padding,
+                                                                      L.output_padding, L.groups, L.dilation))
+            else:
+                calls.append(lambda z=z, L=L, w=w: F.conv2d(z, w, None, L.stride, L.padding, L.dilation, L.groups))
+        return lambda: [c() for c in calls]
+
+    def torch_func(op, transpose):
+        branch, h = op.info.branch, op.h
+        s_in = tuple(h.shape[1:])
+
+        def run():
+            for b in range(h.shape[0]):
+                hb = h[b:b + 1]
+                if transpose:
+                    out_b, pull = torch.func.vjp(branch, hb)
+                    torch.func.vmap(lambda u: pull(u.reshape(out_b.shape))[0].reshape(-1), in_dims=1, out_dims=1)(
+                        torch.randn(out_b.numel(), k))
+                else:
+                    torch.func.vmap(lambda v: torch.func.jvp(branch, (hb,), (v.reshape(1, *s_in),))[1].reshape(-1),
+                                    in_dims=1, out_dims=1)(torch.randn(hb.numel(), k))
+        return run
+
+    lines = ["| case | N x k | product | ours (s) | convs NCHW (s) | convs channels_last (s) | torch.func (s) | "
+             "ours / channels_last convs |", "|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        m, x, idx = _jac_case(case)
+        op = residual_jacobians(m, x, blocks=[idx])[0]
+        N, (rows, cols) = op.h.shape[0], op.shape
+        gen = torch.Generator().manual_seed(0)
+        X, U = torch.randn(N, cols, k, generator=gen), torch.randn(N, rows, k, generator=gen)
+        omega = torch.randn(cols, k, generator=gen)
+        fns = {("J V", "ours"): lambda: op.matmat(X), ("J V shared", "ours"): lambda: op.matmat_shared(omega),
+               ("J^T U", "ours"): lambda: op.rmatmat(U)}
+        with _EvalMode(op.info.branch):
+            for prod, tr in (("J V", False), ("J^T U", True)):
+                fns[(prod, "nchw")] = convs(op, tr, torch.contiguous_format)
+                fns[(prod, "cl")] = convs(op, tr, torch.channels_last)
+                fns[(prod, "func")] = torch_func(op, tr)
+            times: dict = {}
+            for f in fns.values():
+                f()
+            for _ in range(rounds):
+                for key, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times.setdefault(key, []).append(time.perf_counter() - t0)
+        best = {key: min(v) for key, v in times.items()}
+        for prod in ("J V", "J V shared", "J^T U"):
+            base = "J V" if prod == "J V shared" else prod
+            t, cl = best[(prod, "ours")], best[(base, "cl")]
+            lines.append(f"| {case} | {N} x {k} | {prod} | {t:.3f} | {best[(base, 'nchw')]:.3f} | {cl:.3f} | "
+                         f"{best[(base, 'func')]:.3f} | {t / cl:.2f}x |")
+        lines.append(f"| {case} | | modes (layout {op.layout}) | {op._program.modes} | | | | |")
+    return "\n".join(lines)
+
+
 def conv_table(path: str) -> str:
     """Markdown table of a conv run's JSON: per group and method the median time over rounds, the
     ratio to ours, the accuracy, and what ours chose."""
@@ -861,3 +934,5 @@ def conv_table(path: str) -> str:
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--conv-table":
     print(conv_table(sys.argv[2]))
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--conv-jac-products":
+    print(conv_jacobian_products())
