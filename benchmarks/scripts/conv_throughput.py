@@ -1,0 +1,132 @@
+"""FLOPs of one structured conv product pass and the fraction of this CPU's measured convolution
+throughput it achieves (issue 15's "report the FLOP count of one product and our achieved fraction
+of this CPU's measured convolution throughput").
+
+For CIFAR ResNet-20 (128 images) and torchvision resnet18 (64 CIFAR-sized images), BatchNorm in
+eval mode, one thread: ``op.structured_flops(10)`` (the convolutions and GEMMs one pass of 10
+Hessian products performs, live kernel taps only) over the pass's wall time (best of ``--rounds``,
+after a warm-up pass), against the CPU's convolution throughput measured here on the passes' own
+convolution shapes (forward, input and weight gradients in channels_last; the best of them is
+"peak"). PyHessian's ten products are timed in the same rounds, interleaved; the double backward
+performs the same convolutions (six per conv layer and vector), so its FLOP rate is the same
+count over its time.
+
+Usage: python benchmarks/scripts/conv_throughput.py [--rounds 3] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resgeom_fast.operators import hessian
+
+CE = nn.CrossEntropyLoss()
+
+
+def _model(name: str, n: int):
+    torch.manual_seed(0)
+    if name == "resnet20":
+        from resgeom_fast.models.resnet import StagedResNet
+
+        m = StagedResNet("basic", (3, 3, 3), 10, base_width=16, seed=0)
+    else:
+        import torchvision  # optional benchmark dependency
+
+        m = torchvision.models.resnet18(num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(x)
+    return m.eval(), x, y
+
+
+def _best(fn, rounds: int) -> float:
+    fn()
+    ts = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def conv_peak(rounds: int) -> dict:
+    """GFLOP/s of channels_last convolutions of the shapes the product passes run (one thread)."""
+    cl = torch.channels_last
+    out = {}
+    for N, C, O, H in [(1280, 16, 16, 32), (128, 16, 160, 32), (1280, 32, 32, 16), (640, 64, 64, 8),
+                       (640, 128, 128, 4)]:
+        x = torch.randn(N, C, H, H).contiguous(memory_format=cl)
+        W = torch.randn(O, C, 3, 3).contiguous(memory_format=cl)
+        g = torch.randn(N, O, H, H).contiguous(memory_format=cl)
+        fl = 2.0 * N * O * C * 9 * H * H
+        t_f = _best(lambda: F.conv2d(x, W, None, 1, 1), rounds)
+        t_w = _best(lambda: torch.ops.aten.convolution_backward(
+            g, x, W, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), rounds)
+        t_i = _best(lambda: torch.ops.aten.convolution_backward(
+            g, x, W, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]), rounds)
+        out[f"N{N}_C{C}_O{O}_{H}x{H}"] = {"forward": fl / t_f / 1e9, "weight_grad": fl / t_w / 1e9,
+                                          "input_grad": fl / t_i / 1e9}
+    out["peak"] = max(v for d in out.values() for v in d.values())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    rows = {}
+    for name, n in (("resnet20", 128), ("resnet18", 64)):
+        m, x, y = _model(name, n)
+        op = hessian(m, CE, (x, y), hvp="structured")
+        ps = [p for p in m.parameters()]
+        V = torch.randn(op.shape[0], 10, generator=torch.Generator().manual_seed(7))
+        op.matmat(V)
+        flops = op.structured_flops(10)
+        from pyhessian import hessian as PH            # optional benchmark dependency
+        from pyhessian.utils import hessian_vector_product
+
+        m.zero_grad(set_to_none=True)
+        ph = PH(m, CE, data=(x, y), cuda=False)
+        cols = [[c.reshape(p.shape) for c, p in zip(V[:, j].split([q.numel() for q in ps]), ps)] for j in range(10)]
+        ours, peer = [], []
+        for _ in range(args.rounds):
+            t = time.perf_counter()
+            op.matmat(V)
+            ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for c in cols:
+                hessian_vector_product(ph.gradsH, ph.params, c)
+            peer.append(time.perf_counter() - t)
+        rows[name] = {"images": n, "P": op.shape[0], "gflop_per_pass_of_10": flops / 1e9,
+                      "ours_s": ours, "pyhessian_s": peer,
+                      "ours_gflops": flops / min(ours) / 1e9, "pyhessian_gflops_same_count": flops / min(peer) / 1e9}
+        print(name, json.dumps(rows[name]), flush=True)
+    peak = conv_peak(args.rounds)
+    for r in rows.values():
+        r["ours_fraction_of_peak"] = r["ours_gflops"] / peak["peak"]
+        r["pyhessian_fraction_of_peak"] = r["pyhessian_gflops_same_count"] / peak["peak"]
+    rec = {"machine": platform.processor() or platform.machine(), "threads": 1, "torch": torch.__version__,
+           "load_at_start": load, "load_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+           "models": rows, "conv_throughput_gflops": peak}
+    print(json.dumps(rec, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rec, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
