@@ -19,8 +19,12 @@ Two paths give identical results:
   chain is then checked against the branch at sample 0: its output and one J^T u against
   autograd, and refused with the difference otherwise), ReLU masks and BatchNorm factors are captured
   at the block input, a BatchNorm not followed by a ReLU is folded into the weights of the layer
-  before it, and J V / J^T U become plain GEMMs, convolutions and transposed convolutions with the
-  masking and scaling done by the fused op :func:`resgeom_fast.ops.masked_scale`. When the probe
+  before it, and J V / J^T U become plain GEMMs, convolutions and transposed convolutions with each
+  ReLU mask and its BatchNorm scale applied in one in-place multiplication. The probe block keeps
+  the operator's own layout ``[N, D, k]``, viewed as ``[N, C, H, W, k]`` (``ResidualJacobian.layout``
+  "k_inner"): no copy at the boundary; 1x1 stride-1 convolutions and Linear layers are GEMMs on it,
+  other convolutions conv3d with a ``[kh, kw, 1]`` kernel, or channels_last conv2d for runs of narrow
+  ones (entered and left with one permuting copy; the plan: :func:`_plan`). When the probe
   block is shared by every sample (``X`` expanded along the batch, e.g. a common random sketch),
   the first linear layer is applied once for all samples.
 
