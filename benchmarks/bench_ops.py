@@ -7,6 +7,7 @@ import torch
 from benchmarks.helpers import DEVICES, run
 from resgeom_fast import ops
 from resgeom_fast.ops import _reference as ref
+from tests.ops.test_orthonormalize_blas import conditioned
 
 IMPLS = {"ours": ops, "reference": ref}
 
@@ -49,6 +50,38 @@ def test_orthonormalize(benchmark, device, impl, b, n, k):
     benchmark.group = f"orthonormalize b={b} n={n} k={k} {device}"
     x = torch.randn(b, n, k, device=device)
     run(benchmark, lambda: IMPLS[impl].orthonormalize(x), device, rounds=3)
+
+
+# orthonormalize on the CPU against torch.linalg.qr (LAPACK Householder QR in x's dtype, the
+# textbook randomized SVD's choice) at the shapes of issue 15: the residual-Jacobian sketch of
+# resnet50's first Bottleneck at 224x224 ([4, 802816, 20]), a one-block sketch of ~resnet18's
+# parameter count ([1, 11.7M, 10]) and a batch of small blocks. Each row records beside its time
+# the orthogonality error ||Q^T Q - I||_F (largest over the batch) and the residual
+# ||Q R - X||_F / ||X||_F (R = Q^T X for ours) in float64; cond = the condition number of the
+# float64 block before its rounding to float32 (1 = a Gaussian block). Measured 2026-12-02 on
+# the 2-core CPU machine, one thread, old / new / qr interleaved over 3 rounds (min of 3 calls;
+# old = the scalar kernel of commit b288697): benchmarks/results/bench_ops_orthonormalize_cpu_20261202.md.
+ORTH_SHAPES = [(4, 802_816, 20), (1, 11_700_000, 10), (16, 16_384, 20)]
+
+
+@pytest.mark.parametrize("impl", ["ours", "torch.linalg.qr"])
+@pytest.mark.parametrize("cond", [1.0, 1e6, 1e10])
+@pytest.mark.parametrize("b,n,k", ORTH_SHAPES)
+def test_orthonormalize_cpu_vs_qr(benchmark, impl, cond, b, n, k):
+    benchmark.group = f"orthonormalize vs qr b={b} n={n} k={k} cond={cond:g} cpu float32"
+    if cond == 1.0:
+        x = torch.randn(b, n, k, generator=torch.Generator().manual_seed(0))
+    else:
+        x = conditioned(b, n, k, cond, seed=0).float()
+    fn = (lambda: ops.orthonormalize(x)) if impl == "ours" else (lambda: torch.linalg.qr(x).Q)
+    q = run(benchmark, fn, "cpu", rounds=3)
+    qd, xd = q.double(), x.double()
+    r = torch.linalg.qr(x).R.double() if impl != "ours" else qd.transpose(1, 2) @ xd
+    eye = torch.eye(k, dtype=torch.float64)
+    benchmark.extra_info.update(
+        orth_error=max((qd[i].T @ qd[i] - eye).norm().item() for i in range(b)),
+        residual=max(((qd[i] @ r[i] - xd[i]).norm() / xd[i].norm()).item() for i in range(b)),
+        threads=torch.get_num_threads(), torch=torch.__version__)
 
 
 @pytest.mark.parametrize("device", DEVICES)
