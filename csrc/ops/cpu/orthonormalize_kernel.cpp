@@ -76,6 +76,60 @@ int64_t chunk_rows(int64_t k) {
   return (m + 7) / 8 * 8;
 }
 
+// The elementwise sweeps (column maxima, scaled widening to float64, narrowing to the output
+// dtype) run over flat blocks of kRowBlock rows with per-column arrays repeated kRowBlock times,
+// so they vectorise for any k; they are compiled for AVX-512, AVX2 and the baseline and chosen
+// at load time (GCC's target_clones; the build targets baseline x86-64). All three are exact
+// (max, power-of-two scaling, one rounding to the output dtype): the same result on every path.
+constexpr int64_t kRowBlock = 16;
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RG_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RG_SIMD_CLONES
+#endif
+
+// mx[e] = max(mx[e], |x[e]|), ck[e] += x[e] - x[e] (NaN once an entry is NaN or infinite).
+template <typename scalar_t>
+inline void scan_block(const scalar_t* __restrict__ x, int64_t len, scalar_t* __restrict__ mx,
+                       scalar_t* __restrict__ ck) {
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    const scalar_t v = std::abs(x[e]);
+    mx[e] = v > mx[e] ? v : mx[e];
+    ck[e] += x[e] - x[e];
+  }
+}
+RG_SIMD_CLONES void scan_f(const float* x, int64_t len, float* mx, float* ck) { scan_block(x, len, mx, ck); }
+RG_SIMD_CLONES void scan_d(const double* x, int64_t len, double* mx, double* ck) { scan_block(x, len, mx, ck); }
+inline void scan_any(const float* x, int64_t len, float* mx, float* ck) { scan_f(x, len, mx, ck); }
+inline void scan_any(const double* x, int64_t len, double* mx, double* ck) { scan_d(x, len, mx, ck); }
+
+// X[e] = x[e] * f1[e] * f2[e] in float64.
+template <typename scalar_t>
+inline void widen_block(const scalar_t* __restrict__ x, double* __restrict__ X, int64_t len,
+                        const double* __restrict__ f1, const double* __restrict__ f2) {
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) X[e] = static_cast<double>(x[e]) * f1[e] * f2[e];
+}
+RG_SIMD_CLONES void widen_f(const float* x, double* X, int64_t len, const double* f1, const double* f2) {
+  widen_block(x, X, len, f1, f2);
+}
+RG_SIMD_CLONES void widen_d(const double* x, double* X, int64_t len, const double* f1, const double* f2) {
+  widen_block(x, X, len, f1, f2);
+}
+inline void widen_any(const float* x, double* X, int64_t len, const double* f1, const double* f2) {
+  widen_f(x, X, len, f1, f2);
+}
+inline void widen_any(const double* x, double* X, int64_t len, const double* f1, const double* f2) {
+  widen_d(x, X, len, f1, f2);
+}
+
+// out[e] = X[e] rounded to float32.
+RG_SIMD_CLONES void narrow_f(const double* __restrict__ X, float* __restrict__ out, int64_t len) {
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) out[e] = static_cast<float>(X[e]);
+}
+
 // Fixed pseudo-random value in [-1, 1) (splitmix64), used to replace exactly zero columns.
 double fill_value(uint64_t key) {
   uint64_t z = key + 0x9E3779B97F4A7C15ull;
@@ -183,7 +237,7 @@ double gram_deviation(const std::vector<double>& G, int64_t k) {
 
 // Per-column power-of-two factors f1, f2 (orthonormalize.h) of every problem from the column
 // maxima of x [b, n, k]; false if x has a NaN or infinite entry. One parallel sweep over x in the
-// input dtype (vectorised: per column a running max of |x| and a running sum of x - x, which is
+// input dtype (scan_block: per column a running max of |x| and a running sum of x - x, which is
 // NaN once an entry is NaN or infinite), partial results per chunk (the max is exact in any order).
 template <typename scalar_t>
 bool scale_factors(const scalar_t* x, int64_t b, int64_t n, int64_t k, std::vector<double>& f1,
@@ -195,15 +249,16 @@ bool scale_factors(const scalar_t* x, int64_t b, int64_t n, int64_t k, std::vect
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t p = i / nch, c = i % nch;
       const int64_t t1 = std::min(n, (c + 1) * m);
-      scalar_t* mx = part.data() + i * k;
-      scalar_t* ck = check.data() + i * k;
-      for (int64_t t = c * m; t < t1; ++t) {
-        const scalar_t* row = x + (p * n + t) * k;
-#pragma omp simd
+      std::vector<scalar_t> mx(static_cast<size_t>(k * kRowBlock), scalar_t(0));
+      std::vector<scalar_t> ck(static_cast<size_t>(k * kRowBlock), scalar_t(0));
+      for (int64_t t = c * m; t < t1; t += kRowBlock) {
+        const int64_t len = std::min(kRowBlock, t1 - t) * k;
+        scan_any(x + (p * n + t) * k, len, mx.data(), ck.data());
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) {
         for (int64_t a = 0; a < k; ++a) {
-          const scalar_t v = std::abs(row[a]);
-          mx[a] = v > mx[a] ? v : mx[a];
-          ck[a] += row[a] - row[a];
+          part[i * k + a] = std::max(part[i * k + a], mx[r * k + a]);
+          check[i * k + a] += ck[r * k + a];
         }
       }
     }
@@ -228,15 +283,18 @@ template <typename scalar_t>
 void orthonormalize_one(const scalar_t* x, scalar_t* out, double* X, int64_t n, int64_t k,
                         const double* f1, const double* f2) {
   Block blk(X, n, k);
+  std::vector<double> f1r(static_cast<size_t>(k * kRowBlock)), f2r(f1r.size());
+  for (int64_t r = 0; r < kRowBlock; ++r) {
+    std::copy(f1, f1 + k, f1r.begin() + r * k);
+    std::copy(f2, f2 + k, f2r.begin() + r * k);
+  }
   // The column scaling (X = x * f1 * f2, exact) fused with the first Gram.
   at::parallel_for(0, blk.nch, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t t0 = c * blk.m, t1 = t0 + blk.rows(c);
-      for (int64_t t = t0; t < t1; ++t) {
-        const scalar_t* __restrict__ xr = x + t * k;
-        double* __restrict__ Xr = X + t * k;
-#pragma omp simd
-        for (int64_t a = 0; a < k; ++a) Xr[a] = static_cast<double>(xr[a]) * f1[a] * f2[a];
+      for (int64_t t = t0; t < t1; t += kRowBlock) {
+        const int64_t len = std::min(kRowBlock, t1 - t) * k;
+        widen_any(x + t * k, X + t * k, len, f1r.data(), f2r.data());
       }
       blk.chunk_gram(c, blk.chunk(c));
     }
@@ -262,10 +320,8 @@ void orthonormalize_one(const scalar_t* x, scalar_t* out, double* X, int64_t n, 
         at::Tensor Xc = blk.chunk(c);
         at::linalg_solve_triangular_out(Xc, R, Xc, /*upper=*/true, /*left=*/false);
         if (next) blk.chunk_gram(c, Xc);
-        if (write) {
-          const int64_t e0 = c * blk.m * k, e1 = e0 + blk.rows(c) * k;
-#pragma omp simd
-          for (int64_t e = e0; e < e1; ++e) out[e] = static_cast<scalar_t>(X[e]);
+        if constexpr (narrow) {
+          if (write) narrow_f(X + c * blk.m * k, out + c * blk.m * k, blk.rows(c) * k);
         }
       }
     });
