@@ -639,8 +639,13 @@ def _ref_top5(name: str) -> torch.Tensor:
         dtype = torch.float64 if name == "user_fc" else torch.float32
         m, x, y = _conv_model(name, dtype)
         tol = 1e-8 if dtype == torch.float64 else 1e-6
-        return linalg.eigsh(hessian(m, CE, (x, y)), k=5, which="LA", tol=tol, max_steps=300,
-                            seed=321).eigenvalues.double().sort(descending=True).values
+        # resnet18: a 300-step basis of its 11.2M parameters (14.4 GiB) does not fit beside the
+        # benchmark's other state on a 24 GB machine; 200 steps (9.6 GiB) and the convergence flag
+        steps = 200 if name == "resnet18" else 300
+        r = linalg.eigsh(hessian(m, CE, (x, y)), k=5, which="LA", tol=tol, max_steps=steps, seed=321)
+        if not bool(torch.as_tensor(r.converged).all()):
+            raise RuntimeError(f"the reference top-5 of {name} did not converge to {tol} in {steps} steps")
+        return r.eigenvalues.double().sort(descending=True).values
     return _cached(("ref_top5", name), make)
 
 
@@ -914,6 +919,8 @@ def conv_table(path: str) -> str:
         if not b["group"] or not b["group"].startswith("conv_"):
             continue
         e = b["extra_info"]
+        if "impl" not in e:          # a row that failed before recording (its error is in the run's log)
+            continue
         rows.setdefault(b["group"], {}).setdefault(e["impl"], []).append((b["stats"]["min"], e))
     lines = ["| group | method | time (s, median of rounds) | rounds | ours faster by | accuracy | ours chose |",
              "|---|---|---|---|---|---|---|"]
