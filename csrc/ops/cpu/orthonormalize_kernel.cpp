@@ -5,7 +5,7 @@
 // output is float64; otherwise in a float64 buffer), and swept in chunks of m rows (m * k ~ 64K
 // entries, 512 KiB, so a chunk stays in L2 between the two BLAS calls that touch it). A pass:
 //   G = X^T X             per-chunk gemm (at::mm_out) into a partial Gram per chunk, the
-//                         partials summed in chunk order (the same sum for any thread count);
+//                         partials summed in chunk order;
 //   zero columns          columns whose squared norm is <= 1e-30 of the largest are refilled
 //                         with fixed splitmix64 values (as the CUDA kernel), then G recomputed;
 //   G (+ shift I) = R^T R potrf on the k x k matrix (at::linalg_cholesky_ex), shifted on the first
@@ -21,14 +21,16 @@
 // products' summation order differs from the scalar kernel's (rounding).
 //
 // Memory besides the output: for a float32 output one float64 copy of a block, n * k * 8 bytes,
-// per problem in flight (one at a time for blocks over 2^20 entries, else up to one per thread),
+// per problem in flight (one at a time, or one per thread when b >= the thread count and a block
+// has at most 2^20 entries),
 // plus the partial Grams, ceil(n / m) * k * k * 8 bytes (at most ~n * k * 4 bytes, as m >= 2 k).
 // Float64 outputs are orthonormalised in place in the output: no block-sized extra memory.
 //
 // Determinism: the chunking depends on (n, k) only and the partial Grams are summed in chunk
 // order, so with a fixed thread count the result is identical run to run. Across thread counts
-// it is not bitwise identical (unlike the scalar kernel): MKL's gemm takes the thread setting
-// into account even inside the chunk loop, and results differ at float64 rounding (~1e-17).
+// it is not bitwise identical (unlike the scalar kernel's): the BLAS results depend on the
+// library's thread setting (measured with MKL: float64 outputs differ by ~1e-17 between 1 and 2
+// threads; the float32 outputs tried were identical).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
