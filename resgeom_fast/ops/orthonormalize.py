@@ -14,8 +14,11 @@ def orthonormalize(x: Tensor) -> Tensor:
     column-equilibrated block. Then shifted Cholesky QR three times in float64 (stable up to
     condition numbers ~1e15); columns that are exactly zero are replaced by fixed pseudo-random
     directions, and columns that become numerically zero in a later pass (linear dependence)
-    too. For a
-    full-rank block the result equals the Q of a QR factorisation whose R has a positive
+    too. For a float32 output the CPU kernel skips the third pass when the Gram matrix after two
+    passes is I to 2^-40 (Frobenius): that pass would move q by at most 2^-41 relative, far below
+    float32 rounding. The CPU kernel runs its Grams and solves on BLAS-3 in row chunks; results
+    are identical run to run at a fixed thread count, and across thread counts can differ at
+    float64 rounding. For a full-rank block the result equals the Q of a QR factorisation whose R has a positive
     diagonal; for a rank-deficient block the surplus columns are orthonormal directions that
     complete the basis.
 
