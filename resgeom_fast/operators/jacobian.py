@@ -353,7 +353,12 @@ class _NotLinearisable(ValueError):
 
 
 class _Program:
-    """Branch as D_m L_m ... D_1 L_1 D_0, captured at the block inputs h [N, ...]."""
+    """Branch as D_m L_m ... D_1 L_1 D_0, captured at the block inputs h [N, ...].
+
+    ``modes[i]`` (from :func:`_plan`) is how linear layer i runs in the "k_inner" layout: "k" on
+    the tangent [n, C, H, W, k] (or [n, C, k]) itself, "cl" on [n, k, H, W, C] as a channels_last
+    conv2d of [n k, C, H, W]; the diagonal after a layer is applied in that layer's mode.
+    """
 
     def __init__(self, layers: list[nn.Module], h: Tensor, chunk: int) -> None:
         self.lins: list[_Lin] = []
