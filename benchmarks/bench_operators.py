@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import pytest
 import torch
@@ -461,8 +462,9 @@ class UserFCResNet(nn.Module):
         return self.out(self.body(self.inp(x)))
 
 
-def _conv_model(name: str, dtype=torch.float32):
-    """(model in eval mode, x, y): BN running statistics from three train-mode passes over x."""
+def _conv_model(name: str, dtype=torch.float32, n: Optional[int] = None):
+    """(model in eval mode, x, y): BN running statistics from three train-mode passes over x;
+    ``n`` images (conv nets) instead of the size mode's."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     if name == "user_fc":
@@ -479,12 +481,12 @@ def _conv_model(name: str, dtype=torch.float32):
         from resgeom_fast.models.resnet import StagedResNet
 
         m = StagedResNet("basic", (3, 3, 3), 10, base_width=16, seed=0)
-        n = CS["resnet20_n"]
+        n = CS["resnet20_n"] if n is None else n
     elif name == "resnet18":
         import torchvision  # optional benchmark dependency
 
         m = torchvision.models.resnet18(num_classes=10)
-        n = CS["resnet18_n"]
+        n = CS["resnet18_n"] if n is None else n
     else:
         raise ValueError(name)
     # CIFAR-sized synthetic images (no data set download on the benchmark machine), random labels

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
+import sys
 import time
 
 import torch
@@ -27,27 +29,10 @@ from torch import nn
 
 from resgeom_fast.operators import hessian
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from benchmarks.bench_operators import _conv_model  # noqa: E402  (the conv rows' models and data)
+
 CE = nn.CrossEntropyLoss()
-
-
-def _model(name: str, n: int):
-    torch.manual_seed(0)
-    if name == "resnet20":
-        from resgeom_fast.models.resnet import StagedResNet
-
-        m = StagedResNet("basic", (3, 3, 3), 10, base_width=16, seed=0)
-    else:
-        import torchvision  # optional benchmark dependency
-
-        m = torchvision.models.resnet18(num_classes=10)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    m.train()
-    with torch.no_grad():
-        for _ in range(3):
-            m(x)
-    return m.eval(), x, y
 
 
 def _best(fn, rounds: int) -> float:
@@ -90,7 +75,7 @@ def main() -> None:
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     rows = {}
     for name, n in (("resnet20", 128), ("resnet18", 64)):
-        m, x, y = _model(name, n)
+        m, x, y = _conv_model(name, n=n)
         op = hessian(m, CE, (x, y), hvp="structured")
         ps = [p for p in m.parameters()]
         V = torch.randn(op.shape[0], 10, generator=torch.Generator().manual_seed(7))
