@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ops/lanczos_reorth.h"
+#include "ops/cpu/simd_clones.h"
 
 namespace resgeom_fast {
 namespace ops {
@@ -27,11 +28,6 @@ namespace {
 // chosen once at load time (GCC's target_clones, an ifunc; the build's own flags target the
 // baseline x86-64, SSE2). The results are deterministic on a machine; between machines with
 // different vector widths they differ at float64 rounding (the order of the partial sums).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RG_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RG_SIMD_CLONES
-#endif
 
 // sum_t v[t] x[t] in float64.
 template <typename scalar_t>

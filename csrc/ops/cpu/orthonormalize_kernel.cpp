@@ -55,6 +55,7 @@
 #include <vector>
 
 #include "ops/orthonormalize.h"
+#include "ops/cpu/simd_clones.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -91,11 +92,6 @@ int64_t chunk_rows(int64_t k) {
 // at load time (GCC's target_clones; the build targets baseline x86-64). All three are exact
 // (max, power-of-two scaling, one rounding to the output dtype): the same result on every path.
 constexpr int64_t kRowBlock = 16;
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RG_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RG_SIMD_CLONES
-#endif
 
 // mx[e] = max(mx[e], |x[e]|), ck[e] += x[e] - x[e] (NaN once an entry is NaN or infinite).
 template <typename scalar_t>
