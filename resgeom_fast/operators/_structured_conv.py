@@ -82,13 +82,17 @@ def _im2col_wins(L: GNode, rows: int, positions: int, channels: int) -> bool:
     return L.layer == "conv" and positions <= SMALL_GEMM and rows * positions <= channels
 
 
+def _out_len(size: int, k: int, pad: int, stride: int, dil: int) -> int:
+    """Output positions of a convolution along one spatial axis."""
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
 def _fwd(L: GNode, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
     if L.layer == "conv":
         N, O = x.shape[0], W.shape[0]
         if _pointwise(L, W.shape[2:], x.shape[2:]):
             return F.linear(x.reshape(N, -1), W.reshape(O, -1), b).view(N, O, 1, 1)
-        out_hw = [(x.shape[2 + d] + 2 * L.padding[d] - L.dilation[d] * (W.shape[2 + d] - 1) - 1) // L.stride[d] + 1
-                  for d in range(2)]
+        out_hw = [_out_len(x.shape[2 + d], W.shape[2 + d], L.padding[d], L.stride[d], L.dilation[d]) for d in range(2)]
         if _im2col_wins(L, N, out_hw[0] * out_hw[1], O):
             cols = F.unfold(x, tuple(W.shape[2:]), L.dilation, L.padding, L.stride)      # [N, C kh kw, L]
             out = torch.einsum("oc,ncl->nol", W.reshape(O, -1), cols).view(N, O, *out_hw)
@@ -161,7 +165,7 @@ def _live_taps(size: int, k: int, pad: int, stride: int, dil: int) -> Optional[t
     ``(t0, t1, pad')`` when they are a proper sub-range ``t0..t1`` of the ``k`` taps and the
     convolution by taps ``t0..t1`` with symmetric padding ``pad'`` produces the same output
     positions from the same input positions; None when every tap is live or no such crop exists."""
-    out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    out = _out_len(size, k, pad, stride, dil)
     if out < 1:
         return None
     live = [t for t in range(k) if any(0 <= o * stride - pad + t * dil < size for o in range(out))]
@@ -169,7 +173,7 @@ def _live_taps(size: int, k: int, pad: int, stride: int, dil: int) -> Optional[t
         return None
     t0, t1 = live[0], live[-1]
     pad2 = pad - t0 * dil
-    if pad2 < 0 or (size + 2 * pad2 - dil * (t1 - t0) - 1) // stride + 1 != out:
+    if pad2 < 0 or _out_len(size, t1 - t0 + 1, pad2, stride, dil) != out:
         return None
     return t0, t1, pad2
 
