@@ -1,5 +1,6 @@
 #pragma once
-// One fused, batched full-reorthogonalisation step of Lanczos (classical Gram-Schmidt twice).
+// One fused, batched full-reorthogonalisation step of Lanczos (CPU: local-first Gram-Schmidt with a
+// second pass only when needed; CUDA: classical Gram-Schmidt twice).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -24,14 +25,6 @@ inline void check_lanczos_reorth(const at::Tensor& w, const at::Tensor& basis) {
               basis.scalar_type());
   TORCH_CHECK(basis.device() == w.device(), "lanczos_reorth: expected basis on the device of w (",
               w.device(), "), got ", basis.device());
-}
-
-// Elements of n handled by one task: j rows of a chunk should stay in cache between the fused
-// passes, so the chunk shrinks as the basis grows.
-inline int64_t lanczos_chunk(int64_t j) {
-  int64_t c = 65536 / std::max<int64_t>(j, 1);
-  c = std::max<int64_t>(256, std::min<int64_t>(c, 8192));
-  return c;
 }
 
 // The C++ entry point of resgeom_fast::lanczos_reorth (defined in lanczos_reorth.cpp), for libtorch

@@ -64,6 +64,127 @@ def test_cgs2_restores_orthogonality_under_cancellation(device):
     assert (V @ q[..., None]).abs().max().item() < 1e-12
 
 
+# The CPU kernel's two full-pass paths (csrc/ops/cpu/lanczos_reorth_kernel.cpp, kMgsBytes = 16 MiB on
+# n * (8 + itemsize)): row-by-row MGS below, chunked two-sweep CGS above. Local-first from j = 3.
+N_MGS, N_CGS = 5_000, 1_500_000
+
+
+def _lanczos_inputs(n: int, m: int, dtype, device, seed: int = 0):
+    """w = A v_{m-1} and the basis v_0..v_{m-1} of a float64 Lanczos run (reorthogonalised by the
+    reference) on A = H diag(d) H, H = I - 2 u u^T a Householder reflection, spectrum d = [-1, 10]."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.linspace(-1.0, 10.0, n, dtype=torch.float64)
+    u = torch.randn(n, generator=g, dtype=torch.float64)
+    u /= u.norm()
+
+    def A(x):
+        y = d * (x - 2 * u * (u @ x))
+        return y - 2 * u * (u @ y)
+
+    V = torch.empty(m, n, dtype=torch.float64)
+    v = torch.randn(n, generator=g, dtype=torch.float64)
+    V[0] = v / v.norm()
+    for k in range(m - 1):
+        r, _, beta = ref.lanczos_reorth(A(V[k])[None], V[None, : k + 1])
+        V[k + 1] = r[0] / beta[0]
+    basis = V.to(dtype)
+    w = A(basis[-1].double()).to(dtype)  # the product of the stored (working-dtype) vector
+    return w[None].to(device), basis[None].to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [N_MGS, N_CGS], ids=["mgs", "cgs"])
+@pytest.mark.parametrize("m", [2, 9])
+def test_lanczos_shaped_inputs(device, dtype, n, m):
+    """A Lanczos step (w = A v_j, basis of a Lanczos run): orthogonal to working precision,
+    w = w_orth + V^T coeffs, the reference's result, bitwise the same on a second run and on one
+    thread (fixed reduction order)."""
+    w, V = _lanczos_inputs(n, m, dtype, device)
+    out, coeffs, norm = got = lanczos_reorth(w, V)
+    want = ref.lanczos_reorth(w, V)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol(dtype))
+    q = out.double() / norm[:, None]
+    ortho = (V.double() @ q[..., None]).abs().max().item()
+    assert ortho < (1e-5 if dtype == torch.float32 else 1e-13)
+    torch.testing.assert_close(
+        out.double() + torch.einsum("bjn,bj->bn", V.double(), coeffs), w.double(), **tol(dtype)
+    )
+    assert abs(coeffs[0, -1].item() - (V[0, -1].double() @ w[0].double()).item()) < 1e-4  # alpha
+    again = lanczos_reorth(w, V)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = lanczos_reorth(w, V)
+    finally:
+        torch.set_num_threads(threads)
+    for a, a2, a1 in zip(got, again, single):
+        assert torch.equal(a, a2) and torch.equal(a, a1)
+
+
+def _one_or_two_passes(w, V, passes: int, mgs: bool):
+    """The CPU kernel's arithmetic in float64 on one problem (w [n], V [j, n]): MGS on the last two
+    rows (j >= 3), then ``passes`` full passes, row-by-row MGS or one CGS step. -> (x, coeffs)."""
+    x, V = w.double().clone(), V.double()
+    j = V.shape[0]
+    c = torch.zeros(j, dtype=torch.float64)
+
+    def sub(i):
+        a = V[i] @ x
+        x.sub_(a * V[i])
+        c[i] += a
+
+    if j >= 3:
+        sub(j - 1)
+        sub(j - 2)
+    for _ in range(passes):
+        if mgs:
+            for i in range(j):
+                sub(i)
+        else:
+            h = V @ x
+            x.sub_(V.T @ h)
+            c.add_(h)
+    return x, c
+
+
+@pytest.mark.parametrize("n", [N_MGS, 1_100_000], ids=["mgs", "cgs"])
+def test_second_pass_skipped_when_the_first_keeps_the_norm(n):
+    """w along the last two rows plus a part nearly orthogonal to V: after the local rows one full
+    pass keeps ||x||, so no second pass runs. Seen through rows of norm 1 + 1e-3 k, where a second
+    pass would move the result by ~1e-3 of the first's coefficients: the output is the one-pass
+    result to rounding."""
+    g = torch.Generator().manual_seed(5)
+    j = 6
+    V = torch.linalg.qr(torch.randn(n, j, generator=g, dtype=torch.float64)).Q.T.contiguous()
+    V *= 1 + 1e-3 * torch.arange(1, j + 1, dtype=torch.float64)[:, None]
+    w = 20.0 * V[-1] + 7.0 * V[-2] + torch.randn(n, generator=g, dtype=torch.float64)
+    out, coeffs, norm = lanczos_reorth(w[None], V[None])
+    one, c1 = _one_or_two_passes(w, V, 1, mgs=n == N_MGS)
+    two, c2 = _one_or_two_passes(w, V, 2, mgs=n == N_MGS)
+    err1, err2 = (out[0] - one).abs().max().item(), (out[0] - two).abs().max().item()
+    assert err1 < 1e-12 and err2 > 1e-8
+    assert (coeffs[0] - c1).abs().max().item() < 1e-11 and (coeffs[0] - c2).abs().max().item() > 1e-6
+    assert norm.item() == pytest.approx(one.norm().item(), rel=1e-13)
+
+
+@pytest.mark.parametrize("n", [N_MGS, 1_100_000], ids=["mgs", "cgs"])
+def test_second_pass_runs_under_cancellation(n):
+    """w almost inside span V (||w|| ~ 1e6, the rest ~ 1e-6 per entry): the full pass shrinks x
+    far below 1/sqrt(2), the second pass runs and the result is orthogonal at 1e-13, which one
+    pass (local rows + one full pass, modelled in float64) misses by orders of magnitude."""
+    g = torch.Generator().manual_seed(3)
+    j = 8
+    V = torch.linalg.qr(torch.randn(n, j, generator=g, dtype=torch.float64)).Q.T.contiguous()
+    w = V.T @ torch.randn(j, generator=g, dtype=torch.float64) * 1e6
+    w += 1e-6 * torch.randn(n, generator=g, dtype=torch.float64)
+    out, _, norm = lanczos_reorth(w[None], V[None])
+    assert (V @ (out[0] / norm[0])).abs().max().item() < 1e-13
+    one, _ = _one_or_two_passes(w, V, 1, mgs=n == N_MGS)
+    assert (V @ (one / one.norm())).abs().max().item() > 1e-11
+
+
 # 2. opcheck
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,11 +1,22 @@
-// CPU kernel of resgeom_fast::lanczos_reorth: fused classical Gram-Schmidt twice, float64 scalars.
+// CPU kernel of resgeom_fast::lanczos_reorth: local-first Gram-Schmidt, one full pass and a second
+// only when needed (DGKS), float64 scalars. (The CUDA kernel runs CGS2.)
 //
-// Three sweeps over the basis (h1 = V w; w1 = w - V^T h1 and h2 = V w1 on the same chunk while it
-// is in cache; w1 - V^T h2), the minimum for CGS2. The sweeps are compute-bound at the build's
-// baseline (SSE2: 3.85 s on w [1, 11.7M] against 100 float32 basis vectors, where one read of
-// the basis takes 0.36 s), so the loops are compiled for AVX-512 / AVX2 as well (1.95 s there).
-// ATen's gemv in float64 chunks was measured too and is slower: each chunk of the basis must be
-// converted to float64 first, and that conversion alone costs ~0.7 s per sweep.
+// Per problem, with x = w in float64:
+//   1. local first (j >= 3): x -= <v_j, x> v_j, then x -= <v_{j-1}, x> v_{j-1} (MGS). In Lanczos,
+//      w = A v_j lies almost entirely in span(v_j, v_{j-1}), so what is left for the full pass is
+//      small and the pass does not shrink it;
+//   2. one full pass over all j rows: row-by-row MGS when x and one row fit in cache (the dot and
+//      the axpy of a row on the same chunk: one read of the basis), else chunked CGS in two
+//      sweeps (h = V x; x -= V^T h);
+//   3. a second full pass only if the first shrank ||x|| below 1/sqrt(2) of its norm before it
+//      (Daniel-Gragg-Kaufman-Stewart / Kahan-Parlett "twice is enough"), as under cancellation
+//      (w almost inside span V). Either way x ends orthogonal to the rows to working precision.
+// coeffs sum the coefficients of all passes; norm = ||x|| before x is rounded into w's dtype.
+// The old kernel (CGS2 in three fused sweeps, as the reference) read the basis three times per
+// step; this one reads it once plus two rows on Lanczos steps. The loops are compiled for
+// AVX-512 / AVX2 as well as the SSE2 baseline (at the baseline the dots are compute-bound). Every
+// sum runs over fixed chunks in a fixed order: deterministic on a machine for any thread count.
+#include <algorithm>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,12 +40,12 @@ namespace {
 // baseline x86-64, SSE2). The results are deterministic on a machine; between machines with
 // different vector widths they differ at float64 rounding (the order of the partial sums).
 
-// sum_t v[t] x[t] in float64.
-template <typename scalar_t>
-inline double dot(const scalar_t* __restrict__ v, const double* __restrict__ x, int64_t len) {
+// sum_t v[t] x[t] in float64 (v and x in any of float/double).
+template <typename scalar_t, typename x_t>
+inline double dot(const scalar_t* __restrict__ v, const x_t* __restrict__ x, int64_t len) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t t = 0; t < len; ++t) acc += static_cast<double>(v[t]) * x[t];
+  for (int64_t t = 0; t < len; ++t) acc += static_cast<double>(v[t]) * static_cast<double>(x[t]);
   return acc;
 }
 RG_SIMD_CLONES double dot_f(const float* v, const double* x, int64_t len) { return dot(v, x, len); }
@@ -80,53 +91,199 @@ RG_SIMD_CLONES double store_d(double* out, const double* x, int64_t len) { retur
 inline double store_any(float* out, const double* x, int64_t len) { return store_f(out, x, len); }
 inline double store_any(double* out, const double* x, int64_t len) { return store_d(out, x, len); }
 
-// One problem: w [n], basis rows V + i * sj (i < j), writes out [n], coeffs [j], *norm.
+// sum_t a[t] b[t] in float64, both in the input dtype (the local coefficients of the CGS path).
+RG_SIMD_CLONES double dot_ff(const float* a, const float* b, int64_t len) { return dot(a, b, len); }
+RG_SIMD_CLONES double dot_dd(const double* a, const double* b, int64_t len) { return dot(a, b, len); }
+inline double dot_same_any(const float* a, const float* b, int64_t len) { return dot_ff(a, b, len); }
+inline double dot_same_any(const double* a, const double* b, int64_t len) { return dot_dd(a, b, len); }
+
+// sum_t x[t]^2.
+RG_SIMD_CLONES double norm2(const double* __restrict__ x, int64_t len) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t t = 0; t < len; ++t) acc += x[t] * x[t];
+  return acc;
+}
+
+// Local-first from this many basis rows on: the last two rows (v_j, v_{j-1}) are removed before
+// the full pass. Below it the "local" rows are the whole basis: local + one pass reads as many
+// rows as the two passes it would save.
+constexpr int64_t kLocalMin = 3;
+// Row-by-row MGS while w in float64 plus one basis row take fewer bytes than this, the chunked
+// two-sweep CGS pass above. Measured on a 2-core EPYC (L2 1 MiB/core, L3 32 MiB shared), one
+// thread, j = 50 float32: MGS is 1.3-2x faster at n = 270k-1M (3-12 MB), CGS 1.1x faster at n = 4M
+// (48 MB) and 11.7M; half of that L3 leaves room for a second problem on the other core.
+constexpr int64_t kMgsBytes = int64_t(16) << 20;
+// Elements of n per task in the MGS pass: a chunk of x stays in L1 between the axpy of one row
+// and the dot of the next.
+constexpr int64_t kMgsChunk = 4096;
+// Elements of n per task in the CGS sweeps: the chunk of x (1 MiB in float64) is reused by the j
+// rows' dots and axpys; each row is read in 131072-element bursts (the 1310-8192-element chunks
+// of the old three-sweep kernel made n = 4M, j = 50 1.3x slower).
+constexpr int64_t kCgsChunk = 131072;
+
+// A problem: w [n], basis rows V + i * sj (i < j), writes out [n], coeffs [j], *norm; x [n] is
+// the float64 work vector.
 template <typename scalar_t>
-void reorth_one(const scalar_t* w, const scalar_t* V, int64_t sj, int64_t j, int64_t n,
-                scalar_t* out, double* coeffs, double* norm) {
-  const int64_t chunk = lanczos_chunk(j);
-  const int64_t nch = (n + chunk - 1) / chunk;
-  std::vector<double> w1(n);
-  std::vector<double> part(static_cast<size_t>(nch) * std::max<int64_t>(j, 1));
-  std::vector<double> h1(j, 0.0), h2(j, 0.0), npart(nch, 0.0);
+struct Problem {
+  const scalar_t* w;
+  const scalar_t* V;
+  int64_t sj, j, n;
+  scalar_t* out;
+  double* coeffs;
+  double* x;
+  const scalar_t* row(int64_t i) const { return V + i * sj; }
+};
 
-  // Pass 1: w1 = w in float64, h1 = V w.
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t t0 = c * chunk, len = std::min(n, t0 + chunk) - t0;
-      double* x = w1.data() + t0;
-      widen_any(x, w + t0, len);
-      for (int64_t i = 0; i < j; ++i) part[c * j + i] = dot_any(V + i * sj + t0, x, len);
+// Modified Gram-Schmidt over the rows rows[0..m) in that order, chunked over n with a fixed chunk
+// (deterministic partial sums): region k subtracts row k-1 (its coefficient known now) and dots
+// row k, on each chunk while it is in cache, so a row is read from memory once. Region 0 first
+// widens w into x when `widen`; region `norm_at` also returns ||x||^2 (before its dot) in *before.
+// The last region stores x into out; returns ||x||^2 after the pass. Coefficients add to coeffs.
+template <typename scalar_t>
+double mgs_pass(const Problem<scalar_t>& P, const std::vector<int64_t>& rows, bool widen,
+                int64_t norm_at, double* before) {
+  const int64_t n = P.n, m = static_cast<int64_t>(rows.size());
+  const int64_t nch = (n + kMgsChunk - 1) / kMgsChunk;
+  std::vector<double> part(nch, 0.0), npart(nch, 0.0);
+  double prev = 0.0;
+  for (int64_t k = 0; k <= m; ++k) {
+    const scalar_t* vp = k > 0 ? P.row(rows[k - 1]) : nullptr;
+    const scalar_t* vc = k < m ? P.row(rows[k]) : nullptr;
+    const bool wid = widen && k == 0, nrm = k == norm_at;
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t t0 = c * kMgsChunk, len = std::min(n, t0 + kMgsChunk) - t0;
+        double* x = P.x + t0;
+        if (wid) widen_any(x, P.w + t0, len);
+        if (vp) sub_any(x, prev, vp + t0, len);
+        if (!vc) {
+          npart[c] = store_any(P.out + t0, x, len);
+          continue;
+        }
+        if (nrm) npart[c] = norm2(x, len);
+        part[c] = dot_any(vc + t0, x, len);
+      }
+    });
+    if (!vc) break;
+    if (nrm) {
+      double s = 0.0;
+      for (int64_t c = 0; c < nch; ++c) s += npart[c];
+      *before = s;
     }
-  });
-  for (int64_t c = 0; c < nch; ++c)
-    for (int64_t i = 0; i < j; ++i) h1[i] += part[c * j + i];
+    prev = 0.0;
+    for (int64_t c = 0; c < nch; ++c) prev += part[c];
+    P.coeffs[rows[k]] += prev;
+  }
+  double s = 0.0;
+  for (int64_t c = 0; c < nch; ++c) s += npart[c];
+  return s;
+}
 
-  // Pass 2 (fused): w1 = w - V^T h1, then h2 = V w1 on the same chunk while it is in cache.
+// Sweep 1 of a chunked CGS pass: x = w - l1 v_{j-1} - l2 v_{j-2} in float64 when `widen` (the
+// local rows only when l1/l2 are given), then h = V x; returns ||x||^2 (before the projection).
+template <typename scalar_t>
+double cgs_project(const Problem<scalar_t>& P, bool widen, const double* local, double* h) {
+  const int64_t n = P.n, j = P.j, chunk = kCgsChunk, nch = (n + chunk - 1) / chunk;
+  std::vector<double> part(static_cast<size_t>(nch) * std::max<int64_t>(j, 1)), npart(nch, 0.0);
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t t0 = c * chunk, len = std::min(n, t0 + chunk) - t0;
-      double* x = w1.data() + t0;
-      for (int64_t i = 0; i < j; ++i) sub_any(x, h1[i], V + i * sj + t0, len);
-      for (int64_t i = 0; i < j; ++i) part[c * j + i] = dot_any(V + i * sj + t0, x, len);
-    }
-  });
-  for (int64_t c = 0; c < nch; ++c)
-    for (int64_t i = 0; i < j; ++i) h2[i] += part[c * j + i];
-
-  // Pass 3: w_orth = w1 - V^T h2 and its norm.
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t t0 = c * chunk, len = std::min(n, t0 + chunk) - t0;
-      double* x = w1.data() + t0;
-      for (int64_t i = 0; i < j; ++i) sub_any(x, h2[i], V + i * sj + t0, len);
-      npart[c] = store_any(out + t0, x, len);
+      double* x = P.x + t0;
+      if (widen) widen_any(x, P.w + t0, len);
+      if (local) {
+        sub_any(x, local[0], P.row(j - 1) + t0, len);
+        sub_any(x, local[1], P.row(j - 2) + t0, len);
+      }
+      npart[c] = norm2(x, len);
+      for (int64_t i = 0; i < j; ++i) part[c * j + i] = dot_any(P.row(i) + t0, x, len);
     }
   });
   double nn = 0.0;
   for (int64_t c = 0; c < nch; ++c) nn += npart[c];
-  *norm = std::sqrt(nn);
-  for (int64_t i = 0; i < j; ++i) coeffs[i] = h1[i] + h2[i];
+  for (int64_t i = 0; i < j; ++i) h[i] = 0.0;
+  for (int64_t c = 0; c < nch; ++c)
+    for (int64_t i = 0; i < j; ++i) h[i] += part[c * j + i];
+  return nn;
+}
+
+// Sweep 2: x -= V^T h, stored into out; returns ||x||^2.
+template <typename scalar_t>
+double cgs_subtract(const Problem<scalar_t>& P, const double* h) {
+  const int64_t n = P.n, j = P.j, chunk = kCgsChunk, nch = (n + chunk - 1) / chunk;
+  std::vector<double> npart(nch, 0.0);
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t0 = c * chunk, len = std::min(n, t0 + chunk) - t0;
+      double* x = P.x + t0;
+      for (int64_t i = 0; i < j; ++i) sub_any(x, h[i], P.row(i) + t0, len);
+      npart[c] = store_any(P.out + t0, x, len);
+    }
+  });
+  double nn = 0.0;
+  for (int64_t c = 0; c < nch; ++c) nn += npart[c];
+  return nn;
+}
+
+// The local coefficients (MGS on v_j then v_{j-1}) from one sweep reading w and the two rows:
+// l1 = <v_j, w>, l2 = <v_{j-1}, w - l1 v_j> = <v_{j-1}, w> - l1 <v_{j-1}, v_j>.
+template <typename scalar_t>
+void cgs_local(const Problem<scalar_t>& P, double* local) {
+  const int64_t n = P.n, chunk = kCgsChunk, nch = (n + chunk - 1) / chunk;
+  const scalar_t *a = P.row(P.j - 1), *b = P.row(P.j - 2);
+  std::vector<double> part(static_cast<size_t>(nch) * 3, 0.0);
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t0 = c * chunk, len = std::min(n, t0 + chunk) - t0;
+      part[3 * c] = dot_same_any(a + t0, P.w + t0, len);
+      part[3 * c + 1] = dot_same_any(b + t0, P.w + t0, len);
+      part[3 * c + 2] = dot_same_any(b + t0, a + t0, len);
+    }
+  });
+  double s[3] = {0.0, 0.0, 0.0};
+  for (int64_t c = 0; c < nch; ++c)
+    for (int k = 0; k < 3; ++k) s[k] += part[3 * c + k];
+  local[0] = s[0];
+  local[1] = s[1] - s[0] * s[2];
+}
+
+// One problem: local-first (j >= kLocalMin), one full pass (MGS or chunked CGS by size), and a
+// second full pass only when the first shrank x below 1/sqrt(2) of its norm (DGKS).
+template <typename scalar_t>
+void reorth_one(const scalar_t* w, const scalar_t* V, int64_t sj, int64_t j, int64_t n,
+                scalar_t* out, double* coeffs, double* norm) {
+  std::vector<double> x(n);
+  const Problem<scalar_t> P{w, V, sj, j, n, out, coeffs, x.data()};
+  for (int64_t i = 0; i < j; ++i) coeffs[i] = 0.0;
+  const bool local = j >= kLocalMin;
+  double before = 0.0, after = 0.0;
+  if (n * static_cast<int64_t>(sizeof(double) + sizeof(scalar_t)) < kMgsBytes) {
+    std::vector<int64_t> rows;
+    if (local) rows = {j - 1, j - 2};
+    const int64_t norm_at = static_cast<int64_t>(rows.size());
+    for (int64_t i = 0; i < j; ++i) rows.push_back(i);
+    after = mgs_pass(P, rows, /*widen=*/true, norm_at, &before);
+    if (after < 0.5 * before) {
+      rows.erase(rows.begin(), rows.begin() + norm_at);
+      after = mgs_pass(P, rows, /*widen=*/false, -1, nullptr);
+    }
+  } else {
+    std::vector<double> h(j), l(2, 0.0);
+    if (local) {
+      cgs_local(P, l.data());
+      coeffs[j - 1] += l[0];
+      coeffs[j - 2] += l[1];
+    }
+    before = cgs_project(P, /*widen=*/true, local ? l.data() : nullptr, h.data());
+    after = cgs_subtract(P, h.data());
+    for (int64_t i = 0; i < j; ++i) coeffs[i] += h[i];
+    if (after < 0.5 * before) {
+      cgs_project(P, /*widen=*/false, nullptr, h.data());
+      after = cgs_subtract(P, h.data());
+      for (int64_t i = 0; i < j; ++i) coeffs[i] += h[i];
+    }
+  }
+  *norm = std::sqrt(after);
 }
 
 }  // namespace
