@@ -19,8 +19,9 @@ class Lanczos:
 
     Problem ``i * p + j`` runs on matrix i of ``op`` from start vector ``v0[i * p + j]``. Every
     step applies the operator once to all P current vectors (one batched matmat), then
-    orthogonalises against the whole basis with the fused CGS2 op
-    (:func:`resgeom_fast.ops.lanczos_reorth`), accumulating the scalars in float64.
+    orthogonalises against the whole basis with the fused op :func:`resgeom_fast.ops.lanczos_reorth`
+    (CPU: v_j and v_{j-1} first, one full Gram-Schmidt pass and a second only when the first
+    shrinks w below 1/sqrt(2); CUDA: CGS2), accumulating the scalars in float64.
 
     ``reorth="local"`` keeps only v_j and v_{j-1} (two basis rows, O(n) memory per problem) and
     orthogonalises against them (the plain three-term recurrence, as most SLQ codes run it):

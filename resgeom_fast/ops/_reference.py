@@ -8,7 +8,8 @@ from torch import Tensor
 
 
 def lanczos_reorth(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """CGS2 in float64 with batched matrix products: four reads of the basis."""
+    """CGS2 in float64 with batched matrix products: four reads of the basis (the CUDA kernel's
+    algorithm; the CPU kernel's local-first + one pass (+ a second if needed) agrees to rounding)."""
     wd, V = w.double(), basis.double()
     h1 = torch.einsum("bjn,bn->bj", V, wd)
     w1 = wd - torch.einsum("bjn,bj->bn", V, h1)

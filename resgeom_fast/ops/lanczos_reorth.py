@@ -6,7 +6,13 @@ from torch import Tensor
 
 
 def lanczos_reorth(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Orthogonalise ``w`` against the rows of ``basis`` by classical Gram-Schmidt twice.
+    """Orthogonalise ``w`` against the rows of ``basis`` to working precision.
+
+    CPU: from j >= 3 the last two rows first (MGS; in Lanczos ``w = A v_j`` lies almost in their
+    span), then one full Gram-Schmidt pass (row-by-row MGS while ``w`` in float64 and a row fit in
+    cache, else classical in two sweeps over the basis), then a second full pass only if the
+    first shrank ``w`` below ``1/sqrt(2)`` of its norm (the DGKS criterion, as under cancellation).
+    CUDA: classical Gram-Schmidt twice (CGS2, as the reference).
 
     Args:
         w: [b, n] float32/float64, one vector per problem (typically ``A v_j``).
@@ -16,8 +22,9 @@ def lanczos_reorth(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Returns:
         ``(w_orth [b, n] in w's dtype, coeffs [b, j] float64, norm [b] float64)`` with
         ``w_orth = w - basis^T coeffs`` orthogonal to every row and ``norm = ||w_orth||``.
-        ``coeffs[:, -1]`` is the Lanczos alpha when ``w = A basis[:, -1]``. Scalars are
-        accumulated in float64.
+        ``coeffs`` sums the coefficients of all passes; ``coeffs[:, -1]`` is the Lanczos alpha
+        when ``w = A basis[:, -1]``. Scalars are accumulated in float64; ``norm`` is that of the
+        float64 result before it is rounded to w's dtype.
     """
     return torch.ops.resgeom_fast.lanczos_reorth.default(w, basis)
 
