@@ -399,8 +399,13 @@ def test_collapse_matches_numpy_on_hook_features(zoo, name):
         want = _numpy_metrics(h, yn, C, eps)
         assert res.rank_sigma_b[l] == want["rank"] == C - 1, l
         assert res.nc1[l] == pytest.approx(want["nc1"], rel=1e-9), l
-        assert res.etf_error[l] == pytest.approx(want["etf_error"], rel=1e-9, abs=1e-12), l
-        assert res.equinorm[l] == pytest.approx(want["equinorm"], rel=1e-9, abs=1e-12), l
+        # the class-mean deviations m_c = mu_c - mu_G cancel: their rounding is ~eps sqrt(D) h_rms,
+        # relative to min_c ||m_c|| (1.6e7 x h_rms at mobilenet_v2's block 10, where two float64
+        # orders of summation give equinorms 2.6e-9 apart on an AMD EPYC)
+        cond = eps * math.sqrt(h.shape[1]) * math.sqrt((h ** 2).sum(1).mean()) / np.linalg.norm(want["m"], axis=0).min()
+        rel_m = max(1e-9, cond)
+        assert res.etf_error[l] == pytest.approx(want["etf_error"], rel=rel_m, abs=1e-12), l
+        assert res.equinorm[l] == pytest.approx(want["equinorm"], rel=rel_m, abs=1e-12), l
         assert res.ncc_mismatch[l] == want["ncc_mismatch"], l
         assert res.tr_sigma_w[l] == pytest.approx(want["tr_sigma_w"], rel=1e-9), l
     if z.fc:  # logits = fc(GAP(h_L)): NC3 against fc.weight
