@@ -1,0 +1,111 @@
+"""randomized_svd's cheap CPU steps: the one-pass Cholesky normalisation of the power iterations'
+intermediate blocks (_normalise) and the Cholesky-QR thin SVD of the Rayleigh-Ritz block
+(_thin_svd), against exact float64 references, with their fall-backs to the compiled op and
+LAPACK; and the whole randomized_svd against the dense SVD when the intermediate blocks take
+each path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resgeom_fast.linalg import randomized_svd
+from resgeom_fast.linalg import svd as svd_mod
+
+
+def _block(b, r, c, cond, dtype, seed=0):
+    """[b, r, c] blocks with singular values log-spaced from 1 down to 1/cond."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(b, r, c, generator=g, dtype=torch.float64)).Q
+    W = torch.linalg.qr(torch.randn(b, c, c, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), c, dtype=torch.float64)
+    return ((U * s) @ W).to(dtype)
+
+
+def _proj(Q):
+    """Orthogonal projector onto span(Q) [b, r, r] (float64, via an exact QR of Q)."""
+    Qo = torch.linalg.qr(Q.double()).Q
+    return Qo @ Qo.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalise_keeps_the_span_and_conditions_the_basis(dtype, monkeypatch):
+    calls = []
+    monkeypatch.setattr(svd_mod, "_orth", lambda Y: calls.append(1) or svd_mod.ops.orthonormalize(Y))
+    Y = _block(3, 2000, 12, 20.0, dtype)
+    Q = svd_mod._normalise(Y)
+    assert calls == []                                   # the cheap path ran (cond 20 < limit)
+    assert Q.dtype == dtype and Q.shape == Y.shape
+    G = Q.double().transpose(-1, -2) @ Q.double()
+    cond = torch.linalg.cond(G).sqrt()
+    assert float(cond.max()) < 3 ** 0.5                  # the promise of the docstring
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float((_proj(Q) - _proj(Y)).abs().max()) < tol   # the same subspace
+
+
+def test_normalise_falls_back_to_the_compiled_op(monkeypatch):
+    calls = []
+    real = svd_mod._orth
+    monkeypatch.setattr(svd_mod, "_orth", lambda Y: calls.append(1) or real(Y))
+    ill = _block(2, 5000, 8, 1e5, torch.float32)          # cond 1e5 > the float32 limit (~94)
+    assert svd_mod._cheap_cond_limit(5000, torch.float32) < 1e5
+    Q = svd_mod._normalise(ill)
+    assert calls == [1]
+    eye = torch.eye(8, dtype=torch.float64)
+    assert float((Q.double().transpose(-1, -2) @ Q.double() - eye).abs().max()) < 1e-5
+    zero = _block(2, 300, 5, 10.0, torch.float32)
+    zero[1, :, 2] = 0                                     # rank deficient: Cholesky fails
+    Q = svd_mod._normalise(zero)
+    assert calls == [1, 1]
+    assert float((Q.double().transpose(-1, -2) @ Q.double() - torch.eye(5, dtype=torch.float64)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("cond", [10.0, 1e3, 1e5])
+def test_thin_svd_matches_lapack(cond):
+    B = _block(3, 4000, 15, cond, torch.float64, seed=1)
+    P, S, Zh = svd_mod._thin_svd(B)
+    P0, S0, Zh0 = torch.linalg.svd(B, full_matrices=False)
+    torch.testing.assert_close(S, S0, rtol=1e-12, atol=1e-15)
+    eye = torch.eye(15, dtype=torch.float64)
+    assert float((P.transpose(-1, -2) @ P - eye).abs().max()) < 1e-13
+    assert float((Zh @ Zh.transpose(-1, -2) - eye).abs().max()) < 1e-13
+    assert float(((P * S.unsqueeze(-2)) @ Zh - B).abs().max()) < 1e-13
+    # the singular vectors agree up to sign (the singular values are distinct)
+    signs = torch.sign((P * P0).sum(-2))
+    torch.testing.assert_close(P * signs.unsqueeze(-2), P0, rtol=0, atol=1e-8 * cond)
+
+
+def test_thin_svd_falls_back_on_rank_deficient_blocks(monkeypatch):
+    B = _block(2, 500, 6, 10.0, torch.float64)
+    B[0, :, 4] = B[0, :, 1]                                # rank 5 of 6
+    calls = []
+    real = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    P, S, Zh = svd_mod._thin_svd(B)
+    assert calls and calls[0] == B.shape                  # LAPACK on the whole tall block
+    torch.testing.assert_close(S, real(B, full_matrices=False).S, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spread", [3.0, 1e4])
+def test_randomized_svd_with_cheap_or_compiled_intermediates_matches_dense(dtype, spread, monkeypatch):
+    """spread 3: the intermediate blocks take the one-pass normalisation; 1e4 (float32): some take
+    the compiled op. Either way the triplets equal the dense SVD's (a gap after k: q = 2 suffices)."""
+    g = torch.Generator().manual_seed(4)
+    m, n, k = 900, 700, 6
+    s = torch.cat([torch.logspace(0, -torch.log10(torch.tensor(spread)).item(), 12, dtype=torch.float64) * 100,
+                   torch.full((88,), 1e-3, dtype=torch.float64)])
+    U = torch.linalg.qr(torch.randn(m, 100, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, 100, generator=g, dtype=torch.float64)).Q
+    A = ((U * s) @ V.T).to(dtype)
+    cheap = []
+    real = svd_mod._normalise
+    monkeypatch.setattr(svd_mod, "_normalise", lambda Y: cheap.append(1) or real(Y))
+    res = randomized_svd(A, k=k, oversample=6, power_iters=2, seed=0)
+    assert len(cheap) == 4                                 # sketch, A^T Q, A Z, A^T Q; not the last A Z
+    rtol = 1e-5 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(res.S.double(), s[:k], rtol=rtol, atol=0)
+    assert bool(res.converged.all())
+    assert float(res.max_rel_error_bound) < (1e-3 if dtype == torch.float32 else 1e-8)
+    dense_v = V[:, :k]
+    overlap = (res.V.double().T @ dense_v).abs().diagonal()
+    assert float((1 - overlap).max()) < (1e-4 if dtype == torch.float32 else 1e-10)
