@@ -212,13 +212,15 @@ def test_cpu_cuda_parity(dtype):
 ])
 def test_cuda_multistage_reductions(b, j, n, dtype):
     """The block-parallel cross-chunk reductions through several segment stages: the CUDA result
-    matches the CPU kernel and is bitwise the same on a second run (fixed reduction order)."""
+    matches the CGS2 reference and is bitwise the same on a second run (fixed reduction order).
+    (Not the CPU kernel: these rows are orthonormal only to ~1/sqrt(n), where its single pass and
+    CGS2 differ by up to ~1e-3 in w_orth and ~1e-2 in coeffs.)"""
     g = torch.Generator(device="cuda").manual_seed(0)
     V = torch.randn(b, j, n, device="cuda", dtype=dtype, generator=g) / n**0.5  # nearly orthonormal
     w = torch.randn(b, n, device="cuda", dtype=dtype, generator=g)
     got = lanczos_reorth(w, V)
     again = lanczos_reorth(w, V)
-    want = lanczos_reorth(w.cpu(), V.cpu())
+    want = [t.cpu() for t in ref.lanczos_reorth(w, V)]
     for a, a2, c in zip(got, again, want):
         assert torch.equal(a, a2)
         torch.testing.assert_close(a.cpu(), c, **tol(dtype))
