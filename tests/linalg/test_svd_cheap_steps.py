@@ -1,8 +1,8 @@
 """randomized_svd's cheap CPU steps: the one-pass Cholesky normalisation of the power iterations'
-intermediate blocks (_normalise) and the Cholesky-QR thin SVD of the Rayleigh-Ritz block
-(_thin_svd), against exact float64 references, with their fall-backs to the compiled op and
-LAPACK; and the whole randomized_svd against the dense SVD when the intermediate blocks take
-each path."""
+intermediate blocks (_normalise), the Gram-matrix thin SVD of float32 Rayleigh-Ritz blocks
+(_thin_svd) and the Rayleigh-Ritz step on the last block without orthonormalising it
+(_rayleigh_ritz_implicit), against exact float64 references, with their fall-backs to the
+compiled op and LAPACK; and the whole randomized_svd against the dense SVD on each path."""
 from __future__ import annotations
 
 import pytest
@@ -59,30 +59,78 @@ def test_normalise_falls_back_to_the_compiled_op(monkeypatch):
     assert float((Q.double().transpose(-1, -2) @ Q.double() - torch.eye(5, dtype=torch.float64)).abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("cond", [10.0, 1e3, 1e5])
-def test_thin_svd_matches_lapack(cond):
-    B = _block(3, 4000, 15, cond, torch.float64, seed=1)
-    P, S, Zh = svd_mod._thin_svd(B)
-    P0, S0, Zh0 = torch.linalg.svd(B, full_matrices=False)
-    torch.testing.assert_close(S, S0, rtol=1e-12, atol=1e-15)
+@pytest.mark.parametrize("cond", [10.0, 1e3, 9e3])
+def test_thin_svd_of_float32_data_matches_lapack(cond, monkeypatch):
+    """Float32 sources take the Gram-matrix path (no LAPACK SVD of the tall block); its float64
+    errors ~eps64 cond^2 stay below float32 rounding."""
+    B = _block(3, 4000, 15, cond, torch.float32, seed=1).double()
+    real = torch.linalg.svd
+    P0, S0, Zh0 = real(B, full_matrices=False)
+    calls = []
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    P, S, Zh = svd_mod._thin_svd(B, torch.float32)
+    assert calls == []
+    eps32 = float(torch.finfo(torch.float32).eps)
+    assert float(((S - S0).abs() / S0[..., :1]).max()) < eps32
     eye = torch.eye(15, dtype=torch.float64)
-    assert float((P.transpose(-1, -2) @ P - eye).abs().max()) < 1e-13
+    assert float((P.transpose(-1, -2) @ P - eye).abs().max()) < eps32
     assert float((Zh @ Zh.transpose(-1, -2) - eye).abs().max()) < 1e-13
-    assert float(((P * S.unsqueeze(-2)) @ Zh - B).abs().max()) < 1e-13
-    # the singular vectors agree up to sign (the singular values are distinct)
-    signs = torch.sign((P * P0).sum(-2))
-    torch.testing.assert_close(P * signs.unsqueeze(-2), P0, rtol=0, atol=1e-8 * cond)
+    assert float(((P * S.unsqueeze(-2)) @ Zh - B).abs().max()) < eps32 * float(S0.max())
+    signs = torch.sign((P * P0).sum(-2))                  # distinct singular values: vectors up to sign
+    torch.testing.assert_close(P * signs.unsqueeze(-2), P0, rtol=0, atol=1e-4)
 
 
-def test_thin_svd_falls_back_on_rank_deficient_blocks(monkeypatch):
-    B = _block(2, 500, 6, 10.0, torch.float64)
-    B[0, :, 4] = B[0, :, 1]                                # rank 5 of 6
+@pytest.mark.parametrize("case", ["float64 source", "cond 1e5", "rank deficient"])
+def test_thin_svd_falls_back_to_lapack(case, monkeypatch):
+    B = _block(2, 500, 6, 1e5 if case == "cond 1e5" else 10.0, torch.float64)
+    if case == "rank deficient":
+        B[0, :, 4] = B[0, :, 1]                            # rank 5 of 6
     calls = []
     real = torch.linalg.svd
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    P, S, Zh = svd_mod._thin_svd(B)
+    P, S, Zh = svd_mod._thin_svd(B, torch.float64 if case == "float64 source" else torch.float32)
     assert calls and calls[0] == B.shape                  # LAPACK on the whole tall block
     torch.testing.assert_close(S, real(B, full_matrices=False).S, rtol=1e-12, atol=1e-14)
+
+
+def test_gram64_is_the_float64_gram_matrix_of_float32_entries():
+    Y = torch.randn(3, 70001, 7, generator=torch.Generator().manual_seed(2))
+    G = svd_mod._gram64(Y)
+    Yd = Y.double()
+    torch.testing.assert_close(G, Yd.transpose(-1, -2) @ Yd, rtol=1e-13, atol=1e-9)
+
+
+def _op_matrix(m, n, s, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64)).Q
+    return ((U * s) @ V.T).to(dtype), U, V
+
+
+@pytest.mark.parametrize("spread", [3.0, 1e3])
+def test_implicit_rayleigh_ritz_equals_the_orthonormalised_one(spread, monkeypatch):
+    """float32, q = 2: the last block goes to Rayleigh-Ritz without the compiled orthonormalisation
+    when cond(Y) <= IMPLICIT_COND (spread 3), and through it otherwise (spread 1e3 makes the last
+    block's condition ~1e3); both give the dense triplets, and the same ones as forcing the
+    orthonormalised step."""
+    s = torch.cat([torch.logspace(0, -torch.log10(torch.tensor(spread)).item(), 10, dtype=torch.float64) * 50,
+                   torch.full((60,), 1e-3, dtype=torch.float64)])
+    A, U0, V0 = _op_matrix(800, 600, s, 5, torch.float32)
+    orth_calls = []
+    real = svd_mod._orth
+    monkeypatch.setattr(svd_mod, "_orth", lambda Y: orth_calls.append(Y.shape) or real(Y))
+    res = randomized_svd(A, k=5, oversample=5, power_iters=2, seed=1)
+    implicit = spread == 3.0
+    assert (len(orth_calls) == 0) == implicit, orth_calls
+    monkeypatch.setattr(svd_mod, "_rayleigh_ritz_implicit", lambda *a, **k: None)
+    forced = randomized_svd(A, k=5, oversample=5, power_iters=2, seed=1)
+    torch.testing.assert_close(res.S, forced.S, rtol=2e-6, atol=0)
+    torch.testing.assert_close(res.S.double(), s[:5], rtol=1e-5, atol=0)
+    assert bool(res.converged.all()) and float(res.max_rel_error_bound) < 1e-3
+    eye = torch.eye(5, dtype=torch.float64)
+    assert float((res.U.double().T @ res.U.double() - eye).abs().max()) < 1e-5
+    assert float((1 - (res.U.double().T @ U0[:, :5]).abs().diagonal()).max()) < 1e-5
+    assert float((1 - (res.V.double().T @ V0[:, :5]).abs().diagonal()).max()) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
