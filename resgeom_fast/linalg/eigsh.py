@@ -85,7 +85,7 @@ def eigsh(
 ) -> EigshResult:
     """k extreme eigenpairs of a symmetric operator, per problem of a batched operator.
 
-    Lanczos with full reorthogonalisation (CGS2 fused op) from a Gaussian start vector, grown
+    Lanczos with full reorthogonalisation (:func:`resgeom_fast.ops.lanczos_reorth`) from a Gaussian start vector, grown
     until the Ritz residual estimates ``|beta_s * S[s, i]|`` of the wanted pairs fall below
     ``tol * max|theta|`` for every problem, or ``max_steps`` is reached. Exactly repeated extreme
     eigenvalues are found once each before an invariant subspace is exhausted (single-vector
