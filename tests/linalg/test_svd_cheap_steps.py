@@ -5,6 +5,8 @@ intermediate blocks (_normalise), the Gram-matrix thin SVD of float32 Rayleigh-R
 compiled op and LAPACK; and the whole randomized_svd against the dense SVD on each path."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -157,3 +159,29 @@ def test_randomized_svd_with_cheap_or_compiled_intermediates_matches_dense(dtype
     dense_v = V[:, :k]
     overlap = (res.V.double().T @ dense_v).abs().diagonal()
     assert float((1 - overlap).max()) < (1e-4 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+@pytest.mark.parametrize("mode", ["q0", "q2", "auto", "block_krylov"])
+def test_float32_operators_at_extreme_scales_keep_honest_bounds(scale, mode):
+    """s_1 ~ 1e-30 .. 1e30 in float32: the residual norms must not underflow to 0 (a false
+    converged=True) or overflow, and A^T Y / A A^T Q of size s_1^2 must not leave float32's range
+    (a NonFiniteError blamed on the operator). Every reported bound must contain the true error."""
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 600, 400, 10
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    sv = 0.8 ** torch.arange(n, dtype=torch.float64)
+    A = ((U * sv) @ V.T * scale).float()
+    true = torch.linalg.svdvals(A.double())[:k]
+    kw = {"q0": dict(power_iters=0), "q2": dict(power_iters=2), "auto": dict(power_iters="auto"),
+          "block_krylov": dict(power_iters=2, method="block_krylov")}[mode]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)       # "auto" may stop above tol: flagged
+        res = randomized_svd(A, k=k, oversample=5, seed=0, **kw)
+    err = (res.S.double() - true).abs()
+    assert bool((err <= res.error_bound).all()), (err / res.error_bound).max()
+    if bool(res.converged.all()):
+        assert float((err / true).max()) <= res.tol + 1e-6
+    if mode in ("q2", "auto"):                                 # these reach ~5e-7 at every scale
+        assert bool(res.converged.all()) and float((err / true).max()) < 1e-5
