@@ -93,10 +93,10 @@ class AutoTuner:
         product: ``product(method, idx, vs, k)`` computes one product by ``method``.
         structured_off: why the structured path does not apply (None: it may).
         time_structured: under "auto" (not deterministic) the structured path is measured against
-            the double backward instead of being taken outright (conv nets: the structured path was
-            1.4x as fast as the double backward on a CIFAR ResNet-20 with 128 images, but 0.65x on
-            torchvision's resnet18 with 64 CIFAR-sized images, where the weight-sized work of
-            11.7M parameters x k outweighs the small activations).
+            the double backward instead of being taken outright (conv nets: measured 1.4x as fast
+            as the double backward on a CIFAR ResNet-20 with 128 images, and 0.65x on torchvision's
+            resnet18 with 64 CIFAR-sized images before the structured path cropped kernels to their
+            live taps, 1.3x after; which wins depends on the net, the batch and the CPU).
         distributed: the products are data-parallel (every rank runs the same tuner): every
             timing and every verification result is rank 0's, broadcast, so that all ranks
             decide alike and run the same products (and collectives) in the same order.
