@@ -96,6 +96,20 @@ def _cheap_cond_limit(r: int, dtype: torch.dtype) -> float:
     return math.sqrt(0.5 / (math.sqrt(max(r, 1)) * float(torch.finfo(dtype).eps)))
 
 
+def _inverse_factor(G: Tensor, limit: float) -> Optional[Tensor]:
+    """R^-1 [*, c, c] (float64) of the upper Cholesky factor of float64 Gram matrices G = R^T R, or
+    None when a factorisation fails (a rank-deficient block), R is not finite, or cond(R) > limit
+    for some problem (the callers then take the compiled orthonormalisation)."""
+    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    if bool((info != 0).any()):
+        return None
+    sv = torch.linalg.svdvals(R)
+    if not bool(torch.isfinite(sv).all()) or bool((sv[..., -1] * limit < sv[..., 0]).any()):
+        return None
+    eye = torch.eye(G.shape[-1], dtype=torch.float64, device=G.device).expand_as(R)
+    return torch.linalg.solve_triangular(R, eye, upper=True)
+
+
 def _normalise(Y: Tensor) -> Tensor:
     """A well-conditioned basis of span(Y) for the power iterations' intermediate blocks.
 
@@ -113,17 +127,8 @@ def _normalise(Y: Tensor) -> Tensor:
     precision."""
     if Y.device.type != "cpu":
         return _orth(Y)    # one host decision per block would be a device sync; unmeasured on GPUs
-    r, c = Y.shape[-2:]
-    G = (Y.transpose(-1, -2) @ Y).double()
-    R, info = torch.linalg.cholesky_ex(G, upper=True)
-    if bool((info != 0).any()):
-        return _orth(Y)
-    sv = torch.linalg.svdvals(R)
-    if not bool(torch.isfinite(sv).all()) or bool((sv[..., -1] * _cheap_cond_limit(r, Y.dtype) < sv[..., 0]).any()):
-        return _orth(Y)
-    eye = torch.eye(c, dtype=torch.float64).expand_as(R)
-    Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
-    return Y @ Rinv.to(Y.dtype)
+    Rinv = _inverse_factor((Y.transpose(-1, -2) @ Y).double(), _cheap_cond_limit(Y.shape[-2], Y.dtype))
+    return _orth(Y) if Rinv is None else Y @ Rinv.to(Y.dtype)
 
 
 def _rayleigh_ritz(op, Q: Tensor, where: str, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -133,10 +138,16 @@ def _rayleigh_ritz(op, Q: Tensor, where: str, k: int) -> tuple[Tensor, Tensor, T
     resid_T [*, k] = ||A^T u_i - s_i v_i|| (zero up to rounding: A^T U = B^T W = P S). Forming U
     and resid_T for the k wanted columns only saves ~0.6 s per SVD of four [802816, 20] blocks."""
     Bt = apply_block(op, Q, where, "in the Rayleigh-Ritz step", transpose=True)   # [*, n, c]
-    Btd = Bt.double()
-    P, S, Wh = _thin_svd(Btd, Q.dtype)                                            # Bt = P S Wh
+    return _ritz(Bt.double(), Q, None, k)
+
+
+def _ritz(Btd: Tensor, Y: Tensor, M: Optional[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The triplets of B^T = Btd [*, n, c] (float64) = P S W^T, whose basis is Q = Y M (M None: the
+    identity): (P, S) with all c columns, U = Q W [*, m, k] formed as Y (M W) in Y's dtype and
+    resid_T = ||B^T w_i - s_i p_i|| for the first k."""
+    P, S, Wh = _thin_svd(Btd, Y.dtype)
     Wk = Wh.transpose(-1, -2)[..., :k]
-    U = Q @ Wk.to(Q.dtype)
+    U = Y @ (Wk if M is None else M @ Wk).to(Y.dtype)
     resid_T = (Btd @ Wk - P[..., :k] * S[..., :k].unsqueeze(-2)).norm(dim=-2)
     return P, S, U, resid_T
 
@@ -170,12 +181,11 @@ def _rayleigh_ritz_implicit(op, Y: Tensor, where: str, k: int):
     cond(Y) <= min(IMPLICIT_COND, sqrt(dim)). The ``residuals`` of the result measure A^T u_i
     through Q (exact in float64 arithmetic), not through the rounded float32 U returned: at
     cond(Y) near the limit the true ||A^T u_i - s_i v_i|| of that U was measured up to 4.6x the
-    reported one, still ~1% of ``error_bound``, which holds by its rounding allowance. Returns None (the caller orthonormalises Y with the
-    compiled op) for another device or dtype, a failed factor (rank-deficient Y) or a worse
-    conditioned block."""
+    reported one, still ~1% of ``error_bound``, which holds by its rounding allowance. Returns
+    None (the caller orthonormalises Y with the compiled op) for another device or dtype, a failed
+    factor (rank-deficient Y) or a worse conditioned block."""
     if Y.device.type != "cpu" or Y.dtype != torch.float32:
         return None
-    c = Y.shape[-1]
     G = _gram64(Y)
     # A^T Y is of size s_1 ||Y|| ~ s_1^2: outside float32's range for s_1 beyond ~1e+-19. Columns
     # of norms outside 2^+-20 are first scaled by a power of two (exact, per problem; the span,
@@ -187,22 +197,11 @@ def _rayleigh_ritz_implicit(op, Y: Tensor, where: str, k: int):
     if bool((e.abs() > 20).any()):
         Y = Y * torch.exp2(-e).to(Y.dtype)[..., None, None]
         G = G * torch.exp2(-2 * e)[..., None, None]
-    R, info = torch.linalg.cholesky_ex(G, upper=True)
-    if bool((info != 0).any()):
+    Rinv = _inverse_factor(G, min(IMPLICIT_COND, math.sqrt(max(op.shape))))
+    if Rinv is None:
         return None
-    sv = torch.linalg.svdvals(R)
-    limit = min(IMPLICIT_COND, math.sqrt(max(op.shape)))
-    if not bool(torch.isfinite(sv).all()) or bool((sv[..., -1] * limit < sv[..., 0]).any()):
-        return None
-    eye = torch.eye(c, dtype=torch.float64).expand_as(R)
-    Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
     Bt = apply_block(op, Y, where, "in the Rayleigh-Ritz step", transpose=True)   # A^T Y [*, n, c]
-    Btd = Bt.double() @ Rinv                                                      # A^T Q
-    P, S, Wh = _thin_svd(Btd, Y.dtype)
-    Wk = Wh.transpose(-1, -2)[..., :k]
-    U = Y @ (Rinv @ Wk).to(Y.dtype)
-    resid_T = (Btd @ Wk - P[..., :k] * S[..., :k].unsqueeze(-2)).norm(dim=-2)
-    return P, S, U, resid_T
+    return _ritz(Bt.double() @ Rinv, Y, Rinv, k)                                 # B^T = A^T Q
 
 
 def _thin_svd(B: Tensor, source: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor]:
@@ -423,9 +422,11 @@ def randomized_svd(
                 matvecs += 2 * l
             iters = power_iters
             # the last block feeds Rayleigh-Ritz: directly when well-conditioned, else orthonormalised
+            # (q = 0: the sketch's block was orthonormalised already)
             rr = _rayleigh_ritz_implicit(op, Q, where, k) if power_iters > 0 else None
-            P, S, U, resid_T = rr if rr is not None else _rayleigh_ritz(op, _orth(Q) if power_iters > 0 else Q,
-                                                                        where, k)
+            if rr is None:
+                rr = _rayleigh_ritz(op, _orth(Q) if power_iters > 0 else Q, where, k)
+            P, S, U, resid_T = rr
             AV = apply_block(op, P[..., :k].to(op.dtype).contiguous(), where, "in the residual check")
             matvecs += l + k
             return finish(P, S, U, resid_T, AV)
