@@ -185,6 +185,29 @@ def test_second_pass_runs_under_cancellation(n):
     assert (V @ (one / one.norm())).abs().max().item() > 1e-11
 
 
+def test_work_buffers_reused_across_sizes_and_threads():
+    """The CPU kernel takes its float64 work vector from a pool (a fresh one is an mmap that
+    faults in on first touch): buffers handed back by one call serve the next, of another size,
+    and problems running in parallel each get their own. Every call equals the CGS2 reference and
+    the same call on a fresh pool state (the first one) bit for bit."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        runs = {}
+        for n in (N_CGS, 3_000, 2 * N_CGS, 3_000, N_CGS):
+            b = 2 if n > N_MGS else 5          # b >= threads: one problem per thread, in parallel
+            V, w = _basis(b, 7, n, torch.float32, "cpu", seed=n % 97)
+            got = lanczos_reorth(w, V)
+            want = ref.lanczos_reorth(w, V)
+            for a, c in zip(got, want):
+                torch.testing.assert_close(a, c, **tol(torch.float32))
+            if n in runs:
+                assert all(torch.equal(a, c) for a, c in zip(got, runs[n]))
+            runs[n] = got
+    finally:
+        torch.set_num_threads(threads)
+
+
 # 2. opcheck
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
