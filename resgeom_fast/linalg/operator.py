@@ -17,6 +17,7 @@ from torch import Tensor
 
 # NonFiniteError and describe_non_finite live on the bottom floor (core.checks); re-exported here.
 from resgeom_fast.core.checks import NonFiniteError, describe_non_finite  # noqa: F401
+from resgeom_fast.core.heap import call_kept
 
 MatmatFn = Callable[[Tensor], Tensor]
 
@@ -79,7 +80,7 @@ class LinearOperator:
     def matmat(self, X: Tensor) -> Tensor:
         """Apply to a block: ``X [*batch_shape, n, k] -> [*batch_shape, m, k]``."""
         self._check_block(X, self.shape[1], "X")
-        Y = self._matmat(X)
+        Y = call_kept(self._matmat, X)   # freed host blocks reused, not faulted in again (core/heap.py)
         expected = (*self.batch_shape, self.shape[0], X.shape[-1])
         if tuple(Y.shape) != expected:
             raise RuntimeError(
@@ -90,7 +91,7 @@ class LinearOperator:
     def rmatmat(self, U: Tensor) -> Tensor:
         """Apply the transpose: ``U [*batch_shape, m, k] -> [*batch_shape, n, k]``."""
         self._check_block(U, self.shape[0], "U")
-        Y = self._rmatmat(U)
+        Y = call_kept(self._rmatmat, U)
         expected = (*self.batch_shape, self.shape[1], U.shape[-1])
         if tuple(Y.shape) != expected:
             raise RuntimeError(
