@@ -15,9 +15,10 @@
 - :mod:`resgeom_fast.core.distributed` -- process-group helpers of the data-parallel operators:
   ``shard``, one-collective ``all_reduce_sum``, ``broadcast_object``, ``raise_together``,
   ``RankFailureError`` (docs/distributed.md).
-- :mod:`resgeom_fast.core.heap` -- ``keep_heap``: while the package computes, glibc serves large
-  host blocks from the heap and reuses them instead of mmapping (and page-faulting) each one
-  afresh; the outermost exit restores glibc's large-block settings and trims (``RESGEOM_HEAP=0``
+- :mod:`resgeom_fast.core.heap` -- ``call_kept`` (every ``LinearOperator`` product): inside one
+  product glibc serves large host blocks from the heap and reuses them instead of mmapping (and
+  page-faulting) each one afresh; the outermost exit restores glibc's large-block settings,
+  copies large results out of the heap and trims when over 64 MiB is free (``RESGEOM_HEAP=0``
   turns it off).
 """
 from resgeom_fast.core import blocks, checks, io, modules

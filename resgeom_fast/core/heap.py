@@ -27,15 +27,15 @@ temporaries) therefore keeps its blocks between calls, as it does without the sc
 after every call cost the FC net's 10 products 10-20%. Results are bit-identical: only
 where the bytes live changes. Scopes span single products, not whole algorithms: kept across a
 Lanczos run (measured 2026-12-02) the scope took SLQ 2 x 100 on torchvision resnet18 from 180 s to
-148 s (1.22x; this per-product scope: 170 s), but blocks of mixed lifetimes fragment the heap
+148 s (1.22x; this per-product scope: 170-188 s, runs of the same code on that machine), but blocks of mixed lifetimes fragment the heap
 (glibc cannot reuse a freed block for an equal 64-byte-aligned request until it coalesces with
 a neighbour): eigsh's peak grew from 1.3x to 1.7x its basis and SLQ's went 16-25% over the memory
 plan's count on a 2M-parameter case, which the plan must bound. Reusing Lanczos' own buffers
 explicitly would give that speed without the fragmentation.
 
 Side effect: any ``mallopt`` ends glibc's dynamic adjustment of its mmap threshold for the rest
-of the process; it stays at the 32 MiB set on exit (or the environment's value). Off when the C library is not glibc
-(musl, macOS, Windows; a preloaded jemalloc / tcmalloc keeps its own policy) and when the
+of the process; it stays at the 32 MiB set on exit (or the environment's value). Off when the C
+library is not glibc (musl, macOS, Windows; a preloaded jemalloc / tcmalloc keeps its own policy) and when the
 environment variable ``RESGEOM_HEAP=0`` is set (read at each outermost entry). Scopes nest and
 are thread-safe (one process-wide counter); :func:`state` reports them.
 """

@@ -14,7 +14,8 @@
 // coeffs sum the coefficients of all passes; norm = ||x|| before x is rounded into w's dtype.
 // The old kernel (CGS2 in three fused sweeps, as the reference) read the basis three times per
 // step; this one reads it once (MGS, while w fits in cache) or twice (CGS, four rows per pass
-// over a chunk of w) plus two rows on Lanczos steps. The loops are compiled for AVX-512 / AVX2 as well as the SSE2 baseline (at the baseline the dots are compute-bound). Every
+// over a chunk of w) plus two rows on Lanczos steps. The loops are compiled for AVX-512 / AVX2
+// as well as the SSE2 baseline (at the baseline the dots are compute-bound). Every
 // sum runs over fixed chunks in a fixed order: deterministic on a machine for any thread count.
 #include <algorithm>
 #include <ATen/Dispatch.h>
@@ -173,8 +174,8 @@ constexpr int64_t kMgsBytes = int64_t(16) << 20;
 // and the dot of the next.
 constexpr int64_t kMgsChunk = 4096;
 // Elements of n per task in the CGS sweeps: the chunk of x (1 MiB in float64) is reused by the j
-// rows' dots and axpys, four rows per read of it; each row is read in 131072-element bursts (the 1310-8192-element chunks
-// of the old three-sweep kernel made n = 4M, j = 50 1.3x slower).
+// rows' dots and axpys, four rows per read of it; each row is read in 131072-element bursts (the
+// 1310-8192-element chunks of the old three-sweep kernel made n = 4M, j = 50 1.3x slower).
 constexpr int64_t kCgsChunk = 131072;
 
 // A problem: w [n], basis rows V + i * sj (i < j), writes out [n], coeffs [j], *norm; x [n] is
