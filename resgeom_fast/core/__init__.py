@@ -18,7 +18,7 @@
 - :mod:`resgeom_fast.core.heap` -- ``call_kept`` (every ``LinearOperator`` product): inside one
   product glibc serves large host blocks from the heap and reuses them instead of mmapping (and
   page-faulting) each one afresh; the outermost exit restores glibc's large-block settings,
-  copies large results out of the heap and trims when over 64 MiB is free (``RESGEOM_HEAP=0``
+  copies large results out of the heap and trims past glibc's trim threshold (``RESGEOM_HEAP=0``
   turns it off).
 """
 from resgeom_fast.core import blocks, checks, io, modules

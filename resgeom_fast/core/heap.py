@@ -19,10 +19,14 @@ outermost scope the settings return to glibc's steady state for large blocks (``
 ``MALLOC_TRIM_THRESHOLD_`` from the environment where set), the result's CPU tensors of the
 mmap threshold or more are copied out of the heap (allocated under those settings, as without
 the scope; smaller ones would live on the heap anyway), and when the heap
-holds more than 64 MiB of free blocks (``mallinfo2``) ``malloc_trim(0)`` hands every free page
-back to the kernel: nothing allocated in the scope outlives it, and the process keeps at most
-64 MiB of freed heap after a product, as glibc's own trim threshold allows
-(``tests/linalg/test_memory_plan.py``'s eigsh peak is unchanged). A small product (a few MB of
+holds more free bytes (``mallinfo2``) than the trim threshold now in force (64 MiB; glibc's
+default 128 KiB when ``MALLOC_MMAP_THRESHOLD_`` alone is set, since a fixed mmap threshold ends
+the adjustment that raises it) ``malloc_trim(0)`` hands every free page back to the kernel:
+nothing allocated in the scope outlives it, and the process keeps no more freed heap after a
+product than glibc's own trim threshold allows. (Keeping 64 MiB regardless, as a first version
+did, put eigsh's measured peak in ``tests/linalg/test_memory_plan.py`` at 427-483 MB for a
+320 MB basis from run to run, over the memory plan; with this rule 426-430 MB, as with the
+scope off.) A small product (a few MB of
 temporaries) therefore keeps its blocks between calls, as it does without the scope; trimming
 after every call cost the FC net's 10 products 10-20%. Results are bit-identical: only
 where the bytes live changes. Scopes span single products, not whole algorithms: kept across a
@@ -57,7 +61,7 @@ _KEEP_TRIM = 2**31 - 1            # mallopt takes an int: free() trims only a to
 _DEFAULT_MMAP_MAX = 65536          # glibc's DEFAULT_MMAP_MAX
 _EXIT_MMAP_THRESHOLD = 32 << 20    # after a scope: glibc's DEFAULT_MMAP_THRESHOLD_MAX (64-bit) ...
 _EXIT_TRIM = 64 << 20              # ... and 2x it: the steady state of its dynamic adjustment
-_KEEP_FREE = 64 << 20              # free heap bytes a scope may leave behind before it trims
+_GLIBC_TRIM = 128 << 10           # glibc's DEFAULT_TRIM_THRESHOLD (in force once the mmap threshold is fixed)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -132,22 +136,36 @@ def _exit(box: Optional[list] = None) -> None:
         libc.mallopt(M_MMAP_MAX, _env_int("MALLOC_MMAP_MAX_", _DEFAULT_MMAP_MAX))
         threshold = _env_int("MALLOC_MMAP_THRESHOLD_", _EXIT_MMAP_THRESHOLD)
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
-        libc.mallopt(M_TRIM_THRESHOLD, _env_int("MALLOC_TRIM_THRESHOLD_", _EXIT_TRIM))
+        keep = _exit_trim()
+        libc.mallopt(M_TRIM_THRESHOLD, keep)
         _active = False
         try:
             if box:
                 box[0] = _copy_out(box[0], threshold)   # the originals' last reference goes here
         finally:
-            if _free_heap_bytes(libc) > _KEEP_FREE:
+            if _free_heap_bytes(libc, keep) > keep:
                 libc.malloc_trim(0)
 
 
-def _free_heap_bytes(libc: Any) -> int:
-    """Free bytes held in malloc's arenas (mallinfo2; "unknown" counts as over the limit)."""
+def _exit_trim() -> int:
+    """The trim threshold glibc itself would have in force after the scope: the environment's
+    ``MALLOC_TRIM_THRESHOLD_``; else its default 128 KiB when ``MALLOC_MMAP_THRESHOLD_`` is set
+    (a fixed mmap threshold ends the dynamic adjustment, which is what raises the trim
+    threshold); else 64 MiB, the steady state of that adjustment. A scope leaves at most this
+    many free heap bytes behind."""
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return _env_int("MALLOC_TRIM_THRESHOLD_", _EXIT_TRIM)
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return _GLIBC_TRIM
+    return _EXIT_TRIM
+
+
+def _free_heap_bytes(libc: Any, keep: int) -> int:
+    """Free bytes held in malloc's arenas (mallinfo2; "unknown" counts as over ``keep``)."""
     try:
         return int(libc.mallinfo2().fordblks)
     except (AttributeError, TypeError, ValueError):
-        return _KEEP_FREE + 1
+        return keep + 1
 
 
 def _copy_out(x: Any, threshold: int) -> Any:

@@ -118,7 +118,8 @@ def fake(monkeypatch):
     lib = _FakeLibc()
     monkeypatch.setattr(heap, "_libc", lib)
     monkeypatch.setattr(heap, "_probed", True)
-    monkeypatch.delenv("RESGEOM_HEAP", raising=False)
+    for name in ("RESGEOM_HEAP", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
     assert heap.state()["depth"] == 0
     return lib
 
@@ -202,3 +203,29 @@ def test_trims_only_when_more_than_64_mib_of_freed_heap_is_left(fake):
         with heap.keep_heap():
             pass
         assert len([c for c in fake.calls if c[0] == "malloc_trim"]) == trims, free
+
+
+def test_a_fixed_mmap_threshold_keeps_glibc_s_default_trim_threshold(fake, monkeypatch):
+    """``MALLOC_MMAP_THRESHOLD_`` alone fixes glibc's trim threshold at its 128 KiB default (the
+    dynamic adjustment that raises it is off), so a scope may leave no more free heap than that:
+    before this rule it left up to 64 MiB, and CI measured eigsh's peak 483 MB (1.51x its 320 MB
+    basis, over the memory plan) under that environment."""
+    class Info:
+        fordblks = 0
+
+    fake.mallinfo2 = lambda: Info
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    for free, trims in ((128 << 10, 0), ((128 << 10) + 1, 1), (8 << 20, 1)):
+        fake.calls.clear()
+        Info.fordblks = free
+        with heap.keep_heap():
+            pass
+        assert ("mallopt", heap.M_TRIM_THRESHOLD, 128 << 10) in fake.calls
+        assert len([c for c in fake.calls if c[0] == "malloc_trim"]) == trims, free
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 20))       # an explicit one wins
+    fake.calls.clear()
+    Info.fordblks = 512 << 10
+    with heap.keep_heap():
+        pass
+    assert ("mallopt", heap.M_TRIM_THRESHOLD, 1 << 20) in fake.calls
+    assert not [c for c in fake.calls if c[0] == "malloc_trim"]
