@@ -15,9 +15,9 @@
 - :mod:`resgeom_fast.core.distributed` -- process-group helpers of the data-parallel operators:
   ``shard``, one-collective ``all_reduce_sum``, ``broadcast_object``, ``raise_together``,
   ``RankFailureError`` (docs/distributed.md).
-- :mod:`resgeom_fast.core.heap` -- ``call_kept`` (every ``LinearOperator`` product): inside one
-  product glibc serves large host blocks from the heap and reuses them instead of mmapping (and
-  page-faulting) each one afresh; the outermost exit restores glibc's large-block settings,
+- :mod:`resgeom_fast.core.heap` -- ``call_kept`` (every ``LinearOperator`` product) and
+  ``keep_heap`` (every window of Lanczos steps): inside one scope glibc serves large host
+  blocks from the heap and reuses them instead of mmapping (and page-faulting) each one afresh; the outermost exit restores glibc's large-block settings,
   copies large results out of the heap and trims past glibc's trim threshold (``RESGEOM_HEAP=0``
   turns it off).
 """

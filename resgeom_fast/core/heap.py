@@ -1,4 +1,4 @@
-"""Reuse freed host memory inside one product instead of faulting it in again (glibc only).
+"""Reuse freed host memory inside a product or a window of Lanczos steps instead of faulting it in again (glibc only).
 
 glibc's malloc serves every block of 32 MiB or more (and smaller ones until its dynamic threshold
 has grown) with a fresh ``mmap`` and returns it to the kernel on ``free``. The stacked products of
@@ -29,13 +29,19 @@ did, put eigsh's measured peak in ``tests/linalg/test_memory_plan.py`` at 427-48
 scope off.) A small product (a few MB of
 temporaries) therefore keeps its blocks between calls, as it does without the scope; trimming
 after every call cost the FC net's 10 products 10-20%. Results are bit-identical: only
-where the bytes live changes. Scopes span single products, not whole algorithms: kept across a
-Lanczos run (measured 2026-12-02) the scope took SLQ 2 x 100 on torchvision resnet18 from 180 s to
-148 s (1.22x; this per-product scope: 170-188 s, runs of the same code on that machine), but blocks of mixed lifetimes fragment the heap
-(glibc cannot reuse a freed block for an equal 64-byte-aligned request until it coalesces with
-a neighbour): eigsh's peak grew from 1.3x to 1.7x its basis and SLQ's went 16-25% over the memory
-plan's count on a 2M-parameter case, which the plan must bound. Reusing Lanczos' own buffers
-explicitly would give that speed without the fragmentation.
+where the bytes live changes.
+
+Scopes span single products and, in :class:`resgeom_fast.linalg.lanczos.Lanczos`, windows of
+steps (up to ``sync_every``): there the products' outputs stay in the heap (their scopes nest) and
+a step reuses the blocks the previous one freed. Measured 2026-12-03 (SLQ 2 x 100 on torchvision
+resnet18, one thread, separate runs of the same machine): 160-171 s with a scope per product,
+132-141 s with a scope per window, peak RSS unchanged (10.0 GiB). The window holds no
+long-lived large block -- the basis, the saved product and the layout copies are allocated
+outside it, the scalars are updated in place, the reorthogonalisation kernel maps its pooled
+buffers directly -- because a block kept between freed ones splits the heap and makes it grow:
+a scope over a whole algorithm (basis and Ritz chunks inside) took eigsh's peak from 1.3x to
+1.7x its basis. What slack remains (measured up to 3 working vectors at n = 2M) is counted by
+the memory plans (``linalg._memory.HEAP_SLACK_VECTORS``).
 
 Side effect: any ``mallopt`` ends glibc's dynamic adjustment of its mmap threshold for the rest
 of the process; it stays at the 32 MiB set on exit (or the environment's value). Off when the C

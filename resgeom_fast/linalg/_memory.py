@@ -34,6 +34,10 @@ import torch
 
 #: the share of a detected (not user-given) amount of free memory a plan may use
 _USABLE = 0.9
+#: working vectors a Lanczos step may hold beyond the basis and the saved product (four live
+#: ones and HEAP_SLACK_VECTORS of heap slack: :func:`lanczos_bytes`)
+HEAP_SLACK_VECTORS = 4
+WORK_VECTORS = 4 + HEAP_SLACK_VECTORS
 #: bytes of one float64 chunk of the Ritz vectors (eigsh builds them chunk by chunk over n)
 RITZ_CHUNK_BYTES = 32 * 2**20
 
@@ -144,13 +148,18 @@ def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str)
     """``(basis bytes, total bytes)`` of one :class:`~resgeom_fast.linalg.lanczos.Lanczos` run on
     ``problems`` vectors: the basis ``[problems, slots, n]`` (slots = steps for "full", 2 for
     "local"), the saved product ``[problems, n]`` ("local": also a copy of the two rows), and
-    three working vectors per problem (the operator's output, the reorthogonalised vector and the
-    operator's input copy); T's float64 scalars (``2 * problems * steps``)."""
+    :data:`WORK_VECTORS` working vectors per problem: four live ones (the operator's input copy
+    and output copy, both owned by the run, the operator's own output and the
+    reorthogonalised vector) and :data:`HEAP_SLACK_VECTORS` of heap slack (a window of steps
+    runs in one :mod:`resgeom_fast.core.heap` scope, where the step's blocks come from malloc's
+    heap and a small block kept between two freed ones can make it grow: measured up to 3 vectors'
+    worth at n = 2M, 1-4 probes; counted on every device); T's float64 scalars
+    (``2 * problems * steps``)."""
     steps = min(steps, n)
     slots = steps if reorth == "full" else min(2, steps)
     basis = problems * slots * n * itemsize
     saved = problems * n * itemsize * (1 if reorth == "full" else 1 + slots)
-    work = 3 * problems * n * itemsize
+    work = WORK_VECTORS * problems * n * itemsize
     return basis, basis + saved + work + 2 * problems * steps * 8
 
 

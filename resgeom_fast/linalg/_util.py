@@ -95,19 +95,32 @@ def check_finite(Y: Tensor, where: str, what: str) -> Tensor:
 
 
 def apply_flat(op: LinearOperator, V: Tensor, p: int, where: str, what: str = "",
-               check: bool = True) -> Tensor:
+               check: bool = True, bufs: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """Apply ``op`` to ``p`` vectors per problem stored flat as ``V [b * p, n]``.
 
     Row ``i * p + j`` of V is vector j of problem i (problems in ``op.batch_shape`` order).
     Returns ``[b * p, m]`` in the same layout, after checking the output is finite (one host
     sync; ``check=False`` leaves the check to the caller, e.g. on device flags read in batches).
+    ``bufs``: ``(X [*batch, n, p], Y [b * p, m])`` contiguous buffers the caller owns, used for
+    the two layout copies when they are needed (p > 1) instead of fresh allocations; the result
+    is then ``bufs[1]``, overwritten by the next call.
     """
-    n = op.shape[1]
+    n, m = op.shape[1], op.shape[0]
     X = V.reshape(*op.batch_shape, p, n).transpose(-1, -2)
-    Y = op.matmat(X.contiguous())
+    if X.is_contiguous():
+        pass
+    elif bufs is not None:
+        X = bufs[0].copy_(X)
+    else:
+        X = X.contiguous()
+    Y = op.matmat(X)
     if check:
         check_finite(Y, where, what)
-    return Y.transpose(-1, -2).reshape(V.shape[0], op.shape[0])
+    Yt = Y.transpose(-1, -2)
+    if bufs is not None and not Yt.is_contiguous():
+        bufs[1].view(*op.batch_shape, p, m).copy_(Yt)
+        return bufs[1]
+    return Yt.reshape(V.shape[0], m)
 
 
 def apply_block(op: LinearOperator, X: Tensor, where: str, what: str = "", transpose: bool = False) -> Tensor:
