@@ -407,7 +407,8 @@ if __name__ == "__main__" and len(sys.argv) == 1:  # python benchmarks/bench_ope
 # One run, every method of a group timed once per round with the rounds outermost (the tests
 # are collected round by round), torch.set_num_threads(CONV_THREADS). Accuracy beside time in
 # extra_info. Sizes: RESGEOM_BENCH_CONV=full (the issue's: ResNet-20 on 128 images, resnet18 on
-# 64, SLQ 10 x 100), "slq" (SLQ 10 x 100 with ResNet-20 on 32 images) or "reduced" (the default: what a shared 2-core machine runs in ~30 minutes;
+# 64, SLQ 10 x 100), "issue" (all rows in one run: "full" but SLQ on ResNet-20 with 32 images
+# and no resnet18 SLQ), "slq" (SLQ 10 x 100 with ResNet-20 on 32 images) or "reduced" (the default: what a shared 2-core machine runs in ~30 minutes;
 # the sizes used are recorded in every row's extra_info). Run:
 #
 #     RESGEOM_BENCH_CONV=reduced python -m pytest benchmarks/bench_operators.py -k conv \
@@ -428,7 +429,14 @@ CONV_SIZES = {
     "slq": {"resnet20_n": 32, "resnet18_n": 64, "fc_n": 512, "slq": (10, 100), "slq_fc": (10, 100),
             "top5_models": ("resnet20", "resnet18", "user_fc"), "slq_models": ("resnet20", "resnet18", "user_fc"),
             "rounds": 1, "jac_r20_n": 16, "jac_r50_n": 4},
-    "smoke": {"resnet20_n": 4, "resnet18_n": 2, "fc_n": 64, "slq": (1, 5), "slq_fc": (1, 5),
+    # every conv row in one run a session can afford (~1 h on 2 cores): the products, GGN and
+    # top-5 at the issue's sizes, SLQ 10 x 100 on the FC net and on ResNet-20 with 32 images (its
+    # own model and reference; at 128 its four methods take ~95 min); resnet18's SLQ is the "slq"
+    # mode's row and benchmarks/scripts/slq_resnet18_2probes.py
+    "issue": {"resnet20_n": 128, "resnet18_n": 64, "fc_n": 512, "slq": (10, 100), "slq_fc": (10, 100),
+              "top5_models": ("resnet20", "resnet18", "user_fc"), "slq_models": ("resnet20", "user_fc"),
+              "slq_n": {"resnet20": 32}, "rounds": 3, "jac_r20_n": 16, "jac_r50_n": 4},
+    "smoke": {"resnet20_n": 4, "resnet18_n": 2, "fc_n": 64, "slq": (1, 5), "slq_fc": (1, 5), "slq_n": {"resnet20": 3},
               "top5_models": ("resnet20", "user_fc"), "slq_models": ("resnet20", "user_fc"),
               "rounds": 1, "jac_r20_n": 2, "jac_r50_n": 1},
 }
@@ -549,8 +557,12 @@ def _rel_err(got, ref) -> float:
     return float((got - ref).norm() / ref.norm())
 
 
-def _conv_info(benchmark, name, impl, **kw):
-    m, x, _ = _cached(("model", name), lambda: _conv_model(name))
+def _model_key(name: str, n: Optional[int] = None) -> tuple:
+    return ("model", name) if n is None else ("model", name, n)
+
+
+def _conv_info(benchmark, name, impl, n: Optional[int] = None, **kw):
+    m, x, _ = _cached(_model_key(name, n), lambda: _conv_model(name, n=n))
     _info(benchmark, impl=impl, model=name, n_images=int(x.shape[0]), P=_P(m), sizes=CONV_MODE,
           threads=torch.get_num_threads(), **kw)
 
@@ -652,12 +664,12 @@ def test_conv_ggn_k10(benchmark, rnd, name, impl):
                tuning_passes=_TUNING.get(id(op)), **_choice(op))
 
 
-def _ref_top5(name: str) -> torch.Tensor:
+def _ref_top5(name: str, n: Optional[int] = None) -> torch.Tensor:
     """Reference top-5: float64 Lanczos to tol 1e-8 (FC) / float32 to 1e-6 (conv nets: a float64
     run of several hundred products does not fit this session)."""
     def make():
         dtype = torch.float64 if name == "user_fc" else torch.float32
-        m, x, y = _conv_model(name, dtype)
+        m, x, y = _conv_model(name, dtype, n=n)
         tol = 1e-8 if dtype == torch.float64 else 1e-6
         # resnet18: a 300-step basis of its 11.2M parameters (14.4 GiB) does not fit beside the
         # benchmark's other state on a 24 GB machine; 200 steps (9.6 GiB) and the convergence flag
@@ -666,7 +678,7 @@ def _ref_top5(name: str) -> torch.Tensor:
         if not bool(torch.as_tensor(r.converged).all()):
             raise RuntimeError(f"the reference top-5 of {name} did not converge to {tol} in {steps} steps")
         return r.eigenvalues.double().sort(descending=True).values
-    return _cached(("ref_top5", name), make)
+    return _cached(("ref_top5", name) if n is None else ("ref_top5", name, n), make)
 
 
 @pytest.mark.parametrize("impl", ["ours_auto", "pyhessian", "curvlinops_scipy", "hessian_eigenthings"])
@@ -698,8 +710,9 @@ def test_conv_top5(benchmark, rnd, name, impl):
 @pytest.mark.parametrize("rnd", ROUNDS[:1])
 def test_conv_slq(benchmark, rnd, name, impl):
     torch.set_num_threads(CONV_THREADS)
-    benchmark.group = f"conv_{name}_slq"
-    m, x, y = _cached(("model", name), lambda: _conv_model(name))
+    n = CS.get("slq_n", {}).get(name)      # the "issue" mode's ResNet-20 SLQ: 32 images
+    benchmark.group = f"conv_{name}_slq" if n is None else f"conv_{name}_n{n}_slq"
+    m, x, y = _cached(_model_key(name, n), lambda: _conv_model(name, n=n))
     ps = _params(m)
     probes, steps = CS["slq_fc"] if name == "user_fc" else CS["slq"]
     chosen: dict = {}
@@ -740,8 +753,8 @@ def test_conv_slq(benchmark, rnd, name, impl):
     nodes, weights = benchmark.pedantic(run, rounds=1, iterations=1)
     nodes, weights = torch.as_tensor(nodes).double(), torch.as_tensor(weights).double()
     lam_max = float(nodes.max())
-    ref = float(_ref_top5(name)[0])
-    _conv_info(benchmark, name, impl, round=rnd, probes=probes, steps=steps, lambda_max=lam_max,
+    ref = float(_ref_top5(name, n)[0])
+    _conv_info(benchmark, name, impl, n=n, round=rnd, probes=probes, steps=steps, lambda_max=lam_max,
                lambda_max_reference=ref, lambda_max_rel_error=abs(lam_max - ref) / abs(ref), **chosen)
 
 
@@ -944,8 +957,8 @@ def conv_table(path: str) -> str:
         if "impl" not in e:          # a row that failed before recording (its error is in the run's log)
             continue
         rows.setdefault(b["group"], {}).setdefault(e["impl"], []).append((b["stats"]["min"], e))
-    lines = ["| group | method | time (s, median of rounds) | rounds | ours faster by | accuracy | ours chose |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| group | images | method | time (s, median of rounds) | rounds | ours faster by | accuracy | ours chose |",
+             "|---|---|---|---|---|---|---|---|"]
     for g, impls in rows.items():
         ours = statistics.median(t for t, _ in impls.get("ours_auto", [(math.nan, {})]))
         for impl, recs in impls.items():
@@ -957,7 +970,7 @@ def conv_table(path: str) -> str:
             ch = e.get("ours_choice") or e.get("ours_method") or e.get("path") or ""
             if e.get("fast_source"):
                 ch += f" ({e['fast_source']})"
-            lines.append(f"| {g} | {impl} | {t:.3f} | {len(recs)} | {t / ours:.2f}x | {acc_s} | {ch} |")
+            lines.append(f"| {g} | {e.get('n_images', '')} | {impl} | {t:.3f} | {len(recs)} | {t / ours:.2f}x | {acc_s} | {ch} |")
     return "\n".join(lines)
 
 
