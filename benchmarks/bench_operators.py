@@ -681,11 +681,25 @@ def _ref_top5(name: str, n: Optional[int] = None) -> torch.Tensor:
     return _cached(("ref_top5", name) if n is None else ("ref_top5", name, n), make)
 
 
+def _release_product_rows() -> None:
+    """Drop what the product rows cached (operators with their primal passes, PyHessian's retained
+    gradient graph, the float64 references): the spectral rows that follow in the same run plan
+    their Lanczos bases against the memory left free, and on resnet18 these caches held enough for
+    eigsh's plan to refuse ours (2026-12-03). A product row run later recomputes what it needs."""
+    import gc
+
+    for key in [k for k in _CONV_CACHE if k[0] in ("hvp", "ggn", "ref")]:
+        del _CONV_CACHE[key]
+    _TUNING.clear()
+    gc.collect()
+
+
 @pytest.mark.parametrize("impl", ["ours_auto", "pyhessian", "curvlinops_scipy", "hessian_eigenthings"])
 @pytest.mark.parametrize("name", list(CS["top5_models"]))
 @pytest.mark.parametrize("rnd", ROUNDS[:1])
 def test_conv_top5(benchmark, rnd, name, impl):
     torch.set_num_threads(CONV_THREADS)
+    _release_product_rows()
     benchmark.group = f"conv_{name}_top5"
     m, x, y = _cached(("model", name), lambda: _conv_model(name))
     ps = _params(m)
@@ -710,6 +724,7 @@ def test_conv_top5(benchmark, rnd, name, impl):
 @pytest.mark.parametrize("rnd", ROUNDS[:1])
 def test_conv_slq(benchmark, rnd, name, impl):
     torch.set_num_threads(CONV_THREADS)
+    _release_product_rows()
     n = CS.get("slq_n", {}).get(name)      # the "issue" mode's ResNet-20 SLQ: 32 images
     benchmark.group = f"conv_{name}_slq" if n is None else f"conv_{name}_n{n}_slq"
     m, x, y = _cached(_model_key(name, n), lambda: _conv_model(name, n=n))

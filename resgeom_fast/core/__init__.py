@@ -17,9 +17,9 @@
   ``RankFailureError`` (docs/distributed.md).
 - :mod:`resgeom_fast.core.heap` -- ``call_kept`` (every ``LinearOperator`` product) and
   ``keep_heap`` (every window of Lanczos steps): inside one scope glibc serves large host
-  blocks from the heap and reuses them instead of mmapping (and page-faulting) each one afresh; the outermost exit restores glibc's large-block settings,
-  copies large results out of the heap and trims past glibc's trim threshold (``RESGEOM_HEAP=0``
-  turns it off).
+  blocks from the heap and reuses them instead of mmapping (and page-faulting) each one
+  afresh; the outermost exit restores glibc's large-block settings, copies large results out
+  of the heap and trims past glibc's trim threshold (``RESGEOM_HEAP=0`` turns it off).
 """
 from resgeom_fast.core import blocks, checks, io, modules
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, NonFiniteError

@@ -107,12 +107,8 @@ def apply_flat(op: LinearOperator, V: Tensor, p: int, where: str, what: str = ""
     """
     n, m = op.shape[1], op.shape[0]
     X = V.reshape(*op.batch_shape, p, n).transpose(-1, -2)
-    if X.is_contiguous():
-        pass
-    elif bufs is not None:
-        X = bufs[0].copy_(X)
-    else:
-        X = X.contiguous()
+    if not X.is_contiguous():
+        X = X.contiguous() if bufs is None else bufs[0].copy_(X)
     Y = op.matmat(X)
     if check:
         check_finite(Y, where, what)
