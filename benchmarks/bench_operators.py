@@ -557,8 +557,9 @@ def _rel_err(got, ref) -> float:
     return float((got - ref).norm() / ref.norm())
 
 
-def _model_key(name: str, n: Optional[int] = None) -> tuple:
-    return ("model", name) if n is None else ("model", name, n)
+def _model_key(name: str, n: Optional[int] = None, kind: str = "model") -> tuple:
+    """The cache key of ``kind`` ("model", "ref_top5") for ``name`` at the mode's size or ``n`` images."""
+    return (kind, name) if n is None else (kind, name, n)
 
 
 def _conv_info(benchmark, name, impl, n: Optional[int] = None, **kw):
@@ -678,7 +679,7 @@ def _ref_top5(name: str, n: Optional[int] = None) -> torch.Tensor:
         if not bool(torch.as_tensor(r.converged).all()):
             raise RuntimeError(f"the reference top-5 of {name} did not converge to {tol} in {steps} steps")
         return r.eigenvalues.double().sort(descending=True).values
-    return _cached(("ref_top5", name) if n is None else ("ref_top5", name, n), make)
+    return _cached(_model_key(name, n, "ref_top5"), make)
 
 
 def _release_product_rows() -> None:

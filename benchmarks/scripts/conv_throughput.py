@@ -157,7 +157,6 @@ def main() -> None:
     for r in rows.values():
         r["ours_fraction_of_peak"] = r["ours_gflops"] / peak["peak"]
         r["pyhessian_fraction_of_peak"] = r["pyhessian_gflops_same_count"] / peak["peak"]
-    for r in rows.values():
         r["ours_convolution_fraction_of_peak"] = r["ours_gflops_in_convolutions"] / peak["peak"]
         # the pass with every FLOP at the best measured convolution rate and nothing else: the
         # most any method performing these FLOPs could beat PyHessian by on this CPU
