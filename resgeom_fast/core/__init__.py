@@ -19,7 +19,8 @@
   ``keep_heap`` (every window of Lanczos steps): inside one scope glibc serves large host
   blocks from the heap and reuses them instead of mmapping (and page-faulting) each one
   afresh; the outermost exit restores glibc's large-block settings, copies large results out
-  of the heap and trims past glibc's trim threshold (``RESGEOM_HEAP=0`` turns it off).
+  of the heap and, past glibc's trim threshold, schedules a trim 1 s later that the next scope
+  cancels (``release`` runs it at once; ``RESGEOM_HEAP=0`` turns the scope off).
 """
 from resgeom_fast.core import blocks, checks, io, modules
 from resgeom_fast.core.checks import ArgumentTypeError, ArgumentValueError, NonFiniteError

@@ -18,17 +18,24 @@ outermost scope the settings return to glibc's steady state for large blocks (``
 32 MiB block has been freed; ``MALLOC_MMAP_MAX_`` / ``MALLOC_MMAP_THRESHOLD_`` /
 ``MALLOC_TRIM_THRESHOLD_`` from the environment where set), the result's CPU tensors of the
 mmap threshold or more are copied out of the heap (allocated under those settings, as without
-the scope; smaller ones would live on the heap anyway), and when the heap
-holds more free bytes (``mallinfo2``) than the trim threshold now in force (64 MiB; glibc's
-default 128 KiB when ``MALLOC_MMAP_THRESHOLD_`` alone is set, since a fixed mmap threshold ends
-the adjustment that raises it) ``malloc_trim(0)`` hands every free page back to the kernel:
-nothing allocated in the scope outlives it, and the process keeps no more freed heap after a
-product than glibc's own trim threshold allows. (Keeping 64 MiB regardless, as a first version
-did, put eigsh's measured peak in ``tests/linalg/test_memory_plan.py`` at 427-483 MB for a
-320 MB basis from run to run, over the memory plan; with this rule 426-430 MB, as with the
-scope off.) A small product (a few MB of
-temporaries) therefore keeps its blocks between calls, as it does without the scope; trimming
-after every call cost the FC net's 10 products 10-20%. Results are bit-identical: only
+the scope; smaller ones would live on the heap anyway), and when the heap holds more free bytes
+(``mallinfo2``) than the trim threshold now in force (64 MiB; glibc's default 128 KiB when
+``MALLOC_MMAP_THRESHOLD_`` alone is set, since a fixed mmap threshold ends the adjustment that
+raises it) a ``malloc_trim(0)`` is scheduled :data:`TRIM_DELAY_S` (1 s) later: a scope that opens
+before then cancels it and reuses those pages without a fault; otherwise a worker thread hands
+every free page back to the kernel, so the process keeps no more freed heap than glibc's own trim
+threshold allows once the products stop (jemalloc's ``dirty_decay_ms`` follows the same idea, with
+10 s). Trimming at every exit, as a first version did, made every product fault its predecessor's
+pages in again, even where the free heap was interior chunks that trimming cannot shrink
+(mallinfo2's count stays the same after the trim): measured 2026-12-03 on the AMD VM, the user FC
+net's ten products 15-20% slower with the scope than without, and ResNet-20's 10-35% slower than
+with no trim at all. Code that maps large long-lived blocks after a run of products calls
+:func:`release` first, which runs the scheduled trim at once: the Lanczos basis
+(:class:`resgeom_fast.linalg.lanczos.Lanczos`) and eigsh's Ritz vectors, whose memory plans count
+them and not freed heap still resident beside them (``tests/linalg/test_memory_plan.py``: eigsh's
+peak within the plan; keeping 64 MiB there regardless, as an earlier rule did, put it at 427-483 MB
+for a 320 MB basis from run to run, over the plan). A small product (a few MB of temporaries)
+keeps its blocks between calls, as it does without the scope. Results are bit-identical: only
 where the bytes live changes.
 
 Scopes span single products and, in :class:`resgeom_fast.linalg.lanczos.Lanczos`, windows of
@@ -47,19 +54,21 @@ Side effect: any ``mallopt`` ends glibc's dynamic adjustment of its mmap thresho
 of the process; it stays at the 32 MiB set on exit (or the environment's value). Off when the C
 library is not glibc (musl, macOS, Windows; a preloaded jemalloc / tcmalloc keeps its own policy) and when the
 environment variable ``RESGEOM_HEAP=0`` is set (read at each outermost entry). Scopes nest and
-are thread-safe (one process-wide counter); :func:`state` reports them.
+are thread-safe (one process-wide counter and lock; the trim worker is a daemon thread, started
+at the first scheduled trim and reset in a forked child); :func:`state` reports them.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 
-__all__ = ["call_kept", "keep_heap", "state"]
+__all__ = ["call_kept", "keep_heap", "release", "state"]
 
 # glibc's mallopt parameter numbers (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
@@ -77,7 +86,13 @@ class _MallInfo2(ctypes.Structure):
 
 T = TypeVar("T")
 
+TRIM_DELAY_S = 1.0                 # a scope's free heap is trimmed this long after its exit, unless
+#                                    another scope opens first (jemalloc's dirty_decay_ms idea)
+
 _lock = threading.Lock()
+_cond = threading.Condition(_lock)
+_trim_at: Optional[float] = None   # time.monotonic() of the scheduled trim, None when none is
+_worker: Optional[threading.Thread] = None
 _depth = 0
 _active = False                    # the outermost scope changed the settings
 _libc: Optional[ctypes.CDLL] = None
@@ -118,12 +133,13 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _enter() -> None:
-    global _depth, _active
+    global _depth, _active, _trim_at
     with _lock:
         _depth += 1
         if _depth == 1 and _wanted():
             libc = _glibc()
             if libc is not None:
+                _trim_at = None             # the scheduled trim is cancelled: its pages get reused
                 libc.mallopt(M_TRIM_THRESHOLD, _KEEP_TRIM)
                 libc.mallopt(M_MMAP_MAX, 0)
                 _active = True
@@ -132,7 +148,8 @@ def _enter() -> None:
 def _exit(box: Optional[list] = None) -> None:
     """Leave a scope; at the outermost active one restore the settings, replace ``box[0]``'s CPU
     tensors by copies allocated outside the heap (the box must hold the only reference to them,
-    so that the originals are freed before the trim) and trim."""
+    so that the originals are freed before the trim) and, when more free heap than the trim
+    threshold remains, schedule the trim :data:`TRIM_DELAY_S` later (module doc)."""
     global _depth, _active
     with _lock:
         _depth -= 1
@@ -150,7 +167,52 @@ def _exit(box: Optional[list] = None) -> None:
                 box[0] = _copy_out(box[0], threshold)   # the originals' last reference goes here
         finally:
             if _free_heap_bytes(libc, keep) > keep:
-                libc.malloc_trim(0)
+                _schedule_trim(libc)
+
+
+def _schedule_trim(libc: Any) -> None:
+    """Trim ``TRIM_DELAY_S`` from now unless a scope opens first (call with ``_lock`` held)."""
+    global _trim_at, _worker
+    if TRIM_DELAY_S <= 0:
+        libc.malloc_trim(0)
+        return
+    _trim_at = time.monotonic() + TRIM_DELAY_S
+    if _worker is None or not _worker.is_alive():
+        _worker = threading.Thread(target=_trimmer, name="resgeom-heap-trim", daemon=True)
+        _worker.start()
+    _cond.notify()
+
+
+def _trimmer() -> None:
+    """The worker: waits for a scheduled trim's time and trims unless a scope is open or the trim
+    was cancelled (a scope opened, or :func:`release` ran it) meanwhile."""
+    global _trim_at
+    with _lock:
+        while True:
+            if _trim_at is None:
+                _cond.wait()
+                continue
+            wait = _trim_at - time.monotonic()
+            if wait > 0:
+                _cond.wait(wait)
+                continue
+            _trim_at = None
+            if _depth == 0:
+                _glibc().malloc_trim(0)
+
+
+def release() -> bool:
+    """Run a scheduled trim now (the free heap the last scope left goes back to the kernel);
+    returns whether one was pending. Code that allocates large long-lived blocks outside the
+    scopes after a run of products calls it first (the Lanczos basis, eigsh's Ritz vectors), so
+    that they do not come on top of freed heap pages still resident."""
+    global _trim_at
+    with _lock:
+        if _trim_at is None or _depth != 0:
+            return False
+        _trim_at = None
+        _glibc().malloc_trim(0)
+        return True
 
 
 def _exit_trim() -> int:
@@ -216,6 +278,20 @@ def keep_heap() -> Iterator[None]:
 
 def state() -> dict:
     """``{"available": glibc found, "enabled": RESGEOM_HEAP allows it, "depth": open scopes,
-    "active": the settings are changed now}``."""
+    "active": the settings are changed now, "trim_pending": a trim is scheduled}``."""
     with _lock:
-        return {"available": _glibc() is not None, "enabled": _wanted(), "depth": _depth, "active": _active}
+        return {"available": _glibc() is not None, "enabled": _wanted(), "depth": _depth, "active": _active,
+                "trim_pending": _trim_at is not None}
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no worker thread and may have copied the lock held: start afresh."""
+    global _lock, _cond, _worker, _trim_at
+    _lock = threading.Lock()
+    _cond = threading.Condition(_lock)
+    _worker = None
+    _trim_at = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from resgeom_fast.core.heap import release
 from resgeom_fast.linalg._memory import RITZ_CHUNK_BYTES, MemoryPlan, check_memory_limit, plan_eigsh
 from resgeom_fast.linalg._util import apply_block, check_choice, check_int, gaussian, generator
 from resgeom_fast.linalg.lanczos import Lanczos
@@ -159,6 +160,7 @@ def eigsh(
     evals = theta[:, idx].to(op.device)
     conv = conv.to(op.device)
     Sw = S[:, :, idx].to(op.device)
+    release()   # the windows' freed heap goes back before the Ritz chunks are mapped (core/heap.py)
     X = _ritz_vectors(lz.V, s, Sw, op.dtype).reshape(*op.batch_shape, n, k)
     del lz   # the basis is no longer needed: free it before the residual products
     AX = apply_block(op, X, where, "when computing residuals")

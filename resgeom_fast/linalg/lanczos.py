@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from resgeom_fast import ops
-from resgeom_fast.core.heap import keep_heap
+from resgeom_fast.core.heap import keep_heap, release
 from resgeom_fast.linalg._util import apply_flat, check_finite, gaussian
 from resgeom_fast.linalg.operator import LinearOperator
 
@@ -77,6 +77,7 @@ class Lanczos:
         self._bufs: Optional[tuple[Tensor, Tensor]] = None   # apply_flat's layout copies (p > 1)
         # "full": the whole basis; "local": two slots, v_j in slot j % 2 (v_{j-1} in the other)
         slots = self.max_steps if reorth == "full" else min(2, self.max_steps)
+        release()   # a previous run's freed heap goes back before the basis is mapped beside it
         self.V = torch.empty(P, slots, n, dtype=op.dtype, device=op.device)
         self.alpha = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
         self.beta = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ _GLIBC = heap.state()["available"]
 
 # 256 MB blocks, touched twice in each setting; minor page faults counted by the kernel
 _SCRIPT = r"""
-import json, resource, torch
+import json, resource, time, torch
 torch.set_num_threads(1)
 from resgeom_fast.core import heap
 
@@ -47,6 +48,8 @@ def product():
     return torch.full((64 << 20,), 2.0)      # the result, kept by the caller
 before = rss()
 y = heap.call_kept(product)
+res["pending_after_product"] = heap.state()["trim_pending"]
+res["released"] = heap.release()              # the scheduled trim, now
 res["rss_with_result"] = rss() - before
 res["result_ok"] = bool(y.min() == 2.0 and y.max() == 2.0)
 del y
@@ -55,6 +58,12 @@ res.update({"outside": touch_twice(), "rss_before": rss()})
 with heap.keep_heap():
     res["inside"] = touch_twice(5)
     res["state_inside"] = heap.state()
+res["rss_kept"] = rss()                        # the trim is scheduled, not done
+with heap.keep_heap():                         # a scope opened within the delay cancels it ...
+    res["next_scope"] = touch_twice(1)          # ... and reuses the kept pages
+res["state_exit"] = heap.state()
+time.sleep(heap.TRIM_DELAY_S + 1.0)            # the worker trims once the delay has passed
+res["state_later"] = heap.state()
 res["rss_after"] = rss()
 res["after"] = touch_twice()
 
@@ -81,14 +90,19 @@ def test_freed_blocks_are_reused_inside_the_scope_and_returned_after():
     # (the second does not fit in the first's chunk: torch's 64-byte-aligned request is a little
     # larger than the freed chunk, so the heap grows once, then the two coalesce)
     assert max(r["inside"][2:]) < 0.05 * PAGES, r
-    assert r["state_inside"] == {"available": True, "enabled": True, "depth": 1, "active": True}
-    # after the outermost exit the heap was trimmed: the process holds no more than before, and
-    # large blocks are mmapped again (they fault on every use, as glibc's default)
+    assert r["state_inside"] == {"available": True, "enabled": True, "depth": 1, "active": True, "trim_pending": False}
+    # after the outermost exit the free heap is kept for TRIM_DELAY_S: a scope opened meanwhile
+    # reuses it without faults; then the worker trims it: the process holds no more than before,
+    # and large blocks are mmapped again (they fault on every use, as glibc's default)
+    assert r["rss_kept"] >= r["rss_before"] + (200 << 20), r
+    assert r["next_scope"][0] < 0.05 * PAGES, r
+    assert r["state_exit"]["trim_pending"] and not r["state_later"]["trim_pending"], r
     assert r["rss_after"] <= r["rss_before"] + (32 << 20), r
     assert min(r["after"]) > 0.9 * PAGES, r
     assert r["state_after"]["depth"] == 0 and not r["state_after"]["active"]
     # call_kept: the result was copied out of the heap (mmapped): freeing it returns its memory
-    assert r["result_ok"]
+    # (its temporary's block, left free in the heap, goes back at release())
+    assert r["result_ok"] and r["pending_after_product"] and r["released"]
     assert r["rss_with_result"] < (256 << 20) + (32 << 20), r
     assert r["rss_after_result"] < (32 << 20), r
 
@@ -115,7 +129,10 @@ class _FakeLibc:
 
 @pytest.fixture
 def fake(monkeypatch):
+    """A recording libc; trims run at the outermost exit (``TRIM_DELAY_S`` = 0) unless a test
+    sets a delay."""
     lib = _FakeLibc()
+    monkeypatch.setattr(heap, "TRIM_DELAY_S", 0.0)
     monkeypatch.setattr(heap, "_libc", lib)
     monkeypatch.setattr(heap, "_probed", True)
     for name in ("RESGEOM_HEAP", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
@@ -237,3 +254,57 @@ def test_a_fixed_mmap_threshold_keeps_glibc_s_default_trim_threshold(fake, monke
         pass
     assert ("mallopt", heap.M_TRIM_THRESHOLD, 1 << 20) in fake.calls
     assert not [c for c in fake.calls if c[0] == "malloc_trim"]
+
+
+def _trims(lib) -> int:
+    return len([c for c in lib.calls if c[0] == "malloc_trim"])
+
+
+def test_the_trim_waits_for_the_delay_and_a_scope_opened_meanwhile_cancels_it(fake, monkeypatch):
+    """Consecutive products reuse the free heap the previous one left (the FC net's ~140 MiB of
+    interior free chunks, trimmed at every exit before, were faulted in again by every product:
+    its ten products 15-20% slower with the scope than without); the trim runs once they stop."""
+    monkeypatch.setattr(heap, "TRIM_DELAY_S", 0.3)
+    for _ in range(5):
+        with heap.keep_heap():
+            pass
+        assert heap.state()["trim_pending"]
+    assert _trims(fake) == 0                          # each scope cancelled the previous trim
+    deadline = time.monotonic() + 10.0
+    while heap.state()["trim_pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not heap.state()["trim_pending"] and _trims(fake) == 1     # the worker ran it, once
+    time.sleep(0.4)
+    assert _trims(fake) == 1
+
+
+def test_release_runs_the_scheduled_trim_at_once(fake, monkeypatch):
+    monkeypatch.setattr(heap, "TRIM_DELAY_S", 60.0)
+    assert heap.release() is False and _trims(fake) == 0          # nothing scheduled
+    with heap.keep_heap():
+        pass
+    assert heap.state()["trim_pending"] and _trims(fake) == 0
+    assert heap.release() is True and _trims(fake) == 1
+    assert heap.release() is False and not heap.state()["trim_pending"]
+    with heap.keep_heap():
+        assert heap.release() is False                          # never inside an open scope
+
+
+def test_the_lanczos_basis_and_eigsh_s_ritz_vectors_are_allocated_after_a_release(fake, monkeypatch):
+    """The memory plans count the basis and the Ritz chunks, not freed heap still resident beside
+    them: both are allocated after the scheduled trim has run."""
+    monkeypatch.setattr(heap, "TRIM_DELAY_S", 60.0)
+    d = torch.linspace(1.0, 2.0, 50, dtype=torch.float64)
+    op = linalg.CallableOperator(lambda X: X * d[:, None], (50, 50), dtype=torch.float64, symmetric=True)
+    with heap.keep_heap():
+        pass
+    released = []
+    real = heap.release
+    import importlib
+    eigsh_mod = importlib.import_module("resgeom_fast.linalg.eigsh")
+    lanczos_mod = importlib.import_module("resgeom_fast.linalg.lanczos")
+    monkeypatch.setattr(lanczos_mod, "release", lambda: released.append(("basis", real())))
+    monkeypatch.setattr(eigsh_mod, "release", lambda: released.append(("ritz", real())))
+    linalg.eigsh(op, k=1, which="LA", max_steps=50, tol=1e-10)
+    assert released[0] == ("basis", True)              # the trim scheduled before the run
+    assert released[-1] == ("ritz", True)              # the windows' trim, before the Ritz vectors
