@@ -94,7 +94,9 @@ def test_freed_blocks_are_reused_inside_the_scope_and_returned_after():
     # after the outermost exit the free heap is kept for TRIM_DELAY_S: a scope opened meanwhile
     # reuses it without faults; then the worker trims it: the process holds no more than before,
     # and large blocks are mmapped again (they fault on every use, as glibc's default)
-    assert r["rss_kept"] >= r["rss_before"] + (200 << 20), r
+    # (compared with the RSS after the trim, not with rss_before: the outside blocks can leave a
+    # resident free chunk in the heap that the inside blocks then reuse, depending on the layout)
+    assert r["rss_kept"] >= r["rss_after"] + (200 << 20), r
     assert r["next_scope"][0] < 0.05 * PAGES, r
     assert r["state_exit"]["trim_pending"] and not r["state_later"]["trim_pending"], r
     assert r["rss_after"] <= r["rss_before"] + (32 << 20), r
