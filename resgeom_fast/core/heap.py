@@ -167,14 +167,14 @@ def _exit(box: Optional[list] = None) -> None:
                 box[0] = _copy_out(box[0], threshold)   # the originals' last reference goes here
         finally:
             if _free_heap_bytes(libc, keep) > keep:
-                _schedule_trim(libc)
+                _schedule_trim()
 
 
-def _schedule_trim(libc: Any) -> None:
+def _schedule_trim() -> None:
     """Trim ``TRIM_DELAY_S`` from now unless a scope opens first (call with ``_lock`` held)."""
     global _trim_at, _worker
     if TRIM_DELAY_S <= 0:
-        libc.malloc_trim(0)
+        _trim_now()
         return
     _trim_at = time.monotonic() + TRIM_DELAY_S
     if _worker is None or not _worker.is_alive():
@@ -196,9 +196,10 @@ def _trimmer() -> None:
             if wait > 0:
                 _cond.wait(wait)
                 continue
-            _trim_at = None
             if _depth == 0:
-                _glibc().malloc_trim(0)
+                _trim_now()
+            else:
+                _trim_at = None
 
 
 def release() -> bool:
@@ -210,9 +211,16 @@ def release() -> bool:
     with _lock:
         if _trim_at is None or _depth != 0:
             return False
-        _trim_at = None
-        _glibc().malloc_trim(0)
+        _trim_now()
         return True
+
+
+def _trim_now() -> None:
+    """Cancel any scheduled trim and hand every free heap page back to the kernel now (call with
+    ``_lock`` held, no scope open)."""
+    global _trim_at
+    _trim_at = None
+    _glibc().malloc_trim(0)
 
 
 def _exit_trim() -> int:

@@ -4,6 +4,7 @@ the heap, so the process holds no more memory once it is freed; scopes nest, res
 obey RESGEOM_HEAP=0, and every LinearOperator product runs inside one."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -302,7 +303,7 @@ def test_the_lanczos_basis_and_eigsh_s_ritz_vectors_are_allocated_after_a_releas
         pass
     released = []
     real = heap.release
-    import importlib
+    # by module path: linalg.eigsh is also the name of the function the package exports
     eigsh_mod = importlib.import_module("resgeom_fast.linalg.eigsh")
     lanczos_mod = importlib.import_module("resgeom_fast.linalg.lanczos")
     monkeypatch.setattr(lanczos_mod, "release", lambda: released.append(("basis", real())))
