@@ -58,7 +58,11 @@ autograd methods for k >= 2 vectors per pass on the operator's own model and
 data: the first calls with a given (parameter subset, k) alternate between the two methods
 (every call returns its exact product, so nothing is wasted), two timings each, then the faster
 one (by its best timing) is used for every later call with that key; where the candidates differ
-only in the matmul library (below), a decision made for one pass width is reused for the others.
+only in the matmul library (below), a decision made for one pass width is reused for the others;
+where they differ in the method, the first call with a new pass width is served by the decision of
+the nearest decided width (verified alone when it needs a check) and that width is measured from
+its second call on, so a one-off pass (eigsh's residual product of its k Ritz vectors) does not
+run every candidate.
 ``op.hvp_timings`` shows the measurements and ``op.hvp_choice(k)`` the decision. Which wins
 depends on model size, k and the device (forward-over-reverse was ~12% faster for 10 vectors on the benchmark ResNet on CPU,
 several times slower on small nets where vmap's overhead dominates). Where forward-over-reverse

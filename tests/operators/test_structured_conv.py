@@ -12,6 +12,7 @@ from torch import nn
 from resgeom_fast.models import ConvResNet, StagedResNet
 from resgeom_fast.operators import ggn, hessian
 from resgeom_fast.operators._graph import trace_graph
+from resgeom_fast.operators.curvature import CurvatureEngine
 from tests.operators._operator_nets import ConvNet, dense_hessian, randomise_bn, rel
 
 CE = nn.CrossEntropyLoss()
@@ -227,6 +228,79 @@ def test_auto_measures_the_conv_structured_path_against_the_double_backward():
     assert H.verification[3]["structured"] < 1e-10
     Hd = hessian(model, CE, (x, y), deterministic=True)
     assert Hd.hvp_method == "structured" and rel(Hd.matmat(V), ref.matmat(V)) < 1e-10
+
+
+def _decided(H, k, winner):
+    """Decide width ``k`` for ``winner`` by handing the tuner its timings (the clock would make
+    the winner vary from run to run)."""
+    tuner = H._engine.tuner
+    loser = "double_backward" if winner == "structured" else "structured"
+    tuner.timings[(tuple(H._idx), k)] = {winner: [1.0, 1.0], loser: [2.0, 2.0]}
+    assert H.hvp_choice(k) == winner
+
+
+def _count_methods(monkeypatch):
+    """Record (method, k) of every product the engine computes."""
+    calls = []
+    real = CurvatureEngine._apply_method
+
+    def apply_method(self, method, idx, vs, k):
+        calls.append((method, k))
+        return real(self, method, idx, vs, k)
+    monkeypatch.setattr(CurvatureEngine, "_apply_method", apply_method)
+    return calls
+
+
+@pytest.mark.parametrize("winner", ["structured", "double_backward"])
+def test_a_new_pass_width_borrows_the_nearest_choice_then_is_measured(monkeypatch, winner):
+    """The first pass of a width not seen before runs the choice of the nearest decided width
+    alone (eigsh's one residual pass of k Ritz vectors used to run every candidate once), verified
+    against the double backward when it is the structured path; the width is measured from its
+    second call on, every product exact."""
+    model = _convres()
+    x, y = _batch((2, 6, 6))
+    ref = hessian(model, CE, (x, y), hvp="double_backward")
+    calls = _count_methods(monkeypatch)          # (patched before the tuner takes the method)
+    H = hessian(model, CE, (x, y))
+    _decided(H, 1, winner)
+    _decided(H, 16, "double_backward" if winner == "structured" else "structured")   # farther from 3
+    calls.clear()
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
+    if winner == "structured":      # verified alone on VERIFY_VECTORS columns
+        assert calls == [("double_backward", 2), ("structured", 3)]
+        assert list(H.verification[3]) == ["structured"] and H.verification[3]["structured"] < 1e-10
+    else:
+        assert calls == [("double_backward", 3)] and not H.verification.get(3)
+    assert {c: len(t) for c, t in H.hvp_timings[3].items() if t} == {winner: 1}
+    assert H.hvp_choice(3) is None
+    for _ in range(3):              # the other candidate is measured (and verified) from now on
+        assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
+    t = H.hvp_timings[3]
+    assert sorted(t) == ["double_backward", "structured"] and all(len(v) == 2 for v in t.values())
+    assert H.verification[3]["structured"] < 1e-10 and H.structured_off is None
+
+
+def test_a_borrowed_choice_that_fails_its_check_goes_through_the_full_verification(monkeypatch):
+    """A borrowed structured product that differs from the double backward is never returned;
+    the width's full verification then turns the structured path off with the reason."""
+    model = _convres()
+    x, y = _batch((2, 6, 6))
+    ref = hessian(model, CE, (x, y), hvp="double_backward")
+    real = CurvatureEngine._apply_method
+
+    def apply_method(self, method, idx, vs, k):   # the structured path wrong at width 3 only
+        out = real(self, method, idx, vs, k)
+        return [o * (1 + 1e-3) for o in out] if (method, k) == ("structured", 3) else out
+    monkeypatch.setattr(CurvatureEngine, "_apply_method", apply_method)
+    H = hessian(model, CE, (x, y))
+    _decided(H, 1, "structured")
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
+    assert H.structured_off is not None and "differs from the double backward" in H.structured_off
+    assert abs(H.verification[3]["structured"] - 1e-3) < 1e-4
+    assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
+    assert not [c for c in H._engine.tuner.candidates(3) if c.startswith("structured")]
 
 
 def test_dataloader_and_float32():
