@@ -197,16 +197,9 @@ class AutoTuner:
         """The candidate chosen for the width nearest to ``k`` (by ratio; the wider on a tie) of
         the parameters ``idx``, if one is chosen there and is still a candidate for ``k``."""
         cands = self.candidates(k)
-        best: Optional[tuple[float, int, str]] = None
-        for (idx2, k2) in list(self.timings):
-            if idx2 != tuple(idx) or k2 == k:
-                continue
-            c = self.choice(idx2, k2)
-            if c is None or c not in cands:
-                continue
-            rank = (abs(math.log(k2 / k)), -k2, c)
-            best = rank if best is None or rank < best else best
-        return None if best is None else best[2]
+        ranked = [(abs(math.log(k2 / k)), -k2, c) for (idx2, k2) in self.timings
+                  if idx2 == tuple(idx) and k2 != k for c in [self.choice(idx2, k2)] if c in cands]
+        return min(ranked)[2] if ranked else None
 
     def _timed(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
                rec: Optional[dict[str, list[float]]]) -> list[Tensor]:
@@ -237,55 +230,61 @@ class AutoTuner:
                                             else elapsed)
         return out
 
+    def _reference(self, idx: list[int], vs: list[Tensor], k: int) -> tuple[list[Tensor], int]:
+        """(the double backward with the default BLAS on the first m = min(k, VERIFY_VECTORS)
+        vectors, m): what a first product is checked against. Only those vectors are recomputed
+        (what is checked is the method and the matmul library on this key's shapes, not the
+        vectors), so the check costs little next to a pass of many vectors."""
+        m = min(k, VERIFY_VECTORS)
+        return self._timed("double_backward", idx, [v[:m] for v in vs], m, None), m
+
+    def _checked(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
+                 rec: Optional[dict[str, list[float]]], ref: list[Tensor],
+                 m: int) -> tuple[Optional[list[Tensor]], float, str]:
+        """(``cand``'s product, its relative difference from ``ref`` on the first m vectors, why it
+        could not be checked: "" when it could)."""
+        try:
+            out = self._timed(cand, idx, vs, k, rec)
+            diff, why = rel_diff([o[:m] for o in out], ref), ""
+            if self.distributed:        # rank 0's verdict for every rank
+                diff = dist.broadcast_object(diff, fn=self.fn)
+        except NotStructured as exc:    # found while computing (labels, logits): not verified
+            out, diff, why = None, float("inf"), str(exc)
+        return out, diff, why
+
     def _run(self, cand: str, idx: list[int], vs: list[Tensor], k: int,
-             rec: Optional[dict[str, list[float]]], alone: bool = False) -> list[Tensor]:
+             rec: Optional[dict[str, list[float]]], alone: bool = False,
+             reference: Optional[tuple[list[Tensor], int]] = None) -> list[Tensor]:
         key = (tuple(idx), k)
         checks = self.checks.setdefault(key, {})
         cands = self.candidates(k)
         pending = [c for c in cands if needs_check(c) and c not in checks]
         if cand not in pending:
             return self._timed(cand, idx, vs, k, rec)
+        ref, m = reference or self._reference(idx, vs, k)
         if alone:
             # a borrowed choice (_apply_any) is verified by itself; on a mismatch nothing is
-            # turned off yet: the width's full verification below decides which one is at fault
-            m = min(k, VERIFY_VECTORS)
-            ref = self._timed("double_backward", idx, [v[:m] for v in vs], m, None)
-            try:
-                out = self._timed(cand, idx, vs, k, rec)
-                diff = rel_diff([o[:m] for o in out], ref)
-                if self.distributed:
-                    diff = dist.broadcast_object(diff, fn=self.fn)
-            except NotStructured:
-                out, diff = None, float("inf")
+            # turned off yet: the width's full verification below, against the same reference,
+            # decides which one is at fault
+            out, diff, _ = self._checked(cand, idx, vs, k, rec, ref, m)
             if diff <= verify_tolerance(self.dtype):
                 checks[cand] = diff
                 return out
             rec.pop(cand, None)             # its timing is measured again with the others
             fresh = min(cands, key=lambda c: len(rec.get(c, ())))
-            return self._run(fresh, idx, vs, k, rec)
+            return self._run(fresh, idx, vs, k, rec, reference=(ref, m))
         # The first products of the structured path and of oneDNN for this key are verified, all on
         # these vectors, against one product of the double backward with the default BLAS (an
         # independent computation of the same numbers). "structured" is checked before
         # "structured+onednn", so that a mismatch is put down to the right one.
         if "structured+onednn" in pending and "structured" not in checks and "structured" not in pending:
             pending.insert(pending.index("structured+onednn"), "structured")
-        # The reference is computed for the first VERIFY_VECTORS vectors only (what is checked is
-        # the method and the matmul library on this key's shapes, not the vectors), so the check
-        # costs little next to a pass of many vectors.
-        m = min(k, VERIFY_VECTORS)
-        ref = self._timed("double_backward", idx, [v[:m] for v in vs], m, None)
         tol = verify_tolerance(self.dtype)
         result: Optional[list[Tensor]] = None
         for c in pending:
             if c in cands and c not in self.candidates(k):
                 continue                    # turned off by an earlier failure in this loop
-            try:
-                out = self._timed(c, idx, vs, k, rec if c in cands else None)
-                diff, why = rel_diff([o[:m] for o in out], ref), ""
-                if self.distributed:        # rank 0's verdict for every rank
-                    diff = dist.broadcast_object(diff, fn=self.fn)
-            except NotStructured as exc:    # found while computing (labels, logits): not verified
-                out, diff, why = None, float("inf"), str(exc)
+            out, diff, why = self._checked(c, idx, vs, k, rec if c in cands else None, ref, m)
             checks[c] = diff
             if diff <= tol:
                 if c == cand:

@@ -288,8 +288,10 @@ def test_a_borrowed_choice_that_fails_its_check_goes_through_the_full_verificati
     x, y = _batch((2, 6, 6))
     ref = hessian(model, CE, (x, y), hvp="double_backward")
     real = CurvatureEngine._apply_method
+    calls = []
 
     def apply_method(self, method, idx, vs, k):   # the structured path wrong at width 3 only
+        calls.append((method, k))
         out = real(self, method, idx, vs, k)
         return [o * (1 + 1e-3) for o in out] if (method, k) == ("structured", 3) else out
     monkeypatch.setattr(CurvatureEngine, "_apply_method", apply_method)
@@ -299,6 +301,7 @@ def test_a_borrowed_choice_that_fails_its_check_goes_through_the_full_verificati
     assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
     assert H.structured_off is not None and "differs from the double backward" in H.structured_off
     assert abs(H.verification[3]["structured"] - 1e-3) < 1e-4
+    assert calls.count(("double_backward", 2)) == 1     # one reference for both checks
     assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
     assert not [c for c in H._engine.tuner.candidates(3) if c.startswith("structured")]
 
