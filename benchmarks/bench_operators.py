@@ -555,6 +555,48 @@ def _ref_products(name: str, kind: str):
     return _cached(("ref", name, kind), make)
 
 
+def _mem_available_gib() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return None
+
+
+def _watched(fn, host: dict):
+    """``fn`` that also records, in ``host``, what the timed call cost the host besides its
+    arithmetic: minor / major page faults of the process during the call (each first touch of a
+    fresh page: ~3 us on this VM), the process's RSS and the machine's MemAvailable before it. A
+    method's time in a long one-run can differ from the same rows alone (2026-12-03: ours 1.6x
+    slower on resnet18 inside the one run); these fields let a later run tell memory effects
+    from the machine's load."""
+    import resource
+
+    def run():
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        host.update(mem_available_gib=_mem_available_gib(), rss_gib=_rss_gib())
+        t0 = time.perf_counter()
+        out = fn()
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        host.update(minor_faults=r1.ru_minflt - r0.ru_minflt, major_faults=r1.ru_majflt - r0.ru_majflt,
+                    cpu_s=round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3),
+                    sys_s=round(r1.ru_stime - r0.ru_stime, 3), wall_s=round(wall, 3))
+        return out
+    return run
+
+
+def _rss_gib() -> Optional[float]:
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30, 2)
+    except (OSError, ValueError):
+        return None
+
+
 def _rel_err(got, ref) -> float:
     got = torch.as_tensor(got).double().reshape(ref.shape)
     return float((got - ref).norm() / ref.norm())
@@ -646,9 +688,10 @@ def test_conv_hvp_k10(benchmark, rnd, name, impl):
         pytest.skip(f"{impl} not installed: {exc}")
     if rnd == 0:
         _warm(fn, op)   # "auto" measures its candidates here, before the timed rounds
-    out = benchmark.pedantic(fn, rounds=1, iterations=1)
+    host: dict = {}
+    out = benchmark.pedantic(_watched(fn, host), rounds=1, iterations=1)
     _conv_info(benchmark, name, impl, round=rnd, rel_error=_rel_err(out, _ref_products(name, "hvp")),
-               tuning_passes=_TUNING.get(id(op)), **_choice(op))
+               tuning_passes=_TUNING.get(id(op)), host=host, **_choice(op))
 
 
 @pytest.mark.parametrize("impl", ["ours_auto", "curvlinops"])
@@ -663,9 +706,10 @@ def test_conv_ggn_k10(benchmark, rnd, name, impl):
         pytest.skip(f"{impl} not installed: {exc}")
     if rnd == 0:
         _warm(fn, op)
-    out = benchmark.pedantic(fn, rounds=1, iterations=1)
+    host: dict = {}
+    out = benchmark.pedantic(_watched(fn, host), rounds=1, iterations=1)
     _conv_info(benchmark, name, impl, round=rnd, rel_error=_rel_err(out, _ref_products(name, "ggn")),
-               tuning_passes=_TUNING.get(id(op)), **_choice(op))
+               tuning_passes=_TUNING.get(id(op)), host=host, **_choice(op))
 
 
 def _ref_top5(name: str, n: Optional[int] = None) -> torch.Tensor:
@@ -732,11 +776,12 @@ def test_conv_top5(benchmark, rnd, name, impl):
             return ev
     else:
         run = _peer_top5(impl, m, ps, x, y)
-    ev = benchmark.pedantic(run, rounds=1, iterations=1)
+    host: dict = {}
+    ev = benchmark.pedantic(_watched(run, host), rounds=1, iterations=1)
     got = torch.as_tensor(ev).double().sort(descending=True).values
     ref = _ref_top5(name)
     _conv_info(benchmark, name, impl, round=rnd, eigenvalues=got.tolist(), reference=ref.tolist(),
-               max_rel_error=float(((got - ref).abs() / ref.abs()).max()), **chosen)
+               max_rel_error=float(((got - ref).abs() / ref.abs()).max()), host=host, **chosen)
 
 
 @pytest.mark.parametrize("impl", ["ours_auto", "pyhessian", "curvlinops", "hessian_eigenthings"])
@@ -785,12 +830,14 @@ def test_conv_slq(benchmark, rnd, name, impl):
             H = he.HessianOperator(m, [(x, y)], he.supervised_loss(CE))
             r = he.spectral_density(H, num_runs=probes, lanczos_steps=steps, num_grid_points=1000, seed=0)
             return r.raw_eigenvalues, r.raw_weights
-    nodes, weights = benchmark.pedantic(run, rounds=1, iterations=1)
+    host: dict = {}
+    nodes, weights = benchmark.pedantic(_watched(run, host), rounds=1, iterations=1)
     nodes, weights = torch.as_tensor(nodes).double(), torch.as_tensor(weights).double()
     lam_max = float(nodes.max())
     ref = float(_ref_top5(name, n)[0])
     _conv_info(benchmark, name, impl, n=n, round=rnd, probes=probes, steps=steps, lambda_max=lam_max,
-               lambda_max_reference=ref, lambda_max_rel_error=abs(lam_max - ref) / abs(ref), **chosen)
+               lambda_max_reference=ref, lambda_max_rel_error=abs(lam_max - ref) / abs(ref), host=host,
+               **chosen)
 
 
 # -- residual-Jacobian top-10 SVDs of conv blocks ------------------------------------------------
@@ -977,23 +1024,26 @@ def conv_jacobian_products(cases=("resnet20_block", "resnet50_bottleneck1"), k: 
     return "\n".join(lines)
 
 
-def conv_table(path: str) -> str:
-    """Markdown table of a conv run's JSON: per group and method the median time over rounds, the
-    ratio to ours, the accuracy, and what ours chose."""
+def conv_table(*paths: str) -> str:
+    """Markdown table of a conv run's JSON (or of several, e.g. one per implementation of the
+    resnet18 SLQ row): per group and method the median time over rounds, the ratio to ours, the
+    accuracy, the minor page faults of the timed call (median, thousands; rows run before
+    2026-12-04 did not record them) and what ours chose."""
     import json
     import statistics
 
-    data = json.load(open(path))
+    benchmarks = [b for path in paths for b in json.load(open(path))["benchmarks"]]
     rows: dict = {}
-    for b in data["benchmarks"]:
+    for b in benchmarks:
         if not b["group"] or not b["group"].startswith("conv_"):
             continue
         e = b["extra_info"]
         if "impl" not in e:          # a row that failed before recording (its error is in the run's log)
             continue
         rows.setdefault(b["group"], {}).setdefault(e["impl"], []).append((b["stats"]["min"], e))
-    lines = ["| group | images | method | time (s, median of rounds) | rounds | ours faster by | accuracy | ours chose |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| group | images | method | time (s, median of rounds) | rounds | ours faster by | accuracy | "
+             "page faults (k) | ours chose |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g, impls in rows.items():
         ours = statistics.median(t for t, _ in impls.get("ours_auto", [(math.nan, {})]))
         for impl, recs in impls.items():
@@ -1005,11 +1055,14 @@ def conv_table(path: str) -> str:
             ch = e.get("ours_choice") or e.get("ours_method") or e.get("path") or ""
             if e.get("fast_source"):
                 ch += f" ({e['fast_source']})"
-            lines.append(f"| {g} | {e.get('n_images', '')} | {impl} | {t:.3f} | {len(recs)} | {t / ours:.2f}x | {acc_s} | {ch} |")
+            faults = [r[1]["host"]["minor_faults"] for r in recs if "minor_faults" in r[1].get("host", {})]
+            f_s = f"{statistics.median(faults) / 1e3:.0f}" if faults else ""
+            lines.append(f"| {g} | {e.get('n_images', '')} | {impl} | {t:.3f} | {len(recs)} | {t / ours:.2f}x | {acc_s} | "
+                         f"{f_s} | {ch} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--conv-table":
-    print(conv_table(sys.argv[2]))
+    print(conv_table(*sys.argv[2:]))
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--conv-jac-products":
     print(conv_jacobian_products())
