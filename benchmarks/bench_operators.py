@@ -406,7 +406,10 @@ if __name__ == "__main__" and len(sys.argv) == 1:  # python benchmarks/bench_ope
 #
 # One run, every method of a group timed once per round with the rounds outermost (the tests
 # are collected round by round), torch.set_num_threads(CONV_THREADS). Accuracy beside time in
-# extra_info. Sizes: RESGEOM_BENCH_CONV=full (the issue's: ResNet-20 on 128 images, resnet18 on
+# extra_info, and what the timed call cost the host (page faults, system time: _watched). The
+# product rows time the second of two back-to-back calls of each method, every method alike, and
+# record the first call of the round beside it (_warm_round: on a VM the first call after other
+# rows pays host faults for memory the guest handed back). Sizes: RESGEOM_BENCH_CONV=full (the issue's: ResNet-20 on 128 images, resnet18 on
 # 64, SLQ 10 x 100), "issue" (all rows in one run: "full" but SLQ on ResNet-20 with 32 images
 # and no resnet18 SLQ), "slq" (SLQ 10 x 100 with ResNet-20 on 32 images) or "reduced" (the default: what a shared 2-core machine runs in ~30 minutes;
 # the sizes used are recorded in every row's extra_info). Run:
@@ -672,6 +675,26 @@ def _warm(fn, op) -> None:
         _TUNING[id(op)] = n
 
 
+def _warm_round(fn, op, rnd: int) -> dict:
+    """Before each timed call of a product row, one untimed call of the same method (every
+    method alike): the timed call measures the steady state of back-to-back products -- what
+    Lanczos, SLQ and power iteration run -- and the first call of the round, which follows other
+    methods' rows, is recorded beside it as ``cold_s`` / ``cold_host``. On a VM whose host reclaims
+    the memory a guest frees (free page reporting: Firecracker, most clouds), touching it again
+    costs a host fault, measured 16-39 us per 4 KiB page on 2026-12-03 against ~2 us for memory
+    the guest kept: our resnet18 product right after another took 4.6-5.2 s with 109k faults,
+    after a 3 s pause 10.9-14.4 s with 489-495k faults (its heap handed back in between:
+    core/heap.py) -- the one run's 1.6x. Round 0's untimed calls are the warm-up of :func:`_warm`
+    (ours' tuning), so it records no cold call."""
+    if rnd == 0:
+        _warm(fn, op)
+        return {"cold_s": None, "cold_note": "round 0: the warm-up calls (ours: its tuning) came first"}
+    host: dict = {}
+    t0 = time.perf_counter()
+    _watched(fn, host)()
+    return {"cold_s": round(time.perf_counter() - t0, 3), "cold_host": host}
+
+
 CONV_MODELS = ["resnet20", "resnet18", "user_fc"]
 IMPLS_K10 = ["ours_auto", "pyhessian", "curvlinops", "hessian_eigenthings"]
 
@@ -686,12 +709,11 @@ def test_conv_hvp_k10(benchmark, rnd, name, impl):
         fn, op = _cached(("hvp", name, impl), lambda: _product_fn(name, impl, "hvp"))
     except ImportError as exc:
         pytest.skip(f"{impl} not installed: {exc}")
-    if rnd == 0:
-        _warm(fn, op)   # "auto" measures its candidates here, before the timed rounds
+    cold = _warm_round(fn, op, rnd)   # "auto" measures its candidates in round 0, before the timed calls
     host: dict = {}
     out = benchmark.pedantic(_watched(fn, host), rounds=1, iterations=1)
     _conv_info(benchmark, name, impl, round=rnd, rel_error=_rel_err(out, _ref_products(name, "hvp")),
-               tuning_passes=_TUNING.get(id(op)), host=host, **_choice(op))
+               tuning_passes=_TUNING.get(id(op)), host=host, **cold, **_choice(op))
 
 
 @pytest.mark.parametrize("impl", ["ours_auto", "curvlinops"])
@@ -704,12 +726,11 @@ def test_conv_ggn_k10(benchmark, rnd, name, impl):
         fn, op = _cached(("ggn", name, impl), lambda: _product_fn(name, impl, "ggn"))
     except ImportError as exc:
         pytest.skip(f"{impl} not installed: {exc}")
-    if rnd == 0:
-        _warm(fn, op)
+    cold = _warm_round(fn, op, rnd)
     host: dict = {}
     out = benchmark.pedantic(_watched(fn, host), rounds=1, iterations=1)
     _conv_info(benchmark, name, impl, round=rnd, rel_error=_rel_err(out, _ref_products(name, "ggn")),
-               tuning_passes=_TUNING.get(id(op)), host=host, **_choice(op))
+               tuning_passes=_TUNING.get(id(op)), host=host, **cold, **_choice(op))
 
 
 def _ref_top5(name: str, n: Optional[int] = None) -> torch.Tensor:
@@ -1028,7 +1049,8 @@ def conv_table(*paths: str) -> str:
     """Markdown table of a conv run's JSON (or of several, e.g. one per implementation of the
     resnet18 SLQ row): per group and method the median time over rounds, the ratio to ours, the
     accuracy, the minor page faults of the timed call (median, thousands; rows run before
-    2026-12-04 did not record them) and what ours chose."""
+    2026-12-04 did not record them), the untimed first call of each round after round 0 (product
+    rows: :func:`_warm_round`) and what ours chose."""
     import json
     import statistics
 
@@ -1042,8 +1064,8 @@ def conv_table(*paths: str) -> str:
             continue
         rows.setdefault(b["group"], {}).setdefault(e["impl"], []).append((b["stats"]["min"], e))
     lines = ["| group | images | method | time (s, median of rounds) | rounds | ours faster by | accuracy | "
-             "page faults (k) | ours chose |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "page faults (k) | first call of the round (s) | ours chose |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for g, impls in rows.items():
         ours = statistics.median(t for t, _ in impls.get("ours_auto", [(math.nan, {})]))
         for impl, recs in impls.items():
@@ -1057,8 +1079,10 @@ def conv_table(*paths: str) -> str:
                 ch += f" ({e['fast_source']})"
             faults = [r[1]["host"]["minor_faults"] for r in recs if "minor_faults" in r[1].get("host", {})]
             f_s = f"{statistics.median(faults) / 1e3:.0f}" if faults else ""
+            colds = [r[1]["cold_s"] for r in recs if r[1].get("cold_s") is not None]
+            c_s = f"{statistics.median(colds):.3f}" if colds else ""
             lines.append(f"| {g} | {e.get('n_images', '')} | {impl} | {t:.3f} | {len(recs)} | {t / ours:.2f}x | {acc_s} | "
-                         f"{f_s} | {ch} |")
+                         f"{f_s} | {c_s} | {ch} |")
     return "\n".join(lines)
 
 
