@@ -21,11 +21,20 @@ mmap threshold or more are copied out of the heap (allocated under those setting
 the scope; smaller ones would live on the heap anyway), and when the heap holds more free bytes
 (``mallinfo2``) than the trim threshold now in force (64 MiB; glibc's default 128 KiB when
 ``MALLOC_MMAP_THRESHOLD_`` alone is set, since a fixed mmap threshold ends the adjustment that
-raises it) a ``malloc_trim(0)`` is scheduled :data:`TRIM_DELAY_S` (1 s) later: a scope that opens
+raises it) a ``malloc_trim(0)`` is scheduled :data:`TRIM_DELAY_S` (10 s; the environment variable
+``RESGEOM_HEAP_TRIM_DELAY_S`` sets another, 0 trims at every exit) later: a scope that opens
 before then cancels it and reuses those pages without a fault; otherwise a worker thread hands
 every free page back to the kernel, so the process keeps no more freed heap than glibc's own trim
 threshold allows once the products stop (jemalloc's ``dirty_decay_ms`` follows the same idea, with
-10 s). Trimming at every exit, as a first version did, made every product fault its predecessor's
+the same 10 s). The delay was 1 s until 2026-12-03, when a product after a pause turned out to
+cost 2.4-3.2x one right after another on virtual machines whose host reclaims the memory a guest
+frees (free page reporting: Firecracker, most clouds): touching it again faults on the host too,
+16-39 us per 4 KiB page against ~2 us. torchvision resnet18's ten products (64 CIFAR images, one
+thread) took 4.6-5.2 s right after another, 10.9-14.4 s after a 3 s pause (1.9 GB of heap faulted
+in again, 6-8 s of system time) and 7.3-8.1 s with the scope off; with the free heap kept, 4.2-4.5 s
+after the pause, holding 1.7 GB between products. Pipelines (Lanczos, SLQ, hessian_spectrum's
+phases) do not pause and are unaffected by the delay's length; interactive use and benchmarks that
+interleave methods are. Trimming at every exit, as a first version did, made every product fault its predecessor's
 pages in again, even where the free heap was interior chunks that trimming cannot shrink
 (mallinfo2's count stays the same after the trim): measured 2026-12-03 on the AMD VM, the user FC
 net's ten products 15-20% slower with the scope than without, and ResNet-20's 10-35% slower than
@@ -60,6 +69,7 @@ at the first scheduled trim and reset in a forked child); :func:`state` reports 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 import time
@@ -86,8 +96,10 @@ class _MallInfo2(ctypes.Structure):
 
 T = TypeVar("T")
 
-TRIM_DELAY_S = 1.0                 # a scope's free heap is trimmed this long after its exit, unless
-#                                    another scope opens first (jemalloc's dirty_decay_ms idea)
+TRIM_DELAY_S = 10.0                # a scope's free heap is trimmed this long after its exit, unless
+#                                    another scope opens first (jemalloc's dirty_decay_ms idea and
+#                                    default); RESGEOM_HEAP_TRIM_DELAY_S overrides it (module doc)
+_delay = TRIM_DELAY_S              # the delay in force, read at the outermost entry (_trim_delay)
 
 _lock = threading.Lock()
 _cond = threading.Condition(_lock)
@@ -132,9 +144,27 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+def _trim_delay() -> float:
+    """The trim delay: ``RESGEOM_HEAP_TRIM_DELAY_S`` (seconds, >= 0; 0 trims at every outermost
+    exit) where set, else :data:`TRIM_DELAY_S`. A bad value raises before any product runs."""
+    raw = os.environ.get("RESGEOM_HEAP_TRIM_DELAY_S")
+    if raw is None or not raw.strip():
+        return TRIM_DELAY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"RESGEOM_HEAP_TRIM_DELAY_S must be a finite number of seconds >= 0 (0: trim the "
+                         f"free heap at every product's exit), got {raw!r}")
+    return value
+
+
 def _enter() -> None:
-    global _depth, _active, _trim_at
+    global _depth, _active, _trim_at, _delay
     with _lock:
+        if _depth == 0 and _wanted():
+            _delay = _trim_delay()          # before the depth changes: a bad value leaves no scope open
         _depth += 1
         if _depth == 1 and _wanted():
             libc = _glibc()
@@ -171,12 +201,12 @@ def _exit(box: Optional[list] = None) -> None:
 
 
 def _schedule_trim() -> None:
-    """Trim ``TRIM_DELAY_S`` from now unless a scope opens first (call with ``_lock`` held)."""
+    """Trim the delay in force from now unless a scope opens first (call with ``_lock`` held)."""
     global _trim_at, _worker
-    if TRIM_DELAY_S <= 0:
+    if _delay <= 0:
         _trim_now()
         return
-    _trim_at = time.monotonic() + TRIM_DELAY_S
+    _trim_at = time.monotonic() + _delay
     if _worker is None or not _worker.is_alive():
         _worker = threading.Thread(target=_trimmer, name="resgeom-heap-trim", daemon=True)
         _worker.start()

@@ -148,7 +148,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(heap, "TRIM_DELAY_S", 0.0)
     monkeypatch.setattr(heap, "_libc", lib)
     monkeypatch.setattr(heap, "_probed", True)
-    for name in ("RESGEOM_HEAP", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+    for name in ("RESGEOM_HEAP", "RESGEOM_HEAP_TRIM_DELAY_S", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                 "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
     assert heap.state()["depth"] == 0
     return lib
@@ -289,6 +290,33 @@ def test_the_trim_waits_for_the_delay_and_a_scope_opened_meanwhile_cancels_it(fa
     assert not heap.state()["trim_pending"] and _trims(fake) == 1     # the worker ran it, once
     time.sleep(0.4)
     assert _trims(fake) == 1
+
+
+def test_resgeom_heap_trim_delay_s_sets_the_delay_and_a_bad_value_raises_before_any_product(fake, monkeypatch):
+    """The delay defaults to 10 s (jemalloc's); the environment variable, read at each outermost
+    entry, overrides it: 0 trims at the exit, a positive value schedules the trim that far ahead."""
+    monkeypatch.setattr(heap, "TRIM_DELAY_S", 10.0)
+    t0 = time.monotonic()
+    with heap.keep_heap():
+        pass
+    assert heap.state()["trim_pending"] and 9.0 < heap._trim_at - t0 <= 10.5 and _trims(fake) == 0
+    monkeypatch.setenv("RESGEOM_HEAP_TRIM_DELAY_S", "0")
+    with heap.keep_heap():                               # cancels the pending trim, then trims at its exit
+        pass
+    assert not heap.state()["trim_pending"] and _trims(fake) == 1
+    monkeypatch.setenv("RESGEOM_HEAP_TRIM_DELAY_S", "30")
+    t0 = time.monotonic()
+    with heap.keep_heap():
+        pass
+    assert heap.state()["trim_pending"] and 29.0 < heap._trim_at - t0 <= 30.5 and _trims(fake) == 1
+    assert heap.release() and _trims(fake) == 2
+    for bad in ("ten", "-1", "inf", "nan"):
+        monkeypatch.setenv("RESGEOM_HEAP_TRIM_DELAY_S", bad)
+        ran = []
+        with pytest.raises(ValueError, match=r"RESGEOM_HEAP_TRIM_DELAY_S must be a finite number of seconds >= 0.*"
+                                             + repr(bad)):
+            heap.call_kept(lambda: ran.append(1))
+        assert ran == [] and heap.state()["depth"] == 0 and not heap.state()["active"]
 
 
 def test_release_runs_the_scheduled_trim_at_once(fake, monkeypatch):
