@@ -78,6 +78,15 @@ res["rss_after"] = rss()
 res["after"] = touch_twice()
 
 res["state_after"] = heap.state()
+# back-to-back products: the second reuses the first's heap blocks, its result's among them (the
+# original of a copied-out result is freed before the trim threshold is lowered, so it is kept)
+y = heap.call_kept(product)
+del y
+f = faults()
+y = heap.call_kept(product)
+res["second_product_faults"] = faults() - f      # its copied-out result's pages only
+del y
+heap.release()
 print(json.dumps(res))
 """
 
@@ -118,6 +127,9 @@ def test_freed_blocks_are_reused_inside_the_scope_and_returned_after():
     assert r["result_ok"] and r["pending_after_product"] and r["released"]
     assert r["rss_with_result"] < (256 << 20) + (32 << 20), r
     assert r["rss_after_result"] < (32 << 20), r
+    # a product right after another faults in its copied-out result only (2x before 2026-12-03:
+    # the original result at the heap's top went back to the kernel as it was freed)
+    assert r["second_product_faults"] < 1.5 * PAGES, r
 
 
 @pytest.mark.skipif(not _GLIBC, reason="glibc only")
