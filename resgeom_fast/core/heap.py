@@ -154,7 +154,7 @@ def _trim_delay() -> float:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not value >= 0 or math.isinf(value):
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"RESGEOM_HEAP_TRIM_DELAY_S must be a finite number of seconds >= 0 (0: trim the "
                          f"free heap at every product's exit), got {raw!r}")
     return value
@@ -163,10 +163,11 @@ def _trim_delay() -> float:
 def _enter() -> None:
     global _depth, _active, _trim_at, _delay
     with _lock:
-        if _depth == 0 and _wanted():
+        outermost = _depth == 0 and _wanted()
+        if outermost:
             _delay = _trim_delay()          # before the depth changes: a bad value leaves no scope open
         _depth += 1
-        if _depth == 1 and _wanted():
+        if outermost:
             libc = _glibc()
             if libc is not None:
                 _trim_at = None             # the scheduled trim is cancelled: its pages get reused

@@ -101,6 +101,18 @@ def _cgroup_free() -> Optional[int]:
         return None
 
 
+def meminfo_available() -> Optional[int]:
+    """``MemAvailable`` of /proc/meminfo in bytes, None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def available_bytes(device, memory_limit: Optional[int] = None) -> tuple[Optional[int], str]:
     """``(bytes a plan may use, where the number came from)`` on ``device`` (see module doc)."""
     if memory_limit is not None:
@@ -114,15 +126,7 @@ def available_bytes(device, memory_limit: Optional[int] = None) -> tuple[Optiona
         return int(free * _USABLE), f"{_USABLE:.0%} of torch.cuda.mem_get_info free bytes"
     if device.type != "cpu":
         return None, f"unknown for device {device.type!r} (not checked)"
-    free, source = None, ""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free, source = int(line.split()[1]) * 1024, "/proc/meminfo MemAvailable"
-                    break
-    except OSError:
-        pass
+    free, source = meminfo_available(), "/proc/meminfo MemAvailable"
     if free is None:
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
