@@ -60,7 +60,7 @@ del y
 res["rss_after_result"] = rss() - before
 res.update({"outside": touch_twice(), "rss_before": rss()})
 with heap.keep_heap():
-    res["inside"] = touch_twice(5)
+    res["inside"] = touch_twice(8)
     res["state_inside"] = heap.state()
 t_exit = time.monotonic()
 res["rss_kept"] = rss()                        # the trim is scheduled, not done
@@ -105,10 +105,14 @@ def test_freed_blocks_are_reused_inside_the_scope_and_returned_after():
     r = _run(RESGEOM_HEAP="1")
     # outside: glibc mmaps a 256 MB block and unmaps it on free: every touch faults every page
     assert min(r["outside"]) > 0.9 * PAGES, r
-    # inside: from the third block on, the blocks reuse freed heap pages (not trimmed): ~no faults
-    # (the second does not fit in the first's chunk: torch's 64-byte-aligned request is a little
-    # larger than the freed chunk, so the heap grows once, then the two coalesce)
-    assert max(r["inside"][2:]) < 0.05 * PAGES, r
+    # inside: once the heap has grown to hold the block, the blocks reuse freed heap pages (not
+    # trimmed): ~no faults. It grows up to three times first (1-3 of the blocks fault, depending
+    # on where the small allocations of torch's tensor bookkeeping land: one above a freed block
+    # keeps it from coalescing with the top, and torch's 64-byte-aligned request can be a little
+    # larger than a freed chunk), then the freed chunks coalesce: the last four never fault.
+    inside = r["inside"]
+    assert max(inside[4:]) < 0.05 * PAGES, r
+    assert sum(v > 0.05 * PAGES for v in inside) <= 3, r
     assert r["state_inside"] == {"available": True, "enabled": True, "depth": 1, "active": True, "trim_pending": False}
     # after the outermost exit the free heap is kept for TRIM_DELAY_S: a scope opened meanwhile
     # reuses it without faults; then the worker trims it: the process holds no more than before,
