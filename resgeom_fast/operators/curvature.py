@@ -459,16 +459,23 @@ class CurvatureOperator(LinearOperator):
         if k == 0:
             return X.new_zeros(X.shape)
         Xt = X.detach().t()                                               # [k, P]
-        outs = []
+        out: Optional[Tensor] = None
         for c0 in range(0, k, self.max_vectors_per_pass):                 # bounds memory
             Xc = Xt[c0:c0 + self.max_vectors_per_pass]
             kc = Xc.shape[0]
             vs = [Xc[:, o:o + n].reshape(kc, *s) for o, n, s in
                   zip(self.param_offsets, self._numels, self.param_shapes)]
             res = self._engine.apply(self._idx, vs, kc)
-            outs.append(torch.cat([r.reshape(kc, -1) for r in res], dim=1))
+            if out is None:
+                out = res[0].new_empty((k, self.shape[0]))
+            # each product copied once into its place, whatever its memory layout (a reshape of
+            # a channels_last weight product and a cat would copy it twice)
+            for o, n, s, r in zip(self.param_offsets, self._numels, self.param_shapes, res):
+                out[c0:c0 + kc, o:o + n].view(kc, *s).copy_(r)
+            del res
         # [k, P] -> a [P, k] view: Lanczos reads it back transposed, so no copy is made here.
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)).t()
+        assert out is not None
+        return out.t()
 
     # -- what "auto" measured and chose ----------------------------------------------------------
     @property

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resgeom_fast.models import ConvResNet, StagedResNet
+from resgeom_fast.operators import _structured_conv as SC
 from resgeom_fast.operators import ggn, hessian
 from resgeom_fast.operators._graph import trace_graph
 from resgeom_fast.operators.curvature import CurvatureEngine
@@ -176,6 +177,56 @@ def test_equals_dense_hessian(case):
     dense_s = dense_hessian(model, CE, x, y, names=sub)
     Vs = torch.randn(Hs.shape[0], 3, dtype=torch.float64)
     assert rel(Hs.matmat(Vs), dense_s @ Vs) < 1e-10
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("case", list(MODELS))
+def test_weights_gathered_in_blocks_and_either_vector_layout(monkeypatch, case, curvature):
+    """The tangent weights gathered a few output channels at a time (GATHER_BLOCK: here one
+    channel per block, as on resnet18's layer4) and vectors given either as rows of a [P, k]
+    block or as a [P, k] view of contiguous vectors give the double backward's products."""
+    build, shape = MODELS[case]
+    model = build()
+    x, y = _batch(shape)
+    op = hessian if curvature == "hessian" else ggn
+    want_op = op(model, CE, (x, y), hvp="double_backward")
+    V = torch.randn(want_op.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = want_op.matmat(V)
+    monkeypatch.setattr(SC, "GATHER_BLOCK", 1)
+    calls = []
+    by_rows = SC._by_rows
+    monkeypatch.setattr(SC, "_by_rows", lambda fn, W: (calls.append(W.shape[1]), by_rows(fn, W)))
+    H = op(model, CE, (x, y), hvp="structured")
+    assert rel(H.matmat(V), want) < 1e-10
+    assert rel(H.matmat(V.t().contiguous().t()), want) < 1e-10
+    if case in ("torchvision_blocks", "convresnet", "stagedresnet"):   # BatchNorm after the convs
+        assert calls
+
+
+def test_dots_and_stacked_weights_in_every_layout():
+    """The [k, O] inner products and the [O, k C, ...] stacking of tangent weights agree with
+    their plain definitions for contiguous, channels_last, column-vector and cropped layouts."""
+    g = torch.Generator().manual_seed(0)
+    k, O, C = 3, 4, 5
+    base = torch.randn(k, O, C, 3, 3, dtype=torch.float64, generator=g)
+    B = torch.randn(O, C, 3, 3, dtype=torch.float64, generator=g)
+    cl = base.reshape(k * O, C, 3, 3).contiguous(memory_format=torch.channels_last).view(k, O, C, 3, 3)
+    cols = base.reshape(k, -1).t().contiguous().t().reshape(k, O, C, 3, 3)     # vectors innermost
+    assert cols.stride(0) == 1 and cl.stride(2) == 1
+    for A in (base, cl, cols):
+        torch.testing.assert_close(SC._dots(A, B), (A * B).sum((2, 3, 4)), rtol=1e-13, atol=0)
+        crop = A[:, :, :, 1:2, 0:2]
+        torch.testing.assert_close(SC._dots(crop, B[:, :, 1:2, 0:2]),
+                                   (crop * B[:, :, 1:2, 0:2]).sum((2, 3, 4)), rtol=1e-13, atol=0)
+        for use_cl in (False, True):
+            S = SC._stack_in(A, use_cl)
+            assert torch.equal(S, A.transpose(0, 1).reshape(O, k * C, 3, 3))
+            assert S.is_contiguous(memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+    lin = torch.randn(k, O, C, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(SC._dots(lin, B[:, :, 0, 0]), (lin * B[:, :, 0, 0]).sum(2), rtol=1e-13, atol=0)
+    assert torch.equal(SC._stack_in(lin, True), lin.transpose(0, 1).reshape(O, k * C))
+    W = SC._new_weights((k, O, C, 3, 3), B, True)
+    assert W.reshape(k * O, C, 3, 3).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 5])
