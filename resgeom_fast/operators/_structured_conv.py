@@ -286,10 +286,29 @@ def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return a + b
 
 
-def _acc(d: dict, i: Any, t: Optional[Tensor]) -> None:
+def _acc(d: dict, i: Any, t: Optional[Tensor], inplace: bool = False) -> None:
+    """``d[i] += t``; with ``inplace`` into d[i] itself when no other entry of d (nor t) shares
+    its memory (the tangent passes' buffers: one pass over the tensor instead of a new one)."""
     if t is None:
         return
-    d[i] = t if d.get(i) is None else d[i] + t
+    if d.get(i) is None:
+        d[i] = t
+    elif inplace and _sole(d[i], d, i) and not _same_memory(d[i], t):
+        d[i].add_(t)
+    else:
+        d[i] = d[i] + t
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _sole(t: Tensor, d: dict, key: Any) -> bool:
+    """No entry of ``d`` but ``key``'s shares t's memory, and t has no broadcast (stride 0) axis:
+    t can be overwritten in place."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        return False
+    return not any(isinstance(v, Tensor) and j != key and _same_memory(v, t) for j, v in d.items())
 
 
 class _GPrimal:
@@ -529,7 +548,8 @@ class GraphHVP:
             else:
                 _acc(G, a, self._linear_back(i, L, g, st, None))
 
-    def _linear_back(self, i: int, L: GNode, g: Tensor, st: _GPrimal, k: Optional[int]) -> Tensor:
+    def _linear_back(self, i: int, L: GNode, g: Tensor, st: _GPrimal, k: Optional[int],
+                     inplace: bool = False) -> Tensor:
         """The adjoint of the parameter-free linear / piecewise-linear nodes, applied to a
         gradient [N, ...] (``k`` None) or to tangents [N, k, ...]."""
         kind = L.kind
@@ -538,7 +558,8 @@ class GraphHVP:
         lead = (N,) if k is None else (N, k)
         if kind == "relu":
             m = st.acts[i]
-            return g * (m if k is None else m.unsqueeze(1))
+            m = m if k is None else m.unsqueeze(1)
+            return g.mul_(m) if inplace else g * m
         if kind == "scale":
             return g if L.factor == 1.0 else g * L.factor      # a residual scale of 1: no pass
         if kind in ("identity", "shift"):
@@ -671,9 +692,18 @@ class GraphHVP:
                     t = _vec(V[L.ib], xhat.dim()).unsqueeze(0)
                     r = t.expand(xhat.shape[0], k, *xhat.shape[1:]).clone() if r is None else r.add_(t)
             elif kind == "add":
-                r = _add(Rx, T.get(L.args[1]))
+                Rb = T.get(L.args[1])
+                if Rx is not None and Rb is not None and not _same_memory(Rx, Rb):
+                    if self._owned(T, a, i):
+                        r = Rx.add_(Rb)
+                    elif self._owned(T, L.args[1], i):
+                        r = Rb.add_(Rx)
+                    else:
+                        r = Rx + Rb
+                else:
+                    r = _add(Rx, Rb)
             elif Rx is not None:
-                r = self._linear_fwd(i, L, Rx, st, k)
+                r = self._linear_fwd(i, L, Rx, st, k, inplace=self._owned(T, a, i))
             T[i] = r
             # free tangents no later node (nor the backward) reads
             for j in L.args:
@@ -681,11 +711,19 @@ class GraphHVP:
                     T.pop(j, None)
         return T
 
-    def _linear_fwd(self, i: int, L: GNode, Rx: Tensor, st: _GPrimal, k: int) -> Tensor:
+    def _owned(self, T: dict, a: int, i: int) -> bool:
+        """Node a's tangent is read by no node after i, nor by the backward, nor through another
+        entry of T: node i may overwrite it."""
+        t = T.get(a)
+        return (t is not None and self.last_use.get(a) == i and a not in self.keep and a != self.graph.out
+                and _sole(t, T, a))
+
+    def _linear_fwd(self, i: int, L: GNode, Rx: Tensor, st: _GPrimal, k: int, inplace: bool = False) -> Tensor:
         kind = L.kind
         N = Rx.shape[0]
         if kind == "relu":
-            return Rx * st.acts[i].unsqueeze(1)
+            m = st.acts[i].unsqueeze(1)
+            return Rx.mul_(m) if inplace else Rx * m
         if kind == "scale":
             return Rx if L.factor == 1.0 else Rx * L.factor
         if kind in ("identity", "shift"):
@@ -736,7 +774,7 @@ class GraphHVP:
                         Mst = _stack_in(MW, self.cl)
                         t = _bwd_in(Lg, g, Mst, (N, k * C, *x.shape[2:]), self.cl).unflatten(1, (k, C))
                         r = t if r is None else r.add_(t)
-                    _acc(RG, a, r)
+                    _acc(RG, a, r, inplace=True)
             elif kind == "bn":
                 xhat, c, gamma = st.acts[i]
                 Rx = T.get(a) if hess else None
@@ -755,13 +793,13 @@ class GraphHVP:
                     if g is not None and L.ig is not None and L.ig in V:
                         t = (g * c).unsqueeze(1) * _vec(V[L.ig], nd).unsqueeze(0)
                         r = t if r is None else r.add_(t)
-                    _acc(RG, a, r)
+                    _acc(RG, a, r, inplace=True)
             elif kind == "add":
                 for j in L.args:
                     if self.upstream[j]:
-                        _acc(RG, j, rg)
+                        _acc(RG, j, rg, inplace=True)
             elif rg is not None and self.upstream[a]:
-                _acc(RG, a, self._linear_back(i, L, rg, st, k))
+                _acc(RG, a, self._linear_back(i, L, rg, st, k, inplace=_sole(rg, RG, None)), inplace=True)
 
     def _rbwd_params(self, i: int, L: GNode, Rg: Optional[Tensor], Rx: Optional[Tensor], g: Optional[Tensor],
                      V: dict[int, Tensor], st: _GPrimal, T: dict, want: set[int], out: dict[int, Tensor],

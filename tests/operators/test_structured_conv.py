@@ -100,6 +100,32 @@ class Functional(nn.Module):
         return self.fc(out.view(out.size(0), -1))
 
 
+class Aliasing(nn.Module):
+    """Tangents read by several nodes, twice by one add, and passed through unchanged (a scale
+    of 1): the tangent passes overwrite a buffer in place only when nothing else reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(17)
+        self.c0 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4, 3)
+        randomise_bn(self, torch.Generator().manual_seed(18))
+
+    def forward(self, x):
+        g0 = self.c0(x)
+        h = self.bn(g0)
+        y = h * 1.0                      # the same tangent as h
+        a = F.relu(h)                    # h's last reader: must not overwrite y's tangent
+        b = a + a
+        c = F.relu(g0) + F.relu(b + y)   # backward: one tangent to two ReLUs of different masks
+        d = self.c1(c) + c
+        e = torch.relu(d) * 1.0
+        f = e + e.relu()
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1))
+
+
 def _convres():
     m = ConvResNet(2, 4, 2, 3, seed=0).double().eval()
     randomise_bn(m, torch.Generator().manual_seed(2))
@@ -119,6 +145,7 @@ MODELS = {
     "user_fc": (lambda: UserFC().double(), (5,)),
     "functional": (lambda: Functional().double().eval(), (2, 7, 7)),
     "duck_conv": (lambda: ConvNet().double().eval(), (1, 6, 6)),
+    "aliasing": (lambda: Aliasing().double().eval(), (2, 5, 5)),
 }
 
 
