@@ -36,6 +36,7 @@ tangent forward is J V; the tangent backward of ``H_out J V`` is then a plain ba
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import torch
@@ -67,24 +68,92 @@ def _pointwise(L: GNode, ksize: Sequence[int], spatial: Sequence[int]) -> bool:
             and tuple(L.padding) == (0, 0))
 
 
-# output positions per sample up to which a conv's weight gradient runs as im2col + one GEMM:
-# at 2x2 outputs 2.4x faster than oneDNN's weight gradient on the benchmark CPU (one thread,
-# resnet18's third stage, k = 10 stacked channels), at 4x4 2.3x slower
-SMALL_OUTPUT = 4
-# the forward and input-gradient convs run as im2col / col2im + one GEMM when they have at most
-# this many output positions per sample and no more rows (samples x positions) than output (or
-# gradient) channels: the k stacked tangent weights of resnet18's third and fourth stages, 1.6-2.7x
-# faster than oneDNN there; oneDNN wins on the [N k] tangent batches (1.3-6x)
-SMALL_GEMM = 16
-
-
-def _im2col_wins(L: GNode, rows: int, positions: int, channels: int) -> bool:
-    return L.layer == "conv" and positions <= SMALL_GEMM and rows * positions <= channels
-
-
 def _out_len(size: int, k: int, pad: int, stride: int, dil: int) -> int:
     """Output positions of a convolution along one spatial axis."""
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+# convs with at most this many output positions per sample run as one GEMM per (output position,
+# input position) pair that a kernel tap connects, [N, C] x [C, O]: exactly the multiply-adds of
+# the convolution (no padding, no im2col copy, no weight reorder). Measured on the Intel benchmark
+# CPU (one thread, 2026-12-04): resnet18's third stage on CIFAR-sized images (2 x 2 positions, 256
+# channels, 10 stacked vectors) 8-13 ms per call against 35-73 ms for oneDNN; resnet18's ten
+# Hessian products 1.88 s with this bound at 16 (4 x 4), 2.0 s at 4, 2.04 s at 64 (8 x 8: 484
+# small GEMMs per call), 2.9 s with oneDNN and the im2col GEMMs that this path replaced
+SMALL_PAIRS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _tap_pairs(in_hw: tuple[int, int], ksize: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+               dilation: tuple[int, int]) -> tuple[tuple[int, int], tuple[tuple[int, int, int], ...]]:
+    """``(out_hw, pairs)``: the output size and every (output position p, input position q, tap t)
+    of a 2-D convolution where tap t reads input q for output p (positions and taps row-major)."""
+    out_hw = tuple(_out_len(in_hw[d], ksize[d], padding[d], stride[d], dilation[d]) for d in range(2))
+    axes = []
+    for d in range(2):
+        ax = []
+        for p in range(out_hw[d]):
+            for t in range(ksize[d]):
+                q = p * stride[d] - padding[d] + t * dilation[d]
+                if 0 <= q < in_hw[d]:
+                    ax.append((p, q, t))
+        axes.append(ax)
+    pairs = tuple((p0 * out_hw[1] + p1, q0 * in_hw[1] + q1, t0 * ksize[1] + t1)
+                  for p0, q0, t0 in axes[0] for p1, q1, t1 in axes[1])
+    return out_hw, pairs
+
+
+def _pairs_of(L: GNode, in_hw: Sequence[int], ksize: Sequence[int]):
+    return _tap_pairs(tuple(int(v) for v in in_hw), tuple(int(v) for v in ksize), tuple(int(v) for v in L.stride),
+                      tuple(int(v) for v in L.padding), tuple(int(v) for v in L.dilation))
+
+
+def _rows(t: Tensor) -> Tensor:
+    """[N, C, H, W] as [N, H W, C] (a view of a channels_last tensor)."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, t.shape[1])
+
+
+def _gemm_sum(dst: Tensor, terms: list[tuple[Tensor, Tensor]]) -> None:
+    """``dst = sum a @ b`` over ``terms`` (zero when empty), written in place."""
+    if not terms:
+        dst.zero_()
+        return
+    torch.mm(*terms[0], out=dst)
+    for a, b in terms[1:]:
+        dst.addmm_(a, b)
+
+
+def _pair_fwd(L: GNode, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+    N, O = x.shape[0], W.shape[0]
+    out_hw, pairs = _pairs_of(L, x.shape[2:], W.shape[2:])
+    x3, Wt = _rows(x), W.permute(0, 2, 3, 1).reshape(O, -1, W.shape[1])            # [N, Pin, C], [O, taps, C]
+    out = x.new_empty((N, out_hw[0] * out_hw[1], O))
+    for p in range(out.shape[1]):
+        _gemm_sum(out[:, p], [(x3[:, q], Wt[:, t].t()) for pp, q, t in pairs if pp == p])
+    if b is not None:
+        out += b
+    return out.view(N, *out_hw, O).permute(0, 3, 1, 2)
+
+
+def _pair_bwd_in(L: GNode, g: Tensor, W: Tensor, in_shape: Sequence[int]) -> Tensor:
+    N, O, C = g.shape[0], W.shape[0], W.shape[1]
+    _, pairs = _pairs_of(L, in_shape[2:], W.shape[2:])
+    g3, Wt = _rows(g), W.permute(0, 2, 3, 1).reshape(O, -1, C)
+    out = g.new_empty((N, int(in_shape[2]) * int(in_shape[3]), C))
+    for q in range(out.shape[1]):
+        _gemm_sum(out[:, q], [(g3[:, p], Wt[:, t]) for p, qq, t in pairs if qq == q])
+    return out.view(N, int(in_shape[2]), int(in_shape[3]), C).permute(0, 3, 1, 2)
+
+
+def _pair_bwd_w(L: GNode, g: Tensor, x: Tensor, w_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+    O, C = int(w_shape[0]), int(w_shape[1])
+    taps = int(w_shape[2]) * int(w_shape[3])
+    _, pairs = _pairs_of(L, x.shape[2:], w_shape[2:])
+    g3, x3 = _rows(g), _rows(x)
+    G = g.new_empty((O, taps, C))
+    for t in range(taps):
+        _gemm_sum(G[:, t], [(g3[:, p].t(), x3[:, q]) for p, q, tt in pairs if tt == t])
+    return G.view(O, int(w_shape[2]), int(w_shape[3]), C).permute(0, 3, 1, 2), g3.sum((0, 1))
 
 
 def _fwd(L: GNode, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -93,10 +162,8 @@ def _fwd(L: GNode, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
         if _pointwise(L, W.shape[2:], x.shape[2:]):
             return F.linear(x.reshape(N, -1), W.reshape(O, -1), b).view(N, O, 1, 1)
         out_hw = [_out_len(x.shape[2 + d], W.shape[2 + d], L.padding[d], L.stride[d], L.dilation[d]) for d in range(2)]
-        if _im2col_wins(L, N, out_hw[0] * out_hw[1], O):
-            cols = F.unfold(x, tuple(W.shape[2:]), L.dilation, L.padding, L.stride)      # [N, C kh kw, L]
-            out = torch.einsum("oc,ncl->nol", W.reshape(O, -1), cols).view(N, O, *out_hw)
-            return out if b is None else out + _vec(b, 4)
+        if out_hw[0] * out_hw[1] <= SMALL_PAIRS:
+            return _pair_fwd(L, x, W, b)
         return F.conv2d(x, W, b, L.stride, L.padding, L.dilation)
     return F.linear(x, W, b)
 
@@ -108,9 +175,8 @@ def _bwd_in(L: GNode, g: Tensor, W: Tensor, in_shape: Sequence[int], cl: bool = 
         N, O = g.shape[0], g.shape[1]
         if _pointwise(L, W.shape[2:], in_shape[2:]):
             return torch.mm(g.reshape(N, -1), W.reshape(O, -1)).view(*in_shape)
-        if _im2col_wins(L, N, g.shape[2] * g.shape[3], O):
-            cols = torch.einsum("oc,nol->ncl", W.reshape(O, -1), g.reshape(N, O, -1))      # [N, C kh kw, L]
-            return F.fold(cols, tuple(in_shape[2:]), tuple(W.shape[2:]), L.dilation, L.padding, L.stride)
+        if g.shape[2] * g.shape[3] <= SMALL_PAIRS:
+            return _pair_bwd_in(L, g, W, in_shape)
         like = (torch.empty(in_shape, dtype=g.dtype, device=g.device, memory_format=torch.channels_last) if cl
                 else g.new_empty(1).expand(in_shape))
         return torch.ops.aten.convolution_backward(
@@ -127,10 +193,8 @@ def _bwd_w(L: GNode, g: Tensor, x: Tensor, w_shape: Sequence[int]) -> tuple[Tens
         if _pointwise(L, w_shape[2:], x.shape[2:]):
             g2 = g.reshape(N, -1)
             return torch.mm(g2.t(), x.reshape(N, -1)).view(*w_shape), g2.sum(0)
-        if g.shape[2] * g.shape[3] <= SMALL_OUTPUT:
-            cols = F.unfold(x, tuple(w_shape[2:]), L.dilation, L.padding, L.stride)     # [N, C kh kw, L]
-            g3 = g.reshape(N, g.shape[1], -1)
-            return torch.einsum("nol,ncl->oc", g3, cols).view(*w_shape), g3.sum((0, 2))
+        if g.shape[2] * g.shape[3] <= SMALL_PAIRS:
+            return _pair_bwd_w(L, g, x, w_shape)
         _, gw, gb = torch.ops.aten.convolution_backward(
             g, x, g.new_empty(1).expand(w_shape), [w_shape[0]], L.stride, L.padding, L.dilation, False, [0, 0],
             1, [False, True, True])
@@ -461,11 +525,13 @@ class GraphHVP:
                 Ws = _cl(Ws.contiguous(), self.cl)
                 st.consts[i] = (Wt, Ws, sc, c, shift)
                 st.acts[i] = _cl(a, self.cl and L.layer == "conv")
-                # the model's own operations (the BatchNorm unfolded, the model's layout): the
+                # the model's own operations (the BatchNorm unfolded, the model's layout, the
+                # convolution itself, not the GEMM forms of _fwd that the tangent passes use): the
                 # ReLU masks and pooling indices are then the model's, also for units within
                 # round-off of a kink (in float32 one flipped unit of resnet18 moved the products by
                 # 2e-3 relative); the folded weights serve the tangent passes
-                h = _fwd(L, a, W, b)
+                h = (F.conv2d(a, W, b, L.stride, L.padding, L.dilation) if L.layer == "conv"
+                     else F.linear(a, W, b))
                 if L.bn is not None:
                     h = F.batch_norm(h, L.bn.running_mean, L.bn.running_var,
                                      None if L.bn.weight is None else L.bn.weight.detach(),

@@ -156,22 +156,42 @@ def test_flops_count_the_live_taps():
     assert H.structured_flops(7) == 2 * 5 * 7 * (2 * 12 + 6 * 12)
 
 
-@pytest.mark.parametrize("stride,pad,size", [(1, 1, 2), (2, 1, 3), (1, 0, 3), (2, 2, 2)])
-def test_im2col_paths_equal_onednn(stride, pad, size):
-    """The im2col / col2im GEMMs (few output positions, many channels) and the GEMM weight
-    gradient give oneDNN's forward, input gradient and weight gradient."""
-    g = torch.Generator().manual_seed(stride * 10 + pad)
-    L = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=(stride, stride), padding=(pad, pad))
-    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64)
-    W = torch.randn(40, 3, 3, 3, generator=g, dtype=torch.float64)
-    b = torch.randn(40, generator=g, dtype=torch.float64)
+GEOMETRIES = [  # (in_h, in_w), (kh, kw), stride, padding, dilation
+    ((2, 2), (3, 3), (1, 1), (1, 1), (1, 1)),      # resnet18's third stage on CIFAR-sized images
+    ((4, 4), (3, 3), (2, 2), (1, 1), (1, 1)),      # its downsampling conv
+    ((4, 4), (1, 1), (2, 2), (0, 0), (1, 1)),      # the 1x1 shortcut
+    ((3, 3), (3, 3), (1, 1), (0, 0), (1, 1)),      # no padding: one output position
+    ((2, 3), (3, 2), (1, 2), (2, 1), (1, 1)),      # rectangular, padding beyond the input
+    ((4, 4), (3, 3), (1, 1), (2, 2), (2, 2)),      # dilated
+    ((2, 2), (3, 3), (3, 3), (3, 3), (1, 1)),      # an output position that reads only padding
+    ((1, 1), (3, 3), (1, 1), (1, 1), (1, 1)),      # one live tap
+]
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("geo", GEOMETRIES)
+def test_pair_gemm_paths_equal_the_convolution(geo, cl):
+    """The per-(output, input position) GEMMs of small convolutions give the convolution's
+    output, input gradient, weight gradient and bias gradient (float64, NCHW and channels_last
+    operands), and every (p, q, tap) triple is a tap that reads input q for output p."""
+    in_hw, ksz, stride, pad, dil = geo
+    g = torch.Generator().manual_seed(sum(in_hw) + 10 * sum(pad))
+    L = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=stride, padding=pad, dilation=dil)
+    mf = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(3, 5, *in_hw, generator=g, dtype=torch.float64).contiguous(memory_format=mf)
+    W = torch.randn(7, 5, *ksz, generator=g, dtype=torch.float64).contiguous(memory_format=mf)
+    b = torch.randn(7, generator=g, dtype=torch.float64)
+    ref = F.conv2d(x, W, b, stride, pad, dil)
+    out_hw, pairs = SC._pairs_of(L, in_hw, ksz)
+    assert tuple(ref.shape[2:]) == out_hw and out_hw[0] * out_hw[1] <= SC.SMALL_PAIRS
+    for p, q, t in pairs:     # output p reads input q through tap t
+        (p0, p1), (q0, q1), (t0, t1) = divmod(p, out_hw[1]), divmod(q, in_hw[1]), divmod(t, ksz[1])
+        assert (q0, q1) == (p0 * stride[0] - pad[0] + t0 * dil[0], p1 * stride[1] - pad[1] + t1 * dil[1])
     out = SC._fwd(L, x, W, b)
-    assert SC._im2col_wins(L, 2, out.shape[2] * out.shape[3], 40)
-    assert rel(out, F.conv2d(x, W, b, stride, pad)) < 1e-14
-    gout = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    gx = SC._bwd_in(L, gout, W, x.shape)
+    assert rel(out, ref) < 1e-14
+    gout = torch.randn(ref.shape, generator=g, dtype=torch.float64).contiguous(memory_format=mf)
     gx_ref, gw_ref, gb_ref = torch.ops.aten.convolution_backward(
-        gout, x, W, [40], [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True, True, True])
-    assert rel(gx, gx_ref) < 1e-14
+        gout, x, W, [7], list(stride), list(pad), list(dil), False, [0, 0], 1, [True, True, True])
+    assert rel(SC._bwd_in(L, gout, W, x.shape), gx_ref) < 1e-14
     gw, gb = SC._bwd_w(L, gout, x, W.shape)
     assert rel(gw, gw_ref) < 1e-14 and rel(gb, gb_ref) < 1e-14
