@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -83,11 +84,22 @@ def _out_len(size: int, k: int, pad: int, stride: int, dil: int) -> int:
 SMALL_PAIRS = 16
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pairs:
+    """Every (output position p, input position q, tap t) of a 2-D convolution where tap t reads
+    input q for output p (positions and taps row-major), and the same triples grouped the three
+    ways the GEMM paths read them."""
+    out_hw: tuple[int, int]
+    pairs: tuple[tuple[int, int, int], ...]
+    by_out: tuple[tuple[tuple[int, int], ...], ...]      # [p] -> (q, t)
+    by_in: tuple[tuple[tuple[int, int], ...], ...]       # [q] -> (p, t)
+    by_tap: tuple[tuple[tuple[int, int], ...], ...]      # [t] -> (p, q)
+
+
 @functools.lru_cache(maxsize=None)
 def _tap_pairs(in_hw: tuple[int, int], ksize: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-               dilation: tuple[int, int]) -> tuple[tuple[int, int], tuple[tuple[int, int, int], ...]]:
-    """``(out_hw, pairs)``: the output size and every (output position p, input position q, tap t)
-    of a 2-D convolution where tap t reads input q for output p (positions and taps row-major)."""
+               dilation: tuple[int, int]) -> _Pairs:
+    """The tap pairs of a 2-D convolution (:class:`_Pairs`), computed once per geometry."""
     out_hw = tuple(_out_len(in_hw[d], ksize[d], padding[d], stride[d], dilation[d]) for d in range(2))
     axes = []
     for d in range(2):
@@ -100,10 +112,16 @@ def _tap_pairs(in_hw: tuple[int, int], ksize: tuple[int, int], stride: tuple[int
         axes.append(ax)
     pairs = tuple((p0 * out_hw[1] + p1, q0 * in_hw[1] + q1, t0 * ksize[1] + t1)
                   for p0, q0, t0 in axes[0] for p1, q1, t1 in axes[1])
-    return out_hw, pairs
+
+    def group(n: int, key: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+        return tuple(tuple(tuple(v for j, v in enumerate(pr) if j != key) for pr in pairs if pr[key] == g)
+                     for g in range(n))
+
+    return _Pairs(out_hw, pairs, group(out_hw[0] * out_hw[1], 0), group(in_hw[0] * in_hw[1], 1),
+                  group(ksize[0] * ksize[1], 2))
 
 
-def _pairs_of(L: GNode, in_hw: Sequence[int], ksize: Sequence[int]):
+def _pairs_of(L: GNode, in_hw: Sequence[int], ksize: Sequence[int]) -> _Pairs:
     return _tap_pairs(tuple(int(v) for v in in_hw), tuple(int(v) for v in ksize), tuple(int(v) for v in L.stride),
                       tuple(int(v) for v in L.padding), tuple(int(v) for v in L.dilation))
 
@@ -125,11 +143,12 @@ def _gemm_sum(dst: Tensor, terms: list[tuple[Tensor, Tensor]]) -> None:
 
 def _pair_fwd(L: GNode, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
     N, O = x.shape[0], W.shape[0]
-    out_hw, pairs = _pairs_of(L, x.shape[2:], W.shape[2:])
+    P = _pairs_of(L, x.shape[2:], W.shape[2:])
+    out_hw = P.out_hw
     x3, Wt = _rows(x), W.permute(0, 2, 3, 1).reshape(O, -1, W.shape[1])            # [N, Pin, C], [O, taps, C]
     out = x.new_empty((N, out_hw[0] * out_hw[1], O))
-    for p in range(out.shape[1]):
-        _gemm_sum(out[:, p], [(x3[:, q], Wt[:, t].t()) for pp, q, t in pairs if pp == p])
+    for p, qts in enumerate(P.by_out):
+        _gemm_sum(out[:, p], [(x3[:, q], Wt[:, t].t()) for q, t in qts])
     if b is not None:
         out += b
     return out.view(N, *out_hw, O).permute(0, 3, 1, 2)
@@ -137,22 +156,22 @@ def _pair_fwd(L: GNode, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
 
 def _pair_bwd_in(L: GNode, g: Tensor, W: Tensor, in_shape: Sequence[int]) -> Tensor:
     N, O, C = g.shape[0], W.shape[0], W.shape[1]
-    _, pairs = _pairs_of(L, in_shape[2:], W.shape[2:])
+    P = _pairs_of(L, in_shape[2:], W.shape[2:])
     g3, Wt = _rows(g), W.permute(0, 2, 3, 1).reshape(O, -1, C)
     out = g.new_empty((N, int(in_shape[2]) * int(in_shape[3]), C))
-    for q in range(out.shape[1]):
-        _gemm_sum(out[:, q], [(g3[:, p], Wt[:, t]) for p, qq, t in pairs if qq == q])
+    for q, pts in enumerate(P.by_in):
+        _gemm_sum(out[:, q], [(g3[:, p], Wt[:, t]) for p, t in pts])
     return out.view(N, int(in_shape[2]), int(in_shape[3]), C).permute(0, 3, 1, 2)
 
 
 def _pair_bwd_w(L: GNode, g: Tensor, x: Tensor, w_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
     O, C = int(w_shape[0]), int(w_shape[1])
     taps = int(w_shape[2]) * int(w_shape[3])
-    _, pairs = _pairs_of(L, x.shape[2:], w_shape[2:])
+    P = _pairs_of(L, x.shape[2:], w_shape[2:])
     g3, x3 = _rows(g), _rows(x)
     G = g.new_empty((O, taps, C))
-    for t in range(taps):
-        _gemm_sum(G[:, t], [(g3[:, p].t(), x3[:, q]) for p, q, tt in pairs if tt == t])
+    for t, pqs in enumerate(P.by_tap):
+        _gemm_sum(G[:, t], [(g3[:, p].t(), x3[:, q]) for p, q in pqs])
     return G.view(O, int(w_shape[2]), int(w_shape[3]), C).permute(0, 3, 1, 2), g3.sum((0, 1))
 
 
@@ -275,14 +294,9 @@ def _dots(A: Tensor, B: Tensor) -> Tensor:
     order = sorted(rest, key=lambda d: -A.stride(d))
     Ap = A.permute(1, 0, *order)                                     # [O, k, ...] in memory order
     Bp = B.permute(0, *[d - 1 for d in order])
-    F_ = 1
-    for d in order:
-        F_ *= A.shape[d]
-    try:
-        A3 = Ap.view(O, k, F_)
-    except RuntimeError:                                              # trailing axes not dense
-        A3 = Ap.reshape(O, k, F_)
-    return torch.bmm(A3, Bp.reshape(O, F_, 1)).view(O, k).t()
+    F_ = math.prod(A.shape[d] for d in order)
+    # a view when the trailing axes are dense (a copy only for a cropped kernel's slice)
+    return torch.bmm(Ap.reshape(O, k, F_), Bp.reshape(O, F_, 1)).view(O, k).t()
 
 
 def _live_taps(size: int, k: int, pad: int, stride: int, dil: int) -> Optional[tuple[int, int, int]]:

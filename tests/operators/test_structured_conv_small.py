@@ -182,8 +182,13 @@ def test_pair_gemm_paths_equal_the_convolution(geo, cl):
     W = torch.randn(7, 5, *ksz, generator=g, dtype=torch.float64).contiguous(memory_format=mf)
     b = torch.randn(7, generator=g, dtype=torch.float64)
     ref = F.conv2d(x, W, b, stride, pad, dil)
-    out_hw, pairs = SC._pairs_of(L, in_hw, ksz)
+    P = SC._pairs_of(L, in_hw, ksz)
+    out_hw, pairs = P.out_hw, P.pairs
     assert tuple(ref.shape[2:]) == out_hw and out_hw[0] * out_hw[1] <= SC.SMALL_PAIRS
+    # the groupings hold every triple once
+    assert sorted((p, q, t) for p, qts in enumerate(P.by_out) for q, t in qts) == sorted(pairs)
+    assert sorted((p, q, t) for q, pts in enumerate(P.by_in) for p, t in pts) == sorted(pairs)
+    assert sorted((p, q, t) for t, pqs in enumerate(P.by_tap) for p, q in pqs) == sorted(pairs)
     for p, q, t in pairs:     # output p reads input q through tap t
         (p0, p1), (q0, q1), (t0, t1) = divmod(p, out_hw[1]), divmod(q, in_hw[1]), divmod(t, ksz[1])
         assert (q0, q1) == (p0 * stride[0] - pad[0] + t0 * dil[0], p1 * stride[1] - pad[1] + t1 * dil[1])
