@@ -36,7 +36,7 @@ import torch
 _USABLE = 0.9
 #: working vectors a Lanczos step may hold beyond the basis and the saved product (four live
 #: ones and HEAP_SLACK_VECTORS of heap slack: :func:`lanczos_bytes`)
-HEAP_SLACK_VECTORS = 4
+HEAP_SLACK_VECTORS = 10
 WORK_VECTORS = 4 + HEAP_SLACK_VECTORS
 #: bytes of one float64 chunk of the Ritz vectors (eigsh builds them chunk by chunk over n)
 RITZ_CHUNK_BYTES = 32 * 2**20
@@ -156,9 +156,12 @@ def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str)
     and output copy, both owned by the run, the operator's own output and the
     reorthogonalised vector) and :data:`HEAP_SLACK_VECTORS` of heap slack (a window of steps
     runs in one :mod:`resgeom_fast.core.heap` scope, where the step's blocks come from malloc's
-    heap and a small block kept between two freed ones can make it grow: measured up to 3 vectors'
-    worth at n = 2M, 1-4 probes; counted on every device); T's float64 scalars
-    (``2 * problems * steps``)."""
+    heap and a small block kept between two freed ones can make it grow; how far varies from run
+    to run with the addresses the process gets (address-space randomisation: the same run with it
+    off repeats exactly): measured 2026-12-04, SLQ at n = 2M, 40 steps, 1 and 3 probes, 52 runs,
+    the peak beyond the basis was 5.6-14.2 vectors' worth, i.e. up to ~8.5 of slack over the
+    live ones (glibc's default thresholds and ``MALLOC_MMAP_THRESHOLD_=65536`` alike; 3 had
+    been seen before); counted on every device); T's float64 scalars (``2 * problems * steps``)."""
     steps = min(steps, n)
     slots = steps if reorth == "full" else min(2, steps)
     basis = problems * slots * n * itemsize

@@ -138,7 +138,7 @@ def test_slq_groups_probes_to_fit_and_counts_each_basis(monkeypatch):
 
 
 def test_slq_auto_states_local_when_full_does_not_fit():
-    n, probes, steps = 60, 3, 40
+    n, probes, steps = 120, 3, 100
     A = _sym(n)
     one = plan_slq(n, 1, probes, steps, torch.float64, "cpu", "full", memory_limit=10**9)
     loc = plan_slq(n, 1, probes, steps, torch.float64, "cpu", "local", memory_limit=10**9)
@@ -248,7 +248,9 @@ def test_slq_peak_memory_stays_within_the_plan(probes):
     steps runs in one heap scope (resgeom_fast/core/heap.py), where a small block kept between
     freed ones can make malloc's heap grow; the plan counts HEAP_SLACK_VECTORS for it. Measured
     (n = 2M, 40 steps, float32) before the scalars were updated in place and the reorthogonalisation's
-    pool mapped its buffers directly: up to 5 working vectors over the per-product scope."""
+    pool mapped its buffers directly: up to 5 working vectors over the per-product scope; on
+    2026-12-04, 52 runs: 5.6-14.2 vectors beyond the basis, varying with the process's addresses
+    (a fresh clone's run of this test went 0.4% over the plan when it counted 4 vectors of slack)."""
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc/self/clear_refs (VmHWM reset)")
     assert "PROBES" in _SLQ_PEAK_SCRIPT and "eigsh" not in _SLQ_PEAK_SCRIPT
