@@ -59,7 +59,11 @@ class Lanczos:
 
     def __init__(self, op: LinearOperator, v0: Tensor, p: int, max_steps: int, where: str,
                  gen: torch.Generator, breakdown_tol: float = 1e-12, reorth: str = "full",
-                 sync_every: int = 10) -> None:
+                 sync_every: int = 10, basis: Optional[Tensor] = None) -> None:
+        """``basis``: optional storage for the basis, a contiguous tensor of the operator's dtype
+        and device with at least ``P * slots * n`` elements (its first ones are used, overwritten),
+        so that sequential runs (SLQ's probe groups) reuse one mapping instead of each faulting a
+        fresh one in page by page (torchvision resnet18's 4 groups: 56 GB of first touches)."""
         n = op.shape[0]
         P = v0.shape[0]
         if reorth not in REORTH:
@@ -77,8 +81,15 @@ class Lanczos:
         self._bufs: Optional[tuple[Tensor, Tensor]] = None   # apply_flat's layout copies (p > 1)
         # "full": the whole basis; "local": two slots, v_j in slot j % 2 (v_{j-1} in the other)
         slots = self.max_steps if reorth == "full" else min(2, self.max_steps)
-        release()   # a previous run's freed heap goes back before the basis is mapped beside it
-        self.V = torch.empty(P, slots, n, dtype=op.dtype, device=op.device)
+        if basis is None:
+            release()   # a previous run's freed heap goes back before the basis is mapped beside it
+            self.V = torch.empty(P, slots, n, dtype=op.dtype, device=op.device)
+        else:
+            if (not isinstance(basis, Tensor) or basis.dtype != op.dtype or basis.device != op.device
+                    or not basis.is_contiguous() or basis.numel() < P * slots * n):
+                raise ValueError(f"{where}: expected basis a contiguous {op.dtype} tensor on {op.device} of at "
+                                 f"least {P * slots * n} elements, got {getattr(basis, 'shape', type(basis))}")
+            self.V = basis.view(-1)[: P * slots * n].view(P, slots, n)
         self.alpha = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
         self.beta = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
         norm = torch.linalg.vector_norm(v0.double(), dim=1, keepdim=True)

@@ -40,10 +40,13 @@ class _Recorder:
         real = linalg.Lanczos
         rec = self
 
+        self.storage: list[int] = []
+
         class Recording(real):
             def __init__(self, *a, **kw):
                 super().__init__(*a, **kw)
                 rec.bases.append(self.V.numel() * self.V.element_size())
+                rec.storage.append((self.V.untyped_storage().data_ptr(), kw.get("basis") is not None))
 
         monkeypatch.setattr(module, "Lanczos", Recording)
 
@@ -123,6 +126,9 @@ def test_slq_groups_probes_to_fit_and_counts_each_basis(monkeypatch):
     assert plan.group == 2 and plan.groups == 3 and plan.reorth == "full" and plan.accuracy_note is None
     assert plan.bytes_needed <= limit
     assert rec.bases == [plan.basis_bytes] * 2 + [steps * n * 8]   # two groups of 2, then 1
+    # the groups run one after another in ONE allocation (not mapped and faulted in again per group)
+    # (handed in by the caller: malloc may also hand a freed block back at the same address)
+    assert len(rec.storage) == 3 and len(set(rec.storage)) == 1 and rec.storage[0][1]
     assert plan.basis_bytes == 2 * steps * n * 8
     # the probes are independent: the same quadrature as all probes at once (float64 rounding)
     full = linalg.slq_density(A, probes=probes, steps=steps)
@@ -335,3 +341,27 @@ def test_trace_runs_in_column_chunks_to_fit_with_the_same_estimate():
     # and the estimator is right: within 4 standard errors of tr(A)
     assert abs(float(r.estimate) - float(torch.trace(A))) < 4 * float(r.total_error) + 1e-12
     assert json.loads(json.dumps(r.to_dict()))["memory"]["group"] == 5
+
+
+def test_lanczos_basis_storage_is_checked_and_used():
+    """A basis storage handed to Lanczos (SLQ's shared group storage) must be a contiguous tensor of
+    the operator's dtype and device with room for the basis; the run then lives in its first
+    elements and equals a run with its own basis."""
+    n, steps = 30, 12
+    A = linalg.aslinearoperator(_sym(n))
+    v0 = torch.randn(2, n, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for bad, what in ((torch.empty(2 * steps * n - 1, dtype=torch.float64), "elements"),
+                      (torch.empty(2 * steps * n, dtype=torch.float32), "float64"),
+                      (torch.empty(2 * steps * n * 2, dtype=torch.float64)[::2], "contiguous")):
+        with pytest.raises(ValueError, match=f"expected basis a contiguous .*{'' if what != 'elements' else 'least'}"):
+            linalg.Lanczos(A, v0, 2, steps, "t", gen, basis=bad)
+    store = torch.full((2 * steps * n + 5,), float("nan"), dtype=torch.float64)
+    lz = linalg.Lanczos(A, v0, 2, steps, "t", gen, basis=store)
+    assert lz.V.data_ptr() == store.data_ptr()
+    lz.advance(steps)
+    own = linalg.Lanczos(A, v0, 2, steps, "t", torch.Generator().manual_seed(0))
+    own.advance(steps)
+    for a, b in zip(lz.tridiagonal(), own.tridiagonal()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert bool(torch.isnan(store[-5:]).all())            # nothing written past the basis
