@@ -6,8 +6,8 @@
 //      w = A v_j lies almost entirely in span(v_j, v_{j-1}), so what is left for the full pass is
 //      small and the pass does not shrink it;
 //   2. one full pass over all j rows: row-by-row MGS when x and one row fit in cache (the dot and
-//      the axpy of a row on the same chunk: one read of the basis), else chunked CGS in two
-//      sweeps (h = V x; x -= V^T h);
+//      the axpy of a row on the same chunk: one read of the basis; the bound: mgs_bytes), else
+//      chunked CGS in two sweeps (h = V x; x -= V^T h; eight rows per read of an x chunk);
 //   3. a second full pass only if the first shrank ||x|| below 1/sqrt(2) of its norm before it
 //      (Daniel-Gragg-Kaufman-Stewart / Kahan-Parlett "twice is enough"), as under cancellation
 //      (w almost inside span V). Either way x ends orthogonal to the rows to working precision.
@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -35,6 +36,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace resgeom_fast {
@@ -165,6 +167,63 @@ inline void sub4_any(double* x, const double* h, const double* const* r, int64_t
   sub4_d(x, h, r[0], r[1], r[2], r[3], len);
 }
 
+// Eight rows at a time: half the reads of the x chunk per row of the four-row loops (the CGS
+// sweeps stream the basis; x comes from L2).
+template <typename scalar_t>
+inline void dot8(const scalar_t* const* r, const double* __restrict__ x, int64_t len, double* out) {
+  const scalar_t* __restrict__ r0 = r[0];
+  const scalar_t* __restrict__ r1 = r[1];
+  const scalar_t* __restrict__ r2 = r[2];
+  const scalar_t* __restrict__ r3 = r[3];
+  const scalar_t* __restrict__ r4 = r[4];
+  const scalar_t* __restrict__ r5 = r[5];
+  const scalar_t* __restrict__ r6 = r[6];
+  const scalar_t* __restrict__ r7 = r[7];
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, s4 = 0.0, s5 = 0.0, s6 = 0.0, s7 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+  for (int64_t t = 0; t < len; ++t) {
+    const double xv = x[t];
+    s0 += static_cast<double>(r0[t]) * xv;
+    s1 += static_cast<double>(r1[t]) * xv;
+    s2 += static_cast<double>(r2[t]) * xv;
+    s3 += static_cast<double>(r3[t]) * xv;
+    s4 += static_cast<double>(r4[t]) * xv;
+    s5 += static_cast<double>(r5[t]) * xv;
+    s6 += static_cast<double>(r6[t]) * xv;
+    s7 += static_cast<double>(r7[t]) * xv;
+  }
+  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+  out[4] = s4; out[5] = s5; out[6] = s6; out[7] = s7;
+}
+RG_SIMD_CLONES void dot8_f(const float* const* r, const double* x, int64_t len, double* out) { dot8(r, x, len, out); }
+RG_SIMD_CLONES void dot8_d(const double* const* r, const double* x, int64_t len, double* out) { dot8(r, x, len, out); }
+inline void dot8_any(const float* const* r, const double* x, int64_t len, double* out) { dot8_f(r, x, len, out); }
+inline void dot8_any(const double* const* r, const double* x, int64_t len, double* out) { dot8_d(r, x, len, out); }
+
+// x[t] -= sum_q h[q] r_q[t], q < 8.
+template <typename scalar_t>
+inline void sub8(double* __restrict__ x, const double* h, const scalar_t* const* r, int64_t len) {
+  const scalar_t* __restrict__ r0 = r[0];
+  const scalar_t* __restrict__ r1 = r[1];
+  const scalar_t* __restrict__ r2 = r[2];
+  const scalar_t* __restrict__ r3 = r[3];
+  const scalar_t* __restrict__ r4 = r[4];
+  const scalar_t* __restrict__ r5 = r[5];
+  const scalar_t* __restrict__ r6 = r[6];
+  const scalar_t* __restrict__ r7 = r[7];
+  const double h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3], h4 = h[4], h5 = h[5], h6 = h[6], h7 = h[7];
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t)
+    x[t] -= ((h0 * static_cast<double>(r0[t]) + h1 * static_cast<double>(r1[t])) +
+             (h2 * static_cast<double>(r2[t]) + h3 * static_cast<double>(r3[t]))) +
+            ((h4 * static_cast<double>(r4[t]) + h5 * static_cast<double>(r5[t])) +
+             (h6 * static_cast<double>(r6[t]) + h7 * static_cast<double>(r7[t])));
+}
+RG_SIMD_CLONES void sub8_f(double* x, const double* h, const float* const* r, int64_t len) { sub8(x, h, r, len); }
+RG_SIMD_CLONES void sub8_d(double* x, const double* h, const double* const* r, int64_t len) { sub8(x, h, r, len); }
+inline void sub8_any(double* x, const double* h, const float* const* r, int64_t len) { sub8_f(x, h, r, len); }
+inline void sub8_any(double* x, const double* h, const double* const* r, int64_t len) { sub8_d(x, h, r, len); }
+
 // Local-first from this many basis rows on: the last two rows (v_j, v_{j-1}) are removed before
 // the full pass. Below it the "local" rows are the whole basis: local + one pass reads as many
 // rows as the two passes it would save.
@@ -173,7 +232,28 @@ constexpr int64_t kLocalMin = 3;
 // two-sweep CGS pass above. Measured on a 2-core EPYC (L2 1 MiB/core, L3 32 MiB shared), one
 // thread, j = 50 float32: MGS is 1.3-2x faster at n = 270k-1M (3-12 MB), CGS 1.1x faster at n = 4M
 // (48 MB) and 11.7M; half of that L3 leaves room for a second problem on the other core.
+// On Intel CPUs the bound is 3/4 of the per-core L2 instead: there x re-read from L3 for every row
+// costs more than a second sweep over the basis. Measured 2026-12-04 on a 2-core Xeon KVM guest
+// (L2 2 MiB/core), b = 10 problems, j = 50 float32, one thread: n = 100k MGS 30.3 ms / CGS 32.3 ms;
+// n = 170k 67.1 / 61.5; n = 274k 124 / 97 (the eight-row CGS loops); n = 1M (b = 3) 136 / 104.
+// The environment variable RESGEOM_REORTH_MGS_BYTES (read once) sets the bound in bytes, for
+// measuring it on another machine. The choice changes only the rounding (same arithmetic).
 constexpr int64_t kMgsBytes = int64_t(16) << 20;
+
+int64_t mgs_bytes() {
+  static const int64_t bytes = [] {
+    if (const char* e = std::getenv("RESGEOM_REORTH_MGS_BYTES")) return static_cast<int64_t>(std::atoll(e));
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("intel")) {
+      const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+      return static_cast<int64_t>(l2 > 0 ? l2 : (1L << 20)) * 3 / 4;
+    }
+#endif
+    return kMgsBytes;
+  }();
+  return bytes;
+}
 // Elements of n per task in the MGS pass: a chunk of x stays in L1 between the axpy of one row
 // and the dot of the next.
 constexpr int64_t kMgsChunk = 4096;
@@ -257,6 +337,11 @@ double cgs_project(const Problem<scalar_t>& P, bool widen, const double* local, 
       }
       npart[c] = norm2(x, len);
       int64_t i = 0;
+      for (; i + 8 <= j; i += 8) {
+        const scalar_t* r[8];
+        for (int q = 0; q < 8; ++q) r[q] = P.row(i + q) + t0;
+        dot8_any(r, x, len, &part[c * j + i]);
+      }
       for (; i + 4 <= j; i += 4) {
         const scalar_t* r[4] = {P.row(i) + t0, P.row(i + 1) + t0, P.row(i + 2) + t0, P.row(i + 3) + t0};
         dot4_any(r, x, len, &part[c * j + i]);
@@ -282,6 +367,11 @@ double cgs_subtract(const Problem<scalar_t>& P, const double* h) {
       const int64_t t0 = c * chunk, len = std::min(n, t0 + chunk) - t0;
       double* x = P.x + t0;
       int64_t i = 0;
+      for (; i + 8 <= j; i += 8) {
+        const scalar_t* r[8];
+        for (int q = 0; q < 8; ++q) r[q] = P.row(i + q) + t0;
+        sub8_any(x, h + i, r, len);
+      }
       for (; i + 4 <= j; i += 4) {
         const scalar_t* r[4] = {P.row(i) + t0, P.row(i + 1) + t0, P.row(i + 2) + t0, P.row(i + 3) + t0};
         sub4_any(x, h + i, r, len);
@@ -407,7 +497,7 @@ void reorth_one(const scalar_t* w, const scalar_t* V, int64_t sj, int64_t j, int
   for (int64_t i = 0; i < j; ++i) coeffs[i] = 0.0;
   const bool local = j >= kLocalMin;
   double before = 0.0, after = 0.0;
-  if (n * static_cast<int64_t>(sizeof(double) + sizeof(scalar_t)) < kMgsBytes) {
+  if (n * static_cast<int64_t>(sizeof(double) + sizeof(scalar_t)) < mgs_bytes()) {
     std::vector<int64_t> rows;
     if (local) rows = {j - 1, j - 2};
     const int64_t norm_at = static_cast<int64_t>(rows.size());
