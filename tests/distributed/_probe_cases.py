@@ -20,6 +20,7 @@ from resgeom_fast.analysis.collapse import collapse
 from resgeom_fast.analysis.singularities import singularities
 from resgeom_fast.analysis.spectrum import hessian_spectrum
 from resgeom_fast.core import distributed as rdist
+from resgeom_fast.linalg._memory import lanczos_bytes
 from resgeom_fast.linalg import DenseOperator, slq_density, trace
 from tests.distributed._analysis_cases import _alignment_x, align_model, conv_model
 from tests.distributed._cases import CASES, CE, fc_model, operator
@@ -110,7 +111,9 @@ def compute_probes(parallel: bool) -> dict[str, Any]:
             _trace(out, f"{name}/{method}{budget}", trace(op, probes=budget, method=method, seed=4, **kw))
     # groups of probes (a memory limit that fits one probe's basis at a time): same quadrature
     op = ops["dense"]
-    limit = 9000       # one probe's basis (5312 bytes) and the start vectors fit, two probes' do not
+    # one probe's Lanczos buffers and all start vectors (float64, and their int8 draw) fit, two probes' do not
+    limit = lanczos_bytes(40, 1, 12, 8, "full")[1] + 4 * 40 * (8 + 1)
+    assert limit < lanczos_bytes(40, 2, 12, 8, "full")[1]
     _slq(out, "dense/slq_grouped", slq_density(op, probes=4, steps=12, seed=5, memory_limit=limit, **kw))
     res = slq_density(op, probes=4, steps=12, seed=5, reorth="local", **kw)
     _slq(out, "dense/slq_local", res)
