@@ -169,16 +169,14 @@ inline void sub4_any(double* x, const double* h, const double* const* r, int64_t
 
 // Eight rows at a time: half the reads of the x chunk per row of the four-row loops (the CGS
 // sweeps stream the basis; x comes from L2).
+// The eight row pointers r[0..8) as restrict-qualified locals r0..r7 (the loops vectorise on them).
+#define RG_ROWS8(r)                                                                             \
+  const scalar_t *__restrict__ r0 = (r)[0], *__restrict__ r1 = (r)[1], *__restrict__ r2 = (r)[2], \
+                 *__restrict__ r3 = (r)[3], *__restrict__ r4 = (r)[4], *__restrict__ r5 = (r)[5], \
+                 *__restrict__ r6 = (r)[6], *__restrict__ r7 = (r)[7]
 template <typename scalar_t>
 inline void dot8(const scalar_t* const* r, const double* __restrict__ x, int64_t len, double* out) {
-  const scalar_t* __restrict__ r0 = r[0];
-  const scalar_t* __restrict__ r1 = r[1];
-  const scalar_t* __restrict__ r2 = r[2];
-  const scalar_t* __restrict__ r3 = r[3];
-  const scalar_t* __restrict__ r4 = r[4];
-  const scalar_t* __restrict__ r5 = r[5];
-  const scalar_t* __restrict__ r6 = r[6];
-  const scalar_t* __restrict__ r7 = r[7];
+  RG_ROWS8(r);
   double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, s4 = 0.0, s5 = 0.0, s6 = 0.0, s7 = 0.0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
   for (int64_t t = 0; t < len; ++t) {
@@ -203,14 +201,7 @@ inline void dot8_any(const double* const* r, const double* x, int64_t len, doubl
 // x[t] -= sum_q h[q] r_q[t], q < 8.
 template <typename scalar_t>
 inline void sub8(double* __restrict__ x, const double* h, const scalar_t* const* r, int64_t len) {
-  const scalar_t* __restrict__ r0 = r[0];
-  const scalar_t* __restrict__ r1 = r[1];
-  const scalar_t* __restrict__ r2 = r[2];
-  const scalar_t* __restrict__ r3 = r[3];
-  const scalar_t* __restrict__ r4 = r[4];
-  const scalar_t* __restrict__ r5 = r[5];
-  const scalar_t* __restrict__ r6 = r[6];
-  const scalar_t* __restrict__ r7 = r[7];
+  RG_ROWS8(r);
   const double h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3], h4 = h[4], h5 = h[5], h6 = h[6], h7 = h[7];
 #pragma omp simd
   for (int64_t t = 0; t < len; ++t)
