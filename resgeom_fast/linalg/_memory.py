@@ -158,7 +158,7 @@ def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str)
     runs in one :mod:`resgeom_fast.core.heap` scope, where the step's blocks come from malloc's
     heap and a small block kept between two freed ones can make it grow; how far varies from run
     to run with the addresses the process gets (address-space randomisation: the same run with it
-    off repeats exactly): measured 2026-12-04, SLQ at n = 2M, 40 steps, 1 and 3 probes, 52 runs,
+    off repeats exactly): measured 2026-12-04, SLQ at n = 2M, 40 steps, 1 and 3 probes, some 60 runs,
     the peak beyond the basis was 5.6-14.2 vectors' worth, i.e. up to ~8.5 of slack over the
     live ones (glibc's default thresholds and ``MALLOC_MMAP_THRESHOLD_=65536`` alike; 3 had
     been seen before); counted on every device); T's float64 scalars (``2 * problems * steps``)."""

@@ -255,7 +255,7 @@ def test_slq_peak_memory_stays_within_the_plan(probes):
     freed ones can make malloc's heap grow; the plan counts HEAP_SLACK_VECTORS for it. Measured
     (n = 2M, 40 steps, float32) before the scalars were updated in place and the reorthogonalisation's
     pool mapped its buffers directly: up to 5 working vectors over the per-product scope; on
-    2026-12-04, 52 runs: 5.6-14.2 vectors beyond the basis, varying with the process's addresses
+    2026-12-04, some 60 runs: 5.6-14.2 vectors beyond the basis, varying with the process's addresses
     (a fresh clone's run of this test went 0.4% over the plan when it counted 4 vectors of slack)."""
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc/self/clear_refs (VmHWM reset)")
