@@ -87,8 +87,11 @@ class Lanczos:
         else:
             if (not isinstance(basis, Tensor) or basis.dtype != op.dtype or basis.device != op.device
                     or not basis.is_contiguous() or basis.numel() < P * slots * n):
+                got = (f"a {basis.dtype} tensor on {basis.device} of {basis.numel()} elements"
+                       f"{'' if basis.is_contiguous() else ', not contiguous'}" if isinstance(basis, Tensor)
+                       else type(basis).__name__)
                 raise ValueError(f"{where}: expected basis a contiguous {op.dtype} tensor on {op.device} of at "
-                                 f"least {P * slots * n} elements, got {getattr(basis, 'shape', type(basis))}")
+                                 f"least {P * slots * n} elements, got {got}")
             self.V = basis.view(-1)[: P * slots * n].view(P, slots, n)
         self.alpha = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
         self.beta = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)

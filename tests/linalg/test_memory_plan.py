@@ -351,11 +351,15 @@ def test_lanczos_basis_storage_is_checked_and_used():
     A = linalg.aslinearoperator(_sym(n))
     v0 = torch.randn(2, n, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
-    for bad, what in ((torch.empty(2 * steps * n - 1, dtype=torch.float64), "elements"),
-                      (torch.empty(2 * steps * n, dtype=torch.float32), "float64"),
-                      (torch.empty(2 * steps * n * 2, dtype=torch.float64)[::2], "contiguous")):
-        with pytest.raises(ValueError, match=f"expected basis a contiguous .*{'' if what != 'elements' else 'least'}"):
+    need = 2 * steps * n
+    for bad, got in ((torch.empty(need - 1, dtype=torch.float64), f"torch.float64 tensor on cpu of {need - 1} elements"),
+                     (torch.empty(need, dtype=torch.float32), f"torch.float32 tensor on cpu of {need} elements"),
+                     (torch.empty(2 * need, dtype=torch.float64)[::2], f"of {need} elements, not contiguous")):
+        with pytest.raises(ValueError) as exc:
             linalg.Lanczos(A, v0, 2, steps, "t", gen, basis=bad)
+        msg = str(exc.value)
+        assert msg.startswith(f"t: expected basis a contiguous torch.float64 tensor on cpu of at least {need} elements")
+        assert got in msg
     store = torch.full((2 * steps * n + 5,), float("nan"), dtype=torch.float64)
     lz = linalg.Lanczos(A, v0, 2, steps, "t", gen, basis=store)
     assert lz.V.data_ptr() == store.data_ptr()
