@@ -148,6 +148,13 @@ def check_memory_limit(where: str, memory_limit) -> Optional[int]:
     return memory_limit
 
 
+def basis_slots(steps: int, n: int, reorth: str) -> int:
+    """Rows of one problem's Lanczos basis: every step's vector for "full" (at most n), the last
+    two for "local"."""
+    steps = min(steps, n)
+    return steps if reorth == "full" else min(2, steps)
+
+
 def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str) -> tuple[int, int]:
     """``(basis bytes, total bytes)`` of one :class:`~resgeom_fast.linalg.lanczos.Lanczos` run on
     ``problems`` vectors: the basis ``[problems, slots, n]`` (slots = steps for "full", 2 for
@@ -163,7 +170,7 @@ def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str)
     live ones (glibc's default thresholds and ``MALLOC_MMAP_THRESHOLD_=65536`` alike; 3 had
     been seen before); counted on every device); T's float64 scalars (``2 * problems * steps``)."""
     steps = min(steps, n)
-    slots = steps if reorth == "full" else min(2, steps)
+    slots = basis_slots(steps, n, reorth)
     basis = problems * slots * n * itemsize
     saved = problems * n * itemsize * (1 if reorth == "full" else 1 + slots)
     work = WORK_VECTORS * problems * n * itemsize

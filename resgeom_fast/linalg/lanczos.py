@@ -8,6 +8,7 @@ from torch import Tensor
 
 from resgeom_fast import ops
 from resgeom_fast.core.heap import keep_heap, release
+from resgeom_fast.linalg._memory import basis_slots
 from resgeom_fast.linalg._util import apply_flat, check_finite, gaussian
 from resgeom_fast.linalg.operator import LinearOperator
 
@@ -80,7 +81,7 @@ class Lanczos:
         self._saved_V: Optional[Tensor] = None     # "local": the two basis rows at that step
         self._bufs: Optional[tuple[Tensor, Tensor]] = None   # apply_flat's layout copies (p > 1)
         # "full": the whole basis; "local": two slots, v_j in slot j % 2 (v_{j-1} in the other)
-        slots = self.max_steps if reorth == "full" else min(2, self.max_steps)
+        slots = basis_slots(self.max_steps, n, reorth)
         if basis is None:
             release()   # a previous run's freed heap goes back before the basis is mapped beside it
             self.V = torch.empty(P, slots, n, dtype=op.dtype, device=op.device)

@@ -12,7 +12,7 @@ from torch import Tensor
 from resgeom_fast import ops
 from resgeom_fast.core.distributed import gather_shares, raise_together
 from resgeom_fast.core.heap import release
-from resgeom_fast.linalg._memory import MemoryPlan, check_memory_limit, plan_slq
+from resgeom_fast.linalg._memory import MemoryPlan, basis_slots, check_memory_limit, plan_slq
 from resgeom_fast.linalg._probes import agreed_seed, check_probe_mode, check_same_operator, probe_share, rademacher_share
 from resgeom_fast.linalg._util import check_choice, check_int, generator, rademacher
 from resgeom_fast.linalg.lanczos import REORTH, Lanczos
@@ -116,9 +116,9 @@ def _run_probes(op, v0: Tensor, steps: int, gen: torch.Generator, plan: MemoryPl
     # page faults, 121 s of system time in an 805 s run); a single group allocates its own
     storage = None
     if plan.group < p:
-        slots = min(steps, n) if plan.reorth == "full" else min(2, min(steps, n))
         release()
-        storage = torch.empty(b * plan.group * slots * n, dtype=op.dtype, device=op.device)
+        storage = torch.empty(b * plan.group * basis_slots(steps, n, plan.reorth) * n, dtype=op.dtype,
+                              device=op.device)
     for g0 in range(0, p, plan.group):
         g = min(plan.group, p - g0)
         lz = Lanczos(op, v0[:, g0 : g0 + g].reshape(b * g, n), g, steps, where, gen, reorth=plan.reorth,

@@ -40,7 +40,7 @@ class _Recorder:
         real = linalg.Lanczos
         rec = self
 
-        self.storage: list[int] = []
+        self.storage: list[tuple[int, bool]] = []     # (the basis's storage address, handed in by the caller)
 
         class Recording(real):
             def __init__(self, *a, **kw):
