@@ -4,15 +4,21 @@ The R-operator of :mod:`resgeom_fast.operators._structured` carried over to the 
 :mod:`resgeom_fast.operators._graph` recognises (Linear / Conv2d with eval-mode BatchNorm folded
 in, BatchNorm, ReLU, residual adds, scalar multiples, max / average pooling, reshapes): one primal
 forward and backward per batch (cached), then for k vectors V at once a tangent forward pass
-(R h) and a tangent backward pass (R g). Tangents are laid out sample-major, ``[N, k, C, H, W]``,
-so that every convolution of a layer is ONE call over all k vectors:
+(R h) and a tangent backward pass (R g). Tangents are [N, k, C, H, W], so that every convolution
+of a layer is ONE call over all k vectors; in memory (channels_last on CPUs) they are
+``[N, H, W, k, C]`` -- the k vectors stacked along channels -- at convs with more than
+:data:`SMALL_PAIRS` output positions, and ``[N, k, H, W, C]`` at the smaller ones:
 
-- ``Rx W_s``: the tangents as an ``[N k, C, H, W]`` batch through ``conv(., W_s)``;
+- ``Rx W_s``: in the stacked layout a dilated convolution of the ``[N, C, H, W k]`` view (stride
+  1) or a depth-1 3-D convolution of the ``[N, C, H, W, k]`` view (strided), else the tangents
+  as an ``[N k, C, H, W]`` batch through ``conv(., W_s)`` (:func:`_tconv`);
 - ``x M``: the input against the k tangent weights stacked along output channels
   (``conv(x, [M_1; ...; M_k])`` is ``[N, k O, H', W']``, i.e. ``[N, k, O, H', W']`` -- no copy);
 - ``R gx = conv^T(Rg, W_s) + conv^T(g, M)`` (the latter with M stacked along input channels) and
   the parameter terms ``corr(Rg, x)`` / ``corr(g, Rx)`` as single weight gradients with stacked
-  channels (``aten.convolution_backward``).
+  channels (``aten.convolution_backward``; in the stacked layout Rg and Rx are stacked without a
+  copy; ``corr(Rg, x)`` of a stride-1 conv runs as the swapped ``corr(x, Rg)``,
+  :func:`_swapped_padding`).
 
 Layer rules (x input, y output, g = dL/dy; an affine layer ``y = s (conv(x, W) + b - mu) + beta``,
 ``s = gamma c``, ``c = 1/sqrt(var + eps)``; s = 1, mu = beta = 0 without BatchNorm):
@@ -204,6 +210,21 @@ def _bwd_in(L: GNode, g: Tensor, W: Tensor, in_shape: Sequence[int], cl: bool = 
     return torch.mm(g, W)
 
 
+def _swapped_padding(L: GNode, w_shape: Sequence[int]) -> Optional[list[int]]:
+    """The padding at which ``corr(x, g)`` (x as the output gradient, g as the input) gives the
+    weight gradient ``corr(g, x)`` of a stride-1 convolution with its taps flipped (tap t of one
+    is tap K - 1 - t of the other, ``pad' = (K - 1) dil - pad`` per axis); None where that is not
+    the faster call or does not apply (a stride, or ``pad'`` < 0). oneDNN runs the weight gradient
+    with many output-gradient channels over few input channels well below the swapped one: the
+    stacked ``corr(Rg, x)`` of ResNet-20's first stage (10 x 16 -> 16 channels, 32 x 32, 128
+    images) 68 ms against 41 ms swapped, 48 / 41 ms at 32 channels, equal at 64 (one thread, the
+    Intel benchmark CPU, 2026-12-05)."""
+    if tuple(int(s) for s in L.stride) != (1, 1) or int(w_shape[0]) <= int(w_shape[1]):
+        return None
+    pads = [(int(w_shape[2 + d]) - 1) * int(L.dilation[d]) - int(L.padding[d]) for d in range(2)]
+    return pads if min(pads) >= 0 else None
+
+
 def _bwd_w(L: GNode, g: Tensor, x: Tensor, w_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
     """corr(g, x) / g^T x: the weight gradient of shape ``w_shape``, and the bias gradient (g
     summed over samples and positions, [w_shape[0]]) from the same kernel call."""
@@ -214,6 +235,13 @@ def _bwd_w(L: GNode, g: Tensor, x: Tensor, w_shape: Sequence[int]) -> tuple[Tens
             return torch.mm(g2.t(), x.reshape(N, -1)).view(*w_shape), g2.sum(0)
         if g.shape[2] * g.shape[3] <= SMALL_PAIRS:
             return _pair_bwd_w(L, g, x, w_shape)
+        pads = _swapped_padding(L, w_shape)
+        if pads is not None:
+            # corr(g, x) = the tap-flipped transpose of corr(x, g) at padding pads
+            gwT = torch.ops.aten.convolution_backward(
+                x, g, g.new_empty(1).expand(w_shape[1], w_shape[0], *w_shape[2:]), None, [1, 1], pads,
+                L.dilation, False, [0, 0], 1, [False, True, False])[1]
+            return gwT.flip(2, 3).transpose(0, 1), g.sum((0, 2, 3))
         _, gw, gb = torch.ops.aten.convolution_backward(
             g, x, g.new_empty(1).expand(w_shape), [w_shape[0]], L.stride, L.padding, L.dilation, False, [0, 0],
             1, [False, True, True])
@@ -228,10 +256,11 @@ def _cl(t: Tensor, cl: bool) -> Tensor:
 
 def _stack(t: Tensor, k: int, cl: bool) -> Tensor:
     """Tangents [N, k, C, ...] as one tensor of k*C channels [N, k C, ...] (vector-major channels);
-    with ``cl`` (5-D t) a channels_last copy ([N, H, W, k, C] in memory), else a reshape."""
+    with ``cl`` (5-D t) a channels_last view of the stacked layout (:func:`_bs`: a copy only
+    when t is not in it), else a reshape."""
     if cl and t.dim() == 5:
         N, _, C, H, W = t.shape
-        return t.permute(0, 3, 4, 1, 2).contiguous().view(N, H, W, k * C).permute(0, 3, 1, 2)
+        return _bs(t, True).view(N, k * C, H, W)
     return t.reshape(t.shape[0], -1, *t.shape[3:])
 
 
@@ -241,6 +270,90 @@ def _bl(t: Optional[Tensor], cl: bool) -> Optional[Tensor]:
     if t is None or not cl or t.dim() != 5:
         return t
     return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def _bs(t: Optional[Tensor], cl: bool) -> Optional[Tensor]:
+    """Tangents [N, k, C, H, W] in the stacked layout ([N, H, W, k, C] in memory: the
+    channels_last layout of the vectors stacked along channels, [N, k C, H, W]) when ``cl``; a
+    no-op when they already are. The layout every conv above :data:`SMALL_PAIRS` output positions
+    reads and writes (:func:`_tconv`): the stacked weight gradients ``corr(Rg, x)`` and
+    ``corr(g, Rx)`` and the stacked ``conv(x, M)`` / ``conv^T(g, M)`` then need no copy."""
+    if t is None or not cl or t.dim() != 5:
+        return t
+    return t.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+
+
+def _stacked_path(L: GNode, in_hw: Sequence[int], ksize: Sequence[int]) -> bool:
+    """The conv's tangent convolutions run in the stacked layout (:func:`_tconv`): a conv with
+    more than :data:`SMALL_PAIRS` output positions that is not a GEMM (:func:`_pointwise`)."""
+    if L.layer != "conv" or len(in_hw) != 2 or _pointwise(L, ksize, in_hw):
+        return False
+    out_hw = [_out_len(int(in_hw[d]), int(ksize[d]), int(L.padding[d]), int(L.stride[d]), int(L.dilation[d]))
+              for d in range(2)]
+    return out_hw[0] * out_hw[1] > SMALL_PAIRS
+
+
+def _w3(Ws: Tensor) -> Tensor:
+    """A conv's weights [O, C, kh, kw] as the depth-1 kernel [O, C, kh, kw, 1] of the 3-D form
+    of :func:`_tconv`, channels_last_3d (with channels_last_3d input oneDNN then writes the
+    stacked layout)."""
+    return Ws.unsqueeze(-1).contiguous(memory_format=torch.channels_last_3d)
+
+
+def _tconv(L: GNode, Rx: Tensor, Ws: Tensor, cl: bool) -> Tensor:
+    """``conv(Rx_j, W_s)`` of every vector j: tangents [N, k, C, H, W] -> [N, k, O, H', W'].
+
+    With ``cl`` on a stacked-path conv (:func:`_stacked_path`) in the stacked layout
+    (:func:`_bs`), without a copy: a stride-1 conv is one 2-D convolution of the
+    ``[N, C, H, W k]`` view (each column w holds the k vectors side by side) with dilation
+    ``k dil`` and padding ``k pad`` along the merged axis, which reads vector j's columns only;
+    a strided one a 3-D convolution of the ``[N, C, H, W, k]`` view with a depth-1 kernel.
+    oneDNN runs the first at the speed of the plain batch of N k images (ResNet-20's shapes on the
+    Intel benchmark CPU, one thread, 2026-12-05: 49 / 40 / 32 ms against 48 / 38 / 35 ms at
+    16 / 32 / 64 channels, where the 3-D form takes 59 / 44 / 33 ms), the second at its speed or
+    faster for the strided convs. Otherwise the batch of N k images ([N k, C, H, W],
+    channels_last with ``cl``)."""
+    N, k = Rx.shape[:2]
+    O = Ws.shape[0]
+    if cl and Rx.dim() == 5 and _stacked_path(L, Rx.shape[3:], Ws.shape[2:]):
+        _, _, C, H, W = Rx.shape
+        X = _bs(Rx, True).permute(0, 2, 3, 4, 1)                           # [N, C, H, W, k]
+        st, pad, dil = [int(v) for v in L.stride], [int(v) for v in L.padding], [int(v) for v in L.dilation]
+        if st == [1, 1]:
+            out = F.conv2d(X.reshape(N, C, H, W * k), Ws, None, 1, (pad[0], pad[1] * k), (dil[0], dil[1] * k))
+            return out.view(N, O, out.shape[2], out.shape[3] // k, k).permute(0, 4, 1, 2, 3)
+        out = F.conv3d(X, _w3(Ws), None, (*st, 1), (*pad, 0), (*dil, 1))
+        return out.permute(0, 4, 1, 2, 3)
+    Rx = _bl(Rx, cl)
+    r = _fwd(L, Rx.reshape(N * k, *Rx.shape[2:]), Ws, None)
+    return r.view(N, k, O, *r.shape[2:])
+
+
+def _tconv_t(L: GNode, Rg: Tensor, Ws: Tensor, in_shape: Sequence[int], cl: bool) -> Tensor:
+    """``conv^T(Rg_j, W_s)`` of every vector j (the adjoint of :func:`_tconv`): tangents
+    [N, k, O, H', W'] -> [N, k, *in_shape] (``in_shape`` = [C, H, W] per sample), in the same
+    layouts and calls as :func:`_tconv`."""
+    N, k = Rg.shape[:2]
+    C = int(in_shape[0])
+    if cl and Rg.dim() == 5 and _stacked_path(L, in_shape[1:], Ws.shape[2:]):
+        H, W = int(in_shape[1]), int(in_shape[2])
+        O, Ho, Wo = Rg.shape[2:]
+        G = _bs(Rg, True).permute(0, 2, 3, 4, 1)                           # [N, O, H', W', k]
+        st, pad, dil = [int(v) for v in L.stride], [int(v) for v in L.padding], [int(v) for v in L.dilation]
+        if st == [1, 1]:
+            like = torch.empty((N, C, H, W * k), dtype=Rg.dtype, device=Rg.device, memory_format=torch.channels_last)
+            r = torch.ops.aten.convolution_backward(
+                G.reshape(N, O, Ho, Wo * k), like, Ws, None, [1, 1], [pad[0], pad[1] * k], [dil[0], dil[1] * k],
+                False, [0, 0], 1, [True, False, False])[0]
+            return r.view(N, C, H, W, k).permute(0, 4, 1, 2, 3)
+        like = torch.empty((N, C, H, W, k), dtype=Rg.dtype, device=Rg.device, memory_format=torch.channels_last_3d)
+        r = torch.ops.aten.convolution_backward(
+            G, like, _w3(Ws), None, [*st, 1], [*pad, 0], [*dil, 1], False, [0, 0, 0], 1,
+            [True, False, False])[0]
+        return r.permute(0, 4, 1, 2, 3)
+    Rg = _bl(Rg, cl)
+    r = _bwd_in(L, Rg.reshape(N * k, *Rg.shape[2:]), Ws, (N * k, *in_shape), cl)
+    return r.view(N, k, *in_shape)
 
 
 def _new_weights(shape: Sequence[int], like: Tensor, cl: bool) -> Tensor:
@@ -749,16 +862,14 @@ class GraphHVP:
                 O = Ws.shape[0]
                 Lg = st.geo.get(i, L)
                 if Rx is not None:
-                    Rx = _bl(Rx, self.cl)
-                    r = _fwd(Lg, Rx.reshape(N * k, *Rx.shape[2:]), Ws, None)
-                    r = r.view(N, k, O, *r.shape[2:])
+                    r = _tconv(Lg, Rx, Ws, self.cl)
                 MW, Mb = self._tangent_weights(L, V, consts, k, st.crop.get(i), self.cl and L.layer == "conv")
                 T[("M", i)] = MW
                 if MW is not None:
                     t = _fwd(Lg, x, _cl(MW.reshape(k * O, *MW.shape[2:]), self.cl),
                              None if Mb is None else Mb.reshape(-1))
                     t = t.unflatten(1, (k, O))
-                    r = _bl(t, self.cl) if r is None else r.add_(t)
+                    r = t if r is None else r.add_(t)
                 elif Mb is not None:
                     mb = _vec(Mb, len(st.shapes[i]) + 1).unsqueeze(0)     # [1, k, O, 1, ...]
                     r = mb.expand(N, k, *st.shapes[i]).clone() if r is None else r.add_(mb)
@@ -837,17 +948,16 @@ class GraphHVP:
             kind = L.kind
             g = st.grads.get(i) if hess else None
             if kind == "affine":
-                rg = _bl(rg, self.cl)
+                x = st.acts[i]
+                Ws = st.consts[i][1]
+                Lg = st.geo.get(i, L)
+                # the layout this node's tangent convolutions read (_tconv): its parameter terms
+                # then stack Rg without a copy
+                rg = (_bs if _stacked_path(Lg, x.shape[2:], Ws.shape[2:]) else _bl)(rg, self.cl)
                 self._rbwd_params(i, L, rg, T.get(a) if hess else None, g, V, st, T, want, out, k)
                 if self.upstream[a]:
-                    x = st.acts[i]
                     N = x.shape[0]
-                    Ws = st.consts[i][1]
-                    Lg = st.geo.get(i, L)
-                    r = None
-                    if rg is not None:
-                        r = _bwd_in(Lg, rg.reshape(N * k, *rg.shape[2:]), Ws, (N * k, *x.shape[1:]), self.cl)
-                        r = r.view(N, k, *x.shape[1:])
+                    r = None if rg is None else _tconv_t(Lg, rg, Ws, x.shape[1:], self.cl)
                     MW = T.get(("M", i))
                     if g is not None and MW is not None:
                         C = MW.shape[2]
@@ -898,7 +1008,6 @@ class GraphHVP:
         nd = W.dim()
         RT = RTb = GR = None
         if Rg is not None:
-            Rg = _bl(Rg, self.cl)
             RT, RTb = _bwd_w(L, _stack(Rg, k, self.cl), x, (k * O, C, *ksz))
             RT, RTb = RT.view(k, O, C, *ksz), RTb.view(k, O)
         if g is not None and Rx is not None and (L.iw in want or L.ig in want):

@@ -140,6 +140,9 @@ def _staged():
 
 MODELS = {
     "torchvision_blocks": (lambda: TVNet().double().eval(), (2, 8, 8)),
+    # 20 x 20: the stem and the strided BasicBlock (5 x 5 outputs) above SMALL_PAIRS output
+    # positions, their tangent convolutions in the stacked layout (dilated 2-D and strided 3-D)
+    "torchvision_blocks_20": (lambda: TVNet().double().eval(), (2, 20, 20)),
     "convresnet": (_convres, (2, 6, 6)),
     "stagedresnet": (_staged, (2, 6, 6)),
     "user_fc": (lambda: UserFC().double(), (5,)),

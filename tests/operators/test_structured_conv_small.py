@@ -200,3 +200,94 @@ def test_pair_gemm_paths_equal_the_convolution(geo, cl):
     assert rel(SC._bwd_in(L, gout, W, x.shape), gx_ref) < 1e-14
     gw, gb = SC._bwd_w(L, gout, x, W.shape)
     assert rel(gw, gw_ref) < 1e-14 and rel(gb, gb_ref) < 1e-14
+
+
+SWAP_GEOMETRIES = [
+    # (input hw, kernel, padding, dilation): stride-1 convs above SMALL_PAIRS output positions
+    ((6, 6), (3, 3), (1, 1), (1, 1)),      # ResNet-20's 3x3 "same" convs
+    ((7, 6), (3, 3), (0, 0), (1, 1)),      # no padding: pad' = 2
+    ((7, 7), (5, 5), (2, 2), (1, 1)),
+    ((6, 7), (3, 1), (1, 0), (1, 1)),      # rectangular kernel, padding on one axis only
+    ((8, 8), (3, 3), (2, 2), (2, 2)),      # dilated
+    ((6, 6), (3, 3), (2, 1), (1, 1)),      # padding beyond "same" on one axis: pad' = 0
+    ((6, 6), (1, 1), (0, 0), (1, 1)),      # a 1x1 conv
+]
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("geo", SWAP_GEOMETRIES)
+def test_swapped_weight_gradient_equals_the_convolutions(geo, cl):
+    """A stride-1 weight gradient with more output-gradient than input channels runs as the
+    tap-flipped transpose of the swapped correlation (``_swapped_padding``): equal to
+    ``aten.convolution_backward``'s own (float64, NCHW and channels_last), and the swap is
+    refused for strides, for fewer output than input channels and where pad' would be negative."""
+    in_hw, ksz, pad, dil = geo
+    g = torch.Generator().manual_seed(sum(in_hw) + 7 * sum(ksz) + sum(pad))
+    L = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=(1, 1), padding=pad, dilation=dil)
+    mf = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(3, 4, *in_hw, generator=g, dtype=torch.float64).contiguous(memory_format=mf)
+    w_shape = (11, 4, *ksz)
+    out_hw = [SC._out_len(in_hw[d], ksz[d], pad[d], 1, dil[d]) for d in range(2)]
+    assert out_hw[0] * out_hw[1] > SC.SMALL_PAIRS
+    assert SC._swapped_padding(L, w_shape) == [(ksz[d] - 1) * dil[d] - pad[d] for d in range(2)]
+    gout = torch.randn(3, 11, *out_hw, generator=g, dtype=torch.float64).contiguous(memory_format=mf)
+    _, gw_ref, gb_ref = torch.ops.aten.convolution_backward(
+        gout, x, x.new_empty(w_shape), [11], [1, 1], list(pad), list(dil), False, [0, 0], 1, [False, True, True])
+    gw, gb = SC._bwd_w(L, gout, x, w_shape)
+    assert gw.shape == gw_ref.shape and rel(gw, gw_ref) < 1e-14 and rel(gb, gb_ref) < 1e-14
+    # refusals: fewer output than input channels, a stride, a padding past the kernel's reach
+    assert SC._swapped_padding(L, (4, 11, *ksz)) is None
+    L2 = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=(2, 1), padding=pad, dilation=dil)
+    assert SC._swapped_padding(L2, w_shape) is None
+    L3 = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=(1, 1),
+                  padding=((ksz[0] - 1) * dil[0] + 1, pad[1]), dilation=dil)
+    assert SC._swapped_padding(L3, w_shape) is None
+
+
+TCONV_GEOMETRIES = [
+    # (input hw, kernel, stride, padding, dilation)
+    ((6, 6), (3, 3), (1, 1), (1, 1), (1, 1)),      # ResNet-20's 3x3 convs: the dilated 2-D form
+    ((7, 5), (3, 1), (1, 1), (1, 0), (1, 1)),      # rectangular
+    ((8, 8), (3, 3), (1, 1), (2, 2), (2, 2)),      # dilated
+    ((7, 6), (3, 3), (1, 1), (0, 0), (1, 1)),      # no padding
+    ((10, 10), (3, 3), (2, 2), (1, 1), (1, 1)),    # strided: the 3-D form
+    ((10, 11), (1, 1), (2, 2), (0, 0), (1, 1)),    # the 1x1 stride-2 shortcut
+    ((12, 9), (3, 2), (2, 1), (1, 0), (1, 2)),     # strided on one axis, dilated on the other
+    ((4, 4), (3, 3), (1, 1), (1, 1), (1, 1)),      # 16 positions: the batch of N k images
+    ((1, 1), (1, 1), (1, 1), (0, 0), (1, 1)),      # a GEMM
+]
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("geo", TCONV_GEOMETRIES)
+def test_tangent_convolutions_of_every_vector_in_either_layout(geo, cl):
+    """``_tconv`` / ``_tconv_t`` give ``conv(Rx_j, W)`` / ``conv^T(Rg_j, W)`` of every vector j
+    exactly (float64), from tangents in either layout, and in the stacked layout (no copy before
+    the stacked weight gradients) on the stacked path."""
+    in_hw, ksz, stride, pad, dil = geo
+    g = torch.Generator().manual_seed(sum(in_hw) + 10 * sum(stride) + sum(dil))
+    L = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=stride, padding=pad, dilation=dil)
+    N, k, C, O = 3, 4, 5, 6
+    W = torch.randn(O, C, *ksz, generator=g, dtype=torch.float64)
+    Ws = W.contiguous(memory_format=torch.channels_last) if cl else W
+    Rx = torch.randn(N, k, C, *in_hw, generator=g, dtype=torch.float64)
+    ref = torch.stack([F.conv2d(Rx[:, j], W, None, stride, pad, dil) for j in range(k)], 1)
+    out_hw = ref.shape[3:]
+    Rg = torch.randn(N, k, O, *out_hw, generator=g, dtype=torch.float64)
+    like = torch.empty(N, C, *in_hw, dtype=torch.float64)
+    ref_t = torch.stack([torch.ops.aten.convolution_backward(
+        Rg[:, j], like, W, None, list(stride), list(pad), list(dil), False, [0, 0], 1,
+        [True, False, False])[0] for j in range(k)], 1)
+    stacked = cl and SC._stacked_path(L, in_hw, ksz)
+    assert stacked == (cl and out_hw[0] * out_hw[1] > SC.SMALL_PAIRS)
+    for lay in (lambda t: t, lambda t: SC._bl(t, True), lambda t: SC._bs(t, True)):
+        r = SC._tconv(L, lay(Rx), Ws, cl)
+        rt = SC._tconv_t(L, lay(Rg), Ws, (C, *in_hw), cl)
+        assert r.shape == ref.shape and rel(r, ref) < 1e-14
+        assert rt.shape == ref_t.shape and rel(rt, ref_t) < 1e-14
+        if stacked:     # oneDNN's float32 kernels write the stacked layout (float64 takes others)
+            for t in (SC._tconv(L, lay(Rx).float(), Ws.float(), cl),
+                      SC._tconv_t(L, lay(Rg).float(), Ws.float(), (C, *in_hw), cl)):
+                Nn, kk, Cc, H, Wd = t.shape
+                assert t.stride() == (H * Wd * kk * Cc, Cc, 1, Wd * kk * Cc, kk * Cc)
+                assert SC._stack(t, kk, True).data_ptr() == t.data_ptr()      # a view
