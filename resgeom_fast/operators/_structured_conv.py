@@ -283,10 +283,13 @@ def _bs(t: Optional[Tensor], cl: bool) -> Optional[Tensor]:
     return t.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
 
 
-def _stacked_path(L: GNode, in_hw: Sequence[int], ksize: Sequence[int]) -> bool:
+def _stacked_path(L: GNode, in_hw: Sequence[int], ksize: Sequence[int], device: Any = "cpu") -> bool:
     """The conv's tangent convolutions run in the stacked layout (:func:`_tconv`): a conv with
-    more than :data:`SMALL_PAIRS` output positions that is not a GEMM (:func:`_pointwise`)."""
-    if L.layer != "conv" or len(in_hw) != 2 or _pointwise(L, ksize, in_hw):
+    more than :data:`SMALL_PAIRS` output positions that is not a GEMM (:func:`_pointwise`), on
+    a CPU (measured there with oneDNN; GPUs keep the batch of N k images, whose dilated and 3-D
+    forms have not been measured with cuDNN)."""
+    if (torch.device(device).type != "cpu" or L.layer != "conv" or len(in_hw) != 2
+            or _pointwise(L, ksize, in_hw)):
         return False
     out_hw = [_out_len(int(in_hw[d]), int(ksize[d]), int(L.padding[d]), int(L.stride[d]), int(L.dilation[d]))
               for d in range(2)]
@@ -315,7 +318,7 @@ def _tconv(L: GNode, Rx: Tensor, Ws: Tensor, cl: bool) -> Tensor:
     channels_last with ``cl``)."""
     N, k = Rx.shape[:2]
     O = Ws.shape[0]
-    if cl and Rx.dim() == 5 and _stacked_path(L, Rx.shape[3:], Ws.shape[2:]):
+    if cl and Rx.dim() == 5 and _stacked_path(L, Rx.shape[3:], Ws.shape[2:], Rx.device):
         _, _, C, H, W = Rx.shape
         X = _bs(Rx, True).permute(0, 2, 3, 4, 1)                           # [N, C, H, W, k]
         st, pad, dil = [int(v) for v in L.stride], [int(v) for v in L.padding], [int(v) for v in L.dilation]
@@ -335,7 +338,7 @@ def _tconv_t(L: GNode, Rg: Tensor, Ws: Tensor, in_shape: Sequence[int], cl: bool
     layouts and calls as :func:`_tconv`."""
     N, k = Rg.shape[:2]
     C = int(in_shape[0])
-    if cl and Rg.dim() == 5 and _stacked_path(L, in_shape[1:], Ws.shape[2:]):
+    if cl and Rg.dim() == 5 and _stacked_path(L, in_shape[1:], Ws.shape[2:], Rg.device):
         H, W = int(in_shape[1]), int(in_shape[2])
         O, Ho, Wo = Rg.shape[2:]
         G = _bs(Rg, True).permute(0, 2, 3, 4, 1)                           # [N, O, H', W', k]
@@ -953,7 +956,7 @@ class GraphHVP:
                 Lg = st.geo.get(i, L)
                 # the layout this node's tangent convolutions read (_tconv): its parameter terms
                 # then stack Rg without a copy
-                rg = (_bs if _stacked_path(Lg, x.shape[2:], Ws.shape[2:]) else _bl)(rg, self.cl)
+                rg = (_bs if _stacked_path(Lg, x.shape[2:], Ws.shape[2:], x.device) else _bl)(rg, self.cl)
                 self._rbwd_params(i, L, rg, T.get(a) if hess else None, g, V, st, T, want, out, k)
                 if self.upstream[a]:
                     N = x.shape[0]

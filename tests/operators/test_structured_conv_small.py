@@ -291,3 +291,12 @@ def test_tangent_convolutions_of_every_vector_in_either_layout(geo, cl):
                 Nn, kk, Cc, H, Wd = t.shape
                 assert t.stride() == (H * Wd * kk * Cc, Cc, 1, Wd * kk * Cc, kk * Cc)
                 assert SC._stack(t, kk, True).data_ptr() == t.data_ptr()      # a view
+
+
+def test_stacked_layout_is_chosen_on_cpus_only():
+    """The stacked layout's dilated / 3-D convolutions were measured with oneDNN: other devices
+    keep the batch of N k images."""
+    L = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    assert SC._stacked_path(L, (8, 8), (3, 3), torch.device("cpu"))
+    assert not SC._stacked_path(L, (8, 8), (3, 3), torch.device("cuda", 0))
+    assert not SC._stacked_path(L, (4, 4), (3, 3), "cpu")                  # 16 positions: the pair GEMMs
