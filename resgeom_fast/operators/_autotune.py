@@ -8,8 +8,9 @@ pass) :class:`AutoTuner`:
   the double backward for k = 1 or under ``deterministic=True``, else both autograd methods
   (:data:`TUNED`); each with every matmul library in use;
 - *measures* them while there are several: the first calls alternate between the candidates
-  (every call returns its exact product), :data:`AUTO_SAMPLES` timings each, then the fastest (by
-  its best timing) serves every later call; a decision between matmul libraries of one method is
+  (every call returns its exact product), :data:`AUTO_SAMPLES` timings each (a candidate timed
+  over :data:`CLEAR_LOSS` times the best of a fully timed one is not timed again), then the
+  fastest (by its best timing) serves every later call; a decision between matmul libraries of one method is
   reused for other pass widths (:meth:`AutoTuner.choice`); with several methods, the first call
   of a new width is served by the choice of the nearest measured width, verified alone, and the
   width is measured from its second call on (a one-off pass -- eigsh's residuals of its k Ritz
@@ -52,12 +53,17 @@ VERIFY_VECTORS = 2      # columns of the first pass recomputed by the reference
 # timings per candidate collected before deciding (two each: the first of a candidate includes
 # one-off warm-up such as torch.func tracing, the best of two is compared)
 AUTO_SAMPLES = 2
+# a candidate still short of its samples whose every timing so far (its first includes its
+# warm-up) is over this many times the best of a fully measured candidate has lost: it is not
+# timed again (ResNet-20's ten products on 32 images: the double backward 3.0 s against 1.47 s
+# for the structured path; a second timing of it cost 1.5 s of a 150 s SLQ)
+CLEAR_LOSS = 1.5
 TUNED = ("forward_over_reverse", "double_backward")
 
 Product = Callable[[str, list[int], list[Tensor], int], list[Tensor]]
 Key = tuple[tuple[int, ...], int]
 
-__all__ = ["AUTO_SAMPLES", "AutoTuner", "ForwardOverReverseFailed", "HVP_METHODS", "ONEDNN_TOLERANCE",
+__all__ = ["AUTO_SAMPLES", "AutoTuner", "CLEAR_LOSS", "ForwardOverReverseFailed", "HVP_METHODS", "ONEDNN_TOLERANCE",
            "TUNED", "VERIFY_TOLERANCE", "VERIFY_VECTORS", "needs_check", "resolve_hvp"]
 
 
@@ -75,6 +81,21 @@ def needs_check(cand: str) -> bool:
     """Candidates whose first product is verified: the structured path and oneDNN matmuls."""
     method, _, backend = cand.partition("+")
     return method == "structured" or backend == "onednn"
+
+
+def _winner(rec: Optional[dict[str, list[float]]], cands: list[str]) -> Optional[str]:
+    """The fastest of ``cands`` by its best timing in ``rec`` once the measurement is finished
+    (:data:`AUTO_SAMPLES` timings each, or fewer for a candidate timed over :data:`CLEAR_LOSS`
+    times the best of a fully timed one); None before."""
+    if rec is None:
+        return None
+    done = [c for c in cands if len(rec.get(c, ())) >= AUTO_SAMPLES]
+    if not done:
+        return None
+    best = min(min(rec[c]) for c in done)
+    if not all(rec.get(c) and min(rec[c]) > CLEAR_LOSS * best for c in cands if c not in done):
+        return None
+    return min(done, key=lambda c: min(rec[c]))
 
 
 class ForwardOverReverseFailed(Exception):
@@ -152,16 +173,15 @@ class AutoTuner:
         cands = self.candidates(k)
         if len(cands) == 1:
             return cands[0]
-        rec = self.timings.get((tuple(idx), k))
-        if rec is None or any(len(rec.get(c, ())) < AUTO_SAMPLES for c in cands):
-            if len({c.partition("+")[0] for c in cands}) == 1:
-                # one method, two matmul libraries: which library is faster does not hinge on k,
-                # so a decision measured for another pass width of these parameters is reused
-                for (idx2, k2), rec2 in self.timings.items():
-                    if idx2 == tuple(idx) and all(len(rec2.get(c, ())) >= AUTO_SAMPLES for c in cands):
-                        return min(cands, key=lambda c: min(rec2[c]))
-            return None
-        return min(cands, key=lambda c: min(rec[c]))
+        won = _winner(self.timings.get((tuple(idx), k)), cands)
+        if won is None and len({c.partition("+")[0] for c in cands}) == 1:
+            # one method, two matmul libraries: which library is faster does not hinge on k, so a
+            # decision measured for another pass width of these parameters is reused
+            for (idx2, _), rec2 in self.timings.items():
+                won = _winner(rec2, cands) if idx2 == tuple(idx) else None
+                if won is not None:
+                    break
+        return won
 
     def apply(self, idx: list[int], vs: list[Tensor], k: int) -> list[Tensor]:
         """The product of the chosen (or next measured) candidate; forward-over-reverse failing

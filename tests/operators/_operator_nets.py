@@ -138,3 +138,14 @@ def dense_param_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def rel(a, b) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def assert_tuned(t: dict) -> None:
+    """``t`` (one width's ``hvp_timings``) is a finished "auto" measurement: every candidate timed,
+    AUTO_SAMPLES times each except candidates over CLEAR_LOSS times the best of a fully timed one
+    (not timed again)."""
+    from resgeom_fast.operators._autotune import AUTO_SAMPLES, CLEAR_LOSS
+    done = [c for c, v in t.items() if len(v) == AUTO_SAMPLES]
+    assert done and all(1 <= len(v) <= AUTO_SAMPLES for v in t.values()), t
+    best = min(min(t[c]) for c in done)
+    assert all(min(v) > CLEAR_LOSS * best for c, v in t.items() if c not in done), t

@@ -110,3 +110,38 @@ def test_other_constructors_and_explicit_settings():
     assert hessian(model, CE, (x, y)).deterministic is False
     with pytest.raises(TypeError, match="expected deterministic a bool"):
         hessian(model, CE, (x, y), deterministic="yes")
+
+
+@pytest.mark.parametrize("loser_cost,timed_winner,loser_timings", [
+    (3.0, "forward_over_reverse", 1),      # clearly slower (> CLEAR_LOSS): timed once
+    (1.2, "forward_over_reverse", 2),      # close: both timed AUTO_SAMPLES times
+    (3.0, "double_backward", 2),           # the winner is timed second: the loser finishes first
+])
+def test_a_clear_loser_is_not_timed_again(monkeypatch, loser_cost, timed_winner, loser_timings):
+    """A candidate whose timing is over CLEAR_LOSS times the best of a fully timed candidate is
+    not timed again; the products stay exact and the choice is the faster one."""
+    assert loser_cost * 1.0 > _autotune.CLEAR_LOSS or loser_timings == _autotune.AUTO_SAMPLES
+    model = _mlp(torch.float64)
+    data = _fc_data(dtype=torch.float64)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64)
+    dense = dense_hessian(model, CE, *data)
+    clock = _FakeClock({m: (1.0 if m == timed_winner else loser_cost)
+                        for m in ("forward_over_reverse", "double_backward")})
+    real = CurvatureEngine._apply_method
+    calls = []
+
+    def apply_method(self, method, idx, vs, k):
+        clock.t += clock.cost[method]
+        calls.append(method)
+        return real(self, method, idx, vs, k)
+
+    monkeypatch.setattr(_autotune, "time", clock)
+    monkeypatch.setattr(CurvatureEngine, "_apply_method", apply_method)
+    H = hessian(model, SOFT_CE, data)
+    for _ in range(6):
+        assert rel(H.matmat(V), dense @ V) < 1e-10
+    loser = "double_backward" if timed_winner == "forward_over_reverse" else "forward_over_reverse"
+    t = H.hvp_timings[3]
+    assert len(t[timed_winner]) == _autotune.AUTO_SAMPLES and len(t[loser]) == loser_timings
+    assert H.hvp_choice(3) == timed_winner
+    assert calls.count(loser) == loser_timings and calls[-1] == timed_winner
