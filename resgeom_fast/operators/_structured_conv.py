@@ -219,7 +219,7 @@ def _swapped_padding(L: GNode, w_shape: Sequence[int]) -> Optional[list[int]]:
     stacked ``corr(Rg, x)`` of ResNet-20's first stage (10 x 16 -> 16 channels, 32 x 32, 128
     images) 68 ms against 41 ms swapped, 48 / 41 ms at 32 channels, equal at 64 (one thread, the
     Intel benchmark CPU, 2026-12-05)."""
-    if tuple(int(s) for s in L.stride) != (1, 1) or int(w_shape[0]) <= int(w_shape[1]):
+    if _two(L.stride) != [1, 1] or int(w_shape[0]) <= int(w_shape[1]):
         return None
     pads = [(int(w_shape[2 + d]) - 1) * int(L.dilation[d]) - int(L.padding[d]) for d in range(2)]
     return pads if min(pads) >= 0 else None
@@ -321,7 +321,7 @@ def _tconv(L: GNode, Rx: Tensor, Ws: Tensor, cl: bool) -> Tensor:
     if cl and Rx.dim() == 5 and _stacked_path(L, Rx.shape[3:], Ws.shape[2:], Rx.device):
         _, _, C, H, W = Rx.shape
         X = _bs(Rx, True).permute(0, 2, 3, 4, 1)                           # [N, C, H, W, k]
-        st, pad, dil = [int(v) for v in L.stride], [int(v) for v in L.padding], [int(v) for v in L.dilation]
+        st, pad, dil = _two(L.stride), _two(L.padding), _two(L.dilation)
         if st == [1, 1]:
             out = F.conv2d(X.reshape(N, C, H, W * k), Ws, None, 1, (pad[0], pad[1] * k), (dil[0], dil[1] * k))
             return out.view(N, O, out.shape[2], out.shape[3] // k, k).permute(0, 4, 1, 2, 3)
@@ -342,7 +342,7 @@ def _tconv_t(L: GNode, Rg: Tensor, Ws: Tensor, in_shape: Sequence[int], cl: bool
         H, W = int(in_shape[1]), int(in_shape[2])
         O, Ho, Wo = Rg.shape[2:]
         G = _bs(Rg, True).permute(0, 2, 3, 4, 1)                           # [N, O, H', W', k]
-        st, pad, dil = [int(v) for v in L.stride], [int(v) for v in L.padding], [int(v) for v in L.dilation]
+        st, pad, dil = _two(L.stride), _two(L.padding), _two(L.dilation)
         if st == [1, 1]:
             like = torch.empty((N, C, H, W * k), dtype=Rg.dtype, device=Rg.device, memory_format=torch.channels_last)
             r = torch.ops.aten.convolution_backward(

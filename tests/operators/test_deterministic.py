@@ -120,7 +120,7 @@ def test_other_constructors_and_explicit_settings():
 def test_a_clear_loser_is_not_timed_again(monkeypatch, loser_cost, timed_winner, loser_timings):
     """A candidate whose timing is over CLEAR_LOSS times the best of a fully timed candidate is
     not timed again; the products stay exact and the choice is the faster one."""
-    assert loser_cost * 1.0 > _autotune.CLEAR_LOSS or loser_timings == _autotune.AUTO_SAMPLES
+    assert loser_cost > _autotune.CLEAR_LOSS or loser_timings == _autotune.AUTO_SAMPLES
     model = _mlp(torch.float64)
     data = _fc_data(dtype=torch.float64)
     V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64)
