@@ -364,6 +364,36 @@ def test_a_new_pass_width_borrows_the_nearest_choice_then_is_measured(monkeypatc
     assert H.verification[3]["structured"] < 1e-10 and H.structured_off is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_double_backwards_first_timing_is_the_reference(monkeypatch, dtype):
+    """While the structured path (and oneDNN, float32) wait for their check, "auto" first times the
+    double backward on all k vectors: that product is the call's and the reference of the checks
+    (no separate double backward of VERIFY_VECTORS columns), which run on those columns alone,
+    untimed; the structured path is timed on calls of its own, every product exact."""
+    from resgeom_fast.operators._autotune import VERIFY_VECTORS
+    model = _convres().to(dtype)
+    x, y = _batch((2, 6, 6))
+    x = x.to(dtype)
+    ref = hessian(model, CE, (x, y), hvp="double_backward")
+    calls = _count_methods(monkeypatch)          # (patched before the tuner takes the method)
+    H = hessian(model, CE, (x, y))
+    V = torch.randn(H.shape[0], 3, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel(H.matmat(V), ref.matmat(V)) < tol
+    checked = list(H.verification[3])
+    assert checked[0] == "structured" and H.verification[3]["structured"] < tol
+    # (a check of oneDNN's double backward runs the double backward on those columns)
+    assert calls == [("double_backward", 3)] + [(c.partition("+")[0], VERIFY_VECTORS) for c in checked]
+    assert {c: len(t) for c, t in H.hvp_timings[3].items() if t} == {"double_backward": 1}
+    for _ in range(8):
+        assert rel(H.matmat(V), ref.matmat(V)) < tol
+    t = H.hvp_timings[3]
+    assert_tuned(t)
+    assert "structured" in t
+    assert calls.count(("double_backward", VERIFY_VECTORS)) == checked.count("double_backward+onednn")
+    assert H.hvp_choice(3) == min(t, key=lambda c: min(t[c]))
+
+
 def test_a_borrowed_choice_that_fails_its_check_goes_through_the_full_verification(monkeypatch):
     """A borrowed structured product that differs from the double backward is never returned;
     the width's full verification then turns the structured path off with the reason."""
