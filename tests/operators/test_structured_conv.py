@@ -432,6 +432,40 @@ def test_dataloader_and_float32():
     assert rel(H32.matmat(V.float()).double(), ref.matmat(V)) < 1e-4
 
 
+@pytest.mark.skipif(SC._CONV_ADD is None, reason="this PyTorch has no oneDNN convolution with a sum post-op")
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("case", ["torchvision_blocks_20", "convresnet_8"])
+def test_fused_conv_adds_in_float32_nets(monkeypatch, case, curvature):
+    """In float32 on the CPU the tangent passes add ``conv(x, M)`` (and, Hessian, ``conv^T(g, M)``)
+    into the stacked tangents by oneDNN's sum post-op: the calls are taken, and the products equal
+    those with a separate convolution and add (to float32 rounding) and the double backward's."""
+    build = {"torchvision_blocks_20": lambda: TVNet(), "convresnet_8": lambda: ConvResNet(2, 4, 2, 3, seed=0)}[case]
+    shape = (2, 20, 20) if case == "torchvision_blocks_20" else (2, 8, 8)
+    model = build().float().eval()
+    randomise_bn(model, torch.Generator().manual_seed(2))
+    x, y = _batch(shape, n=6)
+    x = x.float()
+    make = hessian if curvature == "hessian" else ggn
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 4, generator=torch.Generator().manual_seed(3))
+    fused = []
+    real = SC._conv_add
+
+    def conv_add(*a):
+        done = real(*a)
+        fused.append(done)
+        return done
+    monkeypatch.setattr(SC, "_conv_add", conv_add)
+    out = make(model, CE, (x, y), hvp="structured", matmul="default").matmat(V)
+    n = len(fused)
+    assert n and all(fused)                         # every stacked-path conv with a tangent input
+    monkeypatch.setattr(SC, "_CONV_ADD", None)      # the separate convolution and add
+    sep = make(model, CE, (x, y), hvp="structured", matmul="default").matmat(V)
+    assert len(fused) > n and not any(fused[n:])
+    assert rel(out, sep) < 1e-5
+    ref = make(model, CE, (x, y), hvp="double_backward", matmul="default").matmat(V)
+    assert rel(out, ref) < 1e-4
+
+
 def test_torchvision_resnet18_recognised():
     """The whole torchvision resnet18 (eval) is recognised, and its structured product equals the
     double backward on a tiny batch."""

@@ -300,3 +300,66 @@ def test_stacked_layout_is_chosen_on_cpus_only():
     assert SC._stacked_path(L, (8, 8), (3, 3), torch.device("cpu"))
     assert not SC._stacked_path(L, (8, 8), (3, 3), torch.device("cuda", 0))
     assert not SC._stacked_path(L, (4, 4), (3, 3), "cpu")                  # 16 positions: the pair GEMMs
+
+
+FUSED_GEOMETRIES = [
+    # (input hw, kernel, stride, padding, dilation)
+    ((6, 6), (3, 3), (1, 1), (1, 1), (1, 1)),      # ResNet-20's 3x3 convs
+    ((7, 5), (3, 1), (1, 1), (1, 0), (1, 1)),      # rectangular
+    ((8, 8), (3, 3), (1, 1), (2, 2), (2, 2)),      # dilated
+    ((7, 6), (3, 3), (1, 1), (0, 0), (1, 1)),      # no padding (conv^T: padding 2)
+    ((10, 10), (3, 3), (2, 2), (1, 1), (1, 1)),    # strided: forward only
+    ((6, 6), (1, 1), (1, 1), (0, 0), (1, 1)),      # 1x1
+]
+
+
+@pytest.mark.skipif(SC._CONV_ADD is None, reason="this PyTorch has no oneDNN convolution with a sum post-op")
+@pytest.mark.parametrize("geo", FUSED_GEOMETRIES)
+def test_fused_conv_adds_equal_the_convolution_and_the_add(geo):
+    """``_conv_add`` (oneDNN's sum post-op) adds ``conv(x, W) + b`` into ``out`` in place and
+    ``_conv_t_add`` adds ``conv^T(g, W)`` of a stride-1 conv (float32, channels_last), equal to
+    the convolution and a separate add; both decline, leaving ``out`` as it was, where they do not
+    apply (float64, NCHW operands, a stride for conv^T, a padding past the kernel's reach)."""
+    in_hw, ksz, stride, pad, dil = geo
+    g = torch.Generator().manual_seed(sum(in_hw) + 10 * sum(stride) + sum(dil) + sum(pad))
+    cl = torch.channels_last
+    L = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=stride, padding=pad, dilation=dil)
+    x = torch.randn(3, 5, *in_hw, generator=g).contiguous(memory_format=cl)
+    W = torch.randn(12, 5, *ksz, generator=g).contiguous(memory_format=cl)
+    b = torch.randn(12, generator=g)
+    y = F.conv2d(x, W, b, stride, pad, dil)
+    r0 = torch.randn(y.shape, generator=g).contiguous(memory_format=cl)
+    out = r0.clone()
+    assert SC._conv_add(x, W, b, out, stride, pad, dil)
+    assert rel(out, r0 + y) < 1e-6
+    # conv^T(g, W): [3, 12, H', W'] -> [3, 5, H, W]
+    gout = torch.randn(y.shape, generator=g).contiguous(memory_format=cl)
+    gx = torch.ops.aten.convolution_backward(gout, x, W, None, list(stride), list(pad), list(dil), False,
+                                             [0, 0], 1, [True, False, False])[0]
+    s0 = torch.randn(x.shape, generator=g).contiguous(memory_format=cl)
+    out = s0.clone()
+    fused = SC._conv_t_add(L, gout, W, out)
+    assert fused == (tuple(stride) == (1, 1))
+    assert rel(out, s0 + gx) < 1e-6 if fused else torch.equal(out, s0)
+    # declined: nothing written
+    for args in [(x.double(), W.double(), b.double(), r0.double()),
+                 (x.contiguous(), W, b, r0.clone()), (x, W, b, r0.contiguous())]:
+        before = args[3].clone()
+        assert not SC._conv_add(*args, stride, pad, dil) and torch.equal(args[3], before)
+    far = SC.GNode(kind="affine", name="c", args=[0], layer="conv", stride=(1, 1),
+                   padding=((ksz[0] - 1) * dil[0] + 1, pad[1]), dilation=dil)
+    assert not SC._conv_t_add(far, gout, W, s0.clone())
+
+
+@pytest.mark.skipif(SC._CONV_ADD is None, reason="this PyTorch has no oneDNN convolution with a sum post-op")
+def test_stacked_view_is_the_same_memory_or_none():
+    """``_stacked_view`` gives tangents held in the stacked layout as their channels_last
+    ``[N, k C, H, W]`` view of the same memory, and None for any other layout."""
+    t = torch.randn(2, 3, 4, 5, 6)
+    s = SC._bs(t, True)
+    v = SC._stacked_view(s)
+    assert v is not None and v.data_ptr() == s.data_ptr() and v.shape == (2, 12, 5, 6)
+    assert v.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(v, t.reshape(2, 12, 5, 6))
+    assert SC._stacked_view(t) is None and SC._stacked_view(SC._bl(t, True)) is None
+    assert SC._stacked_view(torch.randn(2, 3, 4)) is None
