@@ -18,7 +18,10 @@ of a layer is ONE call over all k vectors; in memory (channels_last on CPUs) the
   the parameter terms ``corr(Rg, x)`` / ``corr(g, Rx)`` as single weight gradients with stacked
   channels (``aten.convolution_backward``; in the stacked layout Rg and Rx are stacked without a
   copy; ``corr(Rg, x)`` of a stride-1 conv runs as the swapped ``corr(x, Rg)``,
-  :func:`_swapped_padding`).
+  :func:`_swapped_padding`);
+- in the stacked layout, float32 on a CPU, ``x M`` is added into ``Rx W_s`` and ``conv^T(g, M)``
+  (stride 1: the forward convolution of the tap-flipped weights) into ``conv^T(Rg, W_s)`` by
+  oneDNN's sum post-op in the convolution's own call (:func:`_conv_add`), not by a separate add.
 
 Layer rules (x input, y output, g = dL/dy; an affine layer ``y = s (conv(x, W) + b - mu) + beta``,
 ``s = gamma c``, ``c = 1/sqrt(var + eps)``; s = 1, mu = beta = 0 without BatchNorm):
