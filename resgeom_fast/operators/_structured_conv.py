@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -406,8 +407,23 @@ def _conv_add(x: Tensor, W: Tensor, b: Optional[Tensor], out: Optional[Tensor], 
             or not x.is_contiguous(memory_format=torch.channels_last)
             or not out.is_contiguous(memory_format=torch.channels_last) or out.shape[1] != W.shape[0]):
         return False
-    _CONV_ADD(out, x, W, b, _two(padding), _two(stride), _two(dilation), 1, "add", None, None, [], None)
+    try:
+        _CONV_ADD(out, x, W, b, _two(padding), _two(stride), _two(dilation), 1, "add", None, None, [], None)
+    except (RuntimeError, TypeError) as exc:
+        # a private op whose schema or support may change between PyTorch releases: it fails before
+        # it writes, so the caller's separate convolution and add give the same numbers
+        _fused_add_failed(exc)
+        return False
     return True
+
+
+def _fused_add_failed(exc: BaseException) -> None:
+    """Turn the fused conv add off for the process, with a warning naming the cause."""
+    global _CONV_ADD
+    _CONV_ADD = None
+    warnings.warn(f"resgeom_fast: oneDNN's fused convolution + add failed ({type(exc).__name__}: {exc}); "
+                  f"the conv structured products add separately from now on (same numbers, slower)",
+                  RuntimeWarning, stacklevel=2)
 
 
 def _conv_t_add(L: GNode, g: Tensor, W: Tensor, out: Optional[Tensor]) -> bool:

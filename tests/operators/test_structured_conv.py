@@ -466,6 +466,24 @@ def test_fused_conv_adds_in_float32_nets(monkeypatch, case, curvature):
     assert rel(out, ref) < 1e-4
 
 
+@pytest.mark.skipif(SC._CONV_ADD is None, reason="this PyTorch has no oneDNN convolution with a sum post-op")
+def test_a_failing_fused_add_is_turned_off_with_a_warning(monkeypatch):
+    """The fused add is a private PyTorch op: if it raises (a release that changed it), the product
+    is still exact -- the separate convolution and add run --, a RuntimeWarning names the cause and
+    the fused path stays off for the process."""
+    def broken(*args):
+        raise RuntimeError("schema changed")
+    monkeypatch.setattr(SC, "_CONV_ADD", broken)
+    model = TVNet().float().eval()
+    x, y = _batch((2, 20, 20), n=6)
+    x = x.float()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(RuntimeWarning, match=r"fused convolution \+ add failed \(RuntimeError: schema changed\)"):
+        out = hessian(model, CE, (x, y), hvp="structured", matmul="default").matmat(V)
+    assert SC._CONV_ADD is None
+    assert rel(out, hessian(model, CE, (x, y), hvp="double_backward", matmul="default").matmat(V)) < 1e-4
+
+
 def test_torchvision_resnet18_recognised():
     """The whole torchvision resnet18 (eval) is recognised, and its structured product equals the
     double backward on a tiny batch."""
