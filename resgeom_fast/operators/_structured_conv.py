@@ -223,9 +223,20 @@ def _swapped_padding(L: GNode, w_shape: Sequence[int]) -> Optional[list[int]]:
     stacked ``corr(Rg, x)`` of ResNet-20's first stage (10 x 16 -> 16 channels, 32 x 32, 128
     images) 68 ms against 41 ms swapped, 48 / 41 ms at 32 channels, equal at 64 (one thread, the
     Intel benchmark CPU, 2026-12-05)."""
-    if _two(L.stride) != [1, 1] or int(w_shape[0]) <= int(w_shape[1]):
+    if int(w_shape[0]) <= int(w_shape[1]):
         return None
-    pads = [(int(w_shape[2 + d]) - 1) * int(L.dilation[d]) - int(L.padding[d]) for d in range(2)]
+    return _flipped_padding(L, w_shape[2:])
+
+
+def _flipped_padding(L: GNode, ksize: Sequence[int]) -> Optional[list[int]]:
+    """``pad' = (K - 1) dil - pad`` per axis: the padding at which a stride-1 convolution with
+    the taps flipped gives the adjoint of conv ``L`` (kernel ``ksize``) -- the swapped weight
+    gradient (:func:`_swapped_padding`) and conv^T as a forward convolution (:func:`_conv_t_add`);
+    None for a strided conv or where ``pad'`` < 0 (a padding past the kernel's reach)."""
+    if _two(L.stride) != [1, 1]:
+        return None
+    dil, pad = _two(L.dilation), _two(L.padding)
+    pads = [(int(ksize[d]) - 1) * dil[d] - pad[d] for d in range(2)]
     return pads if min(pads) >= 0 else None
 
 
@@ -402,10 +413,7 @@ def _conv_add(x: Tensor, W: Tensor, b: Optional[Tensor], out: Optional[Tensor], 
     16 / 32 / 64 channels; conv^T as the forward conv of flipped weights 12.4 / 11.4 / 10.2 ms
     against 13.5 / 12.0 / 10.5 ms; faster or equal at 8-32 positions per side, 16-128 channels,
     32 and 128 images)."""
-    if (_CONV_ADD is None or out is None or not torch.backends.mkldnn.enabled or x.device.type != "cpu"
-            or x.dtype != torch.float32 or out.dtype != torch.float32 or x.dim() != 4 or out.dim() != 4
-            or not x.is_contiguous(memory_format=torch.channels_last)
-            or not out.is_contiguous(memory_format=torch.channels_last) or out.shape[1] != W.shape[0]):
+    if not _fusable(x, out, W.shape[0]):
         return False
     try:
         _CONV_ADD(out, x, W, b, _two(padding), _two(stride), _two(dilation), 1, "add", None, None, [], None)
@@ -415,6 +423,14 @@ def _conv_add(x: Tensor, W: Tensor, b: Optional[Tensor], out: Optional[Tensor], 
         _fused_add_failed(exc)
         return False
     return True
+
+
+def _fusable(x: Tensor, out: Optional[Tensor], out_channels: int) -> bool:
+    """:func:`_conv_add` applies to input ``x`` and output ``out`` of ``out_channels``."""
+    return (_CONV_ADD is not None and out is not None and torch.backends.mkldnn.enabled
+            and x.device.type == "cpu" and x.dtype == torch.float32 and out.dtype == torch.float32
+            and x.dim() == 4 and out.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and out.is_contiguous(memory_format=torch.channels_last) and out.shape[1] == out_channels)
 
 
 def _fused_add_failed(exc: BaseException) -> None:
@@ -431,16 +447,11 @@ def _conv_t_add(L: GNode, g: Tensor, W: Tensor, out: Optional[Tensor]) -> bool:
     forward convolution of the tap-flipped transposed weights at padding ``(K - 1) dil - pad``
     by :func:`_conv_add`; False where it does not apply (a stride, a negative padding, or
     :func:`_conv_add` declines)."""
-    if L.layer != "conv" or _two(L.stride) != [1, 1] or out is None:
-        return False
-    dil, pad = _two(L.dilation), _two(L.padding)
-    pads = [(int(W.shape[2 + d]) - 1) * dil[d] - pad[d] for d in range(2)]
-    if min(pads) < 0:
-        return False
-    if _CONV_ADD is None or g.dtype != torch.float32 or g.device.type != "cpu":
-        return False
+    pads = _flipped_padding(L, W.shape[2:]) if L.layer == "conv" else None
+    if pads is None or not _fusable(g, out, W.shape[1]):
+        return False                # (declined before the flipped copy of the weights)
     Wt = W.flip(2, 3).transpose(0, 1).contiguous(memory_format=torch.channels_last)
-    return _conv_add(g, Wt, None, out, [1, 1], pads, dil)
+    return _conv_add(g, Wt, None, out, [1, 1], pads, L.dilation)
 
 
 def _new_weights(shape: Sequence[int], like: Tensor, cl: bool) -> Tensor:
@@ -1043,7 +1054,8 @@ class GraphHVP:
                 Lg = st.geo.get(i, L)
                 # the layout this node's tangent convolutions read (_tconv): its parameter terms
                 # then stack Rg without a copy
-                rg = (_bs if _stacked_path(Lg, x.shape[2:], Ws.shape[2:], x.device) else _bl)(rg, self.cl)
+                stacked = _stacked_path(Lg, x.shape[2:], Ws.shape[2:], x.device)
+                rg = (_bs if stacked else _bl)(rg, self.cl)
                 self._rbwd_params(i, L, rg, T.get(a) if hess else None, g, V, st, T, want, out, k)
                 if self.upstream[a]:
                     N = x.shape[0]
@@ -1053,8 +1065,7 @@ class GraphHVP:
                         C = MW.shape[2]
                         Mst = _stack_in(MW, self.cl)
                         # r += conv^T(g, M) in one call where r is in the stacked layout
-                        if not (r is not None and _stacked_path(Lg, x.shape[2:], Ws.shape[2:], x.device)
-                                and _conv_t_add(Lg, g, Mst, _stacked_view(r))):
+                        if not (r is not None and stacked and _conv_t_add(Lg, g, Mst, _stacked_view(r))):
                             t = _bwd_in(Lg, g, Mst, (N, k * C, *x.shape[2:]), self.cl).unflatten(1, (k, C))
                             r = t if r is None else r.add_(t)
                     _acc(RG, a, r, inplace=True)
