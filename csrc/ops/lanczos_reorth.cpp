@@ -9,6 +9,9 @@
 // coeffs = h1 + h2 (coeffs[:, j-1] is the Lanczos alpha when w = A v_{j-1}), norm = ||w_orth||.
 // All scalars are accumulated in float64 (w1 is held in float64 too). The second projection is
 // fused with the first update, so the basis is read from memory three times, not four.
+// With h [b, j] float64 given (the sweep mode, one read of the basis): no projection is computed;
+//   x = w - V^T h (float64), returns (x in w's dtype, dots = V w [b, j] float64, ||x|| float64).
+// Lanczos (linalg/lanczos.py) predicts h from the recurrence and the measured overlaps.
 // basis may be a view with any stride on its first two dimensions (a slice of a larger buffer);
 // its last dimension must be contiguous, otherwise it is copied.
 #include "ops/lanczos_reorth.h"
@@ -17,18 +20,18 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(resgeom_fast, m) {
-  m.def("lanczos_reorth(Tensor w, Tensor basis) -> (Tensor, Tensor, Tensor)");
+  m.def("lanczos_reorth(Tensor w, Tensor basis, Tensor? h=None) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace resgeom_fast {
 namespace ops {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth(const at::Tensor& w,
-                                                              const at::Tensor& basis) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth(const at::Tensor& w, const at::Tensor& basis,
+                                                              const std::optional<at::Tensor>& h) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("resgeom_fast::lanczos_reorth", "")
                        .typed<decltype(lanczos_reorth)>();
-  return op.call(w, basis);
+  return op.call(w, basis, h);
 }
 
 }  // namespace ops

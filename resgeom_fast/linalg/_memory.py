@@ -34,10 +34,10 @@ import torch
 
 #: the share of a detected (not user-given) amount of free memory a plan may use
 _USABLE = 0.9
-#: working vectors a Lanczos step may hold beyond the basis and the saved product (four live
+#: working vectors a Lanczos step may hold beyond the basis and the saved product (five live
 #: ones and HEAP_SLACK_VECTORS of heap slack: :func:`lanczos_bytes`)
 HEAP_SLACK_VECTORS = 10
-WORK_VECTORS = 4 + HEAP_SLACK_VECTORS
+WORK_VECTORS = 5 + HEAP_SLACK_VECTORS
 #: bytes of one float64 chunk of the Ritz vectors (eigsh builds them chunk by chunk over n)
 RITZ_CHUNK_BYTES = 32 * 2**20
 
@@ -159,22 +159,25 @@ def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str)
     """``(basis bytes, total bytes)`` of one :class:`~resgeom_fast.linalg.lanczos.Lanczos` run on
     ``problems`` vectors: the basis ``[problems, slots, n]`` (slots = steps for "full", 2 for
     "local"), the saved product ``[problems, n]`` ("local": also a copy of the two rows), and
-    :data:`WORK_VECTORS` working vectors per problem: four live ones (the operator's input copy
-    and output copy, both owned by the run, the operator's own output and the
-    reorthogonalised vector) and :data:`HEAP_SLACK_VECTORS` of heap slack (a window of steps
+    :data:`WORK_VECTORS` working vectors per problem: five live ones (the operator's input copy
+    and output copy, both owned by the run, the operator's own output, the reorthogonalised
+    vector and, in the CPU's one-sweep full reorthogonalisation, the local step's output) and :data:`HEAP_SLACK_VECTORS` of heap slack (a window of steps
     runs in one :mod:`resgeom_fast.core.heap` scope, where the step's blocks come from malloc's
     heap and a small block kept between two freed ones can make it grow; how far varies from run
     to run with the addresses the process gets (address-space randomisation: the same run with it
     off repeats exactly): measured 2026-12-04, SLQ at n = 2M, 40 steps, 1 and 3 probes, some 60 runs,
     the peak beyond the basis was 5.6-14.2 vectors' worth, i.e. up to ~8.5 of slack over the
     live ones (glibc's default thresholds and ``MALLOC_MMAP_THRESHOLD_=65536`` alike; 3 had
-    been seen before); counted on every device); T's float64 scalars (``2 * problems * steps``)."""
+    been seen before); counted on every device); T's float64 scalars (``2 * problems * steps``)
+    and, "full", the one-sweep reorthogonalisation's coefficient and overlap matrices
+    (``2 * problems * steps^2`` float64, counted on every device)."""
     steps = min(steps, n)
     slots = basis_slots(steps, n, reorth)
     basis = problems * slots * n * itemsize
     saved = problems * n * itemsize * (1 if reorth == "full" else 1 + slots)
     work = WORK_VECTORS * problems * n * itemsize
-    return basis, basis + saved + work + 2 * problems * steps * 8
+    scalars = 2 * problems * steps * 8 + (2 * problems * steps * (steps + 1) * 8 if reorth == "full" else 0)
+    return basis, basis + saved + work + scalars
 
 
 def _refuse(where: str, what: str, needed: int, avail: int, source: str, options: list[str]) -> None:

@@ -16,14 +16,38 @@ from resgeom_fast.linalg.operator import LinearOperator
 REORTH = ("full", "local")
 
 
+def sweep_tolerance(dtype: torch.dtype) -> float:
+    """The largest overlap |v_i . v_{j+1}| the one-sweep full reorthogonalisation accepts before it
+    runs a Gram-Schmidt pass on the new vector: ``0.01 sqrt(eps)`` of the basis's dtype (3.5e-6 in
+    float32, 1.5e-10 in float64), a hundredth of the semi-orthogonality level under which T is the
+    projection of the operator to working precision (Simon 1984)."""
+    return 0.01 * torch.finfo(dtype).eps ** 0.5
+
+
 class Lanczos:
     """Lanczos on ``P = b * p`` independent problems that advance together.
 
     Problem ``i * p + j`` runs on matrix i of ``op`` from start vector ``v0[i * p + j]``. Every
     step applies the operator once to all P current vectors (one batched matmat), then
-    orthogonalises against the whole basis with the fused op :func:`resgeom_fast.ops.lanczos_reorth`
-    (CPU: v_j and v_{j-1} first, one full Gram-Schmidt pass and a second only when the first
-    shrinks w below 1/sqrt(2); CUDA: CGS2), accumulating the scalars in float64.
+    orthogonalises against the whole basis with the fused op :func:`resgeom_fast.ops.lanczos_reorth`,
+    accumulating the scalars in float64.
+
+    CPU: the one-sweep full reorthogonalisation. w = A v_j is first orthogonalised against v_j
+    and v_{j-1} (Gram-Schmidt on the two rows: alpha_j and the coupling to v_{j-1}); its
+    components along the older rows are then *predicted* instead of measured: A is symmetric, so
+    ``v_k . A v_j = (A v_k) . v_j`` and ``A v_k`` is the combination of v_0..v_{k+1} that step k
+    recorded (``H[:, k]``, every coefficient it removed plus beta_k), whence
+    ``v_k . w = sum_i H[i, k] (v_i . v_j)`` with the overlaps ``G = V V^T`` tracked to rounding.
+    One read of the basis (the op's sweep mode) subtracts them and measures ``V w``, from which the
+    new vector's overlaps ``(V w - G h) / beta_j`` follow: every step measures the orthogonality
+    of the whole basis (``orthogonality``: the largest |v_i . v_j|, i != j, seen). Where a new
+    vector's overlap exceeds :func:`sweep_tolerance` (an operator whose products are not
+    symmetric to that level, e.g. rounding at 1e-3 in a deep float32 net), it gets a full
+    Gram-Schmidt pass (``fallbacks`` counts them) and its coefficients are folded into H. The
+    basis is read once per step instead of twice (classical Gram-Schmidt's projection and
+    update); T is that of the two-sweep algorithm to rounding (tests/linalg/test_lanczos_sweep.py).
+    CUDA: classical Gram-Schmidt twice (CGS2) every step (no host sync per step; the GPU's
+    bandwidth makes the second read cheap).
 
     ``reorth="local"`` keeps only v_j and v_{j-1} (two basis rows, O(n) memory per problem) and
     orthogonalises against them (the plain three-term recurrence, as most SLQ codes run it):
@@ -94,6 +118,20 @@ class Lanczos:
                 raise ValueError(f"{where}: expected basis a contiguous {op.dtype} tensor on {op.device} of at "
                                  f"least {P * slots * n} elements, got {got}")
             self.V = basis.view(-1)[: P * slots * n].view(P, slots, n)
+        # the one-sweep full reorthogonalisation (CPU): H[:, i, k] the coefficient of v_i in A v_k,
+        # G the basis's measured Gram matrix (class docstring)
+        self._sweep = reorth == "full" and op.device.type == "cpu"
+        S = self.max_steps
+        self._H = torch.zeros(P, S + 1, S, dtype=torch.float64) if self._sweep else None
+        self._G = torch.zeros(P, S, S, dtype=torch.float64) if self._sweep else None
+        if self._G is not None and S:
+            self._G[:, 0, 0] = 1.0
+        self._tol = sweep_tolerance(op.dtype)
+        #: [P] float64: the largest overlap |v_i . v_j| (i != j) measured between basis vectors
+        #: before any fallback pass (CPU "full" only; None elsewhere: not measured)
+        self.orthogonality = torch.zeros(P, dtype=torch.float64) if self._sweep else None
+        #: Gram-Schmidt passes run on new vectors whose measured overlap exceeded the tolerance
+        self.fallbacks = 0
         self.alpha = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
         self.beta = torch.zeros(P, self.max_steps, dtype=torch.float64, device=op.device)
         norm = torch.linalg.vector_norm(v0.double(), dim=1, keepdim=True)
@@ -185,11 +223,16 @@ class Lanczos:
                 m = self.op.shape[0]
                 check_finite(w.reshape(*self.op.batch_shape, self.p, m).transpose(-1, -2), self.where, what)
         raw = w
-        # full: against v_0..v_j; local: against v_j and v_{j-1} (the three-term recurrence)
-        w, coeffs, norm = ops.lanczos_reorth(w, self.V[:, : j + 1] if full else self.V[:, : min(j + 1, 2)])
-        self.alpha[:, j] = coeffs[:, cur]
+        if self._sweep:
+            w, alpha, norm = self._sweep_step(w, j)
+            self.alpha[:, j] = alpha
+        else:
+            # full: against v_0..v_j; local: against v_j and v_{j-1} (the three-term recurrence)
+            w, coeffs, norm = ops.lanczos_reorth(w, self.V[:, : j + 1] if full else self.V[:, : min(j + 1, 2)])
+            self.alpha[:, j] = coeffs[:, cur]
+            alpha = coeffs[:, cur]
         self.beta[:, j] = norm
-        torch.maximum(self.scale, coeffs[:, cur].abs() + norm, out=self.scale)   # in place (see advance)
+        torch.maximum(self.scale, alpha.abs() + norm, out=self.scale)   # in place (see advance)
         self.steps = j + 1
         last = j + 1 >= self.max_steps
         broke = None if last else norm <= self.breakdown_tol * self.scale.clamp_min(1e-300)
@@ -211,6 +254,54 @@ class Lanczos:
                 self._restart(broke.nonzero().flatten(), j + 1)
         return None if checked else (flag, seen)
 
+    def _sweep_step(self, w: Tensor, j: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The CPU's one-sweep full reorthogonalisation of ``w = A v_j`` (class docstring):
+        returns ``(w_orth, alpha_j, beta_j)`` and records H[:, :, j] and the new vector's row of G."""
+        lo = max(0, j - 1)
+        # v_j and v_{j-1} (for j <= 1 the whole basis): Gram-Schmidt, measured
+        w1, c, norm = ops.lanczos_reorth(w, self.V[:, lo : j + 1])
+        H, G = self._H, self._G
+        H[:, lo : j + 1, j] = c
+        P = w.shape[0]
+        if j >= 2:
+            m = j - 1     # rows 0..j-2, predicted: v_k . w = sum_i H[i, k] G[j, i], less the local part
+            h = torch.zeros(P, j + 1, dtype=torch.float64)
+            h[:, :m] = (torch.einsum("pik,pi->pk", H[:, : j + 1, :m], G[:, j, : j + 1])
+                        - c[:, -1:] * G[:, j, :m] - c[:, -2:-1] * G[:, j - 1, :m])
+            w, dots, norm = ops.lanczos_reorth(w1, self.V[:, : j + 1], h)
+            del w1
+            H[:, :m, j] += h[:, :m]
+            # overlaps of the new vector x = w1 - V^T h with the basis: V x = V w1 - G h
+            over = (dots - torch.einsum("pik,pk->pi", G[:, : j + 1, :m], h[:, :m])) / norm.clamp_min(1e-300)[:, None]
+            # a breakdown (beta ~ 0, restarted by _step) has no new vector to measure
+            scale = torch.maximum(self.scale, H[:, j, j].abs() + norm)
+            live = norm > self.breakdown_tol * scale.clamp_min(1e-300)
+            over = torch.where(live[:, None], over, torch.zeros_like(over))
+            worst = over.abs().amax(1)
+            torch.maximum(self.orthogonality, worst, out=self.orthogonality)
+            bad = worst > self._tol
+            if bool(bad.any()):
+                idx = bad.nonzero().flatten()
+                self.fallbacks += int(idx.numel())
+                # a Gram-Schmidt pass on the unit vector, its coefficients folded into H and alpha
+                u = (w[idx].double() / norm[idx, None]).to(w.dtype)
+                u2, c2, n2 = ops.lanczos_reorth(u, self.V[idx, : j + 1])
+                H[idx, : j + 1, j] += norm[idx, None] * c2
+                w = w.clone()
+                w[idx] = (u2.double() * norm[idx, None]).to(w.dtype)
+                norm = norm.clone()
+                norm[idx] = norm[idx] * n2
+                over[idx] = 0.0
+        else:
+            w = w1
+            over = torch.zeros(P, j + 1, dtype=torch.float64)   # Gram-Schmidt on the whole basis
+        if j + 1 < self.max_steps:
+            H[:, j + 1, j] = norm
+            G[:, j + 1, : j + 1] = over
+            G[:, : j + 1, j + 1] = over
+            G[:, j + 1, j + 1] = 1.0
+        return w, H[:, j, j].clone(), norm
+
     def _restart(self, idx: Tensor, j: int) -> None:
         """Continue problems ``idx`` from a random vector orthogonal to their first j vectors
         (to the stored ones: the last two with ``reorth="local"``)."""
@@ -222,6 +313,10 @@ class Lanczos:
         r, _, rn2 = ops.lanczos_reorth((r.double() / rn[:, None]).to(self.op.dtype), basis)
         self.V[idx, j if full else j % 2] = (r.double() / rn2[:, None]).to(self.op.dtype)
         self.beta[idx, j - 1] = 0.0
+        if self._sweep:     # the restart vector is orthogonal to the basis (two passes) and uncoupled
+            self._H[idx, j, j - 1] = 0.0
+            self._G[idx, j, :j] = 0.0
+            self._G[idx, :j, j] = 0.0
 
     def tridiagonal(self) -> tuple[Tensor, Tensor]:
         """``(diag [P, s], offdiag [P, s-1])`` of the current T, float64."""

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 
-def lanczos_reorth(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def lanczos_reorth(w: Tensor, basis: Tensor, h: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """CGS2 in float64 with batched matrix products: four reads of the basis (the CUDA kernel's
-    algorithm; the CPU kernel's local-first + one pass (+ a second if needed) agrees to rounding)."""
+    algorithm; the CPU kernel's local-first + one pass (+ a second if needed) agrees to rounding).
+    With ``h``: the sweep mode, ``x = w - V^T h``, ``(x rounded, V w, ||x||)`` in float64."""
     wd, V = w.double(), basis.double()
+    if h is not None:
+        x = wd - torch.einsum("bjn,bj->bn", V, h.double())
+        return x.to(w.dtype), torch.einsum("bjn,bn->bj", V, wd), torch.linalg.vector_norm(x, dim=1)
     h1 = torch.einsum("bjn,bn->bj", V, wd)
     w1 = wd - torch.einsum("bjn,bj->bn", V, h1)
     h2 = torch.einsum("bjn,bn->bj", V, w1)

@@ -211,12 +211,55 @@ def test_work_buffers_reused_across_sizes_and_threads():
         torch.set_num_threads(threads)
 
 
+# 1b. the sweep mode (h given): x = w - V^T h, V w and ||x|| in one read of the basis
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+# 19 rows: the eight-row loop twice and three single rows; (1, 9, 400k): several chunks of n
+@pytest.mark.parametrize("b,j,n", [(0, 3, 10), (2, 0, 50), (1, 1, 7), (3, 19, 1000), (2, 8, 5000), (1, 9, 400_000)])
+def test_sweep_matches_reference(device, dtype, b, j, n):
+    V, w = _basis(b, j, n, dtype, device, seed=3)
+    h = torch.randn(b, j, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+    x, dots, norm = lanczos_reorth(w, V, h)
+    Vd, wd = V.double(), w.double()
+    want_x = wd - torch.einsum("bjn,bj->bn", Vd, h)
+    assert x.dtype == w.dtype and dots.dtype == norm.dtype == torch.float64
+    assert x.shape == w.shape and dots.shape == (b, j) and norm.shape == (b,)
+    torch.testing.assert_close(x.double(), want_x, **tol(dtype))
+    torch.testing.assert_close(dots, torch.einsum("bjn,bn->bj", Vd, wd), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(want_x, dim=1), rtol=1e-12, atol=1e-12)
+    r = ref.lanczos_reorth(w, V, h)
+    torch.testing.assert_close(dots, r[1], rtol=1e-12, atol=1e-12)
+
+
+def test_sweep_reads_a_strided_view_in_place():
+    V, w = _basis(2, 12, 3000, torch.float32, "cpu", seed=5)
+    big = torch.zeros(2, 20, 3000)
+    big[:, :12] = V
+    view = big[:, 2:9]                          # rows 2..8 of a larger buffer, strided
+    h = torch.randn(2, 7, dtype=torch.float64)
+    got = lanczos_reorth(w, view, h)
+    want = ref.lanczos_reorth(w, view.contiguous(), h)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("h,match", [
+    (torch.zeros(2, 3, dtype=torch.float64), r"expected h of shape \[2, 4\]"),
+    (torch.zeros(2, 4, dtype=torch.float32), "expected h of dtype float64"),
+])
+def test_sweep_rejects_bad_h(h, match):
+    V, w = _basis(2, 4, 33, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=match):
+        lanczos_reorth(w, V, h)
+
+
 # 2. opcheck
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck(device, dtype):
     V, w = _basis(2, 4, 33, dtype, device)
     torch.library.opcheck(OP, (w, V))
+    torch.library.opcheck(OP, (w, V, torch.randn(2, 4, dtype=torch.float64).to(device)))
 
 
 # 4. CPU-CUDA parity
@@ -226,6 +269,11 @@ def test_cpu_cuda_parity(dtype):
     V, w = _basis(5, 40, 10000, dtype, "cpu")
     got = lanczos_reorth(w.cuda(), V.cuda()[:, :25])
     want = lanczos_reorth(w, V[:, :25])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, **tol(dtype))
+    h = torch.randn(5, 25, dtype=torch.float64)
+    got = lanczos_reorth(w.cuda(), V.cuda()[:, :25], h.cuda())
+    want = lanczos_reorth(w, V[:, :25], h)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.cpu(), b, **tol(dtype))
 

@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "ops/lanczos_reorth.h"
@@ -518,11 +519,77 @@ void reorth_one(const scalar_t* w, const scalar_t* V, int64_t sj, int64_t j, int
   work_pool().give(std::move(buf));
 }
 
+// The sweep mode (``h`` given), one read of the basis: x = w - V^T h (float64), out = x in w's
+// dtype, *norm = ||x||, and dots[i] = <V_i, w> (of the input w, float64) -- the two CGS sweeps
+// fused, possible because h is given instead of computed from the dots. Eight rows per read of a
+// chunk of w and x: out_q += r_q[t] w[t]; x[t] -= sum_q h_q r_q[t].
+template <typename scalar_t>
+inline void dotsub8(const scalar_t* const* r, const scalar_t* __restrict__ w, double* __restrict__ x,
+                    const double* h, int64_t len, double* out) {
+  RG_ROWS8(r);
+  const double h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3], h4 = h[4], h5 = h[5], h6 = h[6], h7 = h[7];
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, s4 = 0.0, s5 = 0.0, s6 = 0.0, s7 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+  for (int64_t t = 0; t < len; ++t) {
+    const double wv = static_cast<double>(w[t]);
+    const double a0 = r0[t], a1 = r1[t], a2 = r2[t], a3 = r3[t], a4 = r4[t], a5 = r5[t], a6 = r6[t], a7 = r7[t];
+    s0 += a0 * wv; s1 += a1 * wv; s2 += a2 * wv; s3 += a3 * wv;
+    s4 += a4 * wv; s5 += a5 * wv; s6 += a6 * wv; s7 += a7 * wv;
+    x[t] -= ((h0 * a0 + h1 * a1) + (h2 * a2 + h3 * a3)) + ((h4 * a4 + h5 * a5) + (h6 * a6 + h7 * a7));
+  }
+  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+  out[4] = s4; out[5] = s5; out[6] = s6; out[7] = s7;
+}
+RG_SIMD_CLONES void dotsub8_f(const float* const* r, const float* w, double* x, const double* h, int64_t len,
+                              double* out) { dotsub8(r, w, x, h, len, out); }
+RG_SIMD_CLONES void dotsub8_d(const double* const* r, const double* w, double* x, const double* h, int64_t len,
+                              double* out) { dotsub8(r, w, x, h, len, out); }
+inline void dotsub8_any(const float* const* r, const float* w, double* x, const double* h, int64_t len,
+                        double* out) { dotsub8_f(r, w, x, h, len, out); }
+inline void dotsub8_any(const double* const* r, const double* w, double* x, const double* h, int64_t len,
+                        double* out) { dotsub8_d(r, w, x, h, len, out); }
+
+template <typename scalar_t>
+void sweep_one(const scalar_t* w, const scalar_t* V, int64_t sj, int64_t j, int64_t n, const double* h,
+               scalar_t* out, double* dots, double* norm) {
+  WorkPool::Buffer buf = work_pool().take(n);
+  const Problem<scalar_t> P{w, V, sj, j, n, out, dots, buf.data.get()};
+  const int64_t chunk = kCgsChunk, nch = (n + chunk - 1) / chunk;
+  std::vector<double> part(static_cast<size_t>(nch) * std::max<int64_t>(j, 1), 0.0), npart(nch, 0.0);
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t0 = c * chunk, len = std::min(n, t0 + chunk) - t0;
+      double* x = P.x + t0;
+      const scalar_t* wc = P.w + t0;
+      widen_any(x, wc, len);
+      int64_t i = 0;
+      for (; i + 8 <= j; i += 8) {
+        const scalar_t* r[8];
+        for (int q = 0; q < 8; ++q) r[q] = P.row(i + q) + t0;
+        dotsub8_any(r, wc, x, h + i, len, &part[c * j + i]);
+      }
+      for (; i < j; ++i) {
+        part[c * j + i] = dot_same_any(P.row(i) + t0, wc, len);
+        sub_any(x, h[i], P.row(i) + t0, len);
+      }
+      npart[c] = store_any(P.out + t0, x, len);
+    }
+  });
+  for (int64_t i = 0; i < j; ++i) dots[i] = 0.0;
+  for (int64_t c = 0; c < nch; ++c)
+    for (int64_t i = 0; i < j; ++i) dots[i] += part[c * j + i];
+  double nn = 0.0;
+  for (int64_t c = 0; c < nch; ++c) nn += npart[c];
+  *norm = std::sqrt(nn);
+  work_pool().give(std::move(buf));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth_cpu(const at::Tensor& w,
-                                                                  const at::Tensor& basis) {
-  check_lanczos_reorth(w, basis);
+                                                                  const at::Tensor& basis,
+                                                                  const std::optional<at::Tensor>& h) {
+  check_lanczos_reorth(w, basis, h);
   TORCH_INTERNAL_ASSERT(w.device().is_cpu());
   auto wc = w.contiguous();
   auto V = basis.stride(2) == 1 ? basis : basis.contiguous();
@@ -531,15 +598,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth_cpu(const at::Tens
   auto coeffs = at::empty({b, j}, wc.options().dtype(at::kDouble));
   auto norm = at::empty({b}, wc.options().dtype(at::kDouble));
   if (b == 0) return {out, coeffs, norm};
+  at::Tensor hc = h.has_value() ? h->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(wc.scalar_type(), "lanczos_reorth_cpu", [&] {
     const scalar_t* wp = wc.data_ptr<scalar_t>();
     const scalar_t* vp = V.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     double* cp = coeffs.data_ptr<double>();
     double* np = norm.data_ptr<double>();
+    const double* hp = hc.defined() ? hc.data_ptr<double>() : nullptr;
     const int64_t sb = V.stride(0), sj = V.stride(1);
     auto one = [&](int64_t p) {
-      reorth_one<scalar_t>(wp + p * n, vp + p * sb, sj, j, n, op + p * n, cp + p * j, np + p);
+      if (hp)
+        sweep_one<scalar_t>(wp + p * n, vp + p * sb, sj, j, n, hp + p * j, op + p * n, cp + p * j, np + p);
+      else
+        reorth_one<scalar_t>(wp + p * n, vp + p * sb, sj, j, n, op + p * n, cp + p * j, np + p);
     };
     if (b >= at::get_num_threads()) {
       // Enough problems to occupy every thread: one problem per task (nested loops run inline).

@@ -6,6 +6,7 @@
 //   pass 2: w1 = w - V^T h1 on the chunk (kept in a float64 scratch), per-chunk partials of
 //           h2 = V w1 on the same chunk;                             reduce -> h2, coeffs = h1 + h2
 //   pass 3: w_orth = w1 - V^T h2, per-chunk partials of ||w_orth||^2; reduce -> norm
+// The sweep mode (h given): one pass, the partials of V w, then x = w - V^T h and ||x||^2 on the chunk.
 // Every reduction is deterministic: partials are written per block and summed in a fixed order
 // (no floating-point atomics); the cross-chunk reductions are block-parallel tree reductions
 // (column_sum_kernel below), not one thread per output.
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <utility>
 
 #include "ops/lanczos_reorth.h"
@@ -133,6 +135,60 @@ __global__ void pass3_kernel(const scalar_t* __restrict__ V, int64_t sb, int64_t
   for (int e = 0; e < kPerThread; ++e) {
     const int64_t t = threadIdx.x + e * kThreads;
     acc[e] = t < len ? w1[p * n + t0 + t] : 0.0;
+  }
+  for (int64_t i = 0; i < j; ++i) {
+    const scalar_t* v = Vc + i * sj;
+    const double hi = h[i];
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int64_t t = threadIdx.x + e * kThreads;
+      if (t < len) acc[e] -= hi * static_cast<double>(v[t]);
+    }
+  }
+  double sq = 0.0;
+#pragma unroll
+  for (int e = 0; e < kPerThread; ++e) {
+    const int64_t t = threadIdx.x + e * kThreads;
+    if (t < len) {
+      sq += acc[e] * acc[e];
+      out[p * n + t0 + t] = static_cast<scalar_t>(acc[e]);
+    }
+  }
+  sq = warp_sum(sq);
+  if (threadIdx.x % 32 == 0) wsum[threadIdx.x / 32] = sq;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0.0;
+    for (int q = 0; q < kWarps; ++q) s += wsum[q];
+    npart[blk] = s;
+  }
+}
+
+// The sweep mode (h given): the partials of dots = V w (of the input w, held in shared memory),
+// then x = w - V^T h on the chunk (the rows re-read from L2), stored in w's dtype with the partial
+// of ||x||^2. h [b, j]; part [b, nch, j]; npart [b, nch].
+template <typename scalar_t>
+__global__ void sweep_kernel(const scalar_t* __restrict__ w, const scalar_t* __restrict__ V,
+                             int64_t sb, int64_t sj, int64_t j, int64_t n, int64_t nch,
+                             const double* __restrict__ hh, scalar_t* __restrict__ out,
+                             double* __restrict__ part, double* __restrict__ npart) {
+  __shared__ double x[kChunk];
+  __shared__ double wsum[kWarps];
+  const int64_t blk = blockIdx.x;
+  const int64_t p = blk / nch, c = blk % nch;
+  const int64_t t0 = c * kChunk;
+  const int64_t len = n - t0 < kChunk ? n - t0 : kChunk;
+  const scalar_t* Vc = V + p * sb + t0;
+  const double* h = hh + p * j;
+  for (int64_t t = threadIdx.x; t < len; t += kThreads)
+    x[t] = static_cast<double>(w[p * n + t0 + t]);
+  __syncthreads();
+  chunk_dots<scalar_t>(Vc, sj, j, x, len, part + blk * j);
+  double acc[kPerThread];
+#pragma unroll
+  for (int e = 0; e < kPerThread; ++e) {
+    const int64_t t = threadIdx.x + e * kThreads;
+    acc[e] = t < len ? x[t] : 0.0;
   }
   for (int64_t i = 0; i < j; ++i) {
     const scalar_t* v = Vc + i * sj;
@@ -275,8 +331,9 @@ std::pair<int64_t, int64_t> reduce_scratch(int64_t rows, int64_t j) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth_cuda(const at::Tensor& w,
-                                                                   const at::Tensor& basis) {
-  check_lanczos_reorth(w, basis);
+                                                                   const at::Tensor& basis,
+                                                                   const std::optional<at::Tensor>& h) {
+  check_lanczos_reorth(w, basis, h);
   TORCH_INTERNAL_ASSERT(w.device().is_cuda());
   c10::cuda::CUDAGuard guard(w.device());
   auto wc = w.contiguous();
@@ -295,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth_cuda(const at::Ten
   auto h1 = at::empty({b, j}, dopt);
   auto h2 = at::empty({b, j}, dopt);
   auto part = at::empty({b, nch, j}, dopt);
-  auto w1 = at::empty({b, n}, dopt);
+  at::Tensor w1 = h.has_value() ? at::Tensor() : at::empty({b, n}, dopt);   // pass 2's float64 scratch
   auto npart = at::empty({b, nch}, dopt);
   // Ping-pong buffers of the multi-stage reductions (empty when one stage suffices).
   const auto hs = reduce_scratch(nch, j), ns = reduce_scratch(nch, 1);
@@ -316,6 +373,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_reorth_cuda(const at::Ten
     double* bp = bufB.data_ptr<double>();
     const unsigned int blocks = static_cast<unsigned int>(b * nch);
 
+    if (h.has_value()) {   // the sweep mode: one pass, V w into coeffs
+      const at::Tensor hc = h->contiguous();
+      if (blocks > 0) {
+        sweep_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(wp, vp, sb, sj, j, n, nch, hc.data_ptr<double>(),
+                                                                op, partp, npart.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (j > 0) column_sums(partp, b, nch, j, Epilogue::kSum, cp, nullptr, nullptr, ap, bp, stream);
+      column_sums(npart.data_ptr<double>(), b, nch, 1, Epilogue::kSqrt, norm.data_ptr<double>(),
+                  nullptr, nullptr, ap, bp, stream);
+      return;
+    }
     // Pass 1: h1 = V w.
     if (blocks > 0) {
       pass1_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(wp, vp, sb, sj, j, n, nch, partp);
