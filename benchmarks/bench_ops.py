@@ -23,6 +23,24 @@ def test_lanczos_reorth(benchmark, device, impl, b, j, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["ours_sweep", "ours_cgs", "reference_sweep"])
+@pytest.mark.parametrize("b,j,n", [(1, 50, 2_000_000), (10, 50, 264_000)])
+def test_lanczos_reorth_sweep(benchmark, device, impl, b, j, n):
+    """The sweep mode (h given: one read of the basis, what Lanczos's one-sweep full
+    reorthogonalisation runs on the CPU) against the op's own Gram-Schmidt mode (two reads) on
+    the same float32 basis, and the plain-PyTorch sweep."""
+    benchmark.group = f"lanczos_reorth sweep b={b} j={j} n={n} {device}"
+    V = torch.randn(b, j, n, device=device)
+    V /= torch.linalg.vector_norm(V, dim=2, keepdim=True)
+    w = torch.randn(b, n, device=device)
+    h = 1e-3 * torch.randn(b, j, dtype=torch.float64, device=device)
+    if impl == "ours_cgs":
+        run(benchmark, lambda: IMPLS["ours"].lanczos_reorth(w, V), device)
+    else:
+        run(benchmark, lambda: IMPLS[impl.split("_")[0]].lanczos_reorth(w, V, h), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["ours", "reference"])
 @pytest.mark.parametrize("b,m", [(10, 100), (100, 100), (1000, 50)])
 def test_tridiag_eigh(benchmark, device, impl, b, m):

@@ -115,6 +115,17 @@ void test_lanczos_reorth(const at::TensorOptions& opt, double tol) {
     check(max_abs(norm.cpu() - expect.pow(2).sum(1).sqrt()) < tol * std::sqrt(double(n)),
           tag("lanczos_reorth norm", opt) + v);
   }
+  // The sweep mode (h given): x = w - V^T h, dots = V w, norm = ||x||, on the strided view.
+  auto hs = at::randn({b, j}, gen_opt);
+  auto [xs, ds, ns] = rops::lanczos_reorth(w, Vt, hs.to(opt.device()));
+  auto xe = wd - at::matmul(V64.transpose(1, 2), hs.unsqueeze(-1)).squeeze(-1);
+  check(xs.sizes() == w.sizes() && xs.dtype() == w.dtype() && ds.dtype() == at::kDouble &&
+            ds.sizes() == at::IntArrayRef({b, j}) && ns.sizes() == at::IntArrayRef({b}),
+        tag("lanczos_reorth sweep shapes", opt));
+  check(max_abs(xs.to(at::kCPU, at::kDouble) - xe) < tol * 10, tag("lanczos_reorth sweep x", opt));
+  check(max_abs(ds.cpu() - h) < 1e-10 * std::sqrt(double(n)), tag("lanczos_reorth sweep dots = V w", opt));
+  check(max_abs(ns.cpu() - xe.pow(2).sum(1).sqrt()) < tol * std::sqrt(double(n)),
+        tag("lanczos_reorth sweep norm", opt));
   // j = 0: w unchanged, norm = ||w||.
   auto [wo0, c0, n0] = rops::lanczos_reorth(w, at::empty({b, 0, n}, opt));
   check(max_abs(wo0.to(at::kCPU, at::kDouble) - wd) == 0.0 && c0.numel() == 0 &&
