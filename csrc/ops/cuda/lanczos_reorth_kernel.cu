@@ -59,16 +59,25 @@ __device__ void chunk_dots(const scalar_t* __restrict__ Vc, int64_t sj, int64_t 
   }
 }
 
+// The (problem, chunk) a block of the passes owns: grid.x = b * nch, chunk c of problem p covers
+// elements t0 .. t0 + len of n.
+struct Chunk {
+  int64_t blk, p, t0, len;
+};
+__device__ __forceinline__ Chunk chunk_of(int64_t n, int64_t nch) {
+  const int64_t blk = blockIdx.x;
+  const int64_t t0 = (blk % nch) * kChunk;
+  return {blk, blk / nch, t0, n - t0 < kChunk ? n - t0 : kChunk};
+}
+
 // Pass 1. grid.x = b * nch; part [b, nch, j].
 template <typename scalar_t>
 __global__ void pass1_kernel(const scalar_t* __restrict__ w, const scalar_t* __restrict__ V,
                              int64_t sb, int64_t sj, int64_t j, int64_t n, int64_t nch,
                              double* __restrict__ part) {
   __shared__ double x[kChunk];
-  const int64_t blk = blockIdx.x;
-  const int64_t p = blk / nch, c = blk % nch;
-  const int64_t t0 = c * kChunk;
-  const int64_t len = n - t0 < kChunk ? n - t0 : kChunk;
+  const Chunk ch = chunk_of(n, nch);
+  const int64_t blk = ch.blk, p = ch.p, t0 = ch.t0, len = ch.len;
   for (int64_t t = threadIdx.x; t < len; t += kThreads)
     x[t] = static_cast<double>(w[p * n + t0 + t]);
   __syncthreads();
@@ -83,10 +92,8 @@ __global__ void pass2_kernel(const scalar_t* __restrict__ w, const scalar_t* __r
                              const double* __restrict__ h1, double* __restrict__ w1,
                              double* __restrict__ part) {
   __shared__ double x[kChunk];
-  const int64_t blk = blockIdx.x;
-  const int64_t p = blk / nch, c = blk % nch;
-  const int64_t t0 = c * kChunk;
-  const int64_t len = n - t0 < kChunk ? n - t0 : kChunk;
+  const Chunk ch = chunk_of(n, nch);
+  const int64_t blk = ch.blk, p = ch.p, t0 = ch.t0, len = ch.len;
   const scalar_t* Vc = V + p * sb + t0;
   const double* h = h1 + p * j;
   double acc[kPerThread];
@@ -116,26 +123,13 @@ __global__ void pass2_kernel(const scalar_t* __restrict__ w, const scalar_t* __r
   chunk_dots<scalar_t>(Vc, sj, j, x, len, part + blk * j);
 }
 
-// Pass 3. w_orth = w1 - V^T h2 (written in the input dtype) and the partial of its squared norm.
-// h2 [b, j]; npart [b, nch].
+// acc (this thread's elements of the chunk) -= V^T h over the j rows; the result stored to out (in
+// the input dtype) and the block's partial of its squared norm to *npart (passes 3 and the sweep).
 template <typename scalar_t>
-__global__ void pass3_kernel(const scalar_t* __restrict__ V, int64_t sb, int64_t sj, int64_t j,
-                             int64_t n, int64_t nch, const double* __restrict__ h2,
-                             const double* __restrict__ w1, scalar_t* __restrict__ out,
-                             double* __restrict__ npart) {
+__device__ void subtract_store(double (&acc)[kPerThread], const scalar_t* __restrict__ Vc, int64_t sj,
+                               int64_t j, const double* __restrict__ h, int64_t len,
+                               scalar_t* __restrict__ out, double* __restrict__ npart) {
   __shared__ double wsum[kWarps];
-  const int64_t blk = blockIdx.x;
-  const int64_t p = blk / nch, c = blk % nch;
-  const int64_t t0 = c * kChunk;
-  const int64_t len = n - t0 < kChunk ? n - t0 : kChunk;
-  const scalar_t* Vc = V + p * sb + t0;
-  const double* h = h2 + p * j;
-  double acc[kPerThread];
-#pragma unroll
-  for (int e = 0; e < kPerThread; ++e) {
-    const int64_t t = threadIdx.x + e * kThreads;
-    acc[e] = t < len ? w1[p * n + t0 + t] : 0.0;
-  }
   for (int64_t i = 0; i < j; ++i) {
     const scalar_t* v = Vc + i * sj;
     const double hi = h[i];
@@ -151,7 +145,7 @@ __global__ void pass3_kernel(const scalar_t* __restrict__ V, int64_t sb, int64_t
     const int64_t t = threadIdx.x + e * kThreads;
     if (t < len) {
       sq += acc[e] * acc[e];
-      out[p * n + t0 + t] = static_cast<scalar_t>(acc[e]);
+      out[t] = static_cast<scalar_t>(acc[e]);
     }
   }
   sq = warp_sum(sq);
@@ -160,8 +154,26 @@ __global__ void pass3_kernel(const scalar_t* __restrict__ V, int64_t sb, int64_t
   if (threadIdx.x == 0) {
     double s = 0.0;
     for (int q = 0; q < kWarps; ++q) s += wsum[q];
-    npart[blk] = s;
+    *npart = s;
   }
+}
+
+// Pass 3. w_orth = w1 - V^T h2 (written in the input dtype) and the partial of its squared norm.
+// h2 [b, j]; npart [b, nch].
+template <typename scalar_t>
+__global__ void pass3_kernel(const scalar_t* __restrict__ V, int64_t sb, int64_t sj, int64_t j,
+                             int64_t n, int64_t nch, const double* __restrict__ h2,
+                             const double* __restrict__ w1, scalar_t* __restrict__ out,
+                             double* __restrict__ npart) {
+  const Chunk ch = chunk_of(n, nch);
+  const int64_t blk = ch.blk, p = ch.p, t0 = ch.t0, len = ch.len;
+  double acc[kPerThread];
+#pragma unroll
+  for (int e = 0; e < kPerThread; ++e) {
+    const int64_t t = threadIdx.x + e * kThreads;
+    acc[e] = t < len ? w1[p * n + t0 + t] : 0.0;
+  }
+  subtract_store<scalar_t>(acc, V + p * sb + t0, sj, j, h2 + p * j, len, out + p * n + t0, npart + blk);
 }
 
 // The sweep mode (h given): the partials of dots = V w (of the input w, held in shared memory),
@@ -173,13 +185,9 @@ __global__ void sweep_kernel(const scalar_t* __restrict__ w, const scalar_t* __r
                              const double* __restrict__ hh, scalar_t* __restrict__ out,
                              double* __restrict__ part, double* __restrict__ npart) {
   __shared__ double x[kChunk];
-  __shared__ double wsum[kWarps];
-  const int64_t blk = blockIdx.x;
-  const int64_t p = blk / nch, c = blk % nch;
-  const int64_t t0 = c * kChunk;
-  const int64_t len = n - t0 < kChunk ? n - t0 : kChunk;
+  const Chunk ch = chunk_of(n, nch);
+  const int64_t blk = ch.blk, p = ch.p, t0 = ch.t0, len = ch.len;
   const scalar_t* Vc = V + p * sb + t0;
-  const double* h = hh + p * j;
   for (int64_t t = threadIdx.x; t < len; t += kThreads)
     x[t] = static_cast<double>(w[p * n + t0 + t]);
   __syncthreads();
@@ -190,32 +198,7 @@ __global__ void sweep_kernel(const scalar_t* __restrict__ w, const scalar_t* __r
     const int64_t t = threadIdx.x + e * kThreads;
     acc[e] = t < len ? x[t] : 0.0;
   }
-  for (int64_t i = 0; i < j; ++i) {
-    const scalar_t* v = Vc + i * sj;
-    const double hi = h[i];
-#pragma unroll
-    for (int e = 0; e < kPerThread; ++e) {
-      const int64_t t = threadIdx.x + e * kThreads;
-      if (t < len) acc[e] -= hi * static_cast<double>(v[t]);
-    }
-  }
-  double sq = 0.0;
-#pragma unroll
-  for (int e = 0; e < kPerThread; ++e) {
-    const int64_t t = threadIdx.x + e * kThreads;
-    if (t < len) {
-      sq += acc[e] * acc[e];
-      out[p * n + t0 + t] = static_cast<scalar_t>(acc[e]);
-    }
-  }
-  sq = warp_sum(sq);
-  if (threadIdx.x % 32 == 0) wsum[threadIdx.x / 32] = sq;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double s = 0.0;
-    for (int q = 0; q < kWarps; ++q) s += wsum[q];
-    npart[blk] = s;
-  }
+  subtract_store<scalar_t>(acc, Vc, sj, j, hh + p * j, len, out + p * n + t0, npart + blk);
 }
 
 // Cross-chunk reductions: column sums of part [b, rows, j] over its rows (the per-chunk partials),
