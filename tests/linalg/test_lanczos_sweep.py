@@ -15,6 +15,12 @@ from resgeom_fast.linalg.lanczos import Lanczos, sweep_tolerance
 from resgeom_fast.linalg.operator import aslinearoperator
 
 
+@pytest.fixture(autouse=True)
+def _sweep_at_every_size(monkeypatch):
+    """The sweep runs from SWEEP_MIN_N (16384) on; these small constructed cases force it."""
+    monkeypatch.setattr("resgeom_fast.linalg.lanczos.SWEEP_MIN_N", 0)
+
+
 def _lanczos(A, steps, sweep=True, p=3, seed=11):
     op = aslinearoperator(lambda X: A @ X, shape=A.shape, dtype=A.dtype, symmetric=True)
     gen = generator(seed)
@@ -116,6 +122,14 @@ def test_slq_density_matches_the_two_sweep_run():
     torch.testing.assert_close(got.nodes, want.nodes, rtol=0, atol=1e-11)
     torch.testing.assert_close(got.weights, want.weights, rtol=0, atol=1e-11)
     torch.testing.assert_close(got.density, want.density, rtol=1e-9, atol=1e-12)
+
+
+def test_small_operators_use_the_two_sweep_gram_schmidt(monkeypatch):
+    monkeypatch.setattr("resgeom_fast.linalg.lanczos.SWEEP_MIN_N", 301)
+    A = symmetric(spectrum("indefinite", 300))
+    lz = _lanczos(A, 20)
+    assert not lz._sweep and lz.orthogonality is None
+    assert linalg.slq_density(A, probes=2, steps=20, seed=1).orthogonality is None
 
 
 def test_slq_reports_the_measured_orthogonality():

@@ -33,9 +33,13 @@ def _run(A, reorth, sync_every, steps, stepwise=False, calls=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("reorth", ["full", "local"])
+@pytest.mark.parametrize("reorth", ["full", "full_one_sweep", "local"])
 @pytest.mark.parametrize("kind", ["generic", "rank_deficient"])
-def test_windows_reproduce_the_step_by_step_run(dtype, reorth, kind):
+def test_windows_reproduce_the_step_by_step_run(dtype, reorth, kind, monkeypatch):
+    # "full_one_sweep": the CPU's one-sweep form, forced at this small n (SWEEP_MIN_N)
+    sweep = reorth == "full_one_sweep"
+    monkeypatch.setattr("resgeom_fast.linalg.lanczos.SWEEP_MIN_N", 0 if sweep else 1 << 62)
+    reorth = "full" if sweep else reorth
     n = 60
     ev = torch.linspace(-2.0, 3.0, n, dtype=torch.float64)
     if kind == "rank_deficient":                  # Krylov space exhausted after 5 steps: restarts
@@ -43,6 +47,7 @@ def test_windows_reproduce_the_step_by_step_run(dtype, reorth, kind):
         ev[:5] = torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0], dtype=torch.float64)
     A = symmetric(ev).to(dtype)
     ref = _run(A, reorth, 1, 40, stepwise=True)
+    assert ref._sweep == sweep
     if kind == "rank_deficient" and dtype == torch.float64:
         assert bool((ref.beta[:, :39] == 0).any())   # the case does break down
     for every in (1, 7, 10, 64):
