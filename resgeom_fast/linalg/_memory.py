@@ -161,7 +161,8 @@ def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str)
     "local"), the saved product ``[problems, n]`` ("local": also a copy of the two rows), and
     :data:`WORK_VECTORS` working vectors per problem: five live ones (the operator's input copy
     and output copy, both owned by the run, the operator's own output, the reorthogonalised
-    vector and, in the CPU's one-sweep full reorthogonalisation, the local step's output) and :data:`HEAP_SLACK_VECTORS` of heap slack (a window of steps
+    vector and, in the CPU's one-sweep full reorthogonalisation, the local step's output) and
+    :data:`HEAP_SLACK_VECTORS` of heap slack (a window of steps
     runs in one :mod:`resgeom_fast.core.heap` scope, where the step's blocks come from malloc's
     heap and a small block kept between two freed ones can make it grow; how far varies from run
     to run with the addresses the process gets (address-space randomisation: the same run with it
@@ -170,7 +171,7 @@ def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str)
     live ones (glibc's default thresholds and ``MALLOC_MMAP_THRESHOLD_=65536`` alike; 3 had
     been seen before); counted on every device); T's float64 scalars (``2 * problems * steps``)
     and, "full", the one-sweep reorthogonalisation's coefficient and overlap matrices
-    (``2 * problems * steps^2`` float64, counted on every device)."""
+    (``2 * problems * steps * (steps + 1)`` float64, counted on every device)."""
     steps = min(steps, n)
     slots = basis_slots(steps, n, reorth)
     basis = problems * slots * n * itemsize

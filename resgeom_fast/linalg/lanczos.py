@@ -37,8 +37,8 @@ class Lanczos:
     orthogonalises against the whole basis with the fused op :func:`resgeom_fast.ops.lanczos_reorth`,
     accumulating the scalars in float64.
 
-    CPU, n >= :data:`SWEEP_MIN_N`: the one-sweep full reorthogonalisation. w = A v_j is first orthogonalised against v_j
-    and v_{j-1} (Gram-Schmidt on the two rows: alpha_j and the coupling to v_{j-1}); its
+    CPU, n >= :data:`SWEEP_MIN_N`: the one-sweep full reorthogonalisation. w = A v_j is first
+    orthogonalised against v_j and v_{j-1} (Gram-Schmidt on the two rows: alpha_j and the coupling to v_{j-1}); its
     components along the older rows are then *predicted* instead of measured: A is symmetric, so
     ``v_k . A v_j = (A v_k) . v_j`` and ``A v_k`` is the combination of v_0..v_{k+1} that step k
     recorded (``H[:, k]``, every coefficient it removed plus beta_k), whence
@@ -231,12 +231,11 @@ class Lanczos:
         raw = w
         if self._sweep:
             w, alpha, norm = self._sweep_step(w, j)
-            self.alpha[:, j] = alpha
         else:
             # full: against v_0..v_j; local: against v_j and v_{j-1} (the three-term recurrence)
             w, coeffs, norm = ops.lanczos_reorth(w, self.V[:, : j + 1] if full else self.V[:, : min(j + 1, 2)])
-            self.alpha[:, j] = coeffs[:, cur]
             alpha = coeffs[:, cur]
+        self.alpha[:, j] = alpha
         self.beta[:, j] = norm
         torch.maximum(self.scale, alpha.abs() + norm, out=self.scale)   # in place (see advance)
         self.steps = j + 1

@@ -37,8 +37,6 @@ def lanczos_reorth(w: Tensor, basis: Tensor, h: Optional[Tensor] = None) -> tupl
     overlaps, and gets the new vector's overlaps as ``(dots - G h) / norm`` (G the basis's Gram
     matrix, which it tracks).
     """
-    if h is None:
-        return torch.ops.resgeom_fast.lanczos_reorth.default(w, basis)
     return torch.ops.resgeom_fast.lanczos_reorth.default(w, basis, h)
 
 

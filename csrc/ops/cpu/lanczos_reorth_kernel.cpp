@@ -312,6 +312,14 @@ double mgs_pass(const Problem<scalar_t>& P, const std::vector<int64_t>& rows, bo
   return s;
 }
 
+// out[i] = sum_c part[c * cols + i] over the nch per-chunk partials, in chunk order (the fixed
+// order that keeps the sums deterministic for any thread count).
+inline void sum_chunks(const std::vector<double>& part, int64_t nch, int64_t cols, double* out) {
+  for (int64_t i = 0; i < cols; ++i) out[i] = 0.0;
+  for (int64_t c = 0; c < nch; ++c)
+    for (int64_t i = 0; i < cols; ++i) out[i] += part[c * cols + i];
+}
+
 // Sweep 1 of a chunked CGS pass: x = w - l1 v_{j-1} - l2 v_{j-2} in float64 when `widen` (the
 // local rows only when l1/l2 are given), then h = V x; returns ||x||^2 (before the projection).
 template <typename scalar_t>
@@ -342,10 +350,8 @@ double cgs_project(const Problem<scalar_t>& P, bool widen, const double* local, 
     }
   });
   double nn = 0.0;
-  for (int64_t c = 0; c < nch; ++c) nn += npart[c];
-  for (int64_t i = 0; i < j; ++i) h[i] = 0.0;
-  for (int64_t c = 0; c < nch; ++c)
-    for (int64_t i = 0; i < j; ++i) h[i] += part[c * j + i];
+  sum_chunks(npart, nch, 1, &nn);
+  sum_chunks(part, nch, j, h);
   return nn;
 }
 
@@ -373,7 +379,7 @@ double cgs_subtract(const Problem<scalar_t>& P, const double* h) {
     }
   });
   double nn = 0.0;
-  for (int64_t c = 0; c < nch; ++c) nn += npart[c];
+  sum_chunks(npart, nch, 1, &nn);
   return nn;
 }
 
@@ -575,11 +581,9 @@ void sweep_one(const scalar_t* w, const scalar_t* V, int64_t sj, int64_t j, int6
       npart[c] = store_any(P.out + t0, x, len);
     }
   });
-  for (int64_t i = 0; i < j; ++i) dots[i] = 0.0;
-  for (int64_t c = 0; c < nch; ++c)
-    for (int64_t i = 0; i < j; ++i) dots[i] += part[c * j + i];
+  sum_chunks(part, nch, j, dots);
   double nn = 0.0;
-  for (int64_t c = 0; c < nch; ++c) nn += npart[c];
+  sum_chunks(npart, nch, 1, &nn);
   *norm = std::sqrt(nn);
   work_pool().give(std::move(buf));
 }
