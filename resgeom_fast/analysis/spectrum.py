@@ -425,7 +425,7 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
         evals = eg.eigenvalues.detach().double().cpu()
         order = torch.argsort(evals)
         extreme = (evals[order], eg.residuals.detach().double().cpu()[order], bool(eg.converged.all()),
-                   int(eg.steps))
+                   int(eg.steps), eg.note)
     except Exception as err:
         if not probes_mode:
             raise
@@ -435,7 +435,9 @@ def _spectrum(name: str, op: linalg.LinearOperator, *, k: int, probes: int, step
         # operator may pick another product method on another rank: rounding-level differences)
         rdist.raise_together(_WHERE, exc)
         extreme = rdist.broadcast_object(extreme, fn=_WHERE)
-    evals, resid, eig_converged, eig_steps_done = extreme
+    evals, resid, eig_converged, eig_steps_done, eig_note = extreme
+    if eig_note:
+        notes.append(f"extreme eigenvalues: {eig_note}")
     _shrink(bar, _eig_budget(n, kk, eig_steps) + kk - (cop.products - before))
     dist_kw: dict[str, Any] = {"distributed": "probes"} if probes_mode else {}
     bar.set_postfix_str(f"{name}: trace")

@@ -1,7 +1,7 @@
 """Batched Lanczos with full reorthogonalisation (the engine of eigsh and slq_density)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -148,8 +148,19 @@ class Lanczos:
         self.steps = 0
         self.scale = torch.zeros(P, dtype=torch.float64, device=op.device)
 
-    def advance(self, nsteps: int) -> int:
-        """Run up to ``nsteps`` more steps (never past max_steps); returns the steps done."""
+    def advance(self, nsteps: int, until: Optional[Callable[["Lanczos"], bool]] = None) -> int:
+        """Run up to ``nsteps`` more steps (never past max_steps); returns the steps done.
+
+        ``until`` (CPU only, where reading the window's flags costs no host sync): called with
+        this object after every step of a window whose steps so far are all clean (no non-finite
+        product, no breakdown); when it returns True, the run stops after that step, as if the
+        window had ended there. A window's heap scope still spans its steps (no per-step scope),
+        and a flagged window is rolled back and redone exactly as without ``until`` (it is not
+        called on the flagged steps). eigsh uses it to test convergence every step on the CPU.
+        """
+        if until is not None and self.V.device.type != "cpu":
+            raise ValueError(f"{self.where}: Lanczos.advance(until=...) reads the step flags every step; "
+                             f"CPU only, got an operator on {self.V.device}")
         target = min(self.max_steps, self.steps + nsteps)
         full = self.reorth == "full"
         while self.steps < target:
@@ -166,7 +177,7 @@ class Lanczos:
                                   torch.empty(P, op.shape[0], dtype=op.dtype, device=op.device))
             seen = torch.zeros((), dtype=torch.bool, device=self.V.device)
             flags = torch.zeros(count, dtype=torch.bool, device=self.V.device)
-            done, error = 0, None
+            done, error, stop = 0, None, False
             try:
                 # one heap scope (resgeom_fast.core.heap) per window: the products' temporaries,
                 # their outputs (not copied out: their own scopes nest in this one) and the
@@ -181,6 +192,9 @@ class Lanczos:
                     for i in range(count):
                         flags[i], seen = self._step(checked=False, seen=seen)
                         done = i + 1
+                        if until is not None and not bool(seen) and until(self):
+                            stop = True
+                            break
             except Exception as exc:  # noqa: BLE001 -- re-raised unless a flagged step led to it
                 error = exc           # (an operator that rejects the NaN vector a NaN step made)
             hits = flags[:done].tolist()                    # the window's one host sync
@@ -188,6 +202,8 @@ class Lanczos:
                 if error is not None:
                     raise error
                 self._window = min(self.sync_every, 2 * self._window)
+                if stop:
+                    break
                 continue
             self._window = 1      # the products after the flagged step were wasted: speculate less
             first = start + hits.index(True)
