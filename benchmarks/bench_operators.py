@@ -787,9 +787,9 @@ def test_conv_top5(benchmark, rnd, name, impl):
     if impl == "ours_auto":
         def run():
             H = hessian(m, CE, (x, y))
-            ev = linalg.eigsh(H, k=5, which="LA", tol=1e-4, seed=0).eigenvalues
-            chosen.update(_choice(H))
-            return ev
+            r = linalg.eigsh(H, k=5, which="LA", tol=1e-4, seed=0)
+            chosen.update(_choice(H), ours_steps=r.steps, ours_converged=bool(r.converged.all()))
+            return r.eigenvalues
     else:
         run = _peer_top5(impl, m, ps, x, y)
     host: dict = {}
