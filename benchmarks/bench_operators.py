@@ -787,7 +787,11 @@ def test_conv_top5(benchmark, rnd, name, impl):
     if impl == "ours_auto":
         def run():
             H = hessian(m, CE, (x, y))
-            r = linalg.eigsh(H, k=5, which="LA", tol=1e-4, seed=0)
+            # tol 2e-5 (the peers: 1e-4, in their own criteria): with the convergence test after
+            # every step (2026-12-05) ours at 1e-4 stopped at ResNet-20's first step meeting it,
+            # 36 steps and 3.1e-7 off the reference against curvlinops + scipy's 5.8e-8; at 2e-5 all
+            # three nets end at the float32 floor, ~3e-8 (ResNet-20 39 steps, resnet18 49, FC 24)
+            r = linalg.eigsh(H, k=5, which="LA", tol=2e-5, seed=0)
             chosen.update(_choice(H), ours_steps=r.steps, ours_converged=bool(r.converged.all()))
             return r.eigenvalues
     else:
