@@ -441,7 +441,7 @@ CONV_SIZES = {
     # mode's row and benchmarks/scripts/slq_resnet18_2probes.py
     "issue": {"resnet20_n": 128, "resnet18_n": 64, "fc_n": 512, "slq": (10, 100), "slq_fc": (10, 100),
               "top5_models": ("resnet20", "resnet18", "user_fc"), "slq_models": ("resnet20", "user_fc"),
-              "slq_n": {"resnet20": 32}, "rounds": 3, "jac_r20_n": 16, "jac_r50_n": 4},
+              "slq_n": {"resnet20": 32}, "rounds": 3, "jac_r20_n": 16, "jac_r50_n": 4, "top5_fc_rounds": 7},
     "smoke": {"resnet20_n": 4, "resnet18_n": 2, "fc_n": 64, "slq": (1, 5), "slq_fc": (1, 5), "slq_n": {"resnet20": 3},
               "top5_models": ("resnet20", "user_fc"), "slq_models": ("resnet20", "user_fc"),
               "rounds": 1, "jac_r20_n": 2, "jac_r50_n": 1},
@@ -776,8 +776,13 @@ def _release_product_rows() -> None:
 
 @pytest.mark.parametrize("impl", ["ours_auto", "pyhessian", "curvlinops_scipy", "hessian_eigenthings"])
 @pytest.mark.parametrize("name", list(CS["top5_models"]))
-@pytest.mark.parametrize("rnd", ROUNDS[:1])
+@pytest.mark.parametrize("rnd", list(range(CS.get("top5_fc_rounds", 1))))
 def test_conv_top5(benchmark, rnd, name, impl):
+    """One round on the conv nets; on the FC net (about a second a call) ``top5_fc_rounds``
+    rounds, the methods interleaved: scipy's ARPACK starts from a random vector of its own, and
+    its matvec count, so curvlinops + scipy's time, varied 1.26-2.30 s from run to run (2026-12-05)."""
+    if rnd > 0 and name != "user_fc":
+        pytest.skip("the conv nets' top-5 runs one round")
     torch.set_num_threads(CONV_THREADS)
     _release_product_rows()
     benchmark.group = f"conv_{name}_top5"
