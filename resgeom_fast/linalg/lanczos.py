@@ -84,8 +84,10 @@ class Lanczos:
     goes step by step (no waste, one sync per step), a clean run wastes nothing. An
     exception raised by the operator inside a window after a flagged step (e.g. it rejects the
     NaN vector a NaN product led to) triggers the same rollback, so the error names the first
-    bad step as the step-by-step run does. Cost: one extra pass over the product per step (two
-    more over the two rows with "local"), and one [P, n] buffer ([P, 3, n] with "local").
+    bad step as the step-by-step run does. Cost: one [P, n] buffer ([P, 3, n] with "local"), and
+    on CUDA one extra pass over the product per step (two more over the two rows with "local")
+    that keeps it when the step is flagged without a sync; the CPU reads the flag and copies only
+    at a flagged step.
     """
 
     def __init__(self, op: LinearOperator, v0: Tensor, p: int, max_steps: int, where: str,
@@ -262,9 +264,17 @@ class Lanczos:
             if broke is not None:
                 flag = flag | broke.any()
             new = flag & ~seen
-            torch.where(new, raw, self._saved_w, out=self._saved_w)
-            if not full:
-                torch.where(new, self.V, self._saved_V, out=self._saved_V)
+            if raw.device.type == "cpu":
+                # reading the flag costs no sync here: copy only at a flagged step, instead of a
+                # pass of torch.where over the product (and "local"'s two rows) every step
+                if bool(new):
+                    self._saved_w.copy_(raw)
+                    if not full:
+                        self._saved_V.copy_(self.V)
+            else:
+                torch.where(new, raw, self._saved_w, out=self._saved_w)
+                if not full:
+                    torch.where(new, self.V, self._saved_V, out=self._saved_V)
             torch.logical_or(seen, flag, out=seen)
         if not last:
             nxt = j + 1 if full else (j + 1) % 2
