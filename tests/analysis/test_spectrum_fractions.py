@@ -260,3 +260,21 @@ def test_hvp_and_deterministic_reach_every_operator(monkeypatch, deterministic):
     assert r.deterministic is deterministic and r.to_dict()["deterministic"] is deterministic
     with pytest.raises(TypeError, match="hessian_spectrum: expected deterministic a bool"):
         hessian_spectrum(model, LOSS, (x, y), deterministic="yes")
+
+
+def test_an_uncertified_repeated_extreme_eigenvalue_is_in_the_notes(monkeypatch):
+    """eigsh's reason for converged=False (a repeated wanted eigenvalue it cannot certify,
+    tests/linalg/test_eigsh_checks.py) reaches the Spectrum's notes and its flag."""
+    model, x, y, *_ = small_problem()
+    real = linalg.eigsh
+
+    def eigsh(*args, **kw):
+        r = real(*args, **kw)
+        r.converged = torch.zeros_like(r.converged)
+        r.note = "problem 0: the eigenvalue 5 was found 3 times among the wanted ones"
+        return r
+
+    monkeypatch.setattr(linalg, "eigsh", eigsh)
+    r = _run(model, LOSS, (x, y), k=4, probes=2, steps=10, trace_probes=3)
+    assert "extreme eigenvalues: problem 0: the eigenvalue 5 was found 3 times among the wanted ones" in r.notes
+    assert r.to_dict()["notes"] == r.notes and not r.converged
