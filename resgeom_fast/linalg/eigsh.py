@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -79,12 +79,22 @@ def check_interval(s: int, n: int) -> int:
     return max(1, min(MAX_CHECK_INTERVAL, math.ceil(CHECK_COST * s * s / n)))
 
 
-def _check(lz: Lanczos, k: int, which: str, tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(theta, S, idx, conv, held)`` of the Lanczos run's current T (host, float64): its
-    eigenpairs, the wanted indices and, per problem, whether every wanted Ritz estimate
-    ``|beta_s S[s, i]|`` is at most ``tol * max|theta|`` and no repeated wanted value leaves
-    the ones past it uncertified (:func:`_open_cluster`); ``held``: the estimates met, the
-    repeated value not."""
+class _Check(NamedTuple):
+    """A convergence check of the Lanczos run's current T (host, float64): its eigenpairs
+    ``theta, S``, the wanted indices ``idx`` and, per problem, ``conv``: every wanted Ritz
+    estimate ``|beta_s S[s, i]|`` is at most ``tol * max|theta|`` and no repeated wanted value
+    leaves the ones past it uncertified (:func:`_open_cluster`); ``held``: the estimates met,
+    the repeated value not."""
+
+    theta: Tensor
+    S: Tensor
+    idx: Tensor
+    conv: Tensor
+    held: Tensor
+
+
+def _check(lz: Lanczos, k: int, which: str, tol: float) -> _Check:
+    """The convergence check (:class:`_Check`) of ``lz``'s current T."""
     s = lz.steps
     d, e = lz.tridiagonal()
     # one transfer: diag, off-diagonal and the residual norm beta_s (the check's one sync)
@@ -97,7 +107,7 @@ def _check(lz: Lanczos, k: int, which: str, tol: float) -> tuple[Tensor, Tensor,
     anorm = theta.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
     met = (est[:, idx] <= tol * anorm).all(dim=1)
     open_ = _open_cluster(theta, s, k, which, tol * anorm)
-    return theta, S, idx, met & ~open_, met & open_
+    return _Check(theta, S, idx, met & ~open_, met & open_)
 
 
 def _open_cluster(theta: Tensor, s: int, k: int, which: str, thr: Tensor) -> Tensor:
@@ -236,7 +246,7 @@ def eigsh(
     lz = Lanczos(op, v0, 1, max_steps, where, gen, sync_every=every)
     checks: dict = {}     # steps -> the check's result (the CPU's per-step checks, reused below)
 
-    def check(lz: Lanczos) -> tuple:
+    def check(lz: Lanczos) -> _Check:
         s = lz.steps
         if s not in checks:
             checks.clear()
@@ -252,7 +262,7 @@ def eigsh(
             if s < k or s - last[0] < check_interval(s, n):
                 return False
             last[0] = s
-            return bool(check(lz)[3].all())
+            return bool(check(lz).conv.all())
     while True:
         s = lz.advance(every if lz.steps >= k else max(k, every), until=until)
         theta, S, idx, conv, held = check(lz)

@@ -34,7 +34,7 @@ def _first_step_meeting_tol(op, k, which, tol, seed=0) -> int:
     lz = Lanczos(op, gaussian((1, n), gen, op.dtype, op.device), 1, n, "test", gen, sync_every=1)
     while True:
         lz.advance(1)
-        if lz.steps >= k and bool(_check(lz, k, which, tol)[3].all()):
+        if lz.steps >= k and bool(_check(lz, k, which, tol).conv.all()):
             return lz.steps
 
 
