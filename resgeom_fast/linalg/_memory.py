@@ -163,8 +163,9 @@ def lanczos_bytes(n: int, problems: int, steps: int, itemsize: int, reorth: str)
     and output copy, both owned by the run, the operator's own output, the reorthogonalised
     vector and, in the CPU's one-sweep full reorthogonalisation, the local step's output) and
     :data:`HEAP_SLACK_VECTORS` of heap slack (a window of steps runs in one
-    :mod:`resgeom_fast.core.heap` scope, where the step's blocks come from malloc's heap and a small block kept between two freed ones can make it grow; how far varies from run
-    to run with the addresses the process gets (address-space randomisation: the same run with it
+    :mod:`resgeom_fast.core.heap` scope, where the step's blocks come from malloc's heap and a
+    small block kept between two freed ones can make it grow; how far varies from run to run
+    with the addresses the process gets (address-space randomisation: the same run with it
     off repeats exactly): measured 2026-12-04, SLQ at n = 2M, 40 steps, 1 and 3 probes, some 60 runs,
     the peak beyond the basis was 5.6-14.2 vectors' worth, i.e. up to ~8.5 of slack over the
     live ones (glibc's default thresholds and ``MALLOC_MMAP_THRESHOLD_=65536`` alike; 3 had
