@@ -168,6 +168,11 @@ class CurvatureEngine:
         except Exception as exc:       # raised on every rank (data-parallel), else as it is
             err = exc
         num_batches = self._count(fn, err)
+        if isinstance(self.structured, GraphHVP):
+            # its GGN's logit Jacobians pay off only on primal passes kept between calls, and the
+            # kept batches share their memory budget
+            self.structured.cached = self.cache
+            self.structured.kept_batches = len(self.batches.sizes) if self.cache else 1
         with product_precision(self.precision):
             err = None
             try:

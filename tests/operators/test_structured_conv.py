@@ -176,9 +176,13 @@ def test_hessian_equals_double_backward(case, loss):
     assert H.verification[5]["structured"] < 1e-10
 
 
+@pytest.mark.parametrize("jacobian", [False, True])
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("case", list(MODELS))
-def test_ggn_equals_double_backward(case, loss):
+def test_ggn_equals_double_backward(monkeypatch, case, loss, jacobian):
+    """Both GGN methods: the tangents through the graph, and the logits' Jacobians (products
+    from each node's direct change and its slice of d logits / d output)."""
+    monkeypatch.setattr(SC, "GGN_JACOBIAN", jacobian)
     build, shape = MODELS[case]
     model = build()
     x, y = _batch(shape, mse=loss == "mse")
@@ -189,6 +193,13 @@ def test_ggn_equals_double_backward(case, loss):
     V = torch.randn(G.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for k in (1, 5):
         assert rel(G.matmat(V[:, :k]), ref.matmat(V[:, :k])) < 1e-10
+    assert G._engine.structured.jac_on is jacobian
+    # a parameter subset: the nodes of the other parameters add nothing
+    names = [n for n, _ in model.named_parameters()][::2]
+    Gs = ggn(model, loss_fn, (x, y), params=names, hvp="structured")
+    refs = ggn(model, loss_fn, (x, y), params=names, hvp="double_backward")
+    Vs = torch.randn(Gs.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert rel(Gs.matmat(Vs), refs.matmat(Vs)) < 1e-10
 
 
 @pytest.mark.parametrize("case", ["torchvision_blocks", "user_fc", "functional"])
@@ -259,17 +270,23 @@ def test_dots_and_stacked_weights_in_every_layout():
     assert W.reshape(k * O, C, 3, 3).is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn_jacobian"])
 @pytest.mark.parametrize("chunk", [1, 2, 5])
 @pytest.mark.parametrize("case", ["torchvision_blocks", "functional"])      # functional: a standalone BatchNorm
-def test_tangent_passes_in_sample_blocks(chunk, case):
+def test_tangent_passes_in_sample_blocks(monkeypatch, chunk, case, curvature):
+    """Sample blocks of the tangent passes (and of the GGN's logit Jacobians, computed and read
+    block by block)."""
+    monkeypatch.setattr(SC, "GGN_JACOBIAN", True)
     build, shape = MODELS[case]
     model = build()
     x, y = _batch(shape)
-    ref = hessian(model, CE, (x, y), hvp="double_backward")
-    H = hessian(model, CE, (x, y), hvp="structured")
+    op = hessian if curvature == "hessian" else ggn
+    ref = op(model, CE, (x, y), hvp="double_backward")
+    H = op(model, CE, (x, y), hvp="structured")
     H._engine.structured.chunk = chunk
     V = torch.randn(H.shape[0], 3, dtype=torch.float64)
     assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
+    assert H._engine.structured.jac_on is (curvature != "hessian")
 
 
 def test_float32_masks_are_the_models():
@@ -446,6 +463,7 @@ def test_fused_conv_adds_in_float32_nets(monkeypatch, case, curvature):
     x, y = _batch(shape, n=6)
     x = x.float()
     make = hessian if curvature == "hessian" else ggn
+    monkeypatch.setattr(SC, "GGN_JACOBIAN", False)      # the GGN's tangents through the graph
     V = torch.randn(sum(p.numel() for p in model.parameters()), 4, generator=torch.Generator().manual_seed(3))
     fused = []
     real = SC._conv_add
@@ -500,7 +518,7 @@ def test_torchvision_resnet18_recognised():
     assert rel(H.matmat(V), ref.matmat(V)) < 1e-10
 
 
-def test_flops_count_of_a_constructed_net():
+def test_flops_count_of_a_constructed_net(monkeypatch):
     """conv 3->4 (3x3, pad 1) on 5x5, ReLU, flatten, Linear 100->3: per sample and vector the conv
     runs conv(x, M) and corr(Rg, x) (its input has no tangent), the Linear all six products."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(100, 3)).double()
@@ -513,6 +531,45 @@ def test_flops_count_of_a_constructed_net():
     G = ggn(model, CE, (x, y), hvp="structured")
     G.matmat(torch.randn(G.shape[0], 2, dtype=torch.float64))
     assert G.structured_flops(7) == 2 * 4 * 7 * (2 * conv + 4 * lin)
+    # through the logits' Jacobians: conv(x, M) and corr(Rg, x) of each layer, and two
+    # contractions of classes x outputs (conv: 3 x 100, Linear: 3 x 3) -- here more than the
+    # tangents' count (the conv's input has no tangent to save), so "auto" kept the tangents
+    eng = G._engine.structured
+    jac = 2 * conv + 2 * 3 * 100 + 2 * lin + 2 * 3 * 3
+    assert eng.macs_per(True) == jac and eng.macs_per(False) == 2 * conv + 4 * lin and not eng.jac_on
+    monkeypatch.setattr(SC, "GGN_JACOBIAN", True)
+    G = ggn(model, CE, (x, y), hvp="structured")
+    G.matmat(torch.randn(G.shape[0], 2, dtype=torch.float64))
+    assert G.structured_flops(7) == 2 * 4 * 7 * jac
+
+
+def _user_fc_ggn(data, **kw):
+    build, shape = MODELS["user_fc"]
+    model = build()
+    G = ggn(model, CE, data, hvp="structured", **kw)
+    G.matmat(torch.randn(G.shape[0], 2, dtype=torch.float64))
+    return G._engine.structured
+
+
+def test_ggn_jacobians_chosen_where_they_pay_and_fit(monkeypatch):
+    """"auto" takes the logits' Jacobians for a kept batch whose Jacobians fit the budget and
+    save multiply-adds (the user FC net: fewer classes than widths); not for batches read anew on
+    every pass (data of several batches, not cached), nor past the budget, which the kept batches
+    share."""
+    shape = MODELS["user_fc"][1]
+    one = _batch(shape, n=8)
+    eng = _user_fc_ggn(one)
+    assert eng.jac_on and eng.macs_per(True) < eng.macs_per(False)
+    two = [_batch(shape, n=4, seed=1), _batch(shape, n=4, seed=2)]
+    assert not _user_fc_ggn(two).jac_on                     # not cached: no Jacobians
+    assert _user_fc_ggn(two, cache=True).jac_on
+    four = _batch(shape, n=4, seed=1)
+    elems = 4 * 3 * sum(SC._numel(eng.shapes[i]) for i in eng.jnodes)      # 4 samples, 3 classes
+    monkeypatch.setattr(SC, "JACOBIAN_BUDGET", elems)
+    assert _user_fc_ggn(four).jac_on
+    assert not _user_fc_ggn(two, cache=True).jac_on         # two kept batches of 4: half the budget each
+    monkeypatch.setattr(SC, "JACOBIAN_BUDGET", elems - 1)
+    assert not _user_fc_ggn(four).jac_on
 
 
 class Grouped(nn.Module):
