@@ -631,7 +631,9 @@ class _GPrimal:
         self.p: Optional[Tensor] = None
         self.logits: Optional[Tensor] = None
         self.n = 0
-        # GGN through the logits' Jacobians: node i's d logits / d(output of i), [n, classes, F_i]
+        # GGN through the logits' Jacobians: node i's d logits / d(output of i) transposed,
+        # [n, F_i, classes] (the forward's bmm D A^T reads it contiguously: the user FC net's ten
+        # products 3.5% faster than with [n, classes, F_i]; the backward's A^T view costs nothing)
         self.jac: dict[int, Tensor] = {}
         self._chunks: dict[int, list[_GPrimal]] = {}
 
@@ -662,7 +664,7 @@ class GraphHVP:
     under :data:`TANGENT_BUDGET` elements).
 
     The GGN through the logits' Jacobians: ``J V = sum_i A_i D_i`` and ``(J^T u)_i`` from
-    ``A_i^T u``, where ``A_i`` [n, classes, F_i] is d logits / d(output of node i) per sample and
+    ``A_i^T u``, where ``A_i`` [n, classes, F_i] (kept transposed) is d logits / d(output of node i) per sample and
     ``D_i = conv(x, M) + M_b`` the direct change of node i's output by its own parameters (no
     tangent propagates through the graph). Per product and vector this runs ``conv(x, M)`` and
     ``corr(Rg, x)`` of every layer -- not ``conv(Rx, W_s)`` and ``conv^T(Rg, W_s)`` as well --
@@ -744,8 +746,8 @@ class GraphHVP:
         return self.cached and elems <= budget and self.macs_per(True) < self.macs_per(False)
 
     def _jacobians(self, st: _GPrimal) -> None:
-        """``st.jac[i]``: d logits / d(output of node i), [n, classes, F_i], by one backward pass of
-        the classes' unit vectors stacked as tangents (in sample blocks)."""
+        """``st.jac[i]``: d logits / d(output of node i), transposed [n, F_i, classes], by one
+        backward pass of the classes' unit vectors stacked as tangents (in sample blocks)."""
         n, c = st.n, self.n_out
         assert st.logits is not None
         A = {i: st.logits.new_zeros((n, c, *st.shapes[i])) for i in self.jnodes}
@@ -756,7 +758,9 @@ class GraphHVP:
             m = min(size, n - s0)
             rec = {i: a[s0:s0 + m] for i, a in A.items()}
             self._rbwd(eye.expand(m, c, c).clone(), {}, part, {}, set(), {}, c, record=rec)
-        st.jac = {i: a.view(n, c, -1) for i, a in A.items()}
+        st.jac = {}
+        for i in list(A):
+            st.jac[i] = A.pop(i).view(n, c, -1).transpose(1, 2).contiguous()
         st._chunks = {}         # the sample blocks made above hold no Jacobians
 
     def _fx_value(self, node: fx.Node, vals: list, model: nn.Module, contiguous: bool = False) -> Any:
@@ -1231,7 +1235,7 @@ class GraphHVP:
             if not D.is_contiguous():
                 D = buf[:D.numel()].view(D.shape).copy_(D)
             D = D.view(n, k, -1)
-            At = st.jac[i].transpose(1, 2)
+            At = st.jac[i]
             Ro = torch.bmm(D, At) if Ro is None else Ro.baddbmm_(D, At)
         if Ro is None:
             return
@@ -1240,7 +1244,7 @@ class GraphHVP:
             L = self.nodes[i]
             if not any(j is not None and j in want for j in (L.iw, L.ib, L.ig, L.ibeta)):
                 continue
-            A = st.jac[i]
+            A = st.jac[i].transpose(1, 2)
             rg = torch.bmm(Rg, A, out=buf[:n * k * A.shape[2]].view(n, k, A.shape[2])).view(n, k, *st.shapes[i])
             if L.kind == "bn":
                 if L.ig is not None and L.ig in want:
