@@ -59,7 +59,7 @@ from resgeom_fast.operators._graph import GNode, TracedGraph
 from resgeom_fast.operators._products import NotStructured, check_primal_logits, is_class_labels
 from resgeom_fast.operators._structured import output_gradient, output_tangent_gradient
 
-__all__ = ["GGN_JACOBIAN", "JACOBIAN_BUDGET", "GraphHVP", "graph_primal"]
+__all__ = ["GGN_JACOBIAN", "JACOBIAN_BUDGET", "JACOBIAN_MAX_CLASSES", "GraphHVP", "graph_primal"]
 
 # tangent elements kept per chunk of samples (k x samples x the kept tangents per sample); the
 # sample chunk of a pass is chosen so that the kept tangents stay under this (float32: 1 GiB)
@@ -69,6 +69,11 @@ TANGENT_BUDGET = 1 << 28
 # within JACOBIAN_BUDGET elements: float32 1 GiB), True / False force it on / off (tests)
 GGN_JACOBIAN: Optional[bool] = None
 JACOBIAN_BUDGET = 1 << 28
+# ... and at most this many logits: the Jacobians cost that many backward passes once per kept
+# batch, which the first product pays (about classes / (2 k) passes of k products). More would
+# make "auto"'s first timing of the structured path so slow that the tuner could drop it for the
+# double backward (CLEAR_LOSS) although its later passes are faster
+JACOBIAN_MAX_CLASSES = 32
 
 
 def _vec(v: Tensor, ndim: int) -> Tensor:
@@ -670,7 +675,8 @@ class GraphHVP:
     ``corr(Rg, x)`` of every layer -- not ``conv(Rx, W_s)`` and ``conv^T(Rg, W_s)`` as well --
     plus two contractions of ``classes x F_i`` per sample; the Jacobians cost ``classes``
     backward passes once per primal pass (kept with it). Chosen (``jac_on``) for the GGN when
-    :data:`GGN_JACOBIAN` is None, the operator keeps its primal passes, the Jacobians fit their
+    :data:`GGN_JACOBIAN` is None, the operator keeps its primal passes, the logits are at most
+    :data:`JACOBIAN_MAX_CLASSES` wide (the one-off cost), the Jacobians fit their
     share of :data:`JACOBIAN_BUDGET` elements (split over the kept batches) and their multiply-adds
     per product are fewer (:meth:`macs_per`). Exact: the same sums in another order. Measured on
     the benchmark CPU (one thread, 2026-12-05, ten GGN products, in one process alternating
@@ -743,7 +749,8 @@ class GraphHVP:
             return bool(GGN_JACOBIAN)
         elems = st.n * self.n_out * sum(_numel(st.shapes[i]) for i in self.jnodes)
         budget = JACOBIAN_BUDGET // max(1, self.kept_batches)
-        return self.cached and elems <= budget and self.macs_per(True) < self.macs_per(False)
+        return (self.cached and self.n_out <= JACOBIAN_MAX_CLASSES and elems <= budget
+                and self.macs_per(True) < self.macs_per(False))
 
     def _jacobians(self, st: _GPrimal) -> None:
         """``st.jac[i]``: d logits / d(output of node i), transposed [n, F_i, classes], by one

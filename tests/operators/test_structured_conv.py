@@ -555,7 +555,7 @@ def test_ggn_jacobians_chosen_where_they_pay_and_fit(monkeypatch):
     """"auto" takes the logits' Jacobians for a kept batch whose Jacobians fit the budget and
     save multiply-adds (the user FC net: fewer classes than widths); not for batches read anew on
     every pass (data of several batches, not cached), nor past the budget, which the kept batches
-    share."""
+    share, nor for more logits than JACOBIAN_MAX_CLASSES."""
     shape = MODELS["user_fc"][1]
     one = _batch(shape, n=8)
     eng = _user_fc_ggn(one)
@@ -569,6 +569,9 @@ def test_ggn_jacobians_chosen_where_they_pay_and_fit(monkeypatch):
     assert _user_fc_ggn(four).jac_on
     assert not _user_fc_ggn(two, cache=True).jac_on         # two kept batches of 4: half the budget each
     monkeypatch.setattr(SC, "JACOBIAN_BUDGET", elems - 1)
+    assert not _user_fc_ggn(four).jac_on
+    monkeypatch.setattr(SC, "JACOBIAN_BUDGET", 1 << 28)
+    monkeypatch.setattr(SC, "JACOBIAN_MAX_CLASSES", 2)      # 3 logits: too many for the one-off passes
     assert not _user_fc_ggn(four).jac_on
 
 
