@@ -757,17 +757,17 @@ class GraphHVP:
         backward pass of the classes' unit vectors stacked as tangents (in sample blocks)."""
         n, c = st.n, self.n_out
         assert st.logits is not None
-        A = {i: st.logits.new_zeros((n, c, *st.shapes[i])) for i in self.jnodes}
+        # written by the backward straight into their transposed layout (a [m, classes, *shape]
+        # view of each block of rows): no second, transposing copy
+        AT = {i: st.logits.new_zeros((n, _numel(st.shapes[i]), c)) for i in self.jnodes}
         size = max(1, self._chunk(st, c))
         eye = torch.eye(c, dtype=st.logits.dtype, device=st.logits.device)
         for j, part in enumerate(st.chunks(size)):
             s0 = j * size
             m = min(size, n - s0)
-            rec = {i: a[s0:s0 + m] for i, a in A.items()}
+            rec = {i: a[s0:s0 + m].transpose(1, 2).unflatten(2, st.shapes[i]) for i, a in AT.items()}
             self._rbwd(eye.expand(m, c, c).clone(), {}, part, {}, set(), {}, c, record=rec)
-        st.jac = {}
-        for i in list(A):
-            st.jac[i] = A.pop(i).view(n, c, -1).transpose(1, 2).contiguous()
+        st.jac = AT
         st._chunks = {}         # the sample blocks made above hold no Jacobians
 
     def _fx_value(self, node: fx.Node, vals: list, model: nn.Module, contiguous: bool = False) -> Any:
