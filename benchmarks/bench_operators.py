@@ -698,16 +698,17 @@ CONV_MODELS = ["resnet20", "resnet18", "user_fc"]
 IMPLS_K10 = ["ours_auto", "pyhessian", "curvlinops", "hessian_eigenthings"]
 
 
-def _product_round(name: str, rnd: int) -> None:
-    if name != "user_fc" and rnd >= CS["rounds"]:
-        pytest.skip(f"the conv nets run {CS['rounds']} rounds (fc_product_rounds: the FC net's)")
+def _fc_round(name: str, rnd: int, conv_rounds: int) -> None:
+    """Skip round ``rnd`` of a conv net past its ``conv_rounds`` (the FC net runs more rounds)."""
+    if name != "user_fc" and rnd >= conv_rounds:
+        pytest.skip(f"the conv nets run {conv_rounds} round(s); the FC net more")
 
 
 @pytest.mark.parametrize("impl", IMPLS_K10)
 @pytest.mark.parametrize("name", CONV_MODELS)
 @pytest.mark.parametrize("rnd", PRODUCT_ROUNDS)
 def test_conv_hvp_k10(benchmark, rnd, name, impl):
-    _product_round(name, rnd)
+    _fc_round(name, rnd, CS["rounds"])
     torch.set_num_threads(CONV_THREADS)
     benchmark.group = f"conv_{name}_hvp_k10"
     try:
@@ -725,7 +726,7 @@ def test_conv_hvp_k10(benchmark, rnd, name, impl):
 @pytest.mark.parametrize("name", CONV_MODELS)
 @pytest.mark.parametrize("rnd", PRODUCT_ROUNDS)
 def test_conv_ggn_k10(benchmark, rnd, name, impl):
-    _product_round(name, rnd)
+    _fc_round(name, rnd, CS["rounds"])
     torch.set_num_threads(CONV_THREADS)
     benchmark.group = f"conv_{name}_ggn_k10"
     try:
@@ -796,8 +797,7 @@ def test_conv_top5(benchmark, rnd, name, impl):
     """One round on the conv nets; on the FC net (about a second a call) ``top5_fc_rounds``
     rounds, the methods interleaved: scipy's ARPACK starts from a random vector of its own, and
     its matvec count, so curvlinops + scipy's time, varied 1.26-2.30 s from run to run (2026-12-05)."""
-    if rnd > 0 and name != "user_fc":
-        pytest.skip("the conv nets' top-5 runs one round")
+    _fc_round(name, rnd, 1)
     torch.set_num_threads(CONV_THREADS)
     _release_product_rows()
     benchmark.group = f"conv_{name}_top5"
